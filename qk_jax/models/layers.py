@@ -1,0 +1,189 @@
+"""Building blocks shared by every model: dense layers that carry logical axes, norms,
+attention and rotary embeddings.
+
+All modules take a compute `dtype` and a parameter `param_dtype` (fp32 master weights,
+bf16 compute when configured). Norm statistics and softmax always run in float32, as
+the PyTorch references do.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+default_kernel_init = nn.initializers.lecun_normal()
+
+
+def logical(init: Initializer, axes: Sequence[str | None]) -> Initializer:
+    """An initializer whose parameter carries logical axis names."""
+    return nn.with_logical_partitioning(init, tuple(axes))
+
+
+class Dense(nn.Module):
+    """`y = x @ kernel + bias` over the last axis, with logical names on the kernel.
+
+    Attributes:
+      features: output width.
+      axes: logical names of the kernel's (input, output) dimensions.
+    Shapes: (..., D_in) -> (..., features). Parameter names follow `nn.Dense`
+    (`kernel` (D_in, features), `bias` (features,)) so weight mappings stay readable.
+    """
+
+    features: int
+    axes: tuple[str | None, str | None] = ("embed", "mlp")
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Initializer = default_kernel_init
+    bias_init: Initializer = nn.initializers.zeros_init()
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", logical(self.kernel_init, self.axes), (x.shape[-1], self.features),
+                            self.param_dtype)
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype), precision=self.precision)
+        if self.use_bias:
+            bias = self.param("bias", logical(self.bias_init, (self.axes[1],)), (self.features,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in float32, scaled by a learned `scale` (D,).
+
+    Matches `Qwen2RMSNorm` and diffusers' `RMSNorm`: normalise in float32, cast back to
+    the input dtype, then multiply by the weight.
+    """
+
+    eps: float = 1e-6
+    use_scale: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    axis_name: str = "norm"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        in_dtype = x.dtype
+        x32 = x.astype(jnp.float32)
+        var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        y = (x32 * jax.lax.rsqrt(var + self.eps)).astype(in_dtype)
+        if not self.use_scale:
+            return y.astype(self.dtype)
+        scale = self.param("scale", logical(nn.initializers.ones_init(), (self.axis_name,)), (x.shape[-1],),
+                           self.param_dtype)
+        return (scale.astype(self.dtype) * y.astype(self.dtype))
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm in float32 (optionally without affine parameters, as AdaLN uses it)."""
+
+    eps: float = 1e-6
+    use_scale: bool = True
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    axis_name: str = "norm"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        if self.use_scale:
+            y = y * self.param("scale", logical(nn.initializers.ones_init(), (self.axis_name,)),
+                               (x.shape[-1],), self.param_dtype).astype(jnp.float32)
+        if self.use_bias:
+            y = y + self.param("bias", logical(nn.initializers.zeros_init(), (self.axis_name,)),
+                               (x.shape[-1],), self.param_dtype).astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+# ----------------------------------------------------------------------- attention
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None,
+                          *, impl: str = "xla", scale: float | None = None) -> jax.Array:
+    """Multi-head attention with grouped KV heads.
+
+    Args:
+      q: (B, T, H, D) queries.
+      k, v: (B, S, KV, D) keys / values; H must be a multiple of KV (GQA).
+      mask: boolean, broadcastable to (B, H, T, S); True = attend.
+      impl: "xla" — explicit softmax(QK^T)V with float32 logits (fastest on CPU, exact);
+        "cudnn" / "dot_product" — `jax.nn.dot_product_attention` (fused kernels on GPU/TPU).
+      scale: logit scale, default 1/sqrt(D).
+    Returns:
+      (B, T, H, D) in q's dtype.
+    """
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    if h % kv:
+        raise ValueError(f"{h} query heads are not a multiple of {kv} key/value heads")
+    scale = d ** -0.5 if scale is None else scale
+    if impl in ("cudnn", "dot_product"):
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=None if mask is None else jnp.broadcast_to(mask, (b, h, t, k.shape[1])),
+            scale=scale, implementation="cudnn" if impl == "cudnn" else None)
+    if impl != "xla":
+        raise ValueError(f"unknown attention implementation {impl!r}; use 'xla', 'dot_product' or 'cudnn'")
+    groups = h // kv
+    qg = q.reshape(b, t, kv, groups, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        m = jnp.broadcast_to(mask, (b, h, t, k.shape[1])).reshape(b, kv, groups, t, k.shape[1])
+        logits = jnp.where(m, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", weights, v)
+    return out.reshape(b, t, h, d)
+
+
+# ------------------------------------------------------------------------- rotary
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+    """[x1, x2] -> [-x2, x1] over the last axis (the HF / Llama rotary convention)."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rotary_half(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """HF-style RoPE: `x * cos + rotate_half(x) * sin`, computed in float32.
+
+    x: (B, T, H, D); cos, sin: broadcastable to it, e.g. (B, T, 1, D).
+    """
+    x32 = x.astype(jnp.float32)
+    return (x32 * cos + rotate_half(x32) * sin).astype(x.dtype)
+
+
+def apply_rotary_interleaved(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Diffusers-style RoPE on interleaved pairs (x[2i], x[2i+1]), computed in float32.
+
+    x: (B, T, H, D); cos, sin: (.., D/2) angles' cos/sin broadcastable to (B, T, H, D/2).
+    """
+    x32 = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+    x0, x1 = x32[..., 0], x32[..., 1]
+    out = jnp.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
+    return out.reshape(x.shape).astype(x.dtype)
+
+
+def rope_frequencies(dim: int, theta: float) -> jax.Array:
+    """Inverse frequencies `theta^(-2i/dim)`, i < dim/2, in float32, shape (dim/2,)."""
+    return 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+
+
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """SiLU(gate) * up."""
+    return jax.nn.silu(gate) * up
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """Logical sharding constraint on an activation (a no-op outside a mesh)."""
+    return nn.with_logical_constraint(x, tuple(axes))

@@ -1,0 +1,27 @@
+"""Test set-up: 8 simulated CPU devices, float32 matmuls at highest precision.
+
+The environment must be set before jax is imported anywhere, hence at the top of
+conftest (pytest imports it before any test module).
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# libtpu (the `tpu` extra, used for ahead-of-time compilation) otherwise prints an
+# initialisation error at every `import jax` on a machine without TPUs.
+os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="session")
+def devices():
+    assert jax.device_count() == 8, "tests expect 8 simulated CPU devices (conftest sets XLA_FLAGS)"
+    return jax.devices()
