@@ -130,9 +130,10 @@ def mesh_shape_from_config(mesh_cfg: Mapping[str, int], num_devices: int) -> tup
     fixed = math.prod(v for v in sizes.values() if v != -1)
     if rest:
         if num_devices % fixed:
+            others = ", ".join(f"mesh.{a}={v}" for a, v in sizes.items() if v != -1)
             raise ValueError(
-                f"config field mesh.{rest[0]}=-1: the other axes take {fixed} devices, which does not "
-                f"divide the {num_devices} available devices")
+                f"config fields {others} take {fixed} devices, which does not divide the {num_devices} "
+                f"available devices, so mesh.{rest[0]}=-1 cannot take the rest")
         sizes[rest[0]] = num_devices // fixed
     total = math.prod(sizes.values())
     if total > num_devices:
