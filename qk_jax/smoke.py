@@ -2,7 +2,7 @@
 
 Builds the mesh from the config, initialises a small LM directly sharded, prints the
 parameter shardings, trains a few steps on a learnable synthetic sequence task, saves an
-Orbax checkpoint, restores it onto a single device and checks it bit-exactly. Every
+Orbax checkpoint, restores it onto another (replicated) layout and checks it bit-exactly. Every
 number it prints is measured.
 """
 
@@ -19,7 +19,7 @@ from ml_collections import config_flags
 
 from qk_jax import checkpoint as ckpt_lib
 from qk_jax import config as config_lib
-from qk_jax import sharding
+from qk_jax import distributed, sharding
 from qk_jax.models.smoke_lm import SmokeLM
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/smoke.py:tiny.", lock_config=True)
@@ -55,11 +55,17 @@ def make_train_step(model: SmokeLM, tx: optax.GradientTransformation):
 
 
 def run(config, workdir: str) -> dict:
-    """Runs the smoke job; returns a summary dict (also printed)."""
+    """Runs the smoke job; returns a summary dict (also printed).
+
+    Works the same in one process and in several (`launch/local.py`): each process
+    feeds its own rows of the batch, and the checkpoint is written by all of them.
+    """
+    distributed.maybe_initialize()
     n_dev = jax.device_count()
     config_lib.check_divisible(config, n_dev, DIVISIBLE)
     mesh = sharding.make_mesh(config.mesh)
-    print(f"devices: {n_dev} x {jax.devices()[0].platform}; mesh {dict(mesh.shape)}", flush=True)
+    print(f"devices: {n_dev} x {jax.devices()[0].platform} in {jax.process_count()} process(es); "
+          f"mesh {dict(mesh.shape)}", flush=True)
     m = config.model
     model = SmokeLM(m.vocab_size, m.embed_dim, m.num_heads, m.mlp_dim, m.num_layers, remat=m.remat)
     t = config.train
@@ -71,11 +77,12 @@ def run(config, workdir: str) -> dict:
     tx = optax.adamw(t.learning_rate)
     opt_state = jax.jit(tx.init)(params)  # follows the params' shardings
     step_fn = jax.jit(make_train_step(model, tx), donate_argnums=(0, 1))
-    rng = np.random.default_rng(t.seed)
+    rng = np.random.default_rng([t.seed, jax.process_index()])
+    local_rows = distributed.local_batch_size(t.batch_size)
     losses = []
     with jax.set_mesh(mesh):
         for i in range(t.steps):
-            batch = sharding.place_batch(synthetic_batch(rng, t.batch_size, t.seq_len, m.vocab_size), mesh)
+            batch = sharding.place_batch(synthetic_batch(rng, local_rows, t.seq_len, m.vocab_size), mesh)
             params, opt_state, loss = step_fn(params, opt_state, batch)
             losses.append(float(loss))
             if i % max(1, t.steps // 5) == 0 or i == t.steps - 1:
@@ -84,20 +91,22 @@ def run(config, workdir: str) -> dict:
     with ckpt_lib.Checkpointer(workdir, max_to_keep=config.checkpoint.max_to_keep) as ck:
         ck.save(t.steps, params=params, opt_state=opt_state, config=config, force=True)
         ck.wait()
-        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        # Restore onto another layout (fully replicated) to exercise resharding on read.
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         target = ckpt_lib.replace_shardings(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params),
-                                            one)
+                                            replicated)
         restored = ck.restore(params=target)["params"]
-    exact = all(np.array_equal(np.asarray(a), np.asarray(b))
-                for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(restored)))
+    same = jax.jit(lambda a, b: jnp.all(jnp.stack([jnp.array_equal(x, y) for x, y in
+                                                    zip(jax.tree.leaves(a), jax.tree.leaves(b))])))
+    exact = bool(same(params, restored))
     summary = {
-        "devices": n_dev, "mesh": dict(mesh.shape), "params": int(sum(x.size for x in jax.tree.leaves(params))),
+        "devices": n_dev, "processes": jax.process_count(), "mesh": dict(mesh.shape), "params": int(sum(x.size for x in jax.tree.leaves(params))),
         "first_loss": losses[0], "last_loss": losses[-1], "train_seconds": round(train_s, 2),
         "checkpoint": str(workdir), "restore_bit_exact": exact,
     }
     print("summary: " + ", ".join(f"{k}={v}" for k, v in summary.items()), flush=True)
     if not exact:
-        raise SystemExit("checkpoint restore onto one device differs from the saved parameters")
+        raise SystemExit("checkpoint restored onto a replicated layout differs from the saved parameters")
     return summary
 
 

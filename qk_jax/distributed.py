@@ -1,0 +1,48 @@
+"""Multi-process start-up: one call at the top of every tool.
+
+`maybe_initialize()` calls `jax.distributed.initialize` when the process is one of
+several:
+- a local multi-process run started by `launch/local.py` (env `QK_COORDINATOR`,
+  `QK_NUM_PROCESSES`, `QK_PROCESS_ID`; CPU collectives over gloo);
+- a TPU pod slice or a SLURM job (JAX detects the cluster itself; set
+  `QK_DISTRIBUTED=1`, which the launchers in `launch/` do).
+A single process (the default) needs nothing.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+_initialized = False
+
+
+def maybe_initialize() -> None:
+    global _initialized
+    if _initialized:
+        return
+    coordinator = os.environ.get("QK_COORDINATOR")
+    if coordinator:
+        num = int(os.environ["QK_NUM_PROCESSES"])
+        pid = int(os.environ["QK_PROCESS_ID"])
+        if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num, process_id=pid)
+        _initialized = True
+    elif os.environ.get("QK_DISTRIBUTED") == "1":
+        jax.distributed.initialize()
+        _initialized = True
+
+
+def is_main_process() -> bool:
+    return jax.process_index() == 0
+
+
+def local_batch_size(global_batch: int) -> int:
+    """Rows of the global batch this process feeds (`place_batch` assembles the rest)."""
+    n = jax.process_count()
+    if global_batch % n:
+        raise ValueError(f"config field train.batch_size={global_batch} is not divisible by the "
+                         f"{n} processes")
+    return global_batch // n
