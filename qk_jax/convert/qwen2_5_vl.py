@@ -1,9 +1,10 @@
 """Qwen2.5-VL weights: HF safetensors folder <-> qk_jax parameter tree, one mapping both ways.
 
-HF checkpoints name tensors in one of two layouts, both read here:
-- the Hub / `save_pretrained` layout: `visual.*`, `model.{embed_tokens,layers,norm}.*`, `lm_head.weight`;
-- the transformers-5 module layout: `model.visual.*`, `model.language_model.*`.
-Export writes the first, which every transformers version loads.
+HF checkpoints name tensors in one of two layouts, both read here (one mapping each):
+- "hub", the Hub / `save_pretrained` layout: `visual.*`, `model.{embed_tokens,layers,norm}.*`,
+  `lm_head.weight`;
+- "module", the transformers-5 module paths: `model.visual.*`, `model.language_model.*`.
+Export writes "hub", which every transformers version loads.
 
 Usage:
     cfg, params = load_hf(folder, dtype=np.float32)        # streamed, tensor by tensor
@@ -60,19 +61,26 @@ _TEXT_LAYER = [  # stacked over {i}
      for w, j, t in (("weight", "kernel", TRANSPOSE), ("bias", "bias", IDENTITY))] \
   + [(f"mlp.{p}.weight", f"mlp/{p}/kernel", TRANSPOSE) for p in ("gate_proj", "up_proj", "down_proj")]
 
-# (vision prefix, text prefix): the export layout first (JAX -> HF takes the first match).
-_LAYOUTS = (("visual.", "model."), ("model.visual.", "model.language_model."))
+# Tensor-name layouts: (vision prefix, text prefix).
+LAYOUTS = {"hub": ("visual.", "model."), "module": ("model.visual.", "model.language_model.")}
 
 
-def hf_mapping(cfg: Qwen25VLConfig) -> Mapping:
-    """The declarative HF <-> JAX mapping for a configuration (layer counts, tied head)."""
-    rules = []
-    for vis, txt in _LAYOUTS:
-        rules += [Rule(vis + h, "visual/" + j, t) for h, j, t in _VISION]
-        rules += [Rule(f"{vis}blocks.{{v}}.{h}", "visual/blocks/" + j, t, stack=("v",)) for h, j, t in _VISION_BLOCK]
-        rules += [Rule(txt + h, "language_model/" + j, t) for h, j, t in _TEXT]
-        rules += [Rule(f"{txt}layers.{{i}}.{h}", "language_model/layers/" + j, t, stack=("i",))
-                  for h, j, t in _TEXT_LAYER]
+def detect_layout(hf_names) -> str:
+    """'module' when the names use transformers-5 module paths, else 'hub'."""
+    return "module" if any(n.startswith(LAYOUTS["module"][0]) for n in hf_names) else "hub"
+
+
+def hf_mapping(cfg: Qwen25VLConfig, layout: str = "hub") -> Mapping:
+    """The declarative HF <-> JAX mapping for a configuration (layer counts, tied head) and
+    a tensor-name layout ("hub": what checkpoints and `save_pretrained` hold; "module")."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r}: use one of {sorted(LAYOUTS)}")
+    vis, txt = LAYOUTS[layout]
+    rules = [Rule(vis + h, "visual/" + j, t) for h, j, t in _VISION]
+    rules += [Rule(f"{vis}blocks.{{v}}.{h}", "visual/blocks/" + j, t, stack=("v",)) for h, j, t in _VISION_BLOCK]
+    rules += [Rule(txt + h, "language_model/" + j, t) for h, j, t in _TEXT]
+    rules += [Rule(f"{txt}layers.{{i}}.{h}", "language_model/layers/" + j, t, stack=("i",))
+              for h, j, t in _TEXT_LAYER]
     ignore = []
     if cfg.tie_word_embeddings:
         # A tied checkpoint may still carry a copy of the embedding as the head.
@@ -104,7 +112,8 @@ def load_hf(folder: str | os.PathLike, dtype: Any = np.float32, shardings: Any =
       (config, nested parameter tree as `Qwen25VL(config).init` lays it out, unboxed).
     """
     cfg = config or read_config(folder)
-    params = safetensors_io.load_params(folder, hf_mapping(cfg), dtype=dtype, shardings=shardings)
+    layout = detect_layout(safetensors_io.tensor_names(folder))
+    params = safetensors_io.load_params(folder, hf_mapping(cfg, layout), dtype=dtype, shardings=shardings)
     return cfg, params
 
 

@@ -146,6 +146,9 @@ def prepare_inputs(cfg: Qwen25VLConfig, input_ids: np.ndarray, attention_mask: n
                    image_grid_thw: np.ndarray | None = None, pad_patches_to: int | None = None) -> dict[str, Any]:
     """Host-side inputs of the jitted model: position ids (3, B, T), rope deltas (B,) and,
     with images, the vision plan. Checks that image tokens and grids agree.
+
+    `pad_patches_to` builds the plan for a static patch bucket; pad `pixel_values` to the
+    same row count with `vision_plan.pad_patches`.
     """
     input_ids = np.asarray(input_ids)
     if attention_mask is None:
@@ -177,7 +180,8 @@ def dummy_inputs(cfg: Qwen25VLConfig) -> dict[str, Any]:
 
 def init_params(model: Qwen25VL, rng: jax.Array) -> Any:
     """Random parameters (boxed with logical axes, as `model.init` returns them)."""
-    return model.init(rng, **dummy_inputs(model.config))["params"]
+    inputs = dummy_inputs(model.config)
+    return jax.jit(lambda r, x: model.init(r, **x)["params"])(rng, inputs)
 
 
 def param_count(cfg: Qwen25VLConfig) -> int:

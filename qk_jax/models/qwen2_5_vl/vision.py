@@ -117,9 +117,10 @@ class PatchEmbed(nn.Module):
         if pixel_values.ndim != 2 or pixel_values.shape[-1] != c.patch_dim:
             raise ValueError(f"pixel_values has shape {pixel_values.shape}; the vision config expects "
                              f"(num_patches, in_channels*temporal_patch_size*patch_size**2 = {c.patch_dim})")
+        # (logical names must be unique per array: the patch width axis is left unnamed)
         kernel = self.param(
             "kernel", layers.logical(layers.default_kernel_init,
-                                     ("conv_kernel", "patch", "patch", "in_channels", "vision_embed")),
+                                     ("conv_kernel", "patch", None, "in_channels", "vision_embed")),
             (c.temporal_patch_size, c.patch_size, c.patch_size, c.in_channels, c.hidden_size), self.param_dtype)
         patches = pixel_values.reshape(-1, c.in_channels, c.temporal_patch_size, c.patch_size, c.patch_size)
         return jnp.einsum("nctpq,tpqcd->nd", patches.astype(self.dtype), kernel.astype(self.dtype))

@@ -127,3 +127,13 @@ def build_vision_plan(grid_thw: np.ndarray, cfg: VisionConfig, pad_to: int | Non
                       window_segments=window_segments.astype(np.int32),
                       full_segments=full_segments.astype(np.int32),
                       positions=positions.astype(np.int32))
+
+
+def pad_patches(pixel_values: np.ndarray, pad_to: int) -> np.ndarray:
+    """Zero rows appended to `pixel_values` (N, patch_dim) up to `pad_to` rows, the static
+    bucket size given to `build_vision_plan(..., pad_to=pad_to)`."""
+    pixel_values = np.asarray(pixel_values)
+    if pad_to < pixel_values.shape[0]:
+        raise ValueError(f"pad_to={pad_to} is smaller than the {pixel_values.shape[0]} patches")
+    return np.concatenate([pixel_values, np.zeros((pad_to - pixel_values.shape[0], pixel_values.shape[1]),
+                                                  pixel_values.dtype)])
