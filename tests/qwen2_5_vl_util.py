@@ -25,15 +25,17 @@ def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> None
                 p.copy_(std * noise)
 
 
-def save_random_checkpoint(cfg: Qwen25VLConfig, folder: str, seed: int = 0):
+def save_random_checkpoint(cfg: Qwen25VLConfig, folder: str, seed: int = 0, dtype: torch.dtype = torch.float32,
+                           max_shard_size: str | None = None):
     """Builds `Qwen2_5_VLForConditionalGeneration` for `cfg`, randomises it, saves it to
-    `folder` and returns it reloaded from there (float32, eager attention, eval mode)."""
+    `folder` (in `dtype`, sharded when `max_shard_size` is given) and returns it reloaded
+    from there (float32, eager attention, eval mode)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**cfg.to_hf_config()))
     randomize_(model, seed)
-    model.save_pretrained(folder)
+    model.to(dtype).save_pretrained(folder, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     del model
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32,
                                                                attn_implementation="eager")

@@ -6,9 +6,14 @@ import io
 import subprocess
 import sys
 
+import ml_dtypes
+import numpy as np
 import pytest
+import torch
 from qwen2_5_vl_util import env_for_subprocess, other_config, save_random_checkpoint
 
+from qk_jax.convert import safetensors_io
+from qk_jax.convert.qwen2_5_vl import export_hf, load_hf
 from qk_jax.models.qwen2_5_vl import get_config
 from qk_jax.parity import qwen2_5_vl as tool
 
@@ -17,7 +22,8 @@ from qk_jax.parity import qwen2_5_vl as tool
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("qwen_vl_parity")
     save_random_checkpoint(get_config("tiny"), str(root / "tiny"), seed=3)
-    save_random_checkpoint(other_config(), str(root / "other"), seed=4)
+    # The second checkpoint is bfloat16 and sharded with an index, as real ones are.
+    save_random_checkpoint(other_config(), str(root / "other"), seed=4, dtype=torch.bfloat16, max_shard_size="200KB")
     return root
 
 
@@ -46,3 +52,18 @@ def test_other_configuration_in_process_and_failure_exit(checkpoints):
     out = io.StringIO()
     code = tool.run(folder, [(96, 144)], prompt_tokens=100, batch_size=1, rtol=1e-12, stream=out)
     assert code == 1 and out.getvalue().strip().splitlines()[-1].startswith("PARITY FAIL")
+
+
+def test_bfloat16_sharded_checkpoint_round_trips_bit_exactly(checkpoints, tmp_path):
+    folder = checkpoints / "other"
+    assert (folder / "model.safetensors.index.json").exists()
+    cfg, params = load_hf(folder, dtype=None)  # keep the file's bfloat16
+    assert cfg.tie_word_embeddings and "lm_head" not in params
+    assert params["visual"]["blocks"]["attn"]["qkv"]["kernel"].dtype == ml_dtypes.bfloat16
+    export_hf(tmp_path / "out", cfg, params, max_shard_bytes=150_000)
+    original = dict(safetensors_io.iter_tensors(folder))
+    exported = dict(safetensors_io.iter_tensors(tmp_path / "out"))
+    assert original.keys() == exported.keys()
+    for name, value in original.items():
+        assert exported[name].dtype == value.dtype and np.array_equal(exported[name].view(np.uint16),
+                                                                      value.view(np.uint16)), name
