@@ -11,6 +11,7 @@ import sys
 # tool -> (module with `main(argv)`, one-line description)
 TOOLS: dict[str, tuple[str, str]] = {
     "smoke": ("qk_jax.smoke", "check a machine: mesh, sharded init, train steps, checkpoint round trip"),
+    "parity": ("qk_jax.parity.cli", "compare a model with its PyTorch reference: qk-jax parity <model> --checkpoint DIR"),
 }
 
 
@@ -35,6 +36,10 @@ def main(argv: list[str] | None = None) -> None:
     from absl import app, logging
 
     rest = argv[2:]
+    if hasattr(module, "select"):  # a dispatcher (`parity <model>`) hands over the module owning the flags
+        name = rest[0] if rest else ""
+        module, rest = module.select(rest)
+        tool = f"{tool} {name}"
     quiet = not any(a.startswith(("--verbosity", "-v=", "--v=")) for a in rest)
 
     def tool_main(args):

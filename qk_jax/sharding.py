@@ -60,6 +60,8 @@ VLM_RULES: Rules = _COMMON_PARAM_RULES + (
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("vision_embed", "fsdp"),
+    ("qkv", None),  # the q/k/v axis of the vision tower's fused (D, 3, D) projection
+    ("in_channels", None),  # image channels of the vision patch embedding
 )
 
 # The DiT is ZeRO/FSDP-sharded over `fsdp` and optionally tensor-parallel.

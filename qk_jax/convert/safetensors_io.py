@@ -74,12 +74,40 @@ def tensor_shapes(folder) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+# safetensors dtypes numpy lacks (the numpy backend of `safe_open` refuses them): read
+# the bytes ourselves and view them through ml_dtypes (a jax dependency).
+_ML_DTYPES = {"BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+def _read_raw(path: str, name: str) -> np.ndarray:
+    """One tensor of a safetensors file read from its header offsets (for ml_dtypes dtypes)."""
+    import ml_dtypes
+
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        info = json.loads(f.read(header_len))[name]
+        if info["dtype"] not in _ML_DTYPES:
+            raise TypeError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        f.seek(8 + header_len + start)
+        data = f.read(end - start)
+    dtype = np.dtype(getattr(ml_dtypes, _ML_DTYPES[info["dtype"]]))
+    return np.frombuffer(data, dtype=dtype).reshape(info["shape"]).copy()
+
+
 def iter_tensors(folder) -> Iterator[tuple[str, np.ndarray]]:
-    """Yields `(name, numpy array)` one tensor at a time, file by file."""
+    """Yields `(name, numpy array)` one tensor at a time, file by file.
+
+    bfloat16 / float8 tensors come back as `ml_dtypes` arrays (numpy has no such dtypes).
+    """
     for path in safetensors_files(folder):
         with safe_open(os.fspath(path), framework="numpy") as f:
             for k in f.keys():
-                yield k, f.get_tensor(k)
+                try:
+                    value = f.get_tensor(k)
+                except TypeError:
+                    value = _read_raw(os.fspath(path), k)
+                yield k, value
 
 
 def load_params(folder, mapping: Mapping, dtype: Any = None, shardings: Any = None,

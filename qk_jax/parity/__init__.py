@@ -5,5 +5,6 @@ Each model registers a module in `TOOLS` that defines absl flags and `main(argv)
 """
 
 TOOLS = {
-    # model name -> module defining `main(argv)`; filled in as models land.
+    # model name -> module defining absl flags and `main(argv)`.
+    "qwen2_5_vl": "qk_jax.parity.qwen2_5_vl",
 }

@@ -1,0 +1,75 @@
+"""Pieces shared by the vision tower and the decoder: activations, the gated MLP and the
+scan-over-layers wrapper with its remat policy."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from qk_jax.models import layers
+
+Dtype = Any
+
+_ACTS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """The HF `ACT2FN[name]` activation."""
+    if name not in _ACTS:
+        raise ValueError(f"activation {name!r} is not supported; use one of {sorted(_ACTS)}")
+    return _ACTS[name]
+
+
+class GatedMLP(nn.Module):
+    """`down(act(gate(x)) * up(x))` (HF `Qwen2MLP` / `Qwen2_5_VLMLP`). (..., D) -> (..., D).
+
+    Attributes:
+      embed_axis: logical name of the model width ("embed" or "vision_embed").
+    """
+
+    mlp_dim: int
+    act: str = "silu"
+    use_bias: bool = False
+    embed_axis: str = "embed"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dense = lambda n, axes, name: layers.Dense(n, axes=axes, use_bias=self.use_bias, dtype=self.dtype,
+                                                   param_dtype=self.param_dtype, name=name)
+        gate = dense(self.mlp_dim, (self.embed_axis, "mlp"), "gate_proj")(x)
+        up = dense(self.mlp_dim, (self.embed_axis, "mlp"), "up_proj")(x)
+        h = activation(self.act)(gate) * up
+        h = layers.constrain(h, (*(None,) * (h.ndim - 1), "act_mlp"))
+        return dense(x.shape[-1], ("mlp", self.embed_axis), "down_proj")(h)
+
+
+def remat_policy(name: str):
+    """`"none" | "full" | "dots"` -> (use remat, jax checkpoint policy)."""
+    if name == "none":
+        return False, None
+    if name == "full":
+        return True, None
+    if name == "dots":
+        return True, jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
+    raise ValueError(f"remat={name!r}: use 'none', 'full' or 'dots'")
+
+
+def scan_layers(block_cls: type[nn.Module], length: int, remat: str, in_axes: tuple, out_axes: Any = 0):
+    """`nn.scan` of `block_cls` over `length` layers (params stacked on a leading "layers" axis)."""
+    use_remat, policy = remat_policy(remat)
+    if use_remat:
+        block_cls = nn.remat(block_cls, policy=policy, prevent_cse=False)
+    return nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=in_axes,
+                   out_axes=out_axes, length=length, metadata_params={nn.PARTITION_NAME: "layers"})

@@ -1,0 +1,302 @@
+"""Qwen2.5-VL configuration: frozen dataclasses, HF config.json round trips, named sizes.
+
+`Qwen25VLConfig.from_hf_config(d)` reads any Qwen2.5-VL `config.json` (the nested
+transformers-5 layout, or the flat layout of the checkpoints on the Hub with
+`rope_scaling` / `in_chans`), through transformers' own config class so that every
+legacy spelling is understood exactly as `from_pretrained` understands it.
+`to_hf_config()` writes the nested layout that `Qwen2_5_VLForConditionalGeneration.
+from_pretrained` loads.
+
+Named sizes (`get_config(name)`): `tiny` (tests), `demo` (a small CPU model that fits the
+`qk_jax.data.tokenizer` vocabulary), `3b` and `7b` (Qwen2.5-VL-3B/7B-Instruct).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+# Activations of the HF `ACT2FN` table that the MLPs may name.
+SUPPORTED_ACTS = ("silu", "gelu", "gelu_pytorch_tanh", "gelu_new", "relu", "quick_gelu")
+
+
+class ConfigError(ValueError):
+    """An invalid or unsupported Qwen2.5-VL configuration (the message names the field)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """The vision tower (ViT with window attention and a spatial patch merger).
+
+    `window_size` is in pixels: a window spans `window_size // spatial_merge_size //
+    patch_size` merged tokens per side. Blocks listed in `fullatt_block_indexes` attend
+    over the whole image, the others within windows.
+    """
+
+    depth: int = 32
+    hidden_size: int = 1280
+    intermediate_size: int = 3420
+    num_heads: int = 16
+    out_hidden_size: int = 3584
+    in_channels: int = 3
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    window_size: int = 112
+    fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
+    hidden_act: str = "silu"
+    rope_theta: float = 10000.0
+    tokens_per_second: int = 2
+    rms_norm_eps: float = 1e-6  # HF hard-codes 1e-6 for every vision norm
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def merge_unit(self) -> int:
+        """Patches merged into one LM token (`spatial_merge_size ** 2`)."""
+        return self.spatial_merge_size ** 2
+
+    @property
+    def patch_dim(self) -> int:
+        """Flattened pixels of one patch: C * temporal_patch * patch * patch."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
+
+    @property
+    def merger_window(self) -> int:
+        """Window side in merged tokens."""
+        return self.window_size // self.spatial_merge_size // self.patch_size
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    """The Qwen2 decoder (GQA with q/k/v biases, RMSNorm, SwiGLU, M-RoPE)."""
+
+    vocab_size: int = 152064
+    hidden_size: int = 3584
+    intermediate_size: int = 18944
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 28
+    num_key_value_heads: int = 4
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1000000.0
+    mrope_section: tuple[int, ...] = (16, 24, 24)
+    max_position_embeddings: int = 128000
+    hidden_act: str = "silu"
+    bos_token_id: int | None = 151643
+    eos_token_id: int | None = 151645
+    pad_token_id: int | None = None
+
+    @property
+    def head_dim(self) -> int:
+        # HF's attention uses hidden // heads whatever `head_dim` a config.json may carry.
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen25VLConfig:
+    """The whole VLM plus run-time switches (attention kernel, rematerialisation)."""
+
+    vision: VisionConfig = VisionConfig()
+    text: TextConfig = TextConfig()
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    tie_word_embeddings: bool = False
+    # Run-time switches (not part of the HF config): `layers.dot_product_attention` impl
+    # ("xla" | "dot_product" | "cudnn") and the remat policy of both layer scans
+    # ("none" | "full" | "dots").
+    attention_impl: str = "xla"
+    remat: str = "none"
+
+    def __post_init__(self):
+        validate(self)
+
+    # ------------------------------------------------------------------ HF round trip
+
+    @classmethod
+    def from_hf_config(cls, hf: Mapping[str, Any], **overrides) -> "Qwen25VLConfig":
+        """Builds a config from a `config.json` dict (nested or legacy flat layout)."""
+        from transformers import Qwen2_5_VLConfig
+
+        hf = dict(hf)
+        if hf.get("model_type", "qwen2_5_vl") != "qwen2_5_vl":
+            raise ConfigError(f"config.json model_type is {hf.get('model_type')!r}, expected 'qwen2_5_vl'")
+        try:
+            c = Qwen2_5_VLConfig(**hf)
+        except Exception as e:  # strict dataclass validation in transformers
+            raise ConfigError(f"transformers rejects this Qwen2.5-VL config.json: {e}") from e
+        t, v = c.text_config, c.vision_config
+        t_rope = dict(t.rope_parameters or {})
+        if t_rope.get("rope_type", "default") not in ("default", "mrope"):
+            raise ConfigError(f"text_config.rope_parameters.rope_type={t_rope.get('rope_type')!r} is not supported "
+                              "(only the default M-RoPE)")
+        if getattr(t, "use_sliding_window", False):
+            raise ConfigError("text_config.use_sliding_window=True is not supported (Qwen2.5-VL does not use it)")
+        v_rope = dict(getattr(v, "rope_parameters", None) or {})
+        if v_rope.get("rope_type", "axial") != "axial":
+            raise ConfigError(f"vision_config.rope_parameters.rope_type={v_rope.get('rope_type')!r} is not supported")
+        patch = v.patch_size
+        tpatch = v.temporal_patch_size
+        if isinstance(patch, (list, tuple)) or isinstance(tpatch, (list, tuple)):
+            raise ConfigError(f"vision_config.patch_size={patch!r} / temporal_patch_size={tpatch!r}: only ints")
+        eos = t.eos_token_id
+        vision = VisionConfig(
+            depth=int(v.depth), hidden_size=int(v.hidden_size), intermediate_size=int(v.intermediate_size),
+            num_heads=int(v.num_heads), out_hidden_size=int(v.out_hidden_size), in_channels=int(v.in_channels),
+            patch_size=int(patch), temporal_patch_size=int(tpatch), spatial_merge_size=int(v.spatial_merge_size),
+            window_size=int(v.window_size), fullatt_block_indexes=tuple(int(i) for i in v.fullatt_block_indexes),
+            hidden_act=str(v.hidden_act), rope_theta=float(v_rope.get("rope_theta", 10000.0)),
+            tokens_per_second=int(v.tokens_per_second))
+        text = TextConfig(
+            vocab_size=int(t.vocab_size), hidden_size=int(t.hidden_size), intermediate_size=int(t.intermediate_size),
+            num_hidden_layers=int(t.num_hidden_layers), num_attention_heads=int(t.num_attention_heads),
+            num_key_value_heads=int(t.num_key_value_heads or t.num_attention_heads),
+            rms_norm_eps=float(t.rms_norm_eps), rope_theta=float(t_rope.get("rope_theta", 1000000.0)),
+            mrope_section=tuple(int(s) for s in t_rope.get("mrope_section", (16, 24, 24))),
+            max_position_embeddings=int(t.max_position_embeddings), hidden_act=str(t.hidden_act),
+            bos_token_id=t.bos_token_id, eos_token_id=eos[0] if isinstance(eos, (list, tuple)) else eos,
+            pad_token_id=t.pad_token_id)
+        kwargs = dict(vision=vision, text=text, image_token_id=int(c.image_token_id),
+                      video_token_id=int(c.video_token_id), vision_start_token_id=int(c.vision_start_token_id),
+                      vision_end_token_id=int(c.vision_end_token_id),
+                      tie_word_embeddings=bool(c.tie_word_embeddings))
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """The nested `config.json` dict that transformers' `from_pretrained` loads."""
+        v, t = self.vision, self.text
+        return {
+            "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+            "model_type": "qwen2_5_vl",
+            "dtype": "float32",
+            "image_token_id": self.image_token_id,
+            "video_token_id": self.video_token_id,
+            "vision_start_token_id": self.vision_start_token_id,
+            "vision_end_token_id": self.vision_end_token_id,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "text_config": {
+                "model_type": "qwen2_5_vl_text",
+                "vocab_size": t.vocab_size, "hidden_size": t.hidden_size,
+                "intermediate_size": t.intermediate_size, "num_hidden_layers": t.num_hidden_layers,
+                "num_attention_heads": t.num_attention_heads, "num_key_value_heads": t.num_key_value_heads,
+                "rms_norm_eps": t.rms_norm_eps, "hidden_act": t.hidden_act,
+                "max_position_embeddings": t.max_position_embeddings,
+                "rope_parameters": {"rope_type": "default", "rope_theta": t.rope_theta,
+                                    "mrope_section": list(t.mrope_section)},
+                "use_sliding_window": False, "attention_dropout": 0.0,
+                "bos_token_id": t.bos_token_id, "eos_token_id": t.eos_token_id, "pad_token_id": t.pad_token_id,
+                "tie_word_embeddings": self.tie_word_embeddings,
+            },
+            "vision_config": {
+                "model_type": "qwen2_5_vl_vision",
+                "depth": v.depth, "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
+                "num_heads": v.num_heads, "out_hidden_size": v.out_hidden_size, "in_channels": v.in_channels,
+                "patch_size": v.patch_size, "temporal_patch_size": v.temporal_patch_size,
+                "spatial_merge_size": v.spatial_merge_size, "window_size": v.window_size,
+                "fullatt_block_indexes": list(v.fullatt_block_indexes), "hidden_act": v.hidden_act,
+                "tokens_per_second": v.tokens_per_second,
+                "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta},
+            },
+        }
+
+    def with_special_tokens(self, ids: Mapping[str, int]) -> "Qwen25VLConfig":
+        """The config with token ids taken from a tokenizer's special-token table.
+
+        `ids` maps token strings to ids, e.g. the dict `qk_jax.data.tokenizer.build_tokenizer`
+        returns (`{"<|image_pad|>": 474, ...}`).
+        """
+        text = dataclasses.replace(self.text, eos_token_id=ids.get("<|im_end|>", self.text.eos_token_id),
+                                   bos_token_id=ids.get("<|endoftext|>", self.text.bos_token_id),
+                                   pad_token_id=ids.get("<|endoftext|>", self.text.pad_token_id))
+        return dataclasses.replace(
+            self, text=text, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+
+    def replace(self, **changes) -> "Qwen25VLConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def validate(cfg: Qwen25VLConfig) -> None:
+    """Raises ConfigError naming the field of an inconsistent configuration."""
+    v, t = cfg.vision, cfg.text
+    if v.hidden_size % v.num_heads:
+        raise ConfigError(f"vision_config.hidden_size={v.hidden_size} is not divisible by num_heads={v.num_heads}")
+    if v.head_dim % 4:
+        raise ConfigError(f"vision head_dim={v.head_dim} must be a multiple of 4 (2D rotary over h and w)")
+    if bad := [i for i in v.fullatt_block_indexes if not 0 <= i < v.depth]:
+        raise ConfigError(f"vision_config.fullatt_block_indexes {bad} are outside 0..depth-1={v.depth - 1}")
+    if v.merger_window < 1:
+        raise ConfigError(f"vision_config.window_size={v.window_size} is smaller than one merged token "
+                          f"(spatial_merge_size * patch_size = {v.spatial_merge_size * v.patch_size} px)")
+    if t.hidden_size % t.num_attention_heads:
+        raise ConfigError(f"text_config.hidden_size={t.hidden_size} is not divisible by "
+                          f"num_attention_heads={t.num_attention_heads}")
+    if t.num_attention_heads % t.num_key_value_heads:
+        raise ConfigError(f"text_config.num_attention_heads={t.num_attention_heads} is not a multiple of "
+                          f"num_key_value_heads={t.num_key_value_heads}")
+    if len(t.mrope_section) != 3 or sum(t.mrope_section) != t.head_dim // 2:
+        raise ConfigError(f"text_config mrope_section={list(t.mrope_section)} must have 3 entries summing to "
+                          f"head_dim / 2 = {t.head_dim // 2}")
+    for name, act in (("vision_config.hidden_act", v.hidden_act), ("text_config.hidden_act", t.hidden_act)):
+        if act not in SUPPORTED_ACTS:
+            raise ConfigError(f"{name}={act!r} is not supported; use one of {SUPPORTED_ACTS}")
+    if cfg.attention_impl not in ("xla", "dot_product", "cudnn"):
+        raise ConfigError(f"attention_impl={cfg.attention_impl!r}: use 'xla', 'dot_product' or 'cudnn'")
+    if cfg.remat not in ("none", "full", "dots"):
+        raise ConfigError(f"remat={cfg.remat!r}: use 'none', 'full' or 'dots'")
+    for name in ("image_token_id", "vision_start_token_id", "vision_end_token_id"):
+        if not 0 <= getattr(cfg, name) < t.vocab_size:
+            raise ConfigError(f"{name}={getattr(cfg, name)} is outside the vocabulary (vocab_size={t.vocab_size})")
+
+
+# ----------------------------------------------------------------------- named sizes
+
+# Special-token ids of `qk_jax.data.tokenizer.build_tokenizer()` with its default corpus
+# (the demo/tiny configs use that tokenizer); `with_special_tokens` re-targets them.
+_SMALL_TOKENS = dict(image_token_id=474, video_token_id=475, vision_start_token_id=471, vision_end_token_id=472)
+
+
+def _tiny() -> Qwen25VLConfig:
+    return Qwen25VLConfig(
+        vision=VisionConfig(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                            window_size=56, fullatt_block_indexes=(1,)),
+        text=TextConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0, mrope_section=(2, 3, 3),
+                        max_position_embeddings=4096, bos_token_id=462, eos_token_id=464, pad_token_id=462),
+        **_SMALL_TOKENS)
+
+
+def _demo() -> Qwen25VLConfig:
+    return Qwen25VLConfig(
+        vision=VisionConfig(depth=4, hidden_size=128, intermediate_size=256, num_heads=4, out_hidden_size=256,
+                            window_size=56, fullatt_block_indexes=(1, 3)),
+        text=TextConfig(vocab_size=1000, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0, mrope_section=(8, 12, 12),
+                        max_position_embeddings=8192, bos_token_id=462, eos_token_id=464, pad_token_id=462),
+        tie_word_embeddings=True, **_SMALL_TOKENS)
+
+
+def _qwen_7b() -> Qwen25VLConfig:
+    return Qwen25VLConfig(vision=VisionConfig(out_hidden_size=3584), text=TextConfig())
+
+
+def _qwen_3b() -> Qwen25VLConfig:
+    return Qwen25VLConfig(
+        vision=VisionConfig(out_hidden_size=2048),
+        text=TextConfig(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                        num_attention_heads=16, num_key_value_heads=2),
+        tie_word_embeddings=True)
+
+
+SIZES = {"tiny": _tiny, "demo": _demo, "3b": _qwen_3b, "7b": _qwen_7b}
+
+
+def get_config(name: str, **overrides) -> Qwen25VLConfig:
+    """A named size (`tiny`, `demo`, `3b`, `7b`) with optional top-level field overrides."""
+    if name not in SIZES:
+        raise ConfigError(f"unknown Qwen2.5-VL size {name!r}; known: {sorted(SIZES)}")
+    return SIZES[name]().replace(**overrides) if overrides else SIZES[name]()

@@ -1,0 +1,66 @@
+"""`qk-jax parity <model> [flags]`: dispatches to the parity tool of one model.
+
+Each tool module (see `qk_jax.parity.TOOLS`) defines its own absl flags, so the module
+must be imported before the flags are parsed: `qk_jax.cli` calls `select(args)` to get
+it. Flag names may be written with dashes (`--image-sizes`) or underscores.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from types import ModuleType
+from typing import Sequence
+
+from qk_jax.parity import TOOLS
+
+
+def usage() -> str:
+    return ("usage: qk-jax parity <model> --checkpoint DIR [flags]\n\nmodels: " + ", ".join(sorted(TOOLS))
+            + "\n\nEach model takes --help for its own flags.")
+
+
+def normalize_flags(args: Sequence[str]) -> list[str]:
+    """`--image-sizes=1x1` -> `--image_sizes=1x1` (absl flag names use underscores)."""
+    out = []
+    for a in args:
+        if a.startswith("--") and len(a) > 2:
+            name, sep, value = a[2:].partition("=")
+            a = "--" + name.replace("-", "_") + sep + value
+        out.append(a)
+    return out
+
+
+def select(args: Sequence[str]) -> tuple[ModuleType, list[str]]:
+    """(tool module, its flag arguments) for `args` = [model, *flags]."""
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(usage())
+        raise SystemExit(0 if args else 2)
+    model = args[0]
+    if model not in TOOLS:
+        print(f"qk-jax parity: unknown model {model!r}\n\n{usage()}", file=sys.stderr)
+        raise SystemExit(2)
+    module = importlib.import_module(TOOLS[model])
+    rest = normalize_flags(args[1:])
+    if any(a in ("-h", "--help", "--helpshort") for a in rest):
+        from absl import flags
+
+        print(f"{module.__doc__.strip()}\n\nflags:\n{flags.FLAGS.module_help(module.__name__)}")
+        raise SystemExit(0)
+    return module, rest
+
+
+def main(argv: Sequence[str]) -> None:
+    """`argv` = [program, model, *flags]: parses the model's flags and runs its tool."""
+    from absl import flags
+
+    module, rest = select(list(argv[1:]))
+    remaining = flags.FLAGS([f"{argv[0]} {argv[1]}", *rest])
+    module.main(remaining)
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _module, _rest = select(sys.argv[1:])
+    app.run(_module.main, argv=[f"qk_jax.parity {sys.argv[1]}", *_rest])
