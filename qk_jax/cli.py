@@ -11,6 +11,7 @@ import sys
 # tool -> (module with `main(argv)`, one-line description)
 TOOLS: dict[str, tuple[str, str]] = {
     "smoke": ("qk_jax.smoke", "check a machine: mesh, sharded init, train steps, checkpoint round trip"),
+    "parity": ("qk_jax.parity.cli", "compare a model with its PyTorch reference: qk-jax parity <model> --checkpoint DIR"),
 }
 
 
@@ -32,6 +33,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"qk-jax: unknown tool {tool!r}\n\n{usage()}", file=sys.stderr)
         raise SystemExit(2)
     module = importlib.import_module(TOOLS[tool][0])
+    if getattr(module, "IS_DISPATCHER", False):  # sub-commands own their flags: hand argv over unparsed
+        return module.main([f"qk-jax {tool}"] + argv[2:])
     from absl import app, logging
 
     rest = argv[2:]
