@@ -18,7 +18,8 @@ from qk_jax.parity.vae_parity import vae_parity
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 QWEN_OTHER = dict(patch_size=2, in_channels=32, out_channels=8, num_layers=3, attention_head_dim=24,
-                  num_attention_heads=3, joint_attention_dim=40, axes_dims_rope=(8, 8, 8), use_additional_t_cond=True)
+                  num_attention_heads=3, joint_attention_dim=40, axes_dims_rope=(8, 8, 8), use_additional_t_cond=True,
+                  use_layer3d_rope=True)
 FLUX_OTHER = dict(patch_size=1, in_channels=12, num_layers=2, num_single_layers=1, attention_head_dim=8,
                   num_attention_heads=4, joint_attention_dim=20, pooled_projection_dim=6, guidance_embeds=False,
                   axes_dims_rope=(2, 2, 4))

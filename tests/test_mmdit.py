@@ -230,3 +230,13 @@ def test_sharded_equals_unsharded(devices):
     host = jax.device_get(params)
     out = jax.jit(fwd)(host, img, ids, txt, mask, ts)
     np.testing.assert_allclose(np.asarray(out_sharded), np.asarray(out), rtol=1e-5, atol=1e-5)
+
+
+def test_logical_axes_covered_by_dit_rules():
+    """Every logical axis name on a DiT parameter has an entry in sharding.DIT_RULES."""
+    known = {name for name, _ in sharding.DIT_RULES}
+    for cfg in (mmdit_config("tiny", use_additional_t_cond=True, zero_cond_t=True), mmdit_config("tiny_flux")):
+        specs = nn.get_partition_spec(jax.eval_shape(lambda: init_params(cfg, jax.random.key(0))))
+        used = {a for s in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+                for a in s if a}
+        assert used and used <= known, used - known

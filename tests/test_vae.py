@@ -103,3 +103,17 @@ def test_vae_configs():
         AutoencoderKLConfig.from_diffusers_config({"block_out_channels": [32], "down_block_types": ["AttnDown"]})
     with pytest.raises(ValueError, match="temperal_downsample"):
         QwenImageVAEConfig(dim_mult=(1, 2), temperal_downsample=(True, True))
+
+
+def test_logical_axes_covered_by_vae_rules():
+    import flax.linen as nn
+
+    from qk_jax import sharding
+    known = {name for name, _ in sharding.VAE_RULES}
+    for name in ("tiny", "qwen_image_tiny"):
+        vae = build_vae(vae_config(name))
+        boxed = jax.eval_shape(lambda: vae.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"])
+        specs = nn.get_partition_spec(boxed)
+        used = {a for s in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+                for a in s if a}
+        assert used and used <= known, used - known

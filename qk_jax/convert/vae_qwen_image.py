@@ -17,7 +17,7 @@ import numpy as np
 
 from qk_jax.convert import diffusers_io
 from qk_jax.convert.mapping import CONV, IDENTITY, Mapping, Rule, Transform
-from qk_jax.convert.vae_kl import jaxify
+from qk_jax.convert.vae_kl import module_rules
 from qk_jax.models.vae import abstract_vae_params
 from qk_jax.models.vae_wan import QwenImageVAEConfig
 
@@ -36,8 +36,7 @@ LEAVES: dict[str, tuple[tuple[str, str, Transform], ...]] = {
 
 
 def _rules(hf_module: str, kind: str) -> list[Rule]:
-    jax = jaxify(hf_module)
-    return [Rule(f"{hf_module}.{h}", f"{jax}/{j}", t) for h, j, t in LEAVES[kind]]
+    return module_rules(hf_module, kind, LEAVES)
 
 
 def _block(prefix: str) -> list[Rule]:

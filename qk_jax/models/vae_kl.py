@@ -120,18 +120,21 @@ class KLEncoder(nn.Module):
         g = cfg.norm_num_groups
         x = Conv(cfg.block_out_channels[0], name="conv_in", **kw)(x)
         for i, ch in enumerate(cfg.block_out_channels):
-            x = _DownBlock(ch, cfg.layers_per_block, g, i < len(cfg.block_out_channels) - 1, name=f"down_blocks_{i}",
-                           **kw)(x)
+            last = i == len(cfg.block_out_channels) - 1
+            x = _ResnetStack(ch, cfg.layers_per_block, g, None if last else "down", name=f"down_blocks_{i}", **kw)(x)
         x = MidBlock2D(g, cfg.mid_block_add_attention, name="mid_block", **kw)(x)
         x = nn.silu(GroupNorm(g, 1e-6, name="conv_norm_out", **kw)(x))
         return Conv(2 * cfg.latent_channels, name="conv_out", **kw)(x)
 
 
-class _DownBlock(nn.Module):
+class _ResnetStack(nn.Module):
+    """`num_layers` resnet blocks then an optional resampler: diffusers' `DownEncoderBlock2D`
+    (`resample="down"`, params `downsamplers_0/conv`) or `UpDecoderBlock2D` (`"up"`, `upsamplers_0/conv`)."""
+
     out_channels: int
     num_layers: int
     groups: int
-    downsample: bool
+    resample: str | None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -140,26 +143,8 @@ class _DownBlock(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         for j in range(self.num_layers):
             x = ResnetBlock2D(self.out_channels, self.groups, name=f"resnets_{j}", **kw)(x)
-        if self.downsample:
-            x = _Resample(self.out_channels, down=True, name="downsamplers_0", **kw)(x)
-        return x
-
-
-class _UpBlock(nn.Module):
-    out_channels: int
-    num_layers: int
-    groups: int
-    upsample: bool
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        for j in range(self.num_layers):
-            x = ResnetBlock2D(self.out_channels, self.groups, name=f"resnets_{j}", **kw)(x)
-        if self.upsample:
-            x = _Resample(self.out_channels, down=False, name="upsamplers_0", **kw)(x)
+        if self.resample is not None:
+            x = _Resample(self.out_channels, down=self.resample == "down", name=f"{self.resample}samplers_0", **kw)(x)
         return x
 
 
@@ -192,7 +177,8 @@ class KLDecoder(nn.Module):
         x = Conv(chans[0], name="conv_in", **kw)(z)
         x = MidBlock2D(g, cfg.mid_block_add_attention, name="mid_block", **kw)(x)
         for i, ch in enumerate(chans):
-            x = _UpBlock(ch, cfg.layers_per_block + 1, g, i < len(chans) - 1, name=f"up_blocks_{i}", **kw)(x)
+            last = i == len(chans) - 1
+            x = _ResnetStack(ch, cfg.layers_per_block + 1, g, None if last else "up", name=f"up_blocks_{i}", **kw)(x)
         x = nn.silu(GroupNorm(g, 1e-6, name="conv_norm_out", **kw)(x))
         return Conv(cfg.out_channels, name="conv_out", **kw)(x)
 

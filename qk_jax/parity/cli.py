@@ -30,8 +30,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"qk-jax parity: unknown model {model!r}\n\n{usage()}", file=sys.stderr)
         raise SystemExit(2)
     module = importlib.import_module(TOOLS[model])
-    from absl import app
+    from absl import app, flags
 
+    if {"-h", "--help", "--helpshort"} & set(argv[2:]):  # absl would list only the __main__ module's flags
+        print(f"usage: {argv[0]} {model} [flags]\n\n{(module.__doc__ or '').strip()}\n")
+        for name in flags.FLAGS.flags_by_module_dict():
+            if name.startswith("qk_jax."):
+                print(flags.FLAGS.module_help(name))
+        raise SystemExit(0)
     app.run(module.main, argv=[f"{argv[0]} {model}"] + argv[2:])
 
 
