@@ -23,7 +23,7 @@ def _images(seed=0, b=2, h=16, w=24):
 @pytest.fixture(scope="module")
 def kl(tmp_path_factory):
     path = tmp_path_factory.mktemp("kl_vae")
-    model = save_tiny(TorchKL, path, KL_TINY, scale=0.2)
+    model = save_tiny(TorchKL, path, KL_TINY, norms_only=True)
     config, params = vae_kl.load(path)
     return model, config, params
 
@@ -31,7 +31,7 @@ def kl(tmp_path_factory):
 @pytest.fixture(scope="module")
 def qwen_vae(tmp_path_factory):
     path = tmp_path_factory.mktemp("qwen_vae")
-    model = save_tiny(TorchQwen, path, QWEN_VAE_TINY, scale=0.2)
+    model = save_tiny(TorchQwen, path, QWEN_VAE_TINY, norms_only=True)
     config, params = vae_qwen_image.load(path)
     return model, config, params
 

@@ -88,13 +88,14 @@ class GroupNorm(nn.Module):
         b, h, w, c = x.shape
         if c % self.num_groups:
             raise ValueError(f"GroupNorm: {c} channels are not divisible by {self.num_groups} groups")
-        xg = x.astype(jnp.float32).reshape(b, h, w, self.num_groups, c // self.num_groups)
+        f32 = jnp.promote_types(x.dtype, jnp.float32)  # at least float32 (float64 stays float64)
+        xg = x.astype(f32).reshape(b, h, w, self.num_groups, c // self.num_groups)
         mean = jnp.mean(xg, axis=(1, 2, 4), keepdims=True)
         var = jnp.mean(jnp.square(xg - mean), axis=(1, 2, 4), keepdims=True)
         y = ((xg - mean) * jax.lax.rsqrt(var + self.eps)).reshape(b, h, w, c)
         scale = self.param("scale", layers.logical(nn.initializers.ones_init(), ("norm",)), (c,), self.param_dtype)
         bias = self.param("bias", layers.logical(nn.initializers.zeros_init(), ("norm",)), (c,), self.param_dtype)
-        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+        return (y * scale.astype(f32) + bias.astype(f32)).astype(self.dtype)
 
 
 class ChannelRMSNorm(nn.Module):
@@ -106,11 +107,12 @@ class ChannelRMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         c = x.shape[-1]
-        x32 = x.astype(jnp.float32)
+        f32 = jnp.promote_types(x.dtype, jnp.float32)
+        x32 = x.astype(f32)
         norm = jnp.sqrt(jnp.sum(jnp.square(x32), axis=-1, keepdims=True))
         y = x32 / jnp.maximum(norm, 1e-12) * (c ** 0.5)
         gamma = self.param("gamma", layers.logical(nn.initializers.ones_init(), ("norm",)), (c,), self.param_dtype)
-        return (y * gamma.astype(jnp.float32)).astype(self.dtype)
+        return (y * gamma.astype(f32)).astype(self.dtype)
 
 
 def spatial_attention(q: Array, k: Array, v: Array) -> Array:
