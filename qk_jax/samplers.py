@@ -64,7 +64,8 @@ class FlowMatchSchedule:
                                self.max_shift)
 
 
-# Qwen-Image's and FLUX.1-dev's scheduler_config.json values.
+# Qwen-Image's and FLUX.1-dev's scheduler_config.json values as recalled (not read from the hub here):
+# with a real checkpoint prefer `FlowMatchSchedule.from_diffusers_config(<its scheduler_config.json>)`.
 QWEN_IMAGE_SCHEDULE = FlowMatchSchedule(shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
                                         base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02,
                                         time_shift_type="exponential")
