@@ -45,7 +45,11 @@ def select(args: Sequence[str]) -> tuple[ModuleType, list[str]]:
     if any(a in ("-h", "--help", "--helpshort") for a in rest):
         from absl import flags
 
-        print(f"{module.__doc__.strip()}\n\nflags:\n{flags.FLAGS.module_help(module.__name__)}")
+        # A tool's flags may live in a shared module (e.g. dit_tool.py): list every qk_jax one.
+        print(f"usage: qk-jax parity {model} [flags]\n\n{(module.__doc__ or '').strip()}\n\nflags:")
+        for name in flags.FLAGS.flags_by_module_dict():
+            if name.startswith("qk_jax."):
+                print(flags.FLAGS.module_help(name))
         raise SystemExit(0)
     return module, rest
 

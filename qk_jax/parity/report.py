@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import sys
 
 import numpy as np
@@ -71,3 +72,10 @@ class ParityReport:
         print(self.verdict(), file=self.stream)
         self.stream.flush()
         return 0 if self.ok else 1
+
+
+def low_memory_loading() -> bool:
+    """`low_cpu_mem_usage` for diffusers/transformers `from_pretrained`: True when `accelerate` is
+    installed (weights load straight into an empty model); without it diffusers falls back to a
+    random init plus one shard at a time, and warns — we pass False to skip the warning."""
+    return importlib.util.find_spec("accelerate") is not None

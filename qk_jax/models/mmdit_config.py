@@ -1,0 +1,212 @@
+"""`MMDiTConfig`: one frozen config for every rectified-flow MMDiT qk_jax builds.
+
+The config covers two diffusers families through a handful of switches:
+
+- `family="qwen_image"` — `QwenImageTransformer2DModel`: double-stream blocks only, an
+  RMSNorm on the incoming condition tokens, MSRoPE positions (image centred, text on the
+  diagonal), timestep embedding `sin/cos(1000 * (t * f))`.
+- `family="flux"` — `FluxTransformer2DModel`: double- then single-stream blocks, 3-axis
+  RoPE ids, optional guidance embedding, pooled projection, timestep embedding
+  `sin/cos((1000 * t) * f)`.
+
+Everything else (widths, depths, heads, RoPE axes, channels) is a plain field, so a
+checkpoint of any size converts as long as its config.json reads into this class.
+
+Timestep convention: the model always takes `timestep` in [0, 1] (= the flow sigma, the
+noise fraction of x_t = (1 - t) x0 + t eps), exactly the value both diffusers pipelines
+pass to the transformer (`scheduler.timesteps / 1000`). FLUX's `guidance` is the guidance
+scale itself (e.g. 3.5); both are multiplied by 1000 inside, as diffusers does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+FAMILIES = ("qwen_image", "flux")
+REMAT_POLICIES = ("none", "full", "dots")
+
+_DIFFUSERS_CLASS = {"qwen_image": "QwenImageTransformer2DModel", "flux": "FluxTransformer2DModel"}
+
+
+@dataclasses.dataclass(frozen=True)
+class MMDiTConfig:
+    """Architecture + runtime settings of an `MMDiT` (see the module docstring).
+
+    Shapes: `inner_dim = num_heads * head_dim`; image tokens enter with `in_channels`
+    features (a 2x2 patch of C latent channels = 4C) and leave with
+    `patch_size**2 * out_channels` features.
+    """
+
+    family: str = "qwen_image"
+    patch_size: int = 2
+    in_channels: int = 64
+    out_channels: int | None = 16  # None: same as in_channels (FLUX)
+    num_layers: int = 60  # double-stream blocks
+    num_single_layers: int = 0  # single-stream blocks (FLUX)
+    num_heads: int = 24
+    head_dim: int = 128
+    joint_attention_dim: int = 3584  # width of the condition tokens `txt`
+    pooled_projection_dim: int | None = None  # FLUX pooled text vector; None: no pooled input
+    guidance_embeds: bool = False  # FLUX guidance-distilled models
+    axes_dims_rope: tuple[int, int, int] = (16, 56, 56)
+    rope_theta: float = 10000.0
+    mlp_ratio: float = 4.0
+    eps: float = 1e-6
+    zero_cond_t: bool = False  # Qwen-Image-Edit-2511: condition segments modulated with t = 0
+    use_additional_t_cond: bool = False  # Qwen-Image-Layered: a 2-entry embedding added to temb
+    use_layer3d_rope: bool = False  # Qwen-Image-Layered position scheme (affects only the id helpers)
+    # runtime (not part of the diffusers config)
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: str = "none"
+    attention_impl: str = "xla"
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"MMDiTConfig.family={self.family!r}; expected one of {FAMILIES}")
+        if len(self.axes_dims_rope) != 3 or any(d % 2 for d in self.axes_dims_rope):
+            raise ValueError(f"MMDiTConfig.axes_dims_rope={self.axes_dims_rope}: need three even sizes")
+        if sum(self.axes_dims_rope) != self.head_dim:
+            raise ValueError(f"MMDiTConfig.axes_dims_rope={self.axes_dims_rope} sums to {sum(self.axes_dims_rope)}, "
+                             f"but head_dim={self.head_dim}: RoPE must cover the whole head")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"MMDiTConfig.remat={self.remat!r}; expected one of {REMAT_POLICIES}")
+        if self.num_layers < 0 or self.num_single_layers < 0 or self.num_layers + self.num_single_layers == 0:
+            raise ValueError(f"MMDiTConfig: num_layers={self.num_layers}, num_single_layers="
+                             f"{self.num_single_layers}: need at least one block")
+        if self.family == "qwen_image" and self.guidance_embeds:
+            raise ValueError("MMDiTConfig.guidance_embeds=True with family='qwen_image': diffusers' "
+                             "QwenImageTransformer2DModel builds no guidance embedder, so no checkpoint has one")
+        object.__setattr__(self, "axes_dims_rope", tuple(int(d) for d in self.axes_dims_rope))
+
+    # ------------------------------------------------------------------ derived
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def mlp_dim(self) -> int:
+        return int(self.inner_dim * self.mlp_ratio)
+
+    @property
+    def out_features(self) -> int:
+        """Features per output token: patch_size**2 * out_channels (64 for both FLUX and Qwen-Image)."""
+        return self.patch_size ** 2 * (self.out_channels or self.in_channels)
+
+    def replace(self, **changes) -> "MMDiTConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ diffusers
+
+    @classmethod
+    def from_diffusers_config(cls, cfg: Mapping[str, Any], **runtime) -> "MMDiTConfig":
+        """Reads a diffusers transformer config.json dict (Qwen-Image or FLUX).
+
+        The family comes from `_class_name` when present, else from the keys
+        (`num_single_layers` only exists in FLUX configs). `runtime` sets dtype / remat /
+        attention_impl. Unknown non-private keys raise, naming the key.
+        """
+        name = cfg.get("_class_name")
+        if name == "QwenImageTransformer2DModel" or (name is None and "num_single_layers" not in cfg):
+            family = "qwen_image"
+            known = {"patch_size", "in_channels", "out_channels", "num_layers", "attention_head_dim",
+                     "num_attention_heads", "joint_attention_dim", "guidance_embeds", "axes_dims_rope",
+                     "zero_cond_t", "use_additional_t_cond", "use_layer3d_rope"}
+            defaults = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+                            num_attention_heads=24, joint_attention_dim=3584, axes_dims_rope=(16, 56, 56))
+        elif name == "FluxTransformer2DModel" or (name is None and "num_single_layers" in cfg):
+            family = "flux"
+            known = {"patch_size", "in_channels", "out_channels", "num_layers", "num_single_layers",
+                     "attention_head_dim", "num_attention_heads", "joint_attention_dim", "pooled_projection_dim",
+                     "guidance_embeds", "axes_dims_rope"}
+            defaults = dict(patch_size=1, in_channels=64, out_channels=None, num_layers=19, num_single_layers=38,
+                            attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+                            pooled_projection_dim=768, axes_dims_rope=(16, 56, 56))
+        else:
+            raise ValueError(f"config.json _class_name={name!r}: expected one of {sorted(_DIFFUSERS_CLASS.values())}")
+        unknown = sorted(k for k in cfg if not k.startswith("_") and k not in known)
+        if unknown:
+            raise ValueError(f"{_DIFFUSERS_CLASS[family]} config.json has keys qk_jax does not implement: {unknown}")
+        get = lambda k: cfg.get(k, defaults.get(k))
+        if family == "qwen_image" and get("guidance_embeds"):
+            raise ValueError("QwenImageTransformer2DModel config.json has guidance_embeds=true: diffusers builds no "
+                             "guidance embedder for it (its forward fails when guidance is passed); unsupported")
+        return cls(
+            family=family,
+            patch_size=int(get("patch_size")),
+            in_channels=int(get("in_channels")),
+            out_channels=None if get("out_channels") is None else int(get("out_channels")),
+            num_layers=int(get("num_layers")),
+            num_single_layers=int(get("num_single_layers") or 0),
+            num_heads=int(get("num_attention_heads")),
+            head_dim=int(get("attention_head_dim")),
+            joint_attention_dim=int(get("joint_attention_dim")),
+            pooled_projection_dim=None if family == "qwen_image" else int(get("pooled_projection_dim")),
+            guidance_embeds=bool(get("guidance_embeds") or False),
+            axes_dims_rope=tuple(int(a) for a in get("axes_dims_rope")),
+            zero_cond_t=bool(cfg.get("zero_cond_t", False)),
+            use_additional_t_cond=bool(cfg.get("use_additional_t_cond", False)),
+            use_layer3d_rope=bool(cfg.get("use_layer3d_rope", False)),
+            **runtime,
+        )
+
+    def to_diffusers_config(self) -> dict[str, Any]:
+        """The config.json dict diffusers' `from_pretrained` reads for this architecture."""
+        common = dict(patch_size=self.patch_size, in_channels=self.in_channels, out_channels=self.out_channels,
+                      num_layers=self.num_layers, attention_head_dim=self.head_dim,
+                      num_attention_heads=self.num_heads, joint_attention_dim=self.joint_attention_dim,
+                      guidance_embeds=self.guidance_embeds, axes_dims_rope=list(self.axes_dims_rope))
+        if self.rope_theta != 10000.0 or self.mlp_ratio != 4.0 or self.eps != 1e-6:
+            raise ValueError("MMDiTConfig: diffusers fixes rope_theta=10000, mlp_ratio=4, eps=1e-6; this config "
+                             f"has {self.rope_theta}, {self.mlp_ratio}, {self.eps} and cannot be exported")
+        if self.family == "qwen_image":
+            if self.num_single_layers or self.pooled_projection_dim:
+                raise ValueError("MMDiTConfig: QwenImageTransformer2DModel has no single-stream blocks and no pooled "
+                                 f"projection (num_single_layers={self.num_single_layers}, "
+                                 f"pooled_projection_dim={self.pooled_projection_dim})")
+            return {"_class_name": _DIFFUSERS_CLASS["qwen_image"], **common, "zero_cond_t": self.zero_cond_t,
+                    "use_additional_t_cond": self.use_additional_t_cond, "use_layer3d_rope": self.use_layer3d_rope}
+        if self.zero_cond_t or self.use_additional_t_cond or self.use_layer3d_rope:
+            raise ValueError("MMDiTConfig: zero_cond_t / use_additional_t_cond / use_layer3d_rope are Qwen-Image "
+                             "options; FluxTransformer2DModel has none of them")
+        if self.pooled_projection_dim is None:
+            raise ValueError("MMDiTConfig: FluxTransformer2DModel always has a pooled projection; "
+                             "set pooled_projection_dim")
+        return {"_class_name": _DIFFUSERS_CLASS["flux"], **common, "num_single_layers": self.num_single_layers,
+                "pooled_projection_dim": self.pooled_projection_dim}
+
+    @property
+    def diffusers_class_name(self) -> str:
+        return _DIFFUSERS_CLASS[self.family]
+
+
+# Named sizes. `head_870m` and `dit_10b` use the Qwen-Image layout (double-stream blocks,
+# 3584-d condition tokens = Qwen2.5-VL-7B's width), so the kontext connector output can feed
+# the stage-1 head and the stage-2 DiT alike, and both export as QwenImageTransformer2DModel.
+# - head_870m: inner 1536 (12 x 128 heads), 10 blocks -> ~0.86B parameters, the paper's
+#   "lightweight" stage-1 head.
+# - dit_10b: Qwen-Image's width (24 x 128 heads, MSRoPE 16/56/56) at half its depth (30 of
+#   60 blocks) -> ~10.2B, the paper's in-house scale; same width means Qwen-Image weights can
+#   seed it (e.g. every other block) and the stage-2 graft code is shared.
+SIZES: dict[str, MMDiTConfig] = {
+    "tiny": MMDiTConfig(family="qwen_image", patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+                        num_heads=2, head_dim=16, joint_attention_dim=24, axes_dims_rope=(4, 6, 6)),
+    "tiny_flux": MMDiTConfig(family="flux", patch_size=1, in_channels=16, out_channels=None, num_layers=1,
+                             num_single_layers=2, num_heads=2, head_dim=16, joint_attention_dim=24,
+                             pooled_projection_dim=8, guidance_embeds=True, axes_dims_rope=(4, 6, 6)),
+    "head_870m": MMDiTConfig(family="qwen_image", num_layers=10, num_heads=12, head_dim=128),
+    "dit_10b": MMDiTConfig(family="qwen_image", num_layers=30, num_heads=24, head_dim=128),
+    "qwen_image_20b": MMDiTConfig(family="qwen_image"),
+    "flux_12b": MMDiTConfig(family="flux", patch_size=1, in_channels=64, out_channels=None, num_layers=19,
+                            num_single_layers=38, num_heads=24, head_dim=128, joint_attention_dim=4096,
+                            pooled_projection_dim=768, guidance_embeds=True),
+}
+
+
+def mmdit_config(name: str, **overrides) -> MMDiTConfig:
+    """A named size (`tiny`, `tiny_flux`, `head_870m`, `dit_10b`, `qwen_image_20b`, `flux_12b`) with overrides."""
+    if name not in SIZES:
+        raise ValueError(f"unknown MMDiT size {name!r}; known: {sorted(SIZES)}")
+    return dataclasses.replace(SIZES[name], **overrides)

@@ -1,0 +1,119 @@
+"""Both VAEs against diffusers (tiny, float32): encode (mean and sample), decode, round trip, sizes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL as TorchKL, AutoencoderKLQwenImage as TorchQwen
+from dit_testing import KL_TINY, QWEN_VAE_TINY, rel_err, save_tiny, t
+
+from qk_jax.convert import vae_kl, vae_qwen_image
+from qk_jax.models.vae import build_vae, vae_config, vae_param_count
+from qk_jax.models.vae_kl import AutoencoderKLConfig
+from qk_jax.models.vae_wan import QwenImageVAEConfig
+
+TOL = 1e-4
+
+
+def _images(seed=0, b=2, h=16, w=24):
+    return np.tanh(np.random.default_rng(seed).standard_normal((b, h, w, 3))).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def kl(tmp_path_factory):
+    path = tmp_path_factory.mktemp("kl_vae")
+    model = save_tiny(TorchKL, path, KL_TINY, norms_only=True)
+    config, params = vae_kl.load(path)
+    return model, config, params
+
+
+@pytest.fixture(scope="module")
+def qwen_vae(tmp_path_factory):
+    path = tmp_path_factory.mktemp("qwen_vae")
+    model = save_tiny(TorchQwen, path, QWEN_VAE_TINY, norms_only=True)
+    config, params = vae_qwen_image.load(path)
+    return model, config, params
+
+
+def _check(model, config, params, video: bool, normalize, denormalize):
+    x = _images()
+    vae = build_vae(config)
+    xt = t(np.transpose(x, (0, 3, 1, 2)).copy())
+    if video:
+        xt = xt[:, :, None]
+    frame = (lambda a: a[:, :, 0]) if video else (lambda a: a)
+    nhwc = lambda a: np.transpose(frame(a.numpy()), (0, 2, 3, 1))
+    with torch.no_grad():
+        post = model.encode(xt).latent_dist
+        ref_z = normalize(post.mean)
+        ref_img = model.decode(denormalize(ref_z)).sample
+    key = jax.random.key(3)
+
+    @jax.jit  # one compile for every path
+    def run(p, im, z_ref):
+        call = lambda *a, method: vae.apply({"params": p}, *a, method=method)
+        z = call(im, method=vae.encode)
+        mean, logvar = call(im, method=vae.encode_moments)
+        return dict(z=z, dec_ref=call(z_ref, method=vae.decode), round_trip=call(z, method=vae.decode),
+                    sampled=vae.apply({"params": p}, im, True, key, method=vae.encode), mean=mean, logvar=logvar,
+                    saturated=call(jnp.full_like(z_ref, 50.0), method=vae.decode))
+
+    out = run(params, x, jnp.asarray(nhwc(ref_z)))
+    z = out["z"]
+    assert z.shape == (2, 16 // config.downsample_factor, 24 // config.downsample_factor, nhwc(ref_z).shape[-1])
+    assert rel_err(z, nhwc(ref_z)) < TOL
+    assert rel_err(out["dec_ref"], nhwc(ref_img)) < TOL
+    assert rel_err(out["round_trip"], nhwc(ref_img)) < TOL  # round trip, each side on its own
+    # sampling: mean + std * N(0, 1) from the given key, then normalised
+    manual = config.normalize(out["mean"] + jnp.exp(0.5 * out["logvar"]) * jax.random.normal(key, z.shape))
+    np.testing.assert_allclose(np.asarray(out["sampled"]), np.asarray(manual), rtol=1e-6, atol=1e-6)
+    assert float(jnp.abs(out["sampled"] - z).max()) > 1e-3
+    with pytest.raises(ValueError, match="rng"):
+        jax.eval_shape(lambda p: vae.apply({"params": p}, x, True, method=vae.encode), params)
+    return out
+
+
+def test_autoencoder_kl_matches_diffusers(kl):
+    model, config, params = kl
+    assert config.shift_factor == 0.11 and not config.use_quant_conv
+    _check(model, config, params, False, lambda z: (z - 0.11) * 0.36, lambda z: z / 0.36 + 0.11)
+
+
+def test_qwen_image_vae_matches_diffusers(qwen_vae):
+    model, config, params = qwen_vae
+    mean = torch.tensor(QWEN_VAE_TINY["latents_mean"]).view(1, 4, 1, 1, 1)
+    std = torch.tensor(QWEN_VAE_TINY["latents_std"]).view(1, 4, 1, 1, 1)
+    # the Qwen-Image pipelines' arithmetic: (z - mean) / std, and z / (1 / std) + mean
+    out = _check(model, config, params, True, lambda z: (z - mean) / std, lambda z: z / (1.0 / std) + mean)
+    assert float(jnp.abs(out["saturated"]).max()) <= 1.0  # decode clamps to [-1, 1] like diffusers
+
+
+def test_vae_configs():
+    for cfg in (vae_config("flux"), vae_config("tiny"), vae_config("qwen_image"), vae_config("qwen_image_tiny")):
+        assert type(cfg).from_diffusers_config(cfg.to_diffusers_config()) == cfg
+    kl_real = {k: v for k, v in vae_config("flux").to_diffusers_config().items() if not k.startswith("_")}
+    q_real = {k: v for k, v in vae_config("qwen_image").to_diffusers_config().items() if not k.startswith("_")}
+    with torch.device("meta"):
+        n_kl = sum(p.numel() for p in TorchKL(**kl_real).parameters())
+        n_q = sum(p.numel() for p in TorchQwen(**q_real).parameters())
+    assert vae_param_count(vae_config("flux")) == n_kl
+    assert vae_param_count(vae_config("qwen_image")) == n_q
+    with pytest.raises(ValueError, match="DownEncoderBlock2D"):
+        AutoencoderKLConfig.from_diffusers_config({"block_out_channels": [32], "down_block_types": ["AttnDown"]})
+    with pytest.raises(ValueError, match="temperal_downsample"):
+        QwenImageVAEConfig(dim_mult=(1, 2), temperal_downsample=(True, True))
+
+
+def test_logical_axes_covered_by_vae_rules():
+    import flax.linen as nn
+
+    from qk_jax import sharding
+    known = {name for name, _ in sharding.VAE_RULES}
+    for name in ("tiny", "qwen_image_tiny"):
+        vae = build_vae(vae_config(name))
+        boxed = jax.eval_shape(lambda: vae.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"])
+        specs = nn.get_partition_spec(boxed)
+        used = {a for s in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+                for a in s if a}
+        assert used and used <= known, used - known
