@@ -44,14 +44,19 @@ class Report:
     total: int = 0
     valid: int = 0
     reasons: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-    examples: list = dataclasses.field(default_factory=list)  # (line, message), the first few
+    problems: list = dataclasses.field(default_factory=list)  # (line, message), up to 1000
     per_task: dict = dataclasses.field(default_factory=dict)  # task -> {split: count}
     max_examples: int = 10
 
     def bad(self, line: int, reason: str, message: str) -> None:
         self.reasons[reason] += 1
-        if len(self.examples) < self.max_examples:
-            self.examples.append((line, message))
+        if len(self.problems) < 1000:
+            self.problems.append((line, message))
+
+    @property
+    def examples(self) -> list[tuple[int, str]]:
+        """The first `max_examples` problems by line number."""
+        return sorted(self.problems)[:self.max_examples]
 
     @property
     def skipped(self) -> int:

@@ -92,12 +92,12 @@ class HFQwenVLInputs:
                 out += IMAGE_PAD * int(np.prod(grids[g]) // self.merge_size ** 2) + part
                 g += 1
             prompts.append(out)
-        enc = tok(prompts, padding="max_length", max_length=max_length, truncation=False, return_tensors="np")
-        ids = np.asarray(enc["input_ids"])
-        if ids.shape[1] > max_length:
-            lengths = np.asarray(enc["attention_mask"]).sum(1)
-            worst = int(lengths.argmax())
-            raise ValueError(f"prompt {worst} of the batch needs {int(lengths[worst])} tokens (image tokens included) "
+        enc = tok(prompts, padding="max_length", max_length=max_length, truncation=False)
+        lengths = [len(x) for x in enc["input_ids"]]
+        if max(lengths) > max_length:
+            worst = int(np.argmax(lengths))
+            raise ValueError(f"prompt {worst} of the batch needs {lengths[worst]} tokens (image tokens included) "
                              f"> max_length {max_length}; raise data.max_text_len")
-        return {"input_ids": ids.astype(np.int32), "attention_mask": np.asarray(enc["attention_mask"], np.int32),
+        return {"input_ids": np.asarray(enc["input_ids"], np.int32),
+                "attention_mask": np.asarray(enc["attention_mask"], np.int32),
                 "pixel_values": pixel_values, "image_grid_thw": grids}
