@@ -12,6 +12,7 @@ and images/s through the judge.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import tempfile
 import time
@@ -54,12 +55,12 @@ def main() -> None:
         n = len(tasks) * (args.records + 16)
         rows.append(("generator + ArrayRecord write (1 process)", f"{n / (time.perf_counter() - start):.0f} records/s"))
         tokenizer.build_tokenizer(f"{tmp}/tok")
-        processor = vlm_inputs.HFQwenVLInputs(f"{tmp}/tok")
+        processor = vlm_inputs.load_processor(f"{tmp}/tok")
         for workers in (0, 2):
             c = pipeline.default_config()
             c.data_dir, c.batch_size, c.num_workers = tmp, args.batch, workers
             c.mixture = {"t2i": 0.5, "edit": 0.3, "multi_subject": 0.2}
-            c.area, c.max_text_len = args.size * args.size, 160
+            c.area, c.max_text_len = args.size * args.size, 192
             it = iter(pipeline.make_dataset(c, processor, process_index=0, process_count=1))
             rate, first = _throughput(it, args.batches, args.batch)
             it.close()
@@ -71,7 +72,8 @@ def main() -> None:
                      f"{len(recs) / (time.perf_counter() - start):.1f} images/s"))
     width = max(len(r[0]) for r in rows)
     print(f"Kontext-Shapes data benchmarks, {args.size}x{args.size} images, batch {args.batch}")
-    print(f"machine: {platform.processor() or platform.machine()}, Python {platform.python_version()}, "
+    print(f"machine: {os.cpu_count()} CPUs {platform.machine()}, load average {os.getloadavg()[0]:.1f}, "
+          f"Python {platform.python_version()}, "
           f"grain {grain.__version__ if hasattr(grain, '__version__') else '?'}, tfds {tfds.__version__}, "
           f"transformers {transformers.__version__}, numpy {np.__version__}")
     print(f"{'stage'.ljust(width)}  throughput")

@@ -54,7 +54,7 @@ def env(tmp_path_factory):
         lines.append(json.dumps({"task": "t2i", "prompt": f"image {i}", "target": f"imgs/{i}.png", "id": f"r{i}"}))
     (root / "m.jsonl").write_text("\n".join(lines))
     importer.import_manifest(str(root / "m.jsonl"), data, name="real")
-    return {"data": data, "processor": vlm_inputs.HFQwenVLInputs(tok), "tok": tok}
+    return {"data": data, "processor": vlm_inputs.load_processor(tok), "tok": tok}
 
 
 def _config(env, **kw):
@@ -62,7 +62,7 @@ def _config(env, **kw):
     c.data_dir = env["data"]
     c.mixture = {"t2i": 0.5, "edit": 0.25, "multi_subject": 0.25}
     c.batch_size = 4
-    c.max_text_len = 128
+    c.max_text_len = 160
     for k, v in kw.items():
         setattr(c, k, v)
     return c
@@ -75,8 +75,7 @@ def _take(it, n):
 def test_static_shapes_and_vlm_inputs(env):
     c = _config(env)
     ds = pipeline.make_dataset(c, env["processor"], process_index=0, process_count=1)
-    tok = env["processor"]._load()[0]
-    pad_id = tok.convert_tokens_to_ids(vlm_inputs.IMAGE_PAD)
+    pad_id = env["processor"].image_token_id
     seen = set()
     for batch in _take(iter(ds), 12):
         n = int(batch["num_inputs"][0])
@@ -86,12 +85,15 @@ def test_static_shapes_and_vlm_inputs(env):
         assert batch["cond_images"].shape == (4, 3, 64, 64, 3)
         assert (batch["cond_mask"] == (np.arange(3) < n)).all() and (batch["num_inputs"] == n).all()
         assert not batch["cond_images"][:, n:].any()
-        assert batch["input_ids"].shape == batch["attention_mask"].shape == (4, 128)
-        assert batch["pixel_values"].shape == (4, 3, 16, 3 * 2 * 14 * 14)
+        assert batch["input_ids"].shape == batch["attention_mask"].shape == (4, 160)
+        assert batch["pixel_values"].shape == (4, 3, 36, 3 * 2 * 14 * 14)  # 84x84 VLM images: 6x6 patches
         assert batch["image_grid_thw"].shape == (4, 3, 3)
-        assert (batch["image_grid_thw"][:, :n] == [1, 4, 4]).all() and not batch["image_grid_thw"][:, n:].any()
-        # every valid slot contributes grid_h * grid_w / 4 image-pad tokens
-        assert ((batch["input_ids"] == pad_id).sum(1) == n * 4).all()
+        assert (batch["image_grid_thw"][:, :n] == [1, 6, 6]).all() and not batch["image_grid_thw"][:, n:].any()
+        # every valid slot contributes grid_h * grid_w / 4 image-pad tokens; prompts end at the right edge
+        assert ((batch["input_ids"] == pad_id).sum(1) == n * 9).all()
+        assert (batch["attention_mask"][:, -1] == 1).all()
+        pv, grid = vlm_inputs.flat_vlm_inputs(batch)
+        assert pv.shape == (4 * n * 36, 1176) and grid.shape == (4 * n, 3)
         tasks = {vocab.TASKS[t] for t in batch["task_id"]}
         assert len({records.TASK_INPUTS[t][0] + records.TASK_INPUTS[t][1] > 0 for t in tasks}) == 1
         assert batch["valid"].all() and len(batch["prompt"]) == 4
@@ -138,7 +140,7 @@ def _same(a, b):
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])  # worker start-up: ~20-40 s
 def test_iterator_resumes_the_exact_sequence(env, workers):
     c = _config(env, num_workers=workers)
     it = iter(pipeline.make_dataset(c, env["processor"], process_index=0, process_count=1))
@@ -162,6 +164,8 @@ def test_clear_errors(env):
         pipeline.make_dataset(_config(env, mixture={"paint": 1.0}), env["processor"], process_index=0, process_count=1)
     with pytest.raises(ValueError, match="weights must be > 0"):
         pipeline.make_dataset(_config(env, mixture={"t2i": 0.0}), env["processor"], process_index=0, process_count=1)
+    with pytest.raises(ValueError, match="outside the processor"):
+        pipeline.make_dataset(_config(env, vlm_area=28 * 28), env["processor"], process_index=0, process_count=1)
     with pytest.raises(builders.NotBuiltError, match="customization"):
         pipeline.make_dataset(_config(env, mixture={"customization": 1.0}), env["processor"], process_index=0,
                               process_count=1)

@@ -60,6 +60,9 @@ def shapes() -> None:
         _fail(f"images of {height}x{width} are too small to draw and judge; use at least 32 (64 recommended)")
     if _NUM.value < 1:
         _fail("--num must be >= 1")
+    if min(height, width) < 64:
+        print(f"note: at {height}x{width} small objects and subject textures are only a few pixels; the judge "
+              f"is reliable from 64 px on the short side (see BENCHMARKS.md)", file=sys.stderr)
     start = time.time()
     for task in _TASKS.value:
         counts = builders.build_shapes(_OUT.value, [task], num=_NUM.value, num_eval=_NUM_EVAL.value, height=height,

@@ -20,14 +20,16 @@ bucket's VLM size, D = 3 * 2 * 14 * 14 for Qwen2.5-VL):
     num_inputs      (B,) int32
     task_id         (B,) int32 (`vocab.TASK_IDS`)
     valid           (B,) bool; False only for padding rows of a final partial batch (finite epochs)
-    input_ids       (B, T) int32, chat template + expanded image-pad tokens, right-padded
+    input_ids       (B, T) int32, chat template + expanded image-pad tokens, padded on
+                    `data.padding_side` (left by default: the kontext queries follow the prompt)
     attention_mask  (B, T) int32
     pixel_values    (B, S, P, D) float32, the VLM patches of each slot (zeros in empty slots)
     image_grid_thw  (B, S, 3) int32, zeros in empty slots
     prompt, id      (B,) object arrays of str (drop them before `jax.device_put`)
 
-The VLM features of the valid slots, in slot order, fill the image-pad positions of
-`input_ids`. Because a batch never mixes input counts, a step may also slice
+The VLM features of the valid slots, sample by sample and in slot order, fill the
+image-pad positions of `input_ids`; `vlm_inputs.flat_vlm_inputs(batch)` gives them as the
+flat `pixel_values` (B * n * P, D) / `image_grid_thw` (B * n, 3) the VLM takes. Because a batch never mixes input counts, a step may also slice
 `[:, :n]` with `n = int(batch["cond_mask"][0].sum())` outside jit, compiling once per n.
 
 The iterator is checkpointable: `it.get_state()` is a JSON-serialisable dict (the next
@@ -44,7 +46,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from qk_jax.data import buckets, builders, records, vocab
+from qk_jax.data import buckets, builders, records, vlm_inputs, vocab
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -58,10 +60,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.area = 64 * 64  # target pixels per image
     c.multiple = 16  # bucket sides are multiples of this (8x VAE x 2x2 patches)
     c.ratios = buckets.RATIOS
-    c.vlm_area = 56 * 56  # pixels of each input image as the VLM sees it
+    c.vlm_area = 84 * 84  # pixels of each input image as the VLM sees it
     c.vlm_multiple = 28  # Qwen2.5-VL: 14px patches merged 2x2
     c.image_slots = vocab.MAX_REFERENCES  # static number of input-image slots
-    c.max_text_len = 96
+    c.max_text_len = 128
+    c.padding_side = "left"  # kontext queries are appended after the prompt: pad on the left
     c.seed = 0
     c.num_epochs = ml_collections.config_dict.placeholder(int)  # None: repeat forever
     c.num_workers = 0
@@ -174,11 +177,11 @@ class _BucketBatchIterator(grain.DatasetIterator):
 class Collate(grain.transforms.Map):
     """A list of prepared samples (one group) -> the static-shape numpy batch."""
 
-    def __init__(self, processor, image_slots: int, max_text_len: int, patch_size: int, temporal_patch_size: int,
-                 vlm_table):
+    def __init__(self, processor, image_slots: int, max_text_len: int, padding_side: str, patch_size: int,
+                 patch_dim: int, vlm_table):
         self.processor, self.image_slots, self.max_text_len = processor, image_slots, max_text_len
-        self.patch_size, self.vlm_table = patch_size, list(vlm_table)
-        self.patch_dim = 3 * temporal_patch_size * patch_size * patch_size
+        self.padding_side, self.patch_size, self.patch_dim = padding_side, patch_size, patch_dim
+        self.vlm_table = list(vlm_table)
 
     def map(self, samples: list[dict]) -> dict[str, np.ndarray]:
         b, s = len(samples), self.image_slots
@@ -189,8 +192,8 @@ class Collate(grain.transforms.Map):
         for i, smp in enumerate(samples):
             for j, im in enumerate(smp["cond"]):
                 cond[i, j] = to_unit(im)
-        vlm = self.processor([smp["prompt"] for smp in samples], [smp["vlm"] for smp in samples],
-                             max_length=self.max_text_len)
+        vlm = vlm_inputs.encode(self.processor, [smp["prompt"] for smp in samples], [smp["vlm"] for smp in samples],
+                                self.max_text_len, self.padding_side)
         vh, vw = self.vlm_table[samples[0]["bucket"]]
         patches = (vh // self.patch_size) * (vw // self.patch_size)
         pixel_values = np.zeros((b, s, patches, self.patch_dim), np.float32)
@@ -199,8 +202,7 @@ class Collate(grain.transforms.Map):
             if not (np.asarray(vlm["image_grid_thw"]).prod(-1) == patches).all():
                 raise ValueError(f"the processor resized the {vh}x{vw} VLM images (grids {vlm['image_grid_thw']}); "
                                  f"its min/max pixels must admit data.vlm_area")
-            pv = np.asarray(vlm["pixel_values"], np.float32).reshape(b, n, patches, -1)
-            pixel_values[:, :n] = pv
+            pixel_values[:, :n] = np.asarray(vlm["pixel_values"], np.float32).reshape(b, n, patches, -1)
             grid[:, :n] = np.asarray(vlm["image_grid_thw"]).reshape(b, n, 3)
         ids = np.asarray(vlm["input_ids"], np.int32)
         if ids.shape != (b, self.max_text_len):
@@ -222,13 +224,12 @@ class Collate(grain.transforms.Map):
 
 
 def make_dataset(config: ml_collections.ConfigDict, processor, *, process_index: int | None = None,
-                 process_count: int | None = None, patch_size: int = 14,
-                 temporal_patch_size: int = 2) -> grain.IterDataset:
+                 process_count: int | None = None) -> grain.IterDataset:
     """The pipeline of the module docstring as a grain IterDataset (iterate it, checkpoint its iterator).
 
     `config` is the `data` section (`default_config()`); `processor` follows
-    `qk_jax.data.vlm_inputs.VLMProcessor` with ViT patches of `patch_size` pixels and
-    `temporal_patch_size` frames. Process index / count default to JAX's.
+    `qk_jax.data.vlm_inputs.VLMProcessor` (e.g. `vlm_inputs.load_processor(folder)`).
+    Process index / count default to JAX's.
     """
     if process_index is None or process_count is None:
         import jax
@@ -238,8 +239,18 @@ def make_dataset(config: ml_collections.ConfigDict, processor, *, process_index:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     if config.batch_size < 1:
         raise ValueError(f"data.batch_size must be >= 1, got {config.batch_size}")
+    if config.padding_side not in ("left", "right"):
+        raise ValueError(f"data.padding_side={config.padding_side!r}: use 'left' or 'right'")
     table, vlm_table = buckets.paired_tables(config.area, config.multiple, config.vlm_area, config.vlm_multiple,
                                              config.ratios)
+    geo = vlm_inputs.vision_geometry(processor)
+    unit = geo["patch_size"] * geo["merge_size"]
+    if config.vlm_multiple % unit:
+        raise ValueError(f"data.vlm_multiple={config.vlm_multiple} must be a multiple of the VLM's patch * merge = {unit}")
+    for vh, vw in vlm_table:
+        if not geo["min_pixels"] <= vh * vw <= geo["max_pixels"]:
+            raise ValueError(f"data.vlm_area={config.vlm_area} gives a {vh}x{vw} VLM image outside the processor's "
+                             f"[{geo['min_pixels']}, {geo['max_pixels']}] pixels; change data.vlm_area")
     parts, weights = [], []
     for name, task, weight in parse_mixture(config.mixture, config.dataset):
         source = builders.load_source(config.data_dir, name, task, config.split)
@@ -253,7 +264,8 @@ def make_dataset(config: ml_collections.ConfigDict, processor, *, process_index:
     mixed = grain.MapDataset.mix(parts, weights) if len(parts) > 1 else parts[0]
     prepared = mixed.map(Prepare(table, vlm_table, config.image_slots))
     batched = BucketBatch(prepared, config.batch_size).map(
-        Collate(processor, config.image_slots, config.max_text_len, patch_size, temporal_patch_size, vlm_table))
+        Collate(processor, config.image_slots, config.max_text_len, config.padding_side, geo["patch_size"],
+                geo["patch_dim"], vlm_table))
     if config.num_workers > 0:
         batched = batched.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.num_workers,
                                                                    per_worker_buffer_size=config.worker_buffer_size))

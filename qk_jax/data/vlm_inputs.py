@@ -1,23 +1,19 @@
-"""VLM inputs for the pipeline: the processor protocol and an adapter over Hugging Face pieces.
+"""VLM inputs of the pipeline: the processor protocol, encoding a batch, flattening slots.
 
-The grain pipeline takes the VLM processor as an injected callable, so the project's own
-`qk_jax.models.qwen2_5_vl.processor.QwenVLProcessor` (or any other) can replace the
-adapter here. The protocol:
+The pipeline takes the VLM processor as an injected object following the interface of
+`qk_jax.models.qwen2_5_vl.processor.QwenVLProcessor` (tokenizer + torchvision-free
+`Qwen2VLImageProcessorPil` + image-pad expansion), so another processor can replace it:
 
-    processor(texts: list[str], images_per_sample: list[list[np.ndarray]], *, max_length: int)
-        -> {"input_ids": (B, max_length) int, "attention_mask": (B, max_length) int,
-            "pixel_values": (N_patches_total, D) float32,
-            "image_grid_thw": (N_images_total, 3) int}
+    processor.apply_chat_template(messages, add_generation_prompt=True) -> str
+    processor(texts, images=[[img, ...] per text], max_length=T, padding_side="left")
+        -> {"input_ids": (B, T) int, "attention_mask": (B, T) int,
+            "pixel_values": (N_patches, D) float32, "image_grid_thw": (N_images, 3) int}
+        (images sample by sample, in order; a row longer than T raises ValueError)
+    processor.image_processor.patch_size / merge_size / temporal_patch_size / size
 
-- `texts[b]` is the user's prompt; the processor applies the chat template, with one
-  image placeholder per image of `images_per_sample[b]` (uint8 (H, W, 3)) before it,
-  and expands each placeholder into grid_t * grid_h * grid_w / merge**2 image tokens.
-- Right-padded to exactly `max_length`; a sample that does not fit raises ValueError.
-- `pixel_values` / `image_grid_thw` list the images sample by sample, in order.
-
-`HFQwenVLInputs` implements it with `transformers.AutoTokenizer` (e.g. a folder from
-`qk_jax.data.tokenizer.build_tokenizer`, or a real Qwen2.5-VL checkpoint folder) and
-`transformers.Qwen2VLImageProcessorPil` (the torchvision-free image processor).
+`encode` builds one user message per sample (its images first, then the prompt) and
+calls the processor; `flat_vlm_inputs` turns the pipeline's per-slot layout back into
+the flat `pixel_values` / `image_grid_thw` the VLM's `prepare_inputs` takes.
 """
 
 from __future__ import annotations
@@ -26,78 +22,62 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-IMAGE_PAD = "<|image_pad|>"
-
 
 class VLMProcessor(Protocol):
-    def __call__(self, texts: Sequence[str], images_per_sample: Sequence[Sequence[np.ndarray]], *,
-                 max_length: int) -> dict[str, np.ndarray]:
+    image_processor: object
+
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+        ...
+
+    def __call__(self, text, images=None, *, max_length: int | None = None,
+                 padding_side: str = "left") -> dict[str, np.ndarray]:
         ...
 
 
-class HFQwenVLInputs:
-    """The protocol above over a HF tokenizer folder + Qwen2VLImageProcessorPil.
+def load_processor(folder: str, **image_kwargs) -> VLMProcessor:
+    """The project's Qwen2.5-VL processor for a checkpoint or tokenizer folder."""
+    from qk_jax.models.qwen2_5_vl.processor import QwenVLProcessor
 
-    Loads lazily, so it pickles cheaply into grain worker processes.
+    return QwenVLProcessor.from_pretrained(folder, **image_kwargs)
+
+
+def vision_geometry(processor: VLMProcessor) -> dict[str, int]:
+    """patch / merge / temporal sizes, patch_dim and min / max pixels of the image processor."""
+    ip = processor.image_processor
+    size = getattr(ip, "size", None) or {}
+    get = size.get if isinstance(size, dict) else lambda k, d=None: getattr(size, k, d)
+    patch, temporal = int(ip.patch_size), int(ip.temporal_patch_size)
+    return {"patch_size": patch, "merge_size": int(ip.merge_size), "temporal_patch_size": temporal,
+            "patch_dim": 3 * temporal * patch * patch,
+            "min_pixels": int(get("shortest_edge", None) or getattr(ip, "min_pixels", 0) or 0),
+            "max_pixels": int(get("longest_edge", None) or getattr(ip, "max_pixels", 0) or 2**62)}
+
+
+def encode(processor: VLMProcessor, prompts: Sequence[str], images_per_sample: Sequence[Sequence[np.ndarray]],
+           max_length: int, padding_side: str = "left") -> dict[str, np.ndarray]:
+    """Chat-templated, tokenized, image-processed batch padded to `max_length` (see module docstring)."""
+    if len(prompts) != len(images_per_sample):
+        raise ValueError(f"{len(prompts)} prompts but {len(images_per_sample)} image lists")
+    texts = [processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"} for _ in ims] + [{"type": "text", "text": p}]}])
+        for p, ims in zip(prompts, images_per_sample)]
+    images = [list(ims) for ims in images_per_sample]
+    try:
+        out = processor(texts, images=images if any(images) else None, max_length=max_length,
+                        padding_side=padding_side)
+    except ValueError as e:
+        if "max_length" in str(e):
+            raise ValueError(f"{e}; raise data.max_text_len (image tokens count too)") from None
+        raise
+    return out
+
+
+def flat_vlm_inputs(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(pixel_values (N, D), image_grid_thw (N_img, 3)) of the valid slots, sample by sample.
+
+    The order is that of the image-pad tokens in `batch["input_ids"]`; within a batch
+    every row has the same number of inputs, so N is static per (bucket, input count).
     """
-
-    def __init__(self, tokenizer_dir: str, patch_size: int = 14, merge_size: int = 2, temporal_patch_size: int = 2,
-                 min_pixels: int = 28 * 28, max_pixels: int = 28 * 28 * 1280):
-        self.tokenizer_dir = str(tokenizer_dir)
-        self.patch_size, self.merge_size, self.temporal_patch_size = patch_size, merge_size, temporal_patch_size
-        self.min_pixels, self.max_pixels = min_pixels, max_pixels
-        self._tok = self._ip = None
-
-    def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k not in ("_tok", "_ip")}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state, _tok=None, _ip=None)
-
-    def _load(self):
-        if self._tok is None:
-            from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
-
-            self._tok = AutoTokenizer.from_pretrained(self.tokenizer_dir)
-            self._ip = Qwen2VLImageProcessorPil(
-                patch_size=self.patch_size, merge_size=self.merge_size, temporal_patch_size=self.temporal_patch_size,
-                size={"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels})
-        return self._tok, self._ip
-
-    @property
-    def patch_dim(self) -> int:
-        return 3 * self.temporal_patch_size * self.patch_size * self.patch_size
-
-    def __call__(self, texts, images_per_sample, *, max_length: int) -> dict[str, np.ndarray]:
-        tok, ip = self._load()
-        if len(texts) != len(images_per_sample):
-            raise ValueError(f"{len(texts)} texts but {len(images_per_sample)} image lists")
-        flat = [np.asarray(im) for ims in images_per_sample for im in ims]
-        if flat:
-            vis = ip(images=flat, return_tensors="np")
-            pixel_values = np.asarray(vis["pixel_values"], np.float32)
-            grids = np.asarray(vis["image_grid_thw"], np.int64)
-        else:
-            pixel_values, grids = np.zeros((0, self.patch_dim), np.float32), np.zeros((0, 3), np.int64)
-        prompts, g = [], 0
-        for text, ims in zip(texts, images_per_sample):
-            content = [{"type": "image"} for _ in ims] + [{"type": "text", "text": text}]
-            chat = tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                           add_generation_prompt=True)
-            parts = chat.split(IMAGE_PAD)
-            if len(parts) != len(ims) + 1:
-                raise ValueError(f"chat template produced {len(parts) - 1} image placeholders for {len(ims)} images")
-            out = parts[0]
-            for part in parts[1:]:
-                out += IMAGE_PAD * int(np.prod(grids[g]) // self.merge_size ** 2) + part
-                g += 1
-            prompts.append(out)
-        enc = tok(prompts, padding="max_length", max_length=max_length, truncation=False)
-        lengths = [len(x) for x in enc["input_ids"]]
-        if max(lengths) > max_length:
-            worst = int(np.argmax(lengths))
-            raise ValueError(f"prompt {worst} of the batch needs {lengths[worst]} tokens (image tokens included) "
-                             f"> max_length {max_length}; raise data.max_text_len")
-        return {"input_ids": np.asarray(enc["input_ids"], np.int32),
-                "attention_mask": np.asarray(enc["attention_mask"], np.int32),
-                "pixel_values": pixel_values, "image_grid_thw": grids}
+    valid = batch["cond_mask"]
+    pv, grid = batch["pixel_values"][valid], batch["image_grid_thw"][valid]
+    return pv.reshape(-1, pv.shape[-1]), grid
