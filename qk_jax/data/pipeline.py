@@ -29,8 +29,12 @@ bucket's VLM size, D = 3 * 2 * 14 * 14 for Qwen2.5-VL):
 
 The VLM features of the valid slots, sample by sample and in slot order, fill the
 image-pad positions of `input_ids`; `vlm_inputs.flat_vlm_inputs(batch)` gives them as the
-flat `pixel_values` (B * n * P, D) / `image_grid_thw` (B * n, 3) the VLM takes. Because a batch never mixes input counts, a step may also slice
-`[:, :n]` with `n = int(batch["cond_mask"][0].sum())` outside jit, compiling once per n.
+flat `pixel_values` (B * n * P, D) / `image_grid_thw` (B * n, 3) the VLM takes. Because a
+batch never mixes input counts, a step may also slice `[:, :n]` with
+`n = int(batch["cond_mask"][0].sum())` outside jit, compiling once per n.
+
+Augmentation is deliberately absent: flips or crops would break the prompts' relations
+and grid cells. Resizing is deterministic (cover, then centre crop).
 
 The iterator is checkpointable: `it.get_state()` is a JSON-serialisable dict (the next
 index of each worker's slice and the indices, not the pixels, of samples waiting in a
@@ -66,7 +70,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.max_text_len = 128
     c.padding_side = "left"  # kontext queries are appended after the prompt: pad on the left
     c.seed = 0
-    c.num_epochs = ml_collections.config_dict.placeholder(int)  # None: repeat forever
+    # None: repeat forever. A number: each component repeats that often and the mixture ends
+    # when its first component runs out (grain's `mix`); the last batches of each group are
+    # then padded, with `valid` False on the padding rows.
+    c.num_epochs = ml_collections.config_dict.placeholder(int)
     c.num_workers = 0
     c.worker_buffer_size = 2
     return c

@@ -6,9 +6,9 @@ A record is a plain dict:
 |--------------|-------------------|---------|
 | `task`       | str               | one of `vocab.TASKS`: t2i, reconstruction, transformation, edit, customization, multi_subject |
 | `prompt`     | str               | the instruction / caption (non-empty) |
-| `target`     | bytes             | the image to generate, PNG-encoded |
-| `source`     | bytes             | the input image of reconstruction / transformation / edit, PNG; `b""` when absent |
-| `references` | list[bytes]       | 0..3 reference subject images, PNG (customization: 1, multi_subject: 2-3) |
+| `target`     | bytes             | the image to generate, encoded (PNG; imported JPEG / WebP files keep their encoding) |
+| `source`     | bytes             | the input image of reconstruction / transformation / edit, encoded; `b""` when absent |
+| `references` | list[bytes]       | 0..3 reference subject images, encoded (customization: 1, multi_subject: 2-3) |
 | `scene`      | str               | JSON scene graph (see below); `""` for imported real data |
 | `category`   | str               | GenEval-like category for t2i (single_object, two_objects, counting, colors, position, attribute_binding), the edit / transformation type otherwise, `""` if unknown |
 | `id`         | str               | unique id, e.g. `t2i-train-0000042` |
