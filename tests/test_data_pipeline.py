@@ -159,6 +159,13 @@ def test_iterator_resumes_the_exact_sequence(env, workers):
             iter(pipeline.make_dataset(c, env["processor"], process_index=0, process_count=1)), 7)]
 
 
+def test_stage_mixtures_name_known_tasks():
+    for stage in (1, 2, 3):
+        parsed = pipeline.parse_mixture(pipeline.default_config(stage).mixture, "kontext_shapes")
+        assert abs(sum(w for _, _, w in parsed) - 1) < 1e-9
+    assert {t for _, t, _ in pipeline.parse_mixture(pipeline.STAGE_MIXTURES[3], "x")} == set(vocab.TASKS)
+
+
 def test_clear_errors(env):
     with pytest.raises(ValueError, match="unknown task 'paint'"):
         pipeline.make_dataset(_config(env, mixture={"paint": 1.0}), env["processor"], process_index=0, process_count=1)

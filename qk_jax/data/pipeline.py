@@ -53,13 +53,22 @@ import numpy as np
 from qk_jax.data import buckets, builders, records, vlm_inputs, vocab
 
 
-def default_config() -> ml_collections.ConfigDict:
-    """The `data` section of a training config, with defaults."""
+# Task weights per training stage (DESIGN.md section 2); a config may override any of them.
+STAGE_MIXTURES = {
+    1: {"t2i": 0.6, "reconstruction": 0.2, "transformation": 0.2},
+    2: {"t2i": 0.8, "reconstruction": 0.2},
+    3: {"t2i": 0.3, "edit": 0.3, "customization": 0.15, "multi_subject": 0.1, "reconstruction": 0.05,
+        "transformation": 0.1},
+}
+
+
+def default_config(stage: int | None = None) -> ml_collections.ConfigDict:
+    """The `data` section of a training config, with defaults (and the stage's mixture)."""
     c = ml_collections.ConfigDict()
     c.data_dir = ""
     c.dataset = builders.SHAPES_NAME  # tfds name for mixture keys without "name/"
     c.split = "train"
-    c.mixture = {"t2i": 1.0}  # task (or "dataset/task") -> weight
+    c.mixture = dict(STAGE_MIXTURES[stage]) if stage else {"t2i": 1.0}  # task (or "dataset/task") -> weight
     c.batch_size = 8  # per process
     c.area = 64 * 64  # target pixels per image
     c.multiple = 16  # bucket sides are multiples of this (8x VAE x 2x2 patches)
