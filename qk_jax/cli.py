@@ -12,6 +12,8 @@ import sys
 TOOLS: dict[str, tuple[str, str]] = {
     "smoke": ("qk_jax.smoke", "check a machine: mesh, sharded init, train steps, checkpoint round trip"),
     "parity": ("qk_jax.parity.cli", "compare a model with its PyTorch reference: qk-jax parity <model> --checkpoint DIR"),
+    "data": ("qk_jax.data.cli", "datasets: `data shapes` (generate Kontext-Shapes), `data import` (JSONL manifest)"),
+    "eval": ("qk_jax.eval.cli", "the judge: `eval detect IMAGE...`, `eval score` generations against scene graphs"),
 }
 
 
@@ -33,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"qk-jax: unknown tool {tool!r}\n\n{usage()}", file=sys.stderr)
         raise SystemExit(2)
     module = importlib.import_module(TOOLS[tool][0])
-    from absl import app, logging
+    from absl import app, flags, logging
 
     rest = argv[2:]
     if hasattr(module, "select"):  # a dispatcher (`parity <model>`) hands over the module owning the flags
@@ -47,7 +49,13 @@ def main(argv: list[str] | None = None) -> None:
             logging.set_verbosity(logging.WARNING)
         return module.main(args)
 
-    sys.argv = [f"qk-jax {tool}"] + rest
+    # `--help` prints the __main__ module's docstring and the key flags of the module named
+    # sys.argv[0]: make them the tool's.
+    prog = f"qk-jax {tool}"
+    for flag in flags.FLAGS.get_flags_for_module(module.__name__):
+        flags.FLAGS.register_key_flag_for_module(prog, flag)
+    sys.modules["__main__"].__doc__ = module.__doc__
+    sys.argv = [prog] + rest
     app.run(tool_main, argv=sys.argv)
 
 

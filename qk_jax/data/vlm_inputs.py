@@ -1,0 +1,83 @@
+"""VLM inputs of the pipeline: the processor protocol, encoding a batch, flattening slots.
+
+The pipeline takes the VLM processor as an injected object following the interface of
+`qk_jax.models.qwen2_5_vl.processor.QwenVLProcessor` (tokenizer + torchvision-free
+`Qwen2VLImageProcessorPil` + image-pad expansion), so another processor can replace it:
+
+    processor.apply_chat_template(messages, add_generation_prompt=True) -> str
+    processor(texts, images=[[img, ...] per text], max_length=T, padding_side="left")
+        -> {"input_ids": (B, T) int, "attention_mask": (B, T) int,
+            "pixel_values": (N_patches, D) float32, "image_grid_thw": (N_images, 3) int}
+        (images sample by sample, in order; a row longer than T raises ValueError)
+    processor.image_processor.patch_size / merge_size / temporal_patch_size / size
+
+`encode` builds one user message per sample (its images first, then the prompt) and
+calls the processor; `flat_vlm_inputs` turns the pipeline's per-slot layout back into
+the flat `pixel_values` / `image_grid_thw` the VLM's `prepare_inputs` takes.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import numpy as np
+
+
+class VLMProcessor(Protocol):
+    image_processor: object
+
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+        ...
+
+    def __call__(self, text, images=None, *, max_length: int | None = None,
+                 padding_side: str = "left") -> dict[str, np.ndarray]:
+        ...
+
+
+def load_processor(folder: str, **image_kwargs) -> VLMProcessor:
+    """The project's Qwen2.5-VL processor for a checkpoint or tokenizer folder."""
+    from qk_jax.models.qwen2_5_vl.processor import QwenVLProcessor
+
+    return QwenVLProcessor.from_pretrained(folder, **image_kwargs)
+
+
+def vision_geometry(processor: VLMProcessor) -> dict[str, int]:
+    """patch / merge / temporal sizes, patch_dim and min / max pixels of the image processor."""
+    ip = processor.image_processor
+    size = getattr(ip, "size", None) or {}
+    get = size.get if isinstance(size, dict) else lambda k, d=None: getattr(size, k, d)
+    patch, temporal = int(ip.patch_size), int(ip.temporal_patch_size)
+    return {"patch_size": patch, "merge_size": int(ip.merge_size), "temporal_patch_size": temporal,
+            "patch_dim": 3 * temporal * patch * patch,
+            "min_pixels": int(get("shortest_edge", None) or getattr(ip, "min_pixels", 0) or 0),
+            "max_pixels": int(get("longest_edge", None) or getattr(ip, "max_pixels", 0) or 2**62)}
+
+
+def encode(processor: VLMProcessor, prompts: Sequence[str], images_per_sample: Sequence[Sequence[np.ndarray]],
+           max_length: int, padding_side: str = "left") -> dict[str, np.ndarray]:
+    """Chat-templated, tokenized, image-processed batch padded to `max_length` (see module docstring)."""
+    if len(prompts) != len(images_per_sample):
+        raise ValueError(f"{len(prompts)} prompts but {len(images_per_sample)} image lists")
+    texts = [processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"} for _ in ims] + [{"type": "text", "text": p}]}])
+        for p, ims in zip(prompts, images_per_sample)]
+    images = [list(ims) for ims in images_per_sample]
+    try:
+        out = processor(texts, images=images if any(images) else None, max_length=max_length,
+                        padding_side=padding_side)
+    except ValueError as e:
+        if "max_length" in str(e):
+            raise ValueError(f"{e}; raise data.max_text_len (image tokens count too)") from None
+        raise
+    return out
+
+
+def flat_vlm_inputs(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(pixel_values (N, D), image_grid_thw (N_img, 3)) of the valid slots, sample by sample.
+
+    The order is that of the image-pad tokens in `batch["input_ids"]`; within a batch
+    every row has the same number of inputs, so N is static per (bucket, input count).
+    """
+    valid = batch["cond_mask"]
+    pv, grid = batch["pixel_values"][valid], batch["image_grid_thw"][valid]
+    return pv.reshape(-1, pv.shape[-1]), grid

@@ -1,0 +1,182 @@
+"""Aspect-ratio buckets and the grain pipeline: static shapes, mixture, sharding, resume."""
+
+import collections
+import json
+
+import numpy as np
+import pytest
+from absl import flags
+
+from qk_jax.data import buckets, builders, importer, pipeline, records, tokenizer, vlm_inputs, vocab
+
+flags.FLAGS.mark_as_parsed()  # grain worker processes need parsed absl flags
+
+
+def test_bucket_tables():
+    table = buckets.bucket_table(512 * 512, 16)
+    assert len(table) == len(buckets.RATIOS) == 13
+    for (h, w), ratio in zip(table, buckets.RATIOS):
+        a, b = (int(x) for x in ratio.split(":"))
+        assert h % 16 == 0 and w % 16 == 0
+        assert abs(h * w / (512 * 512) - 1) < 0.1
+        assert abs(np.log(h / w) - np.log(a / b)) < 0.06
+    assert buckets.bucket_table(64 * 64, 16)[0] == (64, 64)
+    assert buckets.bucket_size("3:5", 64 * 64, 16) == (48, 80)
+    assert buckets.choose_bucket(64, 64, table) == 0
+    assert table[buckets.choose_bucket(600, 1000, table)] == buckets.bucket_size("3:5", 512 * 512, 16)
+    assert table[buckets.choose_bucket(1000, 560, table)] == buckets.bucket_size("16:9", 512 * 512, 16)
+    _, vlm = buckets.paired_tables(64 * 64, 16, 56 * 56, 28)
+    assert all(h % 28 == 0 and w % 28 == 0 for h, w in vlm)
+    with pytest.raises(ValueError, match="h:w"):
+        buckets.bucket_size("wide", 100, 16)
+
+
+def test_resize_crop_covers_and_centres():
+    img = np.zeros((40, 100, 3), np.uint8)
+    img[:, 45:55] = 255  # a bar in the middle
+    out = buckets.resize_crop(img, (64, 64))
+    assert out.shape == (64, 64, 3)
+    assert out[:, 28:36].mean() > 200 and out[:, :10].mean() < 5
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipe")
+    data = str(root / "data")
+    builders.build_shapes(data, ["t2i", "edit", "multi_subject"], num=24, num_eval=4, height=64, seed=0)
+    tok = str(root / "tok")
+    tokenizer.build_tokenizer(tok)
+    # real data of several aspect ratios (imported) next to the synthetic set
+    imgs, lines = root / "imgs", []
+    imgs.mkdir()
+    for i, (h, w) in enumerate([(64, 64), (40, 72), (72, 40)] * 4):
+        (imgs / f"{i}.png").write_bytes(records.encode_png(np.full((h, w, 3), 20 * i, np.uint8)))
+        lines.append(json.dumps({"task": "t2i", "prompt": f"image {i}", "target": f"imgs/{i}.png", "id": f"r{i}"}))
+    (root / "m.jsonl").write_text("\n".join(lines))
+    importer.import_manifest(str(root / "m.jsonl"), data, name="real")
+    return {"data": data, "processor": vlm_inputs.load_processor(tok), "tok": tok}
+
+
+def _config(env, **kw):
+    c = pipeline.default_config()
+    c.data_dir = env["data"]
+    c.mixture = {"t2i": 0.5, "edit": 0.25, "multi_subject": 0.25}
+    c.batch_size = 4
+    c.max_text_len = 160
+    for k, v in kw.items():
+        setattr(c, k, v)
+    return c
+
+
+def _take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def test_static_shapes_and_vlm_inputs(env):
+    c = _config(env)
+    ds = pipeline.make_dataset(c, env["processor"], process_index=0, process_count=1)
+    pad_id = env["processor"].image_token_id
+    seen = set()
+    for batch in _take(iter(ds), 12):
+        n = int(batch["num_inputs"][0])
+        seen.add(n)
+        assert batch["target"].shape == (4, 64, 64, 3) and batch["target"].dtype == np.float32
+        assert -1.0 <= batch["target"].min() and batch["target"].max() <= 1.0
+        assert batch["cond_images"].shape == (4, 3, 64, 64, 3)
+        assert (batch["cond_mask"] == (np.arange(3) < n)).all() and (batch["num_inputs"] == n).all()
+        assert not batch["cond_images"][:, n:].any()
+        assert batch["input_ids"].shape == batch["attention_mask"].shape == (4, 160)
+        assert batch["pixel_values"].shape == (4, 3, 36, 3 * 2 * 14 * 14)  # 84x84 VLM images: 6x6 patches
+        assert batch["image_grid_thw"].shape == (4, 3, 3)
+        assert (batch["image_grid_thw"][:, :n] == [1, 6, 6]).all() and not batch["image_grid_thw"][:, n:].any()
+        # every valid slot contributes grid_h * grid_w / 4 image-pad tokens; prompts end at the right edge
+        assert ((batch["input_ids"] == pad_id).sum(1) == n * 9).all()
+        assert (batch["attention_mask"][:, -1] == 1).all()
+        pv, grid = vlm_inputs.flat_vlm_inputs(batch)
+        assert pv.shape == (4 * n * 36, 1176) and grid.shape == (4 * n, 3)
+        tasks = {vocab.TASKS[t] for t in batch["task_id"]}
+        assert len({records.TASK_INPUTS[t][0] + records.TASK_INPUTS[t][1] > 0 for t in tasks}) == 1
+        assert batch["valid"].all() and len(batch["prompt"]) == 4
+    assert {0, 1} <= seen and seen & {2, 3}
+
+
+def test_aspect_ratio_buckets_group_real_images(env):
+    c = _config(env, mixture={"real/t2i": 1.0}, batch_size=2)
+    shapes = collections.Counter()
+    for batch in _take(iter(pipeline.make_dataset(c, env["processor"], process_index=0, process_count=1)), 12):
+        shapes[batch["target"].shape[1:3]] += 1
+        assert batch["pixel_values"].shape[:2] == (2, 3)
+    # 64x64 -> 1:1, 40x72 -> 9:16-like (h < w), 72x40 -> its transpose; each batch one bucket
+    assert set(shapes) == {(64, 64), buckets.bucket_size("9:16", 64 * 64, 16), buckets.bucket_size("16:9", 64 * 64, 16)}
+
+
+def test_mixture_proportions(env):
+    c = _config(env, mixture={"t2i": 0.75, "edit": 0.25}, batch_size=2)
+    counts = collections.Counter()
+    for batch in _take(iter(pipeline.make_dataset(c, env["processor"], process_index=0, process_count=1)), 40):
+        counts.update(vocab.TASKS[t] for t in batch["task_id"])
+    frac = counts["t2i"] / sum(counts.values())
+    assert abs(frac - 0.75) < 0.05, counts
+
+
+def test_process_sharding_splits_one_epoch(env):
+    c = _config(env, mixture={"edit": 1.0}, batch_size=5, num_epochs=1)
+    shards = []
+    for index in range(2):
+        ids, pad = [], 0
+        for batch in pipeline.make_dataset(c, env["processor"], process_index=index, process_count=2):
+            ids += list(batch["id"][batch["valid"]])
+            pad += int((~batch["valid"]).sum())
+            assert batch["target"].shape == (5, 64, 64, 3)
+        assert pad > 0 and len(ids) == len(set(ids)) == 12
+        shards.append(set(ids))
+    assert not shards[0] & shards[1]
+    assert shards[0] | shards[1] == {f"edit-train-{i:07d}" for i in range(24)}
+
+
+def _same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])  # worker start-up: ~20-40 s
+def test_iterator_resumes_the_exact_sequence(env, workers):
+    c = _config(env, num_workers=workers)
+    it = iter(pipeline.make_dataset(c, env["processor"], process_index=0, process_count=1))
+    _take(it, 3)
+    state = json.loads(json.dumps(it.get_state()))  # what goes into the Orbax checkpoint
+    expected = _take(it, 4)
+    it2 = iter(pipeline.make_dataset(c, env["processor"], process_index=0, process_count=1))
+    it2.set_state(state)
+    for a, b in zip(expected, _take(it2, 4)):
+        _same(a, b)
+    for i in (it, it2):
+        i.close()
+    if workers == 0:  # another seed, another order
+        other = iter(pipeline.make_dataset(_config(env, seed=1), env["processor"], process_index=0, process_count=1))
+        assert [list(b["id"]) for b in _take(other, 7)] != [list(b["id"]) for b in _take(
+            iter(pipeline.make_dataset(c, env["processor"], process_index=0, process_count=1)), 7)]
+
+
+def test_stage_mixtures_name_known_tasks():
+    for stage in (1, 2, 3):
+        parsed = pipeline.parse_mixture(pipeline.default_config(stage).mixture, "kontext_shapes")
+        assert abs(sum(w for _, _, w in parsed) - 1) < 1e-9
+    assert {t for _, t, _ in pipeline.parse_mixture(pipeline.STAGE_MIXTURES[3], "x")} == set(vocab.TASKS)
+
+
+def test_clear_errors(env):
+    with pytest.raises(ValueError, match="unknown task 'paint'"):
+        pipeline.make_dataset(_config(env, mixture={"paint": 1.0}), env["processor"], process_index=0, process_count=1)
+    with pytest.raises(ValueError, match="weights must be > 0"):
+        pipeline.make_dataset(_config(env, mixture={"t2i": 0.0}), env["processor"], process_index=0, process_count=1)
+    with pytest.raises(ValueError, match="outside the processor"):
+        pipeline.make_dataset(_config(env, vlm_area=28 * 28), env["processor"], process_index=0, process_count=1)
+    with pytest.raises(builders.NotBuiltError, match="customization"):
+        pipeline.make_dataset(_config(env, mixture={"customization": 1.0}), env["processor"], process_index=0,
+                              process_count=1)
+    it = iter(pipeline.make_dataset(_config(env, mixture={"multi_subject": 1.0}, max_text_len=40), env["processor"],
+                                    process_index=0, process_count=1))
+    with pytest.raises(ValueError, match="raise data.max_text_len"):
+        next(it)
