@@ -1,0 +1,376 @@
+"""The analytic FLOP counts (`qk_jax.flops`) against the programs our models really run.
+
+Two references per model, on small matmul-dominated configurations (widths 128-256):
+
+- exact: `traced_matmul_flops`, the dot/conv products of the traced forward (scans
+  times their length). The analytic count must equal it: same products, same shapes.
+- XLA: `compiled.cost_analysis()["flops"]` of the jitted forward on one device. XLA also
+  counts element-wise work (norms, softmax, activations, bias adds: one FLOP per
+  element), so ours/XLA sits a few percent below 1; we require |ours/XLA - 1| < 0.1.
+  XLA counts a while-loop body once, so these compiles run with every `nn.scan` fully
+  unrolled (the `unrolled_scans` fixture); the models' code is unchanged otherwise.
+
+Run with `-s` to see the table of ratios.
+"""
+
+from __future__ import annotations
+
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qk_jax import flops
+from qk_jax.convert.mapping import flatten_tree
+from qk_jax.models import lora
+from qk_jax.models.connector import Connector, ConnectorConfig
+from qk_jax.models.mmdit import MMDiT, MMDiTConfig
+from qk_jax.models.mmdit import dummy_inputs as mmdit_inputs
+from qk_jax.models.pixel_ae import PixelSpaceAutoencoder, PixelSpaceConfig
+from qk_jax.models.qwen2_5_vl import Qwen25VL, TextConfig, VisionConfig, build_vision_plan, get_config
+from qk_jax.models.qwen2_5_vl import text_position_ids
+from qk_jax.models.qwen2_5_vl.vision import VisionTower
+from qk_jax.models.vae import AutoencoderKLConfig, QwenImageVAEConfig, build_vae
+
+TOLERANCE = 0.1
+RATIOS: dict[str, tuple[int, float, float]] = {}  # name -> (ours, xla, ours / xla)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ratio_table():
+    yield
+    if RATIOS:
+        print("\n\nanalytic vs XLA cost_analysis (unrolled scans, 1 CPU device)")
+        print(f"{'config':<34}{'ours':>16}{'xla':>16}{'ours/xla':>10}")
+        for name, (ours, xla, ratio) in RATIOS.items():
+            print(f"{name:<34}{ours:>16,}{int(xla):>16,}{ratio:>10.4f}")
+
+
+@pytest.fixture(scope="module")
+def unrolled_scans():
+    """`nn.scan` with `unroll=True`, so that XLA's cost analysis sees every layer."""
+    scan = nn.scan
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(nn, "scan", lambda *a, **k: scan(*a, **{**k, "unroll": True}))
+        yield
+
+
+def xla_flops(fn, *args) -> float:
+    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    return (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
+
+
+def check(name: str, ours: int, fn, *args, dead: int = 0) -> None:
+    """ours == the traced products, and within TOLERANCE of XLA.
+
+    dead: products that are dead code only in the unrolled program (XLA removes them;
+    the scanned program computes them), left out of the XLA comparison.
+    """
+    assert ours == flops.traced_matmul_flops(fn, *args), name
+    xla = xla_flops(fn, *args)
+    ratio = (ours - dead) / xla
+    RATIOS[name] = (ours - dead, xla, ratio)
+    assert abs(ratio - 1) < TOLERANCE, f"{name}: ours {ours - dead:,} vs XLA {xla:,.0f} (ratio {ratio:.4f})"
+
+
+def assert_real_paths(ours: flops.MatmulFlops, params, strip: str = "") -> None:
+    """Every kernel the count names is a parameter of the model (so regex selections work)."""
+    paths = set(flatten_tree(params))
+    missing = [k for k in ours.kernels if k.removeprefix(strip) not in paths]
+    assert not missing, f"counted kernels that are not parameters: {missing}"
+
+
+def abstract(module, *args, **kwargs):
+    """Parameter shapes (ShapeDtypeStructs) of `module.init(*args, **kwargs)`, nothing allocated."""
+    return nn.meta.unbox(jax.eval_shape(lambda: module.init(jax.random.key(0), *args, **kwargs)))["params"]
+
+
+# ------------------------------------------------------------------ Qwen2.5-VL
+
+VISION = VisionConfig(depth=2, hidden_size=128, intermediate_size=256, num_heads=2, out_hidden_size=256,
+                      window_size=56, fullatt_block_indexes=(1,))
+TEXT = TextConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, rope_theta=10000.0, mrope_section=(8, 12, 12), bos_token_id=462,
+                  eos_token_id=464, pad_token_id=462)
+VLM = get_config("tiny").replace(vision=VISION, text=TEXT)
+
+
+def test_vision_tower(unrolled_scans):
+    grid = np.array([[1, 8, 8], [1, 8, 8]])  # 128 patches, windows of 4x4 patches
+    plan = build_vision_plan(grid, VISION)
+    pixels = jnp.zeros((128, VISION.patch_dim))
+    tower = VisionTower(VISION)
+    params = abstract(tower, pixels, plan)
+    fn = lambda p, x, plan: tower.apply({"params": p}, x, plan)
+    ours = flops.vision_tower_flops(VISION, 128)
+    assert_real_paths(ours, params, strip="visual/")
+    check("vision tower (N=128)", ours.total, fn, params, pixels, plan)
+
+
+@pytest.fixture(scope="module")
+def decoder():
+    b, t = 2, 64
+    model = Qwen25VL(VLM)
+    ids = jnp.zeros((b, t), jnp.int32)
+    mask = jnp.ones((b, t), jnp.int32)
+    pos = jnp.asarray(text_position_ids(np.ones((b, t))))
+    params = abstract(model, ids, pos, mask)
+    decode = lambda p, e: model.apply({"params": p}, e, pos, mask, method=model.decode)
+    embeds = jax.ShapeDtypeStruct((b, t, TEXT.hidden_size), jnp.float32)
+    return dict(model=model, b=b, t=t, ids=ids, mask=mask, pos=pos, params=params, decode=decode, embeds=embeds)
+
+
+def test_decoder_with_lm_head(decoder, unrolled_scans):
+    d = decoder
+    fn = lambda p, ids: d["model"].apply({"params": p}, ids, d["pos"], d["mask"])["logits"]
+    ours = flops.decoder_flops(VLM, d["b"], d["t"], with_lm_head=True)
+    assert ours.select("lm_head") == 2 * d["b"] * d["t"] * TEXT.hidden_size * TEXT.vocab_size
+    assert_real_paths(ours, d["params"])
+    tied = flops.decoder_flops(TEXT, 1, 4, with_lm_head=True, tie_word_embeddings=True)
+    assert_real_paths(tied, d["params"])
+    check("decoder + lm_head (B=2, T=64)", ours.total, fn, d["params"], d["ids"])
+
+
+def test_decoder_gradients(decoder, unrolled_scans):
+    """grad w.r.t. the input embeddings only (frozen weights): forward + activation
+    gradients; w.r.t. every weight too: + weight gradients (~3x forward)."""
+    d = decoder
+    fwd = flops.decoder_flops(TEXT, d["b"], d["t"], with_lm_head=False)
+    loss = lambda e, p: jnp.sum(d["decode"](p, e) ** 2)
+
+    frozen = flops.train_step_flops([flops.Part("llm", fwd, backward_through=True)])
+    assert frozen["total"] == 2 * fwd.weights + 3 * fwd.pair_total
+    check("decoder grad, input only", frozen["total"], jax.grad(loss), d["embeds"], d["params"])
+
+    trained = flops.train_step_flops([flops.Part("llm", fwd, weight_grads=True)])
+    assert trained["total"] == 3 * fwd.total
+    check("decoder grad, input + weights", trained["total"], jax.grad(loss, argnums=(0, 1)), d["embeds"],
+          d["params"])
+
+
+# ------------------------------------------------------------------ connector
+
+
+@pytest.mark.parametrize("ccfg", [
+    ConnectorConfig(kind="mlp", in_dim=256, out_dim=128, hidden_dim=512),
+    ConnectorConfig(kind="transformer", in_dim=128, out_dim=128, hidden_dim=256, num_layers=2, num_heads=2),
+], ids=["mlp", "transformer"])
+def test_connector(ccfg):
+    b, t = 2, 64
+    hidden, mask = jnp.zeros((b, t, ccfg.in_dim)), jnp.ones((b, t), bool)
+    model = Connector(ccfg)
+    params = abstract(model, hidden, mask)
+    fn = lambda p, h, m: model.apply({"params": p}, h, m)
+    ours = flops.connector_flops(ccfg, b, t)
+    assert_real_paths(ours, params)
+    check(f"connector {ccfg.kind} (B=2, T=64)", ours.total, fn, params, hidden, mask)
+
+
+# ------------------------------------------------------------------ MMDiT
+
+QWEN_DIT = MMDiTConfig(family="qwen_image", patch_size=2, in_channels=64, out_channels=16, num_layers=2, num_heads=2,
+                       head_dim=64, joint_attention_dim=128, axes_dims_rope=(16, 24, 24))
+FLUX_DIT = MMDiTConfig(family="flux", patch_size=1, in_channels=64, out_channels=None, num_layers=1,
+                       num_single_layers=2, num_heads=2, head_dim=64, joint_attention_dim=128,
+                       pooled_projection_dim=64, guidance_embeds=True, axes_dims_rope=(16, 24, 24))
+
+
+def _mmdit_case(cfg: MMDiTConfig, b=2, n=64, t=32, n_target=48):
+    model = MMDiT(cfg)
+    inputs = mmdit_inputs(cfg, batch=b, n=n, t=t)
+    params = abstract(model, **inputs)
+    fn = lambda p, x: model.apply({"params": p}, **x, num_target_tokens=n_target)
+    return flops.mmdit_flops(cfg, b, n, t, n_target), fn, params, inputs
+
+
+@pytest.mark.parametrize("cfg", [QWEN_DIT, FLUX_DIT], ids=["qwen_image", "flux"])
+def test_mmdit(cfg, unrolled_scans):
+    ours, fn, params, inputs = _mmdit_case(cfg)
+    assert_real_paths(ours, params)
+    dead = 0
+    if not cfg.num_single_layers:
+        # Only image tokens leave the model: unrolled, the last double block's text-stream
+        # output projection and MLP are dead code, which XLA removes (the scan computes them).
+        dead = ours.select(r"double_blocks/(attn/txt_out|txt_mlp)/") // cfg.num_layers
+    check(f"mmdit {cfg.family} (B=2, N=64, T=32)", ours.total, fn, params, inputs, dead=dead)
+
+
+def test_mmdit_zero_cond_t_runs_modulation_twice():
+    cfg = QWEN_DIT.replace(zero_cond_t=True)
+    ours, fn, params, inputs = _mmdit_case(cfg)
+    assert ours.total == flops.traced_matmul_flops(fn, params, inputs)
+    plain = flops.mmdit_flops(QWEN_DIT, 2, 64, 32, 48)
+    assert ours.select("img_mod") == 2 * plain.select("img_mod")
+    assert ours.select("txt_mod") == plain.select("txt_mod")
+    # without condition segments there is no t = 0 pass
+    assert flops.mmdit_flops(cfg, 2, 64, 32, 64).total == flops.mmdit_flops(QWEN_DIT, 2, 64, 32, 64).total
+
+
+# ------------------------------------------------------------------ VAEs
+
+KL = AutoencoderKLConfig(block_out_channels=(64, 128), layers_per_block=1, latent_channels=16, norm_num_groups=32,
+                         use_quant_conv=True, use_post_quant_conv=True)
+WAN = QwenImageVAEConfig(base_dim=16, z_dim=4, dim_mult=(1, 2, 2), num_res_blocks=1, attn_scales=(0.5,),
+                         temperal_downsample=(False, True), latents_mean=(0.0,) * 4, latents_std=(1.0,) * 4)
+
+
+def _vae(cfg, h=32, w=32):
+    model = build_vae(cfg)
+    images = jnp.zeros((1, h, w, 3))
+    params = abstract(model, images)
+    f = cfg.downsample_factor
+    latents = jnp.zeros((1, h // f, w // f, getattr(cfg, "latent_channels", getattr(cfg, "z_dim", 0))))
+    enc = lambda p, x: model.apply({"params": p}, x, method=model.encode)
+    dec = lambda p, z: model.apply({"params": p}, z, method=model.decode)
+    return params, images, latents, enc, dec
+
+
+def test_vae_kl_encode():
+    params, images, _, enc, _ = _vae(KL)
+    check("AutoencoderKL encode (32x32)", flops.vae_encode_flops(KL, 1, 32, 32).total, enc, params, images)
+
+
+@pytest.mark.parametrize("cfg", [KL, WAN], ids=["kl", "qwen_image"])
+def test_vae_counts_match_trace(cfg):
+    params, images, latents, enc, dec = _vae(cfg, 32, 48)
+    encode, decode = flops.vae_encode_flops(cfg, 1, 32, 48), flops.vae_decode_flops(cfg, 1, 32, 48)
+    assert encode.total == flops.traced_matmul_flops(enc, params, images)
+    assert decode.total == flops.traced_matmul_flops(dec, params, latents)
+    assert_real_paths(encode + decode, params)
+
+
+def test_pixel_space_autoencoder_is_free():
+    cfg = PixelSpaceConfig(factor=4)
+    model = PixelSpaceAutoencoder(cfg)
+    images = jnp.zeros((2, 16, 16, 3))
+    assert flops.traced_matmul_flops(lambda x: model.apply({}, x, method=model.encode), images) == 0
+    assert flops.vae_encode_flops(cfg, 2, 16, 16).total == flops.vae_decode_flops(cfg, 2, 16, 16).total == 0
+    with pytest.raises(ValueError, match="multiple of the downsample factor 4"):
+        flops.vae_encode_flops(cfg, 2, 18, 16)
+
+
+def test_conv_taps_skip_padding_as_xla_does():
+    conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (2, 2), ((0, 1), (0, 1)),
+                                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    x, k = jnp.zeros((1, 16, 16, 32)), jnp.zeros((3, 3, 32, 64))
+    counted = flops.traced_matmul_flops(conv, x, k)
+    assert counted == 2 * 23 * 23 * 32 * 64  # 8 outputs x 3 taps per axis, minus the one padded tap
+    assert counted == xla_flops(conv, x, k)
+
+
+# ------------------------------------------------------------------ LoRA and the step
+
+
+def test_lora_merge_flops():
+    model = Qwen25VL(VLM)
+    b, t = 1, 4
+    pos = jnp.asarray(text_position_ids(np.ones((b, t))))
+    params = {"vlm": abstract(model, jnp.zeros((b, t), jnp.int32), pos, jnp.ones((b, t), jnp.int32))}
+    params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params)
+    patterns = [r"self_attn/(q|v)_proj"]
+    adapters = lora.init_lora(jax.random.key(1), params, patterns, rank=8)
+    tree = {**params, "lora": adapters}
+    ours = flops.lora_flops(tree)
+    layers, d = TEXT.num_hidden_layers, TEXT.hidden_size
+    kv = TEXT.num_key_value_heads * TEXT.head_dim
+    assert ours.total == 2 * layers * d * 8 * (d + kv)
+    assert ours.weights == 0 and ours.pair_total == ours.total
+    assert ours.total == flops.traced_matmul_flops(lambda p: lora.apply_lora(p, 2.0), tree)
+    # The adapted kernels' weight gradients are selected with the LoRA target regexes.
+    fwd = flops.decoder_flops(TEXT, 2, 64, with_lm_head=False)
+    step = flops.train_step_flops([flops.Part("llm", fwd, weight_grads=patterns),
+                                   flops.Part("lora", ours, weight_grads=True)])
+    llm = step["parts"]["llm"]
+    assert llm["backward_weight"] == fwd.select("q_proj") + fwd.select("v_proj") > 0
+    assert llm["backward_activation"] == fwd.weights + 2 * fwd.pair_total
+    assert step["parts"]["lora"]["backward"] == 2 * ours.total
+
+
+def test_train_step_rule():
+    fwd = flops.MatmulFlops({"a/kernel": 100, "b/kernel": 50}, {"attention": 30})
+    step = flops.train_step_flops([
+        flops.Part("vit", fwd),  # frozen, nothing trainable upstream
+        flops.Part("llm", fwd, backward_through=True),  # frozen, trainable queries upstream
+        flops.Part("dit", fwd, weight_grads=True, remat="full"),
+        flops.Part("head", fwd, weight_grads=r"^b/", remat="dots"),
+    ])
+    p = step["parts"]
+    assert p["vit"]["total"] == 180 and p["vit"]["backward"] == 0
+    assert p["llm"]["backward_activation"] == 150 + 60 and p["llm"]["backward_weight"] == 0
+    assert p["dit"]["total"] == 180 + 210 + 150 and p["dit"]["recompute"] == 180
+    assert p["head"]["backward_weight"] == 50 and p["head"]["recompute"] == 30
+    assert step["forward"] == 4 * 180
+    assert step["total"] == sum(v["total"] for v in p.values())
+    assert step["hardware_total"] == step["total"] + 210
+    with pytest.raises(ValueError, match="given twice"):
+        flops.train_step_flops([flops.Part("vit", fwd), flops.Part("vit", fwd)])
+    with pytest.raises(ValueError, match="remat"):
+        flops.train_step_flops([flops.Part("vit", fwd, remat="some")])
+    with pytest.raises(ValueError, match=r"weight_grads=\['q_prj'\] selects no kernel"):
+        flops.train_step_flops([flops.Part("llm", fwd, weight_grads=["q_prj"])])
+    assert flops.train_step_flops([flops.Part("head", 10, weight_grads=True)])["total"] == 30
+    table = flops.format_step_flops(step).splitlines()
+    assert len(table) == 1 + 4 + 1 and table[-1].split()[0] == "step"
+
+
+def test_matmul_flops_arithmetic_and_errors():
+    a = flops.vision_tower_flops(VISION, 128)
+    b = flops.decoder_flops(TEXT, 2, 64, with_lm_head=False)
+    both = sum([a, b])
+    assert both.total == a.total + b.total == int(both) == float(both)
+    assert both.select([r"^visual/", r"^language_model/"]) == both.weights
+    with pytest.raises(ValueError, match="num_patches=130 is not a multiple"):
+        flops.vision_tower_flops(VISION, 130)
+    with pytest.raises(ValueError, match="seq_len must be positive"):
+        flops.decoder_flops(TEXT, 2, 0, with_lm_head=False)
+    with pytest.raises(ValueError, match="num_target_tokens=70 exceeds img_tokens=64"):
+        flops.mmdit_flops(QWEN_DIT, 1, 64, 8, 70)
+    with pytest.raises(TypeError, match="not a VAE config"):
+        flops.vae_encode_flops(QWEN_DIT, 1, 32, 32)
+
+
+def test_mfu_and_peaks():
+    assert flops.mfu(989e12 * 4 * 0.5, 1.0, 4, flops.PEAK_FLOPS["H100 SXM"]) == pytest.approx(0.5)
+    assert flops.tflops_per_device(8e12, 2.0, 4) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="step_seconds"):
+        flops.mfu(1.0, 0.0, 1, 1.0)
+    kinds = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5": 459e12, "TPU v6 lite": 918e12,
+             "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100-SXM4-80GB": 312e12,
+             "NVIDIA H100 PCIe": 756e12}
+    for kind, peak in kinds.items():
+        assert flops.PEAK_FLOPS[flops.peak_key(kind)] == peak, kind
+    assert flops.peak_key("Some NPU") is None
+    peak = flops.peak_flops_for(jax.devices("cpu")[0])
+    assert peak == flops.measure_cpu_matmul_peak() and 1e8 < peak < 1e14
+
+
+def test_docstring_states_what_is_counted():
+    doc = flops.__doc__
+    for phrase in ("FULL score matrix", "segment mask", "Not counted", "zero-padding taps", "LoRA merge",
+                   "while loop"):
+        assert re.search(re.escape(phrase), doc), phrase
+
+
+@pytest.mark.parametrize("remat", ["dots", "full"])
+def test_remat_recompute(remat):
+    """`dots` recomputes exactly the attention products; `full` is an upper bound (JAX
+    does not recompute products whose outputs the backward never reads)."""
+    cfg = get_config("tiny").replace(remat=remat)
+    b, t = 2, 32
+    model = Qwen25VL(cfg)
+    mask = jnp.ones((b, t), jnp.int32)
+    pos = jnp.asarray(text_position_ids(np.ones((b, t))))
+    params = abstract(model, jnp.zeros((b, t), jnp.int32), pos, mask)
+    loss = lambda e, p: jnp.sum(model.apply({"params": p}, e, pos, mask, method=model.decode) ** 2)
+    traced = flops.traced_matmul_flops(jax.grad(loss, argnums=(0, 1)),
+                                       jax.ShapeDtypeStruct((b, t, cfg.text.hidden_size), jnp.float32), params)
+    fwd = flops.decoder_flops(cfg, b, t, with_lm_head=False)
+    step = flops.train_step_flops([flops.Part("llm", fwd, weight_grads=True, remat=remat)])
+    assert step["total"] == 3 * fwd.total
+    if remat == "dots":
+        assert traced == step["hardware_total"] == step["total"] + fwd.pair_total
+    else:
+        assert step["total"] + fwd.pair_total < traced < step["hardware_total"] == 4 * fwd.total
