@@ -50,6 +50,16 @@ def load_config(spec: str, overrides: Sequence[str] | Mapping[str, Any] = ()) ->
     return config
 
 
+def load_sibling(config_file: str, name: str):
+    """Imports `<name>.py` from the folder of `config_file` (config files share pieces this way
+    without being a package)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"_qk_config_{name}_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _split_override(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep:

@@ -46,3 +46,11 @@ def local_batch_size(global_batch: int) -> int:
         raise ValueError(f"config field train.batch_size={global_batch} is not divisible by the "
                          f"{n} processes")
     return global_batch // n
+
+
+def barrier(name: str) -> None:
+    """Waits for every process (no-op with one)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

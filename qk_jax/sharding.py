@@ -266,6 +266,11 @@ def activation_rules(extra: Rules = ()) -> Rules:
     return tuple(extra) + ACTIVATION_RULES + DEFAULT_RULES
 
 
+def activation_rules_context(extra: Rules = ()):
+    """`with activation_rules_context():` while tracing a step, so `act_*` constraints apply."""
+    return nn.logical_axis_rules(activation_rules(extra))
+
+
 # ----------------------------------------------------------------- sharded init
 
 
@@ -277,7 +282,15 @@ def abstract_init(init_fn: Callable[..., Any], *args) -> tuple[Any, Any]:
     """
     boxed = jax.eval_shape(init_fn, *args)
     specs = logical_specs(boxed)
-    return nn.meta.unbox(boxed), specs
+    return unbox_abstract(boxed), specs
+
+
+def unbox_abstract(boxed) -> Any:
+    """Unboxes leaves without the sharding constraint `Partitioned.unbox` would apply under
+    an active mesh (a constraint cannot run on a ShapeDtypeStruct, and inside a jitted
+    init the out_shardings already say where each leaf goes)."""
+    return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned) else x, boxed,
+                        is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
 def init_sharded(init_fn: Callable[..., Any], mesh: Mesh, *args,
@@ -298,7 +311,8 @@ def init_sharded(init_fn: Callable[..., Any], mesh: Mesh, *args,
     shardings = tree_shardings(abstract, specs, mesh, rules_by_submodel)
 
     def unboxed_init(*a):
-        return nn.meta.unbox(init_fn(*a))
+        # Placement comes from out_shardings; no per-leaf constraints inside the init.
+        return unbox_abstract(init_fn(*a))
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(activation_rules()):
         params = jax.jit(unboxed_init, out_shardings=shardings)(*args)

@@ -1,0 +1,126 @@
+"""Shared pieces of the stage configs: model sizes, mesh, optimizer, data mix.
+
+Not a config itself: `configs/stage{1,2,3}.py:<size>` build on `stage_config(stage, size)`.
+Every field is a plain value (the config is saved as JSON in each checkpoint); the model
+is assembled from it by `qk_jax.kontext_config.build_kontext_config`.
+"""
+
+import ml_collections
+
+from qk_jax.data import pipeline as data_pipeline
+
+STAGE_TRAINABLE = {
+    # DESIGN.md §2
+    1: ("queries", "connector", "head", "lora/vlm"),
+    2: ("queries", "connector", "dit"),
+    3: ("queries", "connector", "lora/dit"),
+}
+
+# Attention and MLP projections of the Qwen2 decoder / the MMDiT blocks.
+VLM_LORA_TARGETS = (r"language_model/layers/(self_attn|mlp)/",)
+DIT_LORA_TARGETS = (r"(double_blocks/(attn|img_mlp|txt_mlp)|single_blocks/(attn|proj))",)
+
+SIZES = {
+    # Each entry: VLM size, stage-1 head, stage-2/3 DiT (named sizes + overrides), autoencoder,
+    # number of kontext queries K, connector widths, target image side, LoRA ranks, batch.
+    "tiny": dict(
+        vlm="tiny", num_queries=4, image_size=32, vlm_image_size=84, max_text_len=96,
+        head=dict(size="tiny", overrides=dict(in_channels=192, out_channels=48, joint_attention_dim=32)),
+        dit=dict(size="tiny", overrides=dict(in_channels=192, out_channels=48, joint_attention_dim=32, num_layers=3,
+                                             num_heads=4)),
+        vae=dict(kind="pixel", size="", factor=4),
+        connector=dict(kind="mlp", hidden_dim=128, out_dim=32),
+        lora_vlm=dict(rank=4, alpha=4.0), lora_dit=dict(rank=4, alpha=4.0),
+        batch_size=8, steps=20, learning_rate=3e-3, mesh=dict(data=-1, fsdp=1, tensor=1)),
+    "demo": dict(
+        vlm="demo", num_queries=16, image_size=64, vlm_image_size=84, max_text_len=96,
+        head=dict(size="tiny", overrides=dict(in_channels=192, out_channels=48, joint_attention_dim=256, num_layers=4,
+                                              num_heads=4, head_dim=32, axes_dims_rope=(8, 12, 12))),
+        dit=dict(size="tiny", overrides=dict(in_channels=192, out_channels=48, joint_attention_dim=256, num_layers=6,
+                                             num_heads=6, head_dim=32, axes_dims_rope=(8, 12, 12))),
+        vae=dict(kind="pixel", size="", factor=4),
+        connector=dict(kind="mlp", hidden_dim=512, out_dim=256),
+        lora_vlm=dict(rank=8, alpha=8.0), lora_dit=dict(rank=16, alpha=16.0),
+        batch_size=16, steps=300, learning_rate=1e-3, mesh=dict(data=-1, fsdp=1, tensor=1)),
+    # The paper: Qwen2.5-VL-7B, K = 128, ~870M stage-1 head, ~10B MMDiT, 8x VAE, 512 px.
+    "paper": dict(
+        vlm="7b", num_queries=128, image_size=512, vlm_image_size=448, max_text_len=1024,
+        head=dict(size="head_870m", overrides={}), dit=dict(size="dit_10b", overrides={}),
+        vae=dict(kind="qwen_image", size="qwen_image", factor=8),
+        connector=dict(kind="mlp", hidden_dim=7168, out_dim=3584),
+        lora_vlm=dict(rank=64, alpha=64.0), lora_dit=dict(rank=256, alpha=256.0),
+        batch_size=512, steps=72000, learning_rate=1e-4, mesh=dict(data=1, fsdp=-1, tensor=4)),
+    # Qwen2.5-VL-7B with the public Qwen-Image 20B MMDiT and its VAE in stages 2-3.
+    "qwen_image": dict(
+        vlm="7b", num_queries=128, image_size=512, vlm_image_size=448, max_text_len=1024,
+        head=dict(size="head_870m", overrides={}), dit=dict(size="qwen_image_20b", overrides={}),
+        vae=dict(kind="qwen_image", size="qwen_image", factor=8),
+        connector=dict(kind="mlp", hidden_dim=7168, out_dim=3584),
+        lora_vlm=dict(rank=64, alpha=64.0), lora_dit=dict(rank=256, alpha=256.0),
+        batch_size=512, steps=72000, learning_rate=1e-4, mesh=dict(data=1, fsdp=-1, tensor=4)),
+}
+
+
+def stage_config(stage: int, size: str) -> ml_collections.ConfigDict:
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; choose one of {sorted(SIZES)}")
+    s = SIZES[size]
+    c = ml_collections.ConfigDict()
+    c.stage = stage
+    c.size = size
+    c.mesh = dict(s["mesh"])
+
+    m = c.model = ml_collections.ConfigDict()
+    m.vlm = dict(size=s["vlm"], checkpoint="", overrides={})
+    gen = s["head"] if stage == 1 else s["dit"]
+    m.generator = dict(key="head" if stage == 1 else "dit", size=gen["size"], checkpoint="",
+                       overrides=dict(gen["overrides"]))
+    m.vae = dict(s["vae"], checkpoint="")
+    m.connector = dict(s["connector"])
+    m.num_queries = s["num_queries"]
+    m.low_level = stage == 3
+    m.position_scheme = "shifted_2d"  # or "frame" (FLUX.1-Kontext)
+    m.lora_vlm = dict(s["lora_vlm"], targets=VLM_LORA_TARGETS) if stage == 1 else dict(rank=0, alpha=0.0, targets=())
+    m.lora_dit = dict(s["lora_dit"], targets=DIT_LORA_TARGETS) if stage == 3 else dict(rank=0, alpha=0.0, targets=())
+    m.dtype = "float32"  # compute dtype ("bfloat16" on accelerators); parameters stay float32
+    m.remat = "none"  # "none" | "full" | "dots"
+    m.attention_impl = "xla"  # "xla" | "dot_product" | "cudnn"
+    m.timesteps = dict(method="logit_normal", logit_mean=0.0, logit_std=1.0, shift="dynamic")
+    m.dropout = dict(text=0.1, kontext=0.1, images=0.1)
+
+    t = c.train = ml_collections.ConfigDict()
+    t.steps = s["steps"]
+    t.batch_size = s["batch_size"]  # global
+    t.grad_accum = 1
+    t.learning_rate = s["learning_rate"]
+    t.warmup_steps = max(1, s["steps"] // 20)
+    t.end_lr_ratio = 0.1
+    t.b1, t.b2, t.eps = 0.9, 0.95, 1e-8
+    t.weight_decay = 0.01
+    t.grad_clip_norm = 1.0
+    t.ema_decay = 0.999  # 0 disables the EMA
+    t.seed = 0
+    t.trainable = STAGE_TRAINABLE[stage]
+    t.log_every = 10
+    t.checkpoint_every = 100
+    t.keep_checkpoints = 2
+    t.sample_every = 0  # TensorBoard sample images every N steps (0: only at the end)
+    t.peak_tflops_per_device = 0.0  # 0: from the device kind (measured on CPU)
+    t.init_from = ""  # an Orbax checkpoint of this stage to start from (written by `qk-jax surgery`)
+
+    d = c.data = data_pipeline.default_config(stage)  # mixture: pipeline.STAGE_MIXTURES[stage]
+    d.batch_size = s["batch_size"]  # per process; the train tool derives it from train.batch_size
+    d.area = s["image_size"] ** 2
+    d.multiple = s["vae"]["factor"] * 2  # autoencoder factor x DiT patch 2
+    d.vlm_area = s["vlm_image_size"] ** 2
+    d.image_slots = 3 if stage == 3 else 1
+    d.max_text_len = s["max_text_len"]
+    d.processor = ""  # tokenizer / processor folder ("" = build the offline tokenizer into the workdir)
+
+    sm = c.sample = ml_collections.ConfigDict()
+    sm.steps = 20
+    sm.guidance = 4.0
+    sm.image_guidance = 1.5
+    sm.method = "euler"
+    sm.shift = 3.0
+    return c

@@ -1,0 +1,133 @@
+"""Stage config (ml_collections, plain values) -> `KontextConfig` (frozen dataclasses), and
+the start-up checks that name the offending field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping
+
+from qk_jax import flow
+from qk_jax.config import ConfigError, check_divisible, mesh_shape, require
+from qk_jax.models.connector import ConnectorConfig
+from qk_jax.models.kontext import CondDropout, KontextConfig, LoraConfig
+from qk_jax.models.mmdit import mmdit_config
+from qk_jax.models.pixel_ae import PixelSpaceConfig
+from qk_jax.models.qwen2_5_vl import get_config as vlm_config
+from qk_jax.models.vae import vae_config
+
+REQUIRED = ("stage", "model.vlm.size", "model.generator.size", "model.generator.key", "model.vae.kind",
+            "model.num_queries", "train.steps", "train.batch_size", "train.learning_rate", "data.max_text_len")
+
+
+def _plain(d) -> dict:
+    return d.to_dict() if hasattr(d, "to_dict") else dict(d or {})
+
+
+def _vlm(config, special_token_ids: Mapping[str, int] | None):
+    m = config.model
+    vlm = vlm_config(m.vlm.size, **_plain(m.vlm.get("overrides", {})))
+    vlm = vlm.replace(attention_impl=m.attention_impl, remat=m.remat)
+    if special_token_ids:
+        vlm = vlm.with_special_tokens(dict(special_token_ids))
+    return vlm
+
+
+def _generator(config):
+    m = config.model
+    g = m.generator
+    return mmdit_config(g.size, **_plain(g.get("overrides", {})), dtype=m.dtype, remat=m.remat,
+                        attention_impl=m.attention_impl)
+
+
+def _vae(config):
+    v = config.model.vae
+    if v.kind == "pixel":
+        return PixelSpaceConfig(factor=int(v.factor))
+    if v.kind in ("kl", "qwen_image"):
+        cfg = vae_config(v.size)
+        if cfg.downsample_factor != v.factor:
+            raise ConfigError(f"config field model.vae.factor={v.factor} but VAE size {v.size!r} downsamples "
+                              f"{cfg.downsample_factor}x")
+        return cfg
+    raise ConfigError(f"config field model.vae.kind={v.kind!r}: use 'pixel', 'kl' or 'qwen_image'")
+
+
+def build_kontext_config(config, special_token_ids: Mapping[str, int] | None = None) -> KontextConfig:
+    """The model of a stage config. ConfigError names the field of any inconsistency."""
+    require(config, REQUIRED)
+    m = config.model
+    vlm = _vlm(config, special_token_ids)
+    generator = _generator(config)
+    conn = ConnectorConfig(in_dim=vlm.text.hidden_size, dtype=m.dtype, **_plain(m.connector))
+    lora = lambda d: LoraConfig(rank=int(d.rank), alpha=float(d.alpha), targets=tuple(d.targets))
+    try:
+        return KontextConfig(
+            vlm=vlm, generator=generator, vae=_vae(config), connector=conn, num_queries=int(m.num_queries),
+            generator_key=m.generator.key, low_level=bool(m.low_level), position_scheme=m.position_scheme,
+            lora_vlm=lora(m.lora_vlm), lora_dit=lora(m.lora_dit),
+            timesteps=flow.TimestepConfig(**_plain(m.timesteps)), dropout=CondDropout(**_plain(m.dropout)),
+            dtype=m.dtype)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from None
+
+
+def divisibility_table(kcfg: KontextConfig) -> dict[str, tuple[str, ...]]:
+    """Config fields whose values a mesh axis must divide (for `check_divisible`)."""
+    return {
+        "train.batch_size": ("data", "fsdp"),
+    }
+
+
+def validate(config, num_devices: int, kcfg: KontextConfig | None = None) -> KontextConfig:
+    """All start-up checks; returns the model config."""
+    kcfg = kcfg or build_kontext_config(config)
+    shape = dict(zip(("data", "fsdp", "tensor"), mesh_shape(config, num_devices)))
+    check_divisible(config, num_devices, divisibility_table(kcfg))
+    tp = shape["tensor"]
+    for field, value in (("model.vlm: num_attention_heads", kcfg.vlm.text.num_attention_heads),
+                         ("model.vlm: num_key_value_heads", kcfg.vlm.text.num_key_value_heads),
+                         ("model.vlm: vision num_heads", kcfg.vlm.vision.num_heads),
+                         ("model.generator: num_heads", kcfg.generator.num_heads)):
+        if value % tp:
+            raise ConfigError(f"config {field}={value} is not divisible by mesh.tensor={tp}")
+    if config.train.batch_size % max(int(config.train.grad_accum), 1):
+        raise ConfigError(f"config field train.batch_size={config.train.batch_size} is not divisible by "
+                          f"train.grad_accum={config.train.grad_accum}")
+    f = kcfg.downsample
+    side = int(round(config.data.area ** 0.5))
+    if config.data.multiple % f:
+        raise ConfigError(f"config field data.multiple={config.data.multiple} must be a multiple of {f} "
+                          "(autoencoder factor x DiT patch)")
+    if side % f:
+        raise ConfigError(f"config field data.area={config.data.area}: side {side} is not a multiple of {f}")
+    if kcfg.low_level and config.data.image_slots < 1:
+        raise ConfigError("config field data.image_slots must be >= 1 when model.low_level is on (stage 3)")
+    return kcfg
+
+
+def read_special_token_ids(processor_dir: str) -> dict[str, int] | None:
+    """`special_token_ids.json` of an offline tokenizer folder (see data/tokenizer.py), if present."""
+    path = os.path.join(processor_dir, "special_token_ids.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def describe(kcfg: KontextConfig) -> str:
+    """One line per part: what the model is made of."""
+    g = kcfg.generator
+    v = kcfg.vlm
+    vae = kcfg.vae
+    return "\n".join([
+        f"VLM        Qwen2.5-VL text {v.text.hidden_size}x{v.text.num_hidden_layers}L, vision "
+        f"{v.vision.hidden_size}x{v.vision.depth}L; K = {kcfg.num_queries} kontext queries",
+        f"connector  {kcfg.connector.kind} {kcfg.connector.in_dim} -> {kcfg.connector.out_dim}",
+        f"{kcfg.generator_key:10s} MMDiT ({g.family}) {g.num_heads}x{g.head_dim} heads, {g.num_layers} double + "
+        f"{g.num_single_layers} single blocks",
+        f"autoencoder {type(vae).__name__} ({kcfg.latent_channels} latent channels, {vae.downsample_factor}x)"
+        + ("; low-level path ON (" + kcfg.position_scheme + ")" if kcfg.low_level else ""),
+    ])

@@ -1,0 +1,323 @@
+"""Query-Kontext: the assembled model (DESIGN.md §1), read top to bottom.
+
+    prompt + input images ──► VLM (Qwen2.5-VL) ──► final-norm hidden states
+                              [prompt tokens ; K learnable kontext queries]
+                                        │
+                              Connector (MLP or transformer)
+                                        │  condition tokens [text ; kontext]  (B, T + K, D_cond)
+                                        ▼
+    noisy target latents ─┐
+    source / reference    ├─► MMDiT (image stream: target first, then condition segments)
+    VAE latents (stage 3) ┘            │  velocity on the target tokens
+                                       ▼
+                                VAE decoder ──► image
+
+`QueryKontext` is a plain Python object composed of Linen modules, each applied to its
+own subtree of one parameter dict:
+
+    params = {"vlm": ..., "queries": {"embedding": (K, D_vlm)}, "connector": ...,
+              "head" | "dit": ...,            # stage 1's light head / the large DiT
+              "vae": ...,                     # frozen (absent for the pixel autoencoder)
+              "lora": {"vlm": ..., "dit": ...}}  # adapters, per stage
+
+so a stage transition is a function on this dict (`surgery.py`) and each part can run
+alone (the VLM + connector once per prompt when sampling, the DiT every step).
+LoRA adapters are applied by the caller with `lora.apply_lora` before any method here.
+
+Host-side preparation of a batch (position ids, the vision plan, image-stream position
+ids) lives in `kontext_inputs.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from qk_jax import flow
+from qk_jax.models.connector import Connector, ConnectorConfig
+from qk_jax.models.dit_positions import patchify, unpatchify
+from qk_jax.models.mmdit import MMDiT, MMDiTConfig
+from qk_jax.models.mmdit import init_params as init_mmdit_params
+from qk_jax.models.pixel_ae import PixelSpaceAutoencoder, PixelSpaceConfig
+from qk_jax.models.qwen2_5_vl import Qwen25VL, Qwen25VLConfig
+from qk_jax.models.qwen2_5_vl import init_params as init_vlm_params
+from qk_jax.models.vae import build_vae
+
+Array = jax.Array
+POSITION_SCHEMES = ("shifted_2d", "frame")
+GENERATOR_KEYS = ("head", "dit")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA on the Dense kernels whose path matches one of `targets` (regexes); rank 0 = off."""
+
+    rank: int = 0
+    alpha: float = 0.0
+    targets: tuple[str, ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank if self.rank else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class CondDropout:
+    """Per-sample probabilities of dropping each condition during training (for CFG).
+
+    text: the prompt's hidden states are masked out of the condition stream;
+    kontext: the K kontext tokens are masked out;
+    images: the VAE latents of the input images are zeroed (stage 3, InstructPix2Pix style).
+    """
+
+    text: float = 0.1
+    kontext: float = 0.1
+    images: float = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class KontextConfig:
+    vlm: Qwen25VLConfig
+    generator: MMDiTConfig
+    vae: Any  # VAEConfig | PixelSpaceConfig
+    connector: ConnectorConfig
+    num_queries: int = 128
+    generator_key: str = "dit"  # "head" in stage 1
+    low_level: bool = False  # stage 3: VAE latents of source / references join the image stream
+    position_scheme: str = "shifted_2d"
+    lora_vlm: LoraConfig = LoraConfig()
+    lora_dit: LoraConfig = LoraConfig()
+    timesteps: flow.TimestepConfig = flow.TimestepConfig()
+    dropout: CondDropout = CondDropout()
+    guidance_scale: float = 1.0  # FLUX guidance-distilled generators: the embedded guidance value
+    dtype: str = "float32"  # VLM compute dtype (the other parts carry theirs in their configs)
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.num_queries < 1:
+            raise ValueError(f"model.num_queries={self.num_queries}: need at least one kontext query")
+        if self.generator_key not in GENERATOR_KEYS:
+            raise ValueError(f"model.generator.key={self.generator_key!r}; expected one of {GENERATOR_KEYS}")
+        if self.position_scheme not in POSITION_SCHEMES:
+            raise ValueError(f"model.position_scheme={self.position_scheme!r}; expected one of {POSITION_SCHEMES}")
+        g = self.generator
+        latent_c = self.latent_channels
+        if g.in_channels != latent_c * g.patch_size ** 2:
+            raise ValueError(
+                f"model.generator in_channels={g.in_channels} must equal the autoencoder's {latent_c} latent "
+                f"channels x patch {g.patch_size}^2 = {latent_c * g.patch_size ** 2}")
+        if g.out_features != g.in_channels:
+            raise ValueError(f"model.generator: out features {g.out_features} != in_channels {g.in_channels}; "
+                             "the velocity must have the latent tokens' width")
+        if self.connector.in_dim != self.vlm.text.hidden_size:
+            raise ValueError(f"model.connector.in_dim={self.connector.in_dim} != VLM hidden size "
+                             f"{self.vlm.text.hidden_size}")
+        if self.connector.out_dim != g.joint_attention_dim:
+            raise ValueError(f"model.connector.out_dim={self.connector.out_dim} != generator joint_attention_dim "
+                             f"{g.joint_attention_dim}")
+
+    @property
+    def latent_channels(self) -> int:
+        v = self.vae
+        return v.latent_channels if hasattr(v, "latent_channels") else v.z_dim
+
+    @property
+    def downsample(self) -> int:
+        """Pixels per image token side: autoencoder factor x DiT patch."""
+        return self.vae.downsample_factor * self.generator.patch_size
+
+    @property
+    def lora_scales(self) -> dict[str, float]:
+        return {"vlm": self.lora_vlm.scale, self.generator_key: self.lora_dit.scale}
+
+    def replace(self, **changes) -> "KontextConfig":
+        return dataclasses.replace(self, **changes)
+
+
+class QueryKontext:
+    """The model's forward pieces over a parameter dict (see the module docstring).
+
+    Batch fields used (all arrays; built by `kontext_inputs.prepare_batch`):
+      input_ids (B, T), attention_mask (B, T), position_ids (3, B, T + K) (prompt + queries),
+      pixel_values (P, D) + vision_plan (absent without input images),
+      target (B, H, W, 3) in [-1, 1], cond_images (B, n, H, W, 3) (stage 3),
+      img_ids (B, N_target + n * N_cond, 3), task_id (B,), valid (B,).
+    """
+
+    def __init__(self, config: KontextConfig):
+        self.config = config
+        self.vlm = Qwen25VL(config.vlm, dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype))
+        self.connector = Connector(config.connector)
+        self.generator = MMDiT(config.generator)
+        self.vae = (PixelSpaceAutoencoder(config.vae) if isinstance(config.vae, PixelSpaceConfig)
+                    else build_vae(config.vae))
+
+    # ------------------------------------------------------------------ parameters
+
+    def init(self, rng: Array) -> dict[str, Any]:
+        """Boxed parameters (logical axes on every leaf) of the whole model, LoRA included."""
+        c = self.config
+        k_vlm, k_q, k_conn, k_gen, k_vae, k_lora = jax.random.split(rng, 6)
+        params = {"vlm": init_vlm_params(self.vlm, k_vlm)}
+        params["queries"] = {"embedding": nn.LogicallyPartitioned(
+            0.02 * jax.random.normal(k_q, (c.num_queries, c.vlm.text.hidden_size), jnp.float32),
+            ("queries", "embed"))}
+        params["connector"] = self.connector.init(
+            k_conn, jnp.zeros((1, 2, c.connector.in_dim)), jnp.ones((1, 2), bool))["params"]
+        params[c.generator_key] = init_mmdit_params(c.generator, k_gen)
+        if not isinstance(c.vae, PixelSpaceConfig):
+            size = max(16, c.vae.downsample_factor)
+            params["vae"] = self.vae.init(k_vae, jnp.zeros((1, size, size, 3)))["params"]
+        lora = {}
+        if c.lora_vlm.enabled:
+            lora["vlm"] = boxed_lora(k_lora, params["vlm"], c.lora_vlm, "vlm")
+        if c.lora_dit.enabled:
+            lora[c.generator_key] = boxed_lora(jax.random.fold_in(k_lora, 1), params[c.generator_key], c.lora_dit,
+                                               c.generator_key)
+        if lora:
+            params["lora"] = lora
+        return params
+
+    # ------------------------------------------------------------------ conditioning
+
+    def condition(self, params: Mapping[str, Any], batch: Mapping[str, Array]) -> tuple[Array, Array, Array]:
+        """The VLM + connector: (cond tokens (B, T+K, D_cond), cond mask (B, T+K) bool, kontext (B, K, D_vlm)).
+
+        The K kontext queries are appended after the (left-padded) prompt; with causal
+        attention they read the whole prompt, images included. The prompt's hidden states
+        form the text stream and the queries' the kontext tokens; both go through the
+        connector.
+        """
+        c = self.config
+        ids = batch["input_ids"]
+        b, t = ids.shape
+        embeds = self.vlm.apply({"params": params["vlm"]}, ids, batch.get("pixel_values"), batch.get("vision_plan"),
+                                method=Qwen25VL.embed)
+        queries = jnp.broadcast_to(params["queries"]["embedding"].astype(embeds.dtype)[None],
+                                   (b, c.num_queries, embeds.shape[-1]))
+        mask = jnp.concatenate([batch["attention_mask"].astype(bool), jnp.ones((b, c.num_queries), bool)], axis=1)
+        hidden = self.vlm.apply({"params": params["vlm"]}, jnp.concatenate([embeds, queries], axis=1),
+                                batch["position_ids"], mask.astype(jnp.int32), method=Qwen25VL.decode)
+        cond = self.connector.apply({"params": params["connector"]}, hidden, mask)
+        return cond, mask, hidden[:, t:]
+
+    @staticmethod
+    def drop_conditions(rng: Array, cond_mask: Array, prompt_len: int, p_text: float, p_kontext: float
+                        ) -> tuple[Array, Array, Array]:
+        """Per-sample condition dropout: (new mask, dropped_text (B,), dropped_kontext (B,))."""
+        k_t, k_k = jax.random.split(rng)
+        b = cond_mask.shape[0]
+        drop_t = jax.random.bernoulli(k_t, p_text, (b,))
+        drop_k = jax.random.bernoulli(k_k, p_kontext, (b,))
+        is_text = jnp.arange(cond_mask.shape[1]) < prompt_len
+        keep = jnp.where(is_text[None], ~drop_t[:, None], ~drop_k[:, None])
+        return cond_mask & keep, drop_t, drop_k
+
+    # ------------------------------------------------------------------ latents
+
+    def encode(self, params: Mapping[str, Any], images: Array, rng: Array | None = None) -> Array:
+        """(B, H, W, 3) in [-1, 1] -> DiT tokens (B, H*W / downsample^2, C_in), normalised latents."""
+        variables = {"params": params["vae"]} if "vae" in params else {}
+        latents = self.vae.apply(variables, images, rng is not None, rng, method="encode")
+        return patchify(latents, self.config.generator.patch_size)
+
+    def decode(self, params: Mapping[str, Any], tokens: Array, height: int, width: int) -> Array:
+        """DiT tokens (B, N, C_in) of an (height, width) image -> images (B, H, W, 3) in [-1, 1]."""
+        f = self.config.vae.downsample_factor
+        latents = unpatchify(tokens, height // f, width // f, self.config.generator.patch_size)
+        variables = {"params": params["vae"]} if "vae" in params else {}
+        return self.vae.apply(variables, latents, method="decode")
+
+    # ------------------------------------------------------------------ denoising
+
+    def velocity(self, params: Mapping[str, Any], x_target: Array, cond_tokens: Array | None, img_ids: Array,
+                 cond: Array, cond_mask: Array, t: Array) -> Array:
+        """The DiT on [noisy target ; condition segments]: velocity on the target tokens (B, N_t, C)."""
+        c = self.config
+        img = x_target if cond_tokens is None else jnp.concatenate([x_target, cond_tokens], axis=1)
+        b = x_target.shape[0]
+        kwargs = {}
+        if c.generator.guidance_embeds:
+            kwargs["guidance"] = jnp.full((b,), c.guidance_scale, jnp.float32)
+        if c.generator.pooled_projection_dim:
+            kwargs["pooled"] = pooled_condition(cond, cond_mask, c.generator.pooled_projection_dim)
+        return self.generator.apply({"params": params[c.generator_key]}, img, img_ids, cond, cond_mask, t,
+                                    num_target_tokens=x_target.shape[1], **kwargs)
+
+    # ------------------------------------------------------------------ training loss
+
+    def loss(self, params: Mapping[str, Any], batch: Mapping[str, Array], rng: Array, train: bool = True
+             ) -> tuple[Array, dict[str, Array]]:
+        """Rectified-flow loss on the target tokens.
+
+        Returns (scalar loss over valid samples, aux) where aux holds the per-sample loss
+        (B,) and the drawn timesteps (B,), for per-task logging.
+        """
+        c = self.config
+        k_drop, k_time, k_noise, k_img = jax.random.split(rng, 4)
+        cond, cond_mask, _ = self.condition(params, batch)
+        if train:
+            cond_mask, _, _ = self.drop_conditions(k_drop, cond_mask, batch["input_ids"].shape[1],
+                                                   c.dropout.text, c.dropout.kontext)
+        x0 = self.encode(params, batch["target"])
+        cond_tokens = None
+        if c.low_level and "cond_images" in batch and batch["cond_images"].shape[1]:
+            cond_tokens = self.encode_conditions(params, batch["cond_images"])
+            if train:
+                drop_img = jax.random.bernoulli(k_img, c.dropout.images, (x0.shape[0],))
+                cond_tokens = jnp.where(drop_img[:, None, None], 0.0, cond_tokens)
+        t = flow.sample_timesteps(k_time, x0.shape[0], c.timesteps, image_seq_len=x0.shape[1])
+        noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
+        xt = flow.noise_latents(x0, noise, t)
+        v = self.velocity(params, xt, cond_tokens, batch["img_ids"], cond, cond_mask, t)
+        per_sample = jnp.mean(jnp.square(v.astype(jnp.float32) - flow.velocity_target(x0, noise)), axis=(1, 2))
+        valid = batch["valid"].astype(jnp.float32) if "valid" in batch else jnp.ones_like(per_sample)
+        loss = jnp.sum(per_sample * valid) / jnp.maximum(jnp.sum(valid), 1.0)
+        return loss, {"per_sample": per_sample, "t": t}
+
+    def encode_conditions(self, params: Mapping[str, Any], images: Array) -> Array:
+        """(B, n, H, W, 3) input images -> (B, n * N, C) tokens, segment after segment."""
+        b, n = images.shape[:2]
+        tokens = self.encode(params, images.reshape((b * n,) + images.shape[2:]))
+        return tokens.reshape(b, n * tokens.shape[1], tokens.shape[2])
+
+
+def pooled_condition(cond: Array, cond_mask: Array, dim: int) -> Array:
+    """A pooled vector for generators that take one (FLUX): the masked mean of the condition
+    tokens, truncated or zero-padded to `dim`. (FLUX's CLIP vector has no counterpart in
+    Query-Kontext; the mean of the condition stream is the closest stand-in.)"""
+    m = cond_mask.astype(cond.dtype)[..., None]
+    mean = jnp.sum(cond * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
+    d = mean.shape[-1]
+    return mean[:, :dim] if d >= dim else jnp.pad(mean, ((0, 0), (0, dim - d)))
+
+
+def boxed_lora(rng: Array, boxed_params: Any, cfg: LoraConfig, top_key: str) -> dict[str, Any]:
+    """LoRA adapters for `boxed_params` (a boxed sub-model tree), boxed with logical axes
+    derived from each base kernel: a (..., in, r) keeps the kernel's input axis, b
+    (..., r, out) its output axis, so adapters shard like the weights they adapt."""
+    from qk_jax.convert.mapping import flatten_tree, unflatten_tree
+    from qk_jax.models.lora import init_lora
+
+    unboxed = nn.meta.unbox(boxed_params)
+    names = {p: (v.names if isinstance(v, nn.Partitioned) else None)
+             for p, v in flatten_tree(boxed_params).items()}
+    plain = init_lora(rng, unboxed, cfg.targets, cfg.rank)
+    out = {}
+    for path, value in flatten_tree(plain).items():
+        kernel_path, which = path.rsplit("/", 1)
+        base = names.get(kernel_path)
+        if base is None:
+            out[path] = value
+            continue
+        axes = tuple(base[:-1]) + (None,) if which == "a" else tuple(base[:-2]) + (None, base[-1])
+        out[path] = nn.LogicallyPartitioned(value, axes)
+    return unflatten_tree(out)

@@ -1,0 +1,157 @@
+"""Host-side preparation of a Query-Kontext batch (numpy, outside jit).
+
+The data pipeline (`qk_jax.data.pipeline`) yields static-shape batches (layout in its
+docstring). `prepare_batch` turns one into the arrays the jitted step takes:
+
+- the VLM's flat `pixel_values` and vision plan of the input images, and the 3-axis
+  M-RoPE position ids of the prompt *followed by the K kontext queries*
+  (queries continue after each row's last prompt position);
+- the image-stream position ids `img_ids` (B, N_target + n * N_cond, 3) of the DiT: the
+  target first, then (stage 3) each input image's segment, placed by the configured scheme:
+    shifted_2d  the paper's shifted 2D RoPE: target at (i, j), an edit *source* at
+                (i - h, j - w), the k-th *reference* at (i + k h, j + k w);
+    frame       FLUX.1-Kontext's frame index: target frame 0, i-th input image frame i.
+  Whether slot 0 is a source or a reference follows the sample's task.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+from qk_jax.data.vocab import TASKS
+from qk_jax.models.dit_positions import grid_ids
+from qk_jax.models.kontext import KontextConfig
+from qk_jax.models.qwen2_5_vl import VisionPlan, build_vision_plan, extend_position_ids, prepare_inputs
+
+# Tasks whose first input image is a *source* (pixels to preserve); the others' inputs are references.
+TASKS_WITH_SOURCE = ("reconstruction", "transformation", "edit")
+
+
+def num_inputs(batch: Mapping[str, np.ndarray]) -> int:
+    """The batch's input-image count (the pipeline groups batches so every row has the same)."""
+    if "cond_mask" not in batch:
+        return 0
+    counts = np.asarray(batch["cond_mask"]).sum(axis=1)
+    if len(set(counts.tolist())) > 1:
+        raise ValueError(f"batch mixes input-image counts {sorted(set(counts.tolist()))}; the pipeline must group "
+                         "batches by number of input images")
+    return int(counts[0]) if len(counts) else 0
+
+
+def image_ids(cfg: KontextConfig, task_ids: np.ndarray, height: int, width: int, n_inputs: int) -> np.ndarray:
+    """Image-stream position ids (B, (1 + n) * h * w, 3) float32 for targets of (height, width) pixels."""
+    f = cfg.downsample
+    if height % f or width % f:
+        raise ValueError(f"image size {height}x{width} is not a multiple of {f} (autoencoder x patch)")
+    h, w = height // f, width // f
+    centred = cfg.generator.family == "qwen_image"
+    n_seg = 1 + (n_inputs if cfg.low_level else 0)
+    out = np.zeros((len(task_ids), n_seg * h * w, 3), np.float32)
+    for b, task in enumerate(np.asarray(task_ids)):
+        name = TASKS[int(task)]
+        segments = [grid_ids(h, w, centred=centred)]
+        for slot in range(n_seg - 1):
+            if cfg.position_scheme == "frame":
+                segments.append(grid_ids(h, w, frame=slot + 1, centred=centred))
+            elif slot == 0 and name in TASKS_WITH_SOURCE:
+                segments.append(grid_ids(h, w, centred=centred, offset=(-h, -w)))
+            else:
+                k = slot if name in TASKS_WITH_SOURCE else slot + 1
+                segments.append(grid_ids(h, w, centred=centred, offset=(k * h, k * w)))
+        out[b] = np.concatenate(segments, 0)
+    return out
+
+
+def prepare_batch(cfg: KontextConfig, batch: Mapping[str, Any], accum: int = 1, processes: int = 1
+                  ) -> dict[str, Any]:
+    """Pipeline batch (numpy, this process's rows) -> model batch, see the module docstring.
+
+    accum > 1 splits the rows into that many micro-batches stacked on a new leading axis
+    (the train step scans over it). With several processes, the vision plan is built for
+    the *global* batch (every process computes the same one): all images of a batch share
+    one grid, so the global plan is the local one repeated.
+    """
+    if accum > 1:
+        rows = len(batch["input_ids"])
+        if rows % accum:
+            raise ValueError(f"{rows} rows per process are not divisible by train.grad_accum={accum}")
+        size = rows // accum
+        parts = [prepare_batch(cfg, {k: (v[i * size:(i + 1) * size] if _is_rows(v, rows) else v)
+                                     for k, v in batch.items()}, 1, processes) for i in range(accum)]
+        return _stack(parts)
+    ids = np.asarray(batch["input_ids"], np.int32)
+    mask = np.asarray(batch["attention_mask"], np.int32)
+    b = ids.shape[0]
+    n = num_inputs(batch)
+    grid = None
+    out: dict[str, Any] = {"input_ids": ids}
+    if n:
+        pv = np.asarray(batch["pixel_values"])[:, :n]
+        out["pixel_values"] = pv.reshape(-1, pv.shape[-1]).astype(np.float32)
+        grid = np.asarray(batch["image_grid_thw"])[:, :n].reshape(-1, 3)
+    host = prepare_inputs(cfg.vlm, ids, mask, grid)
+    if processes > 1 and grid is not None:
+        if len(np.unique(grid, axis=0)) != 1:
+            raise ValueError("multi-process batches need one image grid per batch (single bucket)")
+        host["vision_plan"] = build_vision_plan(np.tile(grid, (processes, 1)), cfg.vlm.vision)
+    queries = extend_position_ids(host["position_ids"], mask, cfg.num_queries)
+    out["position_ids"] = np.concatenate([host["position_ids"], queries], axis=2).astype(np.int32)
+    out["attention_mask"] = mask
+    if "vision_plan" in host:
+        out["vision_plan"] = host["vision_plan"]
+    target = np.asarray(batch["target"], np.float32)
+    out["target"] = target
+    task_ids = np.asarray(batch.get("task_id", np.zeros(b)), np.int32)
+    out["task_id"] = task_ids
+    out["valid"] = np.asarray(batch.get("valid", np.ones(b, bool)), bool)
+    if cfg.low_level and n:
+        out["cond_images"] = np.asarray(batch["cond_images"], np.float32)[:, :n]
+    out["img_ids"] = image_ids(cfg, task_ids, target.shape[1], target.shape[2], n)
+    return out
+
+
+def _is_rows(value, rows: int) -> bool:
+    return isinstance(value, np.ndarray) and value.ndim >= 1 and value.shape[0] == rows
+
+
+def _stack(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    out = {}
+    for key in parts[0]:
+        if key == "vision_plan":
+            out[key] = VisionPlan(*(np.stack(f) for f in zip(*(tuple(p[key]) for p in parts))))
+        else:
+            out[key] = np.stack([p[key] for p in parts])
+    return out
+
+
+# Which axis of each model-batch field is the sample axis (None: replicated).
+_BATCH_AXIS = {"position_ids": 1, "vision_plan": None}
+
+
+def place_batch(batch: Mapping[str, Any], mesh) -> dict[str, Any]:
+    """Puts a prepared batch on the mesh: sample axes split over ('data', 'fsdp'), the vision
+    plan replicated; works with several processes (each passes its own rows)."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    lead = 1 if batch["input_ids"].ndim == 3 else 0  # a leading micro-batch axis (grad accumulation)
+    dp = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
+    dp = None if not dp else (dp[0] if len(dp) == 1 else dp)
+
+    def put(x, axis):
+        x = np.asarray(x)
+        if axis is None or dp is None:
+            spec = P()
+        else:
+            spec = P(*([None] * (axis + lead)), dp)
+        return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), x)
+
+    out = {}
+    for key, value in batch.items():
+        if key == "vision_plan":
+            out[key] = VisionPlan(*(put(f, None) for f in value))
+        else:
+            out[key] = put(value, _BATCH_AXIS.get(key, 0))
+    return out

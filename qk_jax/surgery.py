@@ -1,0 +1,312 @@
+"""Stage transitions as pure functions on parameter trees, applied to Orbax checkpoints.
+
+    qk-jax surgery --from 1 --to 2 --src RUN1 --dst CKPT2 [--dit DIFFUSERS_DIR] [--config configs/stage2.py:SIZE]
+    qk-jax surgery --from 2 --to 3 --src RUN2 --dst CKPT3
+    qk-jax train --config configs/stage2.py:SIZE --workdir RUN2 --config.train.init_from=CKPT2
+
+1 -> 2  merge the VLM LoRA into the VLM kernels and drop it; drop the stage-1 head; graft
+        the large DiT (converted from a diffusers folder with --dit, or initialised);
+        re-initialise the connector output when its width changes (the DiT's condition
+        width); keep queries, connector input layers and the autoencoder.
+2 -> 3  keep everything; add the DiT LoRA (zero-initialised `b`, so the model's outputs are
+        unchanged); the stage-3 config switches the VAE low-level path on.
+
+The source is read sharded onto a mesh from abstract targets, every transform is a
+jitted function with output shardings, and the destination is written sharded: the
+whole tree is never gathered onto one host. Afterwards the destination is read back
+and every kept tensor is compared with its source bit for bit. The report (every path
+kept / merged / added / removed / re-initialised, with shapes and dtypes) is printed and
+saved as `DST/surgery_report.json` and `.md`. A source tree that does not fit the source
+config, or a DiT folder that does not fit the target config, is refused with an error
+naming the parameter path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from qk_jax import checkpoint as ckpt_lib
+from qk_jax import kontext_config, sharding
+from qk_jax.config import ConfigError, load_config
+from qk_jax.convert.mapping import flatten_tree, unflatten_tree
+from qk_jax.models.kontext import QueryKontext, boxed_lora
+from qk_jax.models.lora import merge_lora
+
+TRANSITIONS = ((1, 2), (2, 3))
+# Config sections carried from the source run into the target stage's config: the parts
+# kept by surgery must be built exactly as they were trained.
+CARRIED = ("mesh", "model.vlm", "model.num_queries", "model.vae", "model.dtype", "model.remat",
+           "model.attention_impl", "data.area", "data.multiple", "data.vlm_area", "data.vlm_multiple",
+           "data.max_text_len", "data.padding_side", "data.data_dir", "data.dataset")
+
+
+class SurgeryError(ValueError):
+    """A tree or config that does not fit the transition (the message names the path)."""
+
+
+def resolve_run(path: str) -> tuple[str, str | None]:
+    """(checkpoint root, processor folder or None) of a run workdir or a checkpoint root."""
+    root = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"checkpoint folder {path} does not exist")
+    for cand in (os.path.join(path, "processor"), os.path.join(os.path.dirname(root), "processor")):
+        if os.path.exists(os.path.join(cand, "tokenizer_config.json")):
+            return root, cand
+    return root, None
+
+
+def _get(config, dotted):
+    node = config
+    for p in dotted.split("."):
+        node = node[p]
+    return node
+
+
+def _set(config, dotted, value):
+    parts = dotted.split(".")
+    node = config
+    for p in parts[:-1]:
+        node = node[p]
+    with node.unlocked() if hasattr(node, "unlocked") else _Null():
+        node[parts[-1]] = value
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def target_config(src_config: ml_collections.ConfigDict, to_stage: int, config_spec: str | None = None
+                  ) -> ml_collections.ConfigDict:
+    """The destination stage's config: `config_spec` or `configs/stage<to>.py:<source size>`,
+    with the kept parts carried over from the source run's config."""
+    spec = config_spec or f"configs/stage{to_stage}.py:{src_config.size}"
+    cfg = load_config(spec)
+    if int(cfg.stage) != to_stage:
+        raise ConfigError(f"--config {spec} is a stage-{cfg.stage} config, not stage {to_stage}")
+    for field in CARRIED:
+        _set(cfg, field, _get(src_config, field))
+    if to_stage == 3:  # the DiT is kept as trained in stage 2
+        _set(cfg, "model.generator", _get(src_config, "model.generator"))
+        _set(cfg, "model.connector", _get(src_config, "model.connector"))
+    return cfg
+
+
+def _abstract(model: QueryKontext, mesh):
+    abstract, specs = sharding.abstract_init(model.init, jax.random.key(0))
+    shardings = sharding.tree_shardings(abstract, specs, mesh)
+    return sharding.abstract_with_shardings(abstract, shardings), shardings
+
+
+def transition(src_params: Mapping[str, Any], src_model: QueryKontext, dst_model: QueryKontext, mesh,
+               dit_params: Mapping[str, Any] | None = None, seed: int = 0) -> tuple[dict, dict[str, str]]:
+    """The pure tree function: (destination params, {path: status}) for stage s -> s+1.
+
+    Status is one of kept, merged (LoRA folded in), added, reinitialised, removed.
+    """
+    s, d = src_model.config, dst_model.config
+    dst_abstract, dst_shardings = _abstract(dst_model, mesh)
+    fresh = None  # initialised lazily: only parts that are added / re-initialised need it
+
+    def init_fresh():
+        nonlocal fresh
+        if fresh is None:
+            fresh = flatten_tree(jax.jit(lambda r: _unbox(dst_model.init(r)),
+                                         out_shardings=dst_shardings)(jax.random.key(seed)))
+        return fresh
+
+    # Merging runs op by op on the sharded arrays (no gather); adapters of the DiT stay.
+    src, merged_paths = merge_lora(dict(src_params), s.lora_scales, only="vlm")
+    src_flat = flatten_tree(src)
+    dst_flat_abstract = flatten_tree(dst_abstract)
+    out: dict[str, Any] = {}
+    status: dict[str, str] = {}
+    dit_flat = flatten_tree({d.generator_key: dit_params}) if dit_params is not None else {}
+    for path, target in dst_flat_abstract.items():
+        top = path.split("/")[0]
+        if path in dit_flat:
+            value = dit_flat[path]
+            if tuple(value.shape) != tuple(target.shape):
+                raise SurgeryError(f"--dit parameter {path} has shape {tuple(value.shape)}, the stage-{_stage(d)} "
+                                   f"generator expects {tuple(target.shape)}")
+            out[path] = jax.device_put(jnp.asarray(value, target.dtype), target.sharding)
+            status[path] = "added (from --dit)"
+        elif path in src_flat and tuple(src_flat[path].shape) == tuple(target.shape) \
+                and (top != d.generator_key or s.generator_key == d.generator_key):
+            out[path] = src_flat[path]
+            status[path] = "merged" if path in merged_paths else "kept"
+        elif path in src_flat:
+            out[path] = init_fresh()[path]
+            status[path] = "reinitialised"
+        else:
+            out[path] = init_fresh()[path]
+            status[path] = "added"
+    for path in src_flat:
+        if path not in dst_flat_abstract:
+            status[path] = "removed"
+    for path in flatten_tree(src_params):
+        if path.startswith("lora/vlm/"):
+            status[path] = "removed (merged into the VLM)"
+    return unflatten_tree(out), status
+
+
+def _stage(kcfg) -> int:
+    return 3 if kcfg.low_level else (1 if kcfg.generator_key == "head" else 2)
+
+
+def _unbox(tree):
+    import flax.linen as nn
+
+    return nn.meta.unbox(tree)
+
+
+def run(from_stage: int, to_stage: int, src: str, dst: str, dit: str | None = None, config_spec: str | None = None,
+        mesh_spec: Mapping[str, int] | None = None, seed: int = 0, step: int | None = None) -> dict[str, Any]:
+    """The whole surgery on checkpoints; returns the report dict (also written to DST)."""
+    if (from_stage, to_stage) not in TRANSITIONS:
+        raise SurgeryError(f"no transition from stage {from_stage} to {to_stage}; known: {TRANSITIONS}")
+    src_root, processor = resolve_run(src)
+    reader = ckpt_lib.Checkpointer(src_root, create=False)
+    step = reader.latest_step() if step is None else step
+    if step is None:
+        raise SurgeryError(f"no checkpoint steps in {src_root}")
+    src_config = ml_collections.ConfigDict(ckpt_lib.read_json_item(src_root, step, "config"))
+    if int(src_config.stage) != from_stage:
+        raise SurgeryError(f"{src_root} step {step} is a stage-{src_config.stage} checkpoint, not stage {from_stage}")
+    dst_config = target_config(src_config, to_stage, config_spec)
+    if mesh_spec:
+        _set(dst_config, "mesh", dict(mesh_spec))
+    special = kontext_config.read_special_token_ids(processor) if processor else None
+    src_k = kontext_config.build_kontext_config(src_config, special)
+    dst_k = kontext_config.validate(dst_config, jax.device_count(),
+                                    kontext_config.build_kontext_config(dst_config, special))
+    mesh = sharding.make_mesh(dst_config.mesh)
+    src_model, dst_model = QueryKontext(src_k), QueryKontext(dst_k)
+    with jax.set_mesh(mesh), sharding.activation_rules_context():
+        src_target, _ = _abstract(src_model, mesh)
+        try:
+            src_params = reader.restore(step, params=src_target, json_items=(), fallback=False)["params"]
+        except ckpt_lib.CheckpointError as e:
+            raise SurgeryError(f"source checkpoint does not fit the stage-{from_stage} config: {e}") from None
+        dit_params = _load_dit(dit, dst_k, mesh) if dit else None
+        params, status = transition(src_params, src_model, dst_model, mesh, dit_params, seed)
+    writer = ckpt_lib.Checkpointer(dst, max_to_keep=None, async_save=False)
+    if writer.steps():
+        raise SurgeryError(f"destination {dst} already holds checkpoint steps {writer.steps()}; choose a new folder")
+    writer.save(0, params=params, config=dst_config, meta={"surgery": f"{from_stage}->{to_stage}", "source": src_root,
+                                                           "source_step": step}, force=True)
+    writer.close()
+    if processor:
+        shutil.copytree(processor, os.path.join(dst, "processor"), dirs_exist_ok=True)
+    report = _report(src_params, params, status, from_stage, to_stage, src_root, step, dst, dit)
+    report["bit_identical"] = verify_kept(dst, params, status, mesh)
+    if not report["bit_identical"]["ok"]:
+        raise SurgeryError(f"kept tensors differ after writing: {report['bit_identical']['mismatched'][:5]}")
+    _write_report(dst, report)
+    return report
+
+
+def _load_dit(folder: str, dst_k, mesh):
+    """A diffusers transformer folder converted into the target generator's tree (sharded)."""
+    from qk_jax.convert import flux as flux_convert
+    from qk_jax.convert import qwen_image as qwen_convert
+
+    module = qwen_convert if dst_k.generator.family == "qwen_image" else flux_convert
+    gen = QueryKontext(dst_k)
+    abstract, shardings = _abstract(gen, mesh)
+    gen_shardings = shardings[dst_k.generator_key]
+    cfg, params = module.load(folder, dtype=np.float32, shardings=gen_shardings)
+    g = dst_k.generator
+    for field in ("num_layers", "num_single_layers", "num_heads", "head_dim", "in_channels", "joint_attention_dim"):
+        if getattr(cfg, field) != getattr(g, field):
+            raise SurgeryError(f"--dit {folder}: {field}={getattr(cfg, field)} but the stage config's generator has "
+                               f"{getattr(g, field)} (config field model.generator)")
+    return params
+
+
+def verify_kept(dst: str, params, status: Mapping[str, str], mesh) -> dict[str, Any]:
+    """Reads DST back and compares every kept tensor with the in-memory source value bit for bit."""
+    kept = {p: v for p, v in flatten_tree(params).items() if status.get(p) == "kept"}
+    target = unflatten_tree({p: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for p, v in kept.items()})
+    back = flatten_tree(ckpt_lib.Checkpointer(dst, create=False).restore_subtree(0, "params", target))
+    equal = jax.jit(lambda a, b: {k: jnp.array_equal(a[k], b[k]) for k in a})(
+        {k: kept[k] for k in kept}, {k: back[k] for k in kept})
+    mismatched = sorted(k for k, v in jax.device_get(equal).items() if not bool(v))
+    return {"ok": not mismatched, "checked": len(kept), "mismatched": mismatched}
+
+
+def _report(src_params, params, status, a, b, src_root, step, dst, dit) -> dict[str, Any]:
+    src_flat, dst_flat = flatten_tree(src_params), flatten_tree(params)
+    rows = []
+    for path in sorted(status):
+        v = dst_flat.get(path, src_flat.get(path))
+        rows.append({"path": path, "status": status[path], "shape": list(v.shape), "dtype": str(v.dtype)})
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    return {"transition": f"{a}->{b}", "source": src_root, "source_step": step, "destination": dst, "dit": dit,
+            "counts": counts, "paths": rows}
+
+
+def _write_report(dst: str, report: dict) -> None:
+    with open(os.path.join(dst, "surgery_report.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    lines = [f"# Surgery {report['transition']}", "", f"source: {report['source']} (step {report['source_step']})",
+             f"destination: {report['destination']}", f"DiT: {report['dit'] or '(initialised)'}", "",
+             "| status | count |", "|---|---|"] + [f"| {k} | {v} |" for k, v in sorted(report["counts"].items())]
+    lines += ["", f"kept tensors bit-identical after writing: {report['bit_identical']['ok']} "
+                  f"({report['bit_identical']['checked']} checked)", "", "| path | status | shape | dtype |",
+              "|---|---|---|---|"]
+    lines += [f"| {r['path']} | {r['status']} | {tuple(r['shape'])} | {r['dtype']} |" for r in report["paths"]]
+    with open(os.path.join(dst, "surgery_report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def summary(report: Mapping[str, Any]) -> str:
+    counts = ", ".join(f"{v} {k}" for k, v in sorted(report["counts"].items()))
+    bi = report["bit_identical"]
+    return (f"surgery {report['transition']}: {counts}; {bi['checked']} kept tensors bit-identical: {bi['ok']}; "
+            f"report: {os.path.join(report['destination'], 'surgery_report.md')}")
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def main(argv):
+    from absl import flags
+
+    del argv
+    f = flags.FLAGS
+    mesh = None
+    if f.mesh:
+        mesh = {k: int(v) for k, v in (kv.split("=") for kv in f.mesh.split(","))}
+    report = run(f["from"].value, f.to, f.src, f.dst, dit=f.dit or None, config_spec=f.config or None,
+                 mesh_spec=mesh, seed=f.seed, step=f.step)
+    print(summary(report), flush=True)
+
+
+def _define_flags():
+    from absl import flags
+
+    flags.DEFINE_integer("from", None, "Source stage (1 or 2).", required=True)
+    flags.DEFINE_integer("to", None, "Destination stage (2 or 3).", required=True)
+    flags.DEFINE_string("src", None, "Source run workdir or checkpoint folder.", required=True)
+    flags.DEFINE_string("dst", None, "Destination checkpoint folder (new).", required=True)
+    flags.DEFINE_string("dit", "", "1->2: a diffusers transformer folder to graft (else initialised).")
+    flags.DEFINE_string("config", "", "Destination stage config (default configs/stage<to>.py:<source size>).")
+    flags.DEFINE_string("mesh", "", "Mesh for the surgery, e.g. data=1,fsdp=4,tensor=2 (default: the config's).")
+    flags.DEFINE_integer("seed", 0, "Seed for added / re-initialised parameters.")
+    flags.DEFINE_integer("step", None, "Source step (default: the newest readable).")
+
+
+_define_flags()

@@ -1,0 +1,278 @@
+"""`qk-jax train --config configs/stage<N>.py:<size> --workdir DIR`: one training stage.
+
+    workdir/
+      checkpoints/<step>/   Orbax: params, opt_state, ema, data (iterator state), config, meta
+      processor/            the tokenizer / image processor the run uses (copied or built)
+      metrics.jsonl         one JSON line per logged step
+      tb/                   TensorBoard scalars (loss per task, grad norm, step time, tokens/s,
+                            TFLOP/s per device, MFU) and sample images
+
+A run resumes from the newest readable checkpoint in its workdir, exactly: the data
+iterator, optimizer, EMA and the per-step random key continue where they stopped, so the
+loss curve is the one an uninterrupted run draws. SIGTERM (a pre-empted VM) writes a
+checkpoint after the current step and exits. `train.init_from` starts a fresh run from
+another checkpoint (the output of `qk-jax surgery`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from qk_jax import checkpoint as ckpt_lib
+from qk_jax import distributed, flops, kontext_config, optim, sharding
+from qk_jax.data import pipeline as data_pipeline
+from qk_jax.data import vlm_inputs
+from qk_jax.data.tokenizer import build_tokenizer
+from qk_jax.data.vocab import TASKS
+from qk_jax.models.kontext import QueryKontext
+from qk_jax.models.kontext_inputs import place_batch, prepare_batch
+from qk_jax.train_step import init_state, make_train_step
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config, e.g. configs/stage1.py:tiny.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs).")
+
+
+class Stop:
+    """Set by SIGTERM / SIGINT: the loop checkpoints after the current step and exits."""
+
+    def __init__(self):
+        self.requested = False
+        self.signal = None
+
+    def install(self):
+        def handler(signum, _frame):
+            self.requested, self.signal = True, signum
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, handler)
+        return self
+
+
+def ensure_processor(config, workdir: str) -> str:
+    """The run's processor folder inside the workdir: copied from `data.processor`, or the
+    offline tokenizer built there (tests, the demo) when none is given."""
+    dst = os.path.join(workdir, "processor")
+    if os.path.exists(os.path.join(dst, "tokenizer_config.json")):
+        return dst
+    src = config.data.processor
+    if jax.process_index() == 0:
+        if src:
+            if not os.path.isdir(src):
+                raise FileNotFoundError(f"config field data.processor: folder {src} does not exist")
+            shutil.copytree(src, dst + ".tmp", dirs_exist_ok=True)
+        else:
+            build_tokenizer(dst + ".tmp")
+        os.replace(dst + ".tmp", dst)
+    distributed.barrier("processor")
+    return dst
+
+
+def build_state(model: QueryKontext, config, mesh, tx, checkpointer):
+    """Fresh, resumed, or initialised from another stage's checkpoint. Returns (state, data_state, step)."""
+    kcfg = model.config
+    abstract, specs = sharding.abstract_init(model.init, jax.random.key(0))
+    shardings = sharding.tree_shardings(abstract, specs, mesh)
+    target = sharding.abstract_with_shardings(abstract, shardings)
+    ema = config.train.ema_decay > 0
+    if checkpointer.latest_step() is not None:
+        restored = _restore_run(checkpointer, target, tx, config, ema)
+        return restored
+    if config.train.init_from:
+        src = ckpt_lib.Checkpointer(config.train.init_from, create=False)
+        params = src.restore(params=target, json_items=())["params"]
+        print(f"initialised from {config.train.init_from} step {src.latest_step()}", flush=True)
+    else:
+        params, _, _ = sharding.init_sharded(model.init, mesh, jax.random.key(config.train.seed))
+    return init_state(params, config.train.trainable, tx, ema), None, 0
+
+
+def _restore_run(checkpointer, params_target, tx, config, ema: bool):
+    trainable_t, frozen_t = optim.partition(params_target, config.train.trainable)
+    opt_abstract = jax.eval_shape(tx.init, trainable_t)
+    # The optimizer state follows its parameters' shardings; scalars are replicated.
+    opt_target = _opt_state_target(opt_abstract, trainable_t)
+    restored = checkpointer.restore(params=params_target, opt_state=opt_target,
+                                    ema=jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32,
+                                                                                     sharding=a.sharding),
+                                                     trainable_t) if ema else None)
+    trainable, frozen = optim.partition(restored["params"], config.train.trainable)
+    state = {"step": jnp.asarray(restored["step"], jnp.int32), "trainable": trainable, "frozen": frozen,
+             "opt_state": restored["opt_state"], "ema": restored.get("ema")}
+    print(f"resumed from step {restored['step']}", flush=True)
+    return state, restored.get("data"), int(restored["step"])
+
+
+def _opt_state_target(opt_abstract, trainable_target):
+    """Shardings for an optax state: leaves shaped like a parameter take its sharding."""
+    by_shape = {}
+    for leaf in jax.tree.leaves(trainable_target):
+        by_shape.setdefault((tuple(leaf.shape), leaf.dtype), leaf.sharding)
+    any_sharding = jax.tree.leaves(trainable_target)[0].sharding
+    replicated = jax.sharding.NamedSharding(any_sharding.mesh, jax.sharding.PartitionSpec())
+
+    def one(a):
+        s = by_shape.get((tuple(a.shape), a.dtype)) if a.ndim else None
+        return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s or replicated)
+
+    return jax.tree.map(one, opt_abstract)
+
+
+def state_for_checkpoint(state) -> dict[str, Any]:
+    return {"params": optim.combine(state["trainable"], state["frozen"]), "opt_state": state["opt_state"],
+            "ema": state.get("ema")}
+
+
+def train(config, workdir: str) -> dict[str, Any]:
+    """Runs (or resumes) one stage; returns a summary (losses, throughput)."""
+    distributed.maybe_initialize()
+    os.makedirs(workdir, exist_ok=True)
+    processor_dir = ensure_processor(config, workdir)
+    special = kontext_config.read_special_token_ids(processor_dir)
+    kcfg = kontext_config.validate(config, jax.device_count(),
+                                   kontext_config.build_kontext_config(config, special))
+    mesh = sharding.make_mesh(config.mesh)
+    main = distributed.is_main_process()
+    if main:
+        print(f"stage {config.stage} ({config.size}) on {jax.device_count()} {jax.devices()[0].platform} devices, "
+              f"mesh {dict(mesh.shape)}\n{kontext_config.describe(kcfg)}", flush=True)
+    model = QueryKontext(kcfg)
+    tx = optim.make_optimizer(config.train)
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                         max_to_keep=config.train.keep_checkpoints)
+    with jax.set_mesh(mesh), sharding.activation_rules_context():
+        state, data_state, start = build_state(model, config, mesh, tx, checkpointer)
+    if main and start == 0:
+        n_train = sum(x.size for x in jax.tree.leaves(state["trainable"]))
+        n_frozen = sum(x.size for x in jax.tree.leaves(state["frozen"]))
+        print(f"parameters: {n_train:,} trainable ({', '.join(config.train.trainable)}), {n_frozen:,} frozen",
+              flush=True)
+
+    processor = vlm_inputs.load_processor(processor_dir)
+    data_cfg = config.data
+    with data_cfg.unlocked():
+        data_cfg.batch_size = distributed.local_batch_size(config.train.batch_size)
+    dataset = data_pipeline.make_dataset(data_cfg, processor)
+    iterator = iter(dataset)
+    if data_state is not None:
+        iterator.set_state(data_state)
+
+    step_fn = jax.jit(make_train_step(model, tx, seed=config.train.seed, grad_accum=config.train.grad_accum,
+                                      ema_decay=config.train.ema_decay,
+                                      lr_schedule=optim.learning_rate_schedule(config.train)),
+                      donate_argnums=(0,))
+    peak = peak_flops_per_device(config.train.peak_tflops_per_device)
+    stop = Stop().install()
+    writer = _writer(workdir) if main else None
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    losses: list[float] = []
+    t_last = time.perf_counter()
+    steps_since = 0
+    flops_cache: dict = {}
+    step = start
+    try:
+        for step in range(start, config.train.steps):
+            host = next(iterator)
+            batch = prepare_batch(kcfg, host, accum=config.train.grad_accum, processes=jax.process_count())
+            shape_key = tuple((k, np.shape(v)) for k, v in batch.items() if k != "vision_plan")
+            if shape_key not in flops_cache:  # batches differ in shape by bucket and input count
+                flops_cache[shape_key] = flops.kontext_train_step_flops(
+                    kcfg, batch, config.train.trainable, state["trainable"].get("lora"))["total"]
+            flops_per_step = flops_cache[shape_key]
+            with jax.set_mesh(mesh), sharding.activation_rules_context():
+                state, metrics = step_fn(state, place_batch(batch, mesh))
+            steps_since += 1
+            last = step + 1 == config.train.steps
+            if (step + 1) % config.train.log_every == 0 or last or stop.requested or step == start:
+                m = jax.device_get(metrics)
+                now = time.perf_counter()
+                dt = (now - t_last) / steps_since
+                t_last, steps_since = now, 0
+                record = _record(step + 1, m, dt, batch, flops_per_step, peak)
+                losses.append(record["loss"])
+                if main:
+                    _log(record, metrics_path, writer)
+            if (step + 1) % config.train.checkpoint_every == 0 or last or stop.requested:
+                checkpointer.save(step + 1, **state_for_checkpoint(state), data=iterator.get_state(),
+                                  config=config, force=True)
+            if stop.requested:
+                checkpointer.wait()
+                print(f"signal {stop.signal}: checkpoint written at step {step + 1}; exiting", flush=True)
+                break
+    finally:
+        checkpointer.close()
+        if writer is not None:
+            writer.close()
+    return {"stage": config.stage, "start_step": start, "end_step": step + 1 if config.train.steps > start else start,
+            "losses": losses, "stopped_by_signal": stop.requested, "workdir": workdir}
+
+
+def peak_flops_per_device(override_tflops: float) -> float | None:
+    """Peak FLOP/s of one device: the config's value, the chip's table entry, or on CPU the
+    measured matmul peak shared by the simulated devices."""
+    if override_tflops:
+        return override_tflops * 1e12
+    peak = flops.peak_flops_for()
+    if peak and jax.devices()[0].platform == "cpu":
+        peak /= jax.local_device_count()  # simulated devices share the host's cores
+    return peak
+
+
+def _writer(workdir: str):
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(os.path.join(workdir, "tb"))
+
+
+def _record(step: int, m: dict, step_seconds: float, batch: dict, flops_per_step: float, peak: float) -> dict:
+    sums, counts = np.asarray(m["task_loss_sum"]), np.asarray(m["task_count"])
+    per_task = {TASKS[i]: float(sums[i] / counts[i]) for i in range(len(TASKS)) if counts[i] > 0}
+    tokens = int(np.prod(batch["position_ids"].shape[-2:])) + int(np.prod(batch["img_ids"].shape[-3:-1]))
+    if "img_ids" in batch and batch["img_ids"].ndim == 4:  # grad accumulation: (A, B, N, 3)
+        tokens *= batch["img_ids"].shape[0]
+    n_dev = jax.device_count()
+    achieved = flops_per_step / step_seconds / n_dev if step_seconds > 0 else 0.0
+    return {"step": step, "loss": float(m["loss"]), "task_loss": per_task, "grad_norm": float(m["grad_norm"]),
+            "learning_rate": float(m.get("learning_rate", 0.0)), "step_seconds": step_seconds,
+            "tokens_per_second": tokens / step_seconds if step_seconds > 0 else 0.0,
+            "tflops_per_device": achieved / 1e12, "mfu": achieved / peak if peak else 0.0}
+
+
+def _log(record: dict, path: str, writer) -> None:
+    tasks = " ".join(f"{k}={v:.4f}" for k, v in record["task_loss"].items())
+    print(f"step {record['step']:6d}  loss {record['loss']:.4f}  [{tasks}]  |g| {record['grad_norm']:.3f}  "
+          f"{record['step_seconds']:.3f}s/step  {record['tokens_per_second']:.0f} tok/s  "
+          f"{record['tflops_per_device']:.3f} TFLOP/s/dev  MFU {100 * record['mfu']:.1f}%", flush=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if writer is not None:
+        s = record["step"]
+        for key in ("loss", "grad_norm", "learning_rate", "step_seconds", "tokens_per_second", "tflops_per_device",
+                    "mfu"):
+            writer.add_scalar(f"train/{key}", record[key], s)
+        for task, value in record["task_loss"].items():
+            writer.add_scalar(f"loss/{task}", value, s)
+        writer.flush()
+
+
+def main(argv):
+    del argv
+    if _WORKDIR.value is None:
+        raise app.UsageError("--workdir is required")
+    if _CONFIG.value is None:
+        raise app.UsageError("--config is required, e.g. --config configs/stage1.py:tiny")
+    train(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

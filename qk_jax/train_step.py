@@ -1,0 +1,103 @@
+"""The jitted, sharded train step shared by every stage.
+
+    state = {"step", "trainable", "frozen", "opt_state", "ema"}   (a pytree)
+    state, metrics = step(state, batch)
+
+- the trainable / frozen split comes from `config.train.trainable` (`optim.partition`):
+  gradients are taken w.r.t. the trainable tree only and the optimizer state covers it
+  only, so frozen parameters carry no optimizer state;
+- LoRA adapters (`params["lora"]`) are applied as `W + s a b` inside the step;
+- gradient accumulation scans over micro-batches stacked on a leading axis;
+- the step's randomness is `fold_in(seed, step)`, so a resumed run draws the same noise,
+  timesteps and condition dropout as an uninterrupted one;
+- metrics: loss, per-task loss sums and counts, gradient norm, learning rate.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from qk_jax import optim
+from qk_jax.models.kontext import QueryKontext
+from qk_jax.models.lora import apply_lora
+
+NUM_TASKS = 6  # qk_jax.data.vocab.TASKS
+
+
+def model_params(trainable: Mapping[str, Any], frozen: Mapping[str, Any], lora_scales) -> dict[str, Any]:
+    """The full parameter dict the model's methods take: the two parts joined, LoRA applied."""
+    return apply_lora(optim.combine(trainable, frozen), lora_scales)
+
+
+def make_loss_fn(model: QueryKontext) -> Callable:
+    scales = model.config.lora_scales
+
+    def loss_fn(trainable, frozen, batch, rng):
+        return model.loss(model_params(trainable, frozen, scales), batch, rng, train=True)
+
+    return loss_fn
+
+
+def _task_sums(per_sample: jax.Array, task_id: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+    w = valid.astype(jnp.float32)
+    sums = jax.ops.segment_sum(per_sample * w, task_id, NUM_TASKS)
+    counts = jax.ops.segment_sum(w, task_id, NUM_TASKS)
+    return sums, counts
+
+
+def make_train_step(model: QueryKontext, tx: optax.GradientTransformation, *, seed: int, grad_accum: int = 1,
+                    ema_decay: float = 0.0, lr_schedule: Callable | None = None) -> Callable:
+    """`step(state, batch) -> (state, metrics)`; with `grad_accum > 1` every batch leaf has a
+    leading micro-batch axis of that size."""
+    loss_fn = make_loss_fn(model)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    base_key = jax.random.key(seed)
+
+    def micro(trainable, frozen, batch, rng):
+        (loss, aux), grads = grad_fn(trainable, frozen, batch, rng)
+        sums, counts = _task_sums(aux["per_sample"], batch["task_id"], batch["valid"])
+        return loss, grads, sums, counts
+
+    def step(state, batch):
+        rng = jax.random.fold_in(base_key, state["step"])
+        trainable, frozen = state["trainable"], state["frozen"]
+        if grad_accum == 1:
+            loss, grads, sums, counts = micro(trainable, frozen, batch, rng)
+        else:
+            def body(carry, xs):
+                i, mb = xs
+                l, g, s, c = micro(trainable, frozen, mb, jax.random.fold_in(rng, i))
+                acc_l, acc_g, acc_s, acc_c = carry
+                return (acc_l + l, jax.tree.map(jnp.add, acc_g, g), acc_s + s, acc_c + c), None
+
+            zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, trainable),
+                     jnp.zeros((NUM_TASKS,), jnp.float32), jnp.zeros((NUM_TASKS,), jnp.float32))
+            (loss, grads, sums, counts), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum), batch))
+            loss = loss / grad_accum
+            grads = jax.tree.map(lambda g: g / grad_accum, grads)
+        grad_norm = optim.global_norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        new_state = dict(state, step=state["step"] + 1, trainable=trainable, opt_state=opt_state)
+        if state.get("ema") is not None:
+            new_state["ema"] = optim.ema_update(state["ema"], trainable, ema_decay)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "task_loss_sum": sums, "task_count": counts}
+        if lr_schedule is not None:
+            metrics["learning_rate"] = lr_schedule(state["step"])
+        return new_state, metrics
+
+    return step
+
+
+def init_state(params: Mapping[str, Any], trainable_prefixes, tx: optax.GradientTransformation,
+               ema: bool) -> dict[str, Any]:
+    """The train state of a parameter tree (opt state and EMA follow the params' shardings)."""
+    trainable, frozen = optim.partition(params, trainable_prefixes)
+    opt_state = jax.jit(tx.init)(trainable)
+    state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "frozen": frozen, "opt_state": opt_state,
+             "ema": jax.jit(lambda t: jax.tree.map(lambda x: x.astype(jnp.float32), t))(trainable) if ema else None}
+    return state
