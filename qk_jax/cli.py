@@ -10,6 +10,9 @@ import sys
 
 # tool -> (module with `main(argv)`, one-line description)
 TOOLS: dict[str, tuple[str, str]] = {
+    "train": ("qk_jax.train", "train one stage: qk-jax train --config configs/stage1.py:tiny --workdir DIR"),
+    "surgery": ("qk_jax.surgery", "move a checkpoint between stages: --from 1 --to 2 --src RUN --dst CKPT"),
+    "sample": ("qk_jax.sample", "generate / edit / customise: --checkpoint RUN --prompt TEXT --out PNG"),
     "smoke": ("qk_jax.smoke", "check a machine: mesh, sharded init, train steps, checkpoint round trip"),
     "parity": ("qk_jax.parity.cli", "compare a model with its PyTorch reference: qk-jax parity <model> --checkpoint DIR"),
     "data": ("qk_jax.data.cli", "datasets: `data shapes` (generate Kontext-Shapes), `data import` (JSONL manifest)"),
@@ -42,6 +45,8 @@ def main(argv: list[str] | None = None) -> None:
         name = rest[0] if rest else ""
         module, rest = module.select(rest)
         tool = f"{tool} {name}"
+    if hasattr(module, "define_flags"):
+        module.define_flags()
     quiet = not any(a.startswith(("--verbosity", "-v=", "--v=")) for a in rest)
 
     def tool_main(args):

@@ -22,8 +22,11 @@ from qk_jax import config as config_lib
 from qk_jax import distributed, sharding
 from qk_jax.models.smoke_lm import SmokeLM
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/smoke.py:tiny.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where the checkpoint is written.")
+
+
+def define_flags() -> None:
+    config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/smoke.py:tiny.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Where the checkpoint is written.")
 
 DIVISIBLE = {
     "model.num_heads": ("tensor",),
@@ -112,10 +115,11 @@ def run(config, workdir: str) -> dict:
 
 def main(argv):
     del argv
-    if _WORKDIR.value is None:
+    if flags.FLAGS.workdir is None:
         raise app.UsageError("--workdir is required")
-    run(_CONFIG.value, _WORKDIR.value)
+    run(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -295,7 +295,8 @@ def main(argv):
     print(summary(report), flush=True)
 
 
-def _define_flags():
+def define_flags() -> None:
+    """The tool's flags (defined on demand, so other tools may import this module)."""
     from absl import flags
 
     flags.DEFINE_integer("from", None, "Source stage (1 or 2).", required=True)
@@ -309,4 +310,8 @@ def _define_flags():
     flags.DEFINE_integer("step", None, "Source step (default: the newest readable).")
 
 
-_define_flags()
+if __name__ == "__main__":
+    from absl import app
+
+    define_flags()
+    app.run(main)

@@ -39,8 +39,12 @@ from qk_jax.models.kontext import QueryKontext
 from qk_jax.models.kontext_inputs import place_batch, prepare_batch
 from qk_jax.train_step import init_state, make_train_step
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config, e.g. configs/stage1.py:tiny.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs).")
+
+
+def define_flags() -> None:
+    """The tool's flags (defined on demand, so other tools may import this module)."""
+    config_flags.DEFINE_config_file("config", None, "Stage config, e.g. configs/stage1.py:tiny.")
+    flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs).")
 
 
 class Stop:
@@ -60,12 +64,16 @@ class Stop:
 
 
 def ensure_processor(config, workdir: str) -> str:
-    """The run's processor folder inside the workdir: copied from `data.processor`, or the
-    offline tokenizer built there (tests, the demo) when none is given."""
+    """The run's processor folder inside the workdir: copied from `data.processor` (or from
+    `train.init_from`'s processor/), or the offline tokenizer built there (tests, the demo)
+    when none is given."""
     dst = os.path.join(workdir, "processor")
     if os.path.exists(os.path.join(dst, "tokenizer_config.json")):
         return dst
     src = config.data.processor
+    if not src and config.train.init_from:  # the previous stage's tokenizer travels with its checkpoint
+        candidate = os.path.join(config.train.init_from, "processor")
+        src = candidate if os.path.isdir(candidate) else ""
     if jax.process_index() == 0:
         if src:
             if not os.path.isdir(src):
@@ -267,12 +275,14 @@ def _log(record: dict, path: str, writer) -> None:
 
 def main(argv):
     del argv
-    if _WORKDIR.value is None:
+    f = flags.FLAGS
+    if f.workdir is None:
         raise app.UsageError("--workdir is required")
-    if _CONFIG.value is None:
+    if f.config is None:
         raise app.UsageError("--config is required, e.g. --config configs/stage1.py:tiny")
-    train(_CONFIG.value, _WORKDIR.value)
+    train(f.config, f.workdir)
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -287,3 +287,20 @@ def make_dataset(config: ml_collections.ConfigDict, processor, *, process_index:
                                                                    per_worker_buffer_size=config.worker_buffer_size))
     return batched
 
+
+
+def collate_records(recs: list[dict], config: ml_collections.ConfigDict, processor) -> dict[str, np.ndarray]:
+    """The batch the pipeline would make of `recs` (one group: same bucket and input count),
+    without grain: sampling and evaluation preprocess exactly as training does."""
+    if not recs:
+        raise ValueError("collate_records: no records")
+    table, vlm_table = buckets.paired_tables(config.area, config.multiple, config.vlm_area, config.vlm_multiple,
+                                             config.ratios)
+    geo = vlm_inputs.vision_geometry(processor)
+    samples = [Prepare(table, vlm_table, config.image_slots).map(r) for r in recs]
+    keys = sorted({s["key"] for s in samples})
+    if len(keys) > 1:
+        raise ValueError(f"collate_records: records fall into several groups {keys} (size / input count); "
+                         "collate each group separately")
+    return Collate(processor, config.image_slots, config.max_text_len, config.padding_side, geo["patch_size"],
+                   geo["patch_dim"], vlm_table).map(samples)

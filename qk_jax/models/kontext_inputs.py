@@ -131,14 +131,21 @@ _BATCH_AXIS = {"position_ids": 1, "vision_plan": None}
 
 
 def place_batch(batch: Mapping[str, Any], mesh) -> dict[str, Any]:
-    """Puts a prepared batch on the mesh: sample axes split over ('data', 'fsdp'), the vision
-    plan replicated; works with several processes (each passes its own rows)."""
+    """Puts a prepared batch on the mesh: sample axes split over ('data', 'fsdp') (replicated
+    when the sample count does not divide), the vision plan replicated; works with several
+    processes (each passes its own rows)."""
     import jax
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     lead = 1 if batch["input_ids"].ndim == 3 else 0  # a leading micro-batch axis (grad accumulation)
     dp = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
-    dp = None if not dp else (dp[0] if len(dp) == 1 else dp)
+    rows = batch["input_ids"].shape[lead] * jax.process_count()
+    if not dp or rows % int(np.prod([mesh.shape[a] for a in dp])):
+        # e.g. sampling 2 prompts on 8 devices: replicate instead of splitting the samples
+        # (training checks train.batch_size against the mesh at start).
+        dp = None
+    else:
+        dp = dp[0] if len(dp) == 1 else dp
 
     def put(x, axis):
         x = np.asarray(x)

@@ -1,0 +1,250 @@
+"""`qk-jax sample`: text-to-image, instruction editing, customization, multi-subject generation.
+
+    qk-jax sample --checkpoint RUN --prompt "a red circle left of a blue square" --out out.png
+    qk-jax sample --checkpoint RUN --prompt "make the circle green" --source in.png --out edit.png
+    qk-jax sample --checkpoint RUN --prompt "the subject on a checkered floor" --reference subj.png --out c.png
+    qk-jax sample --checkpoint RUN --prompt "..." --prompt "..." --batch 4 --seed 1 --out grid.png
+
+The prompt and input images go through exactly the preprocessing of training
+(`data.pipeline.collate_records`). The VLM and the connector run once per prompt; the
+sampling loop (Euler or Heun, `jax.lax.fori_loop`) runs only the DiT, with all guidance
+branches in one batched call per step:
+- text guidance (`--guidance`): the condition stream vs. the same stream with text and
+  kontext tokens masked out (how training drops them);
+- with input images and the stage-3 low-level path, dual guidance (`--image-guidance`):
+  InstructPix2Pix's three branches (text + images, images only, neither; "neither" zeroes
+  the VAE latents of the inputs, as training drops them).
+Several prompts and `--batch` samples per prompt run as one batch; a seed fixes the noise.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from qk_jax import checkpoint as ckpt_lib
+from qk_jax import guidance as guidance_lib
+from qk_jax import kontext_config, optim, samplers, sharding
+from qk_jax.data import pipeline as data_pipeline
+from qk_jax.data import records as records_lib
+from qk_jax.data import vlm_inputs
+from qk_jax.models.kontext import QueryKontext
+from qk_jax.models.kontext_inputs import place_batch, prepare_batch
+from qk_jax.models.lora import apply_lora
+from qk_jax.surgery import resolve_run
+
+
+def load_image(path: str) -> np.ndarray:
+    """(H, W, 3) uint8; FileNotFoundError / ValueError naming the file."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"input image {path} does not exist")
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except Exception as e:  # noqa: BLE001 - PIL raises many types
+        raise ValueError(f"input image {path} cannot be decoded: {e}") from None
+
+
+def task_for(source: bool, references: int) -> str:
+    if source:
+        return "edit"
+    return {0: "t2i", 1: "customization"}.get(references, "multi_subject")
+
+
+class Sampler:
+    """A trained checkpoint ready to generate. `generate(records)` returns uint8 images."""
+
+    def __init__(self, checkpoint: str, *, use_ema: bool = True, mesh_spec=None, step: int | None = None):
+        root, processor_dir = resolve_run(checkpoint)
+        if processor_dir is None:
+            raise FileNotFoundError(f"no processor/ folder next to the checkpoint {root}")
+        self.root = root
+        reader = ckpt_lib.Checkpointer(root, create=False)
+        step = reader.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint steps in {root}")
+        self.config = ml_collections.ConfigDict(ckpt_lib.read_json_item(root, step, "config"))
+        if mesh_spec:
+            self.config.mesh = dict(mesh_spec)
+        special = kontext_config.read_special_token_ids(processor_dir)
+        self.kcfg = kontext_config.build_kontext_config(self.config, special)
+        self.model = QueryKontext(self.kcfg)
+        self.mesh = sharding.make_mesh(self.config.mesh)
+        self.processor = vlm_inputs.load_processor(processor_dir)
+        with jax.set_mesh(self.mesh), sharding.activation_rules_context():
+            abstract, specs = sharding.abstract_init(self.model.init, jax.random.key(0))
+            target = sharding.abstract_with_shardings(abstract, sharding.tree_shardings(abstract, specs, self.mesh))
+            has_ema = "ema" in reader.items_in(step)
+            ema_target = None
+            if use_ema and has_ema:
+                trainable_t, _ = optim.partition(target, self.config.train.trainable)
+                ema_target = trainable_t
+            restored = reader.restore(step, params=target, ema=ema_target, json_items=())
+        params = restored["params"]
+        if ema_target is not None:  # the EMA replaces the trained weights
+            _, frozen = optim.partition(params, self.config.train.trainable)
+            params = optim.combine(restored["ema"], frozen)
+        self.params = apply_lora(params, self.kcfg.lora_scales)
+        self.step = step
+        self.used_ema = ema_target is not None
+        self._condition = jax.jit(self.model.condition)
+        self._loops: dict[Any, Any] = {}
+
+    # ------------------------------------------------------------------ inputs
+
+    def records(self, prompts: Sequence[str], source: str | None = None, references: Sequence[str] = (),
+                height: int | None = None, width: int | None = None) -> list[dict]:
+        """Records (the data pipeline's format) for prompts sharing the same input images."""
+        slots = int(self.config.data.image_slots)
+        n_inputs = (1 if source else 0) + len(references)
+        if n_inputs > slots:
+            raise ValueError(f"{n_inputs} input images (source + references) but this checkpoint was trained with "
+                             f"data.image_slots={slots}")
+        src = load_image(source) if source else None
+        refs = [load_image(r) for r in references]
+        if height is None or width is None:
+            if src is not None:
+                height, width = src.shape[:2]
+            else:
+                side = int(round(math.sqrt(self.config.data.area)))
+                height, width = height or side, width or side
+        out = []
+        for i, prompt in enumerate(prompts):
+            if not prompt or not prompt.strip():
+                raise ValueError(f"prompt {i} is empty: every sample needs an instruction or caption")
+            out.append({"task": task_for(src is not None, len(refs)), "prompt": prompt,
+                        "target": records_lib.encode_png(np.zeros((height, width, 3), np.uint8)),
+                        "source": records_lib.encode_png(src) if src is not None else b"",
+                        "references": [records_lib.encode_png(r) for r in refs], "scene": "", "category": "",
+                        "id": f"sample-{i}"})
+        return out
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, records: Sequence[dict], *, steps: int | None = None, guidance: float | None = None,
+                 image_guidance: float | None = None, seed: int = 0, method: str | None = None) -> np.ndarray:
+        """(B, H, W, 3) uint8 images for `records` (one group: same size and input count)."""
+        s = self.config.sample
+        steps = int(steps or s.steps)
+        guidance = float(s.guidance if guidance is None else guidance)
+        image_guidance = float(s.image_guidance if image_guidance is None else image_guidance)
+        method = method or s.method
+        host = data_pipeline.collate_records(list(records), self.config.data, self.processor)
+        batch = prepare_batch(self.kcfg, host)
+        h, w = batch["target"].shape[1:3]
+        with jax.set_mesh(self.mesh), sharding.activation_rules_context():
+            placed = place_batch(batch, self.mesh)
+            cond, mask, _ = self._condition(self.params, placed)
+            cond_tokens = None
+            if self.kcfg.low_level and "cond_images" in placed:
+                cond_tokens = jax.jit(self.model.encode_conditions)(self.params, placed["cond_images"])
+            n_target = (h // self.kcfg.downsample) * (w // self.kcfg.downsample)
+            sigmas, timesteps = samplers.flow_schedule(steps, self.schedule(), sigmas=samplers.pipeline_sigmas(steps),
+                                                       image_seq_len=n_target)
+            noise = jax.random.normal(jax.random.key(seed), (len(records), n_target, self.kcfg.generator.in_channels))
+            key = (method, guidance != 1.0, cond_tokens is not None and image_guidance != 1.0)
+            if key not in self._loops:
+                self._loops[key] = jax.jit(self._loop(*key))
+            tokens = self._loops[key](self.params, noise, jnp.asarray(sigmas), jnp.asarray(timesteps), cond, mask,
+                                      cond_tokens, placed["img_ids"], jnp.float32(guidance),
+                                      jnp.float32(image_guidance))
+            images = jax.jit(self.model.decode, static_argnums=(2, 3))(self.params, tokens, h, w)
+        images = np.asarray(jax.device_get(images))
+        return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+    def schedule(self) -> samplers.FlowMatchSchedule:
+        """The sampling schedule that matches the training timestep shift."""
+        t = self.kcfg.timesteps
+        if t.shift == "dynamic":
+            return samplers.FlowMatchSchedule(use_dynamic_shifting=True, base_shift=t.base_shift,
+                                              max_shift=t.max_shift, base_image_seq_len=t.base_seq_len,
+                                              max_image_seq_len=t.max_seq_len)
+        return samplers.FlowMatchSchedule(shift=t.static_shift if t.shift == "static" else 1.0)
+
+    def _loop(self, method: str, text_cfg: bool, dual: bool):
+        """The jitted sampling loop for one guidance layout (the scales are traced arguments)."""
+        model = self.model
+
+        def loop(params, noise, sigmas, timesteps, cond, mask, cond_tokens, img_ids, g, ig):
+            def model_fn(x, t, c):
+                return model.velocity(params, x, c["tokens"], c["img_ids"], c["cond"], c["mask"], t)
+
+            full = {"cond": cond, "mask": mask, "tokens": cond_tokens, "img_ids": img_ids}
+            no_text = dict(full, mask=jnp.zeros_like(mask))
+            if dual:
+                uncond = dict(no_text, tokens=jnp.zeros_like(cond_tokens))
+                vel = guidance_lib.guided_velocity(model_fn, [full, no_text, uncond],
+                                                   lambda c, i, u: guidance_lib.dual_cfg(c, i, u, g, ig))
+            elif text_cfg:
+                vel = guidance_lib.guided_velocity(model_fn, [full, no_text], lambda c, u: guidance_lib.cfg(c, u, g))
+            else:
+                vel = guidance_lib.guided_velocity(model_fn, [full], lambda c: c)
+            return samplers.sample(vel, noise, sigmas, timesteps, method)
+
+        return loop
+
+
+def save_grid(images: np.ndarray, path: str, columns: int | None = None) -> None:
+    """Writes one image, or a grid of several (row-major), as PNG."""
+    n, h, w, _ = images.shape
+    cols = columns or min(n, 8)
+    rows = math.ceil(n / cols)
+    grid = np.full((rows * h, cols * w, 3), 255, np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, cols)
+        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = im
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(grid).save(path)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def main(argv):
+    from absl import flags
+
+    del argv
+    f = flags.FLAGS
+    if not f.prompt:
+        raise ValueError("--prompt is required (repeat it for several prompts)")
+    sampler = Sampler(f.checkpoint, use_ema=f.ema)
+    prompts = [p for p in f.prompt for _ in range(f.batch)]
+    recs = sampler.records(prompts, f.source, f.reference or (), f.height, f.width)
+    images = sampler.generate(recs, steps=f.steps, guidance=f.guidance, image_guidance=f.image_guidance, seed=f.seed,
+                              method=f.sampler)
+    save_grid(images, f.out, columns=f.batch if len(f.prompt) > 1 else None)
+    print(f"wrote {len(images)} image(s) of {images.shape[1]}x{images.shape[2]} to {f.out} "
+          f"(checkpoint step {sampler.step}{', EMA weights' if sampler.used_ema else ''})", flush=True)
+
+
+def define_flags() -> None:
+    """The tool's flags (defined on demand, so other tools may import this module)."""
+    from absl import flags
+
+    flags.DEFINE_string("checkpoint", None, "A run workdir (or its checkpoints/ folder).", required=True)
+    flags.DEFINE_multi_string("prompt", [], "Prompt; repeat for several prompts.")
+    flags.DEFINE_string("source", None, "Image to edit (instruction editing).")
+    flags.DEFINE_multi_string("reference", [], "Reference subject image; repeat for several subjects.")
+    flags.DEFINE_string("out", "sample.png", "Output PNG (a grid when several images).")
+    flags.DEFINE_integer("steps", None, "Sampling steps (default: the config's sample.steps).")
+    flags.DEFINE_float("guidance", None, "Text guidance scale (default: sample.guidance).")
+    flags.DEFINE_float("image_guidance", None, "Image guidance scale for edits (default: sample.image_guidance).")
+    flags.DEFINE_integer("seed", 0, "Noise seed.")
+    flags.DEFINE_integer("batch", 1, "Samples per prompt.")
+    flags.DEFINE_integer("height", None, "Output height (default: the source's, else the training area's side).")
+    flags.DEFINE_integer("width", None, "Output width.")
+    flags.DEFINE_string("sampler", None, "euler | heun (default: sample.method).")
+    flags.DEFINE_bool("ema", True, "Use the EMA weights when the checkpoint has them.")
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    define_flags()
+    app.run(main)
