@@ -25,19 +25,21 @@ SIZES = {
     # number of kontext queries K, connector widths, target image side, LoRA ranks, batch.
     "tiny": dict(
         vlm="tiny", num_queries=4, image_size=32, vlm_image_size=84, max_text_len=96,
-        head=dict(size="tiny", overrides=dict(in_channels=192, out_channels=48, joint_attention_dim=32)),
-        dit=dict(size="tiny", overrides=dict(in_channels=192, out_channels=48, joint_attention_dim=32, num_layers=3,
+        head=dict(size="tiny", overrides=dict(in_channels=48, out_channels=12, joint_attention_dim=32, num_heads=4)),
+        dit=dict(size="tiny", overrides=dict(in_channels=48, out_channels=12, joint_attention_dim=32, num_layers=3,
                                              num_heads=4)),
-        vae=dict(kind="pixel", size="", factor=4),
+        vae=dict(kind="pixel", size="", factor=2),
         connector=dict(kind="mlp", hidden_dim=128, out_dim=32),
-        lora_vlm=dict(rank=4, alpha=4.0), lora_dit=dict(rank=4, alpha=4.0),
+        lora_vlm=dict(rank=4, alpha=4.0), lora_dit=dict(rank=32, alpha=64.0),
         batch_size=8, steps=20, learning_rate=3e-3, mesh=dict(data=-1, fsdp=1, tensor=1)),
+    # The CPU demo: 64 px images as 16x16 pixel-space latents of 48 channels (4x4 pixels),
+    # 2x2-patched into 64 tokens of 192 features; the generators are wider than a token.
     "demo": dict(
         vlm="demo", num_queries=16, image_size=64, vlm_image_size=84, max_text_len=96,
         head=dict(size="tiny", overrides=dict(in_channels=192, out_channels=48, joint_attention_dim=256, num_layers=4,
-                                              num_heads=4, head_dim=32, axes_dims_rope=(8, 12, 12))),
+                                              num_heads=8, head_dim=32, axes_dims_rope=(8, 12, 12))),
         dit=dict(size="tiny", overrides=dict(in_channels=192, out_channels=48, joint_attention_dim=256, num_layers=6,
-                                             num_heads=6, head_dim=32, axes_dims_rope=(8, 12, 12))),
+                                             num_heads=8, head_dim=32, axes_dims_rope=(8, 12, 12))),
         vae=dict(kind="pixel", size="", factor=4),
         connector=dict(kind="mlp", hidden_dim=512, out_dim=256),
         lora_vlm=dict(rank=8, alpha=8.0), lora_dit=dict(rank=16, alpha=16.0),

@@ -78,4 +78,4 @@ def ema_update(ema: Any, params: Any, decay: float) -> Any:
 
 
 def global_norm(tree: Any) -> jax.Array:
-    return optax.global_norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
+    return optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))

@@ -144,6 +144,7 @@ def state_for_checkpoint(state) -> dict[str, Any]:
 def train(config, workdir: str) -> dict[str, Any]:
     """Runs (or resumes) one stage; returns a summary (losses, throughput)."""
     distributed.maybe_initialize()
+    stop = Stop().install()  # before anything slow: a pre-emption during start-up still checkpoints
     os.makedirs(workdir, exist_ok=True)
     processor_dir = ensure_processor(config, workdir)
     special = kontext_config.read_special_token_ids(processor_dir)
@@ -180,7 +181,6 @@ def train(config, workdir: str) -> dict[str, Any]:
                                       lr_schedule=optim.learning_rate_schedule(config.train)),
                       donate_argnums=(0,))
     peak = peak_flops_per_device(config.train.peak_tflops_per_device)
-    stop = Stop().install()
     writer = _writer(workdir) if main else None
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     losses: list[float] = []

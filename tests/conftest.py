@@ -14,6 +14,14 @@ os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
 os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# A persistent XLA compilation cache shared by the suite and its subprocesses: many tests
+# compile the same tiny programs (e.g. each `train()` call re-jits its step).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="qk_jax_xla_cache_")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -25,3 +33,13 @@ jax.config.update("jax_default_matmul_precision", "highest")
 def devices():
     assert jax.device_count() == 8, "tests expect 8 simulated CPU devices (conftest sets XLA_FLAGS)"
     return jax.devices()
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory):
+    """A small Kontext-Shapes dataset (every task, 32x32) shared by the training tests."""
+    from qk_jax.data import builders
+
+    out = tmp_path_factory.mktemp("kontext_shapes")
+    builders.build_shapes(str(out), num=48, num_eval=8, height=32)
+    return str(out)
