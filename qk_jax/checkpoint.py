@@ -29,6 +29,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from qk_jax.sharding import path_str
+
 log = logging.getLogger(__name__)
 
 ARRAY_ITEMS = ("params", "opt_state", "ema")
@@ -203,23 +205,24 @@ class Checkpointer:
         """Refuses a target whose paths, shapes or structure differ from the stored tree, naming the path."""
         for name, target in targets.items():
             stored = self.abstract_item(step, name)
-            s_flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(stored)[0]}
-            t_flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(target)[0]}
+            # Paths compared as 'a/0/count': Orbax stores named tuples as dicts and tuples as lists.
+            s_flat = {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(stored)[0]}
+            t_flat = {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(target)[0]}
             missing = sorted(set(t_flat) - set(s_flat))
             if missing:
-                raise CheckpointError(f"{name}{missing[0]} is not in checkpoint step {step} of {self.directory}"
+                raise CheckpointError(f"{name}/{missing[0]} is not in checkpoint step {step} of {self.directory}"
                                       f" ({len(missing)} target paths missing)")
             for key, t in t_flat.items():
                 if tuple(s_flat[key].shape) != tuple(t.shape):
                     raise CheckpointError(
-                        f"{name}{key}: checkpoint step {step} holds shape {tuple(s_flat[key].shape)}, "
+                        f"{name}/{key}: checkpoint step {step} holds shape {tuple(s_flat[key].shape)}, "
                         f"the target expects {tuple(t.shape)}")
                 sharding = getattr(t, "sharding", None)
                 if sharding is not None:
                     try:
                         sharding.shard_shape(tuple(t.shape))
                     except Exception as e:  # noqa: BLE001
-                        raise CheckpointError(f"{name}{key}: target sharding {sharding} does not fit shape "
+                        raise CheckpointError(f"{name}/{key}: target sharding {sharding} does not fit shape "
                                               f"{tuple(t.shape)}: {e}") from None
 
     def restore_subtree(self, step: int | None, item: str, subtree) -> Any:

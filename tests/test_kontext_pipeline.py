@@ -1,0 +1,235 @@
+"""The tiny configuration through stage 1 -> surgery -> stage 2 -> surgery -> stage 3 -> sample:
+exact resume after SIGTERM, surgery reports and bit-identical kept tensors, LoRA merge
+equivalence, the CLI tools, deterministic sampling and clear errors for bad inputs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+import kontext_util as ku
+from qk_jax import checkpoint as ckpt_lib
+from qk_jax import kontext_config, sharding, surgery
+from qk_jax.data import records
+from qk_jax.models.kontext import QueryKontext
+from qk_jax.models.lora import apply_lora
+from qk_jax.sample import Sampler
+from qk_jax.train import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 5
+
+
+def metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return {r["step"]: r for r in map(json.loads, f)}
+
+
+def cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "qk_jax.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=900, **kw)
+
+
+@pytest.fixture(scope="module")
+def stage1(shapes_dir, tmp_path_factory):
+    """An uninterrupted stage-1 run, and the same run stopped by SIGTERM after step 1 and resumed."""
+    base = tmp_path_factory.mktemp("stage1")
+    overrides = [f"data.data_dir={shapes_dir}", f"train.steps={STEPS}", "train.log_every=1",
+                 "train.checkpoint_every=100"]
+    full = str(base / "full")
+    train(ku.stage_config(1, shapes_dir, *overrides[1:]), full)
+
+    stopped = str(base / "stopped")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qk_jax.cli", "train", "--config", "configs/stage1.py:tiny", "--workdir", stopped,
+         *[f"--config.{o}" for o in overrides]],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:  # SIGTERM as soon as the model is built: the first step is still compiling
+        lines.append(line)
+        if line.startswith("parameters:"):
+            proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=600)
+    log = "".join(lines)
+    train(ku.stage_config(1, shapes_dir, *overrides[1:]), stopped)  # resume
+    return {"full": full, "stopped": stopped, "code": code, "log": log}
+
+
+def test_sigterm_checkpoints_and_resume_is_exact(stage1):
+    assert stage1["code"] == 0, stage1["log"][-3000:]
+    assert "checkpoint written at step 1; exiting" in stage1["log"], stage1["log"][-3000:]
+    full, resumed = metrics(stage1["full"]), metrics(stage1["stopped"])
+    assert sorted(full) == sorted(resumed) == list(range(1, STEPS + 1))
+    for step in full:  # the same loss curve, step for step
+        assert resumed[step]["loss"] == full[step]["loss"], (step, resumed[step]["loss"], full[step]["loss"])
+    for r in full.values():
+        assert r["tflops_per_device"] > 0 and 0 < r["mfu"] < 1 and r["tokens_per_second"] > 0
+    assert os.path.isdir(os.path.join(stage1["full"], "tb"))
+
+
+@pytest.fixture(scope="module")
+def stage2(stage1, shapes_dir, tmp_path_factory):
+    base = tmp_path_factory.mktemp("stage2")
+    dst = str(base / "ckpt2")
+    run = cli("surgery", "--from", "1", "--to", "2", "--src", stage1["full"], "--dst", dst)
+    assert run.returncode == 0, run.stderr[-3000:]
+    workdir = str(base / "run")
+    train(ku.stage_config(2, shapes_dir, "train.steps=2", f"train.init_from={dst}", "data.mixture={'t2i': 1.0}"),
+          workdir)
+    return {"ckpt": dst, "run": workdir, "stdout": run.stdout}
+
+
+def _restore(path, kcfg):
+    root, _ = surgery.resolve_run(path)
+    model = QueryKontext(kcfg)
+    mesh = sharding.make_mesh((1, 1, 1))
+    with jax.set_mesh(mesh):
+        abstract, specs = sharding.abstract_init(model.init, jax.random.key(0))
+        target = sharding.abstract_with_shardings(abstract, sharding.tree_shardings(abstract, specs, mesh))
+        return model, ckpt_lib.Checkpointer(root, create=False).restore(params=target, json_items=())["params"]
+
+
+def _kcfg(path):
+    root, proc = surgery.resolve_run(path)
+    step = ckpt_lib.Checkpointer(root, create=False).latest_step()
+    cfg = ml_collections.ConfigDict(ckpt_lib.read_json_item(root, step, "config"))
+    return cfg, kontext_config.build_kontext_config(cfg, kontext_config.read_special_token_ids(proc))
+
+
+def test_surgery_1_to_2_report_and_lora_merge(stage1, stage2):
+    assert "bit-identical: True" in stage2["stdout"]
+    report = json.load(open(os.path.join(stage2["ckpt"], "surgery_report.json")))
+    statuses = {r["path"]: r["status"] for r in report["paths"]}
+    assert all(s.startswith(("kept", "merged", "added", "removed", "reinitialised")) for s in statuses.values())
+    assert statuses["queries/embedding"] == "kept"
+    assert statuses["vlm/language_model/layers/self_attn/q_proj/kernel"] == "merged"
+    assert statuses["vlm/language_model/embed_tokens/embedding"] == "kept"
+    assert all(s == "removed" for p, s in statuses.items() if p.startswith("head/"))
+    assert all(s == "added" for p, s in statuses.items() if p.startswith("dit/"))
+    assert any(p.startswith("lora/vlm/") and s.startswith("removed") for p, s in statuses.items())
+    # Complete: every path of the source and of the destination is listed.
+    cfg1, k1 = _kcfg(stage1["full"])
+    cfg2, k2 = _kcfg(stage2["ckpt"])
+    from qk_jax.convert.mapping import flatten_tree
+    m1, p1 = _restore(stage1["full"], k1)
+    m2, p2 = _restore(stage2["ckpt"], k2)
+    assert set(statuses) == set(flatten_tree(p1)) | set(flatten_tree(p2))
+    assert report["bit_identical"]["ok"] and report["bit_identical"]["checked"] == \
+        sum(1 for s in statuses.values() if s == "kept")
+    # The merged VLM gives the kontext tokens the stage-1 VLM gave with its adapters attached.
+    host = ku.first_batch(cfg1, os.path.join(stage1["full"], "processor"), {"reconstruction": 1.0})
+    batch = ku.prepared(k1, host)
+    _, _, kontext1 = jax.jit(m1.condition)(apply_lora(p1, k1.lora_scales), batch)
+    _, _, kontext2 = jax.jit(m2.condition)(p2, batch)
+    assert ku.max_rel(kontext2, kontext1) <= 1e-6
+
+
+@pytest.fixture(scope="module")
+def stage3(stage2, shapes_dir, tmp_path_factory):
+    base = tmp_path_factory.mktemp("stage3")
+    dst = str(base / "ckpt3")
+    report = surgery.run(2, 3, stage2["run"], dst)
+    workdir = str(base / "run")
+    train(ku.stage_config(3, shapes_dir, "train.steps=2", f"train.init_from={dst}"), workdir)
+    return {"ckpt": dst, "run": workdir, "report": report}
+
+
+def test_surgery_2_to_3_adds_a_zero_lora_and_keeps_everything(stage2, stage3):
+    report = stage3["report"]
+    statuses = {r["path"]: r["status"] for r in report["paths"]}
+    assert set(s for p, s in statuses.items() if p.startswith("lora/dit/")) == {"added"}
+    assert all(s == "kept" for p, s in statuses.items() if not p.startswith("lora/"))
+    assert report["bit_identical"]["ok"]
+    _, k2 = _kcfg(stage2["run"])
+    _, k3 = _kcfg(stage3["ckpt"])
+    assert k3.low_level and not k2.low_level
+    m2, p2 = _restore(stage2["run"], k2)
+    m3, p3 = _restore(stage3["ckpt"], k3)
+    # b = 0: the adapted DiT predicts exactly what the stage-2 DiT predicts.
+    p3 = apply_lora(p3, k3.lora_scales)
+    x = jax.random.normal(jax.random.key(0), (2, 64, 48))
+    ids = jnp.zeros((2, 64, 3))
+    cond = jax.random.normal(jax.random.key(1), (2, 6, 32))
+    mask = jnp.ones((2, 6), bool)
+    t = jnp.full((2,), 0.5)
+    v2 = m2.velocity(p2, x, None, ids, cond, mask, t)
+    v3 = m3.velocity(p3, x, None, ids, cond, mask, t)
+    np.testing.assert_array_equal(np.asarray(v2), np.asarray(v3))
+
+
+def test_surgery_refuses_a_tree_that_does_not_fit(stage1, tmp_path):
+    import shutil
+    src = tmp_path / "bad"
+    shutil.copytree(stage1["full"], src)
+    step = ckpt_lib.Checkpointer(str(src / "checkpoints"), create=False).latest_step()
+    meta = src / "checkpoints" / str(step) / "config" / "metadata"
+    cfg = json.loads(meta.read_text())
+    cfg["model"]["num_queries"] = 5  # the stored queries are (4, D)
+    meta.write_text(json.dumps(cfg))
+    with pytest.raises(surgery.SurgeryError, match=r"queries.*embedding.*\(4, 64\).*\(5, 64\)"):
+        surgery.run(1, 2, str(src), str(tmp_path / "out"))
+    with pytest.raises(surgery.SurgeryError, match="not stage 2"):
+        surgery.run(2, 3, stage1["full"], str(tmp_path / "out2"))
+
+
+@pytest.fixture(scope="module")
+def sampler(stage3):
+    return Sampler(stage3["run"])
+
+
+def _png(tmp_path, name, rec_image):
+    path = str(tmp_path / name)
+    Image.fromarray(rec_image).save(path)
+    return path
+
+
+def test_sampling_is_deterministic_per_seed(sampler, tmp_path):
+    recs = sampler.records(["a red circle", "two blue squares"])
+    a = sampler.generate(recs, steps=3, seed=7)
+    b = sampler.generate(recs, steps=3, seed=7)
+    c = sampler.generate(recs, steps=3, seed=8)
+    assert a.shape == (2, 32, 32, 3) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a.astype(int) - c.astype(int)).max() > 0
+    # An edit (source + dual guidance) and a multi-subject generation run too.
+    rec = records.generate_record("edit", 0, "test", height=32)
+    src = _png(tmp_path, "src.png", records.decode_image(rec["source"]))
+    edit = sampler.generate(sampler.records([rec["prompt"]], source=src), steps=3, seed=0, image_guidance=1.5)
+    assert edit.shape == (1, 32, 32, 3)
+    rec = records.generate_record("multi_subject", 0, "test", height=32)
+    refs = [_png(tmp_path, f"r{i}.png", records.decode_image(r)) for i, r in enumerate(rec["references"])]
+    multi = sampler.generate(sampler.records([rec["prompt"]], references=refs), steps=2, seed=0)
+    assert multi.shape == (1, 32, 32, 3)
+
+
+def test_bad_sampling_inputs_give_clear_errors(sampler, tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        sampler.records(["edit it"], source=str(tmp_path / "missing.png"))
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="bad.png"):
+        sampler.records(["edit it"], source=str(bad))
+    img = _png(tmp_path, "ok.png", np.zeros((32, 32, 3), np.uint8))
+    with pytest.raises(ValueError, match="4 input images.*image_slots=3"):
+        sampler.records(["too many"], source=img, references=[img, img, img])
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        sampler.records(["fine", "  "])
+
+
+def test_sample_cli_writes_a_grid(stage3, tmp_path):
+    out = str(tmp_path / "grid.png")
+    run = cli("sample", "--checkpoint", stage3["run"], "--prompt", "a red circle", "--prompt", "a green star",
+              "--batch", "2", "--steps", "2", "--out", out)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert Image.open(out).size == (64, 64)  # 2 prompts x 2 samples of 32x32
+    run = cli("sample", "--checkpoint", stage3["run"], "--prompt", "", "--out", out)
+    assert run.returncode != 0 and "empty" in run.stderr
