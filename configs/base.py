@@ -22,9 +22,10 @@ DIT_LORA_TARGETS = (r"(double_blocks/(attn|img_mlp|txt_mlp)|single_blocks/(attn|
 
 SIZES = {
     # Each entry: VLM size, stage-1 head, stage-2/3 DiT (named sizes + overrides), autoencoder,
-    # number of kontext queries K, connector widths, target image side, LoRA ranks, batch.
+    # number of kontext queries K, connector widths, target image side, text length
+    # (stages 1-2, stage 3), LoRA ranks, batch.
     "tiny": dict(
-        vlm="tiny", num_queries=4, image_size=32, vlm_image_size=84, max_text_len=96,
+        vlm="tiny", num_queries=4, image_size=32, vlm_image_size=84, max_text_len=(64, 112),
         head=dict(size="tiny", overrides=dict(in_channels=48, out_channels=12, joint_attention_dim=32, num_heads=4)),
         dit=dict(size="tiny", overrides=dict(in_channels=48, out_channels=12, joint_attention_dim=32, num_layers=3,
                                              num_heads=4)),
@@ -33,20 +34,26 @@ SIZES = {
         lora_vlm=dict(rank=4, alpha=4.0), lora_dit=dict(rank=32, alpha=64.0),
         batch_size=8, steps=20, learning_rate=3e-3, mesh=dict(data=-1, fsdp=1, tensor=1)),
     # The CPU demo: 64 px images as 16x16 pixel-space latents of 48 channels (4x4 pixels),
-    # 2x2-patched into 64 tokens of 192 features; the generators are wider than a token.
+    # 2x2-patched into 64 tokens of 192 features; a small VLM (the `demo` Qwen2.5-VL shape,
+    # narrowed) that reads 84 px input images; generators sized for minutes on 2 cores.
     "demo": dict(
-        vlm="demo", num_queries=16, image_size=64, vlm_image_size=84, max_text_len=96,
-        head=dict(size="tiny", overrides=dict(in_channels=192, out_channels=48, joint_attention_dim=256, num_layers=4,
-                                              num_heads=8, head_dim=32, axes_dims_rope=(8, 12, 12))),
-        dit=dict(size="tiny", overrides=dict(in_channels=192, out_channels=48, joint_attention_dim=256, num_layers=6,
-                                             num_heads=8, head_dim=32, axes_dims_rope=(8, 12, 12))),
+        vlm="demo", num_queries=16, image_size=64, vlm_image_size=84, max_text_len=(64, 112),
+        vlm_overrides=dict(
+            text=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, mrope_section=(4, 6, 6)),
+            vision=dict(hidden_size=64, intermediate_size=128, depth=2, num_heads=2, out_hidden_size=128,
+                        fullatt_block_indexes=(1,))),
+        head=dict(size="tiny", overrides=dict(in_channels=192, out_channels=48, joint_attention_dim=128, num_layers=2,
+                                              num_heads=4, head_dim=32, axes_dims_rope=(8, 12, 12))),
+        dit=dict(size="tiny", overrides=dict(in_channels=192, out_channels=48, joint_attention_dim=128, num_layers=4,
+                                             num_heads=4, head_dim=32, axes_dims_rope=(8, 12, 12))),
         vae=dict(kind="pixel", size="", factor=4),
-        connector=dict(kind="mlp", hidden_dim=512, out_dim=256),
-        lora_vlm=dict(rank=8, alpha=8.0), lora_dit=dict(rank=16, alpha=16.0),
+        connector=dict(kind="mlp", hidden_dim=256, out_dim=128),
+        lora_vlm=dict(rank=8, alpha=8.0), lora_dit=dict(rank=32, alpha=32.0),
         batch_size=16, steps=300, learning_rate=1e-3, mesh=dict(data=-1, fsdp=1, tensor=1)),
     # The paper: Qwen2.5-VL-7B, K = 128, ~870M stage-1 head, ~10B MMDiT, 8x VAE, 512 px.
     "paper": dict(
-        vlm="7b", num_queries=128, image_size=512, vlm_image_size=448, max_text_len=1024,
+        vlm="7b", num_queries=128, image_size=512, vlm_image_size=448, max_text_len=(1024, 1024),
         head=dict(size="head_870m", overrides={}), dit=dict(size="dit_10b", overrides={}),
         vae=dict(kind="qwen_image", size="qwen_image", factor=8),
         connector=dict(kind="mlp", hidden_dim=7168, out_dim=3584),
@@ -54,7 +61,7 @@ SIZES = {
         batch_size=512, steps=72000, learning_rate=1e-4, mesh=dict(data=1, fsdp=-1, tensor=4)),
     # Qwen2.5-VL-7B with the public Qwen-Image 20B MMDiT and its VAE in stages 2-3.
     "qwen_image": dict(
-        vlm="7b", num_queries=128, image_size=512, vlm_image_size=448, max_text_len=1024,
+        vlm="7b", num_queries=128, image_size=512, vlm_image_size=448, max_text_len=(1024, 1024),
         head=dict(size="head_870m", overrides={}), dit=dict(size="qwen_image_20b", overrides={}),
         vae=dict(kind="qwen_image", size="qwen_image", factor=8),
         connector=dict(kind="mlp", hidden_dim=7168, out_dim=3584),
@@ -73,7 +80,7 @@ def stage_config(stage: int, size: str) -> ml_collections.ConfigDict:
     c.mesh = dict(s["mesh"])
 
     m = c.model = ml_collections.ConfigDict()
-    m.vlm = dict(size=s["vlm"], checkpoint="", overrides={})
+    m.vlm = dict(size=s["vlm"], checkpoint="", overrides=dict(s.get("vlm_overrides", {})))
     gen = s["head"] if stage == 1 else s["dit"]
     m.generator = dict(key="head" if stage == 1 else "dit", size=gen["size"], checkpoint="",
                        overrides=dict(gen["overrides"]))
@@ -107,6 +114,7 @@ def stage_config(stage: int, size: str) -> ml_collections.ConfigDict:
     t.checkpoint_every = 100
     t.keep_checkpoints = 2
     t.sample_every = 0  # TensorBoard sample images every N steps (0: only at the end)
+    t.sample_images = 4  # validation t2i prompts sampled at those points (0: none)
     t.peak_tflops_per_device = 0.0  # 0: from the device kind (measured on CPU)
     t.init_from = ""  # an Orbax checkpoint of this stage to start from (written by `qk-jax surgery`)
 
@@ -116,7 +124,7 @@ def stage_config(stage: int, size: str) -> ml_collections.ConfigDict:
     d.multiple = s["vae"]["factor"] * 2  # autoencoder factor x DiT patch 2
     d.vlm_area = s["vlm_image_size"] ** 2
     d.image_slots = 3 if stage == 3 else 1
-    d.max_text_len = s["max_text_len"]
+    d.max_text_len = s["max_text_len"][1 if stage == 3 else 0]  # stage 3 prompts carry up to 3 images
     d.processor = ""  # tokenizer / processor folder ("" = build the offline tokenizer into the workdir)
 
     sm = c.sample = ml_collections.ConfigDict()

@@ -10,6 +10,7 @@ import sys
 
 # tool -> (module with `main(argv)`, one-line description)
 TOOLS: dict[str, tuple[str, str]] = {
+    "demo": ("qk_jax.demo", "the whole system on Kontext-Shapes: data, 3 stages, surgery, sampling, judge report"),
     "train": ("qk_jax.train", "train one stage: qk-jax train --config configs/stage1.py:tiny --workdir DIR"),
     "surgery": ("qk_jax.surgery", "move a checkpoint between stages: --from 1 --to 2 --src RUN --dst CKPT"),
     "sample": ("qk_jax.sample", "generate / edit / customise: --checkpoint RUN --prompt TEXT --out PNG"),

@@ -26,9 +26,27 @@ def _plain(d) -> dict:
     return d.to_dict() if hasattr(d, "to_dict") else dict(d or {})
 
 
+def nested_replace(cfg, overrides: Mapping[str, Any], where: str):
+    """dataclasses.replace that descends into nested config dataclasses
+    (`{"text": {"num_hidden_layers": 2}}`) and names an unknown field."""
+    changes = {}
+    names = {f.name for f in dataclasses.fields(cfg)}
+    for key, value in overrides.items():
+        if key not in names:
+            raise ConfigError(f"config field {where}.{key} does not exist in {type(cfg).__name__}")
+        current = getattr(cfg, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, Mapping):
+            changes[key] = nested_replace(current, value, f"{where}.{key}")
+        elif isinstance(current, tuple) and isinstance(value, (list, tuple)):
+            changes[key] = tuple(value)
+        else:
+            changes[key] = value
+    return dataclasses.replace(cfg, **changes)
+
+
 def _vlm(config, special_token_ids: Mapping[str, int] | None):
     m = config.model
-    vlm = vlm_config(m.vlm.size, **_plain(m.vlm.get("overrides", {})))
+    vlm = nested_replace(vlm_config(m.vlm.size), _plain(m.vlm.get("overrides", {})), "model.vlm.overrides")
     vlm = vlm.replace(attention_impl=m.attention_impl, remat=m.remat)
     if special_token_ids:
         vlm = vlm.with_special_tokens(dict(special_token_ids))
@@ -38,8 +56,8 @@ def _vlm(config, special_token_ids: Mapping[str, int] | None):
 def _generator(config):
     m = config.model
     g = m.generator
-    return mmdit_config(g.size, **_plain(g.get("overrides", {})), dtype=m.dtype, remat=m.remat,
-                        attention_impl=m.attention_impl)
+    base = nested_replace(mmdit_config(g.size), _plain(g.get("overrides", {})), "model.generator.overrides")
+    return dataclasses.replace(base, dtype=m.dtype, remat=m.remat, attention_impl=m.attention_impl)
 
 
 def _vae(config):

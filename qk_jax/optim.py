@@ -72,7 +72,14 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
     return optax.chain(*parts)
 
 
-def ema_update(ema: Any, params: Any, decay: float) -> Any:
+def ema_decay_at(step, decay: float):
+    """EMA decay with the usual warm-up, min(decay, (1 + step) / (10 + step)): early on the
+    average follows the weights closely, so a short run's EMA is not its initialisation."""
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def ema_update(ema: Any, params: Any, decay) -> Any:
     """ema <- decay * ema + (1 - decay) * params, in the EMA's dtype (float32)."""
     return jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p.astype(e.dtype)).astype(e.dtype), ema, params)
 

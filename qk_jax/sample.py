@@ -61,41 +61,47 @@ def task_for(source: bool, references: int) -> str:
 class Sampler:
     """A trained checkpoint ready to generate. `generate(records)` returns uint8 images."""
 
-    def __init__(self, checkpoint: str, *, use_ema: bool = True, mesh_spec=None, step: int | None = None):
+    def __init__(self, config, kcfg, params, processor, mesh, *, step: int | None = None, used_ema: bool = False):
+        """From parameters in memory (LoRA not yet applied), e.g. during training."""
+        self.config, self.kcfg, self.processor, self.mesh = config, kcfg, processor, mesh
+        self.model = QueryKontext(kcfg)
+        self.params = apply_lora(params, kcfg.lora_scales)
+        self.step, self.used_ema = step, used_ema
+        self._condition = jax.jit(self.model.condition)
+        self._encode = jax.jit(self.model.encode_conditions)
+        self._decode = jax.jit(self.model.decode, static_argnums=(2, 3))
+        self._loops: dict[Any, Any] = {}
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str, *, use_ema: bool = True, mesh_spec=None, step: int | None = None
+                        ) -> "Sampler":
+        """A run workdir (or checkpoint folder): its config, processor and (EMA) weights."""
         root, processor_dir = resolve_run(checkpoint)
         if processor_dir is None:
             raise FileNotFoundError(f"no processor/ folder next to the checkpoint {root}")
-        self.root = root
         reader = ckpt_lib.Checkpointer(root, create=False)
         step = reader.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint steps in {root}")
-        self.config = ml_collections.ConfigDict(ckpt_lib.read_json_item(root, step, "config"))
+        config = ml_collections.ConfigDict(ckpt_lib.read_json_item(root, step, "config"))
         if mesh_spec:
-            self.config.mesh = dict(mesh_spec)
-        special = kontext_config.read_special_token_ids(processor_dir)
-        self.kcfg = kontext_config.build_kontext_config(self.config, special)
-        self.model = QueryKontext(self.kcfg)
-        self.mesh = sharding.make_mesh(self.config.mesh)
-        self.processor = vlm_inputs.load_processor(processor_dir)
-        with jax.set_mesh(self.mesh), sharding.activation_rules_context():
-            abstract, specs = sharding.abstract_init(self.model.init, jax.random.key(0))
-            target = sharding.abstract_with_shardings(abstract, sharding.tree_shardings(abstract, specs, self.mesh))
-            has_ema = "ema" in reader.items_in(step)
+            config.mesh = dict(mesh_spec)
+        kcfg = kontext_config.build_kontext_config(config, kontext_config.read_special_token_ids(processor_dir))
+        mesh = sharding.make_mesh(config.mesh)
+        model = QueryKontext(kcfg)
+        with jax.set_mesh(mesh), sharding.activation_rules_context():
+            abstract, specs = sharding.abstract_init(model.init, jax.random.key(0))
+            target = sharding.abstract_with_shardings(abstract, sharding.tree_shardings(abstract, specs, mesh))
             ema_target = None
-            if use_ema and has_ema:
-                trainable_t, _ = optim.partition(target, self.config.train.trainable)
-                ema_target = trainable_t
+            if use_ema and "ema" in reader.items_in(step):
+                ema_target, _ = optim.partition(target, config.train.trainable)
             restored = reader.restore(step, params=target, ema=ema_target, json_items=())
         params = restored["params"]
         if ema_target is not None:  # the EMA replaces the trained weights
-            _, frozen = optim.partition(params, self.config.train.trainable)
+            _, frozen = optim.partition(params, config.train.trainable)
             params = optim.combine(restored["ema"], frozen)
-        self.params = apply_lora(params, self.kcfg.lora_scales)
-        self.step = step
-        self.used_ema = ema_target is not None
-        self._condition = jax.jit(self.model.condition)
-        self._loops: dict[Any, Any] = {}
+        return cls(config, kcfg, params, vlm_inputs.load_processor(processor_dir), mesh, step=step,
+                   used_ema=ema_target is not None)
 
     # ------------------------------------------------------------------ inputs
 
@@ -144,7 +150,7 @@ class Sampler:
             cond, mask, _ = self._condition(self.params, placed)
             cond_tokens = None
             if self.kcfg.low_level and "cond_images" in placed:
-                cond_tokens = jax.jit(self.model.encode_conditions)(self.params, placed["cond_images"])
+                cond_tokens = self._encode(self.params, placed["cond_images"])
             n_target = (h // self.kcfg.downsample) * (w // self.kcfg.downsample)
             sigmas, timesteps = samplers.flow_schedule(steps, self.schedule(), sigmas=samplers.pipeline_sigmas(steps),
                                                        image_seq_len=n_target)
@@ -155,7 +161,7 @@ class Sampler:
             tokens = self._loops[key](self.params, noise, jnp.asarray(sigmas), jnp.asarray(timesteps), cond, mask,
                                       cond_tokens, placed["img_ids"], jnp.float32(guidance),
                                       jnp.float32(image_guidance))
-            images = jax.jit(self.model.decode, static_argnums=(2, 3))(self.params, tokens, h, w)
+            images = self._decode(self.params, tokens, h, w)
         images = np.asarray(jax.device_get(images))
         return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
@@ -213,7 +219,7 @@ def main(argv):
     f = flags.FLAGS
     if not f.prompt:
         raise ValueError("--prompt is required (repeat it for several prompts)")
-    sampler = Sampler(f.checkpoint, use_ema=f.ema)
+    sampler = Sampler.from_checkpoint(f.checkpoint, use_ema=f.ema)
     prompts = [p for p in f.prompt for _ in range(f.batch)]
     recs = sampler.records(prompts, f.source, f.reference or (), f.height, f.width)
     images = sampler.generate(recs, steps=f.steps, guidance=f.guidance, image_guidance=f.image_guidance, seed=f.seed,

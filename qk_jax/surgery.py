@@ -45,7 +45,7 @@ TRANSITIONS = ((1, 2), (2, 3))
 # kept by surgery must be built exactly as they were trained.
 CARRIED = ("mesh", "model.vlm", "model.num_queries", "model.vae", "model.dtype", "model.remat",
            "model.attention_impl", "data.area", "data.multiple", "data.vlm_area", "data.vlm_multiple",
-           "data.max_text_len", "data.padding_side", "data.data_dir", "data.dataset")
+           "data.padding_side", "data.data_dir", "data.dataset")
 
 
 class SurgeryError(ValueError):

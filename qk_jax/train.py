@@ -210,6 +210,9 @@ def train(config, workdir: str) -> dict[str, Any]:
                 losses.append(record["loss"])
                 if main:
                     _log(record, metrics_path, writer)
+            every = config.train.sample_every
+            if config.train.sample_images and (last or (every and (step + 1) % every == 0)):
+                write_samples(config, kcfg, state, processor, mesh, step + 1, workdir, writer)
             if (step + 1) % config.train.checkpoint_every == 0 or last or stop.requested:
                 checkpointer.save(step + 1, **state_for_checkpoint(state), data=iterator.get_state(),
                                   config=config, force=True)
@@ -223,6 +226,34 @@ def train(config, workdir: str) -> dict[str, Any]:
             writer.close()
     return {"stage": config.stage, "start_step": start, "end_step": step + 1 if config.train.steps > start else start,
             "losses": losses, "stopped_by_signal": stop.requested, "workdir": workdir}
+
+
+def write_samples(config, kcfg, state, processor, mesh, step: int, workdir: str, writer) -> str | None:
+    """Generates `train.sample_images` images from validation prompts with the current (EMA)
+    weights; writes them to TensorBoard and `workdir/samples/step_<N>.png`. Single-process
+    runs only (the sampler places its small batch on the local mesh)."""
+    if jax.process_count() > 1:
+        return None
+    from qk_jax.data import builders, records as records_lib
+    from qk_jax.sample import Sampler, save_grid
+
+    trained = state["ema"] if state.get("ema") is not None else state["trainable"]
+    params = optim.combine(jax.tree.map(lambda e, t: e.astype(t.dtype), trained, state["trainable"]),
+                           state["frozen"])
+    sampler = Sampler(config, kcfg, params, processor, mesh, step=step)
+    source = builders.load_source(config.data.data_dir, config.data.dataset, "t2i", "validation")
+    n = min(int(config.train.sample_images), len(source))
+    prompts = [records_lib.normalize(source[i])["prompt"] for i in range(n)]
+    images = sampler.generate(sampler.records(prompts), seed=0)
+    path = os.path.join(workdir, "samples", f"step_{step}.png")
+    save_grid(images, path)
+    if writer is not None:
+        from PIL import Image
+
+        writer.add_image("samples/t2i", np.asarray(Image.open(path)), step, dataformats="HWC")
+        writer.add_text("samples/prompts", "\n".join(f"{i}: {p}" for i, p in enumerate(prompts)), step)
+        writer.flush()
+    return path
 
 
 def peak_flops_per_device(override_tflops: float) -> float | None:

@@ -84,7 +84,7 @@ def make_train_step(model: QueryKontext, tx: optax.GradientTransformation, *, se
         trainable = optax.apply_updates(trainable, updates)
         new_state = dict(state, step=state["step"] + 1, trainable=trainable, opt_state=opt_state)
         if state.get("ema") is not None:
-            new_state["ema"] = optim.ema_update(state["ema"], trainable, ema_decay)
+            new_state["ema"] = optim.ema_update(state["ema"], trainable, optim.ema_decay_at(state["step"], ema_decay))
         metrics = {"loss": loss, "grad_norm": grad_norm, "task_loss_sum": sums, "task_count": counts}
         if lr_schedule is not None:
             metrics["learning_rate"] = lr_schedule(state["step"])

@@ -139,8 +139,18 @@ def stage3(stage2, shapes_dir, tmp_path_factory):
     dst = str(base / "ckpt3")
     report = surgery.run(2, 3, stage2["run"], dst)
     workdir = str(base / "run")
-    train(ku.stage_config(3, shapes_dir, "train.steps=2", f"train.init_from={dst}"), workdir)
+    train(ku.stage_config(3, shapes_dir, "train.steps=2", f"train.init_from={dst}", "train.sample_images=2"),
+          workdir)
     return {"ckpt": dst, "run": workdir, "report": report}
+
+
+def test_training_writes_tensorboard_scalars_and_sample_images(stage3):
+    from PIL import Image as PILImage
+
+    png = os.path.join(stage3["run"], "samples", "step_2.png")
+    assert PILImage.open(png).size == (64, 32)  # 2 validation prompts, 32x32 each
+    events = [f for f in os.listdir(os.path.join(stage3["run"], "tb")) if f.startswith("events")]
+    assert events and os.path.getsize(os.path.join(stage3["run"], "tb", events[0])) > 1000
 
 
 def test_surgery_2_to_3_adds_a_zero_lora_and_keeps_everything(stage2, stage3):
@@ -183,7 +193,7 @@ def test_surgery_refuses_a_tree_that_does_not_fit(stage1, tmp_path):
 
 @pytest.fixture(scope="module")
 def sampler(stage3):
-    return Sampler(stage3["run"])
+    return Sampler.from_checkpoint(stage3["run"])
 
 
 def _png(tmp_path, name, rec_image):

@@ -1,0 +1,223 @@
+"""`qk-jax demo --workdir DIR [--full]`: the whole system on the embedded Kontext-Shapes data.
+
+Phases (each prints its progress; a re-run resumes at the first unfinished phase):
+
+  data      generate Kontext-Shapes (64 px, every task; held-out compositions in `test`)
+  stage1    train stage 1 (frozen VLM + LoRA, kontext queries, connector, light head)
+  surgery   1 -> 2: merge the VLM LoRA, drop the head, initialise the stage-2 DiT
+  stage2    train stage 2 (queries, connector, whole DiT)
+  surgery   2 -> 3: add the DiT LoRA, switch the VAE low-level path on
+  stage3    train stage 3 (queries, connector, DiT LoRA) on every task
+  evaluate  sample text-to-image, edit, customization and multi-subject prompts of the
+            held-out `test` split and score them with the judge
+
+Outputs: `DIR/report.json` (scores per task and overall, wall seconds per phase, the
+configs), `DIR/report.md`, `DIR/grid.png` (inputs | generation | target, one row per
+sample), TensorBoard logs under `DIR/stage*/tb`.
+
+No pretrained weights exist offline, so every part starts from random initialisation:
+the VLM is a small random Qwen2.5-VL (frozen, as in the paper; stage 1 adapts it through
+LoRA), and the autoencoder is the pixel-space one (`models/pixel_ae.py`): lossless and
+free, so the CPU minutes go to the model being demonstrated and the judge scores exactly
+what the DiT drew.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from qk_jax.config import load_config
+
+# Steps per stage and data sizes: the default fits ~15 minutes on 2 CPU cores.
+SETTINGS = {
+    "default": dict(train_per_task=1500, eval_per_task=32, score_per_task=16, steps=(250, 700, 300),
+                    sample_steps=20),
+    "full": dict(train_per_task=6000, eval_per_task=64, score_per_task=48, steps=(1500, 5000, 2500),
+                 sample_steps=30),
+    # For tests: the whole path in a couple of minutes (numbers are meaningless).
+    "smoke": dict(train_per_task=48, eval_per_task=8, score_per_task=2, steps=(3, 3, 3), sample_steps=2),
+}
+EVAL_TASKS = ("t2i", "edit", "customization", "multi_subject")
+IMAGE_SIZE = 64
+
+
+class Phases:
+    """Times each phase, prints banners, remembers what finished (DIR/phases.json)."""
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, "phases.json")
+        self.done: dict[str, float] = json.load(open(self.path)) if os.path.exists(self.path) else {}
+        self.t0 = time.perf_counter()
+
+    def run(self, name: str, fn, *, always: bool = False):
+        if name in self.done and not always:
+            print(f"== {name}: done in an earlier run ({self.done[name]:.0f}s); skipping", flush=True)
+            return None
+        print(f"\n== {name} (demo time so far {time.perf_counter() - self.t0:.0f}s)", flush=True)
+        start = time.perf_counter()
+        out = fn()
+        self.done[name] = time.perf_counter() - start
+        with open(self.path, "w") as f:
+            json.dump(self.done, f, indent=1)
+        print(f"== {name}: {self.done[name]:.0f}s", flush=True)
+        return out
+
+
+def stage_config(stage: int, size: str, workdir: str, steps: int, init_from: str = ""):
+    overrides = [f"data.data_dir={os.path.join(workdir, 'data')}", f"train.steps={steps}",
+                 f"train.log_every={max(1, steps // 20)}", f"train.checkpoint_every={max(steps // 2, 1)}",
+                 f"train.warmup_steps={max(1, steps // 20)}"]
+    if init_from:
+        overrides.append(f"train.init_from={init_from}")
+    return load_config(f"configs/stage{stage}.py:{size}", overrides)
+
+
+def run_demo(workdir: str, mode: str = "default", size: str = "demo") -> dict[str, Any]:
+    """Runs (or resumes) every phase; returns the report dict."""
+    from qk_jax import surgery
+    from qk_jax.data import builders
+    from qk_jax.train import train
+
+    s = SETTINGS[mode]
+    os.makedirs(workdir, exist_ok=True)
+    phases = Phases(workdir)
+    data_dir = os.path.join(workdir, "data")
+    runs = {i: os.path.join(workdir, f"stage{i}") for i in (1, 2, 3)}
+    ckpts = {i: os.path.join(workdir, f"surgery_{i - 1}to{i}") for i in (2, 3)}
+    configs = {}
+
+    phases.run("data", lambda: print(builders.build_shapes(data_dir, num=s["train_per_task"],
+                                                           num_eval=s["eval_per_task"], height=IMAGE_SIZE)))
+    for stage in (1, 2, 3):
+        configs[stage] = stage_config(stage, size, workdir, s["steps"][stage - 1], ckpts.get(stage, ""))
+        if stage > 1:
+            phases.run(f"surgery{stage - 1}{stage}",
+                       lambda st=stage: print(surgery.summary(surgery.run(st - 1, st, runs[st - 1], ckpts[st]))))
+        phases.run(f"stage{stage}", lambda st=stage: train(configs[st], runs[st]))
+    scores = phases.run("evaluate", lambda: evaluate(runs[3], data_dir, workdir, s), always=True)
+    report = {
+        "scores": scores["scores"], "per_category": scores["per_category"], "n_scored": scores["n"],
+        "wall_seconds": {k: round(v, 1) for k, v in phases.done.items()},
+        "total_wall_seconds": round(sum(phases.done.values()), 1),
+        "mode": mode, "settings": s, "devices": f"{jax.device_count()} x {jax.devices()[0].platform}",
+        "configs": {f"stage{k}": v.to_dict() for k, v in configs.items()},
+        "final_losses": {f"stage{k}": _last_loss(runs[k]) for k in runs},
+    }
+    with open(os.path.join(workdir, "report.json"), "w") as f:
+        json.dump(report, f, indent=1, default=str)
+    write_markdown(report, os.path.join(workdir, "report.md"))
+    print(f"\nscores (held-out test split): {json.dumps(report['scores'])}")
+    print(f"report: {os.path.join(workdir, 'report.md')}; grid: {os.path.join(workdir, 'grid.png')}; "
+          f"total {report['total_wall_seconds']:.0f}s", flush=True)
+    return report
+
+
+def _last_loss(run: str) -> float | None:
+    path = os.path.join(run, "metrics.jsonl")
+    if not os.path.exists(path):
+        return None
+    lines = open(path).read().splitlines()
+    return json.loads(lines[-1])["loss"] if lines else None
+
+
+def evaluate(run: str, data_dir: str, workdir: str, s: dict) -> dict[str, Any]:
+    """Generates the held-out prompts of each task and scores them with the judge."""
+    from qk_jax.data import builders
+    from qk_jax.data import records as records_lib
+    from qk_jax.eval import score as score_lib
+    from qk_jax.sample import Sampler
+
+    sampler = Sampler.from_checkpoint(run)
+    per_task: dict[str, list[float]] = {}
+    per_category: dict[str, list[float]] = {}
+    rows = []
+    for task in EVAL_TASKS:
+        source = builders.load_source(data_dir, builders.SHAPES_NAME, task, "test")
+        recs = [records_lib.normalize(source[i]) for i in range(min(s["score_per_task"], len(source)))]
+        groups: dict[int, list[dict]] = {}
+        for rec in recs:  # one sampling batch per input-image count
+            groups.setdefault(records_lib.num_inputs(rec), []).append(rec)
+        for group in groups.values():
+            images = sampler.generate(group, steps=s["sample_steps"], seed=0)
+            for rec, image in zip(group, images):
+                result = score_lib.score_sample(rec, image)
+                per_task.setdefault(task, []).append(float(result["score"]))
+                per_category.setdefault(f"{task}/{rec['category'] or task}", []).append(float(result["score"]))
+                if sum(1 for r in rows if r[0] == task) < 4:
+                    rows.append((task, rec, image, float(result["score"])))
+        print(f"{task}: {np.mean(per_task[task]):.3f} over {len(per_task[task])} held-out samples", flush=True)
+    write_grid(rows, os.path.join(workdir, "grid.png"))
+    scores = {t: round(float(np.mean(v)), 4) for t, v in per_task.items()}
+    scores["overall"] = round(float(np.mean(list(scores.values()))), 4)
+    return {"scores": scores, "per_category": {k: round(float(np.mean(v)), 4) for k, v in per_category.items()},
+            "n": {t: len(v) for t, v in per_task.items()}}
+
+
+def write_grid(rows, path: str) -> None:
+    """One row per sample: up to 3 input images | generation | target (64 px tiles)."""
+    from PIL import Image, ImageDraw
+
+    from qk_jax.data import records as records_lib
+
+    tile = IMAGE_SIZE
+    cols = 5
+    grid = Image.new("RGB", (cols * tile, len(rows) * (tile + 12)), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, (task, rec, image, score) in enumerate(rows):
+        y = r * (tile + 12)
+        inputs = ([rec["source"]] if rec["source"] else []) + list(rec["references"])
+        tiles = [records_lib.decode_image(b) for b in inputs][:3]
+        tiles += [None] * (3 - len(tiles)) + [image, records_lib.decode_image(rec["target"])]
+        for c, t in enumerate(tiles):
+            if t is not None:
+                grid.paste(Image.fromarray(np.asarray(t)).resize((tile, tile)), (c * tile, y + 12))
+        draw.text((2, y), f"{task} score {score:.2f}: {rec['prompt'][:48]}", fill="black")
+    grid.save(path)
+
+
+def write_markdown(report: dict, path: str) -> None:
+    lines = ["# qk_jax demo report", "", f"mode `{report['mode']}` on {report['devices']}, total "
+             f"{report['total_wall_seconds']:.0f} s", "", "## Judge scores on the held-out test split", "",
+             "| task | score | samples |", "|---|---|---|"]
+    for task, value in report["scores"].items():
+        lines.append(f"| {task} | {value:.3f} | {report['n_scored'].get(task, '')} |")
+    lines += ["", "## Per category", "", "| category | score |", "|---|---|"]
+    lines += [f"| {k} | {v:.3f} |" for k, v in sorted(report["per_category"].items())]
+    lines += ["", "## Wall time per phase", "", "| phase | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.0f} |" for k, v in report["wall_seconds"].items()]
+    lines += ["", "## Final training loss", "", "| stage | loss |", "|---|---|"]
+    lines += [f"| {k} | {v:.4f} |" if v is not None else f"| {k} | - |" for k, v in report["final_losses"].items()]
+    lines += ["", "![grid](grid.png)", ""]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+def define_flags() -> None:
+    from absl import flags
+
+    flags.DEFINE_string("workdir", "runs/demo", "Where the data, runs and report go.")
+    flags.DEFINE_bool("full", False, "Train longer (about an hour or more on 2 cores) for better scores.")
+    flags.DEFINE_enum("mode", None, list(SETTINGS), "Override the schedule (smoke: the path only, for tests).")
+    flags.DEFINE_string("size", "demo", "Model size of configs/stage*.py (demo; tiny for a quick check).")
+
+
+def main(argv):
+    from absl import flags
+
+    del argv
+    f = flags.FLAGS
+    mode = f.mode or ("full" if f.full else "default")
+    run_demo(f.workdir, mode, f.size)
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    define_flags()
+    app.run(main)
