@@ -1,0 +1,354 @@
+"""Our Qwen2.5-VL against `transformers.Qwen2_5_VLForConditionalGeneration` (float32, same
+weights, same inputs, same machine, one process):
+
+  forward     logits of a batch of image + text prompts;
+  train_step  forward + backward + AdamW update of every parameter (ours: one jitted
+              step with donated buffers; torch: `loss.backward()` + `torch.optim.AdamW.step()`);
+  generate    greedy generation of N tokens with a KV cache (ours: `Generator`, a jitted
+              prefill + one jitted decode step per token; HF: `generate`).
+
+The reference uses transformers' default attention (`sdpa`). Both sides get the same
+weights (ours converted from the torch state dict through the converter's mapping), and
+the records carry a parity check (logits max relative error, identical greedy tokens).
+
+FLOPs (analytic, multiply-add = 2): every matmul of both towers (patch embedding, q/k/v/o
+and fused qkv projections, gated MLPs, patch merger, LM head) plus attention scores and
+weighted values. Vision attention counts only the patches each patch may attend to (its
+window or its image); decoder attention counts the full T x T product (causal masking is
+not subtracted: both implementations compute it). Norms, RoPE, softmax, embeddings and
+the optimizer update are not counted. A train step counts 3x the forward (the backward
+pass is two matmuls per forward matmul). Generation counts the prefill (logits of the
+last position only) and each decode step's matmuls and attention over the filled cache.
+
+    python benchmarks/vlm.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from typing import Any
+
+try:
+    from benchmarks import common
+except ImportError:  # run as a script: benchmarks/ is sys.path[0]
+    import common  # type: ignore[no-redef]
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """Sizes of one benchmark run."""
+
+    text_hidden: int = 512
+    text_mlp: int = 1408
+    text_layers: int = 6
+    text_heads: int = 8
+    text_kv_heads: int = 2
+    vocab: int = 8192
+    vision_hidden: int = 256
+    vision_mlp: int = 688
+    vision_depth: int = 4
+    vision_heads: int = 4
+    image: tuple[int, int] = (112, 112)
+    prompt_tokens: int = 256
+    batch: int = 2
+    new_tokens: int = 32
+    repeat: int = 5
+    gen_repeat: int = 3
+
+
+FULL = Setup()
+QUICK = Setup(text_hidden=64, text_mlp=128, text_layers=2, text_heads=4, text_kv_heads=2, vocab=1024,
+              vision_hidden=32, vision_mlp=64, vision_depth=2, vision_heads=2, prompt_tokens=48, new_tokens=3,
+              repeat=1, gen_repeat=1)
+
+
+def make_config(s: Setup):
+    from qk_jax.models.qwen2_5_vl import Qwen25VLConfig, TextConfig, VisionConfig
+
+    hd = s.text_hidden // s.text_heads
+    section = (hd // 2 - 2 * (3 * hd // 16), 3 * hd // 16, 3 * hd // 16)  # (8, 12, 12) for head_dim 64
+    v = s.vocab
+    return Qwen25VLConfig(
+        vision=VisionConfig(depth=s.vision_depth, hidden_size=s.vision_hidden, intermediate_size=s.vision_mlp,
+                            num_heads=s.vision_heads, out_hidden_size=s.text_hidden, window_size=112,
+                            fullatt_block_indexes=tuple(range(1, s.vision_depth, 2))),
+        text=TextConfig(vocab_size=v, hidden_size=s.text_hidden, intermediate_size=s.text_mlp,
+                        num_hidden_layers=s.text_layers, num_attention_heads=s.text_heads,
+                        num_key_value_heads=s.text_kv_heads, mrope_section=section, max_position_embeddings=4096,
+                        bos_token_id=v - 8, eos_token_id=v - 7, pad_token_id=v - 8),
+        image_token_id=v - 4, video_token_id=v - 3, vision_start_token_id=v - 2, vision_end_token_id=v - 1)
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+def _segment_sq(segments: np.ndarray) -> int:
+    """Sum over attention segments of size^2 (query-key pairs actually needed)."""
+    _, counts = np.unique(segments[segments >= 0], return_counts=True)
+    return int((counts.astype(np.int64) ** 2).sum())
+
+
+def vision_flops(cfg, plan) -> float:
+    v = cfg.vision
+    n = int((plan.full_segments >= 0).sum())
+    d, i = v.hidden_size, v.intermediate_size
+    per_block = 2 * n * (3 * d * d + d * d + 3 * d * i)
+    attn = sum(4 * d * _segment_sq(plan.full_segments if b in v.fullatt_block_indexes else plan.window_segments)
+               for b in range(v.depth))
+    merged = n // v.merge_unit
+    merger = 2 * merged * (v.merge_unit * d) * (v.merge_unit * d + v.out_hidden_size)
+    return float(2 * n * v.patch_dim * d + v.depth * per_block + attn + merger)
+
+
+def text_token_flops(cfg) -> float:
+    """Matmul FLOPs of one token through every decoder layer (no attention, no head)."""
+    t = cfg.text
+    d, hd = t.hidden_size, t.head_dim
+    proj = d * (t.num_attention_heads * hd) * 2 + d * (t.num_key_value_heads * hd) * 2
+    return float(2 * t.num_hidden_layers * (proj + 3 * d * t.intermediate_size))
+
+
+def attention_flops(cfg, queries: int, keys: int) -> float:
+    t = cfg.text
+    return float(4 * t.num_hidden_layers * queries * keys * t.num_attention_heads * t.head_dim)
+
+
+def forward_flops(cfg, batch: int, tokens: int, plan, logits_positions: int | None = None) -> float:
+    t = cfg.text
+    head = 2 * t.hidden_size * t.vocab_size * (batch * tokens if logits_positions is None else logits_positions)
+    return (vision_flops(cfg, plan) + batch * tokens * text_token_flops(cfg)
+            + batch * attention_flops(cfg, tokens, tokens) + head)
+
+
+def generate_flops(cfg, batch: int, tokens: int, new_tokens: int, plan) -> float:
+    t = cfg.text
+    total = forward_flops(cfg, batch, tokens, plan, logits_positions=batch)
+    for k in range(1, new_tokens):
+        total += batch * (text_token_flops(cfg) + attention_flops(cfg, 1, tokens + k)
+                          + 2 * t.hidden_size * t.vocab_size)
+    return total
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def build(s: Setup, seed: int = 0):
+    """(config, torch model, our params, inputs) with identical weights on both sides."""
+    torch = common.setup_torch()
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from qk_jax.convert.mapping import unflatten_tree
+    from qk_jax.convert.qwen2_5_vl import hf_mapping
+    from qk_jax.parity.qwen2_5_vl import make_inputs
+
+    cfg = make_config(s)
+    torch.manual_seed(seed)
+    hf = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**cfg.to_hf_config())).eval()
+    state = ((k, v.detach().numpy()) for k, v in hf.state_dict().items())
+    params = unflatten_tree(dict(hf_mapping(cfg, "module").to_jax(state, dtype=np.float32)))
+    params = _copy_tree(params)  # own the memory (torch's storage is updated in place by its optimizer)
+    inputs = make_inputs(cfg, [s.image], s.prompt_tokens, s.batch, "left", seed=seed)
+    return cfg, hf, params, inputs
+
+
+def _copy_tree(tree):
+    import jax
+
+    return jax.tree.map(lambda x: jax.numpy.array(x, copy=True), tree)
+
+
+def torch_inputs(inputs: dict[str, np.ndarray]) -> dict[str, Any]:
+    import torch
+
+    return {k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}
+
+
+# ----------------------------------------------------------------------------- benchmarks
+
+
+def bench_forward(cfg, hf, params, inputs, s: Setup, peak: dict) -> dict:
+    import jax
+    import torch
+
+    from qk_jax.models.qwen2_5_vl import Qwen25VL, prepare_inputs
+
+    model = Qwen25VL(cfg)
+    t0 = time.perf_counter()
+    host = prepare_inputs(cfg, inputs["input_ids"], inputs["attention_mask"], inputs["image_grid_thw"])
+    host_s = time.perf_counter() - t0
+    args = (inputs["input_ids"].astype(np.int32), host["position_ids"], inputs["attention_mask"].astype(np.int32),
+            inputs["pixel_values"], host["vision_plan"])
+    fwd = jax.jit(lambda p, *a: model.apply({"params": p}, *a)["logits"])
+    t0 = time.perf_counter()
+    compiled = fwd.lower(params, *args).compile()
+    compile_s = time.perf_counter() - t0
+    xla_flops = _cost_flops(compiled)
+    t_in = torch_inputs(inputs)
+    with torch.no_grad():
+        ours_t, ref_t = common.compare(lambda: compiled(params, *args), lambda: hf(**t_in).logits,
+                                       repeat=s.repeat)
+        ref_logits = hf(**t_in).logits.numpy()
+    ours_logits = np.asarray(compiled(params, *args))
+    valid = inputs["attention_mask"].astype(bool)
+    err = float(np.abs(ours_logits[valid] - ref_logits[valid]).max() / np.abs(ref_logits[valid]).max())
+    flops = forward_flops(cfg, s.batch, s.prompt_tokens, host["vision_plan"])
+    return common.record("vlm/forward", ours_t.median, ref_t.median, flops=flops, peak=peak["jax_flops_per_s"],
+                         compile_s=compile_s, host_prepare_s=host_s, xla_cost_flops=xla_flops,
+                         logits_max_rel_err=err, reference_tflops=flops / ref_t.median / 1e12,
+                         reference_peak_fraction=flops / ref_t.median / peak["torch_flops_per_s"],
+                         **common.timing_extra(ours_t, ref_t))
+
+
+def _cost_flops(compiled) -> float | None:
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        return float(cost.get("flops")) if cost and cost.get("flops") is not None else None
+    except Exception:  # noqa: BLE001 - cost analysis is best effort
+        return None
+
+
+def _labels(inputs) -> np.ndarray:
+    """Next-token labels: the input ids, -100 on padding (HF's ignore index)."""
+    return np.where(inputs["attention_mask"] > 0, inputs["input_ids"], -100).astype(np.int64)
+
+
+def make_train_step(model, tx):
+    """Jitted (params, opt_state, batch...) -> (params, opt_state, loss) with donated state.
+
+    Loss: HF's causal-LM loss (logits[:, :-1] against labels[:, 1:], mean over labels != -100).
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    def loss_fn(params, ids, pos, mask, pixels, plan, labels):
+        logits = model.apply({"params": params}, ids, pos, mask, pixels, plan)["logits"][:, :-1]
+        target = labels[:, 1:]
+        valid = target != -100
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, target, 0))
+        return jnp.sum(jnp.where(valid, ce, 0.0)) / jnp.maximum(valid.sum(), 1)
+
+    def step(params, opt_state, *batch):
+        loss, grads = jax.value_and_grad(loss_fn)(params, *batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def bench_train_step(cfg, hf, params, inputs, s: Setup, peak: dict, lr: float = 1e-5) -> dict:
+    import jax
+    import optax
+    import torch
+
+    from qk_jax.models.qwen2_5_vl import Qwen25VL, prepare_inputs
+
+    model = Qwen25VL(cfg)
+    host = prepare_inputs(cfg, inputs["input_ids"], inputs["attention_mask"], inputs["image_grid_thw"])
+    labels = _labels(inputs)
+    batch = (inputs["input_ids"].astype(np.int32), host["position_ids"], inputs["attention_mask"].astype(np.int32),
+             inputs["pixel_values"], host["vision_plan"], labels.astype(np.int32))
+    tx = optax.adamw(lr, weight_decay=0.01)
+    state = {"params": _copy_tree(params)}
+    state["opt"] = tx.init(state["params"])
+    step = make_train_step(model, tx)
+    t0 = time.perf_counter()
+    compiled = step.lower(state["params"], state["opt"], *batch).compile()
+    compile_s = time.perf_counter() - t0
+    xla_flops = _cost_flops(compiled)
+    losses = {}
+
+    def ours():
+        state["params"], state["opt"], loss = compiled(state["params"], state["opt"], *batch)
+        losses.setdefault("ours", loss)
+        return loss
+
+    hf.train()
+    opt = torch.optim.AdamW(hf.parameters(), lr=lr, weight_decay=0.01)
+    t_in = dict(torch_inputs(inputs), labels=torch.from_numpy(labels))
+
+    def reference():
+        opt.zero_grad(set_to_none=True)
+        loss = hf(**t_in).loss
+        loss.backward()
+        opt.step()
+        losses.setdefault("reference", loss.item())
+        return loss
+
+    ours_t, ref_t = common.compare(ours, reference, repeat=s.repeat)
+    hf.eval()
+    flops = 3 * forward_flops(cfg, s.batch, s.prompt_tokens, host["vision_plan"])
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
+    return common.record("vlm/train_step", ours_t.median, ref_t.median, flops=flops, peak=peak["jax_flops_per_s"],
+                         compile_s=compile_s, xla_cost_flops=xla_flops, params=n_params,
+                         first_loss_ours=float(losses["ours"]), first_loss_reference=losses["reference"],
+                         reference_tflops=flops / ref_t.median / 1e12,
+                         reference_peak_fraction=flops / ref_t.median / peak["torch_flops_per_s"],
+                         **common.timing_extra(ours_t, ref_t))
+
+
+def bench_generate(cfg, hf, params, inputs, s: Setup, peak: dict) -> dict:
+    import torch
+
+    from qk_jax.models.qwen2_5_vl import Qwen25VL, prepare_inputs
+    from qk_jax.models.qwen2_5_vl.generate import Generator
+
+    gen = Generator(Qwen25VL(cfg))
+    args = (params, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], inputs["image_grid_thw"])
+    kw = dict(max_new_tokens=s.new_tokens, eos_token_id=-1, pad_token_id=cfg.text.pad_token_id)
+    t0 = time.perf_counter()
+    first = gen(*args, **kw)
+    first_s = time.perf_counter() - t0
+    hf.generation_config.eos_token_id = None  # run the full length on both sides
+    t_in = torch_inputs(inputs)
+    out = {}
+
+    def reference():
+        with torch.no_grad():
+            out["ref"] = hf.generate(**t_in, max_new_tokens=s.new_tokens, do_sample=False,
+                                     pad_token_id=cfg.text.pad_token_id)
+        return out["ref"]
+
+    ours_t, ref_t = common.compare(lambda: gen(*args, **kw), reference, repeat=s.gen_repeat)
+    ref_tokens = out["ref"][:, inputs["input_ids"].shape[1]:].numpy()
+    host = prepare_inputs(cfg, inputs["input_ids"], inputs["attention_mask"], inputs["image_grid_thw"])
+    flops = generate_flops(cfg, s.batch, s.prompt_tokens, s.new_tokens, host["vision_plan"])
+    return common.record(f"vlm/generate_{s.new_tokens}", ours_t.median, ref_t.median, flops=flops,
+                         peak=peak["jax_flops_per_s"], compile_s=max(first_s - ours_t.median, 0.0),
+                         tokens_equal=bool(np.array_equal(first, ref_tokens)),
+                         new_tokens=int(first.shape[1]), ours_ms_per_token=1e3 * ours_t.median / s.new_tokens,
+                         reference_ms_per_token=1e3 * ref_t.median / s.new_tokens,
+                         **common.timing_extra(ours_t, ref_t))
+
+
+def run(quick: bool = False, peak: dict | None = None) -> list[dict]:
+    """All VLM benchmarks; prints their table and returns the records."""
+    s = QUICK if quick else FULL
+    peak = peak or common.matmul_peak(512 if quick else 2048, repeat=2 if quick else 5)
+    cfg, hf, params, inputs = build(s)
+    setup = {"text": f"{s.text_layers}x{s.text_hidden} (mlp {s.text_mlp}, heads {s.text_heads}/{s.text_kv_heads}, "
+                     f"vocab {s.vocab})",
+             "vision": f"{s.vision_depth}x{s.vision_hidden} (mlp {s.vision_mlp})",
+             "batch": f"{s.batch} x {s.prompt_tokens} tokens, one {s.image[0]}x{s.image[1]} image per row"}
+    records = [bench_forward(cfg, hf, params, inputs, s, peak),
+               bench_generate(cfg, hf, params, inputs, s, peak),
+               bench_train_step(cfg, hf, params, inputs, s, peak)]
+    for r in records:
+        r["extra"]["setup"] = setup
+    print(common.records_table(
+        f"Qwen2.5-VL, float32, ours vs transformers (sdpa): text {setup['text']}, vision {setup['vision']}, "
+        f"{setup['batch']}; matmul peak JAX {peak['jax_flops_per_s'] / 1e9:.0f} / torch "
+        f"{peak['torch_flops_per_s'] / 1e9:.0f} GFLOP/s", records))
+    print()
+    return records
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
+    run(parser.parse_args().quick)
