@@ -25,7 +25,7 @@ try:
 except ImportError:  # run as a script
     import common  # type: ignore[no-redef]
 
-DEPTHS = (2, 4, 8, 16)
+DEPTHS = (2, 4, 8, 16, 32)
 QUICK_DEPTHS = (1, 2)
 
 
