@@ -173,6 +173,81 @@ def record(name: str, ours_s: float, reference_s: float | None, *, flops: float 
             "ours_tflops": tflops, "extra": extra}
 
 
+def comparison(name: str, ours: Timing, reference: Timing, *, flops: float | None, peak: dict[str, float],
+               **extra) -> dict[str, Any]:
+    """A record of ours vs the reference: medians, FLOP/s of both sides against their own
+    framework's matmul peak (`matmul_peak`), spread and CPU times."""
+    if flops:
+        extra["reference_tflops"] = flops / reference.median / 1e12
+        extra["reference_peak_fraction"] = flops / reference.median / peak["torch_flops_per_s"]
+    return record(name, ours.median, reference.median, flops=flops, peak=peak["jax_flops_per_s"],
+                  **extra, **timing_extra(ours, reference))
+
+
+# ----------------------------------------------------------------------------- train steps
+
+
+def copy_tree(tree: Any) -> Any:
+    """A copy of a tree of arrays as JAX arrays (donated buffers must not alias numpy / torch memory)."""
+    import jax
+    import jax.numpy as jnp
+
+    return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+
+
+def compare_train_steps(loss_fn: Callable[..., Any], params: Any, batch: Sequence[Any], torch_model,
+                        torch_loss: Callable[[], Any], *, lr: float, repeat: int, weight_decay: float = 0.01
+                        ) -> dict[str, Any]:
+    """Times one AdamW training step on both sides, alternately.
+
+    Ours: `loss_fn(params, *batch)` differentiated, `optax.adamw` applied, the whole step
+    one jitted program with the parameters and optimizer state donated. Reference:
+    `torch_loss().backward()` and `torch.optim.AdamW.step()` on every parameter of
+    `torch_model` (train mode). Both update all parameters with the same hyperparameters.
+    Returns {"ours", "reference" (Timings), "compile_s", "first_loss_ours",
+    "first_loss_reference", "params"}.
+    """
+    import jax
+    import optax
+    import torch
+
+    tx = optax.adamw(lr, weight_decay=weight_decay)
+    state = {"params": copy_tree(params)}
+    state["opt"] = tx.init(state["params"])
+
+    def step(p, o, *b):
+        loss, grads = jax.value_and_grad(loss_fn)(p, *b)
+        updates, o = tx.update(grads, o, p)
+        return optax.apply_updates(p, updates), o, loss
+
+    t0 = time.perf_counter()
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(state["params"], state["opt"], *batch).compile()
+    compile_s = time.perf_counter() - t0
+    losses: dict[str, float] = {}
+
+    def ours():
+        state["params"], state["opt"], loss = compiled(state["params"], state["opt"], *batch)
+        losses.setdefault("ours", float(loss))
+        return loss
+
+    torch_model.train()
+    opt = torch.optim.AdamW(torch_model.parameters(), lr=lr, weight_decay=weight_decay)
+
+    def reference():
+        opt.zero_grad(set_to_none=True)
+        loss = torch_loss()
+        loss.backward()
+        opt.step()
+        losses.setdefault("reference", loss.item())
+        return loss
+
+    ours_t, ref_t = compare(ours, reference, repeat=repeat)
+    torch_model.eval()
+    n_params = sum(int(x.size) for x in jax.tree.leaves(state["params"]))
+    return {"ours": ours_t, "reference": ref_t, "compile_s": compile_s, "first_loss_ours": losses["ours"],
+            "first_loss_reference": losses["reference"], "params": n_params}
+
+
 def _fmt(v: Any, kind: str = "") -> str:
     if v is None:
         return "-"

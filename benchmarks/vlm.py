@@ -11,14 +11,13 @@ The reference uses transformers' default attention (`sdpa`). Both sides get the 
 weights (ours converted from the torch state dict through the converter's mapping), and
 the records carry a parity check (logits max relative error, identical greedy tokens).
 
-FLOPs (analytic, multiply-add = 2): every matmul of both towers (patch embedding, q/k/v/o
-and fused qkv projections, gated MLPs, patch merger, LM head) plus attention scores and
-weighted values. Vision attention counts only the patches each patch may attend to (its
-window or its image); decoder attention counts the full T x T product (causal masking is
-not subtracted: both implementations compute it). Norms, RoPE, softmax, embeddings and
-the optimizer update are not counted. A train step counts 3x the forward (the backward
-pass is two matmuls per forward matmul). Generation counts the prefill (logits of the
-last position only) and each decode step's matmuls and attention over the filled cache.
+FLOPs: `qk_jax.flops` (matmul-class FLOPs, 2 per multiply-add: every weight matmul of
+both towers and the LM head, and the attention products over the full score matrices
+our implementation computes: T x T in the decoder, N x N patches in the vision tower;
+not counted: norms, RoPE, softmax, embeddings, the loss and the optimizer update). A
+train step is forward + activation and weight gradients of every part (~3x the
+forward). Generation counts the prefill (logits of the last position only) and each
+decode step's matmuls and its attention over the allocated cache.
 
     python benchmarks/vlm.py [--quick]
 """
@@ -36,6 +35,9 @@ except ImportError:  # run as a script: benchmarks/ is sys.path[0]
     import common  # type: ignore[no-redef]
 
 import numpy as np
+
+from qk_jax import flops
+from qk_jax.flops import MatmulFlops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,53 +86,32 @@ def make_config(s: Setup):
 
 
 # ----------------------------------------------------------------------------- FLOPs
+# Counted by `qk_jax.flops` (matmuls and attention products as our implementation runs
+# them: full T x T decoder scores, all N x N patch pairs in the vision tower).
 
 
-def _segment_sq(segments: np.ndarray) -> int:
-    """Sum over attention segments of size^2 (query-key pairs actually needed)."""
-    _, counts = np.unique(segments[segments >= 0], return_counts=True)
-    return int((counts.astype(np.int64) ** 2).sum())
+def forward_flops(cfg, batch: int, tokens: int, num_patches: int) -> MatmulFlops:
+    """One forward with logits on every position."""
+    return flops.vision_tower_flops(cfg.vision, num_patches) + flops.decoder_flops(cfg, batch, tokens, True)
 
 
-def vision_flops(cfg, plan) -> float:
-    v = cfg.vision
-    n = int((plan.full_segments >= 0).sum())
-    d, i = v.hidden_size, v.intermediate_size
-    per_block = 2 * n * (3 * d * d + d * d + 3 * d * i)
-    attn = sum(4 * d * _segment_sq(plan.full_segments if b in v.fullatt_block_indexes else plan.window_segments)
-               for b in range(v.depth))
-    merged = n // v.merge_unit
-    merger = 2 * merged * (v.merge_unit * d) * (v.merge_unit * d + v.out_hidden_size)
-    return float(2 * n * v.patch_dim * d + v.depth * per_block + attn + merger)
+def train_flops(cfg, batch: int, tokens: int, num_patches: int) -> int:
+    """Forward + backward with every parameter trained (the rule of `qk_jax.flops.step`)."""
+    parts = [flops.Part("vit", flops.vision_tower_flops(cfg.vision, num_patches), weight_grads=True),
+             flops.Part("llm", flops.decoder_flops(cfg, batch, tokens, True), weight_grads=True)]
+    return flops.train_step_flops(parts)["total"]
 
 
-def text_token_flops(cfg) -> float:
-    """Matmul FLOPs of one token through every decoder layer (no attention, no head)."""
+def generate_flops(cfg, batch: int, tokens: int, new_tokens: int, num_patches: int) -> int:
+    """Prefill (logits of the last position only), then `new_tokens - 1` decode steps, each
+    attending over the whole allocated cache (tokens + new_tokens slots, as `Generator` does)."""
     t = cfg.text
-    d, hd = t.hidden_size, t.head_dim
-    proj = d * (t.num_attention_heads * hd) * 2 + d * (t.num_key_value_heads * hd) * 2
-    return float(2 * t.num_hidden_layers * (proj + 3 * d * t.intermediate_size))
-
-
-def attention_flops(cfg, queries: int, keys: int) -> float:
-    t = cfg.text
-    return float(4 * t.num_hidden_layers * queries * keys * t.num_attention_heads * t.head_dim)
-
-
-def forward_flops(cfg, batch: int, tokens: int, plan, logits_positions: int | None = None) -> float:
-    t = cfg.text
-    head = 2 * t.hidden_size * t.vocab_size * (batch * tokens if logits_positions is None else logits_positions)
-    return (vision_flops(cfg, plan) + batch * tokens * text_token_flops(cfg)
-            + batch * attention_flops(cfg, tokens, tokens) + head)
-
-
-def generate_flops(cfg, batch: int, tokens: int, new_tokens: int, plan) -> float:
-    t = cfg.text
-    total = forward_flops(cfg, batch, tokens, plan, logits_positions=batch)
-    for k in range(1, new_tokens):
-        total += batch * (text_token_flops(cfg) + attention_flops(cfg, 1, tokens + k)
-                          + 2 * t.hidden_size * t.vocab_size)
-    return total
+    head = 2 * batch * t.hidden_size * t.vocab_size
+    prefill = flops.vision_tower_flops(cfg.vision, num_patches) + flops.decoder_flops(t, batch, tokens, False)
+    step_weights = flops.decoder_flops(cfg, batch, 1, True).weights
+    cache = tokens + new_tokens
+    step_attention = 4 * t.num_hidden_layers * batch * cache * t.num_attention_heads * t.head_dim
+    return int(prefill) + head + (new_tokens - 1) * (step_weights + step_attention)
 
 
 # ----------------------------------------------------------------------------- models
@@ -150,15 +131,9 @@ def build(s: Setup, seed: int = 0):
     hf = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**cfg.to_hf_config())).eval()
     state = ((k, v.detach().numpy()) for k, v in hf.state_dict().items())
     params = unflatten_tree(dict(hf_mapping(cfg, "module").to_jax(state, dtype=np.float32)))
-    params = _copy_tree(params)  # own the memory (torch's storage is updated in place by its optimizer)
+    params = common.copy_tree(params)  # own the memory (torch's storage is updated in place by its optimizer)
     inputs = make_inputs(cfg, [s.image], s.prompt_tokens, s.batch, "left", seed=seed)
     return cfg, hf, params, inputs
-
-
-def _copy_tree(tree):
-    import jax
-
-    return jax.tree.map(lambda x: jax.numpy.array(x, copy=True), tree)
 
 
 def torch_inputs(inputs: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -186,7 +161,6 @@ def bench_forward(cfg, hf, params, inputs, s: Setup, peak: dict) -> dict:
     t0 = time.perf_counter()
     compiled = fwd.lower(params, *args).compile()
     compile_s = time.perf_counter() - t0
-    xla_flops = _cost_flops(compiled)
     t_in = torch_inputs(inputs)
     with torch.no_grad():
         ours_t, ref_t = common.compare(lambda: compiled(params, *args), lambda: hf(**t_in).logits,
@@ -195,21 +169,9 @@ def bench_forward(cfg, hf, params, inputs, s: Setup, peak: dict) -> dict:
     ours_logits = np.asarray(compiled(params, *args))
     valid = inputs["attention_mask"].astype(bool)
     err = float(np.abs(ours_logits[valid] - ref_logits[valid]).max() / np.abs(ref_logits[valid]).max())
-    flops = forward_flops(cfg, s.batch, s.prompt_tokens, host["vision_plan"])
-    return common.record("vlm/forward", ours_t.median, ref_t.median, flops=flops, peak=peak["jax_flops_per_s"],
-                         compile_s=compile_s, host_prepare_s=host_s, xla_cost_flops=xla_flops,
-                         logits_max_rel_err=err, reference_tflops=flops / ref_t.median / 1e12,
-                         reference_peak_fraction=flops / ref_t.median / peak["torch_flops_per_s"],
-                         **common.timing_extra(ours_t, ref_t))
-
-
-def _cost_flops(compiled) -> float | None:
-    try:
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        return float(cost.get("flops")) if cost and cost.get("flops") is not None else None
-    except Exception:  # noqa: BLE001 - cost analysis is best effort
-        return None
+    n = float(forward_flops(cfg, s.batch, s.prompt_tokens, inputs["pixel_values"].shape[0]))
+    return common.comparison("vlm/forward", ours_t, ref_t, flops=n, peak=peak, compile_s=compile_s,
+                             host_prepare_s=host_s, logits_max_rel_err=err)
 
 
 def _labels(inputs) -> np.ndarray:
@@ -217,32 +179,9 @@ def _labels(inputs) -> np.ndarray:
     return np.where(inputs["attention_mask"] > 0, inputs["input_ids"], -100).astype(np.int64)
 
 
-def make_train_step(model, tx):
-    """Jitted (params, opt_state, batch...) -> (params, opt_state, loss) with donated state.
-
-    Loss: HF's causal-LM loss (logits[:, :-1] against labels[:, 1:], mean over labels != -100).
-    """
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    def loss_fn(params, ids, pos, mask, pixels, plan, labels):
-        logits = model.apply({"params": params}, ids, pos, mask, pixels, plan)["logits"][:, :-1]
-        target = labels[:, 1:]
-        valid = target != -100
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, target, 0))
-        return jnp.sum(jnp.where(valid, ce, 0.0)) / jnp.maximum(valid.sum(), 1)
-
-    def step(params, opt_state, *batch):
-        loss, grads = jax.value_and_grad(loss_fn)(params, *batch)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    return jax.jit(step, donate_argnums=(0, 1))
-
-
 def bench_train_step(cfg, hf, params, inputs, s: Setup, peak: dict, lr: float = 1e-5) -> dict:
-    import jax
+    """Loss: HF's causal-LM loss (logits[:, :-1] against labels[:, 1:], mean over labels != -100)."""
+    import jax.numpy as jnp
     import optax
     import torch
 
@@ -253,49 +192,26 @@ def bench_train_step(cfg, hf, params, inputs, s: Setup, peak: dict, lr: float = 
     labels = _labels(inputs)
     batch = (inputs["input_ids"].astype(np.int32), host["position_ids"], inputs["attention_mask"].astype(np.int32),
              inputs["pixel_values"], host["vision_plan"], labels.astype(np.int32))
-    tx = optax.adamw(lr, weight_decay=0.01)
-    state = {"params": _copy_tree(params)}
-    state["opt"] = tx.init(state["params"])
-    step = make_train_step(model, tx)
-    t0 = time.perf_counter()
-    compiled = step.lower(state["params"], state["opt"], *batch).compile()
-    compile_s = time.perf_counter() - t0
-    xla_flops = _cost_flops(compiled)
-    losses = {}
 
-    def ours():
-        state["params"], state["opt"], loss = compiled(state["params"], state["opt"], *batch)
-        losses.setdefault("ours", loss)
-        return loss
+    def loss_fn(params, ids, pos, mask, pixels, plan, labels):
+        logits = model.apply({"params": params}, ids, pos, mask, pixels, plan)["logits"][:, :-1]
+        target = labels[:, 1:]
+        valid = target != -100
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, target, 0))
+        return jnp.sum(jnp.where(valid, ce, 0.0)) / jnp.maximum(valid.sum(), 1)
 
-    hf.train()
-    opt = torch.optim.AdamW(hf.parameters(), lr=lr, weight_decay=0.01)
     t_in = dict(torch_inputs(inputs), labels=torch.from_numpy(labels))
-
-    def reference():
-        opt.zero_grad(set_to_none=True)
-        loss = hf(**t_in).loss
-        loss.backward()
-        opt.step()
-        losses.setdefault("reference", loss.item())
-        return loss
-
-    ours_t, ref_t = common.compare(ours, reference, repeat=s.repeat)
-    hf.eval()
-    flops = 3 * forward_flops(cfg, s.batch, s.prompt_tokens, host["vision_plan"])
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
-    return common.record("vlm/train_step", ours_t.median, ref_t.median, flops=flops, peak=peak["jax_flops_per_s"],
-                         compile_s=compile_s, xla_cost_flops=xla_flops, params=n_params,
-                         first_loss_ours=float(losses["ours"]), first_loss_reference=losses["reference"],
-                         reference_tflops=flops / ref_t.median / 1e12,
-                         reference_peak_fraction=flops / ref_t.median / peak["torch_flops_per_s"],
-                         **common.timing_extra(ours_t, ref_t))
+    r = common.compare_train_steps(loss_fn, params, batch, hf, lambda: hf(**t_in).loss, lr=lr, repeat=s.repeat)
+    n = float(train_flops(cfg, s.batch, s.prompt_tokens, inputs["pixel_values"].shape[0]))
+    return common.comparison("vlm/train_step", r["ours"], r["reference"], flops=n, peak=peak,
+                             compile_s=r["compile_s"], params=r["params"], first_loss_ours=r["first_loss_ours"],
+                             first_loss_reference=r["first_loss_reference"])
 
 
 def bench_generate(cfg, hf, params, inputs, s: Setup, peak: dict) -> dict:
     import torch
 
-    from qk_jax.models.qwen2_5_vl import Qwen25VL, prepare_inputs
+    from qk_jax.models.qwen2_5_vl import Qwen25VL
     from qk_jax.models.qwen2_5_vl.generate import Generator
 
     gen = Generator(Qwen25VL(cfg))
@@ -316,14 +232,12 @@ def bench_generate(cfg, hf, params, inputs, s: Setup, peak: dict) -> dict:
 
     ours_t, ref_t = common.compare(lambda: gen(*args, **kw), reference, repeat=s.gen_repeat)
     ref_tokens = out["ref"][:, inputs["input_ids"].shape[1]:].numpy()
-    host = prepare_inputs(cfg, inputs["input_ids"], inputs["attention_mask"], inputs["image_grid_thw"])
-    flops = generate_flops(cfg, s.batch, s.prompt_tokens, s.new_tokens, host["vision_plan"])
-    return common.record(f"vlm/generate_{s.new_tokens}", ours_t.median, ref_t.median, flops=flops,
-                         peak=peak["jax_flops_per_s"], compile_s=max(first_s - ours_t.median, 0.0),
-                         tokens_equal=bool(np.array_equal(first, ref_tokens)),
-                         new_tokens=int(first.shape[1]), ours_ms_per_token=1e3 * ours_t.median / s.new_tokens,
-                         reference_ms_per_token=1e3 * ref_t.median / s.new_tokens,
-                         **common.timing_extra(ours_t, ref_t))
+    n = float(generate_flops(cfg, s.batch, s.prompt_tokens, s.new_tokens, inputs["pixel_values"].shape[0]))
+    return common.comparison(f"vlm/generate_{s.new_tokens}", ours_t, ref_t, flops=n, peak=peak,
+                             compile_s=max(first_s - ours_t.median, 0.0),
+                             tokens_equal=bool(np.array_equal(first, ref_tokens)), new_tokens=int(first.shape[1]),
+                             ours_ms_per_token=1e3 * ours_t.median / s.new_tokens,
+                             reference_ms_per_token=1e3 * ref_t.median / s.new_tokens)
 
 
 def run(quick: bool = False, peak: dict | None = None) -> list[dict]:

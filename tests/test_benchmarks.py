@@ -9,10 +9,13 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = {"name", "ours_s", "reference_s", "ratio", "flops", "ours_tflops", "extra"}
 
 
+@pytest.mark.slow  # ~50 s: three benchmarks, two frameworks, a dozen compilations
 def test_quick_run_writes_records(tmp_path):
     out = tmp_path / "bench.jsonl"
     env = dict(os.environ)
@@ -26,6 +29,7 @@ def test_quick_run_writes_records(tmp_path):
     names = [r["name"] for r in records]
     assert {"vlm/forward", "vlm/train_step", "compile/forward_L1", "compile/train_step_L2"} <= set(names), names
     assert any(n.startswith("vlm/generate_") for n in names)
+    assert {"mmdit/forward", "mmdit/train_step"} <= set(names) and any(n.startswith("mmdit/sample_") for n in names)
     for r in records:
         assert set(r) == FIELDS, r["name"]
         # Both sides ran: positive finite times, and the ratio is theirs.
@@ -41,8 +45,11 @@ def test_quick_run_writes_records(tmp_path):
     assert gen["new_tokens"] >= 1 and isinstance(gen["tokens_equal"], bool)
     train = by_name["vlm/train_step"]["extra"]
     assert math.isfinite(train["first_loss_ours"]) and abs(train["first_loss_ours"] - train["first_loss_reference"]) < 1e-3
+    assert by_name["mmdit/forward"]["extra"]["output_max_rel_err"] < 1e-3
+    sample = next(r for r in records if r["name"].startswith("mmdit/sample_"))["extra"]
+    assert sample["sample_max_rel_err"] < 1e-3  # the same Euler trajectory on both sides
     assert by_name["compile/train_step_L2"]["extra"]["layers"] == 2
     assert machine["matmul_peak"]["jax_flops_per_s"] > 0 and machine["matmul_peak"]["torch_flops_per_s"] > 0
     assert machine["jax"] and machine["torch"] and machine["transformers"]
     # Each benchmark printed its table.
-    assert "| vlm/forward" in proc.stdout and "Compile time" in proc.stdout
+    assert "| vlm/forward" in proc.stdout and "| mmdit/forward" in proc.stdout and "Compile time" in proc.stdout

@@ -120,63 +120,28 @@ def test_mesh_flag_parsing():
         cli.parse_mesh("data=two")
 
 
-class ToyConfig:
-    """A stand-in diffusers model config (one Dense layer) for the registry's generic path."""
 
-    def __init__(self, width):
-        self.width = width
+@pytest.mark.parametrize("name", ["qwen_image", "flux", "vae", "qwen_image_vae"])
+def test_diffusers_models_round_trip(name, tmp_path, devices):
+    """Every registered diffusers model: pipeline folder -> Orbax on a mesh -> a folder with
+    identical tensors that `from_pretrained` loads."""
+    from diffusers import (AutoencoderKL, AutoencoderKLQwenImage, FluxTransformer2DModel,
+                           QwenImageTransformer2DModel)
+    from dit_testing import FLUX_TINY, KL_TINY, QWEN_TINY, QWEN_VAE_TINY, save_tiny
 
-    @classmethod
-    def from_diffusers_config(cls, d):
-        return cls(d["width"])
-
-    def to_diffusers_config(self):
-        return {"_class_name": "Toy", "width": self.width}
-
-
-class ToyConverter:
-    """Follows the `qk_jax.convert` diffusers-converter conventions (`load` / `save`)."""
-
-    @staticmethod
-    def mapping():
-        from qk_jax.convert.mapping import IDENTITY, TRANSPOSE, Mapping, Rule
-
-        return Mapping([Rule("proj.weight", "proj/kernel", TRANSPOSE), Rule("proj.bias", "proj/bias", IDENTITY)])
-
-    @staticmethod
-    def load(path, *, dtype=None, shardings=None):
-        with open(registry.diffusers_config_path(path, "transformer")) as f:
-            cfg = ToyConfig.from_diffusers_config(json.load(f))
-        return cfg, safetensors_io.load_params(path, ToyConverter.mapping(), dtype=dtype, shardings=shardings)
-
-    @staticmethod
-    def save(folder, cfg, params, *, dtype=None):
-        return safetensors_io.save_params(folder, params, ToyConverter.mapping(), dtype=dtype,
-                                          weights_name="diffusion_pytorch_model.safetensors",
-                                          extra_files={"config.json": json.dumps(cfg.to_diffusers_config())})
-
-
-def toy_init(cfg, rng):
-    from qk_jax.models import layers
-
-    x = jnp.zeros((1, cfg.width))
-    return {"proj": layers.Dense(2 * cfg.width, axes=("embed", "mlp")).init(rng, x)["params"]}
-
-
-def test_registry_takes_a_diffusers_model_in_one_line(tmp_path, devices, monkeypatch):
-    monkeypatch.setitem(registry.MODELS, "toy", lambda: registry.diffusers_model(
-        ToyConverter, "transformer", ToyConfig, toy_init, "dit"))
-    rng = np.random.default_rng(0)
-    tensors = {"proj.weight": rng.standard_normal((16, 8)).astype(np.float32),
-               "proj.bias": rng.standard_normal(16).astype(np.float32)}
-    safetensors_io.write_sharded(tmp_path / "pipe" / "transformer", tensors.items(),
-                                 weights_name="diffusion_pytorch_model.safetensors",
-                                 extra_files={"config.json": '{"width": 8}'})
-    cli.hf_to_orbax("toy", str(tmp_path / "pipe" / "transformer"), str(tmp_path / "orbax"),
-                    mesh_cfg={"data": 1, "fsdp": 2, "tensor": 4}, log=lambda *_: None)
-    restored = ckpt_lib.Checkpointer(tmp_path / "orbax", create=False).abstract_item(0, "params")
-    assert restored["proj"]["kernel"].shape == (8, 16)
+    cls, config, component = {"qwen_image": (QwenImageTransformer2DModel, QWEN_TINY, "transformer"),
+                              "flux": (FluxTransformer2DModel, FLUX_TINY, "transformer"),
+                              "vae": (AutoencoderKL, KL_TINY, "vae"),
+                              "qwen_image_vae": (AutoencoderKLQwenImage, QWEN_VAE_TINY, "vae")}[name]
+    save_tiny(cls, tmp_path / "pipe" / component, config, norms_only=component == "vae")
+    cli.hf_to_orbax(name, str(tmp_path / "pipe"), str(tmp_path / "orbax"), mesh_cfg={"data": 1, "fsdp": 2,
+                                                                                    "tensor": 2}, log=lambda *_: None)
+    assert ckpt_lib.read_json_item(tmp_path / "orbax", 0, "config")["model"] == name
     cli.orbax_to_hf(str(tmp_path / "orbax"), str(tmp_path / "back"), log=lambda *_: None)
+    original = dict(safetensors_io.iter_tensors(tmp_path / "pipe" / component))
     back = dict(safetensors_io.iter_tensors(tmp_path / "back"))
-    assert all(np.array_equal(back[k], v) for k, v in tensors.items()) and sorted(back) == sorted(tensors)
-    assert registry.get_model("toy").read_config(str(tmp_path / "pipe")).width == 8  # pipeline folder
+    assert sorted(back) == sorted(original)
+    for k, v in original.items():
+        np.testing.assert_array_equal(back[k], v, err_msg=k)
+    assert sum(p.numel() for p in cls.from_pretrained(str(tmp_path / "back")).parameters()) == \
+        sum(int(np.prod(v.shape)) for v in original.values())

@@ -6,13 +6,13 @@ a mesh before any weight is read), stream the weights in, write them back out, a
 the config into JSON for the checkpoint's `config` item and back.
 
 Entries are zero-argument factories so that `qk-jax convert --help` imports no model.
-Registering a model is one line in `MODELS`, e.g. for a diffusers converter module
-that follows the usual conventions (`load(path, dtype=, shardings=) -> (config, params)`,
+Registering a model is one line in `MODELS`; a diffusers converter module that follows
+the `qk_jax.convert` conventions (`load(path, dtype=, shardings=) -> (config, params)`,
 `save(folder, config, params, dtype=)`, a config class with `from_diffusers_config` /
-`to_diffusers_config`):
+`to_diffusers_config`) goes through `diffusers_model`, e.g.
 
     "qwen_image": lambda: diffusers_model("qk_jax.convert.qwen_image", "transformer",
-                                          "qk_jax.models.mmdit:MMDiTConfig", "qk_jax.models.mmdit:init_params", "dit"),
+                                          "qk_jax.models.mmdit:MMDiTConfig", traced(_MMDIT_INIT), "dit"),
 """
 
 from __future__ import annotations
@@ -87,7 +87,13 @@ def diffusers_config_path(path: str | os.PathLike, subfolder: str) -> str:
                             f"model folder or a pipeline folder with a {subfolder}/ component")
 
 
-def diffusers_model(converter: Any, subfolder: str, config_cls: Any, init_params: Any, submodel: str) -> ModelSpec:
+def traced(init_params: Any) -> Callable[[Any], Any]:
+    """`config -> jax.eval_shape(init_params(config, rng))`: the boxed abstract tree of an
+    `init_params(config, rng)` function (or its 'module:function' name), nothing allocated."""
+    return lambda cfg: jax.eval_shape(lambda r: _resolve(init_params)(cfg, r), jax.random.key(0))
+
+
+def diffusers_model(converter: Any, subfolder: str, config_cls: Any, abstract: Any, submodel: str) -> ModelSpec:
     """A spec for a diffusers converter module following the `qk_jax.convert` conventions.
 
     Args:
@@ -96,7 +102,8 @@ def diffusers_model(converter: Any, subfolder: str, config_cls: Any, init_params
       subfolder: the component's folder inside a pipeline ("transformer", "vae").
       config_cls: class (or 'module:Class') with `from_diffusers_config(dict)` and
         `to_diffusers_config()`.
-      init_params: `(config, rng) -> boxed params` (or 'module:function').
+      abstract: `config -> abstract parameter tree` (or 'module:function'); boxed leaves
+        (see `traced`) are sharded by their logical axes, plain ones replicated.
       submodel: rule table key ("dit", "vae", ...).
     """
 
@@ -115,13 +122,24 @@ def diffusers_model(converter: Any, subfolder: str, config_cls: Any, init_params
         export=lambda folder, cfg, params, *, dtype=None: _resolve(converter).save(folder, cfg, params, dtype=dtype),
         config_to_dict=lambda cfg: cfg.to_diffusers_config(),
         config_from_dict=lambda d: _resolve(config_cls).from_diffusers_config(d),
-        abstract=lambda cfg: jax.eval_shape(lambda r: _resolve(init_params)(cfg, r), jax.random.key(0)),
+        abstract=lambda cfg: _resolve(abstract)(cfg),
         submodel=submodel)
 
+
+_MMDIT_INIT = "qk_jax.models.mmdit:init_params"
+_VAE_ABSTRACT = "qk_jax.models.vae:abstract_vae_params"  # VAE weights are replicated (VAE_RULES)
 
 # model name -> factory of its spec (imported only when chosen).
 MODELS: dict[str, Callable[[], ModelSpec]] = {
     "qwen2_5_vl": _qwen2_5_vl,
+    "qwen_image": lambda: diffusers_model("qk_jax.convert.qwen_image", "transformer",
+                                          "qk_jax.models.mmdit:MMDiTConfig", traced(_MMDIT_INIT), "dit"),
+    "flux": lambda: diffusers_model("qk_jax.convert.flux", "transformer", "qk_jax.models.mmdit:MMDiTConfig",
+                                    traced(_MMDIT_INIT), "dit"),
+    "vae": lambda: diffusers_model("qk_jax.convert.vae_kl", "vae", "qk_jax.models.vae_kl:AutoencoderKLConfig",
+                                   _VAE_ABSTRACT, "vae"),
+    "qwen_image_vae": lambda: diffusers_model("qk_jax.convert.vae_qwen_image", "vae",
+                                              "qk_jax.models.vae_wan:QwenImageVAEConfig", _VAE_ABSTRACT, "vae"),
 }
 
 
