@@ -21,6 +21,7 @@ with `torch.set_num_threads` equal to the threads XLA's CPU client uses (one per
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -288,6 +289,27 @@ def records_table(title: str, records: Sequence[dict[str, Any]], reference: str 
     return table(title, headers, rows)
 
 
+def default_peak(quick: bool) -> dict[str, float]:
+    """The matmul peak a benchmark measures when run on its own (`run.py` measures it once)."""
+    return matmul_peak(512 if quick else 2048, repeat=2 if quick else 5)
+
+
+def report(title: str, records: list[dict[str, Any]], setup: Any, reference: str = "PyTorch") -> list[dict]:
+    """Stores the setup description in each record, prints the table, returns the records."""
+    for r in records:
+        r["extra"]["setup"] = setup
+    print(records_table(title, records, reference=reference))
+    print()
+    return records
+
+
+def script_main(run: Callable[..., Any], doc: str | None) -> None:
+    """`python benchmarks/<name>.py [--quick]`: runs one benchmark module on its own."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one repetition (a smoke run)")
+    run(parser.parse_args().quick)
+
+
 def machine_info() -> dict[str, Any]:
     """Machine, library versions and settings, stored with every results file."""
     import importlib.metadata as md
@@ -305,7 +327,7 @@ def machine_info() -> dict[str, Any]:
             info["memory_gib"] = round(int(f.readline().split()[1]) / 2**20, 1)
     except OSError:
         info["cpu"] = platform.processor()
-    for pkg in ("jax", "jaxlib", "flax", "optax", "torch", "transformers"):
+    for pkg in ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "diffusers"):
         try:
             info[pkg] = md.version(pkg)
         except md.PackageNotFoundError:

@@ -17,7 +17,6 @@ seconds; `extra` splits them and gives the growth relative to the smallest depth
 
 from __future__ import annotations
 
-import argparse
 import time
 
 try:
@@ -149,6 +148,4 @@ def run(quick: bool = False, peak: dict | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="depths 1 and 2 at a tiny width")
-    run(parser.parse_args().quick)
+    common.script_main(run, __doc__)

@@ -17,7 +17,6 @@ embedders, joint attention over text + image tokens); a train step by
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import time
 
@@ -195,21 +194,15 @@ def bench_sample(cfg, ref, params, inputs, s: Setup, peak: dict) -> dict:
 def run(quick: bool = False, peak: dict | None = None) -> list[dict]:
     """All MMDiT benchmarks; prints their table and returns the records."""
     s = QUICK if quick else FULL
-    peak = peak or common.matmul_peak(512 if quick else 2048, repeat=2 if quick else 5)
+    peak = peak or common.default_peak(quick)
     cfg, ref, params, inputs = build(s)
     setup = (f"{s.layers} double blocks, {s.heads}x{s.head_dim} heads, batch {s.batch} x ({s.height}x{s.width} "
              f"image + {s.txt_len} text tokens)")
     records = [bench_forward(cfg, ref, params, inputs, s, peak), bench_sample(cfg, ref, params, inputs, s, peak),
                bench_train_step(cfg, ref, params, inputs, s, peak)]
-    for r in records:
-        r["extra"]["setup"] = setup
-    print(common.records_table(f"MMDiT (Qwen-Image family), float32, ours vs diffusers: {setup}", records,
-                               reference="diffusers"))
-    print()
-    return records
+    return common.report(f"MMDiT (Qwen-Image family), float32, ours vs diffusers: {setup}", records, setup,
+                         reference="diffusers")
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
-    run(parser.parse_args().quick)
+    common.script_main(run, __doc__)

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {machine.get('cpu')}, {machine['cpu_threads']} threads, {machine.get('memory_gib')} GiB; "
           f"python {machine['python']}, jax {machine['jax']}, flax {machine['flax']}, torch {machine['torch']}, "
           f"transformers {machine['transformers']}; XLA_FLAGS={machine['XLA_FLAGS']!r}\n")
-    peak = common.matmul_peak(512 if args.quick else 2048, repeat=2 if args.quick else 5)
+    peak = common.default_peak(args.quick)
     machine["matmul_peak"] = peak
     print(f"float32 matmul peak ({peak['n']}^3): JAX {peak['jax_flops_per_s'] / 1e9:.1f} GFLOP/s, "
           f"PyTorch {peak['torch_flops_per_s'] / 1e9:.1f} GFLOP/s\n")

@@ -24,7 +24,6 @@ decode step's matmuls and its attention over the allocated cache.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import time
 from typing import Any
@@ -243,7 +242,7 @@ def bench_generate(cfg, hf, params, inputs, s: Setup, peak: dict) -> dict:
 def run(quick: bool = False, peak: dict | None = None) -> list[dict]:
     """All VLM benchmarks; prints their table and returns the records."""
     s = QUICK if quick else FULL
-    peak = peak or common.matmul_peak(512 if quick else 2048, repeat=2 if quick else 5)
+    peak = peak or common.default_peak(quick)
     cfg, hf, params, inputs = build(s)
     setup = {"text": f"{s.text_layers}x{s.text_hidden} (mlp {s.text_mlp}, heads {s.text_heads}/{s.text_kv_heads}, "
                      f"vocab {s.vocab})",
@@ -252,17 +251,10 @@ def run(quick: bool = False, peak: dict | None = None) -> list[dict]:
     records = [bench_forward(cfg, hf, params, inputs, s, peak),
                bench_generate(cfg, hf, params, inputs, s, peak),
                bench_train_step(cfg, hf, params, inputs, s, peak)]
-    for r in records:
-        r["extra"]["setup"] = setup
-    print(common.records_table(
+    return common.report(
         f"Qwen2.5-VL, float32, ours vs transformers (sdpa): text {setup['text']}, vision {setup['vision']}, "
-        f"{setup['batch']}; matmul peak JAX {peak['jax_flops_per_s'] / 1e9:.0f} / torch "
-        f"{peak['torch_flops_per_s'] / 1e9:.0f} GFLOP/s", records))
-    print()
-    return records
+        f"{setup['batch']}", records, setup)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
-    run(parser.parse_args().quick)
+    common.script_main(run, __doc__)
