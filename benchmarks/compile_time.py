@@ -112,6 +112,9 @@ def run(quick: bool = False, peak: dict | None = None) -> list[dict]:
 
     from qk_jax.models.qwen2_5_vl import Qwen25VL, init_params
 
+    # Real compilations only: a persistent compilation cache (JAX_COMPILATION_CACHE_DIR)
+    # would turn a repeated run into cache loads.
+    jax.config.update("jax_enable_compilation_cache", False)
     depths = QUICK_DEPTHS if quick else DEPTHS
     batch, length = (1, 32) if quick else (2, 256)
     records, rows = [], []

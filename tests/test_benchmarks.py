@@ -20,6 +20,7 @@ def test_quick_run_writes_records(tmp_path):
     out = tmp_path / "bench.jsonl"
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # one CPU device, as a user runs it
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # compile times are part of the output
     env["PYTHONPATH"] = ROOT
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--quick", "--json", str(out)],
                           env=env, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
