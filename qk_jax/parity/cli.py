@@ -12,23 +12,13 @@ import sys
 from types import ModuleType
 from typing import Sequence
 
+from qk_jax.cli import underscore_flags as normalize_flags  # noqa: F401 - also this module's API
 from qk_jax.parity import TOOLS
 
 
 def usage() -> str:
     return ("usage: qk-jax parity <model> --checkpoint DIR [flags]\n\nmodels: " + ", ".join(sorted(TOOLS))
             + "\n\nEach model takes --help for its own flags.")
-
-
-def normalize_flags(args: Sequence[str]) -> list[str]:
-    """`--image-sizes=1x1` -> `--image_sizes=1x1` (absl flag names use underscores)."""
-    out = []
-    for a in args:
-        if a.startswith("--") and len(a) > 2:
-            name, sep, value = a[2:].partition("=")
-            a = "--" + name.replace("-", "_") + sep + value
-        out.append(a)
-    return out
 
 
 def select(args: Sequence[str]) -> tuple[ModuleType, list[str]]:

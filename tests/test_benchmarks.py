@@ -1,0 +1,56 @@
+"""`benchmarks/run.py --quick --json` runs every benchmark at tiny sizes and writes well-formed
+records in which both sides ran. Timings are never asserted (DESIGN.md §6)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIELDS = {"name", "ours_s", "reference_s", "ratio", "flops", "ours_tflops", "extra"}
+
+
+@pytest.mark.slow  # ~50 s: three benchmarks, two frameworks, a dozen compilations
+def test_quick_run_writes_records(tmp_path):
+    out = tmp_path / "bench.jsonl"
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)  # one CPU device, as a user runs it
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # compile times are part of the output
+    env["PYTHONPATH"] = ROOT
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--quick", "--json", str(out)],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    records, machine = lines[:-1], lines[-1]["machine"]
+    names = [r["name"] for r in records]
+    assert {"vlm/forward", "vlm/train_step", "compile/forward_L1", "compile/train_step_L2"} <= set(names), names
+    assert any(n.startswith("vlm/generate_") for n in names)
+    assert {"mmdit/forward", "mmdit/train_step"} <= set(names) and any(n.startswith("mmdit/sample_") for n in names)
+    for r in records:
+        assert set(r) == FIELDS, r["name"]
+        # Both sides ran: positive finite times, and the ratio is theirs.
+        assert r["ours_s"] > 0 and r["reference_s"] > 0 and math.isfinite(r["ours_s"] + r["reference_s"]), r
+        assert math.isclose(r["ratio"], r["ours_s"] / r["reference_s"], rel_tol=1e-9)
+        if r["flops"] is not None:
+            assert r["flops"] > 0 and math.isclose(r["ours_tflops"], r["flops"] / r["ours_s"] / 1e12, rel_tol=1e-9)
+    by_name = {r["name"]: r for r in records}
+    forward = by_name["vlm/forward"]["extra"]
+    assert forward["logits_max_rel_err"] < 1e-3  # the two sides computed the same model
+    assert by_name["vlm/forward"]["flops"] is not None and forward["peak_fraction"] > 0
+    gen = next(r for r in records if r["name"].startswith("vlm/generate_"))["extra"]
+    assert gen["new_tokens"] >= 1 and isinstance(gen["tokens_equal"], bool)
+    train = by_name["vlm/train_step"]["extra"]
+    assert math.isfinite(train["first_loss_ours"]) and abs(train["first_loss_ours"] - train["first_loss_reference"]) < 1e-3
+    assert by_name["mmdit/forward"]["extra"]["output_max_rel_err"] < 1e-3
+    sample = next(r for r in records if r["name"].startswith("mmdit/sample_"))["extra"]
+    assert sample["sample_max_rel_err"] < 1e-3  # the same Euler trajectory on both sides
+    assert by_name["compile/train_step_L2"]["extra"]["layers"] == 2
+    assert machine["matmul_peak"]["jax_flops_per_s"] > 0 and machine["matmul_peak"]["torch_flops_per_s"] > 0
+    assert machine["jax"] and machine["torch"] and machine["transformers"]
+    # Each benchmark printed its table.
+    assert "| vlm/forward" in proc.stdout and "| mmdit/forward" in proc.stdout and "Compile time" in proc.stdout
