@@ -6,7 +6,8 @@
 - the trainable / frozen split comes from `config.train.trainable` (`optim.partition`):
   gradients are taken w.r.t. the trainable tree only and the optimizer state covers it
   only, so frozen parameters carry no optimizer state;
-- LoRA adapters (`params["lora"]`) are applied as `W + s a b` inside the step;
+- LoRA adapters (`params["lora"]`) run unmerged (`x W + x a (s b)`), so only the small
+  factors are differentiated;
 - gradient accumulation scans over micro-batches stacked on a leading axis;
 - the step's randomness is `fold_in(seed, step)`, so a resumed run draws the same noise,
   timesteps and condition dropout as an uninterrupted one;
@@ -23,21 +24,13 @@ import optax
 
 from qk_jax import optim
 from qk_jax.models.kontext import QueryKontext
-from qk_jax.models.lora import apply_lora
 
 NUM_TASKS = 6  # qk_jax.data.vocab.TASKS
 
 
-def model_params(trainable: Mapping[str, Any], frozen: Mapping[str, Any], lora_scales) -> dict[str, Any]:
-    """The full parameter dict the model's methods take: the two parts joined, LoRA applied."""
-    return apply_lora(optim.combine(trainable, frozen), lora_scales)
-
-
 def make_loss_fn(model: QueryKontext) -> Callable:
-    scales = model.config.lora_scales
-
     def loss_fn(trainable, frozen, batch, rng):
-        return model.loss(model_params(trainable, frozen, scales), batch, rng, train=True)
+        return model.loss(optim.combine(trainable, frozen), batch, rng, train=True)
 
     return loss_fn
 

@@ -20,8 +20,10 @@ one add per multiply-accumulate):
   (a dense segment mask over all N patches of the batch, `vision_plan.py`) costs N^2
   per layer in every block, windowed or not. A kernel that skipped masked blocks would
   do less work; these numbers would then over-count it;
-- the LoRA merge `W + s * a @ b` that `models/lora.py` runs inside every step:
-  2 * d_in * r * d_out per adapted kernel (times the stacked layers).
+- LoRA: training runs the adapters unmerged, `x a (s b)`: 2 * tokens * r * (d_in + d_out)
+  per adapted kernel (`flops.kontext.lora_adapter_flops`, per kernel over the tokens that
+  kernel sees); `lora_flops` counts the merge `W + s * a @ b` (2 * d_in * r * d_out),
+  which sampling and surgery run once.
 
 Not counted: element-wise work (bias adds, activations, residuals, modulation, masks),
 norms, softmax, RoPE, embedding lookups (gathers), reductions, the random noise and the
@@ -46,10 +48,10 @@ backward must compute:
   of the forward one per weight matmul (dX = dY W^T), two per activation-activation
   product (dQ and dK, dP and dV; dA and dB for the LoRA factors);
 - weight gradients (`weight_grads`): one product of the size of the forward one
-  (dW = X^T dY) per matmul whose kernel is trainable. A LoRA-adapted kernel counts here
-  in full: the merge-before-forward formulation differentiates the merged kernel W'
-  (dW' = X^T dY, the same weight gradient full fine-tuning computes), then projects
-  dW' onto the factors (the LoRA part's own backward, 2x its merge).
+  (dW = X^T dY) per matmul whose kernel is trainable. With unmerged LoRA the adapted base
+  kernel is frozen (no dW); the factors a and b are the trainable weights of the `lora`
+  part, whose matmuls (x a, then (x a) b) get activation and weight gradients like any
+  trained layer: ~3x their forward, a few percent of the layer at small ranks.
 
 So a frozen part costs 1x its forward, or ~2x when something trainable sits upstream
 (3x for its attention products); a trained part ~3x. This assumes the step takes

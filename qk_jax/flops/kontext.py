@@ -4,13 +4,13 @@ The parts and their gradient rules (see the package docstring):
 
   vit        forward only: nothing upstream of the vision tower is trained;
   llm        activation gradients always flow through it (the kontext queries are its
-             input and are trained in every stage); weight gradients for the LoRA-adapted
-             kernels in stage 1;
+             input and are trained in every stage); its own kernels are frozen;
   connector  trained in every stage;
-  dit/head   trained in full (stages 1-2) or through LoRA (stage 3); activation
+  dit/head   trained in full (stages 1-2), frozen under LoRA in stage 3; activation
              gradients flow through it down to its condition input;
   vae        forward only (targets and, in stage 3, the input images);
-  lora       the per-step merge of the adapters.
+  lora       the unmerged adapters `x a (s b)` of stage 1 (VLM) and stage 3 (DiT): two
+             weight matmuls per adapted kernel over that kernel's tokens, trained.
 """
 
 from __future__ import annotations
@@ -20,13 +20,31 @@ from typing import Any, Iterable, Mapping
 import jax
 import numpy as np
 
-from qk_jax.flops.models import connector_flops, decoder_flops, lora_flops, mmdit_flops, vision_tower_flops
+from qk_jax.convert.mapping import flatten_tree
+from qk_jax.flops.count import MatmulFlops
+from qk_jax.flops.models import connector_flops, decoder_flops, mmdit_flops, vision_tower_flops
 from qk_jax.flops.step import Part, train_step_flops
 from qk_jax.flops.vae import vae_encode_flops
 
 
 def _trained(prefixes: Iterable[str], key: str) -> bool:
     return any(p == key or p.startswith(key + "/") for p in prefixes)
+
+
+def lora_adapter_flops(lora_tree: Mapping[str, Any], tokens_for: Any) -> MatmulFlops:
+    """Forward FLOPs of unmerged adapters: 2 * tokens * r * (d_in + d_out) per adapted kernel,
+    times its stacked layers. `lora_tree`: `params["lora"]` (arrays or ShapeDtypeStructs);
+    `tokens_for(path)`: how many tokens go through the adapted kernel at `path`."""
+    kernels = {}
+    for path, a in flatten_tree(lora_tree).items():
+        if not path.endswith("/a"):
+            continue
+        b = flatten_tree(lora_tree)[path[:-2] + "/b"]
+        layers = int(np.prod(a.shape[:-2])) if len(a.shape) > 2 else 1
+        tokens = tokens_for(path)
+        kernels[path] = 2 * tokens * a.shape[-2] * a.shape[-1] * layers
+        kernels[path[:-2] + "/b"] = 2 * tokens * b.shape[-2] * b.shape[-1] * layers
+    return MatmulFlops(kernels)
 
 
 def kontext_train_step_flops(kcfg, batch: Mapping[str, Any], trainable: Iterable[str],
@@ -47,18 +65,24 @@ def kontext_train_step_flops(kcfg, batch: Mapping[str, Any], trainable: Iterable
     if "pixel_values" in batch:
         patches = np.shape(batch["pixel_values"])[-2]
         parts.append(Part("vit", vision_tower_flops(kcfg.vlm, patches)))
-    llm_grads = list(kcfg.lora_vlm.targets) if _trained(trainable, "lora/vlm") else _trained(trainable, "vlm")
-    parts.append(Part("llm", decoder_flops(kcfg.vlm, b, t + k, with_lm_head=False), weight_grads=llm_grads,
-                      backward_through=True, remat=kcfg.vlm.remat))
+    parts.append(Part("llm", decoder_flops(kcfg.vlm, b, t + k, with_lm_head=False),
+                      weight_grads=_trained(trainable, "vlm"), backward_through=True, remat=kcfg.vlm.remat))
     parts.append(Part("connector", connector_flops(kcfg.connector, b, t + k),
                       weight_grads=_trained(trainable, "connector"), backward_through=True))
     key = kcfg.generator_key
-    gen_grads = (list(kcfg.lora_dit.targets) if _trained(trainable, f"lora/{key}") else _trained(trainable, key))
-    parts.append(Part(key, mmdit_flops(kcfg.generator, b, n_total, t + k, n_target), weight_grads=gen_grads,
-                      backward_through=True, remat=kcfg.generator.remat))
+    parts.append(Part(key, mmdit_flops(kcfg.generator, b, n_total, t + k, n_target),
+                      weight_grads=_trained(trainable, key), backward_through=True, remat=kcfg.generator.remat))
     parts.append(Part("vae", vae_encode_flops(kcfg.vae, b * (1 + (n_inputs if kcfg.low_level else 0)), h, w)))
     if lora_tree:
-        parts.append(Part("lora", lora_flops(lora_tree), weight_grads=True))
+        def tokens_for(path: str) -> int:
+            if path.startswith("vlm/"):
+                return b * (t + k)
+            if "/single_blocks/" in path:
+                return b * (t + k + n_total)
+            return b * ((t + k) if "/txt_" in path else n_total)  # double blocks: text or image stream
+
+        parts.append(Part("lora", lora_adapter_flops(lora_tree, tokens_for), weight_grads=True,
+                          backward_through=True))
     step = train_step_flops(parts)
     if accum > 1:
         step = jax.tree.map(lambda x: x * accum if isinstance(x, (int, float)) else x, step)

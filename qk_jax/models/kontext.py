@@ -22,7 +22,9 @@ own subtree of one parameter dict:
 
 so a stage transition is a function on this dict (`surgery.py`) and each part can run
 alone (the VLM + connector once per prompt when sampling, the DiT every step).
-LoRA adapters are applied by the caller with `lora.apply_lora` before any method here.
+LoRA adapters (`params["lora"][<sub-model>]`) run unmerged, as the `lora` variable
+collection of that sub-model; a tree whose adapters were merged (`lora.apply_lora`) simply
+has none.
 
 Host-side preparation of a batch (position ids, the vision plan, image-stream position
 ids) lives in `kontext_inputs.py`.
@@ -39,6 +41,8 @@ import jax.numpy as jnp
 
 from qk_jax import flow
 from qk_jax.models.connector import Connector, ConnectorConfig
+from qk_jax.models.layers import LORA_COLLECTION
+from qk_jax.models.lora import lora_collection
 from qk_jax.models.dit_positions import patchify, unpatchify
 from qk_jax.models.mmdit import MMDiT, MMDiTConfig
 from qk_jax.models.mmdit import init_params as init_mmdit_params
@@ -186,6 +190,14 @@ class QueryKontext:
             params["lora"] = lora
         return params
 
+    def variables(self, params: Mapping[str, Any], key: str) -> dict[str, Any]:
+        """Flax variables of one sub-model: its params and, when present, its LoRA factors."""
+        variables = {"params": params[key]}
+        adapters = params.get("lora", {}).get(key)
+        if adapters:
+            variables[LORA_COLLECTION] = lora_collection(adapters, self.config.lora_scales[key])
+        return variables
+
     # ------------------------------------------------------------------ conditioning
 
     def condition(self, params: Mapping[str, Any], batch: Mapping[str, Array]) -> tuple[Array, Array, Array]:
@@ -199,12 +211,13 @@ class QueryKontext:
         c = self.config
         ids = batch["input_ids"]
         b, t = ids.shape
-        embeds = self.vlm.apply({"params": params["vlm"]}, ids, batch.get("pixel_values"), batch.get("vision_plan"),
+        vlm_vars = self.variables(params, "vlm")
+        embeds = self.vlm.apply(vlm_vars, ids, batch.get("pixel_values"), batch.get("vision_plan"),
                                 method=Qwen25VL.embed)
         queries = jnp.broadcast_to(params["queries"]["embedding"].astype(embeds.dtype)[None],
                                    (b, c.num_queries, embeds.shape[-1]))
         mask = jnp.concatenate([batch["attention_mask"].astype(bool), jnp.ones((b, c.num_queries), bool)], axis=1)
-        hidden = self.vlm.apply({"params": params["vlm"]}, jnp.concatenate([embeds, queries], axis=1),
+        hidden = self.vlm.apply(vlm_vars, jnp.concatenate([embeds, queries], axis=1),
                                 batch["position_ids"], mask.astype(jnp.int32), method=Qwen25VL.decode)
         cond = self.connector.apply({"params": params["connector"]}, hidden, mask)
         return cond, mask, hidden[:, t:]
@@ -249,7 +262,7 @@ class QueryKontext:
             kwargs["guidance"] = jnp.full((b,), c.guidance_scale, jnp.float32)
         if c.generator.pooled_projection_dim:
             kwargs["pooled"] = pooled_condition(cond, cond_mask, c.generator.pooled_projection_dim)
-        return self.generator.apply({"params": params[c.generator_key]}, img, img_ids, cond, cond_mask, t,
+        return self.generator.apply(self.variables(params, c.generator_key), img, img_ids, cond, cond_mask, t,
                                     num_target_tokens=x_target.shape[1], **kwargs)
 
     # ------------------------------------------------------------------ training loss

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
+# The variable collection holding LoRA factors of `Dense` layers (see `models/lora.py`).
+LORA_COLLECTION = "lora"
 
 default_kernel_init = nn.initializers.lecun_normal()
 
@@ -26,7 +28,8 @@ def logical(init: Initializer, axes: Sequence[str | None]) -> Initializer:
 
 
 class Dense(nn.Module):
-    """`y = x @ kernel + bias` over the last axis, with logical names on the kernel.
+    """`y = x @ kernel + bias` over the last axis, with logical names on the kernel; plus
+    `x @ a @ b` when the `lora` variable collection holds factors for this layer.
 
     Attributes:
       features: output width.
@@ -49,6 +52,12 @@ class Dense(nn.Module):
         kernel = self.param("kernel", logical(self.kernel_init, self.axes), (x.shape[-1], self.features),
                             self.param_dtype)
         y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype), precision=self.precision)
+        if self.has_variable(LORA_COLLECTION, "a"):
+            # Unmerged LoRA (`models/lora.py`): x a b with `b` pre-scaled by alpha / r. Training
+            # differentiates the small factors only, never a full-size merged kernel.
+            a = self.get_variable(LORA_COLLECTION, "a").astype(self.dtype)
+            b = self.get_variable(LORA_COLLECTION, "b").astype(self.dtype)
+            y = y + jnp.dot(jnp.dot(x.astype(self.dtype), a, precision=self.precision), b, precision=self.precision)
         if self.use_bias:
             bias = self.param("bias", logical(self.bias_init, (self.axes[1],)), (self.features,), self.param_dtype)
             y = y + bias.astype(self.dtype)

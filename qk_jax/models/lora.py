@@ -6,10 +6,17 @@ in their own subtree, mirroring the paths they adapt:
 
     params["lora"]["vlm"]["decoder"]["layers"]["attn"]["q_proj"]["kernel"] = {"a": (.., D_in, r), "b": (.., r, D_out)}
 
-and are applied by `apply_lora(params, scale)` which returns a tree whose kernels are
-`W + scale * a @ b` (`scale = alpha / rank`). Keeping LoRA outside the modules means
-every model supports it without a line of LoRA code, surgery can merge or drop it as a
-pure tree function, and the trainable set of a stage is just "the `lora` subtree".
+Two ways to run them, with the same outputs (a test checks it):
+
+- unmerged, for training: `lora_collection(params["lora"]["vlm"], scale)` turns the
+  adapters of one sub-model into the `lora` variable collection that `layers.Dense` reads
+  (`y = x W + x a (s b)`), so the backward pass differentiates only the small factors;
+- merged: `apply_lora(params, scale)` returns a tree whose kernels are `W + s a b`
+  (`s = alpha / rank`) — for sampling (merge once, then run plain kernels) and for
+  stage surgery (`merge_lora` folds them in for good).
+
+The trainable set of a stage is just "the `lora` subtree"; surgery merges or drops it as
+a pure tree function.
 Stacked kernels of `nn.scan` layers `(L, D_in, D_out)` get stacked adapters
 `(L, D_in, r)`, `(L, r, D_out)`.
 
@@ -114,3 +121,16 @@ def merge_lora(params: Mapping[str, Any], scale: float | Mapping[str, float], on
     if keep:
         merged[LORA_KEY] = keep
     return merged, sorted(_adapters(take))
+
+
+def lora_collection(adapters: Mapping[str, Any], scale: float) -> dict[str, Any]:
+    """The adapters of one sub-model (`params["lora"]["vlm"]`: `<module>/kernel/{a,b}`) as the
+    `lora` variable collection of that sub-model's modules (`<module>/{a, b * scale}`)."""
+    out = {}
+    for path, (a, b) in _adapters(adapters).items():
+        if not path.endswith("/kernel"):
+            raise ValueError(f"LoRA adapter {path!r} does not adapt a Dense kernel")
+        module = path[: -len("/kernel")]
+        out[module + "/a"] = a
+        out[module + "/b"] = b * scale
+    return unflatten_tree(out)

@@ -52,7 +52,8 @@ def scanned(block_cls, config: MMDiTConfig, length: int):
     cls = block_cls
     if config.remat != "none":
         cls = nn.remat(block_cls, policy=remat_policy(config.remat), prevent_cse=False)
-    return nn.scan(cls, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=(nn.broadcast,),
+    # LoRA factors (the "lora" collection) are stacked per layer like the kernels they adapt.
+    return nn.scan(cls, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True}, in_axes=(nn.broadcast,),
                    length=length, metadata_params={nn.PARTITION_NAME: "layers"})
 
 

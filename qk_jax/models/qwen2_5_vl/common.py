@@ -71,5 +71,6 @@ def scan_layers(block_cls: type[nn.Module], length: int, remat: str, in_axes: tu
     use_remat, policy = remat_policy(remat)
     if use_remat:
         block_cls = nn.remat(block_cls, policy=policy, prevent_cse=False)
-    return nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=in_axes,
+    # LoRA factors (the "lora" collection) are stacked per layer like the kernels they adapt.
+    return nn.scan(block_cls, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True}, in_axes=in_axes,
                    out_axes=out_axes, length=length, metadata_params={nn.PARTITION_NAME: "layers"})
