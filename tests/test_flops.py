@@ -30,7 +30,8 @@ from qk_jax.models.connector import Connector, ConnectorConfig
 from qk_jax.models.mmdit import MMDiT, MMDiTConfig
 from qk_jax.models.mmdit import dummy_inputs as mmdit_inputs
 from qk_jax.models.pixel_ae import PixelSpaceAutoencoder, PixelSpaceConfig
-from qk_jax.models.qwen2_5_vl import Qwen25VL, TextConfig, VisionConfig, build_vision_plan, get_config
+from qk_jax.models.qwen2_5_vl import (Qwen25VL, TextConfig, VisionConfig, build_image_plan, build_vision_plan,
+                                      get_config)
 from qk_jax.models.qwen2_5_vl import text_position_ids
 from qk_jax.models.qwen2_5_vl.vision import VisionTower
 from qk_jax.models.vae import AutoencoderKLConfig, QwenImageVAEConfig, build_vae
@@ -108,6 +109,11 @@ def test_vision_tower(unrolled_scans):
     ours = flops.vision_tower_flops(VISION, 128)
     assert_real_paths(ours, params, strip="visual/")
     check("vision tower (N=128)", ours.total, fn, params, pixels, plan)
+    # The batched layout: the same 2 images as 2 sequences of 64 patches, attention 2 x 64^2.
+    batched = flops.vision_tower_flops(VISION, 64, num_images=2)
+    assert batched.weights == ours.weights
+    assert batched.pair_total * 2 == ours.pair_total
+    check("vision tower (2 x P=64)", batched.total, fn, params, pixels.reshape(2, 64, -1), build_image_plan(grid, VISION))
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from qk_jax.convert import safetensors_io
 from qk_jax.convert.mapping import MappingError, flatten_tree
 from qk_jax.convert.qwen2_5_vl import detect_layout, export_hf, hf_mapping, load_hf
 from qk_jax.data.tokenizer import build_tokenizer
-from qk_jax.models.qwen2_5_vl import (ConfigError, Qwen25VL, Qwen25VLConfig, build_vision_plan,
+from qk_jax.models.qwen2_5_vl import (ConfigError, Qwen25VL, Qwen25VLConfig, build_image_plan, build_vision_plan,
                                       extend_position_ids, get_config, get_rope_index, init_params, pad_patches,
                                       param_count, prepare_inputs)
 from qk_jax.parity.qwen2_5_vl import make_inputs
@@ -198,6 +198,43 @@ def test_vision_tower_matches_hf(tiny):
     with torch.no_grad():
         ref = tiny["hf"].model.visual(torch.from_numpy(px), grid_thw=torch.from_numpy(grid)).pooler_output
     assert rel_err(vision(tiny["params"], px, build_vision_plan(grid, cfg.vision)), ref.numpy()) < 1e-5
+
+
+def test_batched_vision_layout_equals_flat_and_hf(tiny, devices):
+    """Images sharing one grid, run as (I, P, D) with the plan of one image, give the flat
+    layout's outputs (and HF's); the embeddings agree with the row-local gather too, also
+    with the image axis split over the mesh."""
+    cfg, model, params = tiny["cfg"], tiny["model"], tiny["params"]
+    inputs = make_inputs(cfg, [IMAGES[0]] * 2, 200, 4, "left", seed=9)  # 4 rows x 2 images of one grid
+    grid, px = inputs["image_grid_thw"], inputs["pixel_values"]
+    images = len(grid)
+    vision = jax.jit(lambda p, px, plan: model.apply({"params": p}, px, plan, method=Qwen25VL.vision))
+    flat = np.asarray(vision(params, px, build_vision_plan(grid, cfg.vision)))
+    plan = build_image_plan(grid, cfg.vision)
+    assert plan.window_segments.shape == (int(np.prod(grid[0])),)
+    batched = np.asarray(vision(params, px.reshape(images, -1, px.shape[-1]), plan))
+    assert batched.shape == (images, flat.shape[0] // images, flat.shape[1])
+    err = rel_err(batched.reshape(flat.shape), flat)
+    print(f"batched vs flat vision rel err {err:.2e}")
+    assert err <= 1e-6
+    with torch.no_grad():
+        ref = tiny["hf"].model.visual(torch.from_numpy(px), grid_thw=torch.from_numpy(grid)).pooler_output
+    assert rel_err(batched.reshape(flat.shape), ref.numpy()) < 1e-5
+    with pytest.raises(ValueError, match="different grids"):
+        build_image_plan(np.array([[1, 6, 10], [1, 8, 6]]), cfg.vision)
+    with pytest.raises(ValueError, match="plan of one image"):
+        vision(params, px.reshape(images, -1, px.shape[-1]), build_vision_plan(grid, cfg.vision))
+    # Embeddings: global gather over the flat layout == row-local gather over the batched one,
+    # unsharded and with rows and images split over (data, fsdp).
+    embed = lambda p, ids, px, plan, own: model.apply({"params": p}, ids, px, plan, own, method=Qwen25VL.embed)
+    ref_embeds = np.asarray(jax.jit(embed, static_argnums=4)(params, inputs["input_ids"], px,
+                                                             build_vision_plan(grid, cfg.vision), False))
+    mesh = sharding.make_mesh((2, 2, 1))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.activation_rules()):
+        placed = sharding.place_batch({"ids": inputs["input_ids"],
+                                       "px": px.reshape(images, -1, px.shape[-1])}, mesh)
+        ours = jax.jit(embed, static_argnums=4)(params, placed["ids"], placed["px"], plan, True)
+    assert rel_err(ours, ref_embeds) <= 1e-6
 
 
 def test_embeddings_every_layer_and_logits_match_hf(tiny):

@@ -17,9 +17,11 @@ one add per multiply-accumulate):
 - attention as the two products QK^T and AV (4 * B * S_q * S_k * heads * head_dim),
   over the FULL score matrix, because that is what our implementation computes:
   the decoder's causal mask does not halve it, and the vision tower's window attention
-  (a dense segment mask over all N patches of the batch, `vision_plan.py`) costs N^2
-  per layer in every block, windowed or not. A kernel that skipped masked blocks would
-  do less work; these numbers would then over-count it;
+  (a dense segment mask, `vision_plan.py`) costs P^2 per image and layer in every block,
+  windowed or not, in the batched layout Query-Kontext uses (one sequence of P patches
+  per image), and N^2 over all N patches of the batch in the flat (HF parity) layout.
+  A kernel that skipped masked blocks would do less work; these numbers would then
+  over-count it;
 - LoRA: training runs the adapters unmerged, `x a (s b)`: 2 * tokens * r * (d_in + d_out)
   per adapted kernel (`flops.kontext.lora_adapter_flops`, per kernel over the tokens that
   kernel sees); `lora_flops` counts the merge `W + s * a @ b` (2 * d_in * r * d_out),
@@ -71,7 +73,7 @@ while loop once, so for our `nn.scan` layer stacks it under-reports by about the
 Typical use (stage 2: frozen VLM with trainable queries upstream, trained DiT)::
 
     parts = [
-        Part("vit", vision_tower_flops(vlm.vision, n_patches)),
+        Part("vit", vision_tower_flops(vlm.vision, patches_per_image, num_images)),
         Part("llm", decoder_flops(vlm.text, B, T + K, with_lm_head=False), backward_through=True),
         Part("connector", connector_flops(ccfg, B, T + K), weight_grads=True),
         Part("dit", mmdit_flops(dcfg, B, N, T + K, N), weight_grads=True, remat=dcfg.remat),

@@ -63,8 +63,11 @@ def kontext_train_step_flops(kcfg, batch: Mapping[str, Any], trainable: Iterable
     n_inputs = np.shape(batch["cond_images"])[-4] if "cond_images" in batch else 0
     parts = []
     if "pixel_values" in batch:
-        patches = np.shape(batch["pixel_values"])[-2]
-        parts.append(Part("vit", vision_tower_flops(kcfg.vlm, patches)))
+        pixels = np.shape(batch["pixel_values"])
+        # Batched layout (..., I, P, D) with a one-image plan (..., P); flat (..., N, D) with a plan (..., N).
+        batched = len(pixels) - np.ndim(batch["vision_plan"].window_segments) == 2
+        images, patches = (pixels[-3], pixels[-2]) if batched else (1, pixels[-2])
+        parts.append(Part("vit", vision_tower_flops(kcfg.vlm, patches, images)))
     parts.append(Part("llm", decoder_flops(kcfg.vlm, b, t + k, with_lm_head=False),
                       weight_grads=_trained(trainable, "vlm"), backward_through=True, remat=kcfg.vlm.remat))
     parts.append(Part("connector", connector_flops(kcfg.connector, b, t + k),

@@ -14,24 +14,27 @@ from qk_jax.models.qwen2_5_vl.config import TextConfig, VisionConfig
 # -------------------------------------------------------------------- Qwen2.5-VL
 
 
-def vision_tower_flops(vcfg: VisionConfig, num_patches: int) -> MatmulFlops:
-    """Forward of the Qwen2.5-VL vision tower on `num_patches` patches (all images of the
-    batch together, padding included: the tower runs them as one sequence).
+def vision_tower_flops(vcfg: VisionConfig, num_patches: int, num_images: int = 1) -> MatmulFlops:
+    """Forward of the Qwen2.5-VL vision tower on `num_images` sequences of `num_patches`
+    patches each: the batched layout runs one sequence per image (attention P^2 per image);
+    the flat layout runs all patches of the batch, padding included, as ONE sequence
+    (`num_images=1`, `num_patches` = N, attention N^2).
 
     Patch embedding (the Conv3d, a matmul over each flattened patch), `depth` blocks
-    (fused qkv, attention over all N patches, output projection, gated MLP), the merger
-    MLP on N / merge_unit tokens. Accepts a `Qwen25VLConfig` too (its `.vision`).
+    (fused qkv, attention over each whole sequence, output projection, gated MLP), the
+    merger MLP on the patches / merge_unit tokens. Accepts a `Qwen25VLConfig` too (its `.vision`).
     """
     v = getattr(vcfg, "vision", vcfg)
-    n, d, layers = int(num_patches), v.hidden_size, v.depth
-    _positive(num_patches=n)
-    if n % v.merge_unit:
-        raise ValueError(f"vision_tower_flops: num_patches={n} is not a multiple of spatial_merge_size**2="
+    p, i, d, layers = int(num_patches), int(num_images), v.hidden_size, v.depth
+    _positive(num_patches=p, num_images=i)
+    if p % v.merge_unit:
+        raise ValueError(f"vision_tower_flops: num_patches={p} is not a multiple of spatial_merge_size**2="
                          f"{v.merge_unit}")
+    n = i * p  # patches in all
     c = _Counter("visual/")
     c.dense("patch_embed", n, v.patch_dim, d)
     c.dense("blocks/attn/qkv", layers * n, d, 3 * d)
-    c.attention("blocks/attn/attention", layers, n, n, d)
+    c.attention("blocks/attn/attention", layers * i, p, p, d)
     c.dense("blocks/attn/proj", layers * n, d, d)
     for name in ("gate_proj", "up_proj"):
         c.dense(f"blocks/mlp/{name}", layers * n, d, v.intermediate_size)

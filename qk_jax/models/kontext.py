@@ -151,7 +151,8 @@ class QueryKontext:
 
     Batch fields used (all arrays; built by `kontext_inputs.prepare_batch`):
       input_ids (B, T), attention_mask (B, T), position_ids (3, B, T + K) (prompt + queries),
-      pixel_values (P, D) + vision_plan (absent without input images),
+      pixel_values (B * n, P, D) + vision_plan of one image (the batched vision layout;
+      flat (N, D) + a plan of all images when a batch mixes grids; absent without input images),
       target (B, H, W, 3) in [-1, 1], cond_images (B, n, H, W, 3) (stage 3),
       img_ids (B, N_target + n * N_cond, 3), task_id (B,), valid (B,).
     """
@@ -212,7 +213,10 @@ class QueryKontext:
         ids = batch["input_ids"]
         b, t = ids.shape
         vlm_vars = self.variables(params, "vlm")
-        embeds = self.vlm.apply(vlm_vars, ids, batch.get("pixel_values"), batch.get("vision_plan"),
+        pixel_values = batch.get("pixel_values")
+        # Batched layout: row b's image tokens are those of its own n images (prepare_batch checks it).
+        rows_own = pixel_values is not None and pixel_values.ndim == 3
+        embeds = self.vlm.apply(vlm_vars, ids, pixel_values, batch.get("vision_plan"), rows_own,
                                 method=Qwen25VL.embed)
         queries = jnp.broadcast_to(params["queries"]["embedding"].astype(embeds.dtype)[None],
                                    (b, c.num_queries, embeds.shape[-1]))

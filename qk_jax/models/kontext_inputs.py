@@ -3,8 +3,12 @@
 The data pipeline (`qk_jax.data.pipeline`) yields static-shape batches (layout in its
 docstring). `prepare_batch` turns one into the arrays the jitted step takes:
 
-- the VLM's flat `pixel_values` and vision plan of the input images, and the 3-axis
-  M-RoPE position ids of the prompt *followed by the K kontext queries*
+- the VLM's `pixel_values` of the input images in the vision tower's batched layout,
+  (B * n, P, D) with the plan of ONE image (every image of a batch shares one grid: the
+  pipeline buckets them), so the tower runs (B * n) sequences of P patches that split
+  over the data-parallel devices with the rows; a batch that mixes grids falls back to
+  the flat layout (single process only);
+- the 3-axis M-RoPE position ids of the prompt *followed by the K kontext queries*
   (queries continue after each row's last prompt position);
 - the image-stream position ids `img_ids` (B, N_target + n * N_cond, 3) of the DiT: the
   target first, then (stage 3) each input image's segment, placed by the configured scheme:
@@ -23,7 +27,7 @@ import numpy as np
 from qk_jax.data.vocab import TASKS
 from qk_jax.models.dit_positions import grid_ids
 from qk_jax.models.kontext import KontextConfig
-from qk_jax.models.qwen2_5_vl import VisionPlan, build_vision_plan, extend_position_ids, prepare_inputs
+from qk_jax.models.qwen2_5_vl import VisionPlan, extend_position_ids, prepare_inputs, shares_one_grid
 
 # Tasks whose first input image is a *source* (pixels to preserve); the others' inputs are references.
 TASKS_WITH_SOURCE = ("reconstruction", "transformation", "edit")
@@ -69,9 +73,8 @@ def prepare_batch(cfg: KontextConfig, batch: Mapping[str, Any], accum: int = 1, 
     """Pipeline batch (numpy, this process's rows) -> model batch, see the module docstring.
 
     accum > 1 splits the rows into that many micro-batches stacked on a new leading axis
-    (the train step scans over it). With several processes, the vision plan is built for
-    the *global* batch (every process computes the same one): all images of a batch share
-    one grid, so the global plan is the local one repeated.
+    (the train step scans over it). The vision plan is that of one image, the same in
+    every process, so each process passes only its own rows' images.
     """
     if accum > 1:
         rows = len(batch["input_ids"])
@@ -87,15 +90,27 @@ def prepare_batch(cfg: KontextConfig, batch: Mapping[str, Any], accum: int = 1, 
     n = num_inputs(batch)
     grid = None
     out: dict[str, Any] = {"input_ids": ids}
+    batched = False
     if n:
         pv = np.asarray(batch["pixel_values"])[:, :n]
-        out["pixel_values"] = pv.reshape(-1, pv.shape[-1]).astype(np.float32)
         grid = np.asarray(batch["image_grid_thw"])[:, :n].reshape(-1, 3)
-    host = prepare_inputs(cfg.vlm, ids, mask, grid)
-    if processes > 1 and grid is not None:
-        if len(np.unique(grid, axis=0)) != 1:
-            raise ValueError("multi-process batches need one image grid per batch (single bucket)")
-        host["vision_plan"] = build_vision_plan(np.tile(grid, (processes, 1)), cfg.vlm.vision)
+        batched = shares_one_grid(grid)
+        if batched:  # (B * n, P, D): images in row order, each row's n images together
+            out["pixel_values"] = pv.reshape((b * n,) + pv.shape[2:]).astype(np.float32)
+        elif processes > 1:
+            raise ValueError(f"batch mixes image grids {sorted({tuple(g) for g in grid})}: multi-process batches "
+                             "need one grid per batch (the pipeline's buckets give that)")
+        else:  # flat layout, cut each image's real patches out of its slot
+            sizes = np.prod(grid, axis=-1)
+            out["pixel_values"] = np.concatenate([im[:k] for im, k in zip(pv.reshape((b * n,) + pv.shape[2:]), sizes)]
+                                                 ).astype(np.float32)
+    host = prepare_inputs(cfg.vlm, ids, mask, grid, batched_images=batched)
+    if batched:  # each row's image tokens are its own images' (what `rows_own_images` relies on)
+        per_image = int(np.prod(grid[0])) // cfg.vlm.vision.merge_unit
+        counts = ((ids == cfg.vlm.image_token_id) & (mask > 0)).sum(axis=1)
+        if (counts != n * per_image).any():
+            raise ValueError(f"rows hold {sorted(set(counts.tolist()))} image tokens; each of the {n} input images "
+                             f"needs {per_image}")
     queries = extend_position_ids(host["position_ids"], mask, cfg.num_queries)
     out["position_ids"] = np.concatenate([host["position_ids"], queries], axis=2).astype(np.int32)
     out["attention_mask"] = mask

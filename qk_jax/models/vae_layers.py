@@ -25,8 +25,10 @@ Array = jax.Array
 _CONV_INIT = nn.initializers.lecun_normal()
 
 
-def _conv_axes(ndim_kernel: int) -> tuple[str, ...]:
-    return ("conv_kernel",) * ndim_kernel + ("conv_in", "conv_out")
+def _conv_axes(ndim_kernel: int) -> tuple[str | None, ...]:
+    # A logical name may appear once per array (flax rejects repeats when mapping to the
+    # mesh): the first tap axis is named, the others are unnamed (never sharded either way).
+    return ("conv_kernel",) + (None,) * (ndim_kernel - 1) + ("conv_in", "conv_out")
 
 
 class Conv(nn.Module):

@@ -13,10 +13,12 @@ from qk_jax.models.qwen2_5_vl.config import (SIZES, ConfigError, Qwen25VLConfig,
 from qk_jax.models.qwen2_5_vl.model import Qwen25VL, dummy_inputs, init_params, param_count, prepare_inputs
 from qk_jax.models.qwen2_5_vl.rope import extend_position_ids, get_rope_index, text_position_ids
 from qk_jax.models.qwen2_5_vl.text import init_cache
-from qk_jax.models.qwen2_5_vl.vision_plan import VisionPlan, build_vision_plan, pad_patches
+from qk_jax.models.qwen2_5_vl.vision_plan import (VisionPlan, build_image_plan, build_vision_plan, pad_patches,
+                                                   shares_one_grid)
 
 __all__ = [
     "SIZES", "ConfigError", "Qwen25VLConfig", "TextConfig", "VisionConfig", "get_config", "Qwen25VL",
     "dummy_inputs", "init_params", "param_count", "prepare_inputs", "extend_position_ids", "get_rope_index",
-    "text_position_ids", "init_cache", "VisionPlan", "build_vision_plan", "pad_patches",
+    "text_position_ids", "init_cache", "VisionPlan", "build_vision_plan", "build_image_plan", "pad_patches",
+    "shares_one_grid",
 ]

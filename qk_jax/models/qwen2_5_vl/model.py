@@ -30,7 +30,7 @@ from qk_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 from qk_jax.models.qwen2_5_vl.rope import get_rope_index, mrope_cos_sin
 from qk_jax.models.qwen2_5_vl.text import TextModel, causal_padding_mask
 from qk_jax.models.qwen2_5_vl.vision import VisionTower
-from qk_jax.models.qwen2_5_vl.vision_plan import VisionPlan, build_vision_plan, num_merged_tokens
+from qk_jax.models.qwen2_5_vl.vision_plan import VisionPlan, build_image_plan, build_vision_plan, num_merged_tokens
 
 Dtype = Any
 
@@ -53,26 +53,42 @@ class Qwen25VL(nn.Module):
     # ------------------------------------------------------------------ pieces
 
     def vision(self, pixel_values: jax.Array, vision_plan: VisionPlan) -> jax.Array:
-        """pixel_values (N, C*Tp*P*P) -> image embeddings (N / merge_unit, D) in token order."""
+        """Image embeddings in token order: flat pixel_values (N, C*Tp*P*P) + plan of all
+        images -> (N / merge_unit, D); batched (I, P, C*Tp*P*P) + plan of one image ->
+        (I, P / merge_unit, D) (see `vision.py`)."""
         return self.visual(pixel_values, vision_plan)
 
     def embed(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
-              vision_plan: VisionPlan | None = None) -> jax.Array:
+              vision_plan: VisionPlan | None = None, rows_own_images: bool = False) -> jax.Array:
         """Token embeddings with the image embeddings placed at the image-pad tokens.
 
         input_ids (B, T) -> (B, T, D). The k-th image-pad token of the batch (row-major)
         receives the k-th merged image token, as HF's `masked_scatter` does; the caller
         guarantees the counts match (`prepare_inputs` checks it on the host).
+
+        rows_own_images: the images come in rows of I / B (row b's image tokens are
+        exactly those of images b*I/B .. (b+1)*I/B - 1, as in Query-Kontext batches), so
+        each row gathers from its own images only: with rows and images split alike over
+        the devices, no device needs another's image embeddings.
         """
         x = self.language_model.embed(input_ids)
         if pixel_values is None:
             return x
         if vision_plan is None:
             raise ValueError("embed: pixel_values given without a vision_plan (build it with prepare_inputs)")
-        images = self.visual(pixel_values, vision_plan).astype(x.dtype)  # (U, D)
+        images = self.visual(pixel_values, vision_plan).astype(x.dtype)  # (U, D) or (I, U, D)
         is_image = input_ids == self.config.image_token_id
-        slot = jnp.cumsum(is_image.reshape(-1)) - 1
-        gathered = jnp.take(images, jnp.clip(slot, 0, images.shape[0] - 1), axis=0).reshape(x.shape)
+        b, d = input_ids.shape[0], images.shape[-1]
+        if rows_own_images:
+            if (images.size // d) % b:
+                raise ValueError(f"embed: rows_own_images with {images.size // d} image tokens for {b} rows")
+            per_row = images.reshape(b, -1, d)
+            slot = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, per_row.shape[1] - 1)
+            gathered = jax.vmap(lambda im, s: jnp.take(im, s, axis=0))(per_row, slot)
+        else:
+            images = images.reshape(-1, d)
+            slot = jnp.cumsum(is_image.reshape(-1)) - 1
+            gathered = jnp.take(images, jnp.clip(slot, 0, images.shape[0] - 1), axis=0).reshape(x.shape)
         return jnp.where(is_image[..., None], gathered, x)
 
     def decode(self, inputs_embeds: jax.Array, position_ids: jax.Array, attention_mask: jax.Array,
@@ -143,12 +159,15 @@ class Qwen25VL(nn.Module):
 
 
 def prepare_inputs(cfg: Qwen25VLConfig, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
-                   image_grid_thw: np.ndarray | None = None, pad_patches_to: int | None = None) -> dict[str, Any]:
+                   image_grid_thw: np.ndarray | None = None, pad_patches_to: int | None = None,
+                   batched_images: bool = False) -> dict[str, Any]:
     """Host-side inputs of the jitted model: position ids (3, B, T), rope deltas (B,) and,
     with images, the vision plan. Checks that image tokens and grids agree.
 
     `pad_patches_to` builds the plan for a static patch bucket; pad `pixel_values` to the
-    same row count with `vision_plan.pad_patches`.
+    same row count with `vision_plan.pad_patches`. `batched_images` builds the plan of one
+    image for the batched layout (all images share one grid; pass `pixel_values` as
+    (N_img, P, patch_dim)).
     """
     input_ids = np.asarray(input_ids)
     if attention_mask is None:
@@ -164,7 +183,12 @@ def prepare_inputs(cfg: Qwen25VLConfig, input_ids: np.ndarray, attention_mask: n
                                           spatial_merge_size=cfg.vision.spatial_merge_size)
     out = {"position_ids": position_ids, "rope_deltas": deltas, "attention_mask": np.asarray(attention_mask, np.int32)}
     if image_grid_thw is not None and len(image_grid_thw):
-        out["vision_plan"] = build_vision_plan(image_grid_thw, cfg.vision, pad_to=pad_patches_to)
+        if batched_images:
+            if pad_patches_to is not None:
+                raise ValueError("prepare_inputs: pad_patches_to applies to the flat layout, not batched_images")
+            out["vision_plan"] = build_image_plan(image_grid_thw, cfg.vision)
+        else:
+            out["vision_plan"] = build_vision_plan(image_grid_thw, cfg.vision, pad_to=pad_patches_to)
     return out
 
 

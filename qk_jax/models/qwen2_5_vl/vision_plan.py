@@ -17,6 +17,10 @@ undoes the reordering. All of that is fixed once `image_grid_thw` is known:
 `pad_to` pads the patch count to a static bucket size (a multiple of the merge unit):
 padded patches form their own segment (they never mix with real ones) and their merged
 outputs, after the real ones, are ignored.
+
+`build_image_plan` is the plan of the batched layout (`vision.py`): when every image of a
+batch has the same grid, the plan of ONE image (fields of shape (P,)) serves them all and
+the tower runs the images as a batch of (I, P) sequences.
 """
 
 from __future__ import annotations
@@ -137,3 +141,21 @@ def pad_patches(pixel_values: np.ndarray, pad_to: int) -> np.ndarray:
         raise ValueError(f"pad_to={pad_to} is smaller than the {pixel_values.shape[0]} patches")
     return np.concatenate([pixel_values, np.zeros((pad_to - pixel_values.shape[0], pixel_values.shape[1]),
                                                   pixel_values.dtype)])
+
+
+def shares_one_grid(grid_thw: np.ndarray) -> bool:
+    """True when every image of `image_grid_thw` (N_img, 3) has the same grid (the batched layout applies)."""
+    grid = np.asarray(grid_thw)
+    return grid.ndim == 2 and len(grid) > 0 and bool((grid == grid[:1]).all())
+
+
+def build_image_plan(grid_thw: np.ndarray, cfg: VisionConfig) -> VisionPlan:
+    """The plan of the batched layout: `image_grid_thw` (N_img, 3) must hold one grid
+    (repeated); returns the plan of one image, fields (P,) / (P / merge_unit,). The images'
+    `pixel_values` go to the tower as (N_img, P, patch_dim)."""
+    grid = _check_grid(grid_thw, cfg)
+    if not shares_one_grid(grid):
+        raise ValueError(f"build_image_plan: the images have different grids {sorted({tuple(g) for g in grid})}; "
+                         "the batched vision layout needs one grid per batch (use build_vision_plan and flat "
+                         "pixel_values for mixed grids)")
+    return build_vision_plan(grid[:1], cfg)
