@@ -43,11 +43,13 @@ SIZES = {
                       num_key_value_heads=2, mrope_section=(4, 6, 6)),
             vision=dict(hidden_size=64, intermediate_size=128, depth=2, num_heads=2, out_hidden_size=128,
                         fullatt_block_indexes=(1,))),
+        # The DiT width must be at least a token's 192 features: the velocity carries the full
+        # noise of every feature, which a narrower residual stream cannot pass through.
         head=dict(size="tiny", overrides=dict(in_channels=192, out_channels=48, joint_attention_dim=128, num_layers=2,
-                                              num_heads=4, head_dim=32, axes_dims_rope=(8, 12, 12))),
-        dit=dict(size="tiny", overrides=dict(in_channels=192, out_channels=48, joint_attention_dim=128, num_layers=4,
-                                             num_heads=4, head_dim=32, axes_dims_rope=(8, 12, 12))),
-        vae=dict(kind="pixel", size="", factor=4),
+                                              num_heads=6, head_dim=32, axes_dims_rope=(8, 12, 12))),
+        dit=dict(size="tiny", overrides=dict(in_channels=192, out_channels=48, joint_attention_dim=128, num_layers=3,
+                                             num_heads=6, head_dim=32, axes_dims_rope=(8, 12, 12))),
+        vae=dict(kind="pixel", size="", factor=4), prediction="x0",
         connector=dict(kind="mlp", hidden_dim=256, out_dim=128),
         lora_vlm=dict(rank=8, alpha=8.0), lora_dit=dict(rank=32, alpha=32.0),
         batch_size=16, steps=300, learning_rate=1e-3, mesh=dict(data=-1, fsdp=1, tensor=1)),
@@ -94,8 +96,9 @@ def stage_config(stage: int, size: str) -> ml_collections.ConfigDict:
     m.dtype = "float32"  # compute dtype ("bfloat16" on accelerators); parameters stay float32
     m.remat = "none"  # "none" | "full" | "dots"
     m.attention_impl = "xla"  # "xla" | "dot_product" | "cudnn"
+    m.prediction = s.get("prediction", "velocity")  # "x0" for the demo's pixel-space tokens (see kontext.py)
     m.timesteps = dict(method="logit_normal", logit_mean=0.0, logit_std=1.0, shift="dynamic")
-    m.dropout = dict(text=0.1, kontext=0.1, images=0.1)
+    m.dropout = dict(uncond=0.1, no_text=0.05, no_images=0.05, text=0.0, kontext=0.0)  # for CFG
 
     t = c.train = ml_collections.ConfigDict()
     t.steps = s["steps"]

@@ -75,16 +75,27 @@ class LoraConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CondDropout:
-    """Per-sample probabilities of dropping each condition during training (for CFG).
+    """Per-sample condition dropout during training, so the branches that classifier-free
+    guidance evaluates at sampling time are trained.
 
-    text: the prompt's hidden states are masked out of the condition stream;
-    kontext: the K kontext tokens are masked out;
-    images: the VAE latents of the input images are zeroed (stage 3, InstructPix2Pix style).
+    One uniform draw per sample picks an exclusive case:
+      uncond     text, kontext and input images all dropped (the "neither" branch);
+      no_text    text and kontext dropped, input images kept (dual guidance's image-only
+                 branch; in stages 1-2, without the image path, the same as uncond);
+      no_images  the input images' VAE latents zeroed (stage 3, InstructPix2Pix style);
+    then text and kontext are each dropped independently with `text` / `kontext`.
+    "Dropped" text / kontext tokens are masked out of the condition stream.
     """
 
-    text: float = 0.1
-    kontext: float = 0.1
-    images: float = 0.1
+    uncond: float = 0.1
+    no_text: float = 0.05
+    no_images: float = 0.05
+    text: float = 0.0
+    kontext: float = 0.0
+
+    def __post_init__(self):
+        if self.uncond + self.no_text + self.no_images > 1:
+            raise ValueError("model.dropout: uncond + no_text + no_images must not exceed 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +113,13 @@ class KontextConfig:
     timesteps: flow.TimestepConfig = flow.TimestepConfig()
     dropout: CondDropout = CondDropout()
     guidance_scale: float = 1.0  # FLUX guidance-distilled generators: the embedded guidance value
+    # What the generator's output means: "velocity" (v = noise - x0, as Qwen-Image / FLUX) or
+    # "x0" (the clean latents; v = (x_t - x0) / t). Loss and sampling always use the
+    # velocity. x0-prediction is for high-dimensional tokens such as the demo's pixel-space
+    # patches (192 features): there a network must otherwise reproduce the noise of every
+    # feature, which leaves the samples noisy (JiT, "Back to Basics", Li & He 2025).
+    prediction: str = "velocity"
+    min_t: float = 0.05  # x0-prediction: t is clipped below at this value in (x_t - x0) / t
     dtype: str = "float32"  # VLM compute dtype (the other parts carry theirs in their configs)
     param_dtype: str = "float32"
 
@@ -110,6 +128,8 @@ class KontextConfig:
             raise ValueError(f"model.num_queries={self.num_queries}: need at least one kontext query")
         if self.generator_key not in GENERATOR_KEYS:
             raise ValueError(f"model.generator.key={self.generator_key!r}; expected one of {GENERATOR_KEYS}")
+        if self.prediction not in ("velocity", "x0"):
+            raise ValueError(f"model.prediction={self.prediction!r}; expected 'velocity' or 'x0'")
         if self.position_scheme not in POSITION_SCHEMES:
             raise ValueError(f"model.position_scheme={self.position_scheme!r}; expected one of {POSITION_SCHEMES}")
         g = self.generator
@@ -227,16 +247,20 @@ class QueryKontext:
         return cond, mask, hidden[:, t:]
 
     @staticmethod
-    def drop_conditions(rng: Array, cond_mask: Array, prompt_len: int, p_text: float, p_kontext: float
-                        ) -> tuple[Array, Array, Array]:
-        """Per-sample condition dropout: (new mask, dropped_text (B,), dropped_kontext (B,))."""
-        k_t, k_k = jax.random.split(rng)
+    def drop_conditions(rng: Array, cond_mask: Array, prompt_len: int, dropout: CondDropout
+                        ) -> tuple[Array, Array]:
+        """Per-sample condition dropout (see `CondDropout`): (new cond mask, drop_images (B,))."""
+        k_case, k_t, k_k = jax.random.split(rng, 3)
         b = cond_mask.shape[0]
-        drop_t = jax.random.bernoulli(k_t, p_text, (b,))
-        drop_k = jax.random.bernoulli(k_k, p_kontext, (b,))
+        u = jax.random.uniform(k_case, (b,))
+        uncond = u < dropout.uncond
+        no_text = (u >= dropout.uncond) & (u < dropout.uncond + dropout.no_text)
+        no_images = (u >= dropout.uncond + dropout.no_text) & (u < dropout.uncond + dropout.no_text + dropout.no_images)
+        drop_t = uncond | no_text | jax.random.bernoulli(k_t, dropout.text, (b,))
+        drop_k = uncond | no_text | jax.random.bernoulli(k_k, dropout.kontext, (b,))
         is_text = jnp.arange(cond_mask.shape[1]) < prompt_len
         keep = jnp.where(is_text[None], ~drop_t[:, None], ~drop_k[:, None])
-        return cond_mask & keep, drop_t, drop_k
+        return cond_mask & keep, uncond | no_images
 
     # ------------------------------------------------------------------ latents
 
@@ -257,7 +281,8 @@ class QueryKontext:
 
     def velocity(self, params: Mapping[str, Any], x_target: Array, cond_tokens: Array | None, img_ids: Array,
                  cond: Array, cond_mask: Array, t: Array) -> Array:
-        """The DiT on [noisy target ; condition segments]: velocity on the target tokens (B, N_t, C)."""
+        """The DiT on [noisy target ; condition segments]: velocity on the target tokens (B, N_t, C)
+        (converted from the clean-latent prediction when `prediction="x0"`)."""
         c = self.config
         img = x_target if cond_tokens is None else jnp.concatenate([x_target, cond_tokens], axis=1)
         b = x_target.shape[0]
@@ -266,8 +291,12 @@ class QueryKontext:
             kwargs["guidance"] = jnp.full((b,), c.guidance_scale, jnp.float32)
         if c.generator.pooled_projection_dim:
             kwargs["pooled"] = pooled_condition(cond, cond_mask, c.generator.pooled_projection_dim)
-        return self.generator.apply(self.variables(params, c.generator_key), img, img_ids, cond, cond_mask, t,
-                                    num_target_tokens=x_target.shape[1], **kwargs)
+        out = self.generator.apply(self.variables(params, c.generator_key), img, img_ids, cond, cond_mask, t,
+                                   num_target_tokens=x_target.shape[1], **kwargs)
+        if c.prediction == "x0":
+            t_b = jnp.maximum(t.astype(jnp.float32), c.min_t)[:, None, None]
+            return (x_target.astype(jnp.float32) - out.astype(jnp.float32)) / t_b
+        return out
 
     # ------------------------------------------------------------------ training loss
 
@@ -279,17 +308,16 @@ class QueryKontext:
         (B,) and the drawn timesteps (B,), for per-task logging.
         """
         c = self.config
-        k_drop, k_time, k_noise, k_img = jax.random.split(rng, 4)
+        k_drop, k_time, k_noise = jax.random.split(rng, 3)
         cond, cond_mask, _ = self.condition(params, batch)
+        drop_img = None
         if train:
-            cond_mask, _, _ = self.drop_conditions(k_drop, cond_mask, batch["input_ids"].shape[1],
-                                                   c.dropout.text, c.dropout.kontext)
+            cond_mask, drop_img = self.drop_conditions(k_drop, cond_mask, batch["input_ids"].shape[1], c.dropout)
         x0 = self.encode(params, batch["target"])
         cond_tokens = None
         if c.low_level and "cond_images" in batch and batch["cond_images"].shape[1]:
             cond_tokens = self.encode_conditions(params, batch["cond_images"])
-            if train:
-                drop_img = jax.random.bernoulli(k_img, c.dropout.images, (x0.shape[0],))
+            if drop_img is not None:
                 cond_tokens = jnp.where(drop_img[:, None, None], 0.0, cond_tokens)
         t = flow.sample_timesteps(k_time, x0.shape[0], c.timesteps, image_seq_len=x0.shape[1])
         noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
