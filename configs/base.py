@@ -61,15 +61,10 @@ SIZES = {
         connector=dict(kind="mlp", hidden_dim=7168, out_dim=3584),
         lora_vlm=dict(rank=64, alpha=64.0), lora_dit=dict(rank=256, alpha=256.0),
         batch_size=512, steps=72000, learning_rate=1e-4, mesh=dict(data=1, fsdp=-1, tensor=4)),
-    # Qwen2.5-VL-7B with the public Qwen-Image 20B MMDiT and its VAE in stages 2-3.
-    "qwen_image": dict(
-        vlm="7b", num_queries=128, image_size=512, vlm_image_size=448, max_text_len=(1024, 1024),
-        head=dict(size="head_870m", overrides={}), dit=dict(size="qwen_image_20b", overrides={}),
-        vae=dict(kind="qwen_image", size="qwen_image", factor=8),
-        connector=dict(kind="mlp", hidden_dim=7168, out_dim=3584),
-        lora_vlm=dict(rank=64, alpha=64.0), lora_dit=dict(rank=256, alpha=256.0),
-        batch_size=512, steps=72000, learning_rate=1e-4, mesh=dict(data=1, fsdp=-1, tensor=4)),
 }
+
+# Qwen2.5-VL-7B with the public Qwen-Image 20B MMDiT and its VAE in stages 2-3.
+SIZES["qwen_image"] = dict(SIZES["paper"], dit=dict(size="qwen_image_20b", overrides={}))
 
 
 def stage_config(stage: int, size: str) -> ml_collections.ConfigDict:
