@@ -199,6 +199,7 @@ def run(from_stage: int, to_stage: int, src: str, dst: str, dit: str | None = No
             src_params = reader.restore(step, params=src_target, json_items=(), fallback=False)["params"]
         except ckpt_lib.CheckpointError as e:
             raise SurgeryError(f"source checkpoint does not fit the stage-{from_stage} config: {e}") from None
+        dit = dit or dst_config.model.generator.get("checkpoint") or None  # --dit, else the stage config's
         dit_params = _load_dit(dit, dst_k, mesh) if dit else None
         params, status = transition(src_params, src_model, dst_model, mesh, dit_params, seed)
     writer = ckpt_lib.Checkpointer(dst, max_to_keep=None, async_save=False)

@@ -30,7 +30,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from qk_jax import checkpoint as ckpt_lib
-from qk_jax import distributed, flops, kontext_config, optim, sharding
+from qk_jax import distributed, flops, kontext_config, optim, pretrained, sharding
 from qk_jax.data import pipeline as data_pipeline
 from qk_jax.data import vlm_inputs
 from qk_jax.data.tokenizer import build_tokenizer
@@ -87,7 +87,8 @@ def ensure_processor(config, workdir: str) -> str:
 
 
 def build_state(model: QueryKontext, config, mesh, tx, checkpointer):
-    """Fresh, resumed, or initialised from another stage's checkpoint. Returns (state, data_state, step)."""
+    """Fresh (random, plus any pretrained weights the config names), resumed, or initialised
+    from another stage's checkpoint. Returns (state, data_state, step)."""
     kcfg = model.config
     abstract, specs = sharding.abstract_init(model.init, jax.random.key(0))
     shardings = sharding.tree_shardings(abstract, specs, mesh)
@@ -101,7 +102,10 @@ def build_state(model: QueryKontext, config, mesh, tx, checkpointer):
         params = src.restore(params=target, json_items=())["params"]
         print(f"initialised from {config.train.init_from} step {src.latest_step()}", flush=True)
     else:
-        params, _, _ = sharding.init_sharded(model.init, mesh, jax.random.key(config.train.seed))
+        params, shardings_tree, _ = sharding.init_sharded(model.init, mesh, jax.random.key(config.train.seed))
+        params, loaded = pretrained.load_pretrained(params, config, kcfg, shardings_tree)
+        for key, folder in loaded.items():
+            print(f"{key}: pretrained weights from {folder}", flush=True)
     return init_state(params, config.train.trainable, tx, ema), None, 0
 
 
