@@ -175,26 +175,38 @@ class Sampler:
         return samplers.FlowMatchSchedule(shift=t.static_shift if t.shift == "static" else 1.0)
 
     def _loop(self, method: str, text_cfg: bool, dual: bool):
-        """The jitted sampling loop for one guidance layout (the scales are traced arguments)."""
-        model = self.model
+        """The sampling loop for one guidance layout (see `sample_loop`)."""
+        return sample_loop(self.model, method, text_cfg, dual)
 
-        def loop(params, noise, sigmas, timesteps, cond, mask, cond_tokens, img_ids, g, ig):
-            def model_fn(x, t, c):
-                return model.velocity(params, x, c["tokens"], c["img_ids"], c["cond"], c["mask"], t)
 
-            full = {"cond": cond, "mask": mask, "tokens": cond_tokens, "img_ids": img_ids}
-            no_text = dict(full, mask=jnp.zeros_like(mask))
-            if dual:
-                uncond = dict(no_text, tokens=jnp.zeros_like(cond_tokens))
-                vel = guidance_lib.guided_velocity(model_fn, [full, no_text, uncond],
-                                                   lambda c, i, u: guidance_lib.dual_cfg(c, i, u, g, ig))
-            elif text_cfg:
-                vel = guidance_lib.guided_velocity(model_fn, [full, no_text], lambda c, u: guidance_lib.cfg(c, u, g))
-            else:
-                vel = guidance_lib.guided_velocity(model_fn, [full], lambda c: c)
-            return samplers.sample(vel, noise, sigmas, timesteps, method)
+def sample_loop(model: QueryKontext, method: str, text_cfg: bool, dual: bool):
+    """The sampling loop (jit it) for one guidance layout; the scales are traced arguments:
 
-        return loop
+        loop(params, noise (B, N, C), sigmas (S+1,), timesteps (S,), cond (B, T+K, D_cond),
+             mask (B, T+K), cond_tokens (B, n*N, C) | None, img_ids (B, N + n*N, 3), g, ig)
+          -> denoised target tokens (B, N, C)
+
+    Every step is one batched DiT call over the guidance branches: [full] (no guidance),
+    [full, no text] (text CFG), or [full, no text, neither] (dual guidance with input images).
+    """
+
+    def loop(params, noise, sigmas, timesteps, cond, mask, cond_tokens, img_ids, g, ig):
+        def model_fn(x, t, c):
+            return model.velocity(params, x, c["tokens"], c["img_ids"], c["cond"], c["mask"], t)
+
+        full = {"cond": cond, "mask": mask, "tokens": cond_tokens, "img_ids": img_ids}
+        no_text = dict(full, mask=jnp.zeros_like(mask))
+        if dual:
+            uncond = dict(no_text, tokens=jnp.zeros_like(cond_tokens))
+            vel = guidance_lib.guided_velocity(model_fn, [full, no_text, uncond],
+                                               lambda c, i, u: guidance_lib.dual_cfg(c, i, u, g, ig))
+        elif text_cfg:
+            vel = guidance_lib.guided_velocity(model_fn, [full, no_text], lambda c, u: guidance_lib.cfg(c, u, g))
+        else:
+            vel = guidance_lib.guided_velocity(model_fn, [full], lambda c: c)
+        return samplers.sample(vel, noise, sigmas, timesteps, method)
+
+    return loop
 
 
 def save_grid(images: np.ndarray, path: str, columns: int | None = None) -> None:

@@ -1,0 +1,526 @@
+"""`qk-jax aot`: compile a stage's train step and sampling loop for a TPU topology, ahead
+of time, on a CPU machine (libtpu), and say whether they fit the chip's memory.
+
+    qk-jax aot --config configs/stage2.py:paper --topology v5p:4x4x4 \\
+        --mesh data=1,fsdp=64,tensor=1 --batch 512 \\
+        --config.model.dtype=bfloat16 --config.model.remat=full --json aot.json
+
+What is compiled (with `jax.jit(...).lower(...).compile()` against the topology's
+compile-only devices, every argument an abstract `jax.ShapeDtypeStruct` carrying the
+NamedSharding the real run gives it):
+
+- train: `train_step.make_train_step` with the stage's trainable set, optimizer (AdamW,
+  clipping, schedule), EMA and gradient accumulation, on the state `train.py` builds
+  (trainable / frozen parameters sharded by the logical-axis rules of `sharding.py`,
+  optimizer state and EMA sharded like their parameters), the state donated as in
+  `train.py`, and a batch with the shapes `kontext_inputs.prepare_batch` gives for the
+  config (square bucket of `data.area`, its VLM image at `data.vlm_area`, `data.max_text_len`
+  tokens, K queries, `--inputs` input images per sample, default `data.image_slots`);
+- sample: `sample.sample_loop`, the whole sampling loop (`sample.steps` steps of one
+  batched, guided DiT call: text CFG, and dual guidance when the stage has the low-level
+  path), on the inference parameters (LoRA merged) and the condition stream that
+  `QueryKontext.condition` produces.
+
+Per program it prints the per-device memory from `compiled.memory_analysis()`
+(arguments, outputs, temporaries, aliased bytes, generated code; peak = arguments +
+outputs - aliases + temporaries + code), the analytic FLOPs (`qk_jax.flops`; XLA's own
+count is shown for reference only: it counts a scanned layer stack's body once), the
+compile time, and whether the peak fits the chip's HBM with `--headroom` left free. The
+last line is the verdict: `FITS` or `DOES NOT FIT`.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before jax is imported: compile-only TPU devices from libtpu, no TPU runtime on this machine.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+# libtpu takes a machine-wide lock (/tmp/libtpu_lockfile) when it loads; compiling needs no
+# TPU, so let several compiling processes (a test beside a long compile) load it.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+import json  # noqa: E402
+import math  # noqa: E402
+import time  # noqa: E402
+from typing import Any, Mapping  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+from qk_jax import flops, kontext_config, optim, sharding  # noqa: E402
+from qk_jax.config import ConfigError  # noqa: E402
+from qk_jax.data import buckets  # noqa: E402
+from qk_jax.data.vocab import TASKS  # noqa: E402
+from qk_jax.models.kontext import QueryKontext  # noqa: E402
+from qk_jax.models.kontext_inputs import prepare_batch  # noqa: E402
+from qk_jax.models.lora import LORA_KEY  # noqa: E402
+from qk_jax.train_step import make_train_step  # noqa: E402
+
+GIB = 1024 ** 3
+# HBM per chip (GiB).
+HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
+_CHIP_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6lite": "v6e"}
+PROGRAMS = ("train", "sample")
+
+
+# ----------------------------------------------------------------------------- topology and mesh
+
+
+def chip_of(topology: str) -> str:
+    """'v5p:4x4x4' -> 'v5p' (a key of HBM_GIB); ValueError for an unknown chip."""
+    chip = topology.split(":")[0].strip().lower()
+    chip = _CHIP_ALIASES.get(chip, chip)
+    if chip not in HBM_GIB:
+        raise ValueError(f"--topology {topology!r}: unknown chip {chip!r}; known: {sorted(HBM_GIB)} "
+                         "(names look like v5p:4x4x4, v5e:2x2, v6e:4x4, v4:2x2x1)")
+    return chip
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """'data=1,fsdp=16,tensor=4' -> {'data': 1, 'fsdp': 16, 'tensor': 4}; unnamed axes are 1, -1 = the rest."""
+    out = {a: 1 for a in sharding.MESH_AXES}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, eq, value = part.partition("=")
+        if not eq or name.strip() not in sharding.MESH_AXES:
+            raise ValueError(f"--mesh {text!r}: expected comma-separated axis=size with axes {sharding.MESH_AXES}")
+        try:
+            out[name.strip()] = int(value)
+        except ValueError:
+            raise ValueError(f"--mesh {text!r}: size of {name.strip()!r} is not an int") from None
+    return out
+
+
+def topology_mesh(topology: str, mesh_cfg: Mapping[str, int]):
+    """(mesh over the topology's compile-only devices, device kind). The mesh must use every chip."""
+    from jax.experimental import topologies
+
+    try:
+        topo = topologies.get_topology_desc(topology_name=topology, platform="tpu")
+    except Exception as e:  # noqa: BLE001 - libtpu raises several types
+        raise ValueError(f"--topology {topology!r} is not a TPU topology libtpu knows ({e}); "
+                         "names look like v5p:4x4x4, v5e:2x2, v6e:4x4") from None
+    devices = list(topo.devices)
+    shape = sharding.mesh_shape_from_config(dict(mesh_cfg), len(devices))
+    if math.prod(shape) != len(devices):
+        raise ValueError(f"--mesh {dict(zip(sharding.MESH_AXES, shape))} uses {math.prod(shape)} of the "
+                         f"{len(devices)} chips of {topology}: the mesh must cover the topology")
+    return sharding.make_mesh(shape, devices), devices[0].device_kind
+
+
+# ----------------------------------------------------------------------------- abstract inputs
+
+
+def example_host_batch(kcfg, data_cfg, rows: int, n_inputs: int) -> dict[str, np.ndarray]:
+    """A pipeline-format batch (`data.pipeline` layout) of `rows` samples in the square
+    bucket, each with `n_inputs` input images: the shapes a real batch has (zeros inside)."""
+    table, vlm_table = buckets.paired_tables(data_cfg.area, data_cfg.multiple, data_cfg.vlm_area,
+                                             data_cfg.vlm_multiple, data_cfg.ratios)
+    bucket = buckets.choose_bucket(1, 1, table)
+    (h, w), (vh, vw) = table[bucket], vlm_table[bucket]
+    v, t = kcfg.vlm.vision, int(data_cfg.max_text_len)
+    slots = int(data_cfg.image_slots)
+    if not 0 <= n_inputs <= slots:
+        raise ValueError(f"--inputs {n_inputs}: must be between 0 and data.image_slots={slots}")
+    grid = (1, vh // v.patch_size, vw // v.patch_size)
+    patches = int(np.prod(grid))
+    tokens = patches // v.merge_unit
+    image = [kcfg.vlm.vision_start_token_id] + [kcfg.vlm.image_token_id] * tokens + [kcfg.vlm.vision_end_token_id]
+    prompt = image * n_inputs
+    if len(prompt) >= t:
+        raise ConfigError(f"config field data.max_text_len={t} cannot hold {n_inputs} input images of {tokens} "
+                          "tokens each plus a prompt")
+    ids = np.full((rows, t), kcfg.vlm.text.pad_token_id or 0, np.int32)
+    ids[:, :len(prompt)] = prompt
+    task = "t2i" if n_inputs == 0 else ("edit" if kcfg.low_level else "reconstruction")
+    if n_inputs > 1:
+        task = "multi_subject"
+    pixel_values = np.zeros((rows, slots, patches, v.patch_dim), np.float32)
+    grids = np.zeros((rows, slots, 3), np.int32)
+    grids[:, :n_inputs] = grid
+    return {"target": np.zeros((rows, h, w, 3), np.float32),
+            "cond_images": np.zeros((rows, slots, h, w, 3), np.float32),
+            "cond_mask": np.broadcast_to(np.arange(slots) < n_inputs, (rows, slots)).copy(),
+            "num_inputs": np.full((rows,), n_inputs, np.int32),
+            "task_id": np.full((rows,), TASKS.index(task), np.int32), "valid": np.ones((rows,), bool),
+            "input_ids": ids, "attention_mask": np.ones((rows, t), np.int32),
+            "pixel_values": pixel_values, "image_grid_thw": grids}
+
+
+# Row axis of each prepared field (see kontext_inputs.place_batch); the vision plan has none.
+_ROW_AXIS = {"position_ids": 1}
+
+
+def abstract_batch(kcfg, data_cfg, mesh, global_batch: int, n_inputs: int, accum: int = 1) -> dict[str, Any]:
+    """ShapeDtypeStructs (with the NamedShardings `place_batch` gives) of the prepared batch
+    of `global_batch` samples: `prepare_batch` runs on one sample per micro-batch and its
+    row axes are scaled up, so every shape is the one a real batch has."""
+    if global_batch % accum:
+        raise ConfigError(f"--batch {global_batch} is not divisible by train.grad_accum={accum}")
+    per_micro = global_batch // accum
+    small = prepare_batch(kcfg, example_host_batch(kcfg, data_cfg, accum, n_inputs), accum=accum)
+    lead = 1 if accum > 1 else 0
+    dp = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
+    dp_size = math.prod(mesh.shape[a] for a in dp)
+    split = dp and per_micro % dp_size == 0
+    dp_spec = (dp[0] if len(dp) == 1 else dp) if split else None
+
+    def one(key, x):
+        x = np.asarray(x)
+        if key == "vision_plan_field":
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P()))
+        axis = _ROW_AXIS.get(key, 0) + lead
+        shape = list(x.shape)
+        shape[axis] *= per_micro  # one sample -> per_micro samples (n images each for pixel_values)
+        spec = [None] * len(shape)
+        spec[axis] = dp_spec
+        return jax.ShapeDtypeStruct(tuple(shape), x.dtype, sharding=NamedSharding(mesh, P(*spec)))
+
+    out = {}
+    for key, value in small.items():
+        if key == "vision_plan":
+            out[key] = type(value)(*(one("vision_plan_field", f) for f in value))
+        else:
+            out[key] = one(key, value)
+    return out
+
+
+def _replicated(mesh):
+    return NamedSharding(mesh, P())
+
+
+def abstract_params(model: QueryKontext, mesh):
+    """ShapeDtypeStructs of the whole parameter tree with their NamedShardings."""
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)  # a real key would need a device
+    abstract, specs = sharding.abstract_init(model.init, key)
+    return sharding.abstract_with_shardings(abstract, sharding.tree_shardings(abstract, specs, mesh))
+
+
+def _like(tree):
+    return jax.tree.map(lambda a: a.sharding, tree)
+
+
+def abstract_train_state(params, trainable_prefixes, tx, ema: bool, mesh) -> dict[str, Any]:
+    """The abstract `train_step.init_state(...)`: optimizer state and EMA sharded like their parameters."""
+    import optax
+
+    trainable, frozen = optim.partition(params, trainable_prefixes)
+    opt = jax.eval_shape(tx.init, trainable)
+    shardings = _like(trainable)
+    replicated = _replicated(mesh)
+    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, opt, shardings,
+                                          transform_non_params=lambda _: replicated)
+    opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), opt, opt_shardings)
+    state = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), "trainable": trainable,
+             "frozen": frozen, "opt_state": opt_state,
+             "ema": (jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=a.sharding), trainable)
+                     if ema else None)}
+    return state
+
+
+# ----------------------------------------------------------------------------- compiling
+
+
+def memory_of(compiled) -> dict[str, int]:
+    """Per-device bytes from `compiled.memory_analysis()`, and the peak they add up to."""
+    m = compiled.memory_analysis()
+    get = lambda name: int(getattr(m, name, 0) or 0)  # noqa: E731
+    out = {"arguments": get("argument_size_in_bytes"), "outputs": get("output_size_in_bytes"),
+           "temporaries": get("temp_size_in_bytes"), "aliases": get("alias_size_in_bytes"),
+           "generated_code": get("generated_code_size_in_bytes")}
+    out["peak"] = out["arguments"] + out["outputs"] - out["aliases"] + out["temporaries"] + out["generated_code"]
+    return out
+
+
+def xla_flops_per_device(compiled) -> float:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float((cost or {}).get("flops", 0.0))
+
+
+def _compile(fn, args, mesh, **jit_kwargs) -> tuple[Any, float, float]:
+    with jax.set_mesh(mesh), sharding.activation_rules_context():
+        t0 = time.perf_counter()
+        lowered = jax.jit(fn, **jit_kwargs).lower(*args)
+        t1 = time.perf_counter()
+        compiled = lowered.compile()
+        t2 = time.perf_counter()
+    return compiled, t1 - t0, t2 - t1
+
+
+def compile_train(model, config, mesh, params, batch) -> dict[str, Any]:
+    """Compiles the train step; returns its report entry."""
+    t = config.train
+    tx = optim.make_optimizer(t)
+    state = abstract_train_state(params, t.trainable, tx, t.ema_decay > 0, mesh)
+    step = make_train_step(model, tx, seed=t.seed, grad_accum=int(t.grad_accum), ema_decay=t.ema_decay,
+                           lr_schedule=optim.learning_rate_schedule(t))
+    state_shardings = jax.tree.map(lambda a: a.sharding, state)
+    compiled, lower_s, compile_s = _compile(step, (state, batch), mesh, donate_argnums=(0,),
+                                            out_shardings=(state_shardings, _replicated(mesh)))
+    counted = flops.kontext_train_step_flops(model.config, batch, t.trainable, state["trainable"].get(LORA_KEY))
+    return {"memory": memory_of(compiled), "lower_seconds": lower_s, "compile_seconds": compile_s,
+            "flops": {"analytic": counted["total"], "analytic_with_remat": counted["hardware_total"],
+                      "parts": {k: v["total"] for k, v in counted["parts"].items()},
+                      "xla_per_device": xla_flops_per_device(compiled)},
+            "state_bytes_per_device": _tree_bytes(state),
+            "params": {"trainable": _count(state["trainable"]), "frozen": _count(state["frozen"])}}
+
+
+def compile_sample(model, config, mesh, params, batch, sample_batch: int) -> dict[str, Any]:
+    """Compiles the sampling loop (`sample.sample_loop`) for `sample_batch` prompts."""
+    from qk_jax.models.lora import apply_lora
+    from qk_jax.sample import sample_loop
+
+    kcfg = model.config
+    s = config.sample
+    steps = int(s.steps)
+    # The sampler's parameters: LoRA merged into the kernels (same shapes and shardings).
+    inference = {k: v for k, v in params.items() if k != LORA_KEY}
+    dp = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
+    dp_size = math.prod(mesh.shape[a] for a in dp)
+    spec0 = (dp[0] if len(dp) == 1 else dp) if dp and sample_batch % dp_size == 0 else None
+
+    def rows_of(x, b):
+        return jax.ShapeDtypeStruct((b,) + tuple(x.shape[1:]), x.dtype,
+                                    sharding=NamedSharding(mesh, P(spec0, *([None] * (len(x.shape) - 1)))))
+
+    one_batch = dict(batch)
+    if batch["input_ids"].ndim == 3:  # grad accumulation: the shapes of one micro-batch
+        one_batch = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape[1:], v.dtype), batch)
+    cond, mask, _ = jax.eval_shape(model.condition, inference, one_batch)
+    n_target = math.prod(one_batch["target"].shape[1:3]) // kcfg.downsample ** 2
+    c_in = kcfg.generator.in_channels
+    cond_tokens = None
+    dual = False
+    if kcfg.low_level and "cond_images" in one_batch:
+        ct = jax.eval_shape(model.encode_conditions, inference, one_batch["cond_images"])
+        cond_tokens = rows_of(ct, sample_batch)
+        dual = float(s.image_guidance) != 1.0
+    text_cfg = float(s.guidance) != 1.0
+    f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=_replicated(mesh))  # noqa: E731
+    args = (inference, rows_of(jax.ShapeDtypeStruct((1, n_target, c_in), jnp.float32), sample_batch),
+            f32((steps + 1,)), f32((steps,)), rows_of(cond, sample_batch), rows_of(mask, sample_batch),
+            cond_tokens, rows_of(one_batch["img_ids"], sample_batch), f32(()), f32(()))
+    loop = sample_loop(model, s.method, text_cfg, dual)
+    compiled, lower_s, compile_s = _compile(loop, args, mesh)
+    branches = 3 if dual else (2 if text_cfg else 1)
+    evals = steps * (2 if s.method == "heun" else 1)
+    n_total = one_batch["img_ids"].shape[1]
+    per_eval = flops.mmdit_flops(kcfg.generator, branches * sample_batch, n_total, cond.shape[1], n_target).total
+    return {"memory": memory_of(compiled), "lower_seconds": lower_s, "compile_seconds": compile_s,
+            "flops": {"analytic": per_eval * evals, "per_dit_call": per_eval,
+                      "xla_per_device": xla_flops_per_device(compiled)},
+            "sample_batch": sample_batch, "steps": steps, "branches": branches, "method": s.method}
+
+
+def _tree_bytes(tree) -> int:
+    return int(sum(sharding.bytes_per_device(x) for x in jax.tree.leaves(tree)))
+
+
+def _params(n: int) -> str:
+    return f"{n / 1e9:.3f} B" if n >= 1e8 else f"{n / 1e6:.3f} M"
+
+
+def _count(tree) -> int:
+    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def run(config, topology: str, mesh_cfg: Mapping[str, int] | None = None, batch: int | None = None,
+        programs=PROGRAMS, n_inputs: int | None = None, sample_batch: int | None = None,
+        headroom: float = 0.1, log=print) -> dict[str, Any]:
+    """Compiles `programs` of `config` for `topology`; returns the report (see `format_report`)."""
+    unknown = set(programs) - set(PROGRAMS)
+    if unknown or not programs:
+        raise ValueError(f"programs {sorted(programs)}: choose from {PROGRAMS}")
+    chip = chip_of(topology)
+    mesh_cfg = dict(config.mesh) if mesh_cfg is None else dict(mesh_cfg)
+    mesh, device_kind = topology_mesh(topology, mesh_cfg)
+    n_dev = mesh.devices.size
+    with config.unlocked():
+        config.mesh = {a: int(mesh.shape[a]) for a in sharding.MESH_AXES}
+        if batch is not None:
+            config.train.batch_size = int(batch)
+    kcfg = kontext_config.validate(config, n_dev)
+    n_inputs = int(config.data.image_slots if n_inputs is None else n_inputs)
+    dp_size = mesh.shape["data"] * mesh.shape["fsdp"]
+    sample_batch = int(sample_batch or dp_size)
+    model = QueryKontext(kcfg)
+    log(f"aot: {config.stage and f'stage {config.stage}'} {config.get('size', '')} on {topology} "
+        f"({n_dev} x {device_kind}, {HBM_GIB[chip]} GiB HBM), mesh {dict(mesh.shape)}, global batch "
+        f"{config.train.batch_size}, {n_inputs} input image(s), dtype {config.model.dtype}, "
+        f"remat {config.model.remat}\n{kontext_config.describe(kcfg)}", flush=True)
+    # Traced outside the topology's mesh: nothing here may touch its (compile-only) devices.
+    params = abstract_params(model, mesh)
+    batch_abs = abstract_batch(kcfg, config.data, mesh, int(config.train.batch_size), n_inputs,
+                               int(config.train.grad_accum))
+    report: dict[str, Any] = {
+        "config": {"stage": int(config.stage), "size": config.get("size", ""), "dtype": config.model.dtype,
+                   "remat": config.model.remat, "attention_impl": config.model.attention_impl,
+                   "global_batch": int(config.train.batch_size), "grad_accum": int(config.train.grad_accum),
+                   "num_queries": kcfg.num_queries, "input_images": n_inputs,
+                   "batch_shapes": {k: list(v.shape) for k, v in batch_abs.items() if k != "vision_plan"}},
+        "topology": topology, "chip": chip, "device_kind": device_kind, "num_devices": int(n_dev),
+        "mesh": {a: int(mesh.shape[a]) for a in sharding.MESH_AXES}, "hbm_bytes": HBM_GIB[chip] * GIB,
+        "headroom": headroom, "params_total": _count(params), "programs": {}}
+    for name in programs:
+        log(f"aot: compiling the {name} program ...", flush=True)
+        if name == "train":
+            entry = compile_train(model, config, mesh, params, batch_abs)
+        else:
+            entry = compile_sample(model, config, mesh, params, batch_abs, sample_batch)
+        entry["flops"]["xla_total"] = entry["flops"]["xla_per_device"] * n_dev
+        entry["seconds_at_peak"] = _seconds_at_peak(entry["flops"]["analytic"], n_dev, device_kind)
+        report["programs"][name] = entry
+        log(f"aot: {name} compiled in {entry['compile_seconds']:.0f} s; peak "
+            f"{entry['memory']['peak'] / GIB:.2f} GiB per device", flush=True)
+    return judge(report)
+
+
+def judge(report: dict[str, Any], headroom: float | None = None) -> dict[str, Any]:
+    """Sets `fits` per program and overall and the `verdict` line: a program fits when its
+    peak per-device memory leaves `headroom` (a fraction) of the chip's HBM free."""
+    if headroom is not None:
+        report["headroom"] = float(headroom)
+    if not 0.0 <= report["headroom"] < 1.0:
+        raise ValueError(f"headroom={report['headroom']}: a fraction of HBM in [0, 1)")
+    budget = (1.0 - report["headroom"]) * report["hbm_bytes"]
+    for entry in report["programs"].values():
+        entry["fits"] = entry["memory"]["peak"] <= budget
+    report["fits"] = all(e["fits"] for e in report["programs"].values())
+    report["verdict"] = verdict_line(report)
+    return report
+
+
+def _seconds_at_peak(total_flops: float, n_dev: int, device_kind: str) -> float | None:
+    key = flops.peak_key(device_kind)
+    return None if key is None else float(total_flops) / (n_dev * flops.PEAK_FLOPS[key])
+
+
+def verdict_line(report: Mapping[str, Any]) -> str:
+    worst = max(report["programs"].items(), key=lambda kv: kv[1]["memory"]["peak"])
+    hbm = report["hbm_bytes"] / GIB
+    word = "FITS" if report["fits"] else "DOES NOT FIT"
+    parts = ", ".join(f"{n} {e['memory']['peak'] / GIB:.2f} GiB" for n, e in report["programs"].items())
+    return (f"{word}: {parts} per device (peak: {worst[0]}) on {report['topology']} "
+            f"({report['chip']}, {hbm:.0f} GiB HBM, {100 * report['headroom']:.0f}% headroom), mesh "
+            f"data={report['mesh']['data']},fsdp={report['mesh']['fsdp']},tensor={report['mesh']['tensor']}, "
+            f"global batch {report['config']['global_batch']}")
+
+
+def _flops(x: float) -> str:
+    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3f} {unit}"
+    return f"{x:.0f} FLOP"
+
+
+def _gib(x: float) -> str:
+    return f"{x / GIB:.3f}" if x >= GIB / 100 or x == 0 else f"{x / GIB:.2e}"
+
+
+def format_report(report: Mapping[str, Any]) -> str:
+    """The printed report: per program memory and FLOPs, then the verdict as the last line."""
+    lines = []
+    c = report["config"]
+    lines.append(f"topology {report['topology']} ({report['num_devices']} x {report['device_kind']}), mesh "
+                 f"{report['mesh']}, global batch {c['global_batch']} (grad_accum {c['grad_accum']}), dtype "
+                 f"{c['dtype']}, remat {c['remat']}, K = {c['num_queries']}, {c['input_images']} input image(s); "
+                 f"{_params(report['params_total'])} parameters")
+    fields = ("arguments", "outputs", "temporaries", "aliases", "generated_code", "peak")
+    lines.append("")
+    lines.append(f"{'per device (GiB)':<18}" + "".join(f"{f:>15}" for f in fields) + f"{'fits':>7}")
+    for name, e in report["programs"].items():
+        m = e["memory"]
+        lines.append(f"{name:<18}" + "".join(f"{_gib(m[f]):>15}" for f in fields) + f"{'yes' if e['fits'] else 'NO':>7}")
+    lines.append(f"{'HBM':<18}{report['hbm_bytes'] / GIB:>15.1f}  (budget {(1 - report['headroom']) * 100:.0f}%: "
+                 f"{(1 - report['headroom']) * report['hbm_bytes'] / GIB:.1f} GiB)")
+    lines.append("")
+    for name, e in report["programs"].items():
+        f = e["flops"]
+        at_peak = e.get("seconds_at_peak")
+        lines.append(f"{name}: analytic {_flops(f['analytic'])} per {'step' if name == 'train' else 'sampling run'}"
+                     + (f" ({_flops(f['analytic_with_remat'])} with remat)" if "analytic_with_remat" in f else "")
+                     + (f", {at_peak:.3g} s at 100% of the chips' peak" if at_peak else "")
+                     + f"; XLA cost analysis {_flops(f['xla_total'])} (counts scan bodies once); "
+                     f"lowered in {e['lower_seconds']:.0f} s, compiled in {e['compile_seconds']:.0f} s")
+        if name == "train":
+            lines.append("  parts: " + ", ".join(f"{k} {_flops(v)}" for k, v in f["parts"].items())
+                         + f"; train state {_gib(e['state_bytes_per_device'])} GiB per device; "
+                         f"{_params(e['params']['trainable'])} trainable, {_params(e['params']['frozen'])} frozen")
+        else:
+            lines.append(f"  {e['sample_batch']} prompts, {e['steps']} {e['method']} steps, {e['branches']} "
+                         f"guidance branch(es) per DiT call")
+    lines.append(report["verdict"])
+    return "\n".join(lines)
+
+
+def markdown_table(reports) -> str:
+    """One Markdown row per report (for the README): topology, mesh, batch, dtype, remat,
+    per-device peak of each program, analytic FLOPs per train step, compile times, verdict."""
+    head = ("config", "topology", "mesh (d,f,t)", "global batch", "dtype", "remat", "train GiB/dev",
+            "sample GiB/dev", "train PFLOP/step", "compile train / sample (s)", "fits")
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in reports:
+        c, progs = r["config"], r["programs"]
+        train, sample = progs.get("train"), progs.get("sample")
+        mesh = r["mesh"]
+        rows.append("| " + " | ".join([
+            f"stage{c['stage']}.py:{c['size']}", f"{r['topology']} ({r['num_devices']})",
+            f"{mesh['data']},{mesh['fsdp']},{mesh['tensor']}",
+            str(c["global_batch"]) + (f" ({c['grad_accum']} micro)" if c["grad_accum"] > 1 else ""), c["dtype"],
+            c["remat"], f"{train['memory']['peak'] / GIB:.1f}" if train else "-",
+            f"{sample['memory']['peak'] / GIB:.1f} ({sample['sample_batch']} prompts)" if sample else "-",
+            f"{train['flops']['analytic'] / 1e15:.1f}" if train else "-",
+            " / ".join(f"{progs[n]['compile_seconds']:.0f}" if n in progs else "-" for n in PROGRAMS),
+            "yes" if r["fits"] else "**no**"]) + " |")
+    return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def define_flags() -> None:
+    """The tool's flags (defined on demand, so other tools may import this module)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Stage config, e.g. configs/stage2.py:paper.")
+    flags.DEFINE_string("topology", None, "TPU topology, e.g. v5p:4x4x4, v5e:2x2, v6e:4x4.", required=True)
+    flags.DEFINE_string("mesh", "", "Mesh, e.g. data=1,fsdp=16,tensor=4 (default: the config's mesh).")
+    flags.DEFINE_integer("batch", None, "Global batch (default: train.batch_size).")
+    flags.DEFINE_list("programs", list(PROGRAMS), "What to compile: train, sample.")
+    flags.DEFINE_integer("inputs", None, "Input images per sample (default: data.image_slots).")
+    flags.DEFINE_integer("sample_batch", None, "Prompts per sampling run (default: data x fsdp).")
+    flags.DEFINE_float("headroom", 0.1, "Fraction of HBM to leave free for the verdict.")
+    flags.DEFINE_string("json", None, "Write the report as JSON here.")
+
+
+def main(argv):
+    from absl import app, flags
+
+    del argv
+    f = flags.FLAGS
+    if f.config is None:
+        raise app.UsageError("--config is required, e.g. --config configs/stage2.py:paper")
+    report = run(f.config, f.topology, parse_mesh(f.mesh) if f.mesh else None, f.batch, tuple(f.programs), f.inputs,
+                 f.sample_batch, f.headroom)
+    if f.json:
+        os.makedirs(os.path.dirname(os.path.abspath(f.json)), exist_ok=True)
+        with open(f.json, "w") as out:
+            json.dump(report, out, indent=1)
+    print(format_report(report), flush=True)
+    return 0 if report["fits"] else 1
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    define_flags()
+    app.run(main)

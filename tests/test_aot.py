@@ -1,0 +1,111 @@
+"""`qk-jax aot`: the tiny stage-2 config compiled for a small TPU topology (v5e:2x2) through
+libtpu on this CPU machine; the report's fields, FSDP-sharded state, the verdict line, and
+the CLI (sampling program only, to keep the test short)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from qk_jax import aot
+from qk_jax.config import load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOPOLOGY = "v5e:2x2"
+
+
+@pytest.fixture(scope="module")
+def report():
+    config = load_config("configs/stage2.py:tiny")
+    return aot.run(config, TOPOLOGY, aot.parse_mesh("data=2,fsdp=2"), batch=8, log=lambda *a, **k: None)
+
+
+@pytest.mark.slow
+def test_train_and_sample_compile_and_report(report):
+    assert report["chip"] == "v5e" and report["num_devices"] == 4 and report["hbm_bytes"] == 16 * aot.GIB
+    assert report["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1}
+    assert report["config"]["global_batch"] == 8 and report["config"]["input_images"] == 1
+    # The batch has the prepared layout: 8 images (one per sample) as (I, P, D) for the vision tower.
+    assert report["config"]["batch_shapes"]["pixel_values"][0] == 8
+    assert len(report["config"]["batch_shapes"]["pixel_values"]) == 3
+    train, sample = report["programs"]["train"], report["programs"]["sample"]
+    for entry in (train, sample):
+        m = entry["memory"]
+        assert set(m) == {"arguments", "outputs", "temporaries", "aliases", "generated_code", "peak"}
+        assert m["arguments"] > 0 and m["peak"] >= m["arguments"]
+        assert entry["flops"]["analytic"] > 0 and entry["flops"]["xla_per_device"] > 0
+        assert entry["compile_seconds"] > 0 and entry["fits"]
+    # The state is donated: its buffers alias the outputs.
+    assert train["memory"]["aliases"] > 0.5 * train["state_bytes_per_device"]
+    # FSDP over 2 devices: each holds about half of the state (the tiny model's small
+    # leaves that do not divide stay replicated).
+    params = train["params"]["trainable"] + train["params"]["frozen"]
+    assert params == report["params_total"]
+    assert train["flops"]["parts"]["dit"] > 0 and set(train["flops"]["parts"]) >= {"vit", "llm", "connector", "dit"}
+    assert sample["steps"] == 20 and sample["branches"] == 2
+    text = aot.format_report(report)
+    last = text.splitlines()[-1]
+    assert last.startswith("FITS: ") and "v5e:2x2" in last and "global batch 8" in last
+    assert "arguments" in text and "temporaries" in text and "aliases" in text
+    json.dumps(report)  # the --json output is plain JSON
+
+
+@pytest.mark.slow
+def test_verdict_says_does_not_fit_without_room(report):
+    tight = json.loads(json.dumps(report))
+    tight["hbm_bytes"] = tight["programs"]["train"]["memory"]["peak"]  # exactly full: no headroom left
+    aot.judge(tight, headroom=0.1)
+    assert not tight["fits"] and not tight["programs"]["train"]["fits"]
+    assert aot.format_report(tight).splitlines()[-1].startswith("DOES NOT FIT: ")
+
+
+def test_fsdp_shards_the_state():
+    config = load_config("configs/stage2.py:tiny")
+    mesh, kind = aot.topology_mesh(TOPOLOGY, aot.parse_mesh("data=1,fsdp=4"))
+    assert "v5" in kind.lower()
+    from qk_jax import kontext_config
+    from qk_jax.models.kontext import QueryKontext
+
+    with config.unlocked():
+        config.mesh = dict(mesh.shape)
+    params = aot.abstract_params(QueryKontext(kontext_config.validate(config, 4)), mesh)
+    per_device, total = aot._tree_bytes(params), sum(x.size * x.dtype.itemsize for x in _leaves(params))
+    assert per_device < 0.5 * total, (per_device, total)
+
+
+def _leaves(tree):
+    import jax
+
+    return jax.tree.leaves(tree)
+
+
+def test_clear_errors():
+    with pytest.raises(ValueError, match="unknown chip"):
+        aot.chip_of("v9z:2x2")
+    with pytest.raises(ValueError, match="--mesh"):
+        aot.parse_mesh("data=2,pipeline=2")
+    with pytest.raises(ValueError, match="cover the topology"):
+        aot.topology_mesh(TOPOLOGY, aot.parse_mesh("data=2"))
+    with pytest.raises(ValueError, match="not a TPU topology"):
+        aot.topology_mesh("v5e:3x7x9x2", aot.parse_mesh("data=-1"))
+
+
+@pytest.mark.slow
+def test_cli_sample_program_writes_json_and_verdict(tmp_path):
+    out = tmp_path / "aot.json"
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "-m", "qk_jax.cli", "aot", "--config", "configs/stage3.py:tiny",
+                           "--topology", TOPOLOGY, "--programs", "sample", "--batch", "4", "--json", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-1].startswith("FITS: sample "), lines[-3:]
+    report = json.loads(out.read_text())
+    assert list(report["programs"]) == ["sample"] and report["verdict"] == lines[-1]
+    # Stage 3: input images join the image stream and sampling runs dual guidance (3 branches).
+    assert report["programs"]["sample"]["branches"] == 3
