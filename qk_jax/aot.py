@@ -379,7 +379,7 @@ def run(config, topology: str, mesh_cfg: Mapping[str, int] | None = None, batch:
         entry["seconds_at_peak"] = _seconds_at_peak(entry["flops"]["analytic"], n_dev, device_kind)
         report["programs"][name] = entry
         log(f"aot: {name} compiled in {entry['compile_seconds']:.0f} s; peak "
-            f"{entry['memory']['peak'] / GIB:.2f} GiB per device", flush=True)
+            f"{_bytes(entry['memory']['peak'])} per device", flush=True)
     return judge(report)
 
 
@@ -407,7 +407,7 @@ def verdict_line(report: Mapping[str, Any]) -> str:
     worst = max(report["programs"].items(), key=lambda kv: kv[1]["memory"]["peak"])
     hbm = report["hbm_bytes"] / GIB
     word = "FITS" if report["fits"] else "DOES NOT FIT"
-    parts = ", ".join(f"{n} {e['memory']['peak'] / GIB:.2f} GiB" for n, e in report["programs"].items())
+    parts = ", ".join(f"{n} {_bytes(e['memory']['peak'])}" for n, e in report["programs"].items())
     return (f"{word}: {parts} per device (peak: {worst[0]}) on {report['topology']} "
             f"({report['chip']}, {hbm:.0f} GiB HBM, {100 * report['headroom']:.0f}% headroom), mesh "
             f"data={report['mesh']['data']},fsdp={report['mesh']['fsdp']},tensor={report['mesh']['tensor']}, "
@@ -421,8 +421,12 @@ def _flops(x: float) -> str:
     return f"{x:.0f} FLOP"
 
 
-def _gib(x: float) -> str:
-    return f"{x / GIB:.3f}" if x >= GIB / 100 or x == 0 else f"{x / GIB:.2e}"
+def _bytes(x: float) -> str:
+    """Bytes in the largest binary unit that keeps the number >= 1: '24.61 GiB', '512.00 KiB'."""
+    for unit, scale in (("GiB", GIB), ("MiB", 1024 ** 2), ("KiB", 1024)):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f} {unit}"
+    return f"{x:.0f} B"
 
 
 def format_report(report: Mapping[str, Any]) -> str:
@@ -435,12 +439,12 @@ def format_report(report: Mapping[str, Any]) -> str:
                  f"{_params(report['params_total'])} parameters")
     fields = ("arguments", "outputs", "temporaries", "aliases", "generated_code", "peak")
     lines.append("")
-    lines.append(f"{'per device (GiB)':<18}" + "".join(f"{f:>15}" for f in fields) + f"{'fits':>7}")
+    lines.append(f"{'per device':<18}" + "".join(f"{f:>15}" for f in fields) + f"{'fits':>7}")
     for name, e in report["programs"].items():
         m = e["memory"]
-        lines.append(f"{name:<18}" + "".join(f"{_gib(m[f]):>15}" for f in fields) + f"{'yes' if e['fits'] else 'NO':>7}")
-    lines.append(f"{'HBM':<18}{report['hbm_bytes'] / GIB:>15.1f}  (budget {(1 - report['headroom']) * 100:.0f}%: "
-                 f"{(1 - report['headroom']) * report['hbm_bytes'] / GIB:.1f} GiB)")
+        lines.append(f"{name:<18}" + "".join(f"{_bytes(m[f]):>15}" for f in fields) + f"{'yes' if e['fits'] else 'NO':>7}")
+    lines.append(f"{'HBM':<18}{_bytes(report['hbm_bytes']):>15}  (budget {(1 - report['headroom']) * 100:.0f}%: "
+                 f"{_bytes((1 - report['headroom']) * report['hbm_bytes'])})")
     lines.append("")
     for name, e in report["programs"].items():
         f = e["flops"]
@@ -452,7 +456,7 @@ def format_report(report: Mapping[str, Any]) -> str:
                      f"lowered in {e['lower_seconds']:.0f} s, compiled in {e['compile_seconds']:.0f} s")
         if name == "train":
             lines.append("  parts: " + ", ".join(f"{k} {_flops(v)}" for k, v in f["parts"].items())
-                         + f"; train state {_gib(e['state_bytes_per_device'])} GiB per device; "
+                         + f"; train state {_bytes(e['state_bytes_per_device'])} per device; "
                          f"{_params(e['params']['trainable'])} trainable, {_params(e['params']['frozen'])} frozen")
         else:
             lines.append(f"  {e['sample_batch']} prompts, {e['steps']} {e['method']} steps, {e['branches']} "

@@ -102,7 +102,8 @@ def run_demo(workdir: str, mode: str = "default", size: str = "demo") -> dict[st
         phases.run(f"stage{stage}", lambda st=stage: train(configs[st], runs[st]))
     scores = phases.run("evaluate", lambda: evaluate(runs[3], data_dir, workdir, s), always=True)
     report = {
-        "scores": scores["scores"], "per_category": scores["per_category"], "n_scored": scores["n"],
+        "scores": scores["scores"], "per_category": scores["per_category"], "checks": scores["checks"],
+        "n_scored": scores["n"],
         "wall_seconds": {k: round(v, 1) for k, v in phases.done.items()},
         "total_wall_seconds": round(sum(phases.done.values()), 1),
         "mode": mode, "settings": s, "devices": f"{jax.device_count()} x {jax.devices()[0].platform}",
@@ -136,6 +137,7 @@ def evaluate(run: str, data_dir: str, workdir: str, s: dict) -> dict[str, Any]:
     sampler = Sampler.from_checkpoint(run)
     per_task: dict[str, list[float]] = {}
     per_category: dict[str, list[float]] = {}
+    per_check: dict[str, list[bool]] = {}  # "task/check" -> passed, for the judge's partial checks
     rows = []
     for task in EVAL_TASKS:
         source = builders.load_source(data_dir, builders.SHAPES_NAME, task, "test")
@@ -149,6 +151,8 @@ def evaluate(run: str, data_dir: str, workdir: str, s: dict) -> dict[str, Any]:
                 result = score_lib.score_sample(rec, image)
                 per_task.setdefault(task, []).append(float(result["score"]))
                 per_category.setdefault(f"{task}/{rec['category'] or task}", []).append(float(result["score"]))
+                for check, passed in result["checks"].items():
+                    per_check.setdefault(f"{task}/{check}", []).append(bool(passed))
                 if sum(1 for r in rows if r[0] == task) < 4:
                     rows.append((task, rec, image, float(result["score"])))
         print(f"{task}: {np.mean(per_task[task]):.3f} over {len(per_task[task])} held-out samples", flush=True)
@@ -156,6 +160,7 @@ def evaluate(run: str, data_dir: str, workdir: str, s: dict) -> dict[str, Any]:
     scores = {t: round(float(np.mean(v)), 4) for t, v in per_task.items()}
     scores["overall"] = round(float(np.mean(list(scores.values()))), 4)
     return {"scores": scores, "per_category": {k: round(float(np.mean(v)), 4) for k, v in per_category.items()},
+            "checks": {k: round(float(np.mean(v)), 4) for k, v in per_check.items()},
             "n": {t: len(v) for t, v in per_task.items()}}
 
 
@@ -189,6 +194,9 @@ def write_markdown(report: dict, path: str) -> None:
         lines.append(f"| {task} | {value:.3f} | {report['n_scored'].get(task, '')} |")
     lines += ["", "## Per category", "", "| category | score |", "|---|---|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in sorted(report["per_category"].items())]
+    lines += ["", "## The judge's checks (fraction of samples passing each; a sample scores 1 when all pass)", "",
+              "| task / check | passed |", "|---|---|"]
+    lines += [f"| {k} | {v:.3f} |" for k, v in report.get("checks", {}).items()]
     lines += ["", "## Wall time per phase", "", "| phase | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in report["wall_seconds"].items()]
     lines += ["", "## Final training loss", "", "| stage | loss |", "|---|---|"]

@@ -49,7 +49,14 @@ _COMMON_PARAM_RULES: Rules = (
     ("conv_kernel", None),
     ("patch", None),
     ("queries", None),
+    # The rank axis of LoRA factors: FSDP-sharded when the factor's wide axis is not (its
+    # weight's fsdp axis is the one the factor lacks) and the rank divides; see OPTIONAL_AXES.
+    ("lora_rank", "fsdp"),
 )
+
+# Logical axes sharded only where the mesh divides them and their mesh axes are still
+# free after the other dimensions took theirs; elsewhere they are replicated (no error).
+OPTIONAL_AXES = frozenset({"lora_rank"})
 
 # The VLM is tensor-parallel (heads, MLP and vocabulary split over `tensor`) with its
 # embedding dimension additionally split over `fsdp`.
@@ -217,26 +224,30 @@ def logical_to_mesh_spec(logical: P, rules: Rules, mesh: Mesh, shape: Sequence[i
                          where: str = "") -> P:
     """Maps one logical spec to a mesh spec, dropping mesh axes of size 1 and checking divisibility."""
     spec = nn.logical_to_mesh_axes(tuple(logical), rules)
-    out = []
+    names = tuple(logical)
+    out: list[Any] = [None] * len(names)
     used: set[str] = set()
-    for dim, (name, axes) in enumerate(zip(tuple(logical), tuple(spec))):
+    # Required axes first, then the optional ones with the mesh axes left over.
+    order = sorted(range(len(names)), key=lambda d: names[d] in OPTIONAL_AXES)
+    for dim in order:
+        name, axes = names[dim], tuple(spec)[dim]
         if axes is None:
-            out.append(None)
             continue
         axes_t = (axes,) if isinstance(axes, str) else tuple(axes)
         axes_t = tuple(a for a in axes_t if mesh.shape[a] > 1 and a not in used)
-        used.update(axes_t)
         if not axes_t:
-            out.append(None)
             continue
         if shape is not None:
             size = math.prod(mesh.shape[a] for a in axes_t)
             if shape[dim] % size:
+                if name in OPTIONAL_AXES:
+                    continue
                 raise ValueError(
                     f"parameter {where or '?'}: dimension {dim} (logical axis '{name}', size {shape[dim]}) "
                     f"is not divisible by mesh axes {axes_t} of size {size}; change the model width or "
                     f"the mesh (config field mesh.{axes_t[0]})")
-        out.append(axes_t[0] if len(axes_t) == 1 else axes_t)
+        used.update(axes_t)
+        out[dim] = axes_t[0] if len(axes_t) == 1 else axes_t
     while out and out[-1] is None:
         out.pop()
     return P(*out)

@@ -18,6 +18,9 @@ def test_demo_smoke_writes_a_complete_report(tmp_path):
     report = json.load(open(os.path.join(workdir, "report.json")))
     assert set(report["scores"]) == {"t2i", "edit", "customization", "multi_subject", "overall"}
     assert all(0.0 <= v <= 1.0 for v in report["scores"].values())
+    # The judge's partial checks per task (t2i has at least "present" and "attributes").
+    assert {"t2i/present", "t2i/attributes", "edit/preserved"} <= set(report["checks"])
+    assert all(0.0 <= v <= 1.0 for v in report["checks"].values())
     phases = {"data", "stage1", "surgery12", "stage2", "surgery23", "stage3", "evaluate"}
     assert set(report["wall_seconds"]) == phases
     assert set(report["configs"]) == {"stage1", "stage2", "stage3"}

@@ -348,7 +348,9 @@ def pooled_condition(cond: Array, cond_mask: Array, dim: int) -> Array:
 def boxed_lora(rng: Array, boxed_params: Any, cfg: LoraConfig, top_key: str) -> dict[str, Any]:
     """LoRA adapters for `boxed_params` (a boxed sub-model tree), boxed with logical axes
     derived from each base kernel: a (..., in, r) keeps the kernel's input axis, b
-    (..., r, out) its output axis, so adapters shard like the weights they adapt."""
+    (..., r, out) its output axis, so adapters shard like the weights they adapt; the rank
+    axis is `lora_rank`, which takes `fsdp` where the kept axis does not (a pure-FSDP mesh
+    would otherwise replicate every factor whose weight is FSDP-sharded on the other axis)."""
     from qk_jax.convert.mapping import flatten_tree, unflatten_tree
     from qk_jax.models.lora import init_lora
 
@@ -363,6 +365,6 @@ def boxed_lora(rng: Array, boxed_params: Any, cfg: LoraConfig, top_key: str) -> 
         if base is None:
             out[path] = value
             continue
-        axes = tuple(base[:-1]) + (None,) if which == "a" else tuple(base[:-2]) + (None, base[-1])
+        axes = tuple(base[:-1]) + ("lora_rank",) if which == "a" else tuple(base[:-2]) + ("lora_rank", base[-1])
         out[path] = nn.LogicallyPartitioned(value, axes)
     return unflatten_tree(out)
