@@ -223,14 +223,18 @@ def logical_specs(boxed_tree) -> Any:
 def logical_to_mesh_spec(logical: P, rules: Rules, mesh: Mesh, shape: Sequence[int] | None = None,
                          where: str = "") -> P:
     """Maps one logical spec to a mesh spec, dropping mesh axes of size 1 and checking divisibility."""
-    spec = nn.logical_to_mesh_axes(tuple(logical), rules)
     names = tuple(logical)
+    # Required names resolved together by flax (a mesh axis claimed twice goes by rule
+    # order); optional ones on their own, and they only get what is left (below).
+    required = tuple(None if n in OPTIONAL_AXES else n for n in names)
+    spec = tuple(nn.logical_to_mesh_axes(required, rules))
+    spec = tuple(nn.logical_to_mesh_axes((n,), rules)[0] if n in OPTIONAL_AXES else a for n, a in zip(names, spec))
     out: list[Any] = [None] * len(names)
     used: set[str] = set()
     # Required axes first, then the optional ones with the mesh axes left over.
     order = sorted(range(len(names)), key=lambda d: names[d] in OPTIONAL_AXES)
     for dim in order:
-        name, axes = names[dim], tuple(spec)[dim]
+        name, axes = names[dim], spec[dim]
         if axes is None:
             continue
         axes_t = (axes,) if isinstance(axes, str) else tuple(axes)

@@ -112,3 +112,19 @@ def test_sharding_table_lists_every_array(devices):
     n = len(jax.tree.leaves(params))
     assert f"{n} arrays" in table
     assert "blocks/qkv/kernel" in table and "(2, 32, 96)" in table and "'fsdp'" in table
+
+
+def test_lora_rank_takes_fsdp_only_where_free_and_divisible(devices):
+    mesh = sharding.make_mesh((1, 4, 2))
+    rules = sharding.DIT_RULES
+    # a (embed, r): embed holds fsdp, so the rank stays whole.
+    assert sharding.logical_to_mesh_spec(P("embed", "lora_rank"), rules, mesh, (64, 8)) == P("fsdp")
+    # b (r, mlp): mlp goes to tensor; the weight's fsdp axis (embed) is missing, so the rank takes it.
+    assert sharding.logical_to_mesh_spec(P("lora_rank", "mlp"), rules, mesh, (8, 64)) == P("fsdp", "tensor")
+    # Stacked (layers, r, out) likewise, and a rank the axis does not divide is replicated, not an error.
+    assert sharding.logical_to_mesh_spec(P("layers", "lora_rank", "mlp"), rules, mesh, (3, 8, 64)) == \
+        P(None, "fsdp", "tensor")
+    assert sharding.logical_to_mesh_spec(P("lora_rank", "mlp"), rules, mesh, (6, 64)) == P(None, "tensor")
+    # Required axes still fail loudly.
+    with pytest.raises(ValueError, match="not divisible"):
+        sharding.logical_to_mesh_spec(P("embed", "lora_rank"), rules, mesh, (6, 8), where="dit/x/a")
