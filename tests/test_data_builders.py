@@ -40,6 +40,20 @@ def test_rebuild_reuses_and_refuses_other_parameters(shapes_dir):
         builders.build_shapes(shapes_dir, ["t2i"], num=6, num_eval=3, height=64, seed=2)
 
 
+def test_plain_background_option(tmp_path, shapes_dir):
+    out = str(tmp_path / "plain")
+    builders.build_shapes(out, ["t2i", "edit"], num=12, num_eval=2, height=64, plain_background=1.0)
+    for task in ("t2i", "edit"):
+        src = builders.load_source(out, builders.SHAPES_NAME, task, "train")
+        kinds = {json.loads(records.normalize(src[i])["scene"])["target"]["background"]["kind"] for i in range(12)}
+        assert kinds == {"plain"}, (task, kinds)
+    assert builders.built_params(out, builders.SHAPES_NAME, "t2i")["plain_background"] == 1.0
+    # The default keeps the metadata of earlier builds (no new key) and draws textures too.
+    assert "plain_background" not in builders.built_params(shapes_dir, builders.SHAPES_NAME, "t2i")
+    with pytest.raises(ValueError, match="plain_background"):
+        builders.build_shapes(out, ["t2i"], num=12, num_eval=2, height=64, plain_background=1.5)
+
+
 def test_interrupted_build_is_never_taken_as_complete(tmp_path, monkeypatch):
     out = str(tmp_path)
     real = records.generate_record

@@ -46,20 +46,29 @@ class NotBuiltError(FileNotFoundError):
     """The requested dataset / split has no complete build."""
 
 
+PLAIN_BACKGROUND = 0.4  # default probability of an untextured background
+
+
 class ShapesConfig(tfds.core.BuilderConfig):
     """One task of Kontext-Shapes at one image size; `num` maps split -> record count."""
 
     def __init__(self, *, task: str, height: int = 64, width: int = 64, num: dict | None = None, seed: int = 0,
-                 workers: int = 1, **kwargs):
+                 workers: int = 1, plain_background: float = PLAIN_BACKGROUND, **kwargs):
         if task not in vocab.TASKS:
             raise ValueError(f"unknown task {task!r}; expected one of {vocab.TASKS}")
+        if not 0.0 <= plain_background <= 1.0:
+            raise ValueError(f"plain_background={plain_background}: a probability in [0, 1]")
         super().__init__(name=task, version=VERSION, description=f"Kontext-Shapes {task}", **kwargs)
         self.task, self.height, self.width, self.seed, self.workers = task, height, width, seed, workers
+        self.plain_background = float(plain_background)
         self.num = dict(num or {"train": 1000, "validation": 100, "test": 100})
 
     def params(self) -> dict:
-        return {"task": self.task, "height": self.height, "width": self.width, "seed": self.seed,
-                "num": self.num, "record_format": 1}
+        out = {"task": self.task, "height": self.height, "width": self.width, "seed": self.seed,
+               "num": self.num, "record_format": 1}
+        if self.plain_background != PLAIN_BACKGROUND:  # builds with the default keep their metadata
+            out["plain_background"] = self.plain_background
+        return out
 
 
 def _make_record(args):
@@ -84,7 +93,7 @@ class KontextShapes(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _generate_examples(self, split: str, n: int) -> Iterator[tuple[str, dict]]:
         c = self.builder_config
-        jobs = ((c.task, i, split, c.seed, c.height, c.width) for i in range(n))
+        jobs = ((c.task, i, split, c.seed, c.height, c.width, c.plain_background) for i in range(n))
         bar = tqdm(total=n, desc=f"{c.task}/{split}", unit="rec", leave=False)
         if c.workers > 1:
             with multiprocessing.get_context("fork").Pool(c.workers) as pool:
@@ -191,8 +200,12 @@ def built_params(data_dir: str, name: str, task: str) -> dict | None:
 
 
 def build_shapes(out: str, tasks: Iterable[str] = vocab.TASKS, num: int = 1000, num_eval: int | None = None,
-                 height: int = 64, width: int | None = None, seed: int = 0, workers: int = 1) -> dict[str, dict]:
+                 height: int = 64, width: int | None = None, seed: int = 0, workers: int = 1,
+                 plain_background: float | None = None) -> dict[str, dict]:
     """Generates Kontext-Shapes under `out` for each task; returns {task: {split: count}}.
+
+    `plain_background`: probability of an untextured background (default 0.4; the rest are
+    stripes, checker, noise and gradients).
 
     `num` train records per task, `num_eval` (default max(1, num // 10)) for validation and
     for test. An existing build with the same parameters is reused; one with different
@@ -203,7 +216,8 @@ def build_shapes(out: str, tasks: Iterable[str] = vocab.TASKS, num: int = 1000, 
     counts = {}
     for task in tasks:
         config = ShapesConfig(task=task, height=height, width=width, seed=seed, workers=workers,
-                              num={"train": num, "validation": num_eval, "test": num_eval})
+                              num={"train": num, "validation": num_eval, "test": num_eval},
+                              plain_background=PLAIN_BACKGROUND if plain_background is None else plain_background)
         existing = built_params(out, SHAPES_NAME, task)
         if existing is not None and _jsonable(existing) != _jsonable(config.params()):
             raise ValueError(f"{out}/{SHAPES_NAME}/{task} was built with {existing}, not {config.params()}; "

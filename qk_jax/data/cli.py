@@ -33,6 +33,8 @@ _WIDTH = flags.DEFINE_integer("width", None, "shapes: image width (non-square; o
 _SEED = flags.DEFINE_integer("seed", 0, "shapes: dataset seed (every record is seeded by seed, split, task, index).")
 _TASKS = flags.DEFINE_list("tasks", list(vocab.TASKS), f"shapes: tasks to generate, from {list(vocab.TASKS)}.")
 _WORKERS = flags.DEFINE_integer("workers", 1, "shapes: generator processes.")
+_PLAIN = flags.DEFINE_float("plain_background", 0.4, "shapes: probability of an untextured background (the rest: "
+                            "stripes, checker, noise, gradient).")
 _MANIFEST = flags.DEFINE_string("manifest", None, "import: JSONL manifest, one record per line.")
 _NAME = flags.DEFINE_string("name", None, "import: dataset name (default 'imported'); inspect: dataset name "
                             "(default 'kontext_shapes').")
@@ -66,7 +68,8 @@ def shapes() -> None:
     start = time.time()
     for task in _TASKS.value:
         counts = builders.build_shapes(_OUT.value, [task], num=_NUM.value, num_eval=_NUM_EVAL.value, height=height,
-                                       width=width, seed=_SEED.value, workers=_WORKERS.value)
+                                       width=width, seed=_SEED.value, workers=_WORKERS.value,
+                                       plain_background=_PLAIN.value)
         print(f"{task}: " + ", ".join(f"{s}={n}" for s, n in counts[task].items()), flush=True)
     print(f"Kontext-Shapes {height}x{width} written to {_OUT.value}/{builders.SHAPES_NAME} "
           f"in {time.time() - start:.1f} s")

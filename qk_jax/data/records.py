@@ -121,12 +121,14 @@ def validate(rec: Any, decode: bool = True) -> list[str]:
 # --- the generator ------------------------------------------------------------------------
 
 
-def generate_sample(task: str, index: int, split: str, seed: int, height: int, width: int) -> tasks.Sample:
-    """The scene-level sample of record `index` (deterministic), resampled into `split`."""
+def generate_sample(task: str, index: int, split: str, seed: int, height: int, width: int,
+                    plain_background: float = 0.4) -> tasks.Sample:
+    """The scene-level sample of record `index` (deterministic), resampled into `split`;
+    `plain_background` is the probability of a plain (untextured) background."""
     if task not in tasks.GENERATORS:
         raise ValueError(f"unknown task {task!r}; expected one of {vocab.TASKS}")
     rng = splits.record_rng(seed, split, task, index)
-    ctx = tasks.Context(height, width, split)
+    ctx = tasks.Context(height, width, split, plain_background)
     for _ in range(2000):
         try:
             sample = tasks.GENERATORS[task](rng, ctx)
@@ -148,10 +150,10 @@ def render_sample(sample: tasks.Sample) -> dict[str, Any]:
 
 
 def generate_record(task: str, index: int, split: str = "train", seed: int = 0, height: int = 64,
-                    width: int | None = None) -> dict:
+                    width: int | None = None, plain_background: float = 0.4) -> dict:
     """Record `index` of `task` in `split` (see the module docstring); deterministic."""
     width = height if width is None else width
-    sample = generate_sample(task, index, split, seed, height, width)
+    sample = generate_sample(task, index, split, seed, height, width, plain_background)
     images = render_sample(sample)
     return {
         "task": task,

@@ -33,6 +33,7 @@ class Context:
     height: int
     width: int
     split: str
+    plain_background: float = 0.4  # probability of a plain background (else stripes/checker/noise/gradient)
 
     @property
     def always_colour(self) -> bool:  # the test split always names the colours it asks for
@@ -86,7 +87,7 @@ def _sizes_for(n: int):
 def gen_t2i(rng, ctx: Context) -> Sample:
     category = str(rng.choice(vocab.T2I_CATEGORIES))
     h, w = ctx.height, ctx.width
-    bg = sample_background(rng)
+    bg = sample_background(rng, ctx.plain_background)
     colour_p = 1.0 if ctx.always_colour else 0.3
     relations: list = []
     exact = False
@@ -148,7 +149,7 @@ def _random_scene(rng, ctx: Context, n_max: int = vocab.MAX_OBJECTS, distinct=Fa
         if o.shape in ("triangle", "star"):
             o.rotation = float(rng.choice([0.0, 90.0, 180.0, 270.0]))
     place(rng, objs, ctx.height, ctx.width)
-    return Scene(ctx.height, ctx.width, sample_background(rng), objs)
+    return Scene(ctx.height, ctx.width, sample_background(rng, ctx.plain_background), objs)
 
 
 def gen_reconstruction(rng, ctx: Context) -> Sample:
@@ -261,7 +262,7 @@ def _subject_spec(o: Obj, ref: int, cell: str | None = None) -> dict:
 def gen_customization(rng, ctx: Context) -> Sample:
     h, w = ctx.height, ctx.width
     subject = _subject(rng, ctx, set(), set())
-    bg = sample_background(rng)
+    bg = sample_background(rng, ctx.plain_background)
     if rng.random() < 0.5:
         cell = str(rng.choice(vocab.CELL_NAMES))
         place(rng, [subject], h, w, cells=[cell], tries=60)
@@ -285,7 +286,7 @@ def gen_multi_subject(rng, ctx: Context) -> Sample:
     subjects: list[Obj] = []
     for _ in range(n):
         subjects.append(_subject(rng, ctx, {s.key for s in subjects}, {s.pattern for s in subjects}))
-    bg = sample_background(rng)
+    bg = sample_background(rng, ctx.plain_background)
     if n == 2 and rng.random() < 0.5:
         rel = str(rng.choice(list(vocab.RELATIONS)))
         place(rng, subjects, h, w, relations=[(0, rel, 1)], tries=100)
