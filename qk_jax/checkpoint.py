@@ -71,6 +71,13 @@ def _restore_args_for(target) -> Any:
     return jax.tree.map(one, target)
 
 
+def absolute_path(directory: str | os.PathLike) -> epath.Path:
+    """A local path made absolute (Orbax refuses relative ones: `--workdir runs/demo`);
+    URLs such as gs://bucket/run are kept as they are."""
+    text = os.fspath(directory)
+    return epath.Path(text if "://" in text else os.path.abspath(text))
+
+
 class Checkpointer:
     """A run directory of Orbax checkpoint steps.
 
@@ -83,7 +90,7 @@ class Checkpointer:
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3, async_save: bool = True,
                  save_interval_steps: int = 1, create: bool = True):
-        self.directory = epath.Path(directory)
+        self.directory = absolute_path(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
             enable_async_checkpointing=async_save, create=create)

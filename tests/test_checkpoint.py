@@ -113,6 +113,20 @@ def test_keep_n_and_listing(devices, tmp_path):
     ck.close()
 
 
+def test_relative_directory(devices, tmp_path, monkeypatch):
+    # `qk-jax train --workdir runs/x` passes a relative path; Orbax only takes absolute ones.
+    monkeypatch.chdir(tmp_path)
+    ck = ckpt_lib.Checkpointer(os.path.join("runs", "rel"))
+    ck.save(1, params={"w": jnp.arange(4.0)}, config={"a": 1})
+    ck.wait()
+    one = SingleDeviceSharding(jax.devices()[0])
+    out = ck.restore(params={"w": jax.ShapeDtypeStruct((4,), jnp.float32, sharding=one)})
+    np.testing.assert_array_equal(np.asarray(out["params"]["w"]), np.arange(4.0))
+    ck.close()
+    assert (tmp_path / "runs" / "rel" / "1").is_dir()
+    assert str(ckpt_lib.absolute_path("gs://bucket/run")).startswith("gs://")
+
+
 def test_empty_directory_is_a_clear_error(tmp_path):
     with pytest.raises(ckpt_lib.CheckpointError, match="no checkpoint steps"):
         ckpt_lib.Checkpointer(tmp_path / "empty").restore(params={"w": jax.ShapeDtypeStruct((1,), jnp.float32)})
