@@ -163,10 +163,7 @@ def abstract_batch(kcfg, data_cfg, mesh, global_batch: int, n_inputs: int, accum
     per_micro = global_batch // accum
     small = prepare_batch(kcfg, example_host_batch(kcfg, data_cfg, accum, n_inputs), accum=accum)
     lead = 1 if accum > 1 else 0
-    dp = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
-    dp_size = math.prod(mesh.shape[a] for a in dp)
-    split = dp and per_micro % dp_size == 0
-    dp_spec = (dp[0] if len(dp) == 1 else dp) if split else None
+    dp_spec = sharding.batch_axes(mesh, per_micro)
 
     def one(key, x):
         x = np.asarray(x)
@@ -235,12 +232,6 @@ def memory_of(compiled) -> dict[str, int]:
     return out
 
 
-def xla_flops_per_device(compiled) -> float:
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float((cost or {}).get("flops", 0.0))
-
-
 def _compile(fn, args, mesh, **jit_kwargs) -> tuple[Any, float, float]:
     with jax.set_mesh(mesh), sharding.activation_rules_context():
         t0 = time.perf_counter()
@@ -265,14 +256,13 @@ def compile_train(model, config, mesh, params, batch) -> dict[str, Any]:
     return {"memory": memory_of(compiled), "lower_seconds": lower_s, "compile_seconds": compile_s,
             "flops": {"analytic": counted["total"], "analytic_with_remat": counted["hardware_total"],
                       "parts": {k: v["total"] for k, v in counted["parts"].items()},
-                      "xla_per_device": xla_flops_per_device(compiled)},
+                      "xla_per_device": flops.xla_flops_per_device(compiled)},
             "state_bytes_per_device": _tree_bytes(state),
             "params": {"trainable": _count(state["trainable"]), "frozen": _count(state["frozen"])}}
 
 
 def compile_sample(model, config, mesh, params, batch, sample_batch: int) -> dict[str, Any]:
     """Compiles the sampling loop (`sample.sample_loop`) for `sample_batch` prompts."""
-    from qk_jax.models.lora import apply_lora
     from qk_jax.sample import sample_loop
 
     kcfg = model.config
@@ -280,9 +270,7 @@ def compile_sample(model, config, mesh, params, batch, sample_batch: int) -> dic
     steps = int(s.steps)
     # The sampler's parameters: LoRA merged into the kernels (same shapes and shardings).
     inference = {k: v for k, v in params.items() if k != LORA_KEY}
-    dp = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
-    dp_size = math.prod(mesh.shape[a] for a in dp)
-    spec0 = (dp[0] if len(dp) == 1 else dp) if dp and sample_batch % dp_size == 0 else None
+    spec0 = sharding.batch_axes(mesh, sample_batch)
 
     def rows_of(x, b):
         return jax.ShapeDtypeStruct((b,) + tuple(x.shape[1:]), x.dtype,
@@ -313,7 +301,7 @@ def compile_sample(model, config, mesh, params, batch, sample_batch: int) -> dic
     per_eval = flops.mmdit_flops(kcfg.generator, branches * sample_batch, n_total, cond.shape[1], n_target).total
     return {"memory": memory_of(compiled), "lower_seconds": lower_s, "compile_seconds": compile_s,
             "flops": {"analytic": per_eval * evals, "per_dit_call": per_eval,
-                      "xla_per_device": xla_flops_per_device(compiled)},
+                      "xla_per_device": flops.xla_flops_per_device(compiled)},
             "sample_batch": sample_batch, "steps": steps, "branches": branches, "method": s.method}
 
 
@@ -442,7 +430,8 @@ def format_report(report: Mapping[str, Any]) -> str:
     lines.append(f"{'per device':<18}" + "".join(f"{f:>15}" for f in fields) + f"{'fits':>7}")
     for name, e in report["programs"].items():
         m = e["memory"]
-        lines.append(f"{name:<18}" + "".join(f"{_bytes(m[f]):>15}" for f in fields) + f"{'yes' if e['fits'] else 'NO':>7}")
+        cells = "".join(f"{_bytes(m[f]):>15}" for f in fields)
+        lines.append(f"{name:<18}{cells}{'yes' if e['fits'] else 'NO':>7}")
     lines.append(f"{'HBM':<18}{_bytes(report['hbm_bytes']):>15}  (budget {(1 - report['headroom']) * 100:.0f}%: "
                  f"{_bytes((1 - report['headroom']) * report['hbm_bytes'])})")
     lines.append("")

@@ -342,11 +342,18 @@ def abstract_with_shardings(abstract_tree, shardings) -> Any:
 # ----------------------------------------------------------------- batches
 
 
+def batch_axes(mesh: Mesh, rows: int | None = None):
+    """The spec entry of a batch dimension: ('data', 'fsdp') without their size-1 axes
+    (None on a mesh without data parallelism), or None when `rows` does not divide."""
+    axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
+    if not axes or (rows is not None and rows % math.prod(mesh.shape[a] for a in axes)):
+        return None
+    return axes[0] if len(axes) == 1 else axes
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
     """Leading (batch) dimension over ('data', 'fsdp'); the rest replicated."""
-    axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
-    lead = None if not axes else (axes[0] if len(axes) == 1 else axes)
-    return NamedSharding(mesh, P(lead, *([None] * (ndim - 1))) if ndim else P())
+    return NamedSharding(mesh, P(batch_axes(mesh), *([None] * (ndim - 1))) if ndim else P())
 
 
 def place_batch(batch, mesh: Mesh):

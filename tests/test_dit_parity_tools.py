@@ -31,7 +31,7 @@ QWEN_VAE_OTHER = dict(base_dim=4, z_dim=6, dim_mult=[1, 2, 2, 3], num_res_blocks
                       latents_std=[1.0, 2.0, 0.5, 1.5, 1.2, 0.9])
 
 
-def _check(report, n_rows):
+def _assert_report_within_tolerance(report, n_rows):
     buf = io.StringIO()
     report.stream = buf
     assert report.print() == 0, buf.getvalue()
@@ -47,7 +47,7 @@ def test_registered_tools():
 def test_qwen_image_parity_other_config(tmp_path):
     save_tiny(QwenImageTransformer2DModel, tmp_path / "transformer", QWEN_OTHER, seed=11)
     report = mmdit_parity(tmp_path, "qwen_image", batch=2, height=4, width=6, txt_len=9, pad=3, condition_segments=2)
-    _check(report, 3 * 2 + 1)
+    _assert_report_within_tolerance(report, 3 * 2 + 1)
     with pytest.raises(ValueError, match="not a flux model"):
         mmdit_parity(tmp_path, "flux")
 
@@ -55,20 +55,21 @@ def test_qwen_image_parity_other_config(tmp_path):
 def test_flux_parity_other_config(tmp_path):
     save_tiny(FluxTransformer2DModel, tmp_path, FLUX_OTHER, seed=12)
     report = mmdit_parity(tmp_path, "flux", batch=2, height=3, width=5, txt_len=8, pad=2, condition_segments=1)
-    _check(report, 2 * 2 + 1 + 1)
+    _assert_report_within_tolerance(report, 2 * 2 + 1 + 1)
 
 
 def test_qwen_image_vae_parity_other_config(tmp_path):
     save_tiny(TorchQwenVAE, tmp_path / "vae", QWEN_VAE_OTHER, seed=13, norms_only=True)
     report = vae_parity(tmp_path, "qwen_image", height=16, width=24)
     # encoder: 4 levels x 2 res + 3 resamples, mid; decoder: mid + 4 up blocks; + 5 summary rows
-    _check(report, (4 * 2 + 3 + 1) + (1 + 4) + 5)
+    _assert_report_within_tolerance(report, (4 * 2 + 3 + 1) + (1 + 4) + 5)
 
 
 def test_kl_vae_parity_other_config_and_cli_exit_code(tmp_path):
     save_tiny(TorchKL, tmp_path, KL_OTHER, seed=14, norms_only=True)
     report = vae_parity(tmp_path, "kl", height=16, width=16)
-    _check(report, (3 + 1) + (1 + 3) + 5)  # encoder 3 blocks + mid, decoder mid + 3 blocks, 5 summary rows
+    # encoder 3 blocks + mid, decoder mid + 3 blocks, 5 summary rows
+    _assert_report_within_tolerance(report, (3 + 1) + (1 + 3) + 5)
     # through the real entry point (a fresh process): the verdict is last and the exit code is 1 above tolerance
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-c", "from qk_jax.cli import main; main()", "parity", "vae", "--checkpoint",

@@ -46,14 +46,11 @@ class NotBuiltError(FileNotFoundError):
     """The requested dataset / split has no complete build."""
 
 
-PLAIN_BACKGROUND = 0.4  # default probability of an untextured background
-
-
 class ShapesConfig(tfds.core.BuilderConfig):
     """One task of Kontext-Shapes at one image size; `num` maps split -> record count."""
 
     def __init__(self, *, task: str, height: int = 64, width: int = 64, num: dict | None = None, seed: int = 0,
-                 workers: int = 1, plain_background: float = PLAIN_BACKGROUND, **kwargs):
+                 workers: int = 1, plain_background: float = vocab.PLAIN_BACKGROUND, **kwargs):
         if task not in vocab.TASKS:
             raise ValueError(f"unknown task {task!r}; expected one of {vocab.TASKS}")
         if not 0.0 <= plain_background <= 1.0:
@@ -66,7 +63,7 @@ class ShapesConfig(tfds.core.BuilderConfig):
     def params(self) -> dict:
         out = {"task": self.task, "height": self.height, "width": self.width, "seed": self.seed,
                "num": self.num, "record_format": 1}
-        if self.plain_background != PLAIN_BACKGROUND:  # builds with the default keep their metadata
+        if self.plain_background != vocab.PLAIN_BACKGROUND:  # builds with the default keep their metadata
             out["plain_background"] = self.plain_background
         return out
 
@@ -201,7 +198,7 @@ def built_params(data_dir: str, name: str, task: str) -> dict | None:
 
 def build_shapes(out: str, tasks: Iterable[str] = vocab.TASKS, num: int = 1000, num_eval: int | None = None,
                  height: int = 64, width: int | None = None, seed: int = 0, workers: int = 1,
-                 plain_background: float | None = None) -> dict[str, dict]:
+                 plain_background: float = vocab.PLAIN_BACKGROUND) -> dict[str, dict]:
     """Generates Kontext-Shapes under `out` for each task; returns {task: {split: count}}.
 
     `plain_background`: probability of an untextured background (default 0.4; the rest are
@@ -217,7 +214,7 @@ def build_shapes(out: str, tasks: Iterable[str] = vocab.TASKS, num: int = 1000, 
     for task in tasks:
         config = ShapesConfig(task=task, height=height, width=width, seed=seed, workers=workers,
                               num={"train": num, "validation": num_eval, "test": num_eval},
-                              plain_background=PLAIN_BACKGROUND if plain_background is None else plain_background)
+                              plain_background=plain_background)
         existing = built_params(out, SHAPES_NAME, task)
         if existing is not None and _jsonable(existing) != _jsonable(config.params()):
             raise ValueError(f"{out}/{SHAPES_NAME}/{task} was built with {existing}, not {config.params()}; "

@@ -122,7 +122,7 @@ def validate(rec: Any, decode: bool = True) -> list[str]:
 
 
 def generate_sample(task: str, index: int, split: str, seed: int, height: int, width: int,
-                    plain_background: float = 0.4) -> tasks.Sample:
+                    plain_background: float = vocab.PLAIN_BACKGROUND) -> tasks.Sample:
     """The scene-level sample of record `index` (deterministic), resampled into `split`;
     `plain_background` is the probability of a plain (untextured) background."""
     if task not in tasks.GENERATORS:
@@ -150,7 +150,7 @@ def render_sample(sample: tasks.Sample) -> dict[str, Any]:
 
 
 def generate_record(task: str, index: int, split: str = "train", seed: int = 0, height: int = 64,
-                    width: int | None = None, plain_background: float = 0.4) -> dict:
+                    width: int | None = None, plain_background: float = vocab.PLAIN_BACKGROUND) -> dict:
     """Record `index` of `task` in `split` (see the module docstring); deterministic."""
     width = height if width is None else width
     sample = generate_sample(task, index, split, seed, height, width, plain_background)

@@ -91,7 +91,7 @@ def render_scene(scene: Scene) -> np.ndarray:
 # --- sampling ------------------------------------------------------------------------
 
 
-def sample_background(rng: np.random.Generator, plain_prob: float = 0.4) -> dict:
+def sample_background(rng: np.random.Generator, plain_prob: float = vocab.PLAIN_BACKGROUND) -> dict:
     lo, hi = vocab.BACKGROUND_GREY_RANGE
     kind = "plain" if rng.random() < plain_prob else str(rng.choice(vocab.BACKGROUNDS[1:]))
     g0 = float(rng.uniform(lo, hi))

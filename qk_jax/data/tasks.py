@@ -33,7 +33,7 @@ class Context:
     height: int
     width: int
     split: str
-    plain_background: float = 0.4  # probability of a plain background (else stripes/checker/noise/gradient)
+    plain_background: float = vocab.PLAIN_BACKGROUND  # probability of a plain (untextured) background
 
     @property
     def always_colour(self) -> bool:  # the test split always names the colours it asks for

@@ -68,6 +68,7 @@ SUBJECT_SHAPES = ("circle", "square", "hexagon")
 BACKGROUNDS = ("plain", "stripes", "checker", "noise", "gradient")
 BACKGROUND_GREY_RANGE = (80, 235)  # darker greys blend with magenta into purple-like fringes
 BACKGROUND_MAX_TINT = 6  # max per-channel deviation from grey
+PLAIN_BACKGROUND = 0.4  # default probability of a plain background (the rest: the textured kinds)
 
 # Task families and their integer ids (the pipeline's `task_id`).
 TASKS = ("t2i", "reconstruction", "transformation", "edit", "customization", "multi_subject")

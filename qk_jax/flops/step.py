@@ -99,6 +99,15 @@ def mfu(flops_per_step: float, step_seconds: float, num_devices: int, peak_flops
     return tflops_per_device(flops_per_step, step_seconds, num_devices) * 1e12 / float(peak_flops_per_device)
 
 
+def xla_flops_per_device(compiled) -> float:
+    """XLA's own FLOP count of a compiled program, per device (`cost_analysis()` returns a
+    dict, or a one-element list of dicts in some versions). It counts a scanned layer
+    stack's body once: a cross-check at depth 1, not a replacement for the analytic count."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float((cost or {}).get("flops", 0.0))
+
+
 def tflops_per_device(flops_per_step: float, step_seconds: float, num_devices: int) -> float:
     """Achieved TFLOP/s per device (the step's FLOPs shared evenly by the devices)."""
     _positive(step_seconds=step_seconds, num_devices=num_devices)
