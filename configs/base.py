@@ -91,7 +91,8 @@ def stage_config(stage: int, size: str) -> ml_collections.ConfigDict:
     m.dtype = "float32"  # compute dtype ("bfloat16" on accelerators); parameters stay float32
     m.remat = "none"  # "none" | "full" | "dots"
     m.attention_impl = "xla"  # "xla" | "dot_product" | "cudnn"
-    m.prediction = s.get("prediction", "velocity")  # "x0" for the demo's pixel-space tokens (see kontext.py)
+    m.prediction = s.get("prediction", "velocity")  # "velocity" | "x0" | "preconditioned" (see models/kontext.py)
+    m.sigma_data = 0.5  # "preconditioned": standard deviation of the clean latents
     m.timesteps = dict(method="logit_normal", logit_mean=0.0, logit_std=1.0, shift="dynamic")
     m.dropout = dict(uncond=0.1, no_text=0.05, no_images=0.05, text=0.0, kontext=0.0)  # for CFG
 
@@ -113,6 +114,10 @@ def stage_config(stage: int, size: str) -> ml_collections.ConfigDict:
     t.keep_checkpoints = 2
     t.sample_every = 0  # TensorBoard sample images every N steps (0: only at the end)
     t.sample_images = 4  # validation t2i prompts sampled at those points (0: none)
+    # The learning signal (qk_jax/eval/signal.py) on fixed validation records, every `every`
+    # steps and at the end of the run (samples=0: off): condition gain per timestep,
+    # completions from partly noised images, judge scores of full samples.
+    t.signal = dict(every=0, samples=8, noise_seeds=2, completion_steps=10, judge_samples=8)
     t.peak_tflops_per_device = 0.0  # 0: from the device kind (measured on CPU)
     t.init_from = ""  # an Orbax checkpoint of this stage to start from (written by `qk-jax surgery`)
 

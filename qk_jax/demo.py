@@ -114,6 +114,7 @@ def run_demo(workdir: str, mode: str = "default", size: str = "demo") -> dict[st
         "mode": mode, "settings": s, "devices": f"{jax.device_count()} x {jax.devices()[0].platform}",
         "configs": {f"stage{k}": v.to_dict() for k, v in configs.items()},
         "final_losses": {f"stage{k}": _last_loss(runs[k]) for k in runs},
+        "learning_signal": {f"stage{k}": _last_signal(runs[k]) for k in runs},
     }
     with open(os.path.join(workdir, "report.json"), "w") as f:
         json.dump(report, f, indent=1, default=str)
@@ -128,8 +129,19 @@ def _last_loss(run: str) -> float | None:
     path = os.path.join(run, "metrics.jsonl")
     if not os.path.exists(path):
         return None
-    lines = open(path).read().splitlines()
-    return json.loads(lines[-1])["loss"] if lines else None
+    records = [json.loads(line) for line in open(path).read().splitlines() if line.strip()]
+    losses = [r["loss"] for r in records if "loss" in r]  # signal lines carry no loss
+    return losses[-1] if losses else None
+
+
+def _last_signal(run: str) -> dict[str, float] | None:
+    """The learning signal the stage measured last (`qk_jax.eval.signal`), from its metrics.jsonl."""
+    path = os.path.join(run, "metrics.jsonl")
+    if not os.path.exists(path):
+        return None
+    signals = [r for r in (json.loads(line) for line in open(path).read().splitlines() if line.strip())
+               if "signal" in r]
+    return dict(signals[-1]["signal"], step=signals[-1]["step"]) if signals else None
 
 
 def evaluate(run: str, data_dir: str, workdir: str, s: dict) -> dict[str, Any]:
@@ -202,6 +214,7 @@ def write_markdown(report: dict, path: str) -> None:
     lines += ["", "## The judge's checks (fraction of samples passing each; a sample scores 1 when all pass)", "",
               "| task / check | passed |", "|---|---|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in report.get("checks", {}).items()]
+    lines += signal_markdown(report.get("learning_signal") or {})
     lines += ["", "## Wall time per phase", "", "| phase | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in report["wall_seconds"].items()]
     lines += ["", "## Final training loss", "", "| stage | loss |", "|---|---|"]
@@ -209,6 +222,25 @@ def write_markdown(report: dict, path: str) -> None:
     lines += ["", "![grid](grid.png)", ""]
     with open(path, "w") as f:
         f.write("\n".join(lines))
+
+
+def signal_markdown(signals: dict[str, dict | None]) -> list[str]:
+    """The learning signal of each stage's last measurement, as report tables (validation split)."""
+    lines = ["", "## Learning signal at the end of each stage (validation records, EMA weights)", "",
+             "Condition gain = 1 - error with the condition / error with it masked out (clean-latent error at "
+             "timestep t); completions: the judge's score of validation images noised to t0 and finished by the "
+             "sampler; judge: full samples of validation prompts.", ""]
+    for stage, flat in signals.items():
+        if not flat:
+            continue
+        lines += [f"**{stage}** (step {flat.get('step')})", "", "| measurement | value |", "|---|---|"]
+        for key, value in flat.items():
+            if key == "step":
+                continue
+            shown = f"{100 * value:.1f}%" if key.startswith("gain/") else f"{value:.4g}"
+            lines.append(f"| {key} | {shown} |")
+        lines.append("")
+    return lines
 
 
 def define_flags() -> None:

@@ -87,7 +87,7 @@ def build_kontext_config(config, special_token_ids: Mapping[str, int] | None = N
             generator_key=m.generator.key, low_level=bool(m.low_level), position_scheme=m.position_scheme,
             lora_vlm=lora(m.lora_vlm), lora_dit=lora(m.lora_dit),
             timesteps=flow.TimestepConfig(**_plain(m.timesteps)), dropout=CondDropout(**_plain(m.dropout)),
-            prediction=m.get("prediction", "velocity"), dtype=m.dtype)
+            prediction=m.get("prediction", "velocity"), sigma_data=float(m.get("sigma_data", 0.5)), dtype=m.dtype)
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from None
 

@@ -142,11 +142,9 @@ class Sampler:
         guidance = float(s.guidance if guidance is None else guidance)
         image_guidance = float(s.image_guidance if image_guidance is None else image_guidance)
         method = method or s.method
-        host = data_pipeline.collate_records(list(records), self.config.data, self.processor)
-        batch = prepare_batch(self.kcfg, host)
-        h, w = batch["target"].shape[1:3]
+        placed = self.model_batch(records)
+        h, w = placed["target"].shape[1:3]
         with jax.set_mesh(self.mesh), sharding.activation_rules_context():
-            placed = place_batch(batch, self.mesh)
             cond, mask, _ = self._condition(self.params, placed)
             cond_tokens = None
             if self.kcfg.low_level and "cond_images" in placed:
@@ -161,7 +159,18 @@ class Sampler:
             tokens = self._loops[key](self.params, noise, jnp.asarray(sigmas), jnp.asarray(timesteps), cond, mask,
                                       cond_tokens, placed["img_ids"], jnp.float32(guidance),
                                       jnp.float32(image_guidance))
-            images = self._decode(self.params, tokens, h, w)
+        return self.decode_uint8(tokens, h, w)
+
+    def model_batch(self, records: Sequence[dict]) -> dict[str, Any]:
+        """`records` (one group) preprocessed exactly as in training and placed on the mesh."""
+        host = data_pipeline.collate_records(list(records), self.config.data, self.processor)
+        with jax.set_mesh(self.mesh), sharding.activation_rules_context():
+            return place_batch(prepare_batch(self.kcfg, host), self.mesh)
+
+    def decode_uint8(self, tokens, height: int, width: int) -> np.ndarray:
+        """DiT tokens (B, N, C) -> (B, height, width, 3) uint8 images."""
+        with jax.set_mesh(self.mesh), sharding.activation_rules_context():
+            images = self._decode(self.params, tokens, height, width)
         images = np.asarray(jax.device_get(images))
         return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
 

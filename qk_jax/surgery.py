@@ -43,7 +43,7 @@ from qk_jax.models.lora import merge_lora
 TRANSITIONS = ((1, 2), (2, 3))
 # Config sections carried from the source run into the target stage's config: the parts
 # kept by surgery must be built exactly as they were trained.
-CARRIED = ("mesh", "model.vlm", "model.num_queries", "model.vae", "model.prediction", "model.dtype", "model.remat",
+CARRIED = ("mesh", "model.vlm", "model.num_queries", "model.vae", "model.prediction", "model.sigma_data", "model.dtype", "model.remat",
            "model.attention_impl", "data.area", "data.multiple", "data.vlm_area", "data.vlm_multiple",
            "data.padding_side", "data.data_dir", "data.dataset")
 

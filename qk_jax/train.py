@@ -190,6 +190,8 @@ def train(config, workdir: str) -> dict[str, Any]:
     losses: list[float] = []
     t_last = time.perf_counter()
     steps_since = 0
+    window = None  # step metrics summed over the logging window (device arrays, no host sync per step)
+    signal = _learning_signal(config) if main else None
     flops_cache: dict = {}
     step = start
     try:
@@ -204,22 +206,28 @@ def train(config, workdir: str) -> dict[str, Any]:
             with jax.set_mesh(mesh), sharding.activation_rules_context():
                 state, metrics = step_fn(state, place_batch(batch, mesh))
             steps_since += 1
+            window = _accumulate(window, metrics)
             last = step + 1 == config.train.steps
             if (step + 1) % config.train.log_every == 0 or last or stop.requested or step == start:
-                m = jax.device_get(metrics)
+                m = jax.device_get(window)
                 now = time.perf_counter()
                 dt = (now - t_last) / steps_since
-                t_last, steps_since = now, 0
-                record = _record(step + 1, m, dt, batch, flops_per_step, peak)
+                record = _record(step + 1, m, steps_since, dt, batch, flops_per_step, peak)
+                t_last, steps_since, window = now, 0, None
                 losses.append(record["loss"])
                 if main:
                     _log(record, metrics_path, writer)
-            every = config.train.sample_every
-            if config.train.sample_images and (last or (every and (step + 1) % every == 0)):
-                write_samples(config, kcfg, state, processor, mesh, step + 1, workdir, writer)
             if (step + 1) % config.train.checkpoint_every == 0 or last or stop.requested:
                 checkpointer.save(step + 1, **state_for_checkpoint(state), data=iterator.get_state(),
                                   config=config, force=True)
+            # Optional extras run after the step's checkpoint is saved, so they cannot lose it.
+            every = config.train.sample_every
+            if config.train.sample_images and (last or (every and (step + 1) % every == 0)):
+                write_samples(config, kcfg, state, processor, mesh, step + 1, workdir, writer)
+            every = config.train.signal.every
+            if signal is not None and (last or (every and (step + 1) % every == 0)):
+                measure_signal(signal, config, kcfg, sampling_params(state), processor, mesh, step + 1,
+                               metrics_path, writer)
             if stop.requested:
                 checkpointer.wait()
                 print(f"signal {stop.signal}: checkpoint written at step {step + 1}; exiting", flush=True)
@@ -232,6 +240,48 @@ def train(config, workdir: str) -> dict[str, Any]:
             "losses": losses, "stopped_by_signal": stop.requested, "workdir": workdir}
 
 
+def sampling_params(state) -> dict[str, Any]:
+    """The weights to sample with: the EMA of the trainable tree (when kept) plus the frozen tree."""
+    trained = state["ema"] if state.get("ema") is not None else state["trainable"]
+    return optim.combine(jax.tree.map(lambda e, t: e.astype(t.dtype), trained, state["trainable"]), state["frozen"])
+
+
+def _learning_signal(config):
+    """The run's `LearningSignal` (fixed validation records), or None when switched off
+    (`train.signal.samples=0`) or when the data has no validation split to measure on."""
+    from qk_jax.data import builders
+    from qk_jax.eval import signal as signal_lib
+
+    if not int(config.train.signal.samples):
+        return None
+    try:
+        return signal_lib.LearningSignal.from_config(config)
+    except (builders.NotBuiltError, FileNotFoundError, ValueError) as e:
+        print(f"warning: no learning signal for this run ({e}); set train.signal.samples=0 to silence this",
+              flush=True)
+        return None
+
+
+def measure_signal(signal, config, kcfg, params, processor, mesh, step: int, metrics_path: str, writer
+                   ) -> dict[str, float]:
+    """Measures the learning signal (`qk_jax.eval.signal`) with `params` (the sampling weights);
+    logs it to stdout, `metrics.jsonl` (a line `{"step", "signal": {...}}`) and TensorBoard."""
+    from qk_jax.eval import signal as signal_lib
+    from qk_jax.sample import Sampler
+
+    sampler = Sampler(config, kcfg, params, processor, mesh, step=step)
+    values = signal.measure(sampler)
+    flat = signal_lib.flatten(values)
+    print(f"signal @ step {step}: {signal_lib.summary_line(values)}", flush=True)
+    with open(metrics_path, "a") as f:
+        f.write(json.dumps({"step": step, "signal": flat}) + "\n")
+    if writer is not None:
+        for key, value in flat.items():
+            writer.add_scalar(f"signal/{key}", value, step)
+        writer.flush()
+    return flat
+
+
 def write_samples(config, kcfg, state, processor, mesh, step: int, workdir: str, writer) -> str | None:
     """Generates `train.sample_images` images from validation prompts with the current (EMA)
     weights; writes them to TensorBoard and `workdir/samples/step_<N>.png`. Single-process
@@ -241,10 +291,7 @@ def write_samples(config, kcfg, state, processor, mesh, step: int, workdir: str,
     from qk_jax.data import builders, records as records_lib
     from qk_jax.sample import Sampler, save_grid
 
-    trained = state["ema"] if state.get("ema") is not None else state["trainable"]
-    params = optim.combine(jax.tree.map(lambda e, t: e.astype(t.dtype), trained, state["trainable"]),
-                           state["frozen"])
-    sampler = Sampler(config, kcfg, params, processor, mesh, step=step)
+    sampler = Sampler(config, kcfg, sampling_params(state), processor, mesh, step=step)
     source = builders.load_source(config.data.data_dir, config.data.dataset, "t2i", "validation")
     n = min(int(config.train.sample_images), len(source))
     prompts = [records_lib.normalize(source[i])["prompt"] for i in range(n)]
@@ -277,7 +324,17 @@ def _writer(workdir: str):
     return SummaryWriter(os.path.join(workdir, "tb"))
 
 
-def _record(step: int, m: dict, step_seconds: float, batch: dict, flops_per_step: float, peak: float) -> dict:
+def _accumulate(window, metrics):
+    """Adds one step's metrics to the logging window's sums (on device; `None` starts a window)."""
+    return metrics if window is None else jax.tree.map(jnp.add, window, metrics)
+
+
+def _record(step: int, m: dict, n_steps: int, step_seconds: float, batch: dict, flops_per_step: float,
+            peak: float) -> dict:
+    """One log record from metrics summed over the window's `n_steps` steps: the loss, gradient
+    norm and learning rate are window means; per-task losses are means over every sample of
+    each task in the window (batches are grouped by input count, so one step rarely holds
+    every task)."""
     sums, counts = np.asarray(m["task_loss_sum"]), np.asarray(m["task_count"])
     per_task = {TASKS[i]: float(sums[i] / counts[i]) for i in range(len(TASKS)) if counts[i] > 0}
     tokens = int(np.prod(batch["position_ids"].shape[-2:])) + int(np.prod(batch["img_ids"].shape[-3:-1]))
@@ -285,8 +342,9 @@ def _record(step: int, m: dict, step_seconds: float, batch: dict, flops_per_step
         tokens *= batch["img_ids"].shape[0]
     n_dev = jax.device_count()
     achieved = flops_per_step / step_seconds / n_dev if step_seconds > 0 else 0.0
-    return {"step": step, "loss": float(m["loss"]), "task_loss": per_task, "grad_norm": float(m["grad_norm"]),
-            "learning_rate": float(m.get("learning_rate", 0.0)), "step_seconds": step_seconds,
+    return {"step": step, "loss": float(m["loss"]) / n_steps, "task_loss": per_task, "steps_averaged": n_steps,
+            "grad_norm": float(m["grad_norm"]) / n_steps,
+            "learning_rate": float(m.get("learning_rate", 0.0)) / n_steps, "step_seconds": step_seconds,
             "tokens_per_second": tokens / step_seconds if step_seconds > 0 else 0.0,
             "tflops_per_device": achieved / 1e12, "mfu": achieved / peak if peak else 0.0}
 

@@ -12,7 +12,8 @@ from qk_jax.models.kontext_inputs import prepare_batch
 
 def stage_config(stage: int, data_dir: str, *overrides: str):
     return load_config(f"configs/stage{stage}.py:tiny",
-                       [f"data.data_dir={data_dir}", "train.log_every=1", "train.sample_images=0", *overrides])
+                       [f"data.data_dir={data_dir}", "train.log_every=1", "train.sample_images=0",
+                        "train.signal.samples=0", *overrides])
 
 
 def model_config(config, processor_dir):

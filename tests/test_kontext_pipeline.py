@@ -30,7 +30,7 @@ STEPS = 5
 
 def metrics(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return {r["step"]: r for r in map(json.loads, f)}
+        return {r["step"]: r for r in map(json.loads, f) if "loss" in r}  # not the learning-signal lines
 
 
 def cli(*args, **kw):
@@ -85,6 +85,42 @@ def stage2(stage1, shapes_dir, tmp_path_factory):
     train(ku.stage_config(2, shapes_dir, "train.steps=2", f"train.init_from={dst}", "data.mixture={'t2i': 1.0}"),
           workdir)
     return {"ckpt": dst, "run": workdir, "stdout": run.stdout}
+
+
+def test_learning_signal_of_a_trained_run(stage2, tmp_path):
+    """The learning signal as training logs it: per-timestep errors with and without the
+    condition, completions, judge scores; to metrics.jsonl and TensorBoard."""
+    from tensorboardX import SummaryWriter
+
+    from qk_jax.eval import signal as signal_lib
+    from qk_jax.sample import Sampler
+    from qk_jax.train import measure_signal
+
+    sampler = Sampler.from_checkpoint(stage2["run"])
+    config = sampler.config
+    config.train.signal.update(samples=2, noise_seeds=1, completion_steps=2, judge_samples=1)
+    config.sample.steps = 2
+    signal = signal_lib.LearningSignal.from_config(config)
+    assert set(signal.records) == {"t2i", "reconstruction"} and set(signal.judge_records) == {"t2i"}
+    for recs in signal.records["t2i"], signal.records["reconstruction"]:
+        assert len({len(r["references"]) + bool(r["source"]) for r in recs}) == 1  # one batch
+    degrees = [signal_lib.fixing_degree("t2i", r) for r in signal.records["t2i"]]
+    assert degrees == sorted(degrees, reverse=True) and degrees[0] >= 1  # the most content-fixing prompts first
+    writer = SummaryWriter(str(tmp_path / "tb"))
+    flat = measure_signal(signal, config, sampler.kcfg, sampler.params, sampler.processor, sampler.mesh, 2,
+                          str(tmp_path / "metrics.jsonl"), writer)
+    writer.close()
+    for task in ("t2i", "reconstruction"):
+        for t in signal_lib.GAIN_TIMESTEPS:
+            e, e_u = flat[f"err/{task}@{t:g}"], flat[f"err_uncond/{task}@{t:g}"]
+            assert 0 < e < 100 and 0 < e_u < 100
+            assert flat[f"gain/{task}@{t:g}"] == pytest.approx(1 - e / e_u, abs=1e-4)
+        for t0 in signal_lib.COMPLETION_T0:
+            assert 0 <= flat[f"completion_score/{task}@{t0:g}"] <= 1 and flat[f"completion_psnr/{task}@{t0:g}"] > 0
+    assert 0 <= flat["judge/t2i"] <= 1
+    logged = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert logged == [{"step": 2, "signal": flat}]
+    assert os.listdir(tmp_path / "tb")
 
 
 def _restore(path, kcfg):

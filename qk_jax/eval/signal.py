@@ -1,0 +1,232 @@
+"""The learning signal: does the model use its condition, and does it finish a picture?
+
+A falling training loss says little about a conditional generator: most of it is
+denoising, which a model learns long before it learns to draw what the prompt asks. This
+module measures, on a fixed set of validation records per task, three things that move
+only when the condition is used (and stay flat when it is not):
+
+- **condition gain** per timestep: the clean-latent error of the generator with the
+  condition, against the same with the condition masked out (the unconditional branch
+  of guidance: text and kontext tokens masked, input-image latents zeroed), on records
+  whose condition fixes the content (reconstruction; edits; text-to-image prompts that
+  state colour, shape and position first, then those that state colour and shape). `gain = 1 - err_with / err_without`.
+- **completions**: validation targets noised to t0 (0.5 and 0.8) and denoised by the
+  plain Euler sampler (no guidance): the judge's score of the finished picture and its
+  PSNR against the target. A model that has learnt to draw finishes the picture from
+  high t0; one that only denoises does not.
+- **judge scores**: full samples (the config's sampler and guidance) of a few validation
+  prompts, scored by the judge (`qk_jax.eval.score`).
+
+    signal = LearningSignal.from_config(config, processor)
+    values = signal.measure(sampler)        # a `qk_jax.sample.Sampler` over the weights to test
+    flat = flatten(values)                  # {"gain/t2i@0.9": ..., "judge/t2i": ...}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qk_jax import flow, samplers, sharding
+from qk_jax.data import builders
+from qk_jax.data import records as records_lib
+from qk_jax.eval import score as score_lib
+
+GAIN_TIMESTEPS = (0.2, 0.5, 0.7, 0.9)
+COMPLETION_T0 = (0.5, 0.8)
+# Tasks of each stage's mixture whose condition fixes the content of the target.
+STAGE_TASKS = {1: ("t2i", "reconstruction"), 2: ("t2i", "reconstruction"), 3: ("t2i", "edit", "reconstruction")}
+
+
+@dataclasses.dataclass(frozen=True)
+class SignalConfig:
+    """What `LearningSignal` measures (fields of `train.signal`)."""
+
+    samples: int = 8  # validation records per task
+    noise_seeds: int = 2  # noise draws per record and timestep for the condition gain
+    completion_steps: int = 10  # Euler steps from t0 down to 0
+    judge_samples: int = 8  # validation prompts per task sampled in full and judged (0: none)
+    timesteps: tuple[float, ...] = GAIN_TIMESTEPS
+    completion_t0: tuple[float, ...] = COMPLETION_T0
+
+
+def fixing_degree(task: str, rec: dict) -> int:
+    """How much of the target a record's condition fixes: 2 = everything the judge checks
+    (reconstruction and edits; text-to-image prompts that state the colour and shape of every
+    object and where it goes), 1 = colour and shape but not the place, 0 = less."""
+    if task != "t2i":
+        return 2
+    spec = json.loads(rec["scene"])["spec"] if rec.get("scene") else {}
+    objs = spec.get("objects") or []
+    if not objs or not all(o.get("colour") and o.get("shape") for o in objs):
+        return 0
+    placed = all(o.get("cell") for o in objs) or bool(spec.get("relations"))
+    return 2 if placed else 1
+
+
+def content_fixing(task: str, rec: dict) -> bool:
+    """Whether a record's condition fixes its target's content (`fixing_degree` 2)."""
+    return fixing_degree(task, rec) == 2
+
+
+def validation_records(data_dir: str, dataset: str, task: str, n: int, *, fixing: bool = True) -> list[dict]:
+    """`n` validation records of `task` with one input-image count (one batch); with `fixing`,
+    those whose condition fixes the most of the target first (`fixing_degree`: a split holds
+    few text-to-image prompts that fix colour, shape and place of every object)."""
+    source = builders.load_source(data_dir, dataset, task, "validation")
+    recs = [records_lib.normalize(source[i]) for i in range(len(source))]
+    if not recs:
+        raise ValueError(f"no validation records of task {task!r} in {data_dir} for the learning signal")
+    if fixing:
+        recs = sorted(recs, key=lambda r: -fixing_degree(task, r))  # stable: split order within a degree
+    n_inputs = records_lib.num_inputs(recs[0])
+    return [r for r in recs if records_lib.num_inputs(r) == n_inputs][:n]
+
+
+class LearningSignal:
+    """Fixed validation records per task and the measurements of the module docstring."""
+
+    def __init__(self, records: dict[str, list[dict]], judge_records: dict[str, list[dict]], cfg: SignalConfig,
+                 seed: int = 0):
+        self.records, self.judge_records, self.cfg, self.seed = records, judge_records, cfg, seed
+        self._jitted: dict[Any, Any] = {}
+
+    @classmethod
+    def from_config(cls, config, stage: int | None = None) -> "LearningSignal":
+        """The signal of a training config: its stage's tasks, its data folder's validation split."""
+        s = config.train.signal
+        cfg = SignalConfig(samples=int(s.samples), noise_seeds=int(s.noise_seeds),
+                           completion_steps=int(s.completion_steps), judge_samples=int(s.judge_samples))
+        tasks = STAGE_TASKS[int(stage or config.stage)]
+        data_dir, dataset = config.data.data_dir, config.data.dataset
+        recs = {t: validation_records(data_dir, dataset, t, cfg.samples) for t in tasks}
+        judged = {t: validation_records(data_dir, dataset, t, cfg.judge_samples, fixing=False)
+                  for t in tasks if t != "reconstruction"} if cfg.judge_samples else {}
+        return cls(recs, judged, cfg, seed=int(config.train.seed))
+
+    # ------------------------------------------------------------------ measurements
+
+    def measure(self, sampler) -> dict[str, Any]:
+        """{"gain": {task: {t: {"with", "without", "gain"}}}, "completion": {task: {t0: {"score",
+        "psnr"}}}, "judge": {task: score}} for the weights of `sampler` (a `qk_jax.sample.Sampler`)."""
+        out: dict[str, Any] = {"gain": {}, "completion": {}, "judge": {}}
+        for task, recs in self.records.items():
+            batch = sampler.model_batch(recs)
+            out["gain"][task] = self._gain(sampler, batch)
+            out["completion"][task] = self._completions(sampler, batch, recs)
+        for task, recs in self.judge_records.items():
+            images = sampler.generate(recs, seed=self.seed)
+            out["judge"][task] = float(np.mean([score_lib.score_sample(r, im)["score"] for r, im in zip(recs, images)]))
+        return out
+
+    def _fn(self, sampler, name: str):
+        key = (id(sampler.model), name)
+        if key not in self._jitted:
+            self._jitted[key] = jax.jit(getattr(self, f"_{name}_impl"), static_argnums=(0,))
+        return self._jitted[key]
+
+    def _gain(self, sampler, batch) -> dict[str, dict[str, float]]:
+        errs = {}
+        with jax.set_mesh(sampler.mesh), sharding.activation_rules_context():
+            for t in self.cfg.timesteps:
+                w, wo = [], []
+                for s in range(self.cfg.noise_seeds):
+                    key = jax.random.fold_in(jax.random.key(self.seed), s)
+                    e_with, e_without = self._fn(sampler, "x0_errors")(sampler.model, sampler.params, batch, key,
+                                                                      jnp.float32(t))
+                    w.append(np.asarray(e_with))
+                    wo.append(np.asarray(e_without))
+                e_w, e_wo = float(np.mean(w)), float(np.mean(wo))
+                errs[f"{t:g}"] = {"with": e_w, "without": e_wo, "gain": 1.0 - e_w / e_wo if e_wo > 0 else 0.0}
+        return errs
+
+    @staticmethod
+    def _x0_errors_impl(model, params, batch, key, t):
+        """Per-sample clean-latent MSE with the condition and with it masked out: ((B,), (B,))."""
+        cond, mask, _ = model.condition(params, batch)
+        x0 = model.encode(params, batch["target"])
+        tokens = None
+        if model.config.low_level and "cond_images" in batch:
+            tokens = model.encode_conditions(params, batch["cond_images"])
+        noise = jax.random.normal(key, x0.shape, x0.dtype)
+        tb = jnp.full((x0.shape[0],), t, jnp.float32)
+        xt = flow.noise_latents(x0, noise, tb)
+
+        def err(m, tok):
+            v = model.velocity(params, xt, tok, batch["img_ids"], cond, m, tb)
+            x0_hat = xt.astype(jnp.float32) - t * v.astype(jnp.float32)
+            return jnp.mean(jnp.square(x0_hat - x0.astype(jnp.float32)), axis=(1, 2))
+
+        return err(mask, tokens), err(jnp.zeros_like(mask), None if tokens is None else jnp.zeros_like(tokens))
+
+    def _completions(self, sampler, batch, recs) -> dict[str, dict[str, float]]:
+        out = {}
+        h, w = np.shape(batch["target"])[1:3]
+        with jax.set_mesh(sampler.mesh), sharding.activation_rules_context():
+            for t0 in self.cfg.completion_t0:
+                n = self.cfg.completion_steps
+                sigmas = np.linspace(t0, 0.0, n + 1).astype(np.float32)
+                tokens = self._fn(sampler, "complete")(sampler.model, sampler.params, batch,
+                                                       jax.random.key(self.seed), jnp.asarray(sigmas))
+                images = sampler.decode_uint8(tokens, h, w)
+                scores, psnrs = [], []
+                for rec, im in zip(recs, images):
+                    target = records_lib.decode_image(rec["target"])
+                    psnrs.append(min(score_lib.psnr(im, target), 60.0))
+                    scores.append(float(score_lib.score_sample(rec, im)["score"]))
+                out[f"{t0:g}"] = {"score": float(np.mean(scores)), "psnr": float(np.mean(psnrs))}
+        return out
+
+    @staticmethod
+    def _complete_impl(model, params, batch, key, sigmas):
+        """Targets noised to sigmas[0] and integrated down to 0 by Euler without guidance."""
+        cond, mask, _ = model.condition(params, batch)
+        x0 = model.encode(params, batch["target"])
+        tokens = None
+        if model.config.low_level and "cond_images" in batch:
+            tokens = model.encode_conditions(params, batch["cond_images"])
+        noise = jax.random.normal(key, x0.shape, x0.dtype)
+        xt = flow.noise_latents(x0, noise, jnp.full((x0.shape[0],), sigmas[0], jnp.float32))
+
+        def velocity(x, t):
+            return model.velocity(params, x, tokens, batch["img_ids"], cond, mask, jnp.full((x.shape[0],), t))
+
+        return samplers.euler_sample(velocity, xt, sigmas, sigmas[:-1])
+
+
+def flatten(values: dict[str, Any]) -> dict[str, float]:
+    """{"gain/t2i@0.9": g, "err/t2i@0.9": e_with, "err_uncond/t2i@0.9": e_without,
+    "completion_score/t2i@0.8": s, "completion_psnr/t2i@0.8": p, "judge/t2i": j}."""
+    flat = {}
+    for task, per_t in values.get("gain", {}).items():
+        for t, v in per_t.items():
+            flat[f"gain/{task}@{t}"] = v["gain"]
+            flat[f"err/{task}@{t}"] = v["with"]
+            flat[f"err_uncond/{task}@{t}"] = v["without"]
+    for task, per_t in values.get("completion", {}).items():
+        for t, v in per_t.items():
+            flat[f"completion_score/{task}@{t}"] = v["score"]
+            flat[f"completion_psnr/{task}@{t}"] = v["psnr"]
+    for task, v in values.get("judge", {}).items():
+        flat[f"judge/{task}"] = v
+    return {k: (round(v, 5) if isinstance(v, float) and math.isfinite(v) else v) for k, v in flat.items()}
+
+
+def summary_line(values: dict[str, Any]) -> str:
+    """One log line: gains at the lowest and highest timestep, completion scores, judge scores."""
+    parts = []
+    for task, per_t in values.get("gain", {}).items():
+        gains = " ".join(f"{t}:{100 * v['gain']:.1f}%" for t, v in per_t.items())
+        parts.append(f"gain[{task}] {gains}")
+    for task, per_t in values.get("completion", {}).items():
+        parts.append(f"complete[{task}] " + " ".join(f"{t}:{v['score']:.2f}/{v['psnr']:.1f}dB"
+                                                      for t, v in per_t.items()))
+    if values.get("judge"):
+        parts.append("judge " + " ".join(f"{t}={v:.2f}" for t, v in values["judge"].items()))
+    return "  ".join(parts)

@@ -1,0 +1,103 @@
+"""The learning signal and the recipe fields it is used to study: the preconditioned
+prediction (its algebra, and that `model.prediction` reaches the training loss), and log
+records averaged over the logging window."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kontext_util as ku
+from qk_jax import flow, optim, sharding
+from qk_jax.eval import signal as signal_lib
+from qk_jax.models.kontext import QueryKontext, preconditioned_velocity, preconditioning
+from qk_jax.train import _accumulate, _record
+from qk_jax.train_step import make_loss_fn
+
+
+def test_preconditioned_velocity_is_the_velocity_of_its_clean_estimate():
+    kx, kf = jax.random.split(jax.random.key(0))
+    x_t, f = jax.random.normal(kx, (3, 5, 4)), jax.random.normal(kf, (3, 5, 4))
+    t = jnp.array([0.05, 0.5, 0.95])
+    c_skip, c_out = preconditioning(t, 0.5)
+    x0 = c_skip[:, None, None] * x_t + c_out[:, None, None] * f
+    want = (x_t - x0) / t[:, None, None]
+    np.testing.assert_allclose(preconditioned_velocity(x_t, f, t, 0.5), want, rtol=2e-5, atol=2e-5)
+    # t = 0: the clean estimate is x_t itself (c_skip = 1, c_out = 0) and the velocity stays finite.
+    c_skip0, c_out0 = preconditioning(jnp.zeros(1), 0.5)
+    assert float(c_skip0[0]) == 1.0 and float(c_out0[0]) == 0.0
+    assert np.isfinite(np.asarray(preconditioned_velocity(x_t[:1], f[:1], jnp.zeros(1), 0.5))).all()
+    # t = 1: no skip, the network's output scaled by sigma_data is the clean estimate.
+    c_skip1, c_out1 = preconditioning(jnp.ones(1), 0.5)
+    assert float(c_skip1[0]) == 0.0 and abs(float(c_out1[0]) - 0.5) < 1e-7
+
+
+@pytest.fixture(scope="module")
+def proc(tmp_path_factory):
+    return ku.processor_dir(tmp_path_factory)
+
+
+@pytest.mark.parametrize("prediction", ["x0", "preconditioned"])
+def test_prediction_field_reaches_the_training_loss(prediction, shapes_dir, proc):
+    """With the generator's output layer zeroed, its raw output F is 0 and the loss the train
+    step differentiates has a closed form per parameterisation: x0-prediction's velocity is
+    x_t / t, the preconditioned one ((t - a s^2) / d) x_t."""
+    config = ku.stage_config(2, shapes_dir, f"model.prediction={prediction}", "model.sigma_data=0.7",
+                             "data.mixture={'t2i': 1.0}")
+    kcfg = ku.model_config(config, proc)
+    assert kcfg.prediction == prediction and kcfg.sigma_data == 0.7
+    model = QueryKontext(kcfg)
+    params = jax.jit(lambda r: sharding.unbox_abstract(model.init(r)))(jax.random.key(0))
+    params["dit"]["proj_out"] = jax.tree.map(jnp.zeros_like, params["dit"]["proj_out"])
+    trainable, frozen = optim.partition(params, config.train.trainable)
+    batch = ku.prepared(kcfg, ku.first_batch(config, proc))
+    rng = jax.random.key(3)
+    loss, aux = jax.jit(make_loss_fn(model))(trainable, frozen, batch, rng)
+
+    _, k_time, k_noise = jax.random.split(rng, 3)
+    x0 = model.encode(params, batch["target"])
+    t = flow.sample_timesteps(k_time, x0.shape[0], kcfg.timesteps, image_seq_len=x0.shape[1])
+    noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
+    x_t = flow.noise_latents(x0, noise, t)
+    tb = t[:, None, None]
+    if prediction == "x0":
+        v = x_t / jnp.maximum(tb, kcfg.min_t)
+    else:
+        a, s2 = 1 - tb, 0.7 ** 2
+        v = (tb - a * s2) / (a * a * s2 + tb * tb) * x_t
+    want = jnp.mean(jnp.square(v - (noise - x0)), axis=(1, 2))
+    np.testing.assert_allclose(aux["per_sample"], want, rtol=1e-4)
+    np.testing.assert_allclose(loss, jnp.mean(want), rtol=1e-4)
+
+
+def test_log_record_averages_the_window():
+    """Batches are grouped by input count, so one step holds one task: a log line must average
+    every step of its window, per task over that task's samples."""
+    steps = [  # loss, grad norm, per-task loss sums and counts (6 tasks), learning rate
+        dict(loss=1.0, grad_norm=2.0, task_loss_sum=np.array([4.0, 0, 0, 0, 0, 0]),
+             task_count=np.array([4.0, 0, 0, 0, 0, 0]), learning_rate=0.1),
+        dict(loss=3.0, grad_norm=4.0, task_loss_sum=np.array([0, 12.0, 0, 0, 0, 0]),
+             task_count=np.array([0, 4.0, 0, 0, 0, 0]), learning_rate=0.3),
+        dict(loss=2.0, grad_norm=0.0, task_loss_sum=np.array([2.0, 2.0, 0, 0, 0, 0]),
+             task_count=np.array([2.0, 2.0, 0, 0, 0, 0]), learning_rate=0.2),
+    ]
+    window = None
+    for m in steps:
+        window = _accumulate(window, {k: jnp.asarray(v) for k, v in m.items()})
+    batch = {"position_ids": np.zeros((3, 4, 8)), "img_ids": np.zeros((4, 16, 3))}
+    rec = _record(3, jax.device_get(window), 3, 0.5, batch, 1e9, 1e12)
+    assert rec["loss"] == pytest.approx(2.0) and rec["grad_norm"] == pytest.approx(2.0)
+    assert rec["learning_rate"] == pytest.approx(0.2) and rec["steps_averaged"] == 3
+    assert rec["task_loss"] == {"t2i": pytest.approx(1.0), "reconstruction": pytest.approx(14.0 / 6.0)}
+
+
+def test_content_fixing_records():
+    fixed = {"scene": '{"spec": {"objects": [{"shape": "star", "colour": "red", "cell": "top"}], "relations": []}}'}
+    loose = {"scene": '{"spec": {"objects": [{"shape": "star", "colour": null, "cell": "top"}], "relations": []}}'}
+    unplaced = {"scene": '{"spec": {"objects": [{"shape": "star", "colour": "red", "cell": null}], "relations": []}}'}
+    related = {"scene": '{"spec": {"objects": [{"shape": "star", "colour": "red", "cell": null},'
+                        ' {"shape": "circle", "colour": "blue", "cell": null}], "relations": [[0, "left of", 1]]}}'}
+    assert signal_lib.content_fixing("t2i", fixed) and signal_lib.content_fixing("t2i", related)
+    assert not signal_lib.content_fixing("t2i", loose) and not signal_lib.content_fixing("t2i", unplaced)
+    assert signal_lib.content_fixing("reconstruction", loose)
+    assert [signal_lib.fixing_degree("t2i", r) for r in (fixed, loose, unplaced, related)] == [2, 0, 1, 2]
