@@ -192,6 +192,8 @@ def run(from_stage: int, to_stage: int, src: str, dst: str, dit: str | None = No
     dst_k = kontext_config.validate(dst_config, jax.device_count(),
                                     kontext_config.build_kontext_config(dst_config, special))
     mesh = sharding.make_mesh(dst_config.mesh)
+    dit = dit or dst_config.model.generator.get("checkpoint") or None  # --dit, else the stage config's
+    dit_params = _load_dit(dit, dst_k, mesh) if dit else None
     src_model, dst_model = QueryKontext(src_k), QueryKontext(dst_k)
     with jax.set_mesh(mesh), sharding.activation_rules_context():
         src_target, _ = _abstract(src_model, mesh)
@@ -199,8 +201,6 @@ def run(from_stage: int, to_stage: int, src: str, dst: str, dit: str | None = No
             src_params = reader.restore(step, params=src_target, json_items=(), fallback=False)["params"]
         except ckpt_lib.CheckpointError as e:
             raise SurgeryError(f"source checkpoint does not fit the stage-{from_stage} config: {e}") from None
-        dit = dit or dst_config.model.generator.get("checkpoint") or None  # --dit, else the stage config's
-        dit_params = _load_dit(dit, dst_k, mesh) if dit else None
         params, status = transition(src_params, src_model, dst_model, mesh, dit_params, seed)
     writer = ckpt_lib.Checkpointer(dst, max_to_keep=None, async_save=False)
     if writer.steps():
@@ -219,20 +219,21 @@ def run(from_stage: int, to_stage: int, src: str, dst: str, dit: str | None = No
 
 
 def _load_dit(folder: str, dst_k, mesh):
-    """A diffusers transformer folder converted into the target generator's tree (sharded)."""
-    from qk_jax.convert import flux as flux_convert
-    from qk_jax.convert import qwen_image as qwen_convert
+    """The target generator's tree (sharded) from a diffusers transformer / pipeline folder or
+    from the Orbax checkpoint `qk-jax convert --to-orbax` wrote from one."""
+    from qk_jax.convert import sources
 
-    module = qwen_convert if dst_k.generator.family == "qwen_image" else flux_convert
-    gen = QueryKontext(dst_k)
-    abstract, shardings = _abstract(gen, mesh)
-    gen_shardings = shardings[dst_k.generator_key]
-    cfg, params = module.load(folder, dtype=np.float32, shardings=gen_shardings)
+    model = "qwen_image" if dst_k.generator.family == "qwen_image" else "flux"
+    cfg = sources.read_config(model, folder)
     g = dst_k.generator
     for field in ("num_layers", "num_single_layers", "num_heads", "head_dim", "in_channels", "joint_attention_dim"):
         if getattr(cfg, field) != getattr(g, field):
             raise SurgeryError(f"--dit {folder}: {field}={getattr(cfg, field)} but the stage config's generator has "
                                f"{getattr(g, field)} (config field model.generator)")
+    with jax.set_mesh(mesh), sharding.activation_rules_context():
+        _, shardings = _abstract(QueryKontext(dst_k), mesh)
+    # streamed outside the activation-rules context: the converters trace their own abstract trees
+    _, params = sources.load(model, folder, dtype=np.float32, shardings=shardings[dst_k.generator_key])
     return params
 
 
