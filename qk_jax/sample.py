@@ -39,7 +39,7 @@ from qk_jax.data import vlm_inputs
 from qk_jax.models.kontext import QueryKontext
 from qk_jax.models.kontext_inputs import place_batch, prepare_batch
 from qk_jax.models.lora import apply_lora
-from qk_jax.surgery import resolve_run
+from qk_jax.checkpoint import resolve_run
 
 
 def load_image(path: str) -> np.ndarray:

@@ -35,6 +35,7 @@ import numpy as np
 
 from qk_jax import checkpoint as ckpt_lib
 from qk_jax import kontext_config, sharding
+from qk_jax.checkpoint import resolve_run
 from qk_jax.config import ConfigError, load_config
 from qk_jax.convert.mapping import flatten_tree, unflatten_tree
 from qk_jax.models.kontext import QueryKontext, boxed_lora
@@ -50,17 +51,6 @@ CARRIED = ("mesh", "model.vlm", "model.num_queries", "model.vae", "model.predict
 
 class SurgeryError(ValueError):
     """A tree or config that does not fit the transition (the message names the path)."""
-
-
-def resolve_run(path: str) -> tuple[str, str | None]:
-    """(checkpoint root, processor folder or None) of a run workdir or a checkpoint root."""
-    root = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"checkpoint folder {path} does not exist")
-    for cand in (os.path.join(path, "processor"), os.path.join(os.path.dirname(root), "processor")):
-        if os.path.exists(os.path.join(cand, "tokenizer_config.json")):
-            return root, cand
-    return root, None
 
 
 def _get(config, dotted):
