@@ -79,3 +79,47 @@ def test_a_dit_of_another_depth_is_refused_by_name(folders, tmp_path):
     (other / "config.json").write_text(json.dumps(dict(raw, num_layers=raw["num_layers"] + 1)))
     with pytest.raises(surgery.SurgeryError, match=r"--dit .*num_layers=4 but the stage config.s generator has 3"):
         surgery.run(1, 2, str(root / "stage1"), str(tmp_path / "dst"), dit=str(other))
+
+
+def test_block_indices():
+    from qk_jax.dit_blocks import block_indices
+
+    assert block_indices("every_other", 60, 30) == tuple(range(0, 60, 2))
+    assert block_indices("first", 60, 3) == (0, 1, 2)
+    assert block_indices("5, 1", 6, 2) == (5, 1)
+    assert block_indices("all", 4, 4) == (0, 1, 2, 3)
+    with pytest.raises(ValueError, match="--dit-layers='every_other' selects 3 of the source's 5 blocks"):
+        block_indices("every_other", 5, 2)
+    with pytest.raises(ValueError, match="distinct and within 0..3"):
+        block_indices("1,4", 4, 2)
+
+
+@pytest.mark.slow
+def test_a_shallower_dit_is_seeded_from_every_other_block(folders, tmp_path, devices):
+    """The stage-2 generator (n blocks) from a 2n-block pretrained DiT of the same width (as dit_10b
+    from Qwen-Image): block i is source block 2i bit for bit, everything else as in the source."""
+    root, _ = folders
+    deep = tmp_path / "deep"
+    kcfg2 = ku.model_config(ku.stage_config(2, str(tmp_path)), os.path.join(root, "stage1", "processor"))
+    n = kcfg2.generator.num_layers
+    deep_cfg = kcfg2.generator.replace(num_layers=2 * n)
+    deep_params = dit_convert.load(_save_random_dit(deep, deep_cfg))[1]
+    dst = str(tmp_path / "stage2")
+    report = surgery.run(1, 2, str(root / "stage1"), dst, dit=str(deep), dit_layers="every_other")
+    assert report["dit_blocks"] == [{"block": i, "source_block": 2 * i} for i in range(n)]
+    assert report["bit_identical"]["ok"] and report["bit_identical"]["checked"] >= len(flatten_tree(deep_params))
+    assert "| 1 | 2 |" in open(os.path.join(dst, "surgery_report.md")).read()
+    got = _restored_dit(dst)
+    for path, value in flatten_tree(jax.device_get(deep_params)).items():
+        want = value[np.arange(0, 2 * n, 2)] if path.startswith("double_blocks/") else value
+        np.testing.assert_array_equal(got[path], want, err_msg=path)
+
+
+def _save_random_dit(folder, cfg) -> str:
+    import flax.linen as nn
+
+    from qk_jax.models.mmdit import init_params
+
+    params = jax.device_get(nn.meta.unbox(init_params(cfg, jax.random.key(3))))
+    dit_convert.save(str(folder), cfg, params)
+    return str(folder)

@@ -189,8 +189,8 @@ class MMDiTConfig:
 # - head_870m: inner 1536 (12 x 128 heads), 10 blocks -> ~0.86B parameters, the paper's
 #   "lightweight" stage-1 head.
 # - dit_10b: Qwen-Image's width (24 x 128 heads, MSRoPE 16/56/56) at half its depth (30 of
-#   60 blocks) -> ~10.2B, the paper's in-house scale; same width means Qwen-Image weights can
-#   seed it (e.g. every other block) and the stage-2 graft code is shared.
+#   60 blocks) -> ~10.2B, the paper's in-house scale; same width means Qwen-Image weights seed
+#   it: `qk-jax surgery --dit QWEN_IMAGE_DIR --dit-layers every_other` (see qk_jax/dit_blocks.py).
 SIZES: dict[str, MMDiTConfig] = {
     "tiny": MMDiTConfig(family="qwen_image", patch_size=2, in_channels=16, out_channels=4, num_layers=2,
                         num_heads=2, head_dim=16, joint_attention_dim=24, axes_dims_rope=(4, 6, 6)),
