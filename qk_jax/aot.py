@@ -33,13 +33,10 @@ from __future__ import annotations
 
 import os
 
-# Before jax is imported: compile-only TPU devices from libtpu, no TPU runtime on this machine.
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
-os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-# libtpu takes a machine-wide lock (/tmp/libtpu_lockfile) when it loads; compiling needs no
-# TPU, so let several compiling processes (a test beside a long compile) load it.
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+if __name__ == "__main__":  # `python -m qk_jax.aot`: CPU platform and libtpu placeholders before jax loads
+    from qk_jax import platforms
+
+    platforms.configure(os.environ, "aot")
 
 import json  # noqa: E402
 import math  # noqa: E402

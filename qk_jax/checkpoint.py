@@ -262,3 +262,20 @@ def read_json_item(directory, step: int, item: str) -> Any:
     if not path.exists():
         raise CheckpointError(f"checkpoint step {step} in {directory} has no {item!r} item")
     return json.loads(path.read_text())
+
+
+def resolve_run(path: str | os.PathLike) -> tuple[str, str | None]:
+    """(checkpoint root, processor folder or None) of a run workdir (`RUN`, holding
+    `checkpoints/` and `processor/`) or of a checkpoint root (e.g. written by surgery).
+
+    Every option that takes a run (`train.init_from`, `qk-jax sample --checkpoint`,
+    `qk-jax surgery --src`) goes through here, so each accepts both.
+    """
+    path = os.fspath(path)
+    root = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"checkpoint folder {path} does not exist")
+    for cand in (os.path.join(path, "processor"), os.path.join(os.path.dirname(root), "processor")):
+        if os.path.exists(os.path.join(cand, "tokenizer_config.json")):
+            return root, cand
+    return root, None

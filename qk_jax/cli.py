@@ -1,12 +1,16 @@
 """`qk-jax <tool> [flags]`: one console script in front of the `python -m qk_jax.<tool>` jobs.
 
-Only the chosen tool's module is imported, so each tool owns its absl flags.
+Only the chosen tool's module is imported, so each tool owns its absl flags. Before it is,
+`platforms.configure` picks the JAX platform (quiet on machines without a TPU).
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+
+from qk_jax import platforms
 
 # tool -> (module with `main(argv)`, one-line description)
 TOOLS: dict[str, tuple[str, str]] = {
@@ -52,6 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     if tool not in TOOLS:
         print(f"qk-jax: unknown tool {tool!r}\n\n{usage()}", file=sys.stderr)
         raise SystemExit(2)
+    platforms.configure(os.environ, tool)  # before the tool imports jax
     module = importlib.import_module(TOOLS[tool][0])
     from absl import app, flags, logging
 

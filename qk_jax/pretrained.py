@@ -1,9 +1,11 @@
 """Pretrained weights for a fresh run: the config's `model.{vlm,generator,vae}.checkpoint`.
 
 A real stage-1 run starts from a pretrained Qwen2.5-VL and a pretrained VAE (and stage 2
-from a large pretrained DiT, usually grafted by `qk-jax surgery --dit`). Each folder is a
-HF / diffusers safetensors folder, converted through `qk_jax.convert.registry`, streamed
-and placed on the run's shardings tensor by tensor. The checkpoint's own config must
+from a large pretrained DiT, usually grafted by `qk-jax surgery --dit`). Each path is a
+HF / diffusers safetensors folder (converted through `qk_jax.convert.registry`, streamed
+and placed on the run's shardings tensor by tensor) or the Orbax params checkpoint
+`qk-jax convert --to-orbax` wrote from one (restored onto the run's shardings), see
+`qk_jax.convert.sources`. The checkpoint's own config must
 describe the same architecture as the stage config (a mismatch is an error naming the
 fields), and every tensor must have the shape the model expects (an error names the path).
 """
@@ -17,7 +19,7 @@ import jax
 import numpy as np
 
 from qk_jax.config import ConfigError
-from qk_jax.convert import registry
+from qk_jax.convert import sources as weight_sources
 from qk_jax.convert.mapping import flatten_tree
 from qk_jax.models.pixel_ae import PixelSpaceConfig
 
@@ -70,13 +72,15 @@ def load_pretrained(params: Mapping[str, Any], config, kcfg, shardings: Mapping[
     params = dict(params)
     loaded = {}
     for key, folder, name, field in sources(config, kcfg):
-        spec = registry.get_model(name)
-        found = spec.read_config(folder)
+        try:
+            found = weight_sources.read_config(name, folder)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"config field {field}={folder}: {e}") from None
         diffs = _differences(found, expected_config(kcfg, key))
         if diffs:
             raise ConfigError(f"config field {field}={folder}: the checkpoint's architecture differs from the stage "
                               f"config: " + "; ".join(diffs[:6]))
-        _, sub = spec.load(folder, dtype=np.float32, shardings=shardings[key])
+        _, sub = weight_sources.load(name, folder, dtype=np.float32, shardings=shardings[key])
         want = flatten_tree(params[key])
         got = flatten_tree(sub)
         missing = sorted(set(want) - set(got))

@@ -32,13 +32,14 @@ from PIL import Image
 from qk_jax import checkpoint as ckpt_lib
 from qk_jax import guidance as guidance_lib
 from qk_jax import kontext_config, optim, samplers, sharding
+from qk_jax.config import ConfigError
 from qk_jax.data import pipeline as data_pipeline
 from qk_jax.data import records as records_lib
 from qk_jax.data import vlm_inputs
 from qk_jax.models.kontext import QueryKontext
 from qk_jax.models.kontext_inputs import place_batch, prepare_batch
 from qk_jax.models.lora import apply_lora
-from qk_jax.surgery import resolve_run
+from qk_jax.checkpoint import resolve_run
 
 
 def load_image(path: str) -> np.ndarray:
@@ -175,7 +176,27 @@ class Sampler:
         return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
     def schedule(self) -> samplers.FlowMatchSchedule:
-        """The sampling schedule that matches the training timestep shift."""
+        """The sampling schedule, in this order of precedence:
+
+        - `sample.scheduler`: a diffusers `scheduler_config.json`, a scheduler folder or a
+          pipeline folder (e.g. the downloaded Qwen-Image folder);
+        - the scheduler of the diffusers folder the generator was initialised from
+          (`model.generator.checkpoint`, a pipeline folder or its `transformer/`), when that
+          folder is still there;
+        - the training timestep shift (`model.timesteps`).
+        The pipelines' sigmas (`pipeline_sigmas`) and mu (from the target token count) are applied
+        by `generate`, as QwenImagePipeline / FluxPipeline apply them.
+        """
+        chosen = self.config.sample.get("scheduler", "")
+        if chosen:
+            try:
+                return samplers.read_schedule(chosen)
+            except (FileNotFoundError, ValueError) as e:
+                raise ConfigError(f"config field sample.scheduler={chosen}: {e}") from None
+        generator = self.config.model.generator.get("checkpoint", "")
+        found = samplers.find_scheduler_config(generator) if generator and os.path.isdir(generator) else None
+        if found:
+            return samplers.read_schedule(found)
         t = self.kcfg.timesteps
         if t.shift == "dynamic":
             return samplers.FlowMatchSchedule(use_dynamic_shifting=True, base_shift=t.base_shift,
@@ -241,6 +262,8 @@ def main(argv):
     if not f.prompt:
         raise ValueError("--prompt is required (repeat it for several prompts)")
     sampler = Sampler.from_checkpoint(f.checkpoint, use_ema=f.ema)
+    if f.scheduler:
+        sampler.config.sample.scheduler = f.scheduler
     prompts = [p for p in f.prompt for _ in range(f.batch)]
     recs = sampler.records(prompts, f.source, f.reference or (), f.height, f.width)
     images = sampler.generate(recs, steps=f.steps, guidance=f.guidance, image_guidance=f.image_guidance, seed=f.seed,
@@ -267,6 +290,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("height", None, "Output height (default: the source's, else the training area's side).")
     flags.DEFINE_integer("width", None, "Output width.")
     flags.DEFINE_string("sampler", None, "euler | heun (default: sample.method).")
+    flags.DEFINE_string("scheduler", None, "A diffusers scheduler_config.json, or a pipeline folder holding "
+                                           "scheduler/scheduler_config.json, whose schedule to sample with "
+                                           "(default: sample.scheduler, see Sampler.schedule).")
     flags.DEFINE_bool("ema", True, "Use the EMA weights when the checkpoint has them.")
 
 

@@ -1,11 +1,15 @@
 """Stage transitions as pure functions on parameter trees, applied to Orbax checkpoints.
 
     qk-jax surgery --from 1 --to 2 --src RUN1 --dst CKPT2 [--dit DIFFUSERS_DIR] [--config configs/stage2.py:SIZE]
+    qk-jax surgery --from 1 --to 2 --src RUN1 --dst CKPT2 --dit QWEN_IMAGE_DIR --dit-layers every_other \\
+        --config configs/stage2.py:paper                       # dit_10b seeded from Qwen-Image's even blocks
     qk-jax surgery --from 2 --to 3 --src RUN2 --dst CKPT3
     qk-jax train --config configs/stage2.py:SIZE --workdir RUN2 --config.train.init_from=CKPT2
 
 1 -> 2  merge the VLM LoRA into the VLM kernels and drop it; drop the stage-1 head; graft
-        the large DiT (converted from a diffusers folder with --dit, or initialised);
+        the large DiT (converted from a diffusers folder with --dit, or initialised; a
+        shallower target takes the --dit-layers subset of its blocks, listed per block in
+        the report);
         re-initialise the connector output when its width changes (the DiT's condition
         width); keep queries, connector input layers and the autoencoder.
 2 -> 3  keep everything; add the DiT LoRA (zero-initialised `b`, so the model's outputs are
@@ -34,7 +38,8 @@ import ml_collections
 import numpy as np
 
 from qk_jax import checkpoint as ckpt_lib
-from qk_jax import kontext_config, sharding
+from qk_jax import dit_blocks, kontext_config, sharding
+from qk_jax.checkpoint import resolve_run
 from qk_jax.config import ConfigError, load_config
 from qk_jax.convert.mapping import flatten_tree, unflatten_tree
 from qk_jax.models.kontext import QueryKontext, boxed_lora
@@ -50,17 +55,6 @@ CARRIED = ("mesh", "model.vlm", "model.num_queries", "model.vae", "model.predict
 
 class SurgeryError(ValueError):
     """A tree or config that does not fit the transition (the message names the path)."""
-
-
-def resolve_run(path: str) -> tuple[str, str | None]:
-    """(checkpoint root, processor folder or None) of a run workdir or a checkpoint root."""
-    root = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"checkpoint folder {path} does not exist")
-    for cand in (os.path.join(path, "processor"), os.path.join(os.path.dirname(root), "processor")):
-        if os.path.exists(os.path.join(cand, "tokenizer_config.json")):
-            return root, cand
-    return root, None
 
 
 def _get(config, dotted):
@@ -172,8 +166,12 @@ def _unbox(tree):
 
 
 def run(from_stage: int, to_stage: int, src: str, dst: str, dit: str | None = None, config_spec: str | None = None,
-        mesh_spec: Mapping[str, int] | None = None, seed: int = 0, step: int | None = None) -> dict[str, Any]:
-    """The whole surgery on checkpoints; returns the report dict (also written to DST)."""
+        mesh_spec: Mapping[str, int] | None = None, seed: int = 0, step: int | None = None,
+        dit_layers: str = "all") -> dict[str, Any]:
+    """The whole surgery on checkpoints; returns the report dict (also written to DST).
+
+    `dit_layers` picks the source blocks of a `dit` deeper than the target generator
+    (`dit_blocks.block_indices`: "all", "every_other", "first" or indices)."""
     if (from_stage, to_stage) not in TRANSITIONS:
         raise SurgeryError(f"no transition from stage {from_stage} to {to_stage}; known: {TRANSITIONS}")
     src_root, processor = resolve_run(src)
@@ -192,6 +190,8 @@ def run(from_stage: int, to_stage: int, src: str, dst: str, dit: str | None = No
     dst_k = kontext_config.validate(dst_config, jax.device_count(),
                                     kontext_config.build_kontext_config(dst_config, special))
     mesh = sharding.make_mesh(dst_config.mesh)
+    dit = dit or dst_config.model.generator.get("checkpoint") or None  # --dit, else the stage config's
+    dit_params, dit_map = _load_dit(dit, dst_k, mesh, dit_layers) if dit else (None, [])
     src_model, dst_model = QueryKontext(src_k), QueryKontext(dst_k)
     with jax.set_mesh(mesh), sharding.activation_rules_context():
         src_target, _ = _abstract(src_model, mesh)
@@ -199,8 +199,6 @@ def run(from_stage: int, to_stage: int, src: str, dst: str, dit: str | None = No
             src_params = reader.restore(step, params=src_target, json_items=(), fallback=False)["params"]
         except ckpt_lib.CheckpointError as e:
             raise SurgeryError(f"source checkpoint does not fit the stage-{from_stage} config: {e}") from None
-        dit = dit or dst_config.model.generator.get("checkpoint") or None  # --dit, else the stage config's
-        dit_params = _load_dit(dit, dst_k, mesh) if dit else None
         params, status = transition(src_params, src_model, dst_model, mesh, dit_params, seed)
     writer = ckpt_lib.Checkpointer(dst, max_to_keep=None, async_save=False)
     if writer.steps():
@@ -211,6 +209,7 @@ def run(from_stage: int, to_stage: int, src: str, dst: str, dit: str | None = No
     if processor:
         shutil.copytree(processor, os.path.join(dst, "processor"), dirs_exist_ok=True)
     report = _report(src_params, params, status, from_stage, to_stage, src_root, step, dst, dit)
+    report["dit_blocks"] = dit_map
     report["bit_identical"] = verify_kept(dst, params, status, mesh)
     if not report["bit_identical"]["ok"]:
         raise SurgeryError(f"kept tensors differ after writing: {report['bit_identical']['mismatched'][:5]}")
@@ -218,27 +217,46 @@ def run(from_stage: int, to_stage: int, src: str, dst: str, dit: str | None = No
     return report
 
 
-def _load_dit(folder: str, dst_k, mesh):
-    """A diffusers transformer folder converted into the target generator's tree (sharded)."""
-    from qk_jax.convert import flux as flux_convert
-    from qk_jax.convert import qwen_image as qwen_convert
+def _load_dit(folder: str, dst_k, mesh, layers: str = "all") -> tuple[dict, list[dict[str, int]]]:
+    """The target generator's tree (sharded) from a diffusers transformer / pipeline folder or
+    from the Orbax checkpoint `qk-jax convert --to-orbax` wrote from one, and the source block
+    of each target block (`layers`: see `dit_blocks.block_indices`; a shallower target, e.g.
+    dit_10b from Qwen-Image with "every_other", takes a subset of the source's blocks)."""
+    from qk_jax.convert import registry, sources
+    from qk_jax.convert.cli import param_shardings
 
-    module = qwen_convert if dst_k.generator.family == "qwen_image" else flux_convert
-    gen = QueryKontext(dst_k)
-    abstract, shardings = _abstract(gen, mesh)
-    gen_shardings = shardings[dst_k.generator_key]
-    cfg, params = module.load(folder, dtype=np.float32, shardings=gen_shardings)
+    model = "qwen_image" if dst_k.generator.family == "qwen_image" else "flux"
+    cfg = sources.read_config(model, folder)
     g = dst_k.generator
-    for field in ("num_layers", "num_single_layers", "num_heads", "head_dim", "in_channels", "joint_attention_dim"):
+    for field in ("num_single_layers", "num_heads", "head_dim", "in_channels", "joint_attention_dim"):
         if getattr(cfg, field) != getattr(g, field):
             raise SurgeryError(f"--dit {folder}: {field}={getattr(cfg, field)} but the stage config's generator has "
                                f"{getattr(g, field)} (config field model.generator)")
-    return params
+    if (layers or "all") == "all" and cfg.num_layers != g.num_layers:
+        raise SurgeryError(f"--dit {folder}: num_layers={cfg.num_layers} but the stage config's generator has "
+                           f"{g.num_layers} (config field model.generator); choose the source blocks with "
+                           f"--dit-layers ({', '.join(dit_blocks.SPECS[1:])} or indices)")
+    try:
+        indices = dit_blocks.block_indices(layers, cfg.num_layers, g.num_layers)
+    except ValueError as e:
+        raise SurgeryError(f"--dit {folder}: {e}") from None
+    with jax.set_mesh(mesh), sharding.activation_rules_context():
+        _, shardings = _abstract(QueryKontext(dst_k), mesh)
+    target_shardings = shardings[dst_k.generator_key]
+    # streamed outside the activation-rules context: the converters trace their own abstract trees
+    if indices == tuple(range(cfg.num_layers)):
+        _, params = sources.load(model, folder, dtype=np.float32, shardings=target_shardings)
+    else:  # the whole source, sharded by its own shapes, then the chosen blocks onto the target's shardings
+        _, source_shardings = param_shardings(registry.get_model(model), cfg, mesh)
+        _, full = sources.load(model, folder, dtype=np.float32, shardings=source_shardings)
+        params = dit_blocks.select_blocks(full, indices, out_shardings=target_shardings)
+        del full
+    return params, [{"block": i, "source_block": j} for i, j in enumerate(indices)]
 
 
 def verify_kept(dst: str, params, status: Mapping[str, str], mesh) -> dict[str, Any]:
-    """Reads DST back and compares every kept tensor with the in-memory source value bit for bit."""
-    kept = {p: v for p, v in flatten_tree(params).items() if status.get(p) == "kept"}
+    """Reads DST back and compares every kept (and grafted --dit) tensor with its in-memory value bit for bit."""
+    kept = {p: v for p, v in flatten_tree(params).items() if status.get(p) in ("kept", "added (from --dit)")}
     target = unflatten_tree({p: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for p, v in kept.items()})
     back = flatten_tree(ckpt_lib.Checkpointer(dst, create=False).restore_subtree(0, "params", target))
     equal = jax.jit(lambda a, b: {k: jnp.array_equal(a[k], b[k]) for k in a})(
@@ -266,6 +284,9 @@ def _write_report(dst: str, report: dict) -> None:
     lines = [f"# Surgery {report['transition']}", "", f"source: {report['source']} (step {report['source_step']})",
              f"destination: {report['destination']}", f"DiT: {report['dit'] or '(initialised)'}", "",
              "| status | count |", "|---|---|"] + [f"| {k} | {v} |" for k, v in sorted(report["counts"].items())]
+    if report.get("dit_blocks"):
+        lines += ["", "| DiT block | from --dit block |", "|---|---|"]
+        lines += [f"| {b['block']} | {b['source_block']} |" for b in report["dit_blocks"]]
     lines += ["", f"kept tensors bit-identical after writing: {report['bit_identical']['ok']} "
                   f"({report['bit_identical']['checked']} checked)", "", "| path | status | shape | dtype |",
               "|---|---|---|---|"]
@@ -291,7 +312,8 @@ def main(argv):
     mesh = None
     if f.mesh:
         mesh = {k: int(v) for k, v in (kv.split("=") for kv in f.mesh.split(","))}
-    report = run(f["from"].value, f.to, f.src, f.dst, dit=f.dit or None, config_spec=f.config or None,
+    report = run(f["from"].value, f.to, f.src, f.dst, dit=f.dit or None, dit_layers=f.dit_layers,
+                 config_spec=f.config or None,
                  mesh_spec=mesh, seed=f.seed, step=f.step)
     print(summary(report), flush=True)
 
@@ -304,7 +326,12 @@ def define_flags() -> None:
     flags.DEFINE_integer("to", None, "Destination stage (2 or 3).", required=True)
     flags.DEFINE_string("src", None, "Source run workdir or checkpoint folder.", required=True)
     flags.DEFINE_string("dst", None, "Destination checkpoint folder (new).", required=True)
-    flags.DEFINE_string("dit", "", "1->2: a diffusers transformer folder to graft (else initialised).")
+    flags.DEFINE_string("dit", "", "1->2: the DiT to graft: a diffusers transformer or pipeline folder, or its "
+                                   "`qk-jax convert --to-orbax` checkpoint (else model.generator.checkpoint, else "
+                                   "initialised).")
+    flags.DEFINE_string("dit_layers", "all", "Which --dit blocks seed the target's blocks: all (same depth), "
+                                             "every_other (block i <- 2i, e.g. dit_10b from Qwen-Image), first, "
+                                             "or comma-separated source indices.")
     flags.DEFINE_string("config", "", "Destination stage config (default configs/stage<to>.py:<source size>).")
     flags.DEFINE_string("mesh", "", "Mesh for the surgery, e.g. data=1,fsdp=4,tensor=2 (default: the config's).")
     flags.DEFINE_integer("seed", 0, "Seed for added / re-initialised parameters.")

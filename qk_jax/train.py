@@ -2,7 +2,8 @@
 
     workdir/
       checkpoints/<step>/   Orbax: params, opt_state, ema, data (iterator state), config, meta
-      processor/            the tokenizer / image processor the run uses (copied or built)
+      processor/            the tokenizer / image processor files the run uses (copied, never weights,
+                            from data.processor / model.vlm.checkpoint / train.init_from, or built)
       metrics.jsonl         one JSON line per logged step
       tb/                   TensorBoard scalars (loss per task, grad norm, step time, tokens/s,
                             TFLOP/s per device, MFU) and sample images
@@ -11,7 +12,7 @@ A run resumes from the newest readable checkpoint in its workdir, exactly: the d
 iterator, optimizer, EMA and the per-step random key continue where they stopped, so the
 loss curve is the one an uninterrupted run draws. SIGTERM (a pre-empted VM) writes a
 checkpoint after the current step and exits. `train.init_from` starts a fresh run from
-another checkpoint (the output of `qk-jax surgery`).
+another checkpoint (the output of `qk-jax surgery`, or a run workdir).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from ml_collections import config_flags
 
 from qk_jax import checkpoint as ckpt_lib
 from qk_jax import distributed, flops, kontext_config, optim, pretrained, sharding
+from qk_jax.config import ConfigError
 from qk_jax.data import pipeline as data_pipeline
 from qk_jax.data import vlm_inputs
 from qk_jax.data.tokenizer import build_tokenizer
@@ -63,22 +65,47 @@ class Stop:
         return self
 
 
+# VLM sizes the offline tokenizer (`data/tokenizer.py`, 1000 tokens) fits; a published-size VLM
+# needs the tokenizer it was trained with.
+TOY_TOKENIZER_VLMS = ("tiny", "demo")
+
+
+def processor_source(config) -> tuple[str, str] | None:
+    """(folder, config field) the run's tokenizer / processor is copied from, in this order:
+    `data.processor`; the HF folder `model.vlm.checkpoint` when it holds a tokenizer; the
+    processor/ of `train.init_from` (a run workdir or checkpoint). None: build the offline
+    tokenizer, which is refused for a VLM it does not fit, naming the field to set."""
+    if config.data.processor:
+        return config.data.processor, "data.processor"
+    vlm_ckpt = config.model.vlm.get("checkpoint", "")
+    if vlm_ckpt and os.path.isfile(os.path.join(vlm_ckpt, "tokenizer_config.json")):
+        return vlm_ckpt, "model.vlm.checkpoint"
+    if config.train.init_from:  # the previous stage's tokenizer travels with its checkpoint
+        _, processor = ckpt_lib.resolve_run(config.train.init_from)
+        if processor:
+            return processor, "train.init_from"
+    if vlm_ckpt or config.model.vlm.size not in TOY_TOKENIZER_VLMS:
+        what = f"model.vlm.checkpoint={vlm_ckpt} (which holds no tokenizer)" if vlm_ckpt else \
+            f"model.vlm.size={config.model.vlm.size!r}"
+        raise ConfigError(
+            f"config field data.processor is empty and {what}: the offline toy tokenizer only fits the "
+            f"{'/'.join(TOY_TOKENIZER_VLMS)} VLMs; set data.processor to the HF Qwen2.5-VL folder whose tokenizer "
+            "the VLM was trained with")
+    return None
+
+
 def ensure_processor(config, workdir: str) -> str:
-    """The run's processor folder inside the workdir: copied from `data.processor` (or from
-    `train.init_from`'s processor/), or the offline tokenizer built there (tests, the demo)
-    when none is given."""
+    """The run's processor folder inside the workdir: the tokenizer / processor files (never
+    weights) copied from `processor_source`, or the offline tokenizer built there (tests, the
+    demo)."""
     dst = os.path.join(workdir, "processor")
     if os.path.exists(os.path.join(dst, "tokenizer_config.json")):
         return dst
-    src = config.data.processor
-    if not src and config.train.init_from:  # the previous stage's tokenizer travels with its checkpoint
-        candidate = os.path.join(config.train.init_from, "processor")
-        src = candidate if os.path.isdir(candidate) else ""
+    source = processor_source(config)
     if jax.process_index() == 0:
-        if src:
-            if not os.path.isdir(src):
-                raise FileNotFoundError(f"config field data.processor: folder {src} does not exist")
-            shutil.copytree(src, dst + ".tmp", dirs_exist_ok=True)
+        shutil.rmtree(dst + ".tmp", ignore_errors=True)
+        if source:
+            vlm_inputs.copy_processor(source[0], dst + ".tmp", source[1])
         else:
             build_tokenizer(dst + ".tmp")
         os.replace(dst + ".tmp", dst)
@@ -98,9 +125,10 @@ def build_state(model: QueryKontext, config, mesh, tx, checkpointer):
         restored = _restore_run(checkpointer, target, tx, config, ema)
         return restored
     if config.train.init_from:
-        src = ckpt_lib.Checkpointer(config.train.init_from, create=False)
+        root, _ = ckpt_lib.resolve_run(config.train.init_from)  # a run workdir or a checkpoint root
+        src = ckpt_lib.Checkpointer(root, create=False)
         params = src.restore(params=target, json_items=())["params"]
-        print(f"initialised from {config.train.init_from} step {src.latest_step()}", flush=True)
+        print(f"initialised from {root} step {src.latest_step()}", flush=True)
     else:
         params, shardings_tree, _ = sharding.init_sharded(model.init, mesh, jax.random.key(config.train.seed))
         params, loaded = pretrained.load_pretrained(params, config, kcfg, shardings_tree)

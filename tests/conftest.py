@@ -15,6 +15,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # initialisation error at every `import jax` on a machine without TPUs.
 os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
 os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+# libtpu's machine-wide lock would stop the in-process AOT compiles while another process
+# holds it; without a TPU libtpu is only a compiler (what `qk-jax aot` sets, qk_jax.platforms).
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # A persistent XLA compilation cache shared by the suite and its subprocesses: many tests

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from cli_env import tpu_init_errors, user_env
 
 from qk_jax import aot
 from qk_jax.config import load_config
@@ -97,12 +98,12 @@ def test_clear_errors():
 @pytest.mark.slow
 def test_cli_sample_program_writes_json_and_verdict(tmp_path):
     out = tmp_path / "aot.json"
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("XLA_FLAGS", None)
+    # a user's environment: no JAX_PLATFORMS / TPU_* variables; the tool sets what libtpu needs
     proc = subprocess.run([sys.executable, "-m", "qk_jax.cli", "aot", "--config", "configs/stage3.py:tiny",
                            "--topology", TOPOLOGY, "--programs", "sample", "--batch", "4", "--json", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, env=user_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert tpu_init_errors(proc.stderr) == [], proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert lines[-1].startswith("FITS: sample "), lines[-3:]
     report = json.loads(out.read_text())

@@ -225,6 +225,16 @@ def test_surgery_refuses_a_tree_that_does_not_fit(stage1, tmp_path):
         surgery.run(2, 3, stage1["full"], str(tmp_path / "out2"))
 
 
+def test_init_from_a_run_workdir(stage1, shapes_dir, tmp_path, capsys):
+    """`train.init_from=RUN` (a workdir, as `qk-jax sample --checkpoint` takes) starts from its newest step."""
+    workdir = str(tmp_path / "again")
+    train(ku.stage_config(1, shapes_dir, "train.steps=2", f"train.init_from={stage1['full']}"), workdir)
+    out = capsys.readouterr().out
+    assert f"initialised from {os.path.join(stage1['full'], 'checkpoints')} step {STEPS}" in out, out[-2000:]
+    assert sorted(os.listdir(os.path.join(workdir, "processor"))) == \
+        sorted(os.listdir(os.path.join(stage1["full"], "processor")))  # its tokenizer came along
+
+
 @pytest.fixture(scope="module")
 def sampler(stage3):
     return Sampler.from_checkpoint(stage3["run"])

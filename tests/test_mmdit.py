@@ -172,8 +172,11 @@ def test_config_round_trip_and_errors():
         mmdit_config("tiny")
     with pytest.raises(ValueError, match="sums to"):
         MMDiTConfig(head_dim=64)
-    with pytest.raises(ValueError, match="does not implement"):
-        MMDiTConfig.from_diffusers_config({"_class_name": "FluxTransformer2DModel", "foo": 1})
+    # a key diffusers' class does not take is ignored (with a warning), as diffusers ignores it
+    assert MMDiTConfig.from_diffusers_config({"_class_name": "FluxTransformer2DModel", "foo": 1}) == \
+        MMDiTConfig.from_diffusers_config({"_class_name": "FluxTransformer2DModel"})
+    with pytest.raises(ValueError, match="_class_name"):
+        MMDiTConfig.from_diffusers_config({"_class_name": "SD3Transformer2DModel"})
     with pytest.raises(ValueError, match="txt shape"):
         cfg = mmdit_config("tiny")
         MMDiT(cfg).init(jax.random.key(0), jnp.zeros((1, 4, 16)), jnp.zeros((1, 4, 3)), jnp.zeros((1, 2, 7)),

@@ -56,3 +56,31 @@ def test_an_architecture_mismatch_names_the_field(setup, tmp_path):
     config.model.vlm.checkpoint = str(tmp_path / "vlm")
     with pytest.raises(ConfigError, match=r"model.vlm.checkpoint.*rope_theta: checkpoint 123.0"):
         load_pretrained(params, config, kcfg, shardings)
+
+
+def test_converted_orbax_checkpoints_are_taken_as_well(setup, tmp_path):
+    """`qk-jax convert --to-orbax` output is a valid checkpoint field: same weights, run's shardings."""
+    from qk_jax.convert import cli
+
+    config, kcfg, params, shardings, other, vlm_dir, dit_dir = setup
+    mesh = shardings["vlm"]["language_model"]["norm"]["scale"].mesh
+    for model, src in (("qwen2_5_vl", vlm_dir), ("qwen_image", dit_dir)):
+        cli.hf_to_orbax(model, src, str(tmp_path / model), mesh_cfg={"data": 1, "fsdp": 8, "tensor": 1},
+                        log=lambda *_: None)
+    config = config.copy_and_resolve_references()
+    config.model.vlm.checkpoint = str(tmp_path / "qwen2_5_vl")
+    config.model.generator.checkpoint = str(tmp_path / "qwen_image")
+    with jax.set_mesh(mesh):
+        new, loaded = load_pretrained(params, config, kcfg, shardings)
+    assert loaded == {"vlm": str(tmp_path / "qwen2_5_vl"), "dit": str(tmp_path / "qwen_image")}
+    for key in ("vlm", "dit"):
+        for path, value in flatten_tree(new[key]).items():
+            np.testing.assert_array_equal(np.asarray(value), np.asarray(flatten_tree(other[key])[path]), path)
+            assert value.sharding == flatten_tree(shardings[key])[path], path
+    # a checkpoint of another model, and a folder that is neither, are refused naming the field
+    config.model.generator.checkpoint = str(tmp_path / "qwen2_5_vl")
+    with pytest.raises(ConfigError, match=r"model.generator.checkpoint=.*'qwen2_5_vl' weights, not 'qwen_image'"):
+        load_pretrained(params, config, kcfg, shardings)
+    config.model.generator.checkpoint = str(tmp_path)
+    with pytest.raises(ConfigError, match=r"model.generator.checkpoint=.*neither a HF / diffusers folder"):
+        load_pretrained(params, config, kcfg, shardings)

@@ -18,6 +18,8 @@ the flat `pixel_values` / `image_grid_thw` the VLM's `prepare_inputs` takes.
 
 from __future__ import annotations
 
+import os
+import shutil
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -32,6 +34,29 @@ class VLMProcessor(Protocol):
     def __call__(self, text, images=None, *, max_length: int | None = None,
                  padding_side: str = "left") -> dict[str, np.ndarray]:
         ...
+
+
+# The files of a HF checkpoint folder that make up its tokenizer and processor (never weights).
+PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "added_tokens.json", "chat_template.json", "chat_template.jinja",
+                   "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
+                   "special_token_ids.json")
+
+
+def copy_processor(src: str, dst: str, field: str) -> list[str]:
+    """Copies the tokenizer / processor files of `src` (a HF checkpoint or tokenizer folder) to
+    `dst`; returns their names. Weights and everything else stay behind. `field` (the config
+    field that named `src`) appears in the errors."""
+    if not os.path.isdir(src):
+        raise FileNotFoundError(f"config field {field}: folder {src} does not exist")
+    names = [n for n in PROCESSOR_FILES if os.path.isfile(os.path.join(src, n))]
+    if "tokenizer_config.json" not in names:
+        raise FileNotFoundError(f"config field {field}: {src} holds no tokenizer (no tokenizer_config.json); name a "
+                                "HF Qwen2.5-VL folder or a tokenizer folder")
+    os.makedirs(dst, exist_ok=True)
+    for name in names:
+        shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+    return names
 
 
 def load_processor(folder: str, **image_kwargs) -> VLMProcessor:

@@ -23,10 +23,24 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from qk_jax.convert.config_keys import reference_arguments
+
 FAMILIES = ("qwen_image", "flux")
 REMAT_POLICIES = ("none", "full", "dots")
 
 _DIFFUSERS_CLASS = {"qwen_image": "QwenImageTransformer2DModel", "flux": "FluxTransformer2DModel"}
+
+# The `__init__` arguments of the two diffusers classes and their defaults (diffusers 0.35-0.42):
+# what a config.json that omits a key means (FLUX.1-dev's has no axes_dims_rope / out_channels).
+_DIFFUSERS_DEFAULTS: dict[str, dict[str, Any]] = {
+    "qwen_image": dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+                       num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False,
+                       axes_dims_rope=(16, 56, 56), zero_cond_t=False, use_additional_t_cond=False,
+                       use_layer3d_rope=False),
+    "flux": dict(patch_size=1, in_channels=64, out_channels=None, num_layers=19, num_single_layers=38,
+                 attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                 guidance_embeds=False, axes_dims_rope=(16, 56, 56)),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,53 +116,40 @@ class MMDiTConfig:
 
     @classmethod
     def from_diffusers_config(cls, cfg: Mapping[str, Any], **runtime) -> "MMDiTConfig":
-        """Reads a diffusers transformer config.json dict (Qwen-Image or FLUX).
+        """Reads a diffusers transformer config.json dict (Qwen-Image or FLUX) as diffusers does.
 
         The family comes from `_class_name` when present, else from the keys
-        (`num_single_layers` only exists in FLUX configs). `runtime` sets dtype / remat /
-        attention_impl. Unknown non-private keys raise, naming the key.
+        (`num_single_layers` only exists in FLUX configs). Missing keys take the diffusers
+        class's defaults; keys the class does not take are ignored with one warning
+        (`config_keys`). `runtime` sets dtype / remat / attention_impl.
         """
         name = cfg.get("_class_name")
         if name == "QwenImageTransformer2DModel" or (name is None and "num_single_layers" not in cfg):
             family = "qwen_image"
-            known = {"patch_size", "in_channels", "out_channels", "num_layers", "attention_head_dim",
-                     "num_attention_heads", "joint_attention_dim", "guidance_embeds", "axes_dims_rope",
-                     "zero_cond_t", "use_additional_t_cond", "use_layer3d_rope"}
-            defaults = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
-                            num_attention_heads=24, joint_attention_dim=3584, axes_dims_rope=(16, 56, 56))
         elif name == "FluxTransformer2DModel" or (name is None and "num_single_layers" in cfg):
             family = "flux"
-            known = {"patch_size", "in_channels", "out_channels", "num_layers", "num_single_layers",
-                     "attention_head_dim", "num_attention_heads", "joint_attention_dim", "pooled_projection_dim",
-                     "guidance_embeds", "axes_dims_rope"}
-            defaults = dict(patch_size=1, in_channels=64, out_channels=None, num_layers=19, num_single_layers=38,
-                            attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
-                            pooled_projection_dim=768, axes_dims_rope=(16, 56, 56))
         else:
             raise ValueError(f"config.json _class_name={name!r}: expected one of {sorted(_DIFFUSERS_CLASS.values())}")
-        unknown = sorted(k for k in cfg if not k.startswith("_") and k not in known)
-        if unknown:
-            raise ValueError(f"{_DIFFUSERS_CLASS[family]} config.json has keys qk_jax does not implement: {unknown}")
-        get = lambda k: cfg.get(k, defaults.get(k))
-        if family == "qwen_image" and get("guidance_embeds"):
+        get = reference_arguments(cfg, _DIFFUSERS_CLASS[family], _DIFFUSERS_DEFAULTS[family])
+        if family == "qwen_image" and get["guidance_embeds"]:
             raise ValueError("QwenImageTransformer2DModel config.json has guidance_embeds=true: diffusers builds no "
                              "guidance embedder for it (its forward fails when guidance is passed); unsupported")
         return cls(
             family=family,
-            patch_size=int(get("patch_size")),
-            in_channels=int(get("in_channels")),
-            out_channels=None if get("out_channels") is None else int(get("out_channels")),
-            num_layers=int(get("num_layers")),
-            num_single_layers=int(get("num_single_layers") or 0),
-            num_heads=int(get("num_attention_heads")),
-            head_dim=int(get("attention_head_dim")),
-            joint_attention_dim=int(get("joint_attention_dim")),
-            pooled_projection_dim=None if family == "qwen_image" else int(get("pooled_projection_dim")),
-            guidance_embeds=bool(get("guidance_embeds") or False),
-            axes_dims_rope=tuple(int(a) for a in get("axes_dims_rope")),
-            zero_cond_t=bool(cfg.get("zero_cond_t", False)),
-            use_additional_t_cond=bool(cfg.get("use_additional_t_cond", False)),
-            use_layer3d_rope=bool(cfg.get("use_layer3d_rope", False)),
+            patch_size=int(get["patch_size"]),
+            in_channels=int(get["in_channels"]),
+            out_channels=None if get["out_channels"] is None else int(get["out_channels"]),
+            num_layers=int(get["num_layers"]),
+            num_single_layers=int(get.get("num_single_layers") or 0),
+            num_heads=int(get["num_attention_heads"]),
+            head_dim=int(get["attention_head_dim"]),
+            joint_attention_dim=int(get["joint_attention_dim"]),
+            pooled_projection_dim=None if family == "qwen_image" else int(get["pooled_projection_dim"]),
+            guidance_embeds=bool(get["guidance_embeds"]),
+            axes_dims_rope=tuple(int(a) for a in get["axes_dims_rope"]),
+            zero_cond_t=bool(get.get("zero_cond_t", False)),
+            use_additional_t_cond=bool(get.get("use_additional_t_cond", False)),
+            use_layer3d_rope=bool(get.get("use_layer3d_rope", False)),
             **runtime,
         )
 
@@ -188,8 +189,8 @@ class MMDiTConfig:
 # - head_870m: inner 1536 (12 x 128 heads), 10 blocks -> ~0.86B parameters, the paper's
 #   "lightweight" stage-1 head.
 # - dit_10b: Qwen-Image's width (24 x 128 heads, MSRoPE 16/56/56) at half its depth (30 of
-#   60 blocks) -> ~10.2B, the paper's in-house scale; same width means Qwen-Image weights can
-#   seed it (e.g. every other block) and the stage-2 graft code is shared.
+#   60 blocks) -> ~10.2B, the paper's in-house scale; same width means Qwen-Image weights seed
+#   it: `qk-jax surgery --dit QWEN_IMAGE_DIR --dit-layers every_other` (see qk_jax/dit_blocks.py).
 SIZES: dict[str, MMDiTConfig] = {
     "tiny": MMDiTConfig(family="qwen_image", patch_size=2, in_channels=16, out_channels=4, num_layers=2,
                         num_heads=2, head_dim=16, joint_attention_dim=24, axes_dims_rope=(4, 6, 6)),

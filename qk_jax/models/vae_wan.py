@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from qk_jax.convert.config_keys import reference_arguments
 from qk_jax.models.vae_layers import ChannelRMSNorm, Conv, WanAttentionBlock, WanMidBlock, WanResample, WanResidualBlock
 
 Array = jax.Array
@@ -71,11 +72,10 @@ class QwenImageVAEConfig:
 
     @classmethod
     def from_diffusers_config(cls, cfg: Mapping[str, Any], **runtime) -> "QwenImageVAEConfig":
-        unknown = sorted(k for k in cfg if not k.startswith("_") and k not in cls._KEYS)
-        if unknown:
-            raise ValueError(f"AutoencoderKLQwenImage config.json has keys qk_jax does not implement: {unknown}")
+        """Reads an `AutoencoderKLQwenImage` config.json dict as diffusers does (missing keys take the
+        class's defaults, keys it does not take are ignored with one warning)."""
         defaults = cls()
-        values = {k: cfg.get(k, getattr(defaults, k)) for k in cls._KEYS}
+        values = reference_arguments(cfg, "AutoencoderKLQwenImage", {k: getattr(defaults, k) for k in cls._KEYS})
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}, **runtime)
 
     def to_diffusers_config(self) -> dict[str, Any]:

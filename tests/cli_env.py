@@ -1,0 +1,30 @@
+"""The environment of a `qk-jax` subprocess as a user's shell gives it: none of the platform
+variables conftest sets for the test process, so the tool's own platform choice is tested."""
+
+from __future__ import annotations
+
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# What libtpu prints when it probes for a TPU on a machine that has none.
+TPU_INIT_ERRORS = ("Failed to find host bounds", "unexpected worker hostname", "could not determine TPU")
+_PLATFORM_VARIABLES = ("JAX_PLATFORMS", "TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES", "XLA_FLAGS",
+                       "TPU_SKIP_MDS_QUERY")
+
+
+def user_env(**extra: str) -> dict[str, str]:
+    """os.environ without the platform variables, with the repository on PYTHONPATH.
+
+    `ALLOW_MULTIPLE_LIBTPU_LOAD=1` keeps libtpu's machine-wide lock (held by any other
+    process that loaded it) from cutting its TPU probe short, so the probe really runs.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in _PLATFORM_VARIABLES}
+    env["PYTHONPATH"] = ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
+    env["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
+    env.update(extra)
+    return env
+
+
+def tpu_init_errors(text: str) -> list[str]:
+    """The lines of `text` that are libtpu initialisation errors."""
+    return [line for line in text.splitlines() if any(e in line for e in TPU_INIT_ERRORS)]
