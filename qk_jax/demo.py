@@ -42,9 +42,11 @@ SETTINGS = {
     "full": dict(train_per_task=6000, eval_per_task=64, score_per_task=48, steps=(1500, 5000, 2500),
                  sample_steps=30),
     # For tests: the whole path in a couple of minutes (numbers are meaningless).
-    "smoke": dict(train_per_task=48, eval_per_task=8, score_per_task=2, steps=(3, 3, 3), sample_steps=2),
+    "smoke": dict(train_per_task=48, eval_per_task=8, score_per_task=2, steps=(3, 3, 3), sample_steps=2,
+                  signal=dict(samples=2, noise_seeds=1, completion_steps=2, judge_samples=1)),
 }
 EVAL_TASKS = ("t2i", "edit", "customization", "multi_subject")
+ABLATION = "ablation_kontext_only"  # `--ablation`: stage 3 without the low-level VAE path
 IMAGE_SIZE = 64
 # Untextured backgrounds only (the dataset default draws 60% stripes / checker / noise /
 # gradients): minutes of CPU training go to shapes, colours and layout, not to textures.
@@ -73,17 +75,20 @@ class Phases:
         return out
 
 
-def stage_config(stage: int, size: str, workdir: str, steps: int, init_from: str = ""):
+def stage_config(stage: int, size: str, workdir: str, steps: int, init_from: str = "", signal: dict | None = None):
     overrides = [f"data.data_dir={os.path.join(workdir, 'data')}", f"train.steps={steps}",
                  f"train.log_every={max(1, steps // 20)}", f"train.checkpoint_every={max(steps // 2, 1)}",
                  f"train.warmup_steps={max(1, steps // 20)}"]
+    overrides += [f"train.signal.{k}={v}" for k, v in (signal or {}).items()]
     if init_from:
         overrides.append(f"train.init_from={init_from}")
     return load_config(f"configs/stage{stage}.py:{size}", overrides)
 
 
-def run_demo(workdir: str, mode: str = "default", size: str = "demo") -> dict[str, Any]:
-    """Runs (or resumes) every phase; returns the report dict."""
+def run_demo(workdir: str, mode: str = "default", size: str = "demo", ablation: bool = False) -> dict[str, Any]:
+    """Runs (or resumes) every phase; returns the report dict. With `ablation`, stage 3 is
+    trained a second time from the same surgery output without the low-level VAE path
+    (kontext tokens only, the same steps) and both runs' edits are scored (`report["ablation"]`)."""
     from qk_jax import surgery
     from qk_jax.data import builders
     from qk_jax.train import train
@@ -100,22 +105,29 @@ def run_demo(workdir: str, mode: str = "default", size: str = "demo") -> dict[st
                                                            num_eval=s["eval_per_task"], height=IMAGE_SIZE,
                                                            plain_background=PLAIN_BACKGROUND)))
     for stage in (1, 2, 3):
-        configs[stage] = stage_config(stage, size, workdir, s["steps"][stage - 1], ckpts.get(stage, ""))
+        configs[stage] = stage_config(stage, size, workdir, s["steps"][stage - 1], ckpts.get(stage, ""),
+                                      s.get("signal"))
         if stage > 1:
             phases.run(f"surgery{stage - 1}{stage}",
                        lambda st=stage: print(surgery.summary(surgery.run(st - 1, st, runs[st - 1], ckpts[st]))))
         phases.run(f"stage{stage}", lambda st=stage: train(configs[st], runs[st]))
     scores = phases.run("evaluate", lambda: evaluate(runs[3], data_dir, workdir, s), always=True)
+    ablation_report = None
+    if ablation:
+        ablation_report = run_ablation(workdir, size, s, ckpts[3], scores, phases)
     report = {
         "scores": scores["scores"], "per_category": scores["per_category"], "checks": scores["checks"],
         "n_scored": scores["n"],
         "wall_seconds": {k: round(v, 1) for k, v in phases.done.items()},
-        "total_wall_seconds": round(sum(phases.done.values()), 1),
+        "total_wall_seconds": round(sum(v for k, v in phases.done.items() if not k.startswith(ABLATION)), 1),
         "mode": mode, "settings": s, "devices": f"{jax.device_count()} x {jax.devices()[0].platform}",
         "configs": {f"stage{k}": v.to_dict() for k, v in configs.items()},
         "final_losses": {f"stage{k}": _last_loss(runs[k]) for k in runs},
         "learning_signal": {f"stage{k}": _last_signal(runs[k]) for k in runs},
+        "edit_preservation_psnr": scores.get("edit_preservation_psnr"),
     }
+    if ablation_report is not None:
+        report["ablation"] = ablation_report
     with open(os.path.join(workdir, "report.json"), "w") as f:
         json.dump(report, f, indent=1, default=str)
     write_markdown(report, os.path.join(workdir, "report.md"))
@@ -123,6 +135,28 @@ def run_demo(workdir: str, mode: str = "default", size: str = "demo") -> dict[st
     print(f"report: {os.path.join(workdir, 'report.md')}; grid: {os.path.join(workdir, 'grid.png')}; "
           f"total {report['total_wall_seconds']:.0f}s", flush=True)
     return report
+
+
+def run_ablation(workdir: str, size: str, s: dict, surgery_ckpt: str, main_scores: dict, phases: "Phases"
+                 ) -> dict[str, Any]:
+    """The paper's ablation at toy scale: stage 3 with kontext tokens only (no VAE latents of the
+    source / references in the DiT's image stream), same steps and data, against the main run."""
+    from qk_jax.train import train
+
+    run = os.path.join(workdir, ABLATION, "stage3")
+    config = stage_config(3, size, workdir, s["steps"][2], surgery_ckpt, s.get("signal"))
+    with config.unlocked():
+        config.model.low_level = False
+    phases.run(f"{ABLATION}_stage3", lambda: train(config, run))
+    data_dir = os.path.join(workdir, "data")
+    other = phases.run(f"{ABLATION}_evaluate",
+                       lambda: evaluate(run, data_dir, workdir, s, tasks=("edit",), grid=f"grid_{ABLATION}.png"),
+                       always=True)
+    return {"with_vae_path": {"edit": main_scores["scores"].get("edit"),
+                              "edit_preservation_psnr": main_scores.get("edit_preservation_psnr")},
+            "kontext_only": {"edit": other["scores"].get("edit"),
+                             "edit_preservation_psnr": other.get("edit_preservation_psnr")},
+            "steps": s["steps"][2]}
 
 
 def _last_loss(run: str) -> float | None:
@@ -144,8 +178,10 @@ def _last_signal(run: str) -> dict[str, float] | None:
     return dict(signals[-1]["signal"], step=signals[-1]["step"]) if signals else None
 
 
-def evaluate(run: str, data_dir: str, workdir: str, s: dict) -> dict[str, Any]:
-    """Generates the held-out prompts of each task and scores them with the judge."""
+def evaluate(run: str, data_dir: str, workdir: str, s: dict, tasks=EVAL_TASKS, grid: str = "grid.png"
+             ) -> dict[str, Any]:
+    """Generates the held-out prompts of each task and scores them with the judge; for edits
+    also the PSNR outside the edited region against the source (`edit_preservation_psnr`)."""
     from qk_jax.data import builders
     from qk_jax.data import records as records_lib
     from qk_jax.eval import score as score_lib
@@ -156,7 +192,8 @@ def evaluate(run: str, data_dir: str, workdir: str, s: dict) -> dict[str, Any]:
     per_category: dict[str, list[float]] = {}
     per_check: dict[str, list[bool]] = {}  # "task/check" -> passed, for the judge's partial checks
     rows = []
-    for task in EVAL_TASKS:
+    preservation: list[float] = []
+    for task in tasks:
         source = builders.load_source(data_dir, builders.SHAPES_NAME, task, "test")
         recs = [records_lib.normalize(source[i]) for i in range(min(s["score_per_task"], len(source)))]
         groups: dict[int, list[dict]] = {}
@@ -170,15 +207,18 @@ def evaluate(run: str, data_dir: str, workdir: str, s: dict) -> dict[str, Any]:
                 per_category.setdefault(f"{task}/{rec['category'] or task}", []).append(float(result["score"]))
                 for check, passed in result["checks"].items():
                     per_check.setdefault(f"{task}/{check}", []).append(bool(passed))
+                if task == "edit" and isinstance(result["details"].get("psnr_outside"), float):
+                    preservation.append(result["details"]["psnr_outside"])
                 if sum(1 for r in rows if r[0] == task) < 4:
                     rows.append((task, rec, image, float(result["score"])))
         print(f"{task}: {np.mean(per_task[task]):.3f} over {len(per_task[task])} held-out samples", flush=True)
-    write_grid(rows, os.path.join(workdir, "grid.png"))
+    write_grid(rows, os.path.join(workdir, grid))
     scores = {t: round(float(np.mean(v)), 4) for t, v in per_task.items()}
     scores["overall"] = round(float(np.mean(list(scores.values()))), 4)
     return {"scores": scores, "per_category": {k: round(float(np.mean(v)), 4) for k, v in per_category.items()},
             "checks": {k: round(float(np.mean(v)), 4) for k, v in per_check.items()},
-            "n": {t: len(v) for t, v in per_task.items()}}
+            "n": {t: len(v) for t, v in per_task.items()},
+            "edit_preservation_psnr": round(float(np.mean(preservation)), 2) if preservation else None}
 
 
 def write_grid(rows, path: str) -> None:
@@ -214,6 +254,17 @@ def write_markdown(report: dict, path: str) -> None:
     lines += ["", "## The judge's checks (fraction of samples passing each; a sample scores 1 when all pass)", "",
               "| task / check | passed |", "|---|---|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in report.get("checks", {}).items()]
+    if report.get("edit_preservation_psnr") is not None:
+        lines += ["", f"Edits: PSNR outside the edited region against the source "
+                      f"{report['edit_preservation_psnr']:.2f} dB (mean over the scored edits)."]
+    if report.get("ablation"):
+        a = report["ablation"]
+        lines += ["", f"## Ablation: the low-level VAE path in stage 3 ({a['steps']} steps each)", "",
+                  "| stage 3 | edit score | PSNR outside the edit (dB) |", "|---|---|---|"]
+        for name, label in (("with_vae_path", "kontext tokens + VAE latents (default)"),
+                            ("kontext_only", "kontext tokens only")):
+            psnr = a[name]["edit_preservation_psnr"]
+            lines.append(f"| {label} | {a[name]['edit']:.3f} | {psnr if psnr is not None else '-'} |")
     lines += signal_markdown(report.get("learning_signal") or {})
     lines += ["", "## Wall time per phase", "", "| phase | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in report["wall_seconds"].items()]
@@ -250,6 +301,8 @@ def define_flags() -> None:
     flags.DEFINE_bool("full", False, "Train longer (about an hour or more on 2 cores) for better scores.")
     flags.DEFINE_enum("mode", None, list(SETTINGS), "Override the schedule (smoke: the path only, for tests).")
     flags.DEFINE_string("size", "demo", "Model size of configs/stage*.py (demo; tiny for a quick check).")
+    flags.DEFINE_bool("ablation", False, "Also train stage 3 without the low-level VAE path (kontext tokens only, "
+                      "same steps) and compare edit scores and preservation PSNR.")
 
 
 def main(argv):
@@ -258,7 +311,7 @@ def main(argv):
     del argv
     f = flags.FLAGS
     mode = f.mode or ("full" if f.full else "default")
-    run_demo(f.workdir, mode, f.size)
+    run_demo(f.workdir, mode, f.size, ablation=f.ablation)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,15 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_demo_smoke_writes_a_complete_report(tmp_path):
     workdir = str(tmp_path / "demo")
-    cmd = [sys.executable, "-m", "qk_jax.cli", "demo", "--workdir", workdir, "--mode", "smoke", "--size", "tiny"]
+    cmd = [sys.executable, "-m", "qk_jax.cli", "demo", "--workdir", workdir, "--mode", "smoke", "--size", "tiny",
+           "--ablation"]
     run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.load(open(os.path.join(workdir, "report.json")))
@@ -22,7 +25,28 @@ def test_demo_smoke_writes_a_complete_report(tmp_path):
     assert {"t2i/present", "t2i/attributes", "edit/preserved"} <= set(report["checks"])
     assert all(0.0 <= v <= 1.0 for v in report["checks"].values())
     phases = {"data", "stage1", "surgery12", "stage2", "surgery23", "stage3", "evaluate"}
-    assert set(report["wall_seconds"]) == phases
+    ablation = {"ablation_kontext_only_stage3", "ablation_kontext_only_evaluate"}
+    assert set(report["wall_seconds"]) == phases | ablation
+    assert report["total_wall_seconds"] == pytest.approx(sum(report["wall_seconds"][p] for p in phases), abs=0.2)
+    # The learning signal of every stage, measured at its end (stage 3 also on edits).
+    for stage, tasks in (("stage1", ("t2i", "reconstruction")), ("stage3", ("t2i", "edit", "reconstruction"))):
+        signal = report["learning_signal"][stage]
+        assert signal["step"] == 3
+        for task in tasks:
+            assert 0 < signal[f"err/{task}@0.9"] and 0 < signal[f"err_uncond/{task}@0.9"]
+            assert 0 <= signal[f"completion_score/{task}@0.8"] <= 1
+    assert 0 <= report["learning_signal"]["stage3"]["judge/edit"] <= 1
+    # The stage-3 ablation: the same steps without the VAE path, edits scored both ways.
+    assert report["ablation"]["steps"] == 3
+    for arm in ("with_vae_path", "kontext_only"):
+        assert 0 <= report["ablation"][arm]["edit"] <= 1
+    assert report["configs"]["stage3"]["model"]["low_level"] is True
+    from qk_jax import checkpoint
+
+    ablation_root = os.path.join(workdir, "ablation_kontext_only", "stage3", "checkpoints")
+    step = checkpoint.Checkpointer(ablation_root, create=False).latest_step()
+    assert step == 3 and checkpoint.read_json_item(ablation_root, step, "config")["model"]["low_level"] is False
+    assert "Ablation: the low-level VAE path" in open(os.path.join(workdir, "report.md")).read()
     assert set(report["configs"]) == {"stage1", "stage2", "stage3"}
     for name in ("report.md", "grid.png", "stage1/tb", "stage3/samples"):
         assert os.path.exists(os.path.join(workdir, name)), name

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qk_jax import flow, samplers, sharding
-from qk_jax.data import builders
+from qk_jax.data import buckets, builders
 from qk_jax.data import records as records_lib
 from qk_jax.eval import score as score_lib
 
@@ -178,6 +178,8 @@ class LearningSignal:
                 scores, psnrs = [], []
                 for rec, im in zip(recs, images):
                     target = records_lib.decode_image(rec["target"])
+                    if im.shape[:2] != target.shape[:2]:  # trained at another size than the data's
+                        im = buckets.resize_crop(im, target.shape[:2])
                     psnrs.append(min(score_lib.psnr(im, target), 60.0))
                     scores.append(float(score_lib.score_sample(rec, im)["score"]))
                 out[f"{t0:g}"] = {"score": float(np.mean(scores)), "psnr": float(np.mean(psnrs))}
