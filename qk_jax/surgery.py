@@ -178,27 +178,39 @@ def run(from_stage: int, to_stage: int, src: str, dst: str, dit: str | None = No
         raise SurgeryError(f"no transition from stage {from_stage} to {to_stage}; known: {TRANSITIONS}")
     src_root, processor = resolve_run(src)
     reader = ckpt_lib.Checkpointer(src_root, create=False)
-    step = reader.latest_step() if step is None else step
-    if step is None:
+    if reader.latest_step() is None:
         raise SurgeryError(f"no checkpoint steps in {src_root}")
-    src_config = ml_collections.ConfigDict(ckpt_lib.read_json_item(src_root, step, "config"))
-    if int(src_config.stage) != from_stage:
-        raise SurgeryError(f"{src_root} step {step} is a stage-{src_config.stage} checkpoint, not stage {from_stage}")
-    dst_config = target_config(src_config, to_stage, config_spec)
-    if mesh_spec:
-        _set(dst_config, "mesh", dict(mesh_spec))
     special = kontext_config.read_special_token_ids(processor) if processor else None
-    src_k = kontext_config.build_kontext_config(src_config, special)
-    dst_k = kontext_config.validate(dst_config, jax.device_count(),
-                                    kontext_config.build_kontext_config(dst_config, special))
-    mesh = sharding.make_mesh(dst_config.mesh)
-    src_model, dst_model = QueryKontext(src_k), QueryKontext(dst_k)
+    chosen: dict[str, Any] = {}
+
+    def targets_for(s: int, items: dict) -> dict[str, Any]:
+        """The source step's own config decides both models, the mesh and the source target."""
+        src_config = ml_collections.ConfigDict(items["config"])
+        if int(src_config.stage) != from_stage:
+            raise SurgeryError(f"{src_root} step {s} is a stage-{src_config.stage} checkpoint, not stage {from_stage}")
+        dst_config = target_config(src_config, to_stage, config_spec)
+        if mesh_spec:
+            _set(dst_config, "mesh", dict(mesh_spec))
+        src_k = kontext_config.build_kontext_config(src_config, special)
+        dst_k = kontext_config.validate(dst_config, jax.device_count(),
+                                        kontext_config.build_kontext_config(dst_config, special))
+        mesh = sharding.make_mesh(dst_config.mesh)
+        src_model = QueryKontext(src_k)
+        with jax.set_mesh(mesh), sharding.activation_rules_context():
+            src_target, _ = _abstract(src_model, mesh)
+        chosen.update(dst_config=dst_config, dst_k=dst_k, mesh=mesh, src_model=src_model)
+        return {"params": src_target}
+
+    try:  # the newest good step (a corrupt one is skipped with a warning), or exactly --step
+        restored = reader.restore_newest(targets_for, step=step, json_items=(), required=("config",))
+    except ckpt_lib.CheckpointMismatchError as e:
+        raise SurgeryError(f"source checkpoint does not fit the stage-{from_stage} config: {e}") from None
+    except ckpt_lib.CheckpointError as e:
+        raise SurgeryError(f"source: {e}") from None
+    src_params, step = restored["params"], restored["step"]
+    dst_config, dst_k, mesh = chosen["dst_config"], chosen["dst_k"], chosen["mesh"]
+    src_model, dst_model = chosen["src_model"], QueryKontext(chosen["dst_k"])
     with jax.set_mesh(mesh), sharding.activation_rules_context():
-        src_target, _ = _abstract(src_model, mesh)
-        try:
-            src_params = reader.restore(step, params=src_target, json_items=(), fallback=False)["params"]
-        except ckpt_lib.CheckpointError as e:
-            raise SurgeryError(f"source checkpoint does not fit the stage-{from_stage} config: {e}") from None
         dit = dit or dst_config.model.generator.get("checkpoint") or None  # --dit, else the stage config's
         dit_params = _load_dit(dit, dst_k, mesh) if dit else None
         params, status = transition(src_params, src_model, dst_model, mesh, dit_params, seed)

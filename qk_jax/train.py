@@ -95,12 +95,14 @@ def build_state(model: QueryKontext, config, mesh, tx, checkpointer):
     target = sharding.abstract_with_shardings(abstract, shardings)
     ema = config.train.ema_decay > 0
     if checkpointer.latest_step() is not None:
-        restored = _restore_run(checkpointer, target, tx, config, ema)
-        return restored
+        try:
+            return _restore_run(checkpointer, target, tx, config, ema)
+        except ckpt_lib.NoGoodCheckpointError as e:  # every step was moved aside (each named in a warning)
+            print(f"{e}; all were moved aside, starting this run from the beginning", flush=True)
     if config.train.init_from:
-        src = ckpt_lib.Checkpointer(config.train.init_from, create=False)
-        params = src.restore(params=target, json_items=())["params"]
-        print(f"initialised from {config.train.init_from} step {src.latest_step()}", flush=True)
+        restored = ckpt_lib.Checkpointer(config.train.init_from, create=False).restore(params=target, json_items=())
+        params = restored["params"]
+        print(f"initialised from {config.train.init_from} step {restored['step']}", flush=True)
     else:
         params, shardings_tree, _ = sharding.init_sharded(model.init, mesh, jax.random.key(config.train.seed))
         params, loaded = pretrained.load_pretrained(params, config, kcfg, shardings_tree)
@@ -117,7 +119,7 @@ def _restore_run(checkpointer, params_target, tx, config, ema: bool):
     restored = checkpointer.restore(params=params_target, opt_state=opt_target,
                                     ema=jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32,
                                                                                      sharding=a.sharding),
-                                                     trainable_t) if ema else None)
+                                                     trainable_t) if ema else None, quarantine=True)
     trainable, frozen = optim.partition(restored["params"], config.train.trainable)
     state = {"step": jnp.asarray(restored["step"], jnp.int32), "trainable": trainable, "frozen": frozen,
              "opt_state": restored["opt_state"], "ema": restored.get("ema")}
