@@ -248,13 +248,19 @@ class Checkpointer:
         self._failed = CheckpointSaveError(f"saving checkpoint {where} failed: {first_line(error, limit=None)}")
         return self._failed
 
-    def close(self) -> None:
+    def close(self, report: bool = True) -> None:
         """Waits for pending saves and closes; CheckpointSaveError if the last one failed
-        (reported once: closing after a reported failure only releases the manager)."""
+        (reported once: closing after a reported failure only releases the manager). With
+        `report=False` (closing while another error is on its way up) a failed save is
+        logged in one line instead of raised."""
         reported = self._failed is not None
         try:
             if not reported:
                 self.wait()
+        except CheckpointSaveError as e:
+            if report:
+                raise
+            log.error("%s", e)
         finally:
             try:
                 self._manager.close()

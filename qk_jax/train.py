@@ -182,10 +182,14 @@ def train(config, workdir: str) -> dict[str, Any]:
     if data_state is not None:
         iterator.set_state(data_state)
 
+    nonfinite_mode = config.train.get("nonfinite", "stop")
     step_fn = jax.jit(make_train_step(model, tx, seed=config.train.seed, grad_accum=config.train.grad_accum,
                                       ema_decay=config.train.ema_decay,
-                                      lr_schedule=optim.learning_rate_schedule(config.train)),
+                                      lr_schedule=optim.learning_rate_schedule(config.train),
+                                      skip_nonfinite=nonfinite_mode == "skip_step"),
                       donate_argnums=(0,))
+    skips = _skips_before(checkpointer, start)
+    last_saved = start if start else None
     peak = peak_flops_per_device(config.train.peak_tflops_per_device)
     writer = _writer(workdir) if main else None
     metrics_path = os.path.join(workdir, "metrics.jsonl")
@@ -205,6 +209,13 @@ def train(config, workdir: str) -> dict[str, Any]:
             flops_per_step = flops_cache[shape_key]
             with jax.set_mesh(mesh), sharding.activation_rules_context():
                 state, metrics = step_fn(state, place_batch(batch, mesh))
+            checkpointer.check_save()  # a failed background save stops the run at the next step
+            if bool(jax.device_get(metrics["nonfinite"])):
+                if nonfinite_mode == "stop":
+                    raise NonFiniteError(_nonfinite_message(step + 1, metrics, last_saved))
+                skips += 1
+                print(f"step {step + 1}: {_nonfinite_what(metrics)} not finite; update skipped "
+                      f"({skips} skipped so far)", flush=True)
             steps_since += 1
             last = step + 1 == config.train.steps
             if (step + 1) % config.train.log_every == 0 or last or stop.requested or step == start:
@@ -213,25 +224,66 @@ def train(config, workdir: str) -> dict[str, Any]:
                 dt = (now - t_last) / steps_since
                 t_last, steps_since = now, 0
                 record = _record(step + 1, m, dt, batch, flops_per_step, peak)
+                record["nonfinite_skips"] = skips
                 losses.append(record["loss"])
                 if main:
                     _log(record, metrics_path, writer)
-            every = config.train.sample_every
-            if config.train.sample_images and (last or (every and (step + 1) % every == 0)):
-                write_samples(config, kcfg, state, processor, mesh, step + 1, workdir, writer)
             if (step + 1) % config.train.checkpoint_every == 0 or last or stop.requested:
                 checkpointer.save(step + 1, **state_for_checkpoint(state), data=iterator.get_state(),
-                                  config=config, force=True)
+                                  config=config, meta={"nonfinite_skips": skips}, force=True)
+                last_saved = step + 1
             if stop.requested:
                 checkpointer.wait()
                 print(f"signal {stop.signal}: checkpoint written at step {step + 1}; exiting", flush=True)
                 break
+            every = config.train.sample_every
+            if config.train.sample_images and (last or (every and (step + 1) % every == 0)):
+                if last:  # the final checkpoint is on disk before any optional extra runs
+                    checkpointer.wait()
+                optional_samples(config, kcfg, state, processor, mesh, step + 1, workdir, writer)
+    except BaseException:
+        checkpointer.close(report=False)  # a pending good save still lands; the first error is the one raised
+        raise
     finally:
-        checkpointer.close()
         if writer is not None:
             writer.close()
+    checkpointer.close()
     return {"stage": config.stage, "start_step": start, "end_step": step + 1 if config.train.steps > start else start,
             "losses": losses, "stopped_by_signal": stop.requested, "workdir": workdir}
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite loss, gradient norm or update under `train.nonfinite = "stop"` (names the step)."""
+
+
+def _nonfinite_what(metrics) -> str:
+    loss, grad_norm = (float(jax.device_get(metrics[k])) for k in ("loss", "grad_norm"))
+    if np.isfinite(loss) and np.isfinite(grad_norm):
+        return "the updated parameters are"
+    return f"loss {loss:.4g} / gradient norm {grad_norm:.4g}"
+
+
+def _nonfinite_message(step: int, metrics, last_saved: int | None) -> str:
+    kept = f"checkpoints up to step {last_saved} are kept" if last_saved else "no checkpoint was written"
+    return (f"step {step}: {_nonfinite_what(metrics)} not finite; stopped without saving it ({kept}; config field "
+            f"train.nonfinite='skip_step' skips such steps instead)")
+
+
+def _skips_before(checkpointer, start: int) -> int:
+    """Non-finite steps skipped before `start` (saved in the step's meta)."""
+    if not start:
+        return 0
+    return int(ckpt_lib.read_json_item(checkpointer.directory, start, "meta").get("nonfinite_skips", 0))
+
+
+def optional_samples(config, kcfg, state, processor, mesh, step: int, workdir: str, writer) -> str | None:
+    """`write_samples`, whose failure (e.g. a dataset without a validation split) costs only
+    the images: it is reported in one line and training goes on."""
+    try:
+        return write_samples(config, kcfg, state, processor, mesh, step, workdir, writer)
+    except Exception as e:  # noqa: BLE001 - an optional extra must not stop (or lose) the run
+        print(f"samples at step {step} not written: {ckpt_lib.first_line(e)}", flush=True)
+        return None
 
 
 def write_samples(config, kcfg, state, processor, mesh, step: int, workdir: str, writer) -> str | None:

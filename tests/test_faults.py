@@ -134,3 +134,90 @@ def test_sample_and_surgery_use_the_newest_good_step(reference, tmp_path, caplog
     assert Sampler.from_checkpoint(workdir, step=2).step == 2
     report = surgery.run(1, 2, workdir, str(tmp_path / "ckpt2"))
     assert report["source_step"] == 2 and report["bit_identical"]["ok"]
+
+
+def last_metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+INF_LR = ("train.steps=8", "train.learning_rate=1e39", "train.keep_checkpoints=2")  # float32: inf
+
+
+def test_nonfinite_update_stops_naming_the_step_and_keeps_good_checkpoints(reference, shapes_dir, tmp_path):
+    from qk_jax.train import NonFiniteError
+
+    workdir = copy_run(reference, tmp_path)
+    with pytest.raises(NonFiniteError, match=r"step 5: .* not finite; stopped without saving it \(checkpoints up to "
+                                             r"step 4 are kept"):
+        train(config(shapes_dir, *INF_LR), workdir)
+    assert steps_of(workdir) == [2, 4]  # keep_checkpoints=2 rotated nothing out
+    assert_same_params(stored_params(workdir, 4), stored_params(reference, 4))
+
+
+def test_nonfinite_updates_are_skipped_and_counted(reference, shapes_dir, tmp_path):
+    workdir = copy_run(reference, tmp_path)
+    summary = train(config(shapes_dir, *INF_LR, "train.nonfinite=skip_step"), workdir)
+    assert summary["end_step"] == 8
+    records = last_metrics(workdir)
+    assert records[-1]["step"] == 8 and records[-1]["nonfinite_skips"] == 4
+    assert steps_of(workdir) == [6, 8]
+    # Every update was skipped: the saved state is the last good one, finite.
+    assert_same_params(stored_params(workdir, 8), stored_params(reference, 4))
+    meta = ckpt_lib.read_json_item(os.path.join(workdir, "checkpoints"), 8, "meta")
+    assert meta["nonfinite_skips"] == 4
+
+
+def test_nonfinite_mode_is_validated(shapes_dir, tmp_path):
+    from qk_jax.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.nonfinite='skip'.*'stop', 'skip_step'"):
+        train(config(shapes_dir, "train.nonfinite=skip"), str(tmp_path / "run"))
+
+
+@pytest.fixture
+def file_size_limit():
+    """`limit(n)`: from now on every write past n bytes of a file fails (EFBIG), as on a full
+    disk; undone after the test."""
+    import resource
+    import signal
+
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    yield lambda n: resource.setrlimit(resource.RLIMIT_FSIZE, (n, old_limit[1]))
+    resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+    signal.signal(signal.SIGXFSZ, old_handler)
+
+
+def test_a_failed_save_stops_the_run_with_the_previous_step_intact(reference, shapes_dir, tmp_path, monkeypatch,
+                                                                   file_size_limit):
+    workdir = copy_run(reference, tmp_path)
+    save = ckpt_lib.Checkpointer.save
+
+    def save_on_a_full_disk(self, step, **kw):
+        if step == 6:
+            file_size_limit(100_000)  # the params file of the tiny model is ~1 MB
+        return save(self, step, **kw)
+
+    monkeypatch.setattr(ckpt_lib.Checkpointer, "save", save_on_a_full_disk)
+    with pytest.raises(ckpt_lib.CheckpointSaveError, match=r"saving checkpoint .*checkpoints/6 failed: .*too large"):
+        train(config(shapes_dir, "train.steps=8"), workdir)
+    file_size_limit(-1)  # RLIM_INFINITY: the disk has room again
+    monkeypatch.undo()
+    assert steps_of(workdir) == [2, 4]
+    assert_same_params(stored_params(workdir, 4), stored_params(reference, 4))
+    assert last_metrics(workdir)[-1]["step"] <= 7  # stopped at the next step boundary, before saving step 8
+    summary = train(config(shapes_dir, "train.steps=8"), workdir)  # the rerun finishes
+    assert summary["start_step"] == 4 and summary["end_step"] == 8 and steps_of(workdir) == [4, 6, 8]
+
+
+def test_end_of_run_samples_cannot_lose_the_final_checkpoint(reference, shapes_dir, tmp_path, capsys):
+    data = str(tmp_path / "data")
+    shutil.copytree(shapes_dir, data)
+    for f in glob.glob(os.path.join(data, "**", "*validation*"), recursive=True):
+        os.remove(f)  # a dataset without a validation split
+    workdir = copy_run(reference, tmp_path)
+    summary = train(config(shapes_dir, "train.steps=6", f"data.data_dir={data}", "train.sample_images=2"), workdir)
+    assert summary["end_step"] == 6 and steps_of(workdir) == [2, 4, 6]
+    out = capsys.readouterr().out
+    assert len([line for line in out.splitlines() if line.startswith("samples at step 6 not written: ")]) == 1, out
