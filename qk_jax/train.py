@@ -63,6 +63,28 @@ class Stop:
         return self
 
 
+class WorkdirError(OSError):
+    """A workdir that cannot be created or written (the message names it)."""
+
+
+def check_workdir(workdir: str) -> None:
+    """Creates the workdir and proves it writable, or raises WorkdirError naming it. Local
+    paths only (a gs:// workdir is checked by its first write)."""
+    if "://" in workdir:
+        return
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise WorkdirError(f"workdir {workdir} cannot be created: {e.strerror or e}") from None
+    probe = os.path.join(workdir, f".write_test_{os.getpid()}")
+    try:
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise WorkdirError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
+
+
 def ensure_processor(config, workdir: str) -> str:
     """The run's processor folder inside the workdir: copied from `data.processor` (or from
     `train.init_from`'s processor/), or the offline tokenizer built there (tests, the demo)
@@ -151,7 +173,7 @@ def train(config, workdir: str) -> dict[str, Any]:
     """Runs (or resumes) one stage; returns a summary (losses, throughput)."""
     distributed.maybe_initialize()
     stop = Stop().install()  # before anything slow: a pre-emption during start-up still checkpoints
-    os.makedirs(workdir, exist_ok=True)
+    check_workdir(workdir)
     processor_dir = ensure_processor(config, workdir)
     special = kontext_config.read_special_token_ids(processor_dir)
     kcfg = kontext_config.validate(config, jax.device_count(),

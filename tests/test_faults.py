@@ -221,3 +221,38 @@ def test_end_of_run_samples_cannot_lose_the_final_checkpoint(reference, shapes_d
     assert summary["end_step"] == 6 and steps_of(workdir) == [2, 4, 6]
     out = capsys.readouterr().out
     assert len([line for line in out.splitlines() if line.startswith("samples at step 6 not written: ")]) == 1, out
+
+
+def test_mistyped_config_field_is_one_line_with_the_suggestion(tmp_path):
+    run = cli("train", "--config", "configs/stage1.py:tiny", "--workdir", str(tmp_path / "run"),
+              "--config.train.stepz=3")
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert lines[-1].startswith("qk-jax train: error: ConfigError: config field train.stepz does not exist "
+                                "(did you mean train.steps?)"), lines[-1]
+    debug = cli("train", "--config", "configs/stage1.py:tiny", "--workdir", str(tmp_path / "run"),
+                "--config.train.stepz=3", "--debug")
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_unusable_workdir_and_missing_checkpoint_are_one_line(tmp_path, shapes_dir):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    run = cli("train", "--config", "configs/stage1.py:tiny", "--workdir", str(blocker / "run"),
+              f"--config.data.data_dir={shapes_dir}")
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    last = [line for line in run.stderr.splitlines() if line.strip()][-1]
+    assert last.startswith(f"qk-jax train: error: WorkdirError: workdir {blocker / 'run'} cannot be created"), last
+    run = cli("sample", "--checkpoint", str(tmp_path / "missing"), "--prompt", "a red circle")
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    last = [line for line in run.stderr.splitlines() if line.strip()][-1]
+    assert f"checkpoint folder {tmp_path / 'missing'} does not exist" in last, last
+
+
+def test_config_override_message():
+    from qk_jax.cli import config_override_message
+
+    error = AttributeError("'\\'stepz\\'\\nDid you mean \"steps\" instead of \"stepz\"?'")
+    assert config_override_message(error, ["--config.train.stepz=3"]) == \
+        "config field train.stepz does not exist (did you mean train.steps?)"
+    assert config_override_message(AttributeError("'zzz'"), ["--config.zzz=1"]) == "config field zzz does not exist"
