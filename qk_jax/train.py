@@ -213,8 +213,10 @@ def train(config, workdir: str) -> dict[str, Any]:
     skips = _skips_before(checkpointer, start)
     last_saved = start if start else None
     peak = peak_flops_per_device(config.train.peak_tflops_per_device)
-    writer = _writer(workdir) if main else None
     metrics_path = os.path.join(workdir, "metrics.jsonl")
+    if main:  # a resumed run retrains the steps after its checkpoint: their old records go
+        drop_metrics_after(metrics_path, start)
+    writer = _writer(workdir, purge_step=start + 1 if start else None) if main else None
     losses: list[float] = []
     t_last = time.perf_counter()
     steps_since = 0
@@ -347,10 +349,37 @@ def peak_flops_per_device(override_tflops: float) -> float | None:
     return peak
 
 
-def _writer(workdir: str):
+def _writer(workdir: str, purge_step: int | None = None):
+    """TensorBoard writer; `purge_step` makes TensorBoard drop the earlier events of steps
+    >= purge_step (those a resumed run writes again)."""
     from tensorboardX import SummaryWriter
 
-    return SummaryWriter(os.path.join(workdir, "tb"))
+    return SummaryWriter(os.path.join(workdir, "tb"), purge_step=purge_step)
+
+
+def _record_step(line: str) -> int | None:
+    """The step of a metrics.jsonl line; None for a line cut short by a kill."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def drop_metrics_after(path: str, step: int) -> int:
+    """Removes the records of steps after `step` (and any line cut short by a kill) from
+    metrics.jsonl, rewritten atomically; returns how many lines were dropped."""
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        lines = f.readlines()
+    steps = [_record_step(line) for line in lines]
+    keep = [line for line, s in zip(lines, steps) if s is not None and s <= step]
+    if len(keep) == len(lines):
+        return 0
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
+    return len(lines) - len(keep)
 
 
 def _record(step: int, m: dict, step_seconds: float, batch: dict, flops_per_step: float, peak: float) -> dict:

@@ -223,6 +223,18 @@ def test_end_of_run_samples_cannot_lose_the_final_checkpoint(reference, shapes_d
     assert len([line for line in out.splitlines() if line.startswith("samples at step 6 not written: ")]) == 1, out
 
 
+def test_resume_drops_the_metrics_of_retrained_steps(reference, shapes_dir, tmp_path):
+    # A kill after step 4 was logged but before its checkpoint was written: steps 3-4 are retrained.
+    workdir = copy_run(reference, tmp_path)
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))
+    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 5, "lo')  # and a line cut short by the kill
+    assert train(config(shapes_dir), workdir)["start_step"] == 2
+    records = last_metrics(workdir)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert [r["loss"] for r in records] == [r["loss"] for r in last_metrics(reference)]
+
+
 def test_mistyped_config_field_is_one_line_with_the_suggestion(tmp_path):
     run = cli("train", "--config", "configs/stage1.py:tiny", "--workdir", str(tmp_path / "run"),
               "--config.train.stepz=3")
