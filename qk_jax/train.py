@@ -30,7 +30,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from qk_jax import checkpoint as ckpt_lib
-from qk_jax import distributed, flops, kontext_config, optim, pretrained, sharding
+from qk_jax import distributed, flops, kontext_config, optim, pretrained, sharding, surgery
 from qk_jax.data import pipeline as data_pipeline
 from qk_jax.data import vlm_inputs
 from qk_jax.data.tokenizer import build_tokenizer
@@ -122,6 +122,7 @@ def build_state(model: QueryKontext, config, mesh, tx, checkpointer):
         except ckpt_lib.NoGoodCheckpointError as e:  # every step was moved aside (each named in a warning)
             print(f"{e}; all were moved aside, starting this run from the beginning", flush=True)
     if config.train.init_from:
+        surgery.require_complete(config.train.init_from)
         restored = ckpt_lib.Checkpointer(config.train.init_from, create=False).restore(params=target, json_items=())
         params = restored["params"]
         print(f"initialised from {config.train.init_from} step {restored['step']}", flush=True)

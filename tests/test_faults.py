@@ -268,3 +268,26 @@ def test_config_override_message():
     assert config_override_message(error, ["--config.train.stepz=3"]) == \
         "config field train.stepz does not exist (did you mean train.steps?)"
     assert config_override_message(AttributeError("'zzz'"), ["--config.zzz=1"]) == "config field zzz does not exist"
+
+
+def test_interrupted_surgery_is_invisible_refused_by_init_from_and_rerun(reference, shapes_dir, tmp_path,
+                                                                         monkeypatch):
+    dst = str(tmp_path / "ckpt2")
+
+    def killed(*_a, **_k):
+        raise KeyboardInterrupt("killed after the checkpoint was written, before the report")
+
+    monkeypatch.setattr(surgery, "_write_report", killed)
+    with pytest.raises(KeyboardInterrupt):
+        surgery.run(1, 2, reference, dst)
+    monkeypatch.undo()
+    partial = surgery.staging_path(dst)
+    assert not os.path.exists(dst) and os.path.isdir(os.path.join(partial, "0"))
+    stage2 = ku.stage_config(2, shapes_dir, "train.steps=2", f"train.init_from={partial}")
+    with pytest.raises(surgery.SurgeryError, match=f"train.init_from: {partial} has no complete surgery_report.json"):
+        train(stage2, str(tmp_path / "run2"))
+    report = surgery.run(1, 2, reference, dst)  # no manual cleanup
+    assert report["bit_identical"]["ok"] and not os.path.exists(partial)
+    assert surgery.read_complete_report(dst)["destination"] == dst
+    with pytest.raises(surgery.SurgeryError, match="already exists and is not empty .a finished surgery"):
+        surgery.run(1, 2, reference, dst)
