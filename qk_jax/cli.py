@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:  # noqa: BLE001 - every failure ends in one line unless --debug
         if debug:
             raise
+        py_logging.disable(py_logging.CRITICAL)  # background threads winding down must not bury the cause
         print(error_line(prog, e), file=sys.stderr, flush=True)
         raise SystemExit(1) from None
 

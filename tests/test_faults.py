@@ -291,3 +291,29 @@ def test_interrupted_surgery_is_invisible_refused_by_init_from_and_rerun(referen
     assert surgery.read_complete_report(dst)["destination"] == dst
     with pytest.raises(surgery.SurgeryError, match="already exists and is not empty .a finished surgery"):
         surgery.run(1, 2, reference, dst)
+
+
+def _full_disk():
+    """preexec_fn: every write past 300 kB of a file fails (EFBIG) in the child, as on a full disk."""
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, resource.RLIM_INFINITY))
+
+
+@pytest.mark.slow
+def test_a_failed_save_ends_the_cli_output_with_one_line(reference, shapes_dir, tmp_path):
+    workdir = copy_run(reference, tmp_path)
+    run = subprocess.run(
+        [sys.executable, "-m", "qk_jax.cli", "train", "--config", "configs/stage1.py:tiny", "--workdir", workdir,
+         *[f"--config.{o}" for o in (f"data.data_dir={shapes_dir}", "train.steps=6", "train.log_every=1",
+                                     "train.sample_images=0", *RUN)]],
+        cwd=REPO, capture_output=True, text=True, timeout=900, preexec_fn=_full_disk)
+    lines = [line for line in (run.stdout + run.stderr).splitlines() if line.strip()]
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"qk-jax train: error: CheckpointSaveError: saving checkpoint {workdir}/checkpoints/6 "
+                           f"failed: "), last
+    assert "File too large" in last and len(lines) < 60, lines
+    assert steps_of(workdir) == [2, 4]
