@@ -211,8 +211,7 @@ def train(config, workdir: str) -> dict[str, Any]:
                                       lr_schedule=optim.learning_rate_schedule(config.train),
                                       skip_nonfinite=nonfinite_mode == "skip_step"),
                       donate_argnums=(0,))
-    skips = _skips_before(checkpointer, start)
-    last_saved = start if start else None
+    guard = NonFiniteGuard(nonfinite_mode, skips=_skips_before(checkpointer, start), last_saved=start or None)
     peak = peak_flops_per_device(config.train.peak_tflops_per_device)
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     if main:  # a resumed run retrains the steps after its checkpoint: their old records go
@@ -235,28 +234,25 @@ def train(config, workdir: str) -> dict[str, Any]:
             with jax.set_mesh(mesh), sharding.activation_rules_context():
                 state, metrics = step_fn(state, place_batch(batch, mesh))
             checkpointer.check_save()  # a failed background save stops the run at the next step
-            if bool(jax.device_get(metrics["nonfinite"])):
-                if nonfinite_mode == "stop":
-                    raise NonFiniteError(_nonfinite_message(step + 1, metrics, last_saved))
-                skips += 1
-                print(f"step {step + 1}: {_nonfinite_what(metrics)} not finite; update skipped "
-                      f"({skips} skipped so far)", flush=True)
+            guard.push(step + 1, metrics)
             steps_since += 1
             last = step + 1 == config.train.steps
             if (step + 1) % config.train.log_every == 0 or last or stop.requested or step == start:
+                guard.settle()
                 m = jax.device_get(metrics)
                 now = time.perf_counter()
                 dt = (now - t_last) / steps_since
                 t_last, steps_since = now, 0
                 record = _record(step + 1, m, dt, batch, flops_per_step, peak)
-                record["nonfinite_skips"] = skips
+                record["nonfinite_skips"] = guard.skips
                 losses.append(record["loss"])
                 if main:
                     _log(record, metrics_path, writer)
             if (step + 1) % config.train.checkpoint_every == 0 or last or stop.requested:
+                guard.settle()  # nothing non-finite is ever saved
                 checkpointer.save(step + 1, **state_for_checkpoint(state), data=iterator.get_state(),
-                                  config=config, meta={"nonfinite_skips": skips}, force=True)
-                last_saved = step + 1
+                                  config=config, meta={"nonfinite_skips": guard.skips}, force=True)
+                guard.last_saved = step + 1
             if stop.requested:
                 checkpointer.wait()
                 print(f"signal {stop.signal}: checkpoint written at step {step + 1}; exiting", flush=True)
@@ -279,6 +275,36 @@ def train(config, workdir: str) -> dict[str, Any]:
 
 class NonFiniteError(RuntimeError):
     """A non-finite loss, gradient norm or update under `train.nonfinite = "stop"` (names the step)."""
+
+
+class NonFiniteGuard:
+    """Reads each step's `nonfinite` flag one step late (the host does not wait for every
+    step: the next one is already dispatched), and at once before a log line or a save.
+    "stop": NonFiniteError naming the step; "skip_step": the step (already left unchanged
+    inside the jitted step) is counted and reported in one line."""
+
+    def __init__(self, mode: str, skips: int = 0, last_saved: int | None = None):
+        self.mode, self.skips, self.last_saved = mode, skips, last_saved
+        self._pending: tuple[int, Any] | None = None
+
+    def push(self, step: int, metrics) -> None:
+        """After dispatching `step`: settles the previous step and keeps this one pending."""
+        self.settle()
+        self._pending = (step, metrics)
+
+    def settle(self) -> None:
+        """Checks the pending step (waits for it)."""
+        if self._pending is None:
+            return
+        step, metrics = self._pending
+        self._pending = None
+        if not bool(jax.device_get(metrics["nonfinite"])):
+            return
+        if self.mode == "stop":
+            raise NonFiniteError(_nonfinite_message(step, metrics, self.last_saved))
+        self.skips += 1
+        print(f"step {step}: {_nonfinite_what(metrics)} not finite; update skipped ({self.skips} skipped so far)",
+              flush=True)
 
 
 def _nonfinite_what(metrics) -> str:

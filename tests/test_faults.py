@@ -144,13 +144,15 @@ def last_metrics(workdir):
 INF_LR = ("train.steps=8", "train.learning_rate=1e39", "train.keep_checkpoints=2")  # float32: inf
 
 
-def test_nonfinite_update_stops_naming_the_step_and_keeps_good_checkpoints(reference, shapes_dir, tmp_path):
+@pytest.mark.parametrize("log_every", [1, 10])  # 10: the flag is read one step late, as in a long run
+def test_nonfinite_update_stops_naming_the_step_and_keeps_good_checkpoints(reference, shapes_dir, tmp_path,
+                                                                           log_every):
     from qk_jax.train import NonFiniteError
 
     workdir = copy_run(reference, tmp_path)
     with pytest.raises(NonFiniteError, match=r"step 5: .* not finite; stopped without saving it \(checkpoints up to "
                                              r"step 4 are kept"):
-        train(config(shapes_dir, *INF_LR), workdir)
+        train(config(shapes_dir, *INF_LR, f"train.log_every={log_every}"), workdir)
     assert steps_of(workdir) == [2, 4]  # keep_checkpoints=2 rotated nothing out
     assert_same_params(stored_params(workdir, 4), stored_params(reference, 4))
 
