@@ -214,7 +214,7 @@ class Checkpointer:
             items["data"] = ocp.args.JsonSave(_to_json(data))
         if config is not None:
             items["config"] = ocp.args.JsonSave(_to_json(config))
-        items["meta"] = ocp.args.JsonSave(_to_json({"step": int(step), **dict(meta or {})}))
+        items["meta"] = ocp.args.JsonSave(_to_json({"step": int(step), **dict(meta or {}), "checksummed": True}))
         items["checksums"] = ocp.args.JsonSave({name: tree_checksums(tree) for name, tree in arrays.items()})
         try:
             started = self._manager.save(int(step), args=ocp.args.Composite(**items), force=force)
@@ -345,7 +345,7 @@ class Checkpointer:
             items, fault = self._read_or_fault(s, lambda: self._read_json(s, present, json_items + required, required))
             if fault is None:
                 targets = targets_for(s, items)  # errors here are the caller's, not the checkpoint's
-                arrays, fault = self._read_or_fault(s, lambda: self._restore_arrays(s, present, targets))
+                arrays, fault = self._read_or_fault(s, lambda: self._restore_arrays(s, present, targets, items["meta"]))
             if fault is None:
                 out = {k: v for k, v in items.items() if k in json_items or k in required}
                 return {**out, **arrays, "step": s}
@@ -391,10 +391,11 @@ class Checkpointer:
             source.rename(dest)
         _barrier(f"qk_checkpoint_set_aside_{step}")
         self._manager.reload()
-        log.warning("checkpoint step %d in %s is incomplete or corrupt (%s); moved aside to %s, using an older step",
+        log.warning("checkpoint step %d in %s is incomplete or corrupt (%s); moved aside to %s, trying an older step",
                     step, self.directory, first_line(fault), dest)
 
-    def _restore_arrays(self, step: int, present: set[str], targets: Mapping[str, Any]) -> dict[str, Any]:
+    def _restore_arrays(self, step: int, present: set[str], targets: Mapping[str, Any],
+                        meta: Mapping[str, Any]) -> dict[str, Any]:
         """The array items named by `targets`, their shapes checked and their checksums verified."""
         for name in targets:
             if name not in present:
@@ -405,7 +406,7 @@ class Checkpointer:
         stored = {name: self._check_shapes(step, name, target) for name, target in targets.items()}
         args = {name: ocp.args.PyTreeRestore(item=t, restore_args=_restore_args_for(t)) for name, t in targets.items()}
         restored = self._manager.restore(step, args=ocp.args.Composite(**args))
-        sums = self._stored_checksums(step, present)
+        sums = self._stored_checksums(step, present, meta)
         if sums is not None:
             for name in targets:
                 self._verify(step, name, restored[name], stored[name], sums.get(name, {}))
@@ -422,8 +423,13 @@ class Checkpointer:
         return {name: read_json_item(self.directory, step, name) for name in set(names) | {"meta"}
                 if name in present}
 
-    def _stored_checksums(self, step: int, present: set[str]) -> dict[str, dict[str, int]] | None:
-        """The step's checksums; None (with a warning) for a step written before checksums."""
+    def _stored_checksums(self, step: int, present: set[str], meta: Mapping[str, Any]
+                          ) -> dict[str, dict[str, int]] | None:
+        """The step's checksums; None (with a warning) for a step written before checksums;
+        CorruptCheckpointError when a step written with checksums lost them."""
+        if "checksums" not in present and meta.get("checksummed"):
+            raise CorruptCheckpointError(f"checkpoint step {step} in {self.directory} has no item 'checksums' "
+                                         f"(it holds {sorted(present)})")
         if "checksums" not in present:
             log.warning("checkpoint step %d in %s has no checksums (written by an older version); its arrays are "
                         "restored unverified", step, self.directory)
@@ -484,7 +490,7 @@ class Checkpointer:
             self.directory / str(step) / item,
             args=ocp.args.PyTreeRestore(item=subtree, restore_args=_restore_args_for(subtree),
                                         partial_restore=True))
-        sums = self._stored_checksums(step, set(self.items_in(step)))
+        sums = self._stored_checksums(step, set(self.items_in(step)), read_json_item(self.directory, step, "meta"))
         if sums is not None:
             self._verify(step, item, tree, stored, sums.get(item, {}))
         return tree

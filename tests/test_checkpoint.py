@@ -196,7 +196,7 @@ def test_a_changed_checksum_is_a_corrupt_step(devices, saved, tmp_path):
     assert ckpt_lib.Checkpointer(copy).restore(params=abstract(params, lambda a: one))["step"] == 1
 
 
-@pytest.mark.parametrize("damage", ["item_folder", "metadata_file", "meta_item"])
+@pytest.mark.parametrize("damage", ["item_folder", "metadata_file", "meta_item", "checksums_item"])
 def test_incomplete_step_falls_back(devices, saved, tmp_path, damage):
     import shutil
     _, params, _, opt = saved
@@ -205,8 +205,10 @@ def test_incomplete_step_falls_back(devices, saved, tmp_path, damage):
         shutil.rmtree(copy / "2" / "opt_state")
     elif damage == "metadata_file":
         os.remove(copy / "2" / "params" / "_METADATA")
-    else:
+    elif damage == "meta_item":
         shutil.rmtree(copy / "2" / "meta")
+    else:
+        shutil.rmtree(copy / "2" / "checksums")
     one = SingleDeviceSharding(jax.devices()[0])
     ck = ckpt_lib.Checkpointer(copy)
     out = ck.restore(params=abstract(params, lambda a: one), opt_state=abstract(opt, lambda a: one), quarantine=True)
@@ -257,3 +259,19 @@ def test_a_failed_background_save_surfaces_at_the_next_check(devices, tmp_path):
         ck.check_save()
     ck.close()  # releases the manager without a second report
     assert ckpt_lib.Checkpointer(tmp_path / "full").steps() == [1]  # the previous good step survives
+
+
+def test_a_step_written_before_checksums_restores_unverified_with_a_warning(devices, saved, tmp_path, caplog):
+    import json
+    import shutil
+    _, _, params2, _ = saved
+    copy = _copy_of(saved, tmp_path)
+    shutil.rmtree(copy / "2" / "checksums")
+    meta = copy / "2" / "meta" / "metadata"
+    meta.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items() if k != "checksummed"}))
+    one = SingleDeviceSharding(jax.devices()[0])
+    with caplog.at_level("WARNING"):
+        out = ckpt_lib.Checkpointer(copy).restore(params=abstract(params2, lambda a: one))
+    assert out["step"] == 2
+    assert_tree_equal(out["params"], params2)
+    assert any("step 2" in r.message and "no checksums" in r.message for r in caplog.records)
