@@ -319,3 +319,28 @@ def test_a_failed_save_ends_the_cli_output_with_one_line(reference, shapes_dir, 
                            f"failed: "), last
     assert "File too large" in last and len(lines) < 60, lines
     assert steps_of(workdir) == [2, 4]
+
+
+@pytest.mark.slow
+def test_kill_9_at_a_checkpoint_step_resumes_to_an_uninterrupted_runs_weights(reference, shapes_dir, tmp_path):
+    uninterrupted = copy_run(reference, tmp_path, "uninterrupted")
+    train(config(shapes_dir, "train.steps=8"), uninterrupted)
+    killed = copy_run(reference, tmp_path, "killed")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qk_jax.cli", "train", "--config", "configs/stage1.py:tiny", "--workdir", killed,
+         *[f"--config.{o}" for o in (f"data.data_dir={shapes_dir}", "train.steps=8", "train.log_every=1",
+                                     "train.sample_images=0", *RUN)]],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:  # step 6 is logged, then its checkpoint save starts: kill -9 there
+        seen.append(line)
+        if line.split()[:2] == ["step", "6"]:
+            proc.kill()
+            break
+    proc.wait(timeout=120)
+    assert proc.returncode == -9, "".join(seen)[-3000:]
+    summary = train(config(shapes_dir, "train.steps=8"), killed)
+    assert summary["start_step"] in (4, 6) and summary["end_step"] == 8
+    assert steps_of(killed) == steps_of(uninterrupted) == [4, 6, 8]
+    assert_same_params(stored_params(killed, 8), stored_params(uninterrupted, 8))
+    assert [r["step"] for r in last_metrics(killed)] == list(range(1, 9))
