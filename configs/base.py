@@ -120,6 +120,7 @@ def stage_config(stage: int, size: str) -> ml_collections.ConfigDict:
     t.signal = dict(every=0, samples=8, noise_seeds=2, completion_steps=10, judge_samples=8)
     t.peak_tflops_per_device = 0.0  # 0: from the device kind (measured on CPU)
     t.init_from = ""  # an Orbax checkpoint of this stage to start from (written by `qk-jax surgery`)
+    t.nonfinite = "stop"  # a non-finite loss / gradient / update: "stop" (exit, nothing saved) or "skip_step"
 
     d = c.data = data_pipeline.default_config(stage)  # mixture: pipeline.STAGE_MIXTURES[stage]
     d.batch_size = s["batch_size"]  # per process; the train tool derives it from train.batch_size

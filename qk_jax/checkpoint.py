@@ -8,23 +8,35 @@ One `Checkpointer` per run directory wraps an Orbax `CheckpointManager` whose it
   data       the data iterator's state             (JSON, optional)
   config     the run's config                      (JSON, optional)
   meta       step and free-form scalars             (JSON)
+  checksums  a hash of every saved array            (JSON)
 
 Saves are asynchronous (the step continues while the previous save finishes writing);
 Orbax writes a step under a temporary name and renames it when complete, so an
-interrupted save never shows up as a step. A step that is listed but unreadable (a
-truncated or deleted file) is skipped with a message naming it, and the newest readable
-step is used. Restores take *abstract targets* (`jax.ShapeDtypeStruct` with shardings),
-so a checkpoint written on one mesh restores onto any other mesh or a single device.
+interrupted save never shows up as a step. `check_save()` surfaces a failed background
+save at the next step boundary as a `CheckpointSaveError` naming the step and the cause.
+
+Orbax does not checksum: every saved array is hashed on its devices (`tree_checksums`,
+independent of the mesh) and the hashes are saved with the step; a restore recomputes
+them, so flipped bytes are caught. A step that is incomplete or corrupt (an item or
+metadata file missing, a file truncated or unreadable, a checksum that does not match)
+is reported in one warning line and the next older step is used; the run that owns the
+directory (`quarantine=True`) moves it aside to `<step>.corrupt`, so a later save of the
+same step number does not collide with it. Only faults of the checkpoint itself do that:
+an out-of-memory or a transient I/O error stops with the step named. Restores take
+*abstract targets* (`jax.ShapeDtypeStruct` with shardings), so a checkpoint written on
+one mesh restores onto any other mesh or a single device.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
@@ -34,12 +46,99 @@ from qk_jax.sharding import path_str
 log = logging.getLogger(__name__)
 
 ARRAY_ITEMS = ("params", "opt_state", "ema")
-JSON_ITEMS = ("data", "config", "meta")
+JSON_ITEMS = ("data", "config", "meta", "checksums")
 ITEMS = ARRAY_ITEMS + JSON_ITEMS
+CORRUPT_SUFFIX = ".corrupt"
+
+# Errors that say nothing about the checkpoint's bytes: the machine or the storage is
+# (perhaps only for now) unable to read it. They stop the run instead of discarding a step.
+ENVIRONMENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ENOMEM,
+                                errno.EMFILE, errno.ENFILE, errno.ECONNRESET, errno.ENOSPC})
+ENVIRONMENT_MARKERS = ("RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "PERMISSION_DENIED",
+                       "Out of memory", "out of memory", "Permission denied")
+# Exception types a damaged file raises on the way through Orbax / TensorStore / json.
+FAULT_TYPES = (OSError, ValueError, KeyError, IndexError, TypeError, EOFError)
 
 
 class CheckpointError(RuntimeError):
     """No usable checkpoint, or a tree that does not fit its target (named in the message)."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A step that is incomplete or unreadable, or whose arrays do not match their checksums."""
+
+
+class NoGoodCheckpointError(CheckpointError):
+    """Every step of a directory is incomplete or corrupt."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A stored tree whose paths or shapes do not fit the restore target (named in the message)."""
+
+
+class CheckpointSaveError(CheckpointError):
+    """An (asynchronous) save that failed; the message names the step's path and the cause."""
+
+
+def is_checkpoint_fault(error: BaseException) -> bool:
+    """Whether a restore failure is a fault of the checkpoint itself (incomplete, truncated,
+    undecodable, wrong checksum) rather than of the machine (out of memory, transient I/O)."""
+    if isinstance(error, CorruptCheckpointError):
+        return True
+    if isinstance(error, MemoryError):
+        return False
+    if isinstance(error, OSError) and error.errno in ENVIRONMENT_ERRNOS:
+        return False
+    if any(marker in str(error) for marker in ENVIRONMENT_MARKERS):
+        return False
+    return isinstance(error, FAULT_TYPES)
+
+
+def first_line(error: BaseException, limit: int | None = 300) -> str:
+    """'ValueError: DATA_LOSS: ...': an exception in one line (cut at `limit` characters)."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {text[:limit]}" if text else type(error).__name__
+
+
+# ----------------------------------------------------------------------------- checksums
+
+_HASH_MULTIPLIER = np.uint32(2654435761)  # Knuth's multiplicative constant
+_HASH_OFFSET = np.uint32(0x9E3779B9)
+_HASH_MIX = np.uint32(0x85EBCA6B)
+
+
+def _as_uint32(x: jax.Array) -> jax.Array:
+    """The array's bits as uint32 words (1- and 2-byte types widened, 8-byte types split)."""
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    size = x.dtype.itemsize
+    if size == 4:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)
+    if size < 4:
+        return jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16}[size]).astype(jnp.uint32)
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)  # adds a trailing axis of itemsize // 4 words
+
+
+def _leaf_checksum(x: jax.Array) -> jax.Array:
+    """A position-weighted 32-bit hash of an array's bits: any changed word or any swap of
+    two words changes it (with probability 1 - 2^-32). Integer sums wrap, so the result
+    does not depend on how the array is sharded."""
+    words = _as_uint32(jnp.asarray(x)).reshape(-1)
+    index = jax.lax.iota(jnp.uint32, words.shape[0])
+    mixed = (words ^ (words >> 15)) * _HASH_MIX
+    return jnp.sum(mixed * (index * _HASH_MULTIPLIER + _HASH_OFFSET), dtype=jnp.uint32)
+
+
+_tree_checksums_jit = jax.jit(lambda tree: jax.tree.map(_leaf_checksum, tree))
+
+
+def tree_checksums(tree) -> dict[str, int]:
+    """{'a/b/kernel': hash} of every array leaf, computed where the arrays live."""
+    flat = {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    if not flat:
+        return {}
+    sums = jax.device_get(_tree_checksums_jit(flat))
+    return {k: int(v) for k, v in sums.items()}
 
 
 def _to_json(obj: Any) -> Any:
@@ -97,31 +196,77 @@ class Checkpointer:
         handlers = {name: ocp.PyTreeCheckpointHandler() for name in ARRAY_ITEMS}
         handlers.update({name: ocp.JsonCheckpointHandler() for name in JSON_ITEMS})
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        self._saving: int | None = None  # the step of the save in flight (or last started)
+        self._failed: CheckpointSaveError | None = None
 
     # ------------------------------------------------------------------ saving
 
     def save(self, step: int, *, params, opt_state=None, ema=None, data=None, config=None,
              meta: Mapping[str, Any] | None = None, force: bool = False) -> bool:
-        """Starts saving `step`; returns whether a save was started (see save_interval_steps)."""
-        items = {"params": ocp.args.PyTreeSave(params)}
-        if opt_state is not None:
-            items["opt_state"] = ocp.args.PyTreeSave(opt_state)
-        if ema is not None:
-            items["ema"] = ocp.args.PyTreeSave(ema)
+        """Starts saving `step`; returns whether a save was started (see save_interval_steps).
+
+        Raises CheckpointSaveError when the previous save failed."""
+        self.check_save()
+        arrays = {"params": params, "opt_state": opt_state, "ema": ema}
+        arrays = {k: v for k, v in arrays.items() if v is not None}
+        items = {name: ocp.args.PyTreeSave(tree) for name, tree in arrays.items()}
         if data is not None:
             items["data"] = ocp.args.JsonSave(_to_json(data))
         if config is not None:
             items["config"] = ocp.args.JsonSave(_to_json(config))
-        items["meta"] = ocp.args.JsonSave(_to_json({"step": int(step), **dict(meta or {})}))
-        return self._manager.save(int(step), args=ocp.args.Composite(**items), force=force)
+        items["meta"] = ocp.args.JsonSave(_to_json({"step": int(step), **dict(meta or {}), "checksummed": True}))
+        items["checksums"] = ocp.args.JsonSave({name: tree_checksums(tree) for name, tree in arrays.items()})
+        try:
+            started = self._manager.save(int(step), args=ocp.args.Composite(**items), force=force)
+        except Exception as e:  # noqa: BLE001 - the synchronous part of a save (or of a previous one)
+            raise self._save_error(int(step), e) from e
+        if started:
+            self._saving = int(step)
+        return started
+
+    def check_save(self) -> None:
+        """Raises CheckpointSaveError if a finished background save failed; never blocks on
+        a save still in flight. Call it at every step boundary."""
+        if self._failed is not None:
+            raise self._failed
+        if self._saving is None or self._manager.is_saving_in_progress():
+            return
+        self.wait()
 
     def wait(self) -> None:
-        """Blocks until pending asynchronous saves are on disk."""
-        self._manager.wait_until_finished()
+        """Blocks until pending asynchronous saves are on disk; CheckpointSaveError if one failed."""
+        if self._failed is not None:
+            raise self._failed
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - any failure of the background write
+            raise self._save_error(self._saving, e) from e
+        self._saving = None
 
-    def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+    def _save_error(self, step: int | None, error: BaseException) -> CheckpointSaveError:
+        where = self.directory / str(step) if step is not None else self.directory
+        self._failed = CheckpointSaveError(f"saving checkpoint {where} failed: {first_line(error, limit=None)}")
+        return self._failed
+
+    def close(self, report: bool = True) -> None:
+        """Waits for pending saves and closes; CheckpointSaveError if the last one failed
+        (reported once: closing after a reported failure only releases the manager). With
+        `report=False` (closing while another error is on its way up) a failed save is
+        logged in one line instead of raised."""
+        reported = self._failed is not None
+        try:
+            if not reported:
+                self.wait()
+        except CheckpointSaveError as e:
+            if report:
+                raise
+            log.error("%s", e)
+        finally:
+            try:
+                self._manager.close()
+            except Exception:  # noqa: BLE001 - the failure was raised (or is being raised) above
+                if not (reported or self._failed is not None):
+                    raise
 
     def __enter__(self):
         return self
@@ -158,95 +303,205 @@ class Checkpointer:
     # ------------------------------------------------------------------ restoring
 
     def restore(self, step: int | None = None, *, params=None, opt_state=None, ema=None,
-                json_items: Iterable[str] = ("data", "config", "meta"), fallback: bool = True) -> dict[str, Any]:
-        """Restores the given items of `step` (default: the newest readable step).
+                json_items: Iterable[str] = ("data", "config", "meta"), fallback: bool = True,
+                quarantine: bool = False) -> dict[str, Any]:
+        """Restores the given items of `step` (default: the newest good step).
 
         Array items are restored only when an abstract target is given: a tree of
         `jax.ShapeDtypeStruct` whose `sharding` says where each array goes (leaves
         without a sharding come back as numpy). JSON items present in the step are
-        restored when listed in `json_items`.
-
-        With `fallback` (the default when `step` is None), a step that fails to read is
-        reported and the next older one is tried.
+        restored when listed in `json_items`. See `restore_newest` for the choice of step
+        and `quarantine`; `fallback` is kept for callers that name a step (which never
+        falls back).
         Returns a dict with the restored items and `step`.
-        Raises CheckpointError when no step can be read.
         """
+        del fallback
         targets = {"params": params, "opt_state": opt_state, "ema": ema}
         targets = {k: v for k, v in targets.items() if v is not None}
-        candidates = [step] if step is not None else list(reversed(self.steps()))
+        return self.restore_newest(lambda _step, _json: targets, step=step, json_items=json_items,
+                                   quarantine=quarantine)
+
+    def restore_newest(self, targets_for: Callable[[int, dict], Mapping[str, Any]], *, step: int | None = None,
+                       json_items: Iterable[str] = ("data", "config", "meta"), required: Iterable[str] = (),
+                       quarantine: bool = False) -> dict[str, Any]:
+        """Restores the newest good step (or exactly `step`).
+
+        `targets_for(step, json)` returns the abstract array targets ({'params': ...}) given
+        the step's JSON items (e.g. targets built from the step's own config); a step that
+        lacks a `required` JSON item is incomplete. A step that is
+        incomplete or corrupt is named in one warning line and skipped; with `quarantine`
+        (the run that owns the directory) it is also moved aside to `<step>.corrupt`.
+        Raises CorruptCheckpointError when the named `step` is corrupt, CheckpointError when
+        no step is good, when a tree does not fit its target, or when reading failed for a
+        reason outside the checkpoint (e.g. out of memory), naming the step.
+        """
+        candidates = [int(step)] if step is not None else list(reversed(self.steps()))
         if not candidates:
             raise CheckpointError(f"no checkpoint steps in {self.directory}")
-        errors = []
+        json_items, required = tuple(json_items), tuple(required)
+        bad = []
         for s in candidates:
-            try:
-                return self._restore_step(s, targets, tuple(json_items))
-            except CheckpointError:
-                raise
-            except Exception as e:  # noqa: BLE001 - any read failure marks the step unusable
-                msg = f"checkpoint step {s} in {self.directory} is incomplete or corrupt ({type(e).__name__}: " \
-                      f"{str(e).splitlines()[0][:300] if str(e) else ''}); skipping it"
-                log.warning(msg)
-                errors.append(msg)
-                if step is not None and not fallback:
-                    break
-        raise CheckpointError(f"no readable checkpoint in {self.directory}: " + " | ".join(errors))
+            present = set(self.items_in(s))
+            items, fault = self._read_or_fault(s, lambda: self._read_json(s, present, json_items + required, required))
+            if fault is None:
+                targets = targets_for(s, items)  # errors here are the caller's, not the checkpoint's
+                arrays, fault = self._read_or_fault(s, lambda: self._restore_arrays(s, present, targets, items["meta"]))
+            if fault is None:
+                out = {k: v for k, v in items.items() if k in json_items or k in required}
+                return {**out, **arrays, "step": s}
+            if step is not None and isinstance(fault, CorruptCheckpointError):
+                raise fault
+            if step is not None:
+                raise CorruptCheckpointError(f"checkpoint step {s} in {self.directory} is incomplete or corrupt: "
+                                             f"{first_line(fault)}") from fault
+            self._set_aside(s, fault, quarantine)
+            bad.append(s)
+        raise NoGoodCheckpointError(f"no readable checkpoint in {self.directory}: steps {bad} are incomplete or "
+                                    f"corrupt")
 
-    def _restore_step(self, step: int, targets: Mapping[str, Any], json_items: tuple[str, ...]) -> dict[str, Any]:
-        present = set(self.items_in(step))
+    def _read_or_fault(self, step: int, read: Callable[[], Any]) -> tuple[Any, BaseException | None]:
+        """(read(), None), or (None, fault) when reading failed through a fault of the checkpoint;
+        any other failure is raised as a CheckpointError naming the step."""
+        try:
+            return read(), None
+        except CorruptCheckpointError as e:
+            return None, e
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - classified here
+            if not is_checkpoint_fault(e):
+                raise CheckpointError(f"reading checkpoint step {step} in {self.directory} failed: {first_line(e)} "
+                                      f"(not a fault of the checkpoint; nothing was skipped)") from e
+            return None, e
+
+    def _set_aside(self, step: int, fault: BaseException, quarantine: bool) -> None:
+        """One warning line naming the step and the fault; with `quarantine`, the step's
+        folder is renamed to `<step>.corrupt` (`.corrupt.1`, ... if taken)."""
+        source = self.directory / str(step)
+        if not quarantine:
+            log.warning("checkpoint step %d in %s is incomplete or corrupt (%s); skipping it", step, self.directory,
+                        first_line(fault))
+            return
+        dest = self.directory / f"{step}{CORRUPT_SUFFIX}"
+        n = 0
+        while dest.exists():
+            n += 1
+            dest = self.directory / f"{step}{CORRUPT_SUFFIX}.{n}"
+        if jax.process_index() == 0:
+            source.rename(dest)
+        _barrier(f"qk_checkpoint_set_aside_{step}")
+        self._manager.reload()
+        log.warning("checkpoint step %d in %s is incomplete or corrupt (%s); moved aside to %s, trying an older step",
+                    step, self.directory, first_line(fault), dest)
+
+    def _restore_arrays(self, step: int, present: set[str], targets: Mapping[str, Any],
+                        meta: Mapping[str, Any]) -> dict[str, Any]:
+        """The array items named by `targets`, their shapes checked and their checksums verified."""
         for name in targets:
             if name not in present:
-                raise CheckpointError(f"checkpoint step {step} in {self.directory} has no item {name!r} "
-                                      f"(it holds {sorted(present)})")
-        self._check_shapes(step, targets)
-        args = {name: ocp.args.PyTreeRestore(item=t, restore_args=_restore_args_for(t))
-                for name, t in targets.items()}
-        for name in json_items:
-            if name in present:
-                args[name] = ocp.args.JsonRestore()
+                raise CorruptCheckpointError(f"checkpoint step {step} in {self.directory} has no item {name!r} "
+                                             f"(it holds {sorted(present)})")
+        if not targets:
+            return {}
+        stored = {name: self._check_shapes(step, name, target) for name, target in targets.items()}
+        args = {name: ocp.args.PyTreeRestore(item=t, restore_args=_restore_args_for(t)) for name, t in targets.items()}
         restored = self._manager.restore(step, args=ocp.args.Composite(**args))
-        out = {name: restored[name] for name in args}
-        out["step"] = step
-        return out
+        sums = self._stored_checksums(step, present, meta)
+        if sums is not None:
+            for name in targets:
+                self._verify(step, name, restored[name], stored[name], sums.get(name, {}))
+        return {name: restored[name] for name in targets}
 
-    def _check_shapes(self, step: int, targets: Mapping[str, Any]) -> None:
-        """Refuses a target whose paths, shapes or structure differ from the stored tree, naming the path."""
-        for name, target in targets.items():
-            stored = self.abstract_item(step, name)
-            # Paths compared as 'a/0/count': Orbax stores named tuples as dicts and tuples as lists.
-            s_flat = {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(stored)[0]}
-            t_flat = {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(target)[0]}
-            missing = sorted(set(t_flat) - set(s_flat))
-            if missing:
-                raise CheckpointError(f"{name}/{missing[0]} is not in checkpoint step {step} of {self.directory}"
-                                      f" ({len(missing)} target paths missing)")
-            for key, t in t_flat.items():
-                if tuple(s_flat[key].shape) != tuple(t.shape):
-                    raise CheckpointError(
-                        f"{name}/{key}: checkpoint step {step} holds shape {tuple(s_flat[key].shape)}, "
-                        f"the target expects {tuple(t.shape)}")
-                sharding = getattr(t, "sharding", None)
-                if sharding is not None:
-                    try:
-                        sharding.shard_shape(tuple(t.shape))
-                    except Exception as e:  # noqa: BLE001
-                        raise CheckpointError(f"{name}/{key}: target sharding {sharding} does not fit shape "
-                                              f"{tuple(t.shape)}: {e}") from None
+    def _read_json(self, step: int, present: set[str], names: tuple[str, ...],
+                   required: tuple[str, ...] = ()) -> dict[str, Any]:
+        """The listed JSON items present in the step; CorruptCheckpointError when `meta` (which
+        every step has) or a `required` item is missing."""
+        for name in ("meta", *required):
+            if name not in present:
+                raise CorruptCheckpointError(f"checkpoint step {step} in {self.directory} has no item {name!r} "
+                                             f"(it holds {sorted(present)})")
+        return {name: read_json_item(self.directory, step, name) for name in set(names) | {"meta"}
+                if name in present}
+
+    def _stored_checksums(self, step: int, present: set[str], meta: Mapping[str, Any]
+                          ) -> dict[str, dict[str, int]] | None:
+        """The step's checksums; None (with a warning) for a step written before checksums;
+        CorruptCheckpointError when a step written with checksums lost them."""
+        if "checksums" not in present and meta.get("checksummed"):
+            raise CorruptCheckpointError(f"checkpoint step {step} in {self.directory} has no item 'checksums' "
+                                         f"(it holds {sorted(present)})")
+        if "checksums" not in present:
+            log.warning("checkpoint step %d in %s has no checksums (written by an older version); its arrays are "
+                        "restored unverified", step, self.directory)
+            return None
+        return read_json_item(self.directory, step, "checksums")
+
+    def _verify(self, step: int, name: str, tree, stored_flat: Mapping[str, Any], sums: Mapping[str, int]) -> None:
+        """CorruptCheckpointError naming the first array whose bits differ from what was saved
+        (arrays restored into another dtype are not comparable and are left out)."""
+        same_dtype = {p: v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]
+                      if np.dtype(v.dtype) == np.dtype(stored_flat[path_str(p)].dtype)}
+        got = tree_checksums({path_str(p): v for p, v in same_dtype.items()})
+        for key, value in got.items():
+            if key not in sums:
+                raise CorruptCheckpointError(f"checkpoint step {step} in {self.directory}: {name}/{key} has no "
+                                             f"checksum")
+            if int(sums[key]) != value:
+                raise CorruptCheckpointError(f"checkpoint step {step} in {self.directory}: {name}/{key} does not "
+                                             f"match its checksum (the file's bytes changed after saving)")
+
+    def _check_shapes(self, step: int, name: str, target) -> dict[str, Any]:
+        """Refuses a target whose paths, shapes or structure differ from the stored tree, naming
+        the path. Returns the stored leaves by path."""
+        stored = self.abstract_item(step, name)
+        # Paths compared as 'a/0/count': Orbax stores named tuples as dicts and tuples as lists.
+        s_flat = {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(stored)[0]}
+        t_flat = {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(target)[0]}
+        missing = sorted(set(t_flat) - set(s_flat))
+        if missing:
+            raise CheckpointMismatchError(f"{name}/{missing[0]} is not in checkpoint step {step} of {self.directory}"
+                                  f" ({len(missing)} target paths missing)")
+        for key, t in t_flat.items():
+            if tuple(s_flat[key].shape) != tuple(t.shape):
+                raise CheckpointMismatchError(
+                    f"{name}/{key}: checkpoint step {step} holds shape {tuple(s_flat[key].shape)}, "
+                    f"the target expects {tuple(t.shape)}")
+            sharding = getattr(t, "sharding", None)
+            if sharding is not None:
+                try:
+                    sharding.shard_shape(tuple(t.shape))
+                except Exception as e:  # noqa: BLE001
+                    raise CheckpointMismatchError(f"{name}/{key}: target sharding {sharding} does not fit shape "
+                                          f"{tuple(t.shape)}: {e}") from None
+        return s_flat
 
     def restore_subtree(self, step: int | None, item: str, subtree) -> Any:
         """Partial restore: only the arrays named by `subtree` (an abstract tree that mirrors
-        a part of the stored `item`, e.g. `{'vlm': {...}}` of `params`).
+        a part of the stored `item`, e.g. `{'vlm': {...}}` of `params`), checksums verified.
 
         Used by stage surgery to read the parts it keeps without reading the rest.
         """
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no checkpoint steps in {self.directory}")
-        self._check_shapes(step, {item: subtree})
+        stored = self._check_shapes(step, item, subtree)
         handler = ocp.PyTreeCheckpointHandler()
-        return handler.restore(
+        tree = handler.restore(
             self.directory / str(step) / item,
             args=ocp.args.PyTreeRestore(item=subtree, restore_args=_restore_args_for(subtree),
                                         partial_restore=True))
+        sums = self._stored_checksums(step, set(self.items_in(step)), read_json_item(self.directory, step, "meta"))
+        if sums is not None:
+            self._verify(step, item, tree, stored, sums.get(item, {}))
+        return tree
+
+
+def _barrier(name: str) -> None:
+    """Waits for every process (no-op with one)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def replace_shardings(abstract_tree, shardings) -> Any:
@@ -260,8 +515,12 @@ def read_json_item(directory, step: int, item: str) -> Any:
     """A JSON item of a step without building a manager (e.g. the config of a checkpoint)."""
     path = epath.Path(directory) / str(step) / item / "metadata"
     if not path.exists():
-        raise CheckpointError(f"checkpoint step {step} in {directory} has no {item!r} item")
-    return json.loads(path.read_text())
+        raise CorruptCheckpointError(f"checkpoint step {step} in {directory} has no {item!r} item")
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptCheckpointError(f"checkpoint step {step} in {directory}: {item}/metadata is not valid JSON "
+                                     f"({first_line(e)})") from None
 
 
 def resolve_run(path: str | os.PathLike) -> tuple[str, str | None]:

@@ -1,14 +1,19 @@
 """`qk-jax <tool> [flags]`: one console script in front of the `python -m qk_jax.<tool>` jobs.
 
 Only the chosen tool's module is imported, so each tool owns its absl flags. Before it is,
-`platforms.configure` picks the JAX platform (quiet on machines without a TPU).
+`platforms.configure` picks the JAX platform (quiet on machines without a TPU). A tool that
+fails ends with one line naming the cause (`qk-jax train: error: ...`), not a traceback;
+`--debug` (any tool) shows the tracebacks, those of background threads included.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging as py_logging
 import os
+import re
 import sys
+import threading
 
 from qk_jax import platforms
 
@@ -43,12 +48,72 @@ def usage() -> str:
     width = max(len(t) for t in TOOLS)
     lines = ["usage: qk-jax <tool> [--help] [flags]", "", "tools:"]
     lines += [f"  {name.ljust(width)}  {desc}" for name, (_, desc) in TOOLS.items()]
-    lines += ["", "Each tool takes --help for its own flags."]
+    lines += ["", "Each tool takes --help for its own flags, and --debug to show tracebacks."]
     return "\n".join(lines)
+
+
+def config_override_message(error: AttributeError, args: list[str]) -> str:
+    """'config field train.stepz does not exist (did you mean train.steps?)' from the
+    AttributeError ml_collections raises for a `--config.<path>=...` naming no field."""
+    text = str(error.args[0] if error.args else error)
+    suggestion = re.search(r'Did you mean "([^"]+)"', text)
+    names = re.findall(r"[\w-]+", text.split("Did you mean")[0])
+    wrong = names[0] if names else "?"
+    paths = [a[len("--config."):].partition("=")[0] for a in args if a.startswith("--config.")]
+    path = next((p for p in paths if p.split(".")[-1] == wrong), wrong)
+    parent = path.rpartition(".")[0]
+    hint = f" (did you mean {parent + '.' if parent else ''}{suggestion.group(1)}?)" if suggestion else ""
+    return f"config field {path} does not exist{hint}"
+
+
+def parse_flags(args: list[str]) -> list[str]:
+    """absl's flag parsing, with a mistyped `--config.<field>` reported as a ConfigError."""
+    from absl import app
+
+    from qk_jax.config import ConfigError
+
+    try:
+        return app.parse_flags_with_usage(args)
+    except AttributeError as e:
+        raise ConfigError(config_override_message(e, args)) from None
+
+
+class OneLineLogs(py_logging.Filter):
+    """Log records without tracebacks, cut to their first line (background threads of Orbax
+    log each failure with several tracebacks)."""
+
+    def filter(self, record: py_logging.LogRecord) -> bool:
+        message = record.getMessage()
+        record.msg, record.args = (message.splitlines()[0] if message else message), None
+        record.exc_info = record.exc_text = record.stack_info = None
+        return True
+
+
+def quiet_tracebacks() -> None:
+    """Outside --debug: library log records in one line, and exceptions of background
+    threads or of objects finalised at exit (asyncio's 'Event loop is closed') in one line."""
+    for handler in py_logging.getLogger().handlers:
+        handler.addFilter(OneLineLogs())
+
+    def thread_hook(args):
+        print(f"background thread {getattr(args.thread, 'name', '?')}: {args.exc_type.__name__}: "
+              f"{str(args.exc_value).splitlines()[0] if str(args.exc_value) else ''}", file=sys.stderr)
+
+    threading.excepthook = thread_hook
+    sys.unraisablehook = lambda _unraisable: None
+
+
+def error_line(prog: str, error: BaseException) -> str:
+    """The one line a failed tool ends with."""
+    from qk_jax.checkpoint import first_line
+
+    return f"{prog}: error: {first_line(error, limit=None)} (rerun with --debug for the traceback)"
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
         print(usage())
         raise SystemExit(0 if len(argv) >= 2 else 2)
@@ -72,6 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     def tool_main(args):
         if quiet:  # library INFO chatter (Orbax, grain) hides a tool's own progress
             logging.set_verbosity(logging.WARNING)
+        if not debug:
+            quiet_tracebacks()
         return module.main(args)
 
     # `--help` prints the __main__ module's docstring and the key flags of the module named
@@ -81,7 +148,14 @@ def main(argv: list[str] | None = None) -> None:
         flags.FLAGS.register_key_flag_for_module(prog, flag)
     sys.modules["__main__"].__doc__ = module.__doc__
     sys.argv = [prog] + rest
-    app.run(tool_main, argv=sys.argv)
+    try:
+        app.run(tool_main, argv=sys.argv, flags_parser=parse_flags)
+    except Exception as e:  # noqa: BLE001 - every failure ends in one line unless --debug
+        if debug:
+            raise
+        py_logging.disable(py_logging.CRITICAL)  # background threads winding down must not bury the cause
+        print(error_line(prog, e), file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

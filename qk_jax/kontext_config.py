@@ -99,6 +99,9 @@ def divisibility_table(kcfg: KontextConfig) -> dict[str, tuple[str, ...]]:
     }
 
 
+NONFINITE_MODES = ("stop", "skip_step")  # config field train.nonfinite: what a non-finite step does
+
+
 def validate(config, num_devices: int, kcfg: KontextConfig | None = None) -> KontextConfig:
     """All start-up checks; returns the model config."""
     kcfg = kcfg or build_kontext_config(config)
@@ -121,6 +124,9 @@ def validate(config, num_devices: int, kcfg: KontextConfig | None = None) -> Kon
                           "(autoencoder factor x DiT patch)")
     if side % f:
         raise ConfigError(f"config field data.area={config.data.area}: side {side} is not a multiple of {f}")
+    nonfinite = config.train.get("nonfinite", "stop")
+    if nonfinite not in NONFINITE_MODES:
+        raise ConfigError(f"config field train.nonfinite={nonfinite!r} must be one of {NONFINITE_MODES}")
     if kcfg.low_level and config.data.image_slots < 1:
         raise ConfigError("config field data.image_slots must be >= 1 when model.low_level is on (stage 3)")
     return kcfg

@@ -81,28 +81,34 @@ class Sampler:
         if processor_dir is None:
             raise FileNotFoundError(f"no processor/ folder next to the checkpoint {root}")
         reader = ckpt_lib.Checkpointer(root, create=False)
-        step = reader.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint steps in {root}")
-        config = ml_collections.ConfigDict(ckpt_lib.read_json_item(root, step, "config"))
-        if mesh_spec:
-            config.mesh = dict(mesh_spec)
-        kcfg = kontext_config.build_kontext_config(config, kontext_config.read_special_token_ids(processor_dir))
-        mesh = sharding.make_mesh(config.mesh)
-        model = QueryKontext(kcfg)
-        with jax.set_mesh(mesh), sharding.activation_rules_context():
-            abstract, specs = sharding.abstract_init(model.init, jax.random.key(0))
-            target = sharding.abstract_with_shardings(abstract, sharding.tree_shardings(abstract, specs, mesh))
+        chosen: dict[str, Any] = {}
+
+        def targets_for(s: int, items: dict) -> dict[str, Any]:
+            """The step's own config decides the model, mesh and targets."""
+            config = ml_collections.ConfigDict(items["config"])
+            if mesh_spec:
+                config.mesh = dict(mesh_spec)
+            kcfg = kontext_config.build_kontext_config(config, kontext_config.read_special_token_ids(processor_dir))
+            mesh = sharding.make_mesh(config.mesh)
+            with jax.set_mesh(mesh), sharding.activation_rules_context():
+                abstract, specs = sharding.abstract_init(QueryKontext(kcfg).init, jax.random.key(0))
+                target = sharding.abstract_with_shardings(abstract, sharding.tree_shardings(abstract, specs, mesh))
             ema_target = None
-            if use_ema and "ema" in reader.items_in(step):
+            if use_ema and "ema" in reader.items_in(s):
                 ema_target, _ = optim.partition(target, config.train.trainable)
-            restored = reader.restore(step, params=target, ema=ema_target, json_items=())
+            chosen.update(config=config, kcfg=kcfg, mesh=mesh, ema=ema_target is not None)
+            return {"params": target, "ema": ema_target} if ema_target is not None else {"params": target}
+
+        if reader.latest_step() is None:
+            raise FileNotFoundError(f"no checkpoint steps in {root}")
+        restored = reader.restore_newest(targets_for, step=step, json_items=(), required=("config",))
+        config, kcfg, mesh, step = chosen["config"], chosen["kcfg"], chosen["mesh"], restored["step"]
         params = restored["params"]
-        if ema_target is not None:  # the EMA replaces the trained weights
+        if chosen["ema"]:  # the EMA replaces the trained weights
             _, frozen = optim.partition(params, config.train.trainable)
             params = optim.combine(restored["ema"], frozen)
         return cls(config, kcfg, params, vlm_inputs.load_processor(processor_dir), mesh, step=step,
-                   used_ema=ema_target is not None)
+                   used_ema=chosen["ema"])
 
     # ------------------------------------------------------------------ inputs
 
@@ -261,7 +267,7 @@ def main(argv):
     f = flags.FLAGS
     if not f.prompt:
         raise ValueError("--prompt is required (repeat it for several prompts)")
-    sampler = Sampler.from_checkpoint(f.checkpoint, use_ema=f.ema)
+    sampler = Sampler.from_checkpoint(f.checkpoint, use_ema=f.ema, step=f.step)
     if f.scheduler:
         sampler.config.sample.scheduler = f.scheduler
     prompts = [p for p in f.prompt for _ in range(f.batch)]
@@ -294,6 +300,7 @@ def define_flags() -> None:
                                            "scheduler/scheduler_config.json, whose schedule to sample with "
                                            "(default: sample.scheduler, see Sampler.schedule).")
     flags.DEFINE_bool("ema", True, "Use the EMA weights when the checkpoint has them.")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest good one; a corrupt step is skipped).")
 
 
 if __name__ == "__main__":

@@ -17,10 +17,12 @@
 
 The source is read sharded onto a mesh from abstract targets, every transform is a
 jitted function with output shardings, and the destination is written sharded: the
-whole tree is never gathered onto one host. Afterwards the destination is read back
-and every kept tensor is compared with its source bit for bit. The report (every path
-kept / merged / added / removed / re-initialised, with shapes and dtypes) is printed and
-saved as `DST/surgery_report.json` and `.md`. A source tree that does not fit the source
+whole tree is never gathered onto one host. The output is written aside (`DST.partial`),
+read back, and every kept tensor is compared with its source bit for bit; the report
+(every path kept / merged / added / removed / re-initialised, with shapes and dtypes) is
+saved as `surgery_report.json` and `.md` in it, and only then is it renamed to DST. So DST
+is complete or absent: an interrupted surgery is simply rerun (the stale `DST.partial` is
+removed), and `train.init_from` refuses a folder without a complete report. A source tree that does not fit the source
 config, or a DiT folder that does not fit the target config, is refused with an error
 naming the parameter path.
 """
@@ -38,7 +40,7 @@ import ml_collections
 import numpy as np
 
 from qk_jax import checkpoint as ckpt_lib
-from qk_jax import dit_blocks, kontext_config, sharding
+from qk_jax import distributed, dit_blocks, kontext_config, sharding
 from qk_jax.checkpoint import resolve_run
 from qk_jax.config import ConfigError, load_config
 from qk_jax.convert.mapping import flatten_tree, unflatten_tree
@@ -46,6 +48,8 @@ from qk_jax.models.kontext import QueryKontext, boxed_lora
 from qk_jax.models.lora import merge_lora
 
 TRANSITIONS = ((1, 2), (2, 3))
+REPORT = "surgery_report.json"
+PARTIAL_SUFFIX = ".partial"
 # Config sections carried from the source run into the target stage's config: the parts
 # kept by surgery must be built exactly as they were trained.
 CARRIED = ("mesh", "model.vlm", "model.num_queries", "model.vae", "model.prediction", "model.sigma_data", "model.dtype", "model.remat",
@@ -174,47 +178,105 @@ def run(from_stage: int, to_stage: int, src: str, dst: str, dit: str | None = No
     (`dit_blocks.block_indices`: "all", "every_other", "first" or indices)."""
     if (from_stage, to_stage) not in TRANSITIONS:
         raise SurgeryError(f"no transition from stage {from_stage} to {to_stage}; known: {TRANSITIONS}")
+    staging = prepare_destination(dst)  # before any work: a taken destination is refused at once
     src_root, processor = resolve_run(src)
     reader = ckpt_lib.Checkpointer(src_root, create=False)
-    step = reader.latest_step() if step is None else step
-    if step is None:
+    if reader.latest_step() is None:
         raise SurgeryError(f"no checkpoint steps in {src_root}")
-    src_config = ml_collections.ConfigDict(ckpt_lib.read_json_item(src_root, step, "config"))
-    if int(src_config.stage) != from_stage:
-        raise SurgeryError(f"{src_root} step {step} is a stage-{src_config.stage} checkpoint, not stage {from_stage}")
-    dst_config = target_config(src_config, to_stage, config_spec)
-    if mesh_spec:
-        _set(dst_config, "mesh", dict(mesh_spec))
     special = kontext_config.read_special_token_ids(processor) if processor else None
-    src_k = kontext_config.build_kontext_config(src_config, special)
-    dst_k = kontext_config.validate(dst_config, jax.device_count(),
-                                    kontext_config.build_kontext_config(dst_config, special))
-    mesh = sharding.make_mesh(dst_config.mesh)
+    chosen: dict[str, Any] = {}
+
+    def targets_for(s: int, items: dict) -> dict[str, Any]:
+        """The source step's own config decides both models, the mesh and the source target."""
+        src_config = ml_collections.ConfigDict(items["config"])
+        if int(src_config.stage) != from_stage:
+            raise SurgeryError(f"{src_root} step {s} is a stage-{src_config.stage} checkpoint, not stage {from_stage}")
+        dst_config = target_config(src_config, to_stage, config_spec)
+        if mesh_spec:
+            _set(dst_config, "mesh", dict(mesh_spec))
+        src_k = kontext_config.build_kontext_config(src_config, special)
+        dst_k = kontext_config.validate(dst_config, jax.device_count(),
+                                        kontext_config.build_kontext_config(dst_config, special))
+        mesh = sharding.make_mesh(dst_config.mesh)
+        src_model = QueryKontext(src_k)
+        with jax.set_mesh(mesh), sharding.activation_rules_context():
+            src_target, _ = _abstract(src_model, mesh)
+        chosen.update(dst_config=dst_config, dst_k=dst_k, mesh=mesh, src_model=src_model)
+        return {"params": src_target}
+
+    try:  # the newest good step (a corrupt one is skipped with a warning), or exactly --step
+        restored = reader.restore_newest(targets_for, step=step, json_items=(), required=("config",))
+    except ckpt_lib.CheckpointMismatchError as e:
+        raise SurgeryError(f"source checkpoint does not fit the stage-{from_stage} config: {e}") from None
+    except ckpt_lib.CheckpointError as e:
+        raise SurgeryError(f"source: {e}") from None
+    src_params, step = restored["params"], restored["step"]
+    dst_config, dst_k, mesh = chosen["dst_config"], chosen["dst_k"], chosen["mesh"]
+    src_model, dst_model = chosen["src_model"], QueryKontext(chosen["dst_k"])
+    # the DiT is loaded outside the activation-rules context (the converters trace their own abstract trees)
     dit = dit or dst_config.model.generator.get("checkpoint") or None  # --dit, else the stage config's
     dit_params, dit_map = _load_dit(dit, dst_k, mesh, dit_layers) if dit else (None, [])
-    src_model, dst_model = QueryKontext(src_k), QueryKontext(dst_k)
     with jax.set_mesh(mesh), sharding.activation_rules_context():
-        src_target, _ = _abstract(src_model, mesh)
-        try:
-            src_params = reader.restore(step, params=src_target, json_items=(), fallback=False)["params"]
-        except ckpt_lib.CheckpointError as e:
-            raise SurgeryError(f"source checkpoint does not fit the stage-{from_stage} config: {e}") from None
         params, status = transition(src_params, src_model, dst_model, mesh, dit_params, seed)
-    writer = ckpt_lib.Checkpointer(dst, max_to_keep=None, async_save=False)
-    if writer.steps():
-        raise SurgeryError(f"destination {dst} already holds checkpoint steps {writer.steps()}; choose a new folder")
+    writer = ckpt_lib.Checkpointer(staging, max_to_keep=None, async_save=False)
     writer.save(0, params=params, config=dst_config, meta={"surgery": f"{from_stage}->{to_stage}", "source": src_root,
                                                            "source_step": step}, force=True)
     writer.close()
-    if processor:
-        shutil.copytree(processor, os.path.join(dst, "processor"), dirs_exist_ok=True)
+    if processor and jax.process_index() == 0:
+        shutil.copytree(processor, os.path.join(staging, "processor"), dirs_exist_ok=True)
     report = _report(src_params, params, status, from_stage, to_stage, src_root, step, dst, dit)
     report["dit_blocks"] = dit_map
-    report["bit_identical"] = verify_kept(dst, params, status, mesh)
+    report["bit_identical"] = verify_kept(staging, params, status, mesh)
     if not report["bit_identical"]["ok"]:
-        raise SurgeryError(f"kept tensors differ after writing: {report['bit_identical']['mismatched'][:5]}")
-    _write_report(dst, report)
+        raise SurgeryError(f"kept tensors differ after writing {staging}: {report['bit_identical']['mismatched'][:5]}")
+    if jax.process_index() == 0:
+        _write_report(staging, report)
+        os.rename(staging, dst)  # the destination appears complete, or not at all
+    distributed.barrier("surgery_done")
     return report
+
+
+def staging_path(dst: str) -> str:
+    """Where surgery writes before renaming into place: `DST.partial`."""
+    return os.path.normpath(dst) + PARTIAL_SUFFIX
+
+
+def read_complete_report(folder: str) -> dict | None:
+    """The surgery report of a finished output folder, or None when it has none, or an
+    unreadable one, or one whose bit check failed."""
+    try:
+        with open(os.path.join(folder, REPORT)) as f:
+            report = json.load(f)
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(report, dict) and report.get("bit_identical", {}).get("ok") is True
+    return report if ok else None
+
+
+def require_complete(folder: str) -> dict:
+    """`train.init_from`: the report of a finished surgery output, or SurgeryError naming the folder."""
+    report = read_complete_report(folder)
+    if report is None:
+        raise SurgeryError(f"config field train.init_from: {folder} has no complete {REPORT} (not the finished "
+                           f"output of qk-jax surgery; an interrupted surgery leaves {staging_path(folder)}, rerun it)")
+    return report
+
+
+def prepare_destination(dst: str) -> str:
+    """The empty staging folder for `dst` (a leftover of an interrupted surgery is removed);
+    SurgeryError when `dst` already holds anything."""
+    if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
+        done = " (a finished surgery)" if read_complete_report(dst) else ""
+        raise SurgeryError(f"destination {dst} already exists and is not empty{done}; choose a new folder")
+    staging = staging_path(dst)
+    if jax.process_index() == 0:
+        if os.path.exists(dst):
+            os.rmdir(dst)  # an empty folder: renaming replaces it
+        if os.path.exists(staging):
+            print(f"removing {staging}, the unfinished output of an interrupted surgery", flush=True)
+            shutil.rmtree(staging)
+    distributed.barrier("surgery_staging")
+    return staging
 
 
 def _load_dit(folder: str, dst_k, mesh, layers: str = "all") -> tuple[dict, list[dict[str, int]]]:
@@ -279,7 +341,7 @@ def _report(src_params, params, status, a, b, src_root, step, dst, dit) -> dict[
 
 
 def _write_report(dst: str, report: dict) -> None:
-    with open(os.path.join(dst, "surgery_report.json"), "w") as f:
+    with open(os.path.join(dst, REPORT), "w") as f:
         json.dump(report, f, indent=1)
     lines = [f"# Surgery {report['transition']}", "", f"source: {report['source']} (step {report['source_step']})",
              f"destination: {report['destination']}", f"DiT: {report['dit'] or '(initialised)'}", "",

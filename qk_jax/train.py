@@ -31,7 +31,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from qk_jax import checkpoint as ckpt_lib
-from qk_jax import distributed, flops, kontext_config, optim, pretrained, sharding
+from qk_jax import distributed, flops, kontext_config, optim, pretrained, sharding, surgery
 from qk_jax.config import ConfigError
 from qk_jax.data import pipeline as data_pipeline
 from qk_jax.data import vlm_inputs
@@ -94,6 +94,28 @@ def processor_source(config) -> tuple[str, str] | None:
     return None
 
 
+class WorkdirError(OSError):
+    """A workdir that cannot be created or written (the message names it)."""
+
+
+def check_workdir(workdir: str) -> None:
+    """Creates the workdir and proves it writable, or raises WorkdirError naming it. Local
+    paths only (a gs:// workdir is checked by its first write)."""
+    if "://" in workdir:
+        return
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise WorkdirError(f"workdir {workdir} cannot be created: {e.strerror or e}") from None
+    probe = os.path.join(workdir, f".write_test_{os.getpid()}")
+    try:
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise WorkdirError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
+
+
 def ensure_processor(config, workdir: str) -> str:
     """The run's processor folder inside the workdir: the tokenizer / processor files (never
     weights) copied from `processor_source`, or the offline tokenizer built there (tests, the
@@ -113,6 +135,14 @@ def ensure_processor(config, workdir: str) -> str:
     return dst
 
 
+def from_training_run(path: str, root: str) -> bool:
+    """Whether `train.init_from` names a training run (a workdir holding `checkpoints/`, or
+    that `checkpoints/` folder itself) rather than the output of `qk-jax surgery`, which is
+    only taken when complete (`surgery.require_complete`)."""
+    root = os.path.normpath(root)
+    return root != os.path.normpath(path) or os.path.basename(root) == "checkpoints"
+
+
 def build_state(model: QueryKontext, config, mesh, tx, checkpointer):
     """Fresh (random, plus any pretrained weights the config names), resumed, or initialised
     from another stage's checkpoint. Returns (state, data_state, step)."""
@@ -122,13 +152,18 @@ def build_state(model: QueryKontext, config, mesh, tx, checkpointer):
     target = sharding.abstract_with_shardings(abstract, shardings)
     ema = config.train.ema_decay > 0
     if checkpointer.latest_step() is not None:
-        restored = _restore_run(checkpointer, target, tx, config, ema)
-        return restored
+        try:
+            return _restore_run(checkpointer, target, tx, config, ema)
+        except ckpt_lib.NoGoodCheckpointError as e:  # every step was moved aside (each named in a warning)
+            print(f"{e}; all were moved aside, starting this run from the beginning", flush=True)
     if config.train.init_from:
-        root, _ = ckpt_lib.resolve_run(config.train.init_from)  # a run workdir or a checkpoint root
-        src = ckpt_lib.Checkpointer(root, create=False)
-        params = src.restore(params=target, json_items=())["params"]
-        print(f"initialised from {root} step {src.latest_step()}", flush=True)
+        path = os.fspath(config.train.init_from)
+        root, _ = ckpt_lib.resolve_run(path)  # a run workdir or a checkpoint root
+        if not from_training_run(path, root):  # the output of qk-jax surgery: only a finished one
+            surgery.require_complete(path)
+        restored = ckpt_lib.Checkpointer(root, create=False).restore(params=target, json_items=())
+        params = restored["params"]
+        print(f"initialised from {root} step {restored['step']}", flush=True)
     else:
         params, shardings_tree, _ = sharding.init_sharded(model.init, mesh, jax.random.key(config.train.seed))
         params, loaded = pretrained.load_pretrained(params, config, kcfg, shardings_tree)
@@ -145,7 +180,7 @@ def _restore_run(checkpointer, params_target, tx, config, ema: bool):
     restored = checkpointer.restore(params=params_target, opt_state=opt_target,
                                     ema=jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32,
                                                                                      sharding=a.sharding),
-                                                     trainable_t) if ema else None)
+                                                     trainable_t) if ema else None, quarantine=True)
     trainable, frozen = optim.partition(restored["params"], config.train.trainable)
     state = {"step": jnp.asarray(restored["step"], jnp.int32), "trainable": trainable, "frozen": frozen,
              "opt_state": restored["opt_state"], "ema": restored.get("ema")}
@@ -177,7 +212,7 @@ def train(config, workdir: str) -> dict[str, Any]:
     """Runs (or resumes) one stage; returns a summary (losses, throughput)."""
     distributed.maybe_initialize()
     stop = Stop().install()  # before anything slow: a pre-emption during start-up still checkpoints
-    os.makedirs(workdir, exist_ok=True)
+    check_workdir(workdir)
     processor_dir = ensure_processor(config, workdir)
     special = kontext_config.read_special_token_ids(processor_dir)
     kcfg = kontext_config.validate(config, jax.device_count(),
@@ -208,13 +243,18 @@ def train(config, workdir: str) -> dict[str, Any]:
     if data_state is not None:
         iterator.set_state(data_state)
 
+    nonfinite_mode = config.train.get("nonfinite", "stop")
     step_fn = jax.jit(make_train_step(model, tx, seed=config.train.seed, grad_accum=config.train.grad_accum,
                                       ema_decay=config.train.ema_decay,
-                                      lr_schedule=optim.learning_rate_schedule(config.train)),
+                                      lr_schedule=optim.learning_rate_schedule(config.train),
+                                      skip_nonfinite=nonfinite_mode == "skip_step"),
                       donate_argnums=(0,))
+    guard = NonFiniteGuard(nonfinite_mode, skips=_skips_before(checkpointer, start), last_saved=start or None)
     peak = peak_flops_per_device(config.train.peak_tflops_per_device)
-    writer = _writer(workdir) if main else None
     metrics_path = os.path.join(workdir, "metrics.jsonl")
+    if main:  # a resumed run retrains the steps after its checkpoint: their old records go
+        drop_metrics_after(metrics_path, start)
+    writer = _writer(workdir, purge_step=start + 1 if start else None) if main else None
     losses: list[float] = []
     t_last = time.perf_counter()
     steps_since = 0
@@ -233,37 +273,51 @@ def train(config, workdir: str) -> dict[str, Any]:
             flops_per_step = flops_cache[shape_key]
             with jax.set_mesh(mesh), sharding.activation_rules_context():
                 state, metrics = step_fn(state, place_batch(batch, mesh))
+            checkpointer.check_save()  # a failed background save stops the run at the next step
+            guard.push(step + 1, metrics)
             steps_since += 1
             window = _accumulate(window, metrics)
             last = step + 1 == config.train.steps
             if (step + 1) % config.train.log_every == 0 or last or stop.requested or step == start:
+                guard.settle()
                 m = jax.device_get(window)
                 now = time.perf_counter()
                 dt = (now - t_last) / steps_since
                 record = _record(step + 1, m, steps_since, dt, batch, flops_per_step, peak)
+                record["nonfinite_skips"] = guard.skips
                 t_last, steps_since, window = now, 0, None
                 losses.append(record["loss"])
                 if main:
                     _log(record, metrics_path, writer)
             if (step + 1) % config.train.checkpoint_every == 0 or last or stop.requested:
+                guard.settle()  # nothing non-finite is ever saved
                 checkpointer.save(step + 1, **state_for_checkpoint(state), data=iterator.get_state(),
-                                  config=config, force=True)
-            # Optional extras run after the step's checkpoint is saved, so they cannot lose it.
-            every = config.train.sample_every
-            if config.train.sample_images and (last or (every and (step + 1) % every == 0)):
-                write_samples(config, kcfg, state, processor, mesh, step + 1, workdir, writer)
-            every = config.train.signal.every
-            if signal is not None and (last or (every and (step + 1) % every == 0)):
-                measure_signal(signal, config, kcfg, sampling_params(state), processor, mesh, step + 1,
-                               metrics_path, writer)
+                                  config=config, meta={"nonfinite_skips": guard.skips}, force=True)
+                guard.last_saved = step + 1
             if stop.requested:
                 checkpointer.wait()
                 print(f"signal {stop.signal}: checkpoint written at step {step + 1}; exiting", flush=True)
                 break
+            # Optional extras run after the step's checkpoint is saved, so they cannot lose it; at the
+            # end of the run, after the final save has landed.
+            every = config.train.sample_every
+            samples_due = config.train.sample_images and (last or (every and (step + 1) % every == 0))
+            every = config.train.signal.every
+            signal_due = signal is not None and (last or (every and (step + 1) % every == 0))
+            if last and (samples_due or signal_due):
+                checkpointer.wait()
+            if samples_due:
+                optional_samples(config, kcfg, state, processor, mesh, step + 1, workdir, writer)
+            if signal_due:
+                measure_signal(signal, config, kcfg, sampling_params(state), processor, mesh, step + 1,
+                               metrics_path, writer)
+    except BaseException:
+        checkpointer.close(report=False)  # a pending good save still lands; the first error is the one raised
+        raise
     finally:
-        checkpointer.close()
         if writer is not None:
             writer.close()
+    checkpointer.close()
     return {"stage": config.stage, "start_step": start, "end_step": step + 1 if config.train.steps > start else start,
             "losses": losses, "stopped_by_signal": stop.requested, "workdir": workdir}
 
@@ -310,6 +364,70 @@ def measure_signal(signal, config, kcfg, params, processor, mesh, step: int, met
     return flat
 
 
+class NonFiniteError(RuntimeError):
+    """A non-finite loss, gradient norm or update under `train.nonfinite = "stop"` (names the step)."""
+
+
+class NonFiniteGuard:
+    """Reads each step's `nonfinite` flag one step late (the host does not wait for every
+    step: the next one is already dispatched), and at once before a log line or a save.
+    "stop": NonFiniteError naming the step; "skip_step": the step (already left unchanged
+    inside the jitted step) is counted and reported in one line."""
+
+    def __init__(self, mode: str, skips: int = 0, last_saved: int | None = None):
+        self.mode, self.skips, self.last_saved = mode, skips, last_saved
+        self._pending: tuple[int, Any] | None = None
+
+    def push(self, step: int, metrics) -> None:
+        """After dispatching `step`: settles the previous step and keeps this one pending."""
+        self.settle()
+        self._pending = (step, metrics)
+
+    def settle(self) -> None:
+        """Checks the pending step (waits for it)."""
+        if self._pending is None:
+            return
+        step, metrics = self._pending
+        self._pending = None
+        if not bool(jax.device_get(metrics["nonfinite"])):
+            return
+        if self.mode == "stop":
+            raise NonFiniteError(_nonfinite_message(step, metrics, self.last_saved))
+        self.skips += 1
+        print(f"step {step}: {_nonfinite_what(metrics)} not finite; update skipped ({self.skips} skipped so far)",
+              flush=True)
+
+
+def _nonfinite_what(metrics) -> str:
+    loss, grad_norm = (float(jax.device_get(metrics[k])) for k in ("loss", "grad_norm"))
+    if np.isfinite(loss) and np.isfinite(grad_norm):
+        return "the updated parameters are"
+    return f"loss {loss:.4g} / gradient norm {grad_norm:.4g}"
+
+
+def _nonfinite_message(step: int, metrics, last_saved: int | None) -> str:
+    kept = f"checkpoints up to step {last_saved} are kept" if last_saved else "no checkpoint was written"
+    return (f"step {step}: {_nonfinite_what(metrics)} not finite; stopped without saving it ({kept}; config field "
+            f"train.nonfinite='skip_step' skips such steps instead)")
+
+
+def _skips_before(checkpointer, start: int) -> int:
+    """Non-finite steps skipped before `start` (saved in the step's meta)."""
+    if not start:
+        return 0
+    return int(ckpt_lib.read_json_item(checkpointer.directory, start, "meta").get("nonfinite_skips", 0))
+
+
+def optional_samples(config, kcfg, state, processor, mesh, step: int, workdir: str, writer) -> str | None:
+    """`write_samples`, whose failure (e.g. a dataset without a validation split) costs only
+    the images: it is reported in one line and training goes on."""
+    try:
+        return write_samples(config, kcfg, state, processor, mesh, step, workdir, writer)
+    except Exception as e:  # noqa: BLE001 - an optional extra must not stop (or lose) the run
+        print(f"samples at step {step} not written: {ckpt_lib.first_line(e)}", flush=True)
+        return None
+
+
 def write_samples(config, kcfg, state, processor, mesh, step: int, workdir: str, writer) -> str | None:
     """Generates `train.sample_images` images from validation prompts with the current (EMA)
     weights; writes them to TensorBoard and `workdir/samples/step_<N>.png`. Single-process
@@ -346,10 +464,37 @@ def peak_flops_per_device(override_tflops: float) -> float | None:
     return peak
 
 
-def _writer(workdir: str):
+def _writer(workdir: str, purge_step: int | None = None):
+    """TensorBoard writer; `purge_step` makes TensorBoard drop the earlier events of steps
+    >= purge_step (those a resumed run writes again)."""
     from tensorboardX import SummaryWriter
 
-    return SummaryWriter(os.path.join(workdir, "tb"))
+    return SummaryWriter(os.path.join(workdir, "tb"), purge_step=purge_step)
+
+
+def _record_step(line: str) -> int | None:
+    """The step of a metrics.jsonl line; None for a line cut short by a kill."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def drop_metrics_after(path: str, step: int) -> int:
+    """Removes the records of steps after `step` (and any line cut short by a kill) from
+    metrics.jsonl, rewritten atomically; returns how many lines were dropped."""
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        lines = f.readlines()
+    steps = [_record_step(line) for line in lines]
+    keep = [line for line, s in zip(lines, steps) if s is not None and s <= step]
+    if len(keep) == len(lines):
+        return 0
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
+    return len(lines) - len(keep)
 
 
 def _accumulate(window, metrics):

@@ -11,7 +11,10 @@
 - gradient accumulation scans over micro-batches stacked on a leading axis;
 - the step's randomness is `fold_in(seed, step)`, so a resumed run draws the same noise,
   timesteps and condition dropout as an uninterrupted one;
-- metrics: loss, per-task loss sums and counts, gradient norm, learning rate.
+- a non-finite step (loss, gradient norm or updated parameters not finite) is flagged in
+  the metrics (`nonfinite`); with `skip_nonfinite` its update is dropped inside the step
+  (parameters, optimizer state and EMA stay as they were; the step counter moves on);
+- metrics: loss, per-task loss sums and counts, gradient norm, learning rate, nonfinite.
 """
 
 from __future__ import annotations
@@ -42,10 +45,23 @@ def _task_sums(per_sample: jax.Array, task_id: jax.Array, valid: jax.Array) -> t
     return sums, counts
 
 
+def all_finite(tree: Any) -> jax.Array:
+    """True when every element of every leaf is finite."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def keep_if_finite(finite: jax.Array, new: Any, old: Any) -> Any:
+    """`new` where `finite`, else `old`, leaf by leaf (a skipped update)."""
+    return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+
 def make_train_step(model: QueryKontext, tx: optax.GradientTransformation, *, seed: int, grad_accum: int = 1,
-                    ema_decay: float = 0.0, lr_schedule: Callable | None = None) -> Callable:
+                    ema_decay: float = 0.0, lr_schedule: Callable | None = None,
+                    skip_nonfinite: bool = False) -> Callable:
     """`step(state, batch) -> (state, metrics)`; with `grad_accum > 1` every batch leaf has a
-    leading micro-batch axis of that size."""
+    leading micro-batch axis of that size. With `skip_nonfinite`, a step whose loss, gradient
+    norm or updated parameters are not finite leaves the state unchanged but its step counter."""
     loss_fn = make_loss_fn(model)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     base_key = jax.random.key(seed)
@@ -75,10 +91,15 @@ def make_train_step(model: QueryKontext, tx: optax.GradientTransformation, *, se
         grad_norm = optim.global_norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], trainable)
         trainable = optax.apply_updates(trainable, updates)
-        new_state = dict(state, step=state["step"] + 1, trainable=trainable, opt_state=opt_state)
+        updated = {"trainable": trainable, "opt_state": opt_state}
         if state.get("ema") is not None:
-            new_state["ema"] = optim.ema_update(state["ema"], trainable, optim.ema_decay_at(state["step"], ema_decay))
-        metrics = {"loss": loss, "grad_norm": grad_norm, "task_loss_sum": sums, "task_count": counts}
+            updated["ema"] = optim.ema_update(state["ema"], trainable, optim.ema_decay_at(state["step"], ema_decay))
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(trainable)
+        if skip_nonfinite:
+            updated = keep_if_finite(finite, updated, {k: state[k] for k in updated})
+        new_state = dict(state, step=state["step"] + 1, **updated)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "task_loss_sum": sums, "task_count": counts,
+                   "nonfinite": jnp.logical_not(finite)}
         if lr_schedule is not None:
             metrics["learning_rate"] = lr_schedule(state["step"])
         return new_state, metrics

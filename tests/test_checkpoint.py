@@ -130,3 +130,148 @@ def test_relative_directory(devices, tmp_path, monkeypatch):
 def test_empty_directory_is_a_clear_error(tmp_path):
     with pytest.raises(ckpt_lib.CheckpointError, match="no checkpoint steps"):
         ckpt_lib.Checkpointer(tmp_path / "empty").restore(params={"w": jax.ShapeDtypeStruct((1,), jnp.float32)})
+
+
+def _copy_of(saved, tmp_path):
+    import shutil
+    directory = saved[0]
+    copy = tmp_path / "copy"
+    shutil.copytree(directory, copy)
+    return copy
+
+
+def _data_files(step_dir):
+    return [f for f in glob.glob(str(step_dir / "params" / "**" / "*"), recursive=True)
+            if os.path.isfile(f) and "/d/" in f]
+
+
+def test_checksums_do_not_depend_on_the_mesh(devices, saved):
+    _, params, _, _ = saved
+    one = SingleDeviceSharding(jax.devices()[0])
+    on_one = jax.device_put(params, one)
+    assert ckpt_lib.tree_checksums(on_one) == ckpt_lib.tree_checksums(params)
+    changed = jax.tree.map(lambda x: x, params)
+    changed["embed"] = params["embed"].at[3, 5].add(1e-6)
+    sums, sums_changed = ckpt_lib.tree_checksums(params), ckpt_lib.tree_checksums(changed)
+    assert sums["embed"] != sums_changed["embed"]
+    assert {k: v for k, v in sums.items() if k != "embed"} == {k: v for k, v in sums_changed.items() if k != "embed"}
+
+
+def test_flipped_bytes_are_caught_and_the_step_moved_aside(devices, saved, tmp_path, caplog):
+    _, params, _, _ = saved
+    copy = _copy_of(saved, tmp_path)
+    # Flip 64 bytes in the middle of every params data file of step 2.
+    for f in _data_files(copy / "2"):
+        data = bytearray(open(f, "rb").read())
+        mid = len(data) // 2
+        data[mid:mid + 64] = bytes(b ^ 0xFF for b in data[mid:mid + 64])
+        open(f, "wb").write(bytes(data))
+    one = SingleDeviceSharding(jax.devices()[0])
+    ck = ckpt_lib.Checkpointer(copy)
+    with caplog.at_level("WARNING"):
+        out = ck.restore(params=abstract(params, lambda a: one), quarantine=True)
+    assert out["step"] == 1
+    assert_tree_equal(out["params"], params)
+    warnings = [r.message for r in caplog.records if "step 2" in r.message]
+    assert len(warnings) == 1 and "moved aside" in warnings[0], warnings
+    assert (copy / "2.corrupt").is_dir() and not (copy / "2").exists() and ck.steps() == [1]
+    # The step number is free again: a resumed run saves it without colliding.
+    ck.save(2, params=params, force=True)
+    ck.wait()
+    assert ck.steps() == [1, 2]
+    ck.close()
+
+
+def test_a_changed_checksum_is_a_corrupt_step(devices, saved, tmp_path):
+    import json
+    _, params, _, _ = saved
+    copy = _copy_of(saved, tmp_path)
+    path = copy / "2" / "checksums" / "metadata"
+    sums = json.loads(path.read_text())
+    sums["params"]["embed"] = (sums["params"]["embed"] + 1) % 2**32
+    path.write_text(json.dumps(sums))
+    one = SingleDeviceSharding(jax.devices()[0])
+    with pytest.raises(ckpt_lib.CorruptCheckpointError, match="step 2.*params/embed does not match its checksum"):
+        ckpt_lib.Checkpointer(copy).restore(2, params=abstract(params, lambda a: one))
+    assert ckpt_lib.Checkpointer(copy).restore(params=abstract(params, lambda a: one))["step"] == 1
+
+
+@pytest.mark.parametrize("damage", ["item_folder", "metadata_file", "meta_item", "checksums_item"])
+def test_incomplete_step_falls_back(devices, saved, tmp_path, damage):
+    import shutil
+    _, params, _, opt = saved
+    copy = _copy_of(saved, tmp_path)
+    if damage == "item_folder":
+        shutil.rmtree(copy / "2" / "opt_state")
+    elif damage == "metadata_file":
+        os.remove(copy / "2" / "params" / "_METADATA")
+    elif damage == "meta_item":
+        shutil.rmtree(copy / "2" / "meta")
+    else:
+        shutil.rmtree(copy / "2" / "checksums")
+    one = SingleDeviceSharding(jax.devices()[0])
+    ck = ckpt_lib.Checkpointer(copy)
+    out = ck.restore(params=abstract(params, lambda a: one), opt_state=abstract(opt, lambda a: one), quarantine=True)
+    assert out["step"] == 1 and ck.steps() == [1] and (copy / "2.corrupt").is_dir()
+    with pytest.raises(ckpt_lib.CheckpointError, match="no readable checkpoint.*steps \\[1\\]"):
+        shutil.rmtree(copy / "1" / "opt_state")
+        ck.restore(params=abstract(params, lambda a: one), opt_state=abstract(opt, lambda a: one))
+
+
+def test_an_error_outside_the_checkpoint_stops_without_skipping(devices, saved, tmp_path, monkeypatch):
+    _, params, _, _ = saved
+    copy = _copy_of(saved, tmp_path)
+    ck = ckpt_lib.Checkpointer(copy)
+
+    def out_of_memory(*a, **k):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.00GiB")
+
+    monkeypatch.setattr(ck._manager, "restore", out_of_memory)
+    one = SingleDeviceSharding(jax.devices()[0])
+    with pytest.raises(ckpt_lib.CheckpointError, match="step 2 .*RESOURCE_EXHAUSTED.*nothing was skipped"):
+        ck.restore(params=abstract(params, lambda a: one), quarantine=True)
+    assert ck.steps() == [1, 2] and not (copy / "2.corrupt").exists()
+
+
+def test_a_failed_background_save_surfaces_at_the_next_check(devices, tmp_path):
+    import resource
+    import signal
+    import time
+
+    ck = ckpt_lib.Checkpointer(tmp_path / "full", max_to_keep=1)
+    big = {"w": jax.random.normal(jax.random.key(0), (200_000,))}
+    ck.save(1, params=big)
+    ck.wait()
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, old_limit[1]))  # every larger file write fails: a full disk
+    try:
+        ck.save(2, params=jax.tree.map(lambda x: x + 1, big))
+        deadline = time.time() + 60
+        with pytest.raises(ckpt_lib.CheckpointSaveError, match=r"saving checkpoint .*/2 failed: .*File too large"):
+            while time.time() < deadline:
+                ck.check_save()
+                time.sleep(0.05)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    with pytest.raises(ckpt_lib.CheckpointSaveError):  # reported again, never swallowed
+        ck.check_save()
+    ck.close()  # releases the manager without a second report
+    assert ckpt_lib.Checkpointer(tmp_path / "full").steps() == [1]  # the previous good step survives
+
+
+def test_a_step_written_before_checksums_restores_unverified_with_a_warning(devices, saved, tmp_path, caplog):
+    import json
+    import shutil
+    _, _, params2, _ = saved
+    copy = _copy_of(saved, tmp_path)
+    shutil.rmtree(copy / "2" / "checksums")
+    meta = copy / "2" / "meta" / "metadata"
+    meta.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items() if k != "checksummed"}))
+    one = SingleDeviceSharding(jax.devices()[0])
+    with caplog.at_level("WARNING"):
+        out = ckpt_lib.Checkpointer(copy).restore(params=abstract(params2, lambda a: one))
+    assert out["step"] == 2
+    assert_tree_equal(out["params"], params2)
+    assert any("step 2" in r.message and "no checksums" in r.message for r in caplog.records)
