@@ -29,6 +29,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from absl import flags
 
+from qk_jax.convert.registry import param_shardings  # noqa: F401 - used here and by callers of this module
+
 _MODEL = flags.DEFINE_string("model", "qwen2_5_vl", "Model family (see qk_jax.convert.registry.MODELS).")
 _FROM_HF = flags.DEFINE_string("from_hf", None, "HF / diffusers folder to read (config.json + safetensors).")
 _TO_ORBAX = flags.DEFINE_string("to_orbax", None, "Orbax checkpoint directory to write.")
@@ -67,16 +69,6 @@ def _dtype(name: str | None) -> Any:
     import jax.numpy as jnp
 
     return {"float32": np.float32, "bfloat16": jnp.bfloat16}[name]
-
-
-def param_shardings(spec, cfg, mesh) -> Any:
-    """NamedShardings of the model's parameter tree on `mesh` (from logical axes; nothing allocated)."""
-    from qk_jax import sharding
-
-    boxed = spec.abstract(cfg)
-    abstract, logical = sharding.abstract_init(lambda: boxed)
-    wrapped = sharding.tree_shardings({spec.submodel: abstract}, {spec.submodel: logical}, mesh)
-    return abstract, wrapped[spec.submodel]
 
 
 def hf_to_orbax(model: str, hf_folder: str, orbax_dir: str, *, mesh_cfg: Mapping[str, int] | None = None,
