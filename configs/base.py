@@ -65,6 +65,19 @@ SIZES = {
 
 # Qwen2.5-VL-7B with the public Qwen-Image 20B MMDiT and its VAE in stages 2-3.
 SIZES["qwen_image"] = dict(SIZES["paper"], dit=dict(size="qwen_image_20b", overrides={}))
+# The `qwen_image` recipe at test scale: the architectures of the tiny Qwen2.5-VL-7B-Instruct /
+# Qwen-Image look-alike folders the tests build (tests/published_layout.py: the tiny VLM with
+# the tokenizer's token ids, the tiny Qwen-Image transformer as stage-1 head and stage-2 DiT, the
+# tiny Qwen-Image VAE, 4x), so that the README's commands from the published weights run on
+# them in seconds. Not a model to train.
+SIZES["qwen_image_tiny"] = dict(
+    vlm="tiny", num_queries=4, image_size=32, vlm_image_size=84, max_text_len=(64, 112),
+    head=dict(size="tiny", overrides={}), dit=dict(size="tiny", overrides={}),
+    vae=dict(kind="qwen_image", size="qwen_image_tiny", factor=4),
+    connector=dict(kind="mlp", hidden_dim=64, out_dim=24),
+    lora_vlm=dict(rank=4, alpha=4.0), lora_dit=dict(rank=4, alpha=4.0),
+    batch_size=2, steps=2, learning_rate=1e-3, mesh=dict(data=-1, fsdp=1, tensor=1), sample_images=1,
+    signal_samples=0)
 
 
 def stage_config(stage: int, size: str) -> ml_collections.ConfigDict:
@@ -113,11 +126,11 @@ def stage_config(stage: int, size: str) -> ml_collections.ConfigDict:
     t.checkpoint_every = 100
     t.keep_checkpoints = 2
     t.sample_every = 0  # TensorBoard sample images every N steps (0: only at the end)
-    t.sample_images = 4  # validation t2i prompts sampled at those points (0: none)
+    t.sample_images = s.get("sample_images", 4)  # validation t2i prompts sampled at those points (0: none)
     # The learning signal (qk_jax/eval/signal.py) on fixed validation records, every `every`
     # steps and at the end of the run (samples=0: off): condition gain per timestep,
     # completions from partly noised images, judge scores of full samples.
-    t.signal = dict(every=0, samples=8, noise_seeds=2, completion_steps=10, judge_samples=8)
+    t.signal = dict(every=0, samples=s.get("signal_samples", 8), noise_seeds=2, completion_steps=10, judge_samples=8)
     t.peak_tflops_per_device = 0.0  # 0: from the device kind (measured on CPU)
     t.init_from = ""  # an Orbax checkpoint of this stage to start from (written by `qk-jax surgery`)
     t.nonfinite = "stop"  # a non-finite loss / gradient / update: "stop" (exit, nothing saved) or "skip_step"

@@ -29,7 +29,8 @@ TOOLS: dict[str, tuple[str, str]] = {
     "parity": ("qk_jax.parity.cli", "compare a model with its PyTorch reference: qk-jax parity <model> --checkpoint DIR"),
     "data": ("qk_jax.data.cli", "datasets: `data shapes` (generate Kontext-Shapes), `data import` (JSONL manifest)"),
     "eval": ("qk_jax.eval.cli", "the judge: `eval detect IMAGE...`, `eval score` generations against scene graphs"),
-    "convert": ("qk_jax.convert.cli", "HF/diffusers safetensors <-> Orbax: --from-hf DIR --to-orbax DIR (or back)"),
+    "convert": ("qk_jax.convert.cli", "HF/diffusers safetensors <-> Orbax: --from-hf DIR --to-orbax DIR (or back); a "
+                                      "run's sub-model -> HF: --from-run RUN --subtree vlm|generator|vae --to-hf DIR"),
 }
 
 

@@ -23,9 +23,10 @@ from qk_jax.convert import sources as weight_sources
 from qk_jax.convert.mapping import flatten_tree
 from qk_jax.models.pixel_ae import PixelSpaceConfig
 
-# Fields that are run-time choices, not architecture: ignored when comparing configs.
+# Fields that are run-time choices, not architecture: ignored when comparing configs. The
+# special-token ids come from the run's tokenizer (`Qwen25VLConfig.with_special_tokens`).
 RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "attention_impl", "image_token_id", "video_token_id",
-                  "vision_start_token_id", "vision_end_token_id")
+                  "vision_start_token_id", "vision_end_token_id", "bos_token_id", "eos_token_id", "pad_token_id")
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:

@@ -25,13 +25,11 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from PIL import Image
 
-from qk_jax import checkpoint as ckpt_lib
 from qk_jax import guidance as guidance_lib
-from qk_jax import kontext_config, optim, samplers, sharding
+from qk_jax import run_params, samplers, sharding
 from qk_jax.config import ConfigError
 from qk_jax.data import pipeline as data_pipeline
 from qk_jax.data import records as records_lib
@@ -39,7 +37,6 @@ from qk_jax.data import vlm_inputs
 from qk_jax.models.kontext import QueryKontext
 from qk_jax.models.kontext_inputs import place_batch, prepare_batch
 from qk_jax.models.lora import apply_lora
-from qk_jax.checkpoint import resolve_run
 
 
 def load_image(path: str) -> np.ndarray:
@@ -77,38 +74,11 @@ class Sampler:
     def from_checkpoint(cls, checkpoint: str, *, use_ema: bool = True, mesh_spec=None, step: int | None = None
                         ) -> "Sampler":
         """A run workdir (or checkpoint folder): its config, processor and (EMA) weights."""
-        root, processor_dir = resolve_run(checkpoint)
-        if processor_dir is None:
-            raise FileNotFoundError(f"no processor/ folder next to the checkpoint {root}")
-        reader = ckpt_lib.Checkpointer(root, create=False)
-        chosen: dict[str, Any] = {}
-
-        def targets_for(s: int, items: dict) -> dict[str, Any]:
-            """The step's own config decides the model, mesh and targets."""
-            config = ml_collections.ConfigDict(items["config"])
-            if mesh_spec:
-                config.mesh = dict(mesh_spec)
-            kcfg = kontext_config.build_kontext_config(config, kontext_config.read_special_token_ids(processor_dir))
-            mesh = sharding.make_mesh(config.mesh)
-            with jax.set_mesh(mesh), sharding.activation_rules_context():
-                abstract, specs = sharding.abstract_init(QueryKontext(kcfg).init, jax.random.key(0))
-                target = sharding.abstract_with_shardings(abstract, sharding.tree_shardings(abstract, specs, mesh))
-            ema_target = None
-            if use_ema and "ema" in reader.items_in(s):
-                ema_target, _ = optim.partition(target, config.train.trainable)
-            chosen.update(config=config, kcfg=kcfg, mesh=mesh, ema=ema_target is not None)
-            return {"params": target, "ema": ema_target} if ema_target is not None else {"params": target}
-
-        if reader.latest_step() is None:
-            raise FileNotFoundError(f"no checkpoint steps in {root}")
-        restored = reader.restore_newest(targets_for, step=step, json_items=(), required=("config",))
-        config, kcfg, mesh, step = chosen["config"], chosen["kcfg"], chosen["mesh"], restored["step"]
-        params = restored["params"]
-        if chosen["ema"]:  # the EMA replaces the trained weights
-            _, frozen = optim.partition(params, config.train.trainable)
-            params = optim.combine(restored["ema"], frozen)
-        return cls(config, kcfg, params, vlm_inputs.load_processor(processor_dir), mesh, step=step,
-                   used_ema=chosen["ema"])
+        run = run_params.restore(checkpoint, use_ema=use_ema, mesh_spec=mesh_spec, step=step)
+        if run.processor_dir is None:
+            raise FileNotFoundError(f"no processor/ folder next to the checkpoint {run.root}")
+        return cls(run.config, run.kcfg, run.params, vlm_inputs.load_processor(run.processor_dir), run.mesh,
+                   step=run.step, used_ema=run.used_ema)
 
     # ------------------------------------------------------------------ inputs
 

@@ -284,8 +284,9 @@ def _load_dit(folder: str, dst_k, mesh, layers: str = "all") -> tuple[dict, list
     from the Orbax checkpoint `qk-jax convert --to-orbax` wrote from one, and the source block
     of each target block (`layers`: see `dit_blocks.block_indices`; a shallower target, e.g.
     dit_10b from Qwen-Image with "every_other", takes a subset of the source's blocks)."""
+    # not qk_jax.convert.cli: its absl flags (--step, ...) would clash with this tool's
     from qk_jax.convert import registry, sources
-    from qk_jax.convert.cli import param_shardings
+    from qk_jax.convert.registry import param_shardings
 
     model = "qwen_image" if dst_k.generator.family == "qwen_image" else "flux"
     cfg = sources.read_config(model, folder)

@@ -119,17 +119,19 @@ def qwen_vl_folder(folder, layout: str = "legacy", seed: int = 0) -> dict:
     return config
 
 
-def diffusers_pipeline_folder(folder, name: str, seed: int = 0) -> dict[str, dict]:
+def diffusers_pipeline_folder(folder, name: str, seed: int = 0, tiny: dict | None = None) -> dict[str, dict]:
     """A tiny `Qwen-Image` or `FLUX.1-dev` pipeline folder: `transformer/` and `vae/` with the
-    published config.json keys (tiny values) and bfloat16 sharded weights + index, and the
+    published config.json keys (tiny values; `tiny` changes some, e.g.
+    `{"transformer": {"num_layers": 4}}`) and bfloat16 sharded weights + index, and the
     published `scheduler/scheduler_config.json`. Returns {component: config dict}."""
     from diffusers import AutoencoderKL, AutoencoderKLQwenImage, FluxTransformer2DModel, QwenImageTransformer2DModel
 
-    tiny, classes = {"Qwen-Image": (QWEN_IMAGE_TINY, (QwenImageTransformer2DModel, AutoencoderKLQwenImage)),
+    sizes, classes = {"Qwen-Image": (QWEN_IMAGE_TINY, (QwenImageTransformer2DModel, AutoencoderKLQwenImage)),
                      "FLUX.1-dev": (FLUX_TINY, (FluxTransformer2DModel, AutoencoderKL))}[name]
     configs = {}
     for i, (component, cls) in enumerate(zip(("transformer", "vae"), classes)):
-        config = tiny_config(published_config(name, component, "config.json"), tiny[component])
+        values = dict(sizes[component], **(tiny or {}).get(component, {}))
+        config = tiny_config(published_config(name, component, "config.json"), values)
         torch.manual_seed(seed + i)
         model = randomize(cls.from_config(config), seed + i, norms_only=component == "vae")
         write_shards(os.path.join(folder, component), dict(model.state_dict()), "diffusion_pytorch_model.safetensors",

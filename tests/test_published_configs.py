@@ -122,3 +122,31 @@ def test_ignored_keys_warn_once_and_unsupported_values_are_named(caplog):
                                                                 "mrope_section": [16, 24, 24]}})
     with pytest.raises(ConfigError, match="use_sliding_window"):
         Qwen25VLConfig.from_hf_config({**flat, "use_sliding_window": True})
+
+
+@pytest.mark.parametrize("name", sorted(VLMS))
+def test_exported_qwen2_5_vl_config_is_the_published_file(name):
+    """What `convert --to-hf` / `--from-run` write for a published VLM is its config.json,
+    value for value (less the transformers version and max_window_layers, which the 3B file
+    sets to 70 > its depth; neither changes the model while use_sliding_window is false)."""
+    from qk_jax.convert import published_configs
+
+    published = _json(name, "config.json")
+    cfg = Qwen25VLConfig.from_hf_config(published)
+    exported = published_configs.qwen2_5_vl(cfg, "bfloat16")
+    skip = {"transformers_version", "max_window_layers"}
+    assert {k: v for k, v in exported.items() if k not in skip} == {k: v for k, v in published.items() if k not in skip}
+    assert Qwen25VLConfig.from_hf_config(exported) == cfg
+
+
+@pytest.mark.parametrize("model,component", [("qwen_image", "transformer"), ("qwen_image_vae", "vae")])
+def test_exported_qwen_image_configs_are_the_published_files(model, component, tmp_path):
+    """The Qwen-Image transformer / VAE config.json an export writes equals the published one
+    (less `_diffusers_version`, which diffusers' own save_pretrained writes)."""
+    from qk_jax.convert import published_configs
+
+    published = _json("Qwen-Image", component, "config.json")
+    cfg = registry.get_model(model).config_from_dict(published)
+    exported = (published_configs.qwen_image_transformer(cfg) if component == "transformer"
+                else cfg.to_diffusers_config())
+    assert exported == {k: v for k, v in published.items() if k != "_diffusers_version"}

@@ -3,6 +3,7 @@
     qk-jax convert --model qwen2_5_vl --from-hf Qwen2.5-VL-7B-Instruct --to-orbax ckpt/vlm \\
         --mesh data=1,fsdp=-1,tensor=1 --dtype bfloat16 --step 0
     qk-jax convert --model qwen2_5_vl --from-orbax ckpt/vlm --to-hf exported [--step N] [--dtype float32]
+    qk-jax convert --from-run runs/stage3 --subtree generator --to-hf exported/transformer [--step N] [--no-ema]
 
 HF -> Orbax: the parameter tree's shapes and logical axes come from the config alone
 (`jax.eval_shape`), are mapped to NamedShardings on the `--mesh` with the model's rule
@@ -17,6 +18,9 @@ restored sharded on the mesh and fetched to the host one tensor at a time while 
 safetensors shards are written; the folder loads with the PyTorch class's
 `from_pretrained`. A float32 round trip HF -> Orbax -> HF is bit-identical.
 
+A training run -> HF: `--from-run RUN --subtree vlm|generator|vae` exports one sub-model
+of a run (EMA weights where the run keeps them, LoRA merged), see `qk_jax.convert.from_run`.
+
 Models are registered in `qk_jax.convert.registry.MODELS`.
 """
 
@@ -29,14 +33,22 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from absl import flags
 
+from qk_jax.convert.registry import param_shardings  # noqa: F401 - used here and by callers of this module
+
 _MODEL = flags.DEFINE_string("model", "qwen2_5_vl", "Model family (see qk_jax.convert.registry.MODELS).")
 _FROM_HF = flags.DEFINE_string("from_hf", None, "HF / diffusers folder to read (config.json + safetensors).")
 _TO_ORBAX = flags.DEFINE_string("to_orbax", None, "Orbax checkpoint directory to write.")
 _FROM_ORBAX = flags.DEFINE_string("from_orbax", None, "Orbax checkpoint directory to read.")
+_FROM_RUN = flags.DEFINE_string("from_run", None, "A training run (workdir or checkpoint root) to export a "
+                                                 "sub-model of, with --subtree and --to-hf.")
+_SUBTREE = flags.DEFINE_enum("subtree", None, ["vlm", "generator", "vae"],
+                             "With --from-run: the sub-model to export (the generator is the stage-1 head or the DiT).")
+_EMA = flags.DEFINE_bool("ema", True, "With --from-run: export the EMA weights where the run keeps them.")
 _TO_HF = flags.DEFINE_string("to_hf", None, "HF folder to write (replaced atomically if it exists).")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
                            "Parameter dtype written (default: float32 into Orbax, the stored dtype into HF).")
-_STEP = flags.DEFINE_integer("step", None, "Orbax step to write (default 0) or read (default: the newest).")
+_STEP = flags.DEFINE_integer("step", None, "Orbax step to write (default 0) or read, or the run step to export "
+                             "(default: the newest).")
 _MESH = flags.DEFINE_string("mesh", "data=1,fsdp=-1,tensor=1",
                             "Mesh the parameters are sharded on, e.g. data=1,fsdp=4,tensor=2 (-1: the rest).")
 
@@ -67,16 +79,6 @@ def _dtype(name: str | None) -> Any:
     import jax.numpy as jnp
 
     return {"float32": np.float32, "bfloat16": jnp.bfloat16}[name]
-
-
-def param_shardings(spec, cfg, mesh) -> Any:
-    """NamedShardings of the model's parameter tree on `mesh` (from logical axes; nothing allocated)."""
-    from qk_jax import sharding
-
-    boxed = spec.abstract(cfg)
-    abstract, logical = sharding.abstract_init(lambda: boxed)
-    wrapped = sharding.tree_shardings({spec.submodel: abstract}, {spec.submodel: logical}, mesh)
-    return abstract, wrapped[spec.submodel]
 
 
 def hf_to_orbax(model: str, hf_folder: str, orbax_dir: str, *, mesh_cfg: Mapping[str, int] | None = None,
@@ -167,10 +169,23 @@ def main(argv: Sequence[str]) -> None:
     from qk_jax.checkpoint import CheckpointError
     from qk_jax.convert.safetensors_io import CorruptCheckpointError
 
+    from qk_jax.convert.from_run import ExportError, run_to_hf
+
+    if _FROM_RUN.value or _SUBTREE.value:
+        if not (_FROM_RUN.value and _SUBTREE.value and _TO_HF.value) or _FROM_HF.value or _FROM_ORBAX.value \
+                or _TO_ORBAX.value:
+            raise SystemExit("qk-jax convert: --from-run RUN --subtree vlm|generator|vae --to-hf DIR go together")
+        try:
+            run_to_hf(_FROM_RUN.value, _SUBTREE.value, _TO_HF.value, step=_STEP.value, use_ema=_EMA.value,
+                      dtype=_dtype(_DTYPE.value), mesh_cfg=parse_mesh(_MESH.value) if _MESH.present else None)
+        except (FileNotFoundError, CheckpointError, ExportError, ValueError) as e:
+            raise SystemExit(f"qk-jax convert: {e}") from None
+        return
     to_orbax = bool(_FROM_HF.value or _TO_ORBAX.value)
     to_hf = bool(_FROM_ORBAX.value or _TO_HF.value)
     if to_orbax == to_hf:
-        raise SystemExit("qk-jax convert: give either --from-hf DIR --to-orbax DIR or --from-orbax DIR --to-hf DIR")
+        raise SystemExit("qk-jax convert: give either --from-hf DIR --to-orbax DIR, --from-orbax DIR --to-hf DIR "
+                         "or --from-run RUN --subtree NAME --to-hf DIR")
     try:
         mesh_cfg = parse_mesh(_MESH.value)
         if to_orbax:

@@ -17,6 +17,7 @@ import json
 import os
 from typing import Any
 
+import jax
 import numpy as np
 
 from qk_jax.convert import safetensors_io
@@ -119,8 +120,13 @@ def load_hf(folder: str | os.PathLike, dtype: Any = np.float32, shardings: Any =
 
 def export_hf(folder: str | os.PathLike, cfg: Qwen25VLConfig, params: dict, dtype: Any = None,
               max_shard_bytes: int = 4 << 30) -> list[str]:
-    """Writes `config.json` + safetensors (sharded with an index above `max_shard_bytes`)
-    that `Qwen2_5_VLForConditionalGeneration.from_pretrained` loads. Returns the shard names."""
-    extra = {"config.json": json.dumps(cfg.to_hf_config(), indent=2)}
+    """Writes `config.json` (the published flat layout, `published_configs.qwen2_5_vl`) +
+    safetensors (sharded with an index above `max_shard_bytes`) that
+    `Qwen2_5_VLForConditionalGeneration.from_pretrained` loads. Returns the shard names."""
+    from qk_jax.convert import published_configs
+
+    stored = {np.dtype(x.dtype).name for x in jax.tree.leaves(params)}
+    dtype_name = np.dtype(dtype).name if dtype is not None else (stored.pop() if len(stored) == 1 else "float32")
+    extra = {"config.json": json.dumps(published_configs.qwen2_5_vl(cfg, dtype_name), indent=2)}
     return safetensors_io.save_params(folder, params, hf_mapping(cfg), dtype=dtype, extra_files=extra,
                                       max_shard_bytes=max_shard_bytes)

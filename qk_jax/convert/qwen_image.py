@@ -69,6 +69,9 @@ def load(path, *, dtype: Any = None, shardings: Any = None, **runtime) -> tuple[
 
 
 def save(folder, config: MMDiTConfig, params: Any, *, dtype: Any = None, max_shard_bytes: int = 4 << 30) -> list[str]:
-    """Exports to a folder `QwenImageTransformer2DModel.from_pretrained` loads."""
-    return diffusers_io.save_tree(folder, params, mapping(config), config.to_diffusers_config(), dtype=dtype,
-                                  max_shard_bytes=max_shard_bytes)
+    """Exports to a folder `QwenImageTransformer2DModel.from_pretrained` loads (config.json in
+    the published layout, `published_configs.qwen_image_transformer`)."""
+    from qk_jax.convert import published_configs
+
+    return diffusers_io.save_tree(folder, params, mapping(config), published_configs.qwen_image_transformer(config),
+                                  dtype=dtype, max_shard_bytes=max_shard_bytes)

@@ -143,6 +143,16 @@ MODELS: dict[str, Callable[[], ModelSpec]] = {
 }
 
 
+def param_shardings(spec, cfg, mesh) -> Any:
+    """NamedShardings of the model's parameter tree on `mesh` (from logical axes; nothing allocated)."""
+    from qk_jax import sharding  # imported here: `qk-jax convert --help` imports no model
+
+    boxed = spec.abstract(cfg)
+    abstract, logical = sharding.abstract_init(lambda: boxed)
+    wrapped = sharding.tree_shardings({spec.submodel: abstract}, {spec.submodel: logical}, mesh)
+    return abstract, wrapped[spec.submodel]
+
+
 def get_model(name: str) -> ModelSpec:
     if name not in MODELS:
         raise ValueError(f"--model={name!r} is not a known model; known: {', '.join(sorted(MODELS))}")

@@ -79,9 +79,13 @@ class QwenImageVAEConfig:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}, **runtime)
 
     def to_diffusers_config(self) -> dict[str, Any]:
+        """The config.json dict in the published layout: Qwen-Image's vae/config.json predates
+        `input_channels`, which is written only when it is not diffusers' default of 3."""
         out = {"_class_name": "AutoencoderKLQwenImage"}
         for k in self._KEYS:
             v = getattr(self, k)
+            if k == "input_channels" and v == 3:
+                continue
             out[k] = list(v) if isinstance(v, tuple) else v
         return out
 

@@ -13,6 +13,7 @@ Named sizes (`get_config(name)`): `tiny` (tests), `demo` (a small CPU model that
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any, Mapping
 
@@ -121,7 +122,7 @@ class Qwen25VLConfig:
         """Builds a config from a `config.json` dict (nested or legacy flat layout)."""
         from transformers import Qwen2_5_VLConfig
 
-        hf = dict(hf)
+        hf = copy.deepcopy(dict(hf))  # transformers' config class rewrites nested dicts (rope_scaling) in place
         if hf.get("model_type", "qwen2_5_vl") != "qwen2_5_vl":
             raise ConfigError(f"config.json model_type is {hf.get('model_type')!r}, expected 'qwen2_5_vl'")
         try:
