@@ -149,6 +149,7 @@ def stage_config(stage: int, size: str) -> ml_collections.ConfigDict:
     sm.guidance = 4.0
     sm.image_guidance = 1.5
     sm.method = "euler"
+    sm.guidance_mode = "cfg"  # "cfg" | "true_cfg" (Qwen-Image: CFG rescaled per token to the conditional norm)
     # a diffusers scheduler_config.json or pipeline folder to take the schedule from ("": the
     # generator checkpoint's scheduler when it has one, else the training shift; see Sampler.schedule)
     sm.scheduler = ""

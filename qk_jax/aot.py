@@ -290,7 +290,7 @@ def compile_sample(model, config, mesh, params, batch, sample_batch: int) -> dic
     args = (inference, rows_of(jax.ShapeDtypeStruct((1, n_target, c_in), jnp.float32), sample_batch),
             f32((steps + 1,)), f32((steps,)), rows_of(cond, sample_batch), rows_of(mask, sample_batch),
             cond_tokens, rows_of(one_batch["img_ids"], sample_batch), f32(()), f32(()))
-    loop = sample_loop(model, s.method, text_cfg, dual)
+    loop = sample_loop(model, s.method, text_cfg, dual, s.get("guidance_mode", "cfg"))
     compiled, lower_s, compile_s = _compile(loop, args, mesh)
     branches = 3 if dual else (2 if text_cfg else 1)
     evals = steps * (2 if s.method == "heun" else 1)

@@ -130,7 +130,8 @@ class Sampler:
             sigmas, timesteps = samplers.flow_schedule(steps, self.schedule(), sigmas=samplers.pipeline_sigmas(steps),
                                                        image_seq_len=n_target)
             noise = jax.random.normal(jax.random.key(seed), (len(records), n_target, self.kcfg.generator.in_channels))
-            key = (method, guidance != 1.0, cond_tokens is not None and image_guidance != 1.0)
+            key = (method, guidance != 1.0, cond_tokens is not None and image_guidance != 1.0,
+                   self.config.sample.get("guidance_mode", "cfg"))
             if key not in self._loops:
                 self._loops[key] = jax.jit(self._loop(*key))
             tokens = self._loops[key](self.params, noise, jnp.asarray(sigmas), jnp.asarray(timesteps), cond, mask,
@@ -180,12 +181,15 @@ class Sampler:
                                               max_image_seq_len=t.max_seq_len)
         return samplers.FlowMatchSchedule(shift=t.static_shift if t.shift == "static" else 1.0)
 
-    def _loop(self, method: str, text_cfg: bool, dual: bool):
+    def _loop(self, method: str, text_cfg: bool, dual: bool, guidance_mode: str):
         """The sampling loop for one guidance layout (see `sample_loop`)."""
-        return sample_loop(self.model, method, text_cfg, dual)
+        return sample_loop(self.model, method, text_cfg, dual, guidance_mode)
 
 
-def sample_loop(model: QueryKontext, method: str, text_cfg: bool, dual: bool):
+GUIDANCE_MODES = ("cfg", "true_cfg")
+
+
+def sample_loop(model: QueryKontext, method: str, text_cfg: bool, dual: bool, guidance_mode: str = "cfg"):
     """The sampling loop (jit it) for one guidance layout; the scales are traced arguments:
 
         loop(params, noise (B, N, C), sigmas (S+1,), timesteps (S,), cond (B, T+K, D_cond),
@@ -194,7 +198,13 @@ def sample_loop(model: QueryKontext, method: str, text_cfg: bool, dual: bool):
 
     Every step is one batched DiT call over the guidance branches: [full] (no guidance),
     [full, no text] (text CFG), or [full, no text, neither] (dual guidance with input images).
+    `guidance_mode` (config `sample.guidance_mode`) combines the text-CFG branches as plain
+    CFG or as Qwen-Image's "true CFG" (`guidance.true_cfg`: rescaled per token to the
+    conditional velocity's norm).
     """
+    if guidance_mode not in GUIDANCE_MODES:
+        raise ConfigError(f"config field sample.guidance_mode={guidance_mode!r}; expected one of {GUIDANCE_MODES}")
+    text_combine = guidance_lib.true_cfg if guidance_mode == "true_cfg" else guidance_lib.cfg
 
     def loop(params, noise, sigmas, timesteps, cond, mask, cond_tokens, img_ids, g, ig):
         def model_fn(x, t, c):
@@ -207,7 +217,7 @@ def sample_loop(model: QueryKontext, method: str, text_cfg: bool, dual: bool):
             vel = guidance_lib.guided_velocity(model_fn, [full, no_text, uncond],
                                                lambda c, i, u: guidance_lib.dual_cfg(c, i, u, g, ig))
         elif text_cfg:
-            vel = guidance_lib.guided_velocity(model_fn, [full, no_text], lambda c, u: guidance_lib.cfg(c, u, g))
+            vel = guidance_lib.guided_velocity(model_fn, [full, no_text], lambda c, u: text_combine(c, u, g))
         else:
             vel = guidance_lib.guided_velocity(model_fn, [full], lambda c: c)
         return samplers.sample(vel, noise, sigmas, timesteps, method)

@@ -186,3 +186,39 @@ def test_four_step_sampling_loop_equals_diffusers(tmp_path):
     ours = run(latents)
     assert rel_err(ours, ref) < 1e-4
     assert rel_err(ours, latents) > 0.1  # the loop really moved the latents
+
+
+def test_sample_loop_guidance_mode_true_cfg():
+    """`sample.guidance_mode="true_cfg"` reaches the sampling loop: the text-CFG branches are
+    combined by Qwen-Image's norm-rescaled CFG, every Euler step."""
+    from qk_jax import samplers
+    from qk_jax.config import ConfigError
+    from qk_jax.sample import sample_loop
+
+    class Model:  # a velocity that depends on whether the text is masked out
+        @staticmethod
+        def velocity(params, x, tokens, img_ids, cond, mask, t):
+            on = jnp.any(mask, axis=1).astype(x.dtype)[:, None, None]
+            return params["a"] * x + on * params["b"] * jnp.sin(x) + t[:, None, None]
+
+    params = {"a": jnp.float32(-0.7), "b": jnp.float32(0.9)}
+    noise = jax.random.normal(jax.random.key(0), (2, 5, 4))
+    sigmas, timesteps = samplers.flow_schedule(4, samplers.FlowMatchSchedule(shift=1.0))
+    cond, mask = jnp.zeros((2, 3, 8)), jnp.ones((2, 3), bool)
+    img_ids = jnp.zeros((2, 5, 3))
+
+    def manual(combine):
+        x = noise
+        for i in range(4):
+            t = jnp.full((2,), timesteps[i])
+            v = combine(Model.velocity(params, x, None, img_ids, cond, mask, t),
+                        Model.velocity(params, x, None, img_ids, cond, jnp.zeros_like(mask), t), 3.0)
+            x = x + (sigmas[i + 1] - sigmas[i]) * v
+        return x
+
+    for mode, combine in (("cfg", guidance.cfg), ("true_cfg", guidance.true_cfg)):
+        loop = jax.jit(sample_loop(Model(), "euler", True, False, mode))
+        out = loop(params, noise, sigmas, timesteps, cond, mask, None, img_ids, jnp.float32(3.0), jnp.float32(1.0))
+        np.testing.assert_allclose(out, manual(combine), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match="sample.guidance_mode"):
+        sample_loop(Model(), "euler", True, False, "truecfg")
