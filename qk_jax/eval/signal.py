@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from typing import Any
 
 import jax
@@ -217,7 +216,7 @@ def flatten(values: dict[str, Any]) -> dict[str, float]:
             flat[f"completion_psnr/{task}@{t}"] = v["psnr"]
     for task, v in values.get("judge", {}).items():
         flat[f"judge/{task}"] = v
-    return {k: (round(v, 5) if isinstance(v, float) and math.isfinite(v) else v) for k, v in flat.items()}
+    return flat
 
 
 def summary_line(values: dict[str, Any]) -> str:
