@@ -125,6 +125,7 @@ def stage_config(stage: int, size: str) -> ml_collections.ConfigDict:
     t.log_every = 10
     t.checkpoint_every = 100
     t.keep_checkpoints = 2
+    t.keep_period = 0  # also keep every step divisible by this (0: none), for long runs
     t.sample_every = 0  # TensorBoard sample images every N steps (0: only at the end)
     t.sample_images = s.get("sample_images", 4)  # validation t2i prompts sampled at those points (0: none)
     # The learning signal (qk_jax/eval/signal.py) on fixed validation records, every `every`

@@ -183,15 +183,17 @@ class Checkpointer:
     Args:
       directory: local path or any `etils.epath` URL (gs://...).
       max_to_keep: keep the newest N steps (None: keep all).
+      keep_period: also keep every step divisible by this (None / 0: none), so a long run
+        keeps periodic steps to go back to beside the newest N.
       async_save: write in a background thread; call `wait()` before reading back.
       save_interval_steps: `save()` is a no-op for other steps unless `force=True`.
     """
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3, async_save: bool = True,
-                 save_interval_steps: int = 1, create: bool = True):
+                 save_interval_steps: int = 1, create: bool = True, keep_period: int | None = None):
         self.directory = absolute_path(directory)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
+            max_to_keep=max_to_keep, keep_period=keep_period or None, save_interval_steps=save_interval_steps,
             enable_async_checkpointing=async_save, create=create)
         handlers = {name: ocp.PyTreeCheckpointHandler() for name in ARRAY_ITEMS}
         handlers.update({name: ocp.JsonCheckpointHandler() for name in JSON_ITEMS})

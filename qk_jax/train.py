@@ -225,7 +225,8 @@ def train(config, workdir: str) -> dict[str, Any]:
     model = QueryKontext(kcfg)
     tx = optim.make_optimizer(config.train)
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                         max_to_keep=config.train.keep_checkpoints)
+                                         max_to_keep=config.train.keep_checkpoints,
+                                         keep_period=int(config.train.get("keep_period", 0)))
     with jax.set_mesh(mesh), sharding.activation_rules_context():
         state, data_state, start = build_state(model, config, mesh, tx, checkpointer)
     if main and start == 0:

@@ -113,6 +113,15 @@ def test_keep_n_and_listing(devices, tmp_path):
     ck.close()
 
 
+def test_keep_period_keeps_periodic_steps_beside_the_newest(devices, tmp_path):
+    ck = ckpt_lib.Checkpointer(tmp_path / "p", max_to_keep=2, keep_period=3)
+    for step in range(1, 9):
+        ck.save(step, params={"w": jnp.full((4,), step, jnp.float32)})
+    ck.wait()
+    assert ck.steps() == [3, 6, 7, 8]
+    ck.close()
+
+
 def test_relative_directory(devices, tmp_path, monkeypatch):
     # `qk-jax train --workdir runs/x` passes a relative path; Orbax only takes absolute ones.
     monkeypatch.chdir(tmp_path)
