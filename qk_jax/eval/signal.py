@@ -148,14 +148,8 @@ class LearningSignal:
     @staticmethod
     def _x0_errors_impl(model, params, batch, key, t):
         """Per-sample clean-latent MSE with the condition and with it masked out: ((B,), (B,))."""
-        cond, mask, _ = model.condition(params, batch)
-        x0 = model.encode(params, batch["target"])
-        tokens = None
-        if model.config.low_level and "cond_images" in batch:
-            tokens = model.encode_conditions(params, batch["cond_images"])
-        noise = jax.random.normal(key, x0.shape, x0.dtype)
+        cond, mask, tokens, x0, xt = _noised_inputs(model, params, batch, key, t)
         tb = jnp.full((x0.shape[0],), t, jnp.float32)
-        xt = flow.noise_latents(x0, noise, tb)
 
         def err(m, tok):
             v = model.velocity(params, xt, tok, batch["img_ids"], cond, m, tb)
@@ -187,18 +181,25 @@ class LearningSignal:
     @staticmethod
     def _complete_impl(model, params, batch, key, sigmas):
         """Targets noised to sigmas[0] and integrated down to 0 by Euler without guidance."""
-        cond, mask, _ = model.condition(params, batch)
-        x0 = model.encode(params, batch["target"])
-        tokens = None
-        if model.config.low_level and "cond_images" in batch:
-            tokens = model.encode_conditions(params, batch["cond_images"])
-        noise = jax.random.normal(key, x0.shape, x0.dtype)
-        xt = flow.noise_latents(x0, noise, jnp.full((x0.shape[0],), sigmas[0], jnp.float32))
+        cond, mask, tokens, _, xt = _noised_inputs(model, params, batch, key, sigmas[0])
 
         def velocity(x, t):
             return model.velocity(params, x, tokens, batch["img_ids"], cond, mask, jnp.full((x.shape[0],), t))
 
         return samplers.euler_sample(velocity, xt, sigmas, sigmas[:-1])
+
+
+def _noised_inputs(model, params, batch, key, t):
+    """What both measurements start from: the condition stream and mask, the input images'
+    latent tokens (stage 3; else None), the clean target tokens x0 (B, N, C) and x0 noised to t."""
+    cond, mask, _ = model.condition(params, batch)
+    x0 = model.encode(params, batch["target"])
+    tokens = None
+    if model.config.low_level and "cond_images" in batch:
+        tokens = model.encode_conditions(params, batch["cond_images"])
+    noise = jax.random.normal(key, x0.shape, x0.dtype)
+    xt = flow.noise_latents(x0, noise, jnp.full((x0.shape[0],), t, jnp.float32))
+    return cond, mask, tokens, x0, xt
 
 
 def flatten(values: dict[str, Any]) -> dict[str, float]:
