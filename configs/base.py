@@ -10,7 +10,7 @@ import ml_collections
 from qk_jax.data import pipeline as data_pipeline
 
 STAGE_TRAINABLE = {
-    # DESIGN.md §2
+    # README, "The three stages"
     1: ("queries", "connector", "head", "lora/vlm"),
     2: ("queries", "connector", "dit"),
     3: ("queries", "connector", "lora/dit"),

@@ -1,4 +1,4 @@
-"""Stage 1 of Query-Kontext (DESIGN.md §2). Sizes: tiny (tests), demo (CPU), paper, qwen_image.
+"""Stage 1 of Query-Kontext. Sizes: tiny (tests), demo (CPU), paper, qwen_image.
 
     qk-jax train --config configs/stage1.py:tiny --workdir runs/stage1
 """

@@ -1,4 +1,4 @@
-"""Stage 2 of Query-Kontext (DESIGN.md §2). Sizes: tiny (tests), demo (CPU), paper, qwen_image.
+"""Stage 2 of Query-Kontext. Sizes: tiny (tests), demo (CPU), paper, qwen_image.
 
     qk-jax train --config configs/stage2.py:tiny --workdir runs/stage2
 """

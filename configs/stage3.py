@@ -1,4 +1,4 @@
-"""Stage 3 of Query-Kontext (DESIGN.md §2). Sizes: tiny (tests), demo (CPU), paper, qwen_image.
+"""Stage 3 of Query-Kontext. Sizes: tiny (tests), demo (CPU), paper, qwen_image.
 
     qk-jax train --config configs/stage3.py:tiny --workdir runs/stage3
 """

@@ -1,5 +1,5 @@
 """`benchmarks/run.py --quick --json` runs every benchmark at tiny sizes and writes well-formed
-records in which both sides ran. Timings are never asserted (DESIGN.md §6)."""
+records in which both sides ran. Timings are never asserted."""
 
 from __future__ import annotations
 

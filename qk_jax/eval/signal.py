@@ -25,6 +25,7 @@ only when the condition is used (and stay flat when it is not):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from typing import Any
 
@@ -125,9 +126,11 @@ class LearningSignal:
         return out
 
     def _fn(self, sampler, name: str):
-        key = (id(sampler.model), name)
+        """`_<name>_impl` bound to the sampler's model and jitted once per model config, so the
+        measurements of later steps (a new Sampler over new weights) reuse the compilation."""
+        key = (sampler.kcfg, name)
         if key not in self._jitted:
-            self._jitted[key] = jax.jit(getattr(self, f"_{name}_impl"), static_argnums=(0,))
+            self._jitted[key] = jax.jit(functools.partial(getattr(self, f"_{name}_impl"), sampler.model))
         return self._jitted[key]
 
     def _gain(self, sampler, batch) -> dict[str, dict[str, float]]:
@@ -137,7 +140,7 @@ class LearningSignal:
                 w, wo = [], []
                 for s in range(self.cfg.noise_seeds):
                     key = jax.random.fold_in(jax.random.key(self.seed), s)
-                    e_with, e_without = self._fn(sampler, "x0_errors")(sampler.model, sampler.params, batch, key,
+                    e_with, e_without = self._fn(sampler, "x0_errors")(sampler.params, batch, key,
                                                                       jnp.float32(t))
                     w.append(np.asarray(e_with))
                     wo.append(np.asarray(e_without))
@@ -165,7 +168,7 @@ class LearningSignal:
             for t0 in self.cfg.completion_t0:
                 n = self.cfg.completion_steps
                 sigmas = np.linspace(t0, 0.0, n + 1).astype(np.float32)
-                tokens = self._fn(sampler, "complete")(sampler.model, sampler.params, batch,
+                tokens = self._fn(sampler, "complete")(sampler.params, batch,
                                                        jax.random.key(self.seed), jnp.asarray(sigmas))
                 images = sampler.decode_uint8(tokens, h, w)
                 scores, psnrs = [], []

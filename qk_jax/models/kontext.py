@@ -1,4 +1,4 @@
-"""Query-Kontext: the assembled model (DESIGN.md §1), read top to bottom.
+"""Query-Kontext: the assembled model, read top to bottom.
 
     prompt + input images ──► VLM (Qwen2.5-VL) ──► final-norm hidden states
                               [prompt tokens ; K learnable kontext queries]
