@@ -279,7 +279,8 @@ def signal_markdown(signals: dict[str, dict | None]) -> list[str]:
     """The learning signal of each stage's last measurement, as report tables (validation split)."""
     lines = ["", "## Learning signal at the end of each stage (validation records, EMA weights)", "",
              "Condition gain = 1 - error with the condition / error with it masked out (clean-latent error at "
-             "timestep t); completions: the judge's score of validation images noised to t0 and finished by the "
+             "timestep t); content gain = 1 - the same error / the error with another record's condition (does the "
+             "model read what the condition says); completions: the judge's score of validation images noised to t0 and finished by the "
              "sampler; judge: full samples of validation prompts.", ""]
     for stage, flat in signals.items():
         if not flat:
@@ -288,7 +289,7 @@ def signal_markdown(signals: dict[str, dict | None]) -> list[str]:
         for key, value in flat.items():
             if key == "step":
                 continue
-            shown = f"{100 * value:.1f}%" if key.startswith("gain/") else f"{value:.4g}"
+            shown = f"{100 * value:.1f}%" if key.startswith(("gain/", "content/")) else f"{value:.4g}"
             lines.append(f"| {key} | {shown} |")
         lines.append("")
     return lines

@@ -115,6 +115,8 @@ def test_learning_signal_of_a_trained_run(stage2, tmp_path):
             e, e_u = flat[f"err/{task}@{t:g}"], flat[f"err_uncond/{task}@{t:g}"]
             assert 0 < e < 100 and 0 < e_u < 100
             assert flat[f"gain/{task}@{t:g}"] == pytest.approx(1 - e / e_u, abs=1e-4)
+            e_s = flat[f"err_swapped/{task}@{t:g}"]
+            assert 0 < e_s < 100 and flat[f"content/{task}@{t:g}"] == pytest.approx(1 - e / e_s, abs=1e-4)
         for t0 in signal_lib.COMPLETION_T0:
             assert 0 <= flat[f"completion_score/{task}@{t0:g}"] <= 1 and flat[f"completion_psnr/{task}@{t0:g}"] > 0
     assert 0 <= flat["judge/t2i"] <= 1

@@ -101,3 +101,45 @@ def test_content_fixing_records():
     assert not signal_lib.content_fixing("t2i", loose) and not signal_lib.content_fixing("t2i", unplaced)
     assert signal_lib.content_fixing("reconstruction", loose)
     assert [signal_lib.fixing_degree("t2i", r) for r in (fixed, loose, unplaced, related)] == [2, 0, 1, 2]
+
+
+class _ToyDenoiser:
+    """A stand-in generator whose clean-latent prediction is exactly known: with any condition it
+    predicts `reads` ? the target its condition encodes : the batch's mean target; with the
+    condition masked out, zeros. Its condition tokens are the targets themselves."""
+
+    class config:  # noqa: N801 - the attribute the signal reads
+        low_level = False
+
+    def __init__(self, reads: bool):
+        self.reads = reads
+
+    def condition(self, params, batch):
+        cond = batch["target"].reshape(batch["target"].shape[0], 1, -1)
+        return cond, jnp.ones(cond.shape[:2], bool), None
+
+    def encode(self, params, images):
+        return images.reshape(images.shape[0], -1, 3)
+
+    def velocity(self, params, x, tokens, img_ids, cond, mask, t):
+        told = cond.reshape(x.shape)
+        x0_hat = told if self.reads else jnp.broadcast_to(jnp.mean(told, 0, keepdims=True), x.shape)
+        x0_hat = jnp.where(mask.any(axis=1)[:, None, None], x0_hat, 0.0)
+        return (x - x0_hat) / t[:, None, None]
+
+
+@pytest.mark.parametrize("reads", [True, False])
+def test_content_gain_separates_reading_the_condition_from_using_it_as_a_flag(reads):
+    """Both toy models gain from the condition (masking it out costs them); only the one that
+    reads it loses when it gets another record's condition."""
+    target = 0.5 + 0.3 * jax.random.uniform(jax.random.key(0), (4, 8, 8, 3), minval=-1, maxval=1)
+    batch = {"target": target, "img_ids": jnp.zeros((4, 64, 3))}
+    with_c, without, swapped = signal_lib.LearningSignal._x0_errors_impl(
+        _ToyDenoiser(reads), {}, batch, jax.random.key(1), jnp.float32(0.7))
+    gain = 1 - float(jnp.mean(with_c)) / float(jnp.mean(without))
+    content = 1 - float(jnp.mean(with_c)) / float(jnp.mean(swapped))
+    assert gain > 0.3
+    if reads:
+        assert float(jnp.max(with_c)) < 1e-10 and content == pytest.approx(1.0)
+    else:
+        assert content == pytest.approx(0.0, abs=1e-6)

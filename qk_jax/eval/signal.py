@@ -10,6 +10,11 @@ only when the condition is used (and stay flat when it is not):
   of guidance: text and kontext tokens masked, input-image latents zeroed), on records
   whose condition fixes the content (reconstruction; edits; text-to-image prompts that
   state colour, shape and position first, then those that state colour and shape). `gain = 1 - err_with / err_without`.
+- **content gain** per timestep: the same error with the record's own condition against
+  the condition of another record of the batch (the batch rolled by one). A model can
+  learn to tell "conditioned" from "unconditional" (a positive gain) long before it reads
+  what the condition says; only the content gain measures the latter. `content = 1 -
+  err_with / err_swapped`.
 - **completions**: validation targets noised to t0 (0.5 and 0.8) and denoised by the
   plain Euler sampler (no guidance): the judge's score of the finished picture and its
   PSNR against the target. A model that has learnt to draw finishes the picture from
@@ -137,29 +142,38 @@ class LearningSignal:
         errs = {}
         with jax.set_mesh(sampler.mesh), sharding.activation_rules_context():
             for t in self.cfg.timesteps:
-                w, wo = [], []
+                w, wo, sw = [], [], []
                 for s in range(self.cfg.noise_seeds):
                     key = jax.random.fold_in(jax.random.key(self.seed), s)
-                    e_with, e_without = self._fn(sampler, "x0_errors")(sampler.params, batch, key,
-                                                                      jnp.float32(t))
+                    e_with, e_without, e_swapped = self._fn(sampler, "x0_errors")(sampler.params, batch, key,
+                                                                                 jnp.float32(t))
                     w.append(np.asarray(e_with))
                     wo.append(np.asarray(e_without))
-                e_w, e_wo = float(np.mean(w)), float(np.mean(wo))
-                errs[f"{t:g}"] = {"with": e_w, "without": e_wo, "gain": 1.0 - e_w / e_wo if e_wo > 0 else 0.0}
+                    sw.append(np.asarray(e_swapped))
+                e_w, e_wo, e_sw = float(np.mean(w)), float(np.mean(wo)), float(np.mean(sw))
+                errs[f"{t:g}"] = {"with": e_w, "without": e_wo, "swapped": e_sw,
+                                  "gain": 1.0 - e_w / e_wo if e_wo > 0 else 0.0,
+                                  "content": 1.0 - e_w / e_sw if e_sw > 0 else 0.0}
         return errs
 
     @staticmethod
     def _x0_errors_impl(model, params, batch, key, t):
-        """Per-sample clean-latent MSE with the condition and with it masked out: ((B,), (B,))."""
+        """Per-sample clean-latent MSE with the record's condition, with it masked out, and with
+        the condition of the next record of the batch (rolled by one): three (B,) arrays. The
+        condition's image-stream ids stay the record's own (a swapped source keeps its place)."""
         cond, mask, tokens, x0, xt = _noised_inputs(model, params, batch, key, t)
         tb = jnp.full((x0.shape[0],), t, jnp.float32)
 
-        def err(m, tok):
-            v = model.velocity(params, xt, tok, batch["img_ids"], cond, m, tb)
+        def err(c, m, tok):
+            v = model.velocity(params, xt, tok, batch["img_ids"], c, m, tb)
             x0_hat = xt.astype(jnp.float32) - t * v.astype(jnp.float32)
             return jnp.mean(jnp.square(x0_hat - x0.astype(jnp.float32)), axis=(1, 2))
 
-        return err(mask, tokens), err(jnp.zeros_like(mask), None if tokens is None else jnp.zeros_like(tokens))
+        def roll(x):
+            return None if x is None else jnp.roll(x, 1, axis=0)
+
+        return (err(cond, mask, tokens), err(cond, jnp.zeros_like(mask), None if tokens is None else jnp.zeros_like(tokens)),
+                err(roll(cond), roll(mask), roll(tokens)))
 
     def _completions(self, sampler, batch, recs) -> dict[str, dict[str, float]]:
         out = {}
@@ -206,14 +220,17 @@ def _noised_inputs(model, params, batch, key, t):
 
 
 def flatten(values: dict[str, Any]) -> dict[str, float]:
-    """{"gain/t2i@0.9": g, "err/t2i@0.9": e_with, "err_uncond/t2i@0.9": e_without,
-    "completion_score/t2i@0.8": s, "completion_psnr/t2i@0.8": p, "judge/t2i": j}."""
+    """{"gain/t2i@0.9": g, "content/t2i@0.9": c, "err/t2i@0.9": e_with, "err_uncond/t2i@0.9": e_without,
+    "err_swapped/t2i@0.9": e_swapped, "completion_score/t2i@0.8": s, "completion_psnr/t2i@0.8": p,
+    "judge/t2i": j}."""
     flat = {}
     for task, per_t in values.get("gain", {}).items():
         for t, v in per_t.items():
             flat[f"gain/{task}@{t}"] = v["gain"]
+            flat[f"content/{task}@{t}"] = v["content"]
             flat[f"err/{task}@{t}"] = v["with"]
             flat[f"err_uncond/{task}@{t}"] = v["without"]
+            flat[f"err_swapped/{task}@{t}"] = v["swapped"]
     for task, per_t in values.get("completion", {}).items():
         for t, v in per_t.items():
             flat[f"completion_score/{task}@{t}"] = v["score"]
@@ -228,7 +245,8 @@ def summary_line(values: dict[str, Any]) -> str:
     parts = []
     for task, per_t in values.get("gain", {}).items():
         gains = " ".join(f"{t}:{100 * v['gain']:.1f}%" for t, v in per_t.items())
-        parts.append(f"gain[{task}] {gains}")
+        content = " ".join(f"{t}:{100 * v['content']:.1f}%" for t, v in per_t.items())
+        parts.append(f"gain[{task}] {gains}  content[{task}] {content}")
     for task, per_t in values.get("completion", {}).items():
         parts.append(f"complete[{task}] " + " ".join(f"{t}:{v['score']:.2f}/{v['psnr']:.1f}dB"
                                                       for t, v in per_t.items()))
