@@ -14,9 +14,9 @@ from qk_jax.config import ConfigError, check_divisible, require
 from qk_jax.models.connector import ConnectorConfig
 from qk_jax.models.kontext import CondDropout, KontextConfig, LoraConfig
 from qk_jax.models.mmdit import mmdit_config
-from qk_jax.models.vae.pixel import PixelSpaceConfig
 from qk_jax.models.qwen2_5_vl import get_config as vlm_config
 from qk_jax.models.vae import vae_config
+from qk_jax.models.vae.pixel import PixelSpaceConfig
 
 REQUIRED = ("stage", "model.vlm.size", "model.generator.size", "model.generator.key", "model.vae.kind",
             "model.num_queries", "train.steps", "train.batch_size", "train.learning_rate", "data.max_text_len")

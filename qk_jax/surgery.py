@@ -43,9 +43,9 @@ from qk_jax import checkpoint as ckpt_lib
 from qk_jax import distributed, dit_seeding, model_config, sharding
 from qk_jax.checkpoint import resolve_run
 from qk_jax.config import ConfigError, get_field, load_config, set_field
-from qk_jax.tree import flatten_tree, unflatten_tree
 from qk_jax.models.kontext import QueryKontext, boxed_lora
 from qk_jax.models.lora import merge_lora
+from qk_jax.tree import flatten_tree, unflatten_tree
 
 TRANSITIONS = ((1, 2), (2, 3))
 REPORT = "surgery_report.json"

@@ -35,10 +35,10 @@ from qk_jax import distributed, flops, model_config, optim, pretrained, sharding
 from qk_jax.config import ConfigError
 from qk_jax.data import pipeline as data_pipeline
 from qk_jax.data import vlm_inputs
+from qk_jax.data.model_inputs import place_batch, prepare_batch
 from qk_jax.data.tokenizer import build_tokenizer
 from qk_jax.data.vocab import TASKS
 from qk_jax.models.kontext import QueryKontext
-from qk_jax.data.model_inputs import place_batch, prepare_batch
 from qk_jax.train_step import init_state, make_train_step
 
 

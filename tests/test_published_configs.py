@@ -17,12 +17,12 @@ from qk_jax.convert import registry
 from qk_jax.convert.diffusers_configs import from_diffusers, to_diffusers
 from qk_jax.convert.qwen2_5_vl import config_from_hf
 from qk_jax.data.vlm_inputs import vision_geometry
+from qk_jax.flow_solvers import FlowMatchSchedule
 from qk_jax.models import mmdit, qwen2_5_vl
 from qk_jax.models.mmdit.config import MMDiTConfig
 from qk_jax.models.qwen2_5_vl import ConfigError
 from qk_jax.models.vae import vae_param_count
 from qk_jax.models.vae.kl import AutoencoderKLConfig
-from qk_jax.flow_solvers import FlowMatchSchedule
 
 PUBLISHED = os.path.join(os.path.dirname(__file__), "fixtures", "published")
 VLMS = {"Qwen2.5-VL-7B-Instruct": 8_292_166_656, "Qwen2.5-VL-3B-Instruct": 3_754_622_976}

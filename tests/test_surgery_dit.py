@@ -16,8 +16,8 @@ from qk_jax import checkpoint as ckpt_lib
 from qk_jax import sharding, surgery
 from qk_jax.convert import cli as convert_cli
 from qk_jax.convert import qwen_image as dit_convert
-from qk_jax.tree import flatten_tree
 from qk_jax.models.kontext import QueryKontext
+from qk_jax.tree import flatten_tree
 
 
 def _init(kcfg, seed: int):

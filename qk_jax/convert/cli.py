@@ -74,8 +74,8 @@ def hf_to_orbax(model: str, hf_folder: str, orbax_dir: str, *, mesh_cfg: Mapping
     """
     from qk_jax import checkpoint as ckpt_lib
     from qk_jax import sharding
-    from qk_jax.tree import flatten_tree
     from qk_jax.convert.registry import get_model
+    from qk_jax.tree import flatten_tree
 
     spec = get_model(model)
     t0 = time.time()

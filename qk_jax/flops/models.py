@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from qk_jax.tree import flatten_tree
 from qk_jax.flops.count import MatmulFlops, _Counter, _positive
 from qk_jax.models.connector import ConnectorConfig
 from qk_jax.models.mmdit.config import MMDiTConfig
 from qk_jax.models.qwen2_5_vl.config import TextConfig, VisionConfig
+from qk_jax.tree import flatten_tree
 
 # -------------------------------------------------------------------- Qwen2.5-VL
 

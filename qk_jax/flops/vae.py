@@ -7,8 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 from qk_jax.flops.count import MatmulFlops, _Counter, _positive
-from qk_jax.models.vae.pixel import PixelSpaceConfig
 from qk_jax.models.vae.kl import AutoencoderKLConfig
+from qk_jax.models.vae.pixel import PixelSpaceConfig
 from qk_jax.models.vae.wan import QwenImageVAEConfig
 
 
