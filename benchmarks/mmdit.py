@@ -3,7 +3,7 @@ same weights, same inputs, one process):
 
   forward     the velocity of the target tokens for a batch of noisy latents + text;
   train_step  rectified-flow MSE on the velocity, backward, AdamW on every parameter;
-  sample      an N-step Euler run from noise (ours: `samplers.euler_sample`, one jitted
+  sample      an N-step Euler run from noise (ours: `flow_solvers.euler_sample`, one jitted
               `fori_loop`; reference: a Python loop over `FlowMatchEulerDiscreteScheduler.step`
               calling the transformer, as the diffusers pipelines do, without text encoder
               and VAE). Both use the pipelines' sigmas `linspace(1, 1/N, N)`.
@@ -64,13 +64,14 @@ def build(s: Setup, seed: int = 0):
     from diffusers import QwenImageTransformer2DModel
 
     from qk_jax.convert import qwen_image
-    from qk_jax.convert.mapping import unflatten_tree
+    from qk_jax.convert.diffusers_configs import from_diffusers
     from qk_jax.models.mmdit import MMDiTConfig
     from qk_jax.parity.dit_parity import make_inputs
+    from qk_jax.tree import unflatten_tree
 
     torch.manual_seed(seed)
     ref = QwenImageTransformer2DModel(**diffusers_config(s)).eval()
-    cfg = MMDiTConfig.from_diffusers_config(dict(ref.config))
+    cfg = from_diffusers(MMDiTConfig, dict(ref.config))
     state = ((k, v.detach().numpy()) for k, v in ref.state_dict().items())
     params = common.copy_tree(unflatten_tree(dict(qwen_image.mapping(cfg).to_jax(state, dtype=np.float32))))
     inputs = make_inputs(cfg, batch=s.batch, height=s.height, width=s.width, txt_len=s.txt_len, pad=s.txt_len // 4,
@@ -159,7 +160,7 @@ def bench_sample(cfg, ref, params, inputs, s: Setup, peak: dict) -> dict:
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from qk_jax.samplers import euler_sample, flow_schedule, pipeline_sigmas
+    from qk_jax.flow_solvers import euler_sample, flow_schedule, pipeline_sigmas
 
     ours_v, ref_v = _ours(cfg, inputs), _reference(ref, inputs)
     noise = np.random.default_rng(2).standard_normal(inputs["img"].shape).astype(np.float32)

@@ -121,13 +121,13 @@ def build(s: Setup, seed: int = 0):
     torch = common.setup_torch()
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from qk_jax.convert.mapping import unflatten_tree
-    from qk_jax.convert.qwen2_5_vl import hf_mapping
+    from qk_jax.convert.qwen2_5_vl import config_to_hf, hf_mapping
     from qk_jax.parity.qwen2_5_vl import make_inputs
+    from qk_jax.tree import unflatten_tree
 
     cfg = make_config(s)
     torch.manual_seed(seed)
-    hf = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**cfg.to_hf_config())).eval()
+    hf = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**config_to_hf(cfg))).eval()
     state = ((k, v.detach().numpy()) for k, v in hf.state_dict().items())
     params = unflatten_tree(dict(hf_mapping(cfg, "module").to_jax(state, dtype=np.float32)))
     params = common.copy_tree(params)  # own the memory (torch's storage is updated in place by its optimizer)

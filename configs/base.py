@@ -2,7 +2,7 @@
 
 Not a config itself: `configs/stage{1,2,3}.py:<size>` build on `stage_config(stage, size)`.
 Every field is a plain value (the config is saved as JSON in each checkpoint); the model
-is assembled from it by `qk_jax.kontext_config.build_kontext_config`.
+is assembled from it by `qk_jax.model_config.build_kontext_config`.
 """
 
 import ml_collections

@@ -13,7 +13,7 @@ NamedSharding the real run gives it):
   clipping, schedule), EMA and gradient accumulation, on the state `train.py` builds
   (trainable / frozen parameters sharded by the logical-axis rules of `sharding.py`,
   optimizer state and EMA sharded like their parameters), the state donated as in
-  `train.py`, and a batch with the shapes `kontext_inputs.prepare_batch` gives for the
+  `train.py`, and a batch with the shapes `model_inputs.prepare_batch` gives for the
   config (square bucket of `data.area`, its VLM image at `data.vlm_area`, `data.max_text_len`
   tokens, K queries, `--inputs` input images per sample, default `data.image_slots`);
 - sample: `sample.sample_loop`, the whole sampling loop (`sample.steps` steps of one
@@ -48,13 +48,14 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from qk_jax import flops, kontext_config, optim, sharding  # noqa: E402
+from qk_jax import flops, model_config, optim, sharding  # noqa: E402
 from qk_jax.config import ConfigError  # noqa: E402
 from qk_jax.data import buckets  # noqa: E402
+from qk_jax.data.model_inputs import prepare_batch  # noqa: E402
 from qk_jax.data.vocab import TASKS  # noqa: E402
 from qk_jax.models.kontext import QueryKontext  # noqa: E402
-from qk_jax.models.kontext_inputs import prepare_batch  # noqa: E402
 from qk_jax.models.lora import LORA_KEY  # noqa: E402
+from qk_jax.sharding import format_bytes  # noqa: E402
 from qk_jax.train_step import make_train_step  # noqa: E402
 
 GIB = 1024 ** 3
@@ -75,20 +76,6 @@ def chip_of(topology: str) -> str:
         raise ValueError(f"--topology {topology!r}: unknown chip {chip!r}; known: {sorted(HBM_GIB)} "
                          "(names look like v5p:4x4x4, v5e:2x2, v6e:4x4, v4:2x2x1)")
     return chip
-
-
-def parse_mesh(text: str) -> dict[str, int]:
-    """'data=1,fsdp=16,tensor=4' -> {'data': 1, 'fsdp': 16, 'tensor': 4}; unnamed axes are 1, -1 = the rest."""
-    out = {a: 1 for a in sharding.MESH_AXES}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, eq, value = part.partition("=")
-        if not eq or name.strip() not in sharding.MESH_AXES:
-            raise ValueError(f"--mesh {text!r}: expected comma-separated axis=size with axes {sharding.MESH_AXES}")
-        try:
-            out[name.strip()] = int(value)
-        except ValueError:
-            raise ValueError(f"--mesh {text!r}: size of {name.strip()!r} is not an int") from None
-    return out
 
 
 def topology_mesh(topology: str, mesh_cfg: Mapping[str, int]):
@@ -147,7 +134,7 @@ def example_host_batch(kcfg, data_cfg, rows: int, n_inputs: int) -> dict[str, np
             "pixel_values": pixel_values, "image_grid_thw": grids}
 
 
-# Row axis of each prepared field (see kontext_inputs.place_batch); the vision plan has none.
+# Row axis of each prepared field (see model_inputs.place_batch); the vision plan has none.
 _ROW_AXIS = {"position_ids": 1}
 
 
@@ -332,7 +319,7 @@ def run(config, topology: str, mesh_cfg: Mapping[str, int] | None = None, batch:
         config.mesh = {a: int(mesh.shape[a]) for a in sharding.MESH_AXES}
         if batch is not None:
             config.train.batch_size = int(batch)
-    kcfg = kontext_config.validate(config, n_dev)
+    kcfg = model_config.validate(config, n_dev)
     n_inputs = int(config.data.image_slots if n_inputs is None else n_inputs)
     dp_size = mesh.shape["data"] * mesh.shape["fsdp"]
     sample_batch = int(sample_batch or dp_size)
@@ -340,7 +327,7 @@ def run(config, topology: str, mesh_cfg: Mapping[str, int] | None = None, batch:
     log(f"aot: {config.stage and f'stage {config.stage}'} {config.get('size', '')} on {topology} "
         f"({n_dev} x {device_kind}, {HBM_GIB[chip]} GiB HBM), mesh {dict(mesh.shape)}, global batch "
         f"{config.train.batch_size}, {n_inputs} input image(s), dtype {config.model.dtype}, "
-        f"remat {config.model.remat}\n{kontext_config.describe(kcfg)}", flush=True)
+        f"remat {config.model.remat}\n{model_config.describe(kcfg)}", flush=True)
     # Traced outside the topology's mesh: nothing here may touch its (compile-only) devices.
     params = abstract_params(model, mesh)
     batch_abs = abstract_batch(kcfg, config.data, mesh, int(config.train.batch_size), n_inputs,
@@ -364,7 +351,7 @@ def run(config, topology: str, mesh_cfg: Mapping[str, int] | None = None, batch:
         entry["seconds_at_peak"] = _seconds_at_peak(entry["flops"]["analytic"], n_dev, device_kind)
         report["programs"][name] = entry
         log(f"aot: {name} compiled in {entry['compile_seconds']:.0f} s; peak "
-            f"{_bytes(entry['memory']['peak'])} per device", flush=True)
+            f"{format_bytes(entry['memory']['peak'])} per device", flush=True)
     return judge(report)
 
 
@@ -392,7 +379,7 @@ def verdict_line(report: Mapping[str, Any]) -> str:
     worst = max(report["programs"].items(), key=lambda kv: kv[1]["memory"]["peak"])
     hbm = report["hbm_bytes"] / GIB
     word = "FITS" if report["fits"] else "DOES NOT FIT"
-    parts = ", ".join(f"{n} {_bytes(e['memory']['peak'])}" for n, e in report["programs"].items())
+    parts = ", ".join(f"{n} {format_bytes(e['memory']['peak'])}" for n, e in report["programs"].items())
     return (f"{word}: {parts} per device (peak: {worst[0]}) on {report['topology']} "
             f"({report['chip']}, {hbm:.0f} GiB HBM, {100 * report['headroom']:.0f}% headroom), mesh "
             f"data={report['mesh']['data']},fsdp={report['mesh']['fsdp']},tensor={report['mesh']['tensor']}, "
@@ -404,14 +391,6 @@ def _flops(x: float) -> str:
         if abs(x) >= scale:
             return f"{x / scale:.3f} {unit}"
     return f"{x:.0f} FLOP"
-
-
-def _bytes(x: float) -> str:
-    """Bytes in the largest binary unit that keeps the number >= 1: '24.61 GiB', '512.00 KiB'."""
-    for unit, scale in (("GiB", GIB), ("MiB", 1024 ** 2), ("KiB", 1024)):
-        if abs(x) >= scale:
-            return f"{x / scale:.2f} {unit}"
-    return f"{x:.0f} B"
 
 
 def format_report(report: Mapping[str, Any]) -> str:
@@ -427,10 +406,10 @@ def format_report(report: Mapping[str, Any]) -> str:
     lines.append(f"{'per device':<18}" + "".join(f"{f:>15}" for f in fields) + f"{'fits':>7}")
     for name, e in report["programs"].items():
         m = e["memory"]
-        cells = "".join(f"{_bytes(m[f]):>15}" for f in fields)
+        cells = "".join(f"{format_bytes(m[f]):>15}" for f in fields)
         lines.append(f"{name:<18}{cells}{'yes' if e['fits'] else 'NO':>7}")
-    lines.append(f"{'HBM':<18}{_bytes(report['hbm_bytes']):>15}  (budget {(1 - report['headroom']) * 100:.0f}%: "
-                 f"{_bytes((1 - report['headroom']) * report['hbm_bytes'])})")
+    lines.append(f"{'HBM':<18}{format_bytes(report['hbm_bytes']):>15}  (budget {(1 - report['headroom']) * 100:.0f}%: "
+                 f"{format_bytes((1 - report['headroom']) * report['hbm_bytes'])})")
     lines.append("")
     for name, e in report["programs"].items():
         f = e["flops"]
@@ -442,7 +421,7 @@ def format_report(report: Mapping[str, Any]) -> str:
                      f"lowered in {e['lower_seconds']:.0f} s, compiled in {e['compile_seconds']:.0f} s")
         if name == "train":
             lines.append("  parts: " + ", ".join(f"{k} {_flops(v)}" for k, v in f["parts"].items())
-                         + f"; train state {_bytes(e['state_bytes_per_device'])} per device; "
+                         + f"; train state {format_bytes(e['state_bytes_per_device'])} per device; "
                          f"{_params(e['params']['trainable'])} trainable, {_params(e['params']['frozen'])} frozen")
         else:
             lines.append(f"  {e['sample_batch']} prompts, {e['steps']} {e['method']} steps, {e['branches']} "
@@ -499,8 +478,8 @@ def main(argv):
     f = flags.FLAGS
     if f.config is None:
         raise app.UsageError("--config is required, e.g. --config configs/stage2.py:paper")
-    report = run(f.config, f.topology, parse_mesh(f.mesh) if f.mesh else None, f.batch, tuple(f.programs), f.inputs,
-                 f.sample_batch, f.headroom)
+    report = run(f.config, f.topology, sharding.parse_mesh(f.mesh) if f.mesh else None, f.batch, tuple(f.programs),
+                 f.inputs, f.sample_batch, f.headroom)
     if f.json:
         os.makedirs(os.path.dirname(os.path.abspath(f.json)), exist_ok=True)
         with open(f.json, "w") as out:

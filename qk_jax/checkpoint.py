@@ -41,7 +41,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from qk_jax.sharding import path_str
+from qk_jax.tree import path_str
 
 log = logging.getLogger(__name__)
 

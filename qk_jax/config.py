@@ -132,20 +132,27 @@ def mesh_shape(config, num_devices: int) -> tuple[int, ...]:
         raise ConfigError(str(e)) from None
 
 
-def check_divisible(config, num_devices: int, table: Mapping[str, Sequence[str]]) -> None:
-    """Each `field -> mesh axes` pair: the field's value must be divisible by those axes' product.
+def check_divisible(config, num_devices: int, table: Mapping[str, Sequence[str]],
+                    values: Mapping[str, int] | None = None) -> None:
+    """Each `name -> mesh axes` pair: the value must be divisible by those axes' product.
 
-    e.g. `{"model.vlm.text.num_heads": ("tensor",), "train.batch_size": ("data", "fsdp")}`.
+    The value is `values[name]` when given there (a size the model config derives, such as
+    the VLM's head count), else the config field `name` (skipped when absent or None).
+    e.g. `{"model.num_heads": ("tensor",), "train.batch_size": ("data", "fsdp")}`.
     """
     shape = dict(zip(MESH_AXES, mesh_shape(config, num_devices)))
-    for field, axes in table.items():
-        if not has_field(config, field):
+    values = values or {}
+    for name, axes in table.items():
+        if name in values:
+            value, what = values[name], f"config {name}"
+        elif has_field(config, name):
+            value, what = get_field(config, name), f"config field {name}"
+        else:
             continue
-        value = get_field(config, field)
         if value is None:
             continue
         size = math.prod(shape[a] for a in axes)
         if int(value) % size:
             raise ConfigError(
-                f"config field {field}={value} is not divisible by mesh axes {'x'.join(axes)} = {size} "
-                f"(mesh {shape}); change {field} or config field mesh.{axes[0]}")
+                f"{what}={value} is not divisible by mesh axes {'x'.join(axes)} = {size} "
+                f"(mesh {shape}); change {name} or config field mesh.{axes[0]}")

@@ -18,7 +18,7 @@ sample), TensorBoard logs under `DIR/stage*/tb`.
 
 No pretrained weights exist offline, so every part starts from random initialisation:
 the VLM is a small random Qwen2.5-VL (frozen, as in the paper; stage 1 adapts it through
-LoRA), and the autoencoder is the pixel-space one (`models/pixel_ae.py`): lossless and
+LoRA), and the autoencoder is the pixel-space one (`models/vae/pixel.py`): lossless and
 free, so the CPU minutes go to the model being demonstrated and the judge scores exactly
 what the DiT drew.
 """

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from qk_jax.convert.mapping import flatten_tree, unflatten_tree
+from qk_jax.tree import flatten_tree, unflatten_tree
 
 
 def _matches(path: str, prefixes: Iterable[str]) -> bool:

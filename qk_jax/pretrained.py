@@ -20,8 +20,8 @@ import numpy as np
 
 from qk_jax.config import ConfigError
 from qk_jax.convert import sources as weight_sources
-from qk_jax.convert.mapping import flatten_tree
-from qk_jax.models.pixel_ae import PixelSpaceConfig
+from qk_jax.models.vae.pixel import PixelSpaceConfig
+from qk_jax.tree import flatten_tree
 
 # Fields that are run-time choices, not architecture: ignored when comparing configs. The
 # special-token ids come from the run's tokenizer (`Qwen25VLConfig.with_special_tokens`).

@@ -3,7 +3,7 @@
     weights = run_params.restore("runs/stage3")            # a run workdir or a checkpoint root
     weights.params["dit"], weights.params["lora"]["dit"]   # LoRA adapters still separate
 
-The step's `config` item rebuilds the model (`kontext_config.build_kontext_config`, with the
+The step's `config` item rebuilds the model (`model_config.build_kontext_config`, with the
 special-token ids of the run's `processor/`); the parameters are restored sharded on the
 config's mesh from abstract targets. Where the run keeps an EMA of its trainable parameters,
 the EMA replaces them (`use_ema=False` keeps the trained values). `qk-jax sample` and
@@ -19,7 +19,7 @@ import jax
 import ml_collections
 
 from qk_jax import checkpoint as ckpt_lib
-from qk_jax import kontext_config, optim, sharding
+from qk_jax import model_config, optim, sharding
 from qk_jax.models.kontext import KontextConfig, QueryKontext
 
 
@@ -48,7 +48,7 @@ def restore(checkpoint: str, *, use_ema: bool = True, mesh_spec: Mapping[str, in
     reader = ckpt_lib.Checkpointer(root, create=False)
     if reader.latest_step() is None:
         raise FileNotFoundError(f"no checkpoint steps in {root}")
-    special = kontext_config.read_special_token_ids(processor_dir) if processor_dir else None
+    special = model_config.read_special_token_ids(processor_dir) if processor_dir else None
     chosen: dict[str, Any] = {}
 
     def targets_for(s: int, items: dict) -> dict[str, Any]:
@@ -56,7 +56,7 @@ def restore(checkpoint: str, *, use_ema: bool = True, mesh_spec: Mapping[str, in
         config = ml_collections.ConfigDict(items["config"])
         if mesh_spec:
             config.mesh = dict(mesh_spec)
-        kcfg = kontext_config.build_kontext_config(config, special)
+        kcfg = model_config.build_kontext_config(config, special)
         mesh = sharding.make_mesh(config.mesh)
         with jax.set_mesh(mesh), sharding.activation_rules_context():
             abstract, specs = sharding.abstract_init(QueryKontext(kcfg).init, jax.random.key(0))

@@ -29,13 +29,14 @@ import numpy as np
 from PIL import Image
 
 from qk_jax import guidance as guidance_lib
-from qk_jax import run_params, samplers, sharding
+from qk_jax import flow_solvers, run_params, sharding
 from qk_jax.config import ConfigError
+from qk_jax.convert import diffusers_configs
 from qk_jax.data import pipeline as data_pipeline
 from qk_jax.data import records as records_lib
 from qk_jax.data import vlm_inputs
+from qk_jax.data.model_inputs import place_batch, prepare_batch
 from qk_jax.models.kontext import QueryKontext
-from qk_jax.models.kontext_inputs import place_batch, prepare_batch
 from qk_jax.models.lora import apply_lora
 
 
@@ -127,8 +128,9 @@ class Sampler:
             if self.kcfg.low_level and "cond_images" in placed:
                 cond_tokens = self._encode(self.params, placed["cond_images"])
             n_target = (h // self.kcfg.downsample) * (w // self.kcfg.downsample)
-            sigmas, timesteps = samplers.flow_schedule(steps, self.schedule(), sigmas=samplers.pipeline_sigmas(steps),
-                                                       image_seq_len=n_target)
+            sigmas, timesteps = flow_solvers.flow_schedule(steps, self.schedule(),
+                                                           sigmas=flow_solvers.pipeline_sigmas(steps),
+                                                           image_seq_len=n_target)
             noise = jax.random.normal(jax.random.key(seed), (len(records), n_target, self.kcfg.generator.in_channels))
             key = (method, guidance != 1.0, cond_tokens is not None and image_guidance != 1.0,
                    self.config.sample.get("guidance_mode", "cfg"))
@@ -152,7 +154,7 @@ class Sampler:
         images = np.asarray(jax.device_get(images))
         return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
-    def schedule(self) -> samplers.FlowMatchSchedule:
+    def schedule(self) -> flow_solvers.FlowMatchSchedule:
         """The sampling schedule, in this order of precedence:
 
         - `sample.scheduler`: a diffusers `scheduler_config.json`, a scheduler folder or a
@@ -167,19 +169,20 @@ class Sampler:
         chosen = self.config.sample.get("scheduler", "")
         if chosen:
             try:
-                return samplers.read_schedule(chosen)
+                return diffusers_configs.read_schedule(chosen)
             except (FileNotFoundError, ValueError) as e:
                 raise ConfigError(f"config field sample.scheduler={chosen}: {e}") from None
         generator = self.config.model.generator.get("checkpoint", "")
-        found = samplers.find_scheduler_config(generator) if generator and os.path.isdir(generator) else None
+        found = (diffusers_configs.find_scheduler_config(generator) if generator and os.path.isdir(generator)
+                 else None)
         if found:
-            return samplers.read_schedule(found)
+            return diffusers_configs.read_schedule(found)
         t = self.kcfg.timesteps
         if t.shift == "dynamic":
-            return samplers.FlowMatchSchedule(use_dynamic_shifting=True, base_shift=t.base_shift,
-                                              max_shift=t.max_shift, base_image_seq_len=t.base_seq_len,
-                                              max_image_seq_len=t.max_seq_len)
-        return samplers.FlowMatchSchedule(shift=t.static_shift if t.shift == "static" else 1.0)
+            return flow_solvers.FlowMatchSchedule(use_dynamic_shifting=True, base_shift=t.base_shift,
+                                                  max_shift=t.max_shift, base_image_seq_len=t.base_seq_len,
+                                                  max_image_seq_len=t.max_seq_len)
+        return flow_solvers.FlowMatchSchedule(shift=t.static_shift if t.shift == "static" else 1.0)
 
     def _loop(self, method: str, text_cfg: bool, dual: bool, guidance_mode: str):
         """The sampling loop for one guidance layout (see `sample_loop`)."""
@@ -220,7 +223,7 @@ def sample_loop(model: QueryKontext, method: str, text_cfg: bool, dual: bool, gu
             vel = guidance_lib.guided_velocity(model_fn, [full, no_text], lambda c, u: text_combine(c, u, g))
         else:
             vel = guidance_lib.guided_velocity(model_fn, [full], lambda c: c)
-        return samplers.sample(vel, noise, sigmas, timesteps, method)
+        return flow_solvers.sample(vel, noise, sigmas, timesteps, method)
 
     return loop
 

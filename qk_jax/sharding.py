@@ -24,6 +24,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from qk_jax.tree import path_keys, path_str
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 Rules = tuple[tuple[str, Any], ...]
@@ -153,6 +155,21 @@ def mesh_shape_from_config(mesh_cfg: Mapping[str, int], num_devices: int) -> tup
     return tuple(sizes[a] for a in MESH_AXES)
 
 
+def parse_mesh(text: str) -> dict[str, int]:
+    """The `--mesh` flag of every tool: 'data=1,fsdp=-1,tensor=2' -> {'data': 1, 'fsdp': -1, 'tensor': 2};
+    unnamed axes are 1, -1 is "the rest of the devices" (resolved by `mesh_shape_from_config`)."""
+    out = {a: 1 for a in MESH_AXES}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, eq, value = (x.strip() for x in part.partition("="))
+        if not eq or name not in MESH_AXES:
+            raise ValueError(f"--mesh {text!r}: expected comma-separated AXIS=SIZE with AXIS in {MESH_AXES}")
+        try:
+            out[name] = int(value)
+        except ValueError:
+            raise ValueError(f"--mesh {text!r}: size of {name!r} is not an int (-1 for the rest)") from None
+    return out
+
+
 def make_mesh(mesh_cfg: Mapping[str, int] | Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A `('data', 'fsdp', 'tensor')` mesh with Auto axis types.
 
@@ -190,25 +207,6 @@ def rules_for_path(path: Sequence[str], rules_by_submodel: Mapping[str, Rules] |
         if key in table:
             return table[key]
     return default
-
-
-def _path_keys(path) -> tuple[str, ...]:
-    keys = []
-    for p in path:
-        if isinstance(p, jax.tree_util.DictKey):
-            keys.append(str(p.key))
-        elif isinstance(p, jax.tree_util.GetAttrKey):
-            keys.append(str(p.name))
-        elif isinstance(p, jax.tree_util.SequenceKey):
-            keys.append(str(p.idx))
-        else:
-            keys.append(str(p))
-    return tuple(keys)
-
-
-def path_str(path) -> str:
-    """'vlm/layers/attn/q/kernel' for a tree path."""
-    return "/".join(_path_keys(path))
 
 
 def _is_spec_leaf(x) -> bool:
@@ -262,7 +260,7 @@ def tree_shardings(abstract_tree, logical_tree, mesh: Mesh,
     """NamedShardings for a tree given its shapes and logical specs (path-dependent rule tables)."""
 
     def one(path, leaf, logical):
-        keys = _path_keys(path)
+        keys = path_keys(path)
         rules = rules_for_path(keys, rules_by_submodel)
         logical = P() if logical is None else logical
         shape = getattr(leaf, "shape", ())
@@ -383,7 +381,8 @@ def place_batch(batch, mesh: Mesh):
 # ----------------------------------------------------------------- reporting
 
 
-def _fmt_bytes(n: float) -> str:
+def format_bytes(n: float) -> str:
+    """Bytes in the largest binary unit that keeps the number >= 1: '24.61 GiB', '512.00 KiB', '12 B'."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
@@ -412,7 +411,7 @@ def sharding_table(tree, max_rows: int | None = None) -> str:
         total_dev += b_dev
         total += int(math.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
         rows.append((path_str(path), str(tuple(leaf.shape)), str(jnp.dtype(leaf.dtype)),
-                     str(tuple(spec)) if spec is not None else "-", _fmt_bytes(b_dev)))
+                     str(tuple(spec)) if spec is not None else "-", format_bytes(b_dev)))
     header = ("path", "shape", "dtype", "spec", "bytes/device")
     shown = rows if max_rows is None or len(rows) <= max_rows else rows[:max_rows]
     widths = [max(len(h), *(len(r[i]) for r in shown)) if shown else len(h) for i, h in enumerate(header)]
@@ -420,5 +419,5 @@ def sharding_table(tree, max_rows: int | None = None) -> str:
     out = [line(header), line(tuple("-" * w for w in widths))] + [line(r) for r in shown]
     if len(shown) < len(rows):
         out.append(f"... {len(rows) - len(shown)} more rows")
-    out.append(f"{len(rows)} arrays, {_fmt_bytes(total)} in all, {_fmt_bytes(total_dev)} per device")
+    out.append(f"{len(rows)} arrays, {format_bytes(total)} in all, {format_bytes(total_dev)} per device")
     return "\n".join(out)

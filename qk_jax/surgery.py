@@ -40,12 +40,12 @@ import ml_collections
 import numpy as np
 
 from qk_jax import checkpoint as ckpt_lib
-from qk_jax import distributed, dit_blocks, kontext_config, sharding
+from qk_jax import distributed, dit_seeding, model_config, sharding
 from qk_jax.checkpoint import resolve_run
-from qk_jax.config import ConfigError, load_config
-from qk_jax.convert.mapping import flatten_tree, unflatten_tree
+from qk_jax.config import ConfigError, get_field, load_config, set_field
 from qk_jax.models.kontext import QueryKontext, boxed_lora
 from qk_jax.models.lora import merge_lora
+from qk_jax.tree import flatten_tree, unflatten_tree
 
 TRANSITIONS = ((1, 2), (2, 3))
 REPORT = "surgery_report.json"
@@ -61,30 +61,6 @@ class SurgeryError(ValueError):
     """A tree or config that does not fit the transition (the message names the path)."""
 
 
-def _get(config, dotted):
-    node = config
-    for p in dotted.split("."):
-        node = node[p]
-    return node
-
-
-def _set(config, dotted, value):
-    parts = dotted.split(".")
-    node = config
-    for p in parts[:-1]:
-        node = node[p]
-    with node.unlocked() if hasattr(node, "unlocked") else _Null():
-        node[parts[-1]] = value
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-
 def target_config(src_config: ml_collections.ConfigDict, to_stage: int, config_spec: str | None = None
                   ) -> ml_collections.ConfigDict:
     """The destination stage's config: `config_spec` or `configs/stage<to>.py:<source size>`,
@@ -94,10 +70,10 @@ def target_config(src_config: ml_collections.ConfigDict, to_stage: int, config_s
     if int(cfg.stage) != to_stage:
         raise ConfigError(f"--config {spec} is a stage-{cfg.stage} config, not stage {to_stage}")
     for field in CARRIED:
-        _set(cfg, field, _get(src_config, field))
+        set_field(cfg, field, get_field(src_config, field))
     if to_stage == 3:  # the DiT is kept as trained in stage 2
-        _set(cfg, "model.generator", _get(src_config, "model.generator"))
-        _set(cfg, "model.connector", _get(src_config, "model.connector"))
+        set_field(cfg, "model.generator", get_field(src_config, "model.generator"))
+        set_field(cfg, "model.connector", get_field(src_config, "model.connector"))
     return cfg
 
 
@@ -175,7 +151,7 @@ def run(from_stage: int, to_stage: int, src: str, dst: str, dit: str | None = No
     """The whole surgery on checkpoints; returns the report dict (also written to DST).
 
     `dit_layers` picks the source blocks of a `dit` deeper than the target generator
-    (`dit_blocks.block_indices`: "all", "every_other", "first" or indices)."""
+    (`dit_seeding.block_indices`: "all", "every_other", "first" or indices)."""
     if (from_stage, to_stage) not in TRANSITIONS:
         raise SurgeryError(f"no transition from stage {from_stage} to {to_stage}; known: {TRANSITIONS}")
     staging = prepare_destination(dst)  # before any work: a taken destination is refused at once
@@ -183,7 +159,7 @@ def run(from_stage: int, to_stage: int, src: str, dst: str, dit: str | None = No
     reader = ckpt_lib.Checkpointer(src_root, create=False)
     if reader.latest_step() is None:
         raise SurgeryError(f"no checkpoint steps in {src_root}")
-    special = kontext_config.read_special_token_ids(processor) if processor else None
+    special = model_config.read_special_token_ids(processor) if processor else None
     chosen: dict[str, Any] = {}
 
     def targets_for(s: int, items: dict) -> dict[str, Any]:
@@ -193,10 +169,10 @@ def run(from_stage: int, to_stage: int, src: str, dst: str, dit: str | None = No
             raise SurgeryError(f"{src_root} step {s} is a stage-{src_config.stage} checkpoint, not stage {from_stage}")
         dst_config = target_config(src_config, to_stage, config_spec)
         if mesh_spec:
-            _set(dst_config, "mesh", dict(mesh_spec))
-        src_k = kontext_config.build_kontext_config(src_config, special)
-        dst_k = kontext_config.validate(dst_config, jax.device_count(),
-                                        kontext_config.build_kontext_config(dst_config, special))
+            set_field(dst_config, "mesh", dict(mesh_spec))
+        src_k = model_config.build_kontext_config(src_config, special)
+        dst_k = model_config.validate(dst_config, jax.device_count(),
+                                      model_config.build_kontext_config(dst_config, special))
         mesh = sharding.make_mesh(dst_config.mesh)
         src_model = QueryKontext(src_k)
         with jax.set_mesh(mesh), sharding.activation_rules_context():
@@ -282,7 +258,7 @@ def prepare_destination(dst: str) -> str:
 def _load_dit(folder: str, dst_k, mesh, layers: str = "all") -> tuple[dict, list[dict[str, int]]]:
     """The target generator's tree (sharded) from a diffusers transformer / pipeline folder or
     from the Orbax checkpoint `qk-jax convert --to-orbax` wrote from one, and the source block
-    of each target block (`layers`: see `dit_blocks.block_indices`; a shallower target, e.g.
+    of each target block (`layers`: see `dit_seeding.block_indices`; a shallower target, e.g.
     dit_10b from Qwen-Image with "every_other", takes a subset of the source's blocks)."""
     # not qk_jax.convert.cli: its absl flags (--step, ...) would clash with this tool's
     from qk_jax.convert import registry, sources
@@ -298,9 +274,9 @@ def _load_dit(folder: str, dst_k, mesh, layers: str = "all") -> tuple[dict, list
     if (layers or "all") == "all" and cfg.num_layers != g.num_layers:
         raise SurgeryError(f"--dit {folder}: num_layers={cfg.num_layers} but the stage config's generator has "
                            f"{g.num_layers} (config field model.generator); choose the source blocks with "
-                           f"--dit-layers ({', '.join(dit_blocks.SPECS[1:])} or indices)")
+                           f"--dit-layers ({', '.join(dit_seeding.SPECS[1:])} or indices)")
     try:
-        indices = dit_blocks.block_indices(layers, cfg.num_layers, g.num_layers)
+        indices = dit_seeding.block_indices(layers, cfg.num_layers, g.num_layers)
     except ValueError as e:
         raise SurgeryError(f"--dit {folder}: {e}") from None
     with jax.set_mesh(mesh), sharding.activation_rules_context():
@@ -312,7 +288,7 @@ def _load_dit(folder: str, dst_k, mesh, layers: str = "all") -> tuple[dict, list
     else:  # the whole source, sharded by its own shapes, then the chosen blocks onto the target's shardings
         _, source_shardings = param_shardings(registry.get_model(model), cfg, mesh)
         _, full = sources.load(model, folder, dtype=np.float32, shardings=source_shardings)
-        params = dit_blocks.select_blocks(full, indices, out_shardings=target_shardings)
+        params = dit_seeding.select_blocks(full, indices, out_shardings=target_shardings)
         del full
     return params, [{"block": i, "source_block": j} for i, j in enumerate(indices)]
 
@@ -374,7 +350,7 @@ def main(argv):
     f = flags.FLAGS
     mesh = None
     if f.mesh:
-        mesh = {k: int(v) for k, v in (kv.split("=") for kv in f.mesh.split(","))}
+        mesh = sharding.parse_mesh(f.mesh)
     report = run(f["from"].value, f.to, f.src, f.dst, dit=f.dit or None, dit_layers=f.dit_layers,
                  config_spec=f.config or None,
                  mesh_spec=mesh, seed=f.seed, step=f.step)

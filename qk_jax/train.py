@@ -31,14 +31,14 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from qk_jax import checkpoint as ckpt_lib
-from qk_jax import distributed, flops, kontext_config, optim, pretrained, sharding, surgery
+from qk_jax import distributed, flops, model_config, optim, pretrained, sharding, surgery
 from qk_jax.config import ConfigError
 from qk_jax.data import pipeline as data_pipeline
 from qk_jax.data import vlm_inputs
+from qk_jax.data.model_inputs import place_batch, prepare_batch
 from qk_jax.data.tokenizer import build_tokenizer
 from qk_jax.data.vocab import TASKS
 from qk_jax.models.kontext import QueryKontext
-from qk_jax.models.kontext_inputs import place_batch, prepare_batch
 from qk_jax.train_step import init_state, make_train_step
 
 
@@ -214,14 +214,14 @@ def train(config, workdir: str) -> dict[str, Any]:
     stop = Stop().install()  # before anything slow: a pre-emption during start-up still checkpoints
     check_workdir(workdir)
     processor_dir = ensure_processor(config, workdir)
-    special = kontext_config.read_special_token_ids(processor_dir)
-    kcfg = kontext_config.validate(config, jax.device_count(),
-                                   kontext_config.build_kontext_config(config, special))
+    special = model_config.read_special_token_ids(processor_dir)
+    kcfg = model_config.validate(config, jax.device_count(),
+                                 model_config.build_kontext_config(config, special))
     mesh = sharding.make_mesh(config.mesh)
     main = distributed.is_main_process()
     if main:
         print(f"stage {config.stage} ({config.size}) on {jax.device_count()} {jax.devices()[0].platform} devices, "
-              f"mesh {dict(mesh.shape)}\n{kontext_config.describe(kcfg)}", flush=True)
+              f"mesh {dict(mesh.shape)}\n{model_config.describe(kcfg)}", flush=True)
     model = QueryKontext(kcfg)
     tx = optim.make_optimizer(config.train)
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),

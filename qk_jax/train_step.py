@@ -26,9 +26,10 @@ import jax.numpy as jnp
 import optax
 
 from qk_jax import optim
+from qk_jax.data.vocab import TASKS
 from qk_jax.models.kontext import QueryKontext
 
-NUM_TASKS = 6  # qk_jax.data.vocab.TASKS
+NUM_TASKS = len(TASKS)  # batch["task_id"] indexes TASKS
 
 
 def make_loss_fn(model: QueryKontext) -> Callable:

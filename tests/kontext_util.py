@@ -3,11 +3,11 @@
 import jax
 import numpy as np
 
-from qk_jax import kontext_config
 from qk_jax.config import load_config
 from qk_jax.data import pipeline, vlm_inputs
+from qk_jax.data.model_inputs import prepare_batch
 from qk_jax.data.tokenizer import build_tokenizer
-from qk_jax.models.kontext_inputs import prepare_batch
+from qk_jax.model_config import build_kontext_config, read_special_token_ids
 
 
 def stage_config(stage: int, data_dir: str, *overrides: str):
@@ -17,7 +17,7 @@ def stage_config(stage: int, data_dir: str, *overrides: str):
 
 
 def model_config(config, processor_dir):
-    return kontext_config.build_kontext_config(config, kontext_config.read_special_token_ids(processor_dir))
+    return build_kontext_config(config, read_special_token_ids(processor_dir))
 
 
 def processor_dir(tmp_path_factory):

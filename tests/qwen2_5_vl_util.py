@@ -11,6 +11,7 @@ import os
 import numpy as np
 import torch
 
+from qk_jax.convert.qwen2_5_vl import config_to_hf
 from qk_jax.models.qwen2_5_vl import Qwen25VLConfig, TextConfig, VisionConfig
 
 
@@ -33,7 +34,7 @@ def save_random_checkpoint(cfg: Qwen25VLConfig, folder: str, seed: int = 0, dtyp
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**cfg.to_hf_config()))
+    model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**config_to_hf(cfg)))
     randomize_(model, seed)
     model.to(dtype).save_pretrained(folder, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     del model

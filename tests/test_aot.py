@@ -12,7 +12,7 @@ import sys
 import pytest
 from cli_env import tpu_init_errors, user_env
 
-from qk_jax import aot
+from qk_jax import aot, sharding
 from qk_jax.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,7 +22,7 @@ TOPOLOGY = "v5e:2x2"
 @pytest.fixture(scope="module")
 def report():
     config = load_config("configs/stage2.py:tiny")
-    return aot.run(config, TOPOLOGY, aot.parse_mesh("data=2,fsdp=2"), batch=8, log=lambda *a, **k: None)
+    return aot.run(config, TOPOLOGY, sharding.parse_mesh("data=2,fsdp=2"), batch=8, log=lambda *a, **k: None)
 
 
 @pytest.mark.slow
@@ -66,14 +66,14 @@ def test_verdict_says_does_not_fit_without_room(report):
 
 def test_fsdp_shards_the_state():
     config = load_config("configs/stage2.py:tiny")
-    mesh, kind = aot.topology_mesh(TOPOLOGY, aot.parse_mesh("data=1,fsdp=4"))
+    mesh, kind = aot.topology_mesh(TOPOLOGY, sharding.parse_mesh("data=1,fsdp=4"))
     assert "v5" in kind.lower()
-    from qk_jax import kontext_config
+    from qk_jax import model_config
     from qk_jax.models.kontext import QueryKontext
 
     with config.unlocked():
         config.mesh = dict(mesh.shape)
-    params = aot.abstract_params(QueryKontext(kontext_config.validate(config, 4)), mesh)
+    params = aot.abstract_params(QueryKontext(model_config.validate(config, 4)), mesh)
     per_device, total = aot._tree_bytes(params), sum(x.size * x.dtype.itemsize for x in _leaves(params))
     assert per_device < 0.5 * total, (per_device, total)
 
@@ -88,11 +88,11 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="unknown chip"):
         aot.chip_of("v9z:2x2")
     with pytest.raises(ValueError, match="--mesh"):
-        aot.parse_mesh("data=2,pipeline=2")
+        sharding.parse_mesh("data=2,pipeline=2")
     with pytest.raises(ValueError, match="cover the topology"):
-        aot.topology_mesh(TOPOLOGY, aot.parse_mesh("data=2"))
+        aot.topology_mesh(TOPOLOGY, sharding.parse_mesh("data=2"))
     with pytest.raises(ValueError, match="not a TPU topology"):
-        aot.topology_mesh("v5e:3x7x9x2", aot.parse_mesh("data=-1"))
+        aot.topology_mesh("v5e:3x7x9x2", sharding.parse_mesh("data=-1"))
 
 
 @pytest.mark.slow

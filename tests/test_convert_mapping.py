@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from qk_jax.convert import safetensors_io
-from qk_jax.convert.mapping import CONV, TRANSPOSE, Mapping, MappingError, Rule, flatten_tree
+from qk_jax.convert.mapping import CONV, TRANSPOSE, Mapping, MappingError, Rule
+from qk_jax.tree import flatten_tree
 
 RULES = [
     Rule("embed.weight", "embed/embedding"),

@@ -15,7 +15,7 @@ import pytest
 import torch
 from qwen2_5_vl_util import env_for_subprocess, other_config, save_random_checkpoint, torch_inputs
 
-from qk_jax import checkpoint as ckpt_lib
+from qk_jax import checkpoint as ckpt_lib, sharding
 from qk_jax.convert import cli, registry, safetensors_io
 from qk_jax.parity.qwen2_5_vl import make_inputs
 
@@ -113,11 +113,11 @@ def test_bad_inputs_name_the_folder_or_file(converted, tmp_path, devices):
 
 
 def test_mesh_flag_parsing():
-    assert cli.parse_mesh("fsdp=-1,tensor=2") == {"data": 1, "fsdp": -1, "tensor": 2}
+    assert sharding.parse_mesh("fsdp=-1,tensor=2") == {"data": 1, "fsdp": -1, "tensor": 2}
     with pytest.raises(ValueError, match="pipeline"):
-        cli.parse_mesh("pipeline=2")
+        sharding.parse_mesh("pipeline=2")
     with pytest.raises(ValueError, match="int"):
-        cli.parse_mesh("data=two")
+        sharding.parse_mesh("data=two")
 
 
 

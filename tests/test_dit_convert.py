@@ -12,10 +12,11 @@ from dit_testing import FLUX_TINY, KL_TINY, QWEN_TINY, QWEN_VAE_TINY, save_tiny,
 from safetensors.numpy import load_file, save_file
 
 from qk_jax.convert import flux, qwen_image, vae_kl, vae_qwen_image
-from qk_jax.convert.mapping import MappingError, flatten_tree
+from qk_jax.convert.mapping import MappingError
 from qk_jax.convert.safetensors_io import tensor_names
 from qk_jax.models.mmdit import abstract_params
 from qk_jax.models.vae import abstract_vae_params
+from qk_jax.tree import flatten_tree
 
 CASES = {
     "qwen_image": (QwenImageTransformer2DModel, QWEN_TINY, qwen_image, abstract_params),

@@ -24,12 +24,12 @@ import numpy as np
 import pytest
 
 from qk_jax import flops
-from qk_jax.convert.mapping import flatten_tree
+from qk_jax.tree import flatten_tree
 from qk_jax.models import lora
 from qk_jax.models.connector import Connector, ConnectorConfig
 from qk_jax.models.mmdit import MMDiT, MMDiTConfig
 from qk_jax.models.mmdit import dummy_inputs as mmdit_inputs
-from qk_jax.models.pixel_ae import PixelSpaceAutoencoder, PixelSpaceConfig
+from qk_jax.models.vae.pixel import PixelSpaceAutoencoder, PixelSpaceConfig
 from qk_jax.models.qwen2_5_vl import (Qwen25VL, TextConfig, VisionConfig, build_image_plan, build_vision_plan,
                                       get_config)
 from qk_jax.models.qwen2_5_vl import text_position_ids

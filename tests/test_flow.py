@@ -9,10 +9,11 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler, QwenImageTransformer2DModel
 from dit_testing import QWEN_TINY, rel_err, save_tiny, t
 
-from qk_jax import flow, guidance, samplers
+from qk_jax import flow, flow_solvers, guidance
 from qk_jax.convert import qwen_image
-from qk_jax.models import dit_positions as pos
+from qk_jax.convert.diffusers_configs import from_diffusers
 from qk_jax.models.mmdit import MMDiT
+from qk_jax.models.mmdit import positions as pos
 
 SCHEDULES = [
     (dict(), None, 10),
@@ -28,21 +29,21 @@ SCHEDULES = [
 @pytest.mark.parametrize("settings,sigmas,steps", SCHEDULES)
 def test_schedule_equals_flow_match_euler(settings, sigmas, steps):
     sched = FlowMatchEulerDiscreteScheduler(**settings)
-    ours_cfg = samplers.FlowMatchSchedule.from_diffusers_config(dict(sched.config))
+    ours_cfg = from_diffusers(flow_solvers.FlowMatchSchedule, dict(sched.config))
     seq = 1024
-    sig_in = samplers.pipeline_sigmas(steps) if sigmas == "pipeline" else None
+    sig_in = flow_solvers.pipeline_sigmas(steps) if sigmas == "pipeline" else None
     mu = ours_cfg.mu(seq) if ours_cfg.use_dynamic_shifting else None
     sched.set_timesteps(steps, sigmas=sig_in, mu=mu)
-    ours_sigmas, model_t = samplers.flow_schedule(steps, ours_cfg, sigmas=sig_in, image_seq_len=seq)
+    ours_sigmas, model_t = flow_solvers.flow_schedule(steps, ours_cfg, sigmas=sig_in, image_seq_len=seq)
     np.testing.assert_array_equal(ours_sigmas, sched.sigmas.numpy())
     np.testing.assert_array_equal(model_t, (sched.timesteps / 1000).numpy())
 
 
 def test_schedule_rejects_unsupported_options():
     with pytest.raises(ValueError, match="use_karras_sigmas"):
-        samplers.FlowMatchSchedule.from_diffusers_config({"use_karras_sigmas": True})
+        from_diffusers(flow_solvers.FlowMatchSchedule, {"use_karras_sigmas": True})
     with pytest.raises(ValueError, match="mu or image_seq_len"):
-        samplers.flow_schedule(4, samplers.FlowMatchSchedule(use_dynamic_shifting=True))
+        flow_solvers.flow_schedule(4, flow_solvers.FlowMatchSchedule(use_dynamic_shifting=True))
 
 
 def _toy_velocity(x, tt):
@@ -52,21 +53,22 @@ def _toy_velocity(x, tt):
 
 def test_euler_and_heun_loops_equal_diffusers_schedulers():
     x0 = np.random.default_rng(0).standard_normal((2, 6, 4)).astype(np.float32)
-    for cls, fn in ((FlowMatchEulerDiscreteScheduler, samplers.euler_sample),
-                    (FlowMatchHeunDiscreteScheduler, samplers.heun_sample)):
+    for cls, fn in ((FlowMatchEulerDiscreteScheduler, flow_solvers.euler_sample),
+                    (FlowMatchHeunDiscreteScheduler, flow_solvers.heun_sample)):
         sched = cls(shift=3.0)
         sched.set_timesteps(6)
         x = torch.from_numpy(x0.copy())
         for ts in sched.timesteps:
             v = torch.from_numpy(np.array(_toy_velocity(jnp.asarray(x.numpy()), ts.item() / 1000)))
             x = sched.step(v, ts, x).prev_sample
-        sigmas, model_t = samplers.flow_schedule(6, samplers.FlowMatchSchedule(shift=3.0))
+        sigmas, model_t = flow_solvers.flow_schedule(6, flow_solvers.FlowMatchSchedule(shift=3.0))
         ours = jax.jit(lambda x: fn(_toy_velocity, x, sigmas, model_t))(x0)
         assert rel_err(ours, x.numpy()) < 1e-5, cls.__name__
     # Heun is really second order: closer to a fine Euler solution than Euler with the same steps
-    fine = samplers.euler_sample(_toy_velocity, x0, *samplers.flow_schedule(400, samplers.FlowMatchSchedule()))
-    coarse = samplers.flow_schedule(6, samplers.FlowMatchSchedule())
-    err = lambda m: np.abs(np.asarray(samplers.sample(_toy_velocity, x0, *coarse, method=m)) - fine).max()
+    fine = flow_solvers.euler_sample(_toy_velocity, x0,
+                                     *flow_solvers.flow_schedule(400, flow_solvers.FlowMatchSchedule()))
+    coarse = flow_solvers.flow_schedule(6, flow_solvers.FlowMatchSchedule())
+    err = lambda m: np.abs(np.asarray(flow_solvers.sample(_toy_velocity, x0, *coarse, method=m)) - fine).max()
     assert err("heun") < 0.5 * err("euler")
 
 
@@ -155,8 +157,8 @@ def test_four_step_sampling_loop_equals_diffusers(tmp_path):
                      shift_terminal=0.02)
 
     sched = FlowMatchEulerDiscreteScheduler(**sched_cfg)
-    mu = samplers.FlowMatchSchedule(**sched_cfg).mu(h * w)
-    sched.set_timesteps(steps, sigmas=samplers.pipeline_sigmas(steps), mu=mu)
+    mu = flow_solvers.FlowMatchSchedule(**sched_cfg).mu(h * w)
+    sched.set_timesteps(steps, sigmas=flow_solvers.pipeline_sigmas(steps), mu=mu)
     x = t(latents)
     with torch.no_grad():
         for ts in sched.timesteps:
@@ -174,14 +176,14 @@ def test_four_step_sampling_loop_equals_diffusers(tmp_path):
     def model_fn(xs, ts, c):
         return mmdit.apply({"params": params}, xs, img_ids, c["txt"], c["mask"], ts)
 
-    sigmas, model_t = samplers.flow_schedule(steps, samplers.FlowMatchSchedule(**sched_cfg),
-                                             sigmas=samplers.pipeline_sigmas(steps), image_seq_len=h * w)
+    sigmas, model_t = flow_solvers.flow_schedule(steps, flow_solvers.FlowMatchSchedule(**sched_cfg),
+                                                 sigmas=flow_solvers.pipeline_sigmas(steps), image_seq_len=h * w)
 
     @jax.jit
     def run(noise):
         vel = guidance.cfg_velocity(model_fn, {"txt": cond, "mask": cond_mask}, {"txt": uncond, "mask": uncond_mask},
                                     scale, mode="true_cfg")
-        return samplers.euler_sample(vel, noise, sigmas, model_t)
+        return flow_solvers.euler_sample(vel, noise, sigmas, model_t)
 
     ours = run(latents)
     assert rel_err(ours, ref) < 1e-4
@@ -191,7 +193,7 @@ def test_four_step_sampling_loop_equals_diffusers(tmp_path):
 def test_sample_loop_guidance_mode_true_cfg():
     """`sample.guidance_mode="true_cfg"` reaches the sampling loop: the text-CFG branches are
     combined by Qwen-Image's norm-rescaled CFG, every Euler step."""
-    from qk_jax import samplers
+    from qk_jax import flow_solvers
     from qk_jax.config import ConfigError
     from qk_jax.sample import sample_loop
 
@@ -203,7 +205,7 @@ def test_sample_loop_guidance_mode_true_cfg():
 
     params = {"a": jnp.float32(-0.7), "b": jnp.float32(0.9)}
     noise = jax.random.normal(jax.random.key(0), (2, 5, 4))
-    sigmas, timesteps = samplers.flow_schedule(4, samplers.FlowMatchSchedule(shift=1.0))
+    sigmas, timesteps = flow_solvers.flow_schedule(4, flow_solvers.FlowMatchSchedule(shift=1.0))
     cond, mask = jnp.zeros((2, 3, 8)), jnp.ones((2, 3), bool)
     img_ids = jnp.zeros((2, 5, 3))
 

@@ -8,8 +8,8 @@ import pytest
 
 import kontext_util as ku
 from qk_jax import flops, optim, sharding
+from qk_jax.data.model_inputs import place_batch
 from qk_jax.models.kontext import QueryKontext
-from qk_jax.models.kontext_inputs import place_batch
 from qk_jax.train_step import init_state, make_loss_fn, make_train_step
 
 EXPECTED_TRAINABLE = {

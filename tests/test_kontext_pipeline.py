@@ -18,7 +18,7 @@ from PIL import Image
 
 import kontext_util as ku
 from qk_jax import checkpoint as ckpt_lib
-from qk_jax import kontext_config, sharding, surgery
+from qk_jax import model_config, sharding, surgery
 from qk_jax.data import records
 from qk_jax.models.kontext import QueryKontext
 from qk_jax.sample import Sampler
@@ -139,7 +139,7 @@ def _kcfg(path):
     root, proc = surgery.resolve_run(path)
     step = ckpt_lib.Checkpointer(root, create=False).latest_step()
     cfg = ml_collections.ConfigDict(ckpt_lib.read_json_item(root, step, "config"))
-    return cfg, kontext_config.build_kontext_config(cfg, kontext_config.read_special_token_ids(proc))
+    return cfg, model_config.build_kontext_config(cfg, model_config.read_special_token_ids(proc))
 
 
 def test_surgery_1_to_2_report_and_lora_merge(stage1, stage2):
@@ -156,7 +156,7 @@ def test_surgery_1_to_2_report_and_lora_merge(stage1, stage2):
     # Complete: every path of the source and of the destination is listed.
     cfg1, k1 = _kcfg(stage1["full"])
     cfg2, k2 = _kcfg(stage2["ckpt"])
-    from qk_jax.convert.mapping import flatten_tree
+    from qk_jax.tree import flatten_tree
     m1, p1 = _restore(stage1["full"], k1)
     m2, p2 = _restore(stage2["ckpt"], k2)
     assert set(statuses) == set(flatten_tree(p1)) | set(flatten_tree(p2))

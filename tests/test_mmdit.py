@@ -12,7 +12,8 @@ from dit_testing import FLUX_TINY, QWEN_TINY, rel_err, save_tiny, t
 
 from qk_jax import sharding
 from qk_jax.convert import flux, qwen_image
-from qk_jax.models import dit_positions as pos
+from qk_jax.convert.diffusers_configs import from_diffusers, to_diffusers
+from qk_jax.models.mmdit import positions as pos
 from qk_jax.models.mmdit import MMDiT, MMDiTConfig, init_params, mmdit_config, param_count
 
 TOL = 1e-4
@@ -167,16 +168,16 @@ def test_position_id_schemes():
 def test_config_round_trip_and_errors():
     for name in ("qwen_image_20b", "flux_12b", "tiny", "tiny_flux", "head_870m", "dit_10b"):
         cfg = mmdit_config(name)
-        assert MMDiTConfig.from_diffusers_config(cfg.to_diffusers_config()) == cfg
-    assert MMDiTConfig.from_diffusers_config(dict(QWEN_TINY, _class_name="QwenImageTransformer2DModel")) == \
+        assert from_diffusers(MMDiTConfig, to_diffusers(cfg)) == cfg
+    assert from_diffusers(MMDiTConfig, dict(QWEN_TINY, _class_name="QwenImageTransformer2DModel")) == \
         mmdit_config("tiny")
     with pytest.raises(ValueError, match="sums to"):
         MMDiTConfig(head_dim=64)
     # a key diffusers' class does not take is ignored (with a warning), as diffusers ignores it
-    assert MMDiTConfig.from_diffusers_config({"_class_name": "FluxTransformer2DModel", "foo": 1}) == \
-        MMDiTConfig.from_diffusers_config({"_class_name": "FluxTransformer2DModel"})
+    assert from_diffusers(MMDiTConfig, {"_class_name": "FluxTransformer2DModel", "foo": 1}) == \
+        from_diffusers(MMDiTConfig, {"_class_name": "FluxTransformer2DModel"})
     with pytest.raises(ValueError, match="_class_name"):
-        MMDiTConfig.from_diffusers_config({"_class_name": "SD3Transformer2DModel"})
+        from_diffusers(MMDiTConfig, {"_class_name": "SD3Transformer2DModel"})
     with pytest.raises(ValueError, match="txt shape"):
         cfg = mmdit_config("tiny")
         MMDiT(cfg).init(jax.random.key(0), jnp.zeros((1, 4, 16)), jnp.zeros((1, 4, 3)), jnp.zeros((1, 2, 7)),
@@ -187,7 +188,7 @@ def test_param_counts_equal_diffusers():
     """eval_shape counts of the real sizes equal diffusers' models built on the meta device."""
     for name, cls in (("qwen_image_20b", QwenImageTransformer2DModel), ("flux_12b", FluxTransformer2DModel)):
         cfg = mmdit_config(name)
-        kwargs = {k: v for k, v in cfg.to_diffusers_config().items() if not k.startswith("_")}
+        kwargs = {k: v for k, v in to_diffusers(cfg).items() if not k.startswith("_")}
         with torch.device("meta"):
             ref = sum(p.numel() for p in cls(**kwargs).parameters())
         assert param_count(cfg) == ref, name

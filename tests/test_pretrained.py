@@ -10,9 +10,9 @@ from qk_jax import sharding
 from qk_jax.config import ConfigError
 from qk_jax.convert import qwen2_5_vl as vlm_convert
 from qk_jax.convert import qwen_image as dit_convert
-from qk_jax.convert.mapping import flatten_tree
 from qk_jax.models.kontext import QueryKontext
 from qk_jax.pretrained import load_pretrained
+from qk_jax.tree import flatten_tree
 
 
 @pytest.fixture(scope="module")

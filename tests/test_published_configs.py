@@ -14,13 +14,15 @@ from diffusers import (AutoencoderKL as TorchKL, AutoencoderKLQwenImage as Torch
                        QwenImageTransformer2DModel)
 
 from qk_jax.convert import registry
+from qk_jax.convert.diffusers_configs import from_diffusers, to_diffusers
+from qk_jax.convert.qwen2_5_vl import config_from_hf
 from qk_jax.data.vlm_inputs import vision_geometry
+from qk_jax.flow_solvers import FlowMatchSchedule
 from qk_jax.models import mmdit, qwen2_5_vl
-from qk_jax.models.mmdit_config import MMDiTConfig
-from qk_jax.models.qwen2_5_vl import ConfigError, Qwen25VLConfig
+from qk_jax.models.mmdit.config import MMDiTConfig
+from qk_jax.models.qwen2_5_vl import ConfigError
 from qk_jax.models.vae import vae_param_count
-from qk_jax.models.vae_kl import AutoencoderKLConfig
-from qk_jax.samplers import FlowMatchSchedule
+from qk_jax.models.vae.kl import AutoencoderKLConfig
 
 PUBLISHED = os.path.join(os.path.dirname(__file__), "fixtures", "published")
 VLMS = {"Qwen2.5-VL-7B-Instruct": 8_292_166_656, "Qwen2.5-VL-3B-Instruct": 3_754_622_976}
@@ -52,7 +54,7 @@ def test_qwen2_5_vl_config_counts_equal_transformers(name):
     assert "rope_scaling" in _json(name, "config.json") and "in_chans" in _json(name, "config.json")["vision_config"]
     nested = Qwen2_5_VLConfig(**_json(name, "config.json")).to_dict()
     assert "text_config" in nested
-    assert Qwen25VLConfig.from_hf_config(nested) == cfg
+    assert config_from_hf(nested) == cfg
     assert cfg.vision.tokens_per_second == 2 and cfg.text.mrope_section == (16, 24, 24)
 
 
@@ -98,7 +100,7 @@ def test_vae_config_counts_equal_diffusers(name):
 @pytest.mark.parametrize("name", sorted(DITS))
 def test_scheduler_configs_parse(name):
     raw = _json(name, "scheduler", "scheduler_config.json")
-    sched = FlowMatchSchedule.from_diffusers_config(raw)
+    sched = from_diffusers(FlowMatchSchedule, raw)
     for key in ("use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len"):
         assert getattr(sched, key) == raw[key], key
     assert sched.shift_terminal == raw.get("shift_terminal")
@@ -107,21 +109,21 @@ def test_scheduler_configs_parse(name):
 def test_ignored_keys_warn_once_and_unsupported_values_are_named(caplog):
     raw = _json("FLUX.1-dev", "transformer", "config.json")
     with caplog.at_level(logging.WARNING, logger="qk_jax.config"):
-        cfg = MMDiTConfig.from_diffusers_config({**raw, "foo": 1, "bar": [2]})
-    assert cfg == MMDiTConfig.from_diffusers_config(raw)
+        cfg = from_diffusers(MMDiTConfig, {**raw, "foo": 1, "bar": [2]})
+    assert cfg == from_diffusers(MMDiTConfig, raw)
     warnings = [r.getMessage() for r in caplog.records if r.name == "qk_jax.config"]
     assert len(warnings) == 1 and "'bar'" in warnings[0] and "'foo'" in warnings[0]
     with pytest.raises(ValueError, match="guidance_embeds"):
-        MMDiTConfig.from_diffusers_config({**_json("Qwen-Image", "transformer", "config.json"),
+        from_diffusers(MMDiTConfig, {**_json("Qwen-Image", "transformer", "config.json"),
                                            "guidance_embeds": True})
     with pytest.raises(ValueError, match="act_fn"):
-        AutoencoderKLConfig.from_diffusers_config({**_json("FLUX.1-dev", "vae", "config.json"), "act_fn": "relu"})
+        from_diffusers(AutoencoderKLConfig, {**_json("FLUX.1-dev", "vae", "config.json"), "act_fn": "relu"})
     flat = _json("Qwen2.5-VL-7B-Instruct", "config.json")
     with pytest.raises(ConfigError, match="rope_type"):
-        Qwen25VLConfig.from_hf_config({**flat, "rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+        config_from_hf({**flat, "rope_scaling": {"rope_type": "yarn", "factor": 4.0,
                                                                 "mrope_section": [16, 24, 24]}})
     with pytest.raises(ConfigError, match="use_sliding_window"):
-        Qwen25VLConfig.from_hf_config({**flat, "use_sliding_window": True})
+        config_from_hf({**flat, "use_sliding_window": True})
 
 
 @pytest.mark.parametrize("name", sorted(VLMS))
@@ -132,11 +134,11 @@ def test_exported_qwen2_5_vl_config_is_the_published_file(name):
     from qk_jax.convert import published_configs
 
     published = _json(name, "config.json")
-    cfg = Qwen25VLConfig.from_hf_config(published)
+    cfg = config_from_hf(published)
     exported = published_configs.qwen2_5_vl(cfg, "bfloat16")
     skip = {"transformers_version", "max_window_layers"}
     assert {k: v for k, v in exported.items() if k not in skip} == {k: v for k, v in published.items() if k not in skip}
-    assert Qwen25VLConfig.from_hf_config(exported) == cfg
+    assert config_from_hf(exported) == cfg
 
 
 @pytest.mark.parametrize("model,component", [("qwen_image", "transformer"), ("qwen_image_vae", "vae")])
@@ -148,5 +150,5 @@ def test_exported_qwen_image_configs_are_the_published_files(model, component, t
     published = _json("Qwen-Image", component, "config.json")
     cfg = registry.get_model(model).config_from_dict(published)
     exported = (published_configs.qwen_image_transformer(cfg) if component == "transformer"
-                else cfg.to_diffusers_config())
+                else to_diffusers(cfg))
     assert exported == {k: v for k, v in published.items() if k != "_diffusers_version"}

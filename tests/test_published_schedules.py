@@ -15,8 +15,10 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.flux import pipeline_flux
 from diffusers.pipelines.qwenimage import pipeline_qwenimage
 
-from qk_jax import flow, samplers
+from qk_jax import flow, flow_solvers
 from qk_jax.config import ConfigError, load_config
+from qk_jax.convert import diffusers_configs
+from qk_jax.convert.diffusers_configs import from_diffusers
 from qk_jax.sample import Sampler
 
 PUBLISHED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "published")
@@ -43,16 +45,16 @@ def _pipeline_schedule(module, folder: str, height: int, width: int, steps: int)
 def test_published_schedules_equal_the_pipelines(pipeline, height, width, steps):
     folder = os.path.join(PUBLISHED, pipeline)
     ref_sigmas, ref_t, seq = _pipeline_schedule(PIPELINES[pipeline], folder, height, width, steps)
-    schedule = samplers.read_schedule(folder)
-    sigmas, model_t = samplers.flow_schedule(steps, schedule, sigmas=samplers.pipeline_sigmas(steps),
-                                             image_seq_len=seq)
+    schedule = diffusers_configs.read_schedule(folder)
+    sigmas, model_t = flow_solvers.flow_schedule(steps, schedule, sigmas=flow_solvers.pipeline_sigmas(steps),
+                                                 image_seq_len=seq)
     np.testing.assert_array_equal(sigmas, ref_sigmas)
     np.testing.assert_array_equal(model_t, ref_t)
 
 
 def test_named_schedules_are_the_published_ones():
-    assert samplers.read_schedule(os.path.join(PUBLISHED, "Qwen-Image")) == samplers.QWEN_IMAGE_SCHEDULE
-    assert samplers.read_schedule(os.path.join(PUBLISHED, "FLUX.1-dev")) == samplers.FLUX_SCHEDULE
+    assert diffusers_configs.read_schedule(os.path.join(PUBLISHED, "Qwen-Image")) == flow_solvers.QWEN_IMAGE_SCHEDULE
+    assert diffusers_configs.read_schedule(os.path.join(PUBLISHED, "FLUX.1-dev")) == flow_solvers.FLUX_SCHEDULE
 
 
 def _sampler(scheduler: str = "", generator: str = ""):
@@ -64,7 +66,7 @@ def _sampler(scheduler: str = "", generator: str = ""):
 
 
 def test_sampler_takes_the_schedule_from_a_diffusers_folder(tmp_path):
-    qwen = samplers.read_schedule(os.path.join(PUBLISHED, "Qwen-Image"))
+    qwen = diffusers_configs.read_schedule(os.path.join(PUBLISHED, "Qwen-Image"))
     # sample.scheduler names a pipeline folder (or its scheduler_config.json)
     s = _sampler(scheduler=os.path.join(PUBLISHED, "Qwen-Image"))
     assert Sampler.schedule(s) == qwen
@@ -85,9 +87,9 @@ def test_sampler_takes_the_schedule_from_a_diffusers_folder(tmp_path):
 def test_scheduler_options_are_read_as_diffusers_reads_them(caplog):
     raw = json.load(open(os.path.join(PUBLISHED, "FLUX.1-dev", "scheduler", "scheduler_config.json")))
     with caplog.at_level("WARNING", logger="qk_jax.config"):
-        assert samplers.FlowMatchSchedule.from_diffusers_config({**raw, "foo": 1}) == samplers.FLUX_SCHEDULE
+        assert from_diffusers(flow_solvers.FlowMatchSchedule, {**raw, "foo": 1}) == flow_solvers.FLUX_SCHEDULE
     assert any("foo" in r.getMessage() for r in caplog.records)
     with pytest.raises(ValueError, match="stochastic_sampling"):
-        samplers.FlowMatchSchedule.from_diffusers_config({**raw, "stochastic_sampling": True})
+        from_diffusers(flow_solvers.FlowMatchSchedule, {**raw, "stochastic_sampling": True})
     with pytest.raises(ValueError, match="time_shift_type"):
-        samplers.FlowMatchSchedule.from_diffusers_config({**raw, "time_shift_type": "cosine"})
+        from_diffusers(flow_solvers.FlowMatchSchedule, {**raw, "time_shift_type": "cosine"})

@@ -32,8 +32,8 @@ from published_layout import diffusers_pipeline_folder, published_config, qwen_v
 from qk_jax.config import load_config
 from qk_jax.convert import sources
 from qk_jax.convert.from_run import ExportError, subtree_model
-from qk_jax.convert.mapping import flatten_tree
-from qk_jax.kontext_config import build_kontext_config
+from qk_jax.model_config import build_kontext_config
+from qk_jax.tree import flatten_tree
 
 SECTION = "## From the published weights"
 VARIABLES = {"VLM", "QWEN_IMAGE", "DATA", "SIZE", "RUNS"}

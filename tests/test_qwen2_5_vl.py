@@ -18,13 +18,14 @@ from qwen2_5_vl_util import rel_err, save_random_checkpoint, torch_inputs
 
 from qk_jax import sharding
 from qk_jax.convert import safetensors_io
-from qk_jax.convert.mapping import MappingError, flatten_tree
-from qk_jax.convert.qwen2_5_vl import detect_layout, export_hf, hf_mapping, load_hf
+from qk_jax.convert.mapping import MappingError
+from qk_jax.convert.qwen2_5_vl import config_from_hf, config_to_hf, detect_layout, export_hf, hf_mapping, load_hf
 from qk_jax.data.tokenizer import build_tokenizer
-from qk_jax.models.qwen2_5_vl import (ConfigError, Qwen25VL, Qwen25VLConfig, build_image_plan, build_vision_plan,
+from qk_jax.models.qwen2_5_vl import (ConfigError, Qwen25VL, build_image_plan, build_vision_plan,
                                       extend_position_ids, get_config, get_rope_index, init_params, pad_patches,
                                       param_count, prepare_inputs)
 from qk_jax.parity.qwen2_5_vl import make_inputs
+from qk_jax.tree import flatten_tree
 
 IMAGES = [(84, 140), (112, 84)]  # HxW: grids 6x10 and 8x6 patches -> uneven 2x2-token windows
 PROMPT = 560
@@ -58,12 +59,12 @@ def test_config_round_trip_and_hf_acceptance(tiny):
     from transformers import Qwen2_5_VLConfig
 
     for cfg in (tiny["cfg"], get_config("3b"), get_config("7b"), get_config("demo")):
-        d = cfg.to_hf_config()
-        assert Qwen25VLConfig.from_hf_config(d) == cfg
+        d = config_to_hf(cfg)
+        assert config_from_hf(d) == cfg
         hf = Qwen2_5_VLConfig(**d)  # what from_pretrained builds from config.json
-        assert Qwen25VLConfig.from_hf_config(hf.to_dict()) == cfg
+        assert config_from_hf(hf.to_dict()) == cfg
     saved = json.loads((tiny["folder"] / "config.json").read_text())
-    assert Qwen25VLConfig.from_hf_config(saved) == tiny["cfg"]
+    assert config_from_hf(saved) == tiny["cfg"]
 
 
 def test_legacy_flat_hub_config_is_read():
@@ -82,7 +83,7 @@ def test_legacy_flat_hub_config_is_read():
                           "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2, "temporal_patch_size": 2},
         "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}, "vocab_size": 152064,
     }
-    assert Qwen25VLConfig.from_hf_config(flat) == get_config("7b")
+    assert config_from_hf(flat) == get_config("7b")
 
 
 def test_invalid_configs_name_the_field():
@@ -92,8 +93,8 @@ def test_invalid_configs_name_the_field():
     with pytest.raises(ConfigError, match="fullatt_block_indexes"):
         cfg.replace(vision=cfg.vision.__class__(**{**cfg.vision.__dict__, "fullatt_block_indexes": (5,)}))
     with pytest.raises(ConfigError, match="use_sliding_window"):
-        Qwen25VLConfig.from_hf_config({**cfg.to_hf_config(), "text_config": {
-            **cfg.to_hf_config()["text_config"], "use_sliding_window": True}})
+        config_from_hf({**config_to_hf(cfg), "text_config": {
+            **config_to_hf(cfg)["text_config"], "use_sliding_window": True}})
 
 
 def test_param_counts_equal_hf():
@@ -102,7 +103,7 @@ def test_param_counts_equal_hf():
     for name in ("3b", "7b"):
         cfg = get_config(name)
         with torch.device("meta"):
-            hf = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**cfg.to_hf_config()))
+            hf = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**config_to_hf(cfg)))
         expected = sum(p.numel() for p in hf.parameters())
         assert param_count(cfg) == expected, name
         print(f"{name}: {expected:,} parameters (ours == HF)")

@@ -13,6 +13,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from qk_jax.convert.qwen2_5_vl import config_to_hf
 from qk_jax.data.tokenizer import build_tokenizer
 from qk_jax.models.qwen2_5_vl import get_config, get_rope_index
 from qk_jax.models.qwen2_5_vl.processor import QwenVLProcessor
@@ -23,7 +24,7 @@ def folder(tmp_path_factory):
     path = tmp_path_factory.mktemp("qwen_vl_proc")
     ids = build_tokenizer(str(path))
     cfg = get_config("tiny").with_special_tokens(ids)
-    (path / "config.json").write_text(json.dumps(cfg.to_hf_config()))
+    (path / "config.json").write_text(json.dumps(config_to_hf(cfg)))
     return path, cfg
 
 

@@ -16,8 +16,8 @@ from qk_jax import checkpoint as ckpt_lib
 from qk_jax import sharding, surgery
 from qk_jax.convert import cli as convert_cli
 from qk_jax.convert import qwen_image as dit_convert
-from qk_jax.convert.mapping import flatten_tree
 from qk_jax.models.kontext import QueryKontext
+from qk_jax.tree import flatten_tree
 
 
 def _init(kcfg, seed: int):
@@ -82,7 +82,7 @@ def test_a_dit_of_another_depth_is_refused_by_name(folders, tmp_path):
 
 
 def test_block_indices():
-    from qk_jax.dit_blocks import block_indices
+    from qk_jax.dit_seeding import block_indices
 
     assert block_indices("every_other", 60, 30) == tuple(range(0, 60, 2))
     assert block_indices("first", 60, 3) == (0, 1, 2)

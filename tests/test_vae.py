@@ -9,9 +9,10 @@ from diffusers import AutoencoderKL as TorchKL, AutoencoderKLQwenImage as TorchQ
 from dit_testing import KL_TINY, QWEN_VAE_TINY, rel_err, save_tiny, t
 
 from qk_jax.convert import vae_kl, vae_qwen_image
+from qk_jax.convert.diffusers_configs import from_diffusers, to_diffusers
 from qk_jax.models.vae import build_vae, vae_config, vae_param_count
-from qk_jax.models.vae_kl import AutoencoderKLConfig
-from qk_jax.models.vae_wan import QwenImageVAEConfig
+from qk_jax.models.vae.kl import AutoencoderKLConfig
+from qk_jax.models.vae.wan import QwenImageVAEConfig
 
 TOL = 1e-4
 
@@ -91,16 +92,16 @@ def test_qwen_image_vae_matches_diffusers(qwen_vae):
 
 def test_vae_configs():
     for cfg in (vae_config("flux"), vae_config("tiny"), vae_config("qwen_image"), vae_config("qwen_image_tiny")):
-        assert type(cfg).from_diffusers_config(cfg.to_diffusers_config()) == cfg
-    kl_real = {k: v for k, v in vae_config("flux").to_diffusers_config().items() if not k.startswith("_")}
-    q_real = {k: v for k, v in vae_config("qwen_image").to_diffusers_config().items() if not k.startswith("_")}
+        assert from_diffusers(type(cfg), to_diffusers(cfg)) == cfg
+    kl_real = {k: v for k, v in to_diffusers(vae_config("flux")).items() if not k.startswith("_")}
+    q_real = {k: v for k, v in to_diffusers(vae_config("qwen_image")).items() if not k.startswith("_")}
     with torch.device("meta"):
         n_kl = sum(p.numel() for p in TorchKL(**kl_real).parameters())
         n_q = sum(p.numel() for p in TorchQwen(**q_real).parameters())
     assert vae_param_count(vae_config("flux")) == n_kl
     assert vae_param_count(vae_config("qwen_image")) == n_q
     with pytest.raises(ValueError, match="DownEncoderBlock2D"):
-        AutoencoderKLConfig.from_diffusers_config({"block_out_channels": [32], "down_block_types": ["AttnDown"]})
+        from_diffusers(AutoencoderKLConfig, {"block_out_channels": [32], "down_block_types": ["AttnDown"]})
     with pytest.raises(ValueError, match="temperal_downsample"):
         QwenImageVAEConfig(dim_mult=(1, 2), temperal_downsample=(True, True))
 

@@ -57,22 +57,6 @@ class ConvertError(RuntimeError):
     """A conversion that cannot proceed; the message names the folder / file / parameter."""
 
 
-def parse_mesh(text: str) -> dict[str, int]:
-    """'data=1,fsdp=-1,tensor=2' -> {'data': 1, 'fsdp': -1, 'tensor': 2}; unnamed axes are 1."""
-    from qk_jax.sharding import MESH_AXES
-
-    sizes = {axis: 1 for axis in MESH_AXES}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, sep, value = part.partition("=")
-        if not sep or name not in MESH_AXES:
-            raise ValueError(f"--mesh entry {part!r}: use AXIS=SIZE with AXIS in {MESH_AXES}")
-        try:
-            sizes[name] = int(value)
-        except ValueError:
-            raise ValueError(f"--mesh entry {part!r}: size must be an int (-1 for the rest)") from None
-    return sizes
-
-
 def _dtype(name: str | None) -> Any:
     if name is None:
         return None
@@ -90,15 +74,15 @@ def hf_to_orbax(model: str, hf_folder: str, orbax_dir: str, *, mesh_cfg: Mapping
     """
     from qk_jax import checkpoint as ckpt_lib
     from qk_jax import sharding
-    from qk_jax.convert.mapping import flatten_tree
     from qk_jax.convert.registry import get_model
+    from qk_jax.tree import flatten_tree
 
     spec = get_model(model)
     t0 = time.time()
     if not os.path.isdir(hf_folder):
         raise FileNotFoundError(f"--from-hf folder {hf_folder} does not exist")
     cfg = spec.read_config(hf_folder)
-    mesh = sharding.make_mesh(dict(mesh_cfg or parse_mesh(_MESH.default)))
+    mesh = sharding.make_mesh(dict(mesh_cfg or sharding.parse_mesh(_MESH.default)))
     abstract, shardings = param_shardings(spec, cfg, mesh)
     log(f"{model}: reading {hf_folder} onto mesh {dict(mesh.shape)} as {np.dtype(dtype).name}")
     _, params = spec.load(hf_folder, dtype=dtype, shardings=shardings)
@@ -147,7 +131,7 @@ def orbax_to_hf(orbax_dir: str, hf_folder: str, *, model: str | None = None, mes
         raise ConvertError(f"--model={model} but {orbax_dir} step {step} holds a {stored_model!r} checkpoint")
     spec = get_model(model or stored_model)
     cfg = spec.config_from_dict(config_item["hf_config"])
-    mesh = sharding.make_mesh(dict(mesh_cfg or parse_mesh(_MESH.default)))
+    mesh = sharding.make_mesh(dict(mesh_cfg or sharding.parse_mesh(_MESH.default)))
     _, shardings = param_shardings(spec, cfg, mesh)
     try:
         stored = ck.abstract_item(step, "params")
@@ -166,6 +150,7 @@ def orbax_to_hf(orbax_dir: str, hf_folder: str, *, model: str | None = None, mes
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise SystemExit(f"qk-jax convert: unexpected arguments {list(argv[1:])}; see --help")
+    from qk_jax import sharding
     from qk_jax.checkpoint import CheckpointError
     from qk_jax.convert.safetensors_io import CorruptCheckpointError
 
@@ -177,7 +162,7 @@ def main(argv: Sequence[str]) -> None:
             raise SystemExit("qk-jax convert: --from-run RUN --subtree vlm|generator|vae --to-hf DIR go together")
         try:
             run_to_hf(_FROM_RUN.value, _SUBTREE.value, _TO_HF.value, step=_STEP.value, use_ema=_EMA.value,
-                      dtype=_dtype(_DTYPE.value), mesh_cfg=parse_mesh(_MESH.value) if _MESH.present else None)
+                      dtype=_dtype(_DTYPE.value), mesh_cfg=sharding.parse_mesh(_MESH.value) if _MESH.present else None)
         except (FileNotFoundError, CheckpointError, ExportError, ValueError) as e:
             raise SystemExit(f"qk-jax convert: {e}") from None
         return
@@ -187,7 +172,7 @@ def main(argv: Sequence[str]) -> None:
         raise SystemExit("qk-jax convert: give either --from-hf DIR --to-orbax DIR, --from-orbax DIR --to-hf DIR "
                          "or --from-run RUN --subtree NAME --to-hf DIR")
     try:
-        mesh_cfg = parse_mesh(_MESH.value)
+        mesh_cfg = sharding.parse_mesh(_MESH.value)
         if to_orbax:
             if not (_FROM_HF.value and _TO_ORBAX.value):
                 raise SystemExit("qk-jax convert: --from-hf and --to-orbax go together")

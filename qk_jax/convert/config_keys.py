@@ -7,7 +7,7 @@ takes the argument's default, and keys starting with `_` (`_class_name`,
 three: Qwen-Image's transformer config.json carries `pooled_projection_dim`, which
 `QwenImageTransformer2DModel` does not take; FLUX.1-dev's has no `axes_dims_rope` and no
 `out_channels`. `reference_arguments` reproduces that, with one warning that lists every
-ignored key; each config class then refuses, by name, only the arguments whose value
+ignored key; each reader in `diffusers_configs.py` then refuses, by name, only the arguments whose value
 changes the architecture in a way qk_jax does not implement.
 """
 

@@ -16,7 +16,8 @@ from typing import Any, Callable
 from etils import epath
 
 from qk_jax.convert import safetensors_io
-from qk_jax.convert.mapping import Mapping, flatten_tree
+from qk_jax.convert.mapping import Mapping
+from qk_jax.tree import flatten_tree
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 

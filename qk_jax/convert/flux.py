@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from qk_jax.convert import diffusers_io
+from qk_jax.convert.diffusers_configs import from_diffusers, to_diffusers
 from qk_jax.convert.mapping import Mapping
 from qk_jax.convert.qwen_image import joint_attention_rules, linear, norm
 from qk_jax.models.mmdit import MMDiTConfig, abstract_params
@@ -52,11 +53,11 @@ def mapping(config: MMDiTConfig) -> Mapping:
 
 def load(path, *, dtype: Any = None, shardings: Any = None, **runtime) -> tuple[MMDiTConfig, dict]:
     """`(config, params)` from a diffusers FLUX transformer folder or a FLUX pipeline folder."""
-    return diffusers_io.load_model(path, "transformer", lambda d: MMDiTConfig.from_diffusers_config(d, **runtime),
+    return diffusers_io.load_model(path, "transformer", lambda d: from_diffusers(MMDiTConfig, d, **runtime),
                                    mapping, abstract_params, dtype=dtype, shardings=shardings)
 
 
 def save(folder, config: MMDiTConfig, params: Any, *, dtype: Any = None, max_shard_bytes: int = 4 << 30) -> list[str]:
     """Exports to a folder `FluxTransformer2DModel.from_pretrained` loads."""
-    return diffusers_io.save_tree(folder, params, mapping(config), config.to_diffusers_config(), dtype=dtype,
+    return diffusers_io.save_tree(folder, params, mapping(config), to_diffusers(config), dtype=dtype,
                                   max_shard_bytes=max_shard_bytes)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from qk_jax.models.pixel_ae import PixelSpaceConfig
+from qk_jax.models.vae.pixel import PixelSpaceConfig
 
 SUBTREES = ("vlm", "generator", "vae")
 

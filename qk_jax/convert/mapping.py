@@ -24,6 +24,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping as TMapping, Seque
 
 import numpy as np
 
+from qk_jax.tree import flatten_tree
+
 # ----------------------------------------------------------------------- transforms
 
 
@@ -126,30 +128,6 @@ class Rule:
 
 def _fill(pattern: str, values: TMapping[str, int]) -> str:
     return _PLACEHOLDER.sub(lambda m: str(values[m.group(1)]), pattern)
-
-
-def flatten_tree(tree: TMapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': x}} -> {'a/b': x}."""
-    out = {}
-    for k, v in tree.items():
-        key = f"{prefix}/{k}" if prefix else str(k)
-        if isinstance(v, TMapping):
-            out.update(flatten_tree(v, key))
-        else:
-            out[key] = v
-    return out
-
-
-def unflatten_tree(flat: TMapping[str, Any]) -> dict[str, Any]:
-    """{'a/b': x} -> {'a': {'b': x}}."""
-    tree: dict[str, Any] = {}
-    for key, v in flat.items():
-        node = tree
-        parts = key.split("/")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = v
-    return tree
 
 
 class MappingError(ValueError):

@@ -31,7 +31,9 @@ _QWEN_IMAGE_OPTIONS = ("zero_cond_t", "use_additional_t_cond", "use_layer3d_rope
 
 def qwen_image_transformer(cfg) -> dict[str, Any]:
     """The published QwenImageTransformer2DModel config.json of an `MMDiTConfig` (family qwen_image)."""
-    full = cfg.to_diffusers_config()  # validates what diffusers can express
+    from qk_jax.convert.diffusers_configs import to_diffusers
+
+    full = to_diffusers(cfg)  # validates what diffusers can express
     if full["_class_name"] != "QwenImageTransformer2DModel":
         raise ValueError(f"qwen_image_transformer: a {full['_class_name']} config is not a Qwen-Image one")
     out = {"_class_name": full["_class_name"], **{k: full[k] for k in _QWEN_IMAGE_KEYS},

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from qk_jax.convert import diffusers_io
+from qk_jax.convert.diffusers_configs import from_diffusers
 from qk_jax.convert.mapping import IDENTITY, TRANSPOSE, Mapping, Rule
 from qk_jax.models.mmdit import MMDiTConfig, abstract_params
 
@@ -64,7 +65,7 @@ def load(path, *, dtype: Any = None, shardings: Any = None, **runtime) -> tuple[
 
     `runtime` sets MMDiTConfig runtime fields (dtype, remat, attention_impl).
     """
-    return diffusers_io.load_model(path, "transformer", lambda d: MMDiTConfig.from_diffusers_config(d, **runtime),
+    return diffusers_io.load_model(path, "transformer", lambda d: from_diffusers(MMDiTConfig, d, **runtime),
                                    mapping, abstract_params, dtype=dtype, shardings=shardings)
 
 

@@ -8,8 +8,8 @@ the config into JSON for the checkpoint's `config` item and back.
 Entries are zero-argument factories so that `qk-jax convert --help` imports no model.
 Registering a model is one line in `MODELS`; a diffusers converter module that follows
 the `qk_jax.convert` conventions (`load(path, dtype=, shardings=) -> (config, params)`,
-`save(folder, config, params, dtype=)`, a config class with `from_diffusers_config` /
-`to_diffusers_config`) goes through `diffusers_model`, e.g.
+`save(folder, config, params, dtype=)`, a config class `diffusers_configs` translates)
+goes through `diffusers_model`, e.g.
 
     "qwen_image": lambda: diffusers_model("qk_jax.convert.qwen_image", "transformer",
                                           "qk_jax.models.mmdit:MMDiTConfig", traced(_MMDIT_INIT), "dit"),
@@ -66,14 +66,14 @@ def _resolve(ref: Any) -> Any:
 
 def _qwen2_5_vl() -> ModelSpec:
     from qk_jax.convert import qwen2_5_vl as conv
-    from qk_jax.models.qwen2_5_vl import Qwen25VL, Qwen25VLConfig, init_params
+    from qk_jax.models.qwen2_5_vl import Qwen25VL, init_params
 
     return ModelSpec(
         read_config=conv.read_config,
         load=lambda folder, *, dtype=np.float32, shardings=None: conv.load_hf(folder, dtype=dtype, shardings=shardings),
         export=lambda folder, cfg, params, *, dtype=None: conv.export_hf(folder, cfg, params, dtype=dtype),
-        config_to_dict=lambda cfg: cfg.to_hf_config(),
-        config_from_dict=Qwen25VLConfig.from_hf_config,
+        config_to_dict=conv.config_to_hf,
+        config_from_dict=conv.config_from_hf,
         abstract=lambda cfg: jax.eval_shape(lambda r: init_params(Qwen25VL(cfg), r), jax.random.key(0)),
         submodel="vlm")
 
@@ -100,18 +100,19 @@ def diffusers_model(converter: Any, subfolder: str, config_cls: Any, abstract: A
       converter: the module (or its dotted name) with `load(path, *, dtype, shardings)` and
         `save(folder, config, params, *, dtype)`.
       subfolder: the component's folder inside a pipeline ("transformer", "vae").
-      config_cls: class (or 'module:Class') with `from_diffusers_config(dict)` and
-        `to_diffusers_config()`.
+      config_cls: class (or 'module:Class') that `diffusers_configs.from_diffusers` /
+        `to_diffusers` translate.
       abstract: `config -> abstract parameter tree` (or 'module:function'); boxed leaves
         (see `traced`) are sharded by their logical axes, plain ones replicated.
       submodel: rule table key ("dit", "vae", ...).
     """
+    from qk_jax.convert.diffusers_configs import from_diffusers, to_diffusers
 
     def read_config(path):
         config_path = diffusers_config_path(path, subfolder)
         try:
             with open(config_path) as f:
-                return _resolve(config_cls).from_diffusers_config(json.load(f))
+                return from_diffusers(_resolve(config_cls), json.load(f))
         except json.JSONDecodeError as e:
             raise ValueError(f"{config_path} is not valid JSON: {e}") from e
 
@@ -120,8 +121,8 @@ def diffusers_model(converter: Any, subfolder: str, config_cls: Any, abstract: A
         load=lambda folder, *, dtype=None, shardings=None: _resolve(converter).load(folder, dtype=dtype,
                                                                                    shardings=shardings),
         export=lambda folder, cfg, params, *, dtype=None: _resolve(converter).save(folder, cfg, params, dtype=dtype),
-        config_to_dict=lambda cfg: cfg.to_diffusers_config(),
-        config_from_dict=lambda d: _resolve(config_cls).from_diffusers_config(d),
+        config_to_dict=lambda cfg: to_diffusers(cfg),
+        config_from_dict=lambda d: from_diffusers(_resolve(config_cls), d),
         abstract=lambda cfg: _resolve(abstract)(cfg),
         submodel=submodel)
 
@@ -136,10 +137,10 @@ MODELS: dict[str, Callable[[], ModelSpec]] = {
                                           "qk_jax.models.mmdit:MMDiTConfig", traced(_MMDIT_INIT), "dit"),
     "flux": lambda: diffusers_model("qk_jax.convert.flux", "transformer", "qk_jax.models.mmdit:MMDiTConfig",
                                     traced(_MMDIT_INIT), "dit"),
-    "vae": lambda: diffusers_model("qk_jax.convert.vae_kl", "vae", "qk_jax.models.vae_kl:AutoencoderKLConfig",
+    "vae": lambda: diffusers_model("qk_jax.convert.vae_kl", "vae", "qk_jax.models.vae.kl:AutoencoderKLConfig",
                                    _VAE_ABSTRACT, "vae"),
     "qwen_image_vae": lambda: diffusers_model("qk_jax.convert.vae_qwen_image", "vae",
-                                              "qk_jax.models.vae_wan:QwenImageVAEConfig", _VAE_ABSTRACT, "vae"),
+                                              "qk_jax.models.vae.wan:QwenImageVAEConfig", _VAE_ABSTRACT, "vae"),
 }
 
 

@@ -22,7 +22,8 @@ from etils import epath
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from qk_jax.convert.mapping import Mapping, unflatten_tree
+from qk_jax.convert.mapping import Mapping
+from qk_jax.tree import unflatten_tree
 
 WEIGHT_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors")
 
@@ -133,7 +134,7 @@ def load_params(folder, mapping: Mapping, dtype: Any = None, shardings: Any = No
     """
     flat_shardings = None
     if shardings is not None:
-        from qk_jax.convert.mapping import flatten_tree
+        from qk_jax.tree import flatten_tree
         flat_shardings = flatten_tree(shardings)
     flat = {}
     for path, value in mapping.to_jax(iter_tensors_grouped(folder, mapping), dtype=dtype, strict=strict):
@@ -257,7 +258,7 @@ def save_params(folder, params, mapping: Mapping, *, dtype: Any = None, hf_shape
                 max_shard_bytes: int = 4 << 30, host_fetch: Callable[[Any], np.ndarray] | None = None) -> list[str]:
     """Exports a parameter tree to a safetensors folder through `mapping` (streamed)."""
     fetch = host_fetch or (lambda x: np.asarray(jax.device_get(x)))
-    from qk_jax.convert.mapping import flatten_tree
+    from qk_jax.tree import flatten_tree
     flat = {k: _LazyArray(v, fetch) for k, v in flatten_tree(params).items()}
     return write_sharded(folder, mapping.to_hf(flat, hf_shapes=hf_shapes, dtype=dtype),
                          weights_name=weights_name, extra_files=extra_files, max_shard_bytes=max_shard_bytes)

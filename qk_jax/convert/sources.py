@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from qk_jax.convert import registry
-from qk_jax.convert.mapping import flatten_tree
+from qk_jax.tree import flatten_tree
 
 # The pipeline component each model's weights live in (a diffusers pipeline folder holds several).
 _SUBFOLDER = {"qwen_image": "transformer", "flux": "transformer", "vae": "vae", "qwen_image_vae": "vae"}

@@ -1,4 +1,4 @@
-"""diffusers `AutoencoderKL` <-> `qk_jax.models.vae_kl.AutoencoderKL` parameters.
+"""diffusers `AutoencoderKL` <-> `qk_jax.models.vae.kl.AutoencoderKL` parameters.
 
     config, params = vae_kl.load("FLUX.1-dev/vae")   # or the pipeline folder
     vae_kl.save("out/vae", config, params)
@@ -13,9 +13,10 @@ import re
 from typing import Any
 
 from qk_jax.convert import diffusers_io
+from qk_jax.convert.diffusers_configs import from_diffusers, to_diffusers
 from qk_jax.convert.mapping import CONV, IDENTITY, TRANSPOSE, Mapping, Rule, Transform
 from qk_jax.models.vae import abstract_vae_params
-from qk_jax.models.vae_kl import AutoencoderKLConfig
+from qk_jax.models.vae.kl import AutoencoderKLConfig
 
 
 def jaxify(hf_module: str) -> str:
@@ -73,10 +74,10 @@ def mapping(config: AutoencoderKLConfig | None = None) -> Mapping:
 
 def load(path, *, dtype: Any = None, shardings: Any = None, **runtime) -> tuple[AutoencoderKLConfig, dict]:
     """`(config, params)` from a diffusers AutoencoderKL folder or a pipeline folder with `vae/`."""
-    return diffusers_io.load_model(path, "vae", lambda d: AutoencoderKLConfig.from_diffusers_config(d, **runtime),
+    return diffusers_io.load_model(path, "vae", lambda d: from_diffusers(AutoencoderKLConfig, d, **runtime),
                                    mapping, abstract_vae_params, dtype=dtype, shardings=shardings)
 
 
 def save(folder, config: AutoencoderKLConfig, params: Any, *, dtype: Any = None) -> list[str]:
     """Exports to a folder `AutoencoderKL.from_pretrained` loads."""
-    return diffusers_io.save_tree(folder, params, mapping(config), config.to_diffusers_config(), dtype=dtype)
+    return diffusers_io.save_tree(folder, params, mapping(config), to_diffusers(config), dtype=dtype)

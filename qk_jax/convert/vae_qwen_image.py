@@ -1,4 +1,4 @@
-"""diffusers `AutoencoderKLQwenImage` <-> `qk_jax.models.vae_wan.AutoencoderKLQwenImage` parameters.
+"""diffusers `AutoencoderKLQwenImage` <-> `qk_jax.models.vae.wan.AutoencoderKLQwenImage` parameters.
 
     config, params = vae_qwen_image.load("Qwen-Image/vae")   # or the pipeline folder
     vae_qwen_image.save("out/vae", config, params)
@@ -16,10 +16,11 @@ from typing import Any
 import numpy as np
 
 from qk_jax.convert import diffusers_io
+from qk_jax.convert.diffusers_configs import from_diffusers, to_diffusers
 from qk_jax.convert.mapping import CONV, IDENTITY, Mapping, Rule, Transform
 from qk_jax.convert.vae_kl import module_rules
 from qk_jax.models.vae import abstract_vae_params
-from qk_jax.models.vae_wan import QwenImageVAEConfig
+from qk_jax.models.vae.wan import QwenImageVAEConfig
 
 
 def _gamma(trailing: int) -> Transform:
@@ -66,10 +67,10 @@ def mapping(config: QwenImageVAEConfig | None = None) -> Mapping:
 
 def load(path, *, dtype: Any = None, shardings: Any = None, **runtime) -> tuple[QwenImageVAEConfig, dict]:
     """`(config, params)` from a diffusers AutoencoderKLQwenImage folder or a Qwen-Image pipeline folder."""
-    return diffusers_io.load_model(path, "vae", lambda d: QwenImageVAEConfig.from_diffusers_config(d, **runtime),
+    return diffusers_io.load_model(path, "vae", lambda d: from_diffusers(QwenImageVAEConfig, d, **runtime),
                                    mapping, abstract_vae_params, dtype=dtype, shardings=shardings)
 
 
 def save(folder, config: QwenImageVAEConfig, params: Any, *, dtype: Any = None) -> list[str]:
     """Exports to a folder `AutoencoderKLQwenImage.from_pretrained` loads."""
-    return diffusers_io.save_tree(folder, params, mapping(config), config.to_diffusers_config(), dtype=dtype)
+    return diffusers_io.save_tree(folder, params, mapping(config), to_diffusers(config), dtype=dtype)

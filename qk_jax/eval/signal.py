@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qk_jax import flow, samplers, sharding
+from qk_jax import flow, flow_solvers, sharding
 from qk_jax.data import buckets, builders
 from qk_jax.data import records as records_lib
 from qk_jax.eval import score as score_lib
@@ -203,7 +203,7 @@ class LearningSignal:
         def velocity(x, t):
             return model.velocity(params, x, tokens, batch["img_ids"], cond, mask, jnp.full((x.shape[0],), t))
 
-        return samplers.euler_sample(velocity, xt, sigmas, sigmas[:-1])
+        return flow_solvers.euler_sample(velocity, xt, sigmas, sigmas[:-1])
 
 
 def _noised_inputs(model, params, batch, key, t):

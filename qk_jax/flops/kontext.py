@@ -20,11 +20,11 @@ from typing import Any, Iterable, Mapping
 import jax
 import numpy as np
 
-from qk_jax.convert.mapping import flatten_tree
 from qk_jax.flops.count import MatmulFlops
 from qk_jax.flops.models import connector_flops, decoder_flops, mmdit_flops, vision_tower_flops
 from qk_jax.flops.step import Part, train_step_flops
 from qk_jax.flops.vae import vae_encode_flops
+from qk_jax.tree import flatten_tree
 
 
 def _trained(prefixes: Iterable[str], key: str) -> bool:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from qk_jax.convert.mapping import flatten_tree
 from qk_jax.flops.count import MatmulFlops, _Counter, _positive
 from qk_jax.models.connector import ConnectorConfig
-from qk_jax.models.mmdit_config import MMDiTConfig
+from qk_jax.models.mmdit.config import MMDiTConfig
 from qk_jax.models.qwen2_5_vl.config import TextConfig, VisionConfig
+from qk_jax.tree import flatten_tree
 
 # -------------------------------------------------------------------- Qwen2.5-VL
 
@@ -113,7 +113,7 @@ def connector_flops(ccfg: ConnectorConfig, batch: int, tokens: int) -> MatmulFlo
 
 # -------------------------------------------------------------------- MMDiT
 
-_TIMESTEP_FEATURES = 256  # `mmdit_blocks.timestep_sinusoid` width
+_TIMESTEP_FEATURES = 256  # `blocks.timestep_sinusoid` width
 
 
 def mmdit_flops(dcfg: MMDiTConfig, batch: int, img_tokens: int, txt_tokens: int,

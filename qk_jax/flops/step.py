@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from qk_jax.flops.count import MatmulFlops, _positive
+from qk_jax.models.layers import REMAT_POLICIES
 
 # -------------------------------------------------------------------- a training step
 
@@ -49,7 +50,7 @@ def train_step_flops(parts: Iterable[Part]) -> dict[str, Any]:
     for p in parts:
         if p.name in out["parts"]:
             raise ValueError(f"train_step_flops: part {p.name!r} given twice")
-        if p.remat not in ("none", "full", "dots"):
+        if p.remat not in REMAT_POLICIES:
             raise ValueError(f"train_step_flops: part {p.name!r} remat={p.remat!r}; use 'none', 'full' or 'dots'")
         f = p.forward
         if isinstance(f, (int, float)):

@@ -7,9 +7,9 @@ from __future__ import annotations
 from typing import Any
 
 from qk_jax.flops.count import MatmulFlops, _Counter, _positive
-from qk_jax.models.pixel_ae import PixelSpaceConfig
-from qk_jax.models.vae_kl import AutoencoderKLConfig
-from qk_jax.models.vae_wan import QwenImageVAEConfig
+from qk_jax.models.vae.kl import AutoencoderKLConfig
+from qk_jax.models.vae.pixel import PixelSpaceConfig
+from qk_jax.models.vae.wan import QwenImageVAEConfig
 
 
 def _kl_resnet(c: _Counter, path: str, b: int, h: int, w: int, c_in: int, c_out: int) -> int:

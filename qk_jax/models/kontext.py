@@ -27,7 +27,7 @@ collection of that sub-model; a tree whose adapters were merged (`lora.apply_lor
 has none.
 
 Host-side preparation of a batch (position ids, the vision plan, image-stream position
-ids) lives in `kontext_inputs.py`.
+ids) lives in `qk_jax/data/model_inputs.py`.
 """
 
 from __future__ import annotations
@@ -43,13 +43,13 @@ from qk_jax import flow
 from qk_jax.models.connector import Connector, ConnectorConfig
 from qk_jax.models.layers import LORA_COLLECTION
 from qk_jax.models.lora import lora_collection
-from qk_jax.models.dit_positions import patchify, unpatchify
 from qk_jax.models.mmdit import MMDiT, MMDiTConfig
 from qk_jax.models.mmdit import init_params as init_mmdit_params
-from qk_jax.models.pixel_ae import PixelSpaceAutoencoder, PixelSpaceConfig
+from qk_jax.models.mmdit.positions import patchify, unpatchify
 from qk_jax.models.qwen2_5_vl import Qwen25VL, Qwen25VLConfig
 from qk_jax.models.qwen2_5_vl import init_params as init_vlm_params
 from qk_jax.models.vae import build_vae
+from qk_jax.models.vae.pixel import PixelSpaceAutoencoder, PixelSpaceConfig
 
 Array = jax.Array
 POSITION_SCHEMES = ("shifted_2d", "frame")
@@ -181,7 +181,7 @@ class KontextConfig:
 class QueryKontext:
     """The model's forward pieces over a parameter dict (see the module docstring).
 
-    Batch fields used (all arrays; built by `kontext_inputs.prepare_batch`):
+    Batch fields used (all arrays; built by `model_inputs.prepare_batch`):
       input_ids (B, T), attention_mask (B, T), position_ids (3, B, T + K) (prompt + queries),
       pixel_values (B * n, P, D) + vision_plan of one image (the batched vision layout;
       flat (N, D) + a plan of all images when a batch mixes grids; absent without input images),
@@ -386,8 +386,8 @@ def boxed_lora(rng: Array, boxed_params: Any, cfg: LoraConfig, top_key: str) -> 
     (..., r, out) its output axis, so adapters shard like the weights they adapt; the rank
     axis is `lora_rank`, which takes `fsdp` where the kept axis does not (a pure-FSDP mesh
     would otherwise replicate every factor whose weight is FSDP-sharded on the other axis)."""
-    from qk_jax.convert.mapping import flatten_tree, unflatten_tree
     from qk_jax.models.lora import init_lora
+    from qk_jax.tree import flatten_tree, unflatten_tree
 
     unboxed = nn.meta.unbox(boxed_params)
     names = {p: (v.names if isinstance(v, nn.Partitioned) else None)

@@ -1,5 +1,5 @@
 """Building blocks shared by every model: dense layers that carry logical axes, norms,
-attention and rotary embeddings.
+attention, rotary embeddings and the scan-over-layers wrapper with its remat policy.
 
 All modules take a compute `dtype` and a parameter `param_dtype` (fp32 master weights,
 bf16 compute when configured). Norm statistics and softmax always run in float32, as
@@ -205,3 +205,35 @@ def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """Logical sharding constraint on an activation (a no-op outside a mesh)."""
     return nn.with_logical_constraint(x, tuple(axes))
+
+
+# ------------------------------------------------------------------ layer stacks
+
+# `remat` settings of every model config: no rematerialisation, recompute everything, or
+# keep the matmul outputs without a batch dimension (`checkpoint_dots_with_no_batch_dims`).
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+def remat_policy(name: str):
+    """`"none" | "full" | "dots"` -> the `jax.checkpoint` policy (None = save nothing = full remat;
+    "none" means no `nn.remat` at all, which `scan_layers` decides)."""
+    if name == "dots":
+        return jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
+    if name in ("full", "none"):
+        return None
+    raise ValueError(f"unknown remat policy {name!r}; use 'none', 'full' or 'dots'")
+
+
+def scan_layers(block_cls: type[nn.Module], length: int, remat: str, in_axes: Any = 0, out_axes: Any = 0):
+    """`nn.scan` of `block_cls` over `length` layers: parameters stacked on a leading "layers"
+    axis (one compiled body whatever the depth), each layer rematerialised per `remat`.
+
+    The block is called as `block(carry, *xs) -> (carry, ys)`; `in_axes` / `out_axes` are
+    `nn.scan`'s (`nn.broadcast` for an argument every layer sees whole).
+    """
+    policy = remat_policy(remat)
+    if remat != "none":
+        block_cls = nn.remat(block_cls, policy=policy, prevent_cse=False)
+    # LoRA factors (the "lora" collection) are stacked per layer like the kernels they adapt.
+    return nn.scan(block_cls, variable_axes={"params": 0, LORA_COLLECTION: 0}, split_rngs={"params": True},
+                   in_axes=in_axes, out_axes=out_axes, length=length, metadata_params={nn.PARTITION_NAME: "layers"})

@@ -32,7 +32,7 @@ from typing import Any, Iterable, Mapping
 import jax
 import jax.numpy as jnp
 
-from qk_jax.convert.mapping import flatten_tree, unflatten_tree
+from qk_jax.tree import flatten_tree, unflatten_tree
 
 LORA_KEY = "lora"
 

@@ -55,9 +55,7 @@ class SmokeLM(nn.Module):
         embed = self.param("embed", layers.logical(nn.initializers.normal(0.02), ("vocab", "embed")),
                            (self.vocab_size, self.embed_dim))
         x = jnp.take(embed, tokens, axis=0).astype(self.dtype)
-        block = nn.remat(Block, prevent_cse=False) if self.remat else Block
-        stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                        length=self.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+        stack = layers.scan_layers(Block, self.num_layers, "full" if self.remat else "none")
         x, _ = stack(self.num_heads, self.mlp_dim, self.dtype, name="blocks")(x, None)
         x = layers.RMSNorm(name="final_norm", dtype=self.dtype)(x)
         return jnp.einsum("btd,vd->btv", x, embed.astype(self.dtype)).astype(jnp.float32)

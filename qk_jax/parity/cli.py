@@ -1,15 +1,15 @@
 """`qk-jax parity <model> [flags]`: dispatches to the parity tool of one model.
 
-Each tool module (see `qk_jax.parity.TOOLS`) defines its own absl flags, so the module
+Each tool's module (see `qk_jax.parity.TOOLS`) defines its absl flags, so the module
 must be imported before the flags are parsed: `qk_jax.cli` calls `select(args)` to get
-it. Flag names may be written with dashes (`--image-sizes`) or underscores.
+the tool. Flag names may be written with dashes (`--image-sizes`) or underscores.
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
-from types import ModuleType
+from types import SimpleNamespace
 from typing import Sequence
 
 from qk_jax.cli import underscore_flags as normalize_flags  # noqa: F401 - also this module's API
@@ -21,8 +21,17 @@ def usage() -> str:
             + "\n\nEach model takes --help for its own flags.")
 
 
-def select(args: Sequence[str]) -> tuple[ModuleType, list[str]]:
-    """(tool module, its flag arguments) for `args` = [model, *flags]."""
+def load(model: str) -> SimpleNamespace:
+    """The tool of `model` as `qk_jax.cli` runs a tool module: `main(argv)`, `__doc__`, and
+    `__name__` = the module whose absl flags it reads."""
+    tool = TOOLS[model]
+    module = importlib.import_module(tool.module)
+    main = module.main if tool.kind is None else module.main_for(tool.kind)
+    return SimpleNamespace(main=main, __doc__=tool.doc or module.__doc__, __name__=module.__name__)
+
+
+def select(args: Sequence[str]) -> tuple[SimpleNamespace, list[str]]:
+    """(tool, its flag arguments) for `args` = [model, *flags]."""
     if not args or args[0] in ("-h", "--help", "help"):
         print(usage())
         raise SystemExit(0 if args else 2)
@@ -30,7 +39,7 @@ def select(args: Sequence[str]) -> tuple[ModuleType, list[str]]:
     if model not in TOOLS:
         print(f"qk-jax parity: unknown model {model!r}\n\n{usage()}", file=sys.stderr)
         raise SystemExit(2)
-    module = importlib.import_module(TOOLS[model])
+    module = load(model)
     rest = normalize_flags(args[1:])
     if any(a in ("-h", "--help", "--helpshort") for a in rest):
         from absl import flags

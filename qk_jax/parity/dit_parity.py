@@ -1,6 +1,6 @@
 """Per-block parity of our `MMDiT` against diffusers' Qwen-Image / FLUX transformers.
 
-Used by `qk-jax parity qwen_image|flux` (flags in `parity/qwen_image.py`, `parity/flux.py`)
+Used by `qk-jax parity qwen_image|flux` (flags in `parity/dit_tool.py`)
 and by the tests, which call `mmdit_parity` in-process. The checkpoint's own config.json
 decides every size, so any width, depth, head size, RoPE split or channel count works.
 
@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from qk_jax.convert import diffusers_io
-from qk_jax.models import dit_positions as pos
+from qk_jax.convert.diffusers_configs import from_diffusers, mmdit_class_name
+from qk_jax.models.mmdit import positions as pos
 from qk_jax.models.mmdit import MMDiT, MMDiTConfig
 from qk_jax.parity.report import ParityReport, low_memory_loading
 
@@ -131,9 +132,9 @@ def mmdit_parity(checkpoint, family: str, *, batch: int = 2, height: int = 6, wi
     from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel
 
     folder = diffusers_io.model_folder(checkpoint, "transformer")
-    config = MMDiTConfig.from_diffusers_config(diffusers_io.read_config(folder))
+    config = from_diffusers(MMDiTConfig, diffusers_io.read_config(folder))
     if config.family != family:
-        raise ValueError(f"{folder}/config.json describes a {config.diffusers_class_name}, not a {family} model")
+        raise ValueError(f"{folder}/config.json describes a {mmdit_class_name(config)}, not a {family} model")
     cls = QwenImageTransformer2DModel if family == "qwen_image" else FluxTransformer2DModel
     inp = make_inputs(config, batch=batch, height=height, width=width, txt_len=txt_len, pad=pad,
                       condition_segments=condition_segments, seed=seed)
@@ -146,7 +147,7 @@ def mmdit_parity(checkpoint, family: str, *, batch: int = 2, height: int = 6, wi
     with jax.default_matmul_precision("highest"):  # parity is always in full float32
         ours = run_ours(config, params, inp)
     del params
-    title = (f"{config.diffusers_class_name} parity: {folder} ({config.num_layers} double + "
+    title = (f"{mmdit_class_name(config)} parity: {folder} ({config.num_layers} double + "
              f"{config.num_single_layers} single blocks, {config.num_heads}x{config.head_dim} heads, rope "
              f"{list(config.axes_dims_rope)}); batch {batch}, target {height}x{width} tokens + "
              f"{condition_segments} condition segments, {txt_len} text tokens (padding {pad} per sample)")

@@ -1,7 +1,7 @@
 """absl flags and `main` shared by `qk-jax parity qwen_image` and `qk-jax parity flux`.
 
-Imported only by those tool modules (one per process, through `parity/cli.py`), so these
-flag names never clash with another tool's. Logic: `parity/dit_parity.py`.
+Imported only through `parity/cli.py` (one tool per process; `TOOLS` in `parity/__init__.py`),
+so these flag names never clash with another tool's. Logic: `parity/dit_parity.py`.
 """
 
 from absl import flags

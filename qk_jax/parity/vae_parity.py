@@ -19,9 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from qk_jax.convert import diffusers_io
+from qk_jax.convert.diffusers_configs import from_diffusers
 from qk_jax.models.vae import build_vae
-from qk_jax.models.vae_kl import AutoencoderKLConfig
-from qk_jax.models.vae_wan import QwenImageVAEConfig
+from qk_jax.models.vae.kl import AutoencoderKLConfig
+from qk_jax.models.vae.wan import QwenImageVAEConfig
 from qk_jax.parity.report import ParityReport, low_memory_loading
 
 _STAGE = re.compile(r"^(down_blocks_\d+|mid_block|up_blocks_\d+)$")
@@ -91,10 +92,10 @@ def vae_parity(checkpoint, kind: str, *, batch: int = 1, height: int = 64, width
     folder = diffusers_io.model_folder(checkpoint, "vae")
     raw = diffusers_io.read_config(folder)
     if kind == "kl":
-        config = AutoencoderKLConfig.from_diffusers_config(raw)
+        config = from_diffusers(AutoencoderKLConfig, raw)
         cls, conv, video = TorchKL, vae_kl, False
     elif kind == "qwen_image":
-        config = QwenImageVAEConfig.from_diffusers_config(raw)
+        config = from_diffusers(QwenImageVAEConfig, raw)
         cls, conv, video = TorchQwen, vae_qwen_image, True
     else:
         raise ValueError(f"vae_parity: unknown kind {kind!r}; use 'kl' or 'qwen_image'")

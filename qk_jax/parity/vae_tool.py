@@ -1,6 +1,6 @@
 """absl flags and `main` shared by `qk-jax parity vae` and `qk-jax parity qwen_image_vae`.
 
-Imported only by those tool modules (one per process, through `parity/cli.py`).
+Imported only through `parity/cli.py` (one tool per process; `TOOLS` in `parity/__init__.py`).
 Logic: `parity/vae_parity.py`.
 """
 

@@ -1,5 +1,5 @@
-"""Pieces shared by the vision tower and the decoder: activations, the gated MLP and the
-scan-over-layers wrapper with its remat policy."""
+"""Pieces shared by the vision tower and the decoder: activations and the gated MLP (the
+scan-over-layers wrapper is `layers.scan_layers`, shared by every model)."""
 
 from __future__ import annotations
 
@@ -57,24 +57,3 @@ class GatedMLP(nn.Module):
         unconstrained = jax.sharding.PartitionSpec.UNCONSTRAINED
         h = layers.constrain(h, (*(unconstrained,) * (h.ndim - 1), "act_mlp"))
         return dense(x.shape[-1], ("mlp", self.embed_axis), "down_proj")(h)
-
-
-def remat_policy(name: str):
-    """`"none" | "full" | "dots"` -> (use remat, jax checkpoint policy)."""
-    if name == "none":
-        return False, None
-    if name == "full":
-        return True, None
-    if name == "dots":
-        return True, jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
-    raise ValueError(f"remat={name!r}: use 'none', 'full' or 'dots'")
-
-
-def scan_layers(block_cls: type[nn.Module], length: int, remat: str, in_axes: tuple, out_axes: Any = 0):
-    """`nn.scan` of `block_cls` over `length` layers (params stacked on a leading "layers" axis)."""
-    use_remat, policy = remat_policy(remat)
-    if use_remat:
-        block_cls = nn.remat(block_cls, policy=policy, prevent_cse=False)
-    # LoRA factors (the "lora" collection) are stacked per layer like the kernels they adapt.
-    return nn.scan(block_cls, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True}, in_axes=in_axes,
-                   out_axes=out_axes, length=length, metadata_params={nn.PARTITION_NAME: "layers"})

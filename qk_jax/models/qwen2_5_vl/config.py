@@ -1,11 +1,7 @@
-"""Qwen2.5-VL configuration: frozen dataclasses, HF config.json round trips, named sizes.
+"""Qwen2.5-VL configuration: frozen dataclasses, validation, named sizes.
 
-`Qwen25VLConfig.from_hf_config(d)` reads any Qwen2.5-VL `config.json` (the nested
-transformers-5 layout, or the flat layout of the checkpoints on the Hub with
-`rope_scaling` / `in_chans`), through transformers' own config class so that every
-legacy spelling is understood exactly as `from_pretrained` understands it.
-`to_hf_config()` writes the nested layout that `Qwen2_5_VLForConditionalGeneration.
-from_pretrained` loads.
+HF config.json dicts translate to and from these classes in `qk_jax.convert.qwen2_5_vl`
+(`config_from_hf`, `config_to_hf`).
 
 Named sizes (`get_config(name)`): `tiny` (tests), `demo` (a small CPU model that fits the
 `qk_jax.data.tokenizer` vocabulary), `3b` and `7b` (Qwen2.5-VL-3B/7B-Instruct).
@@ -13,9 +9,10 @@ Named sizes (`get_config(name)`): `tiny` (tests), `demo` (a small CPU model that
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-from typing import Any, Mapping
+from typing import Mapping
+
+from qk_jax.models.layers import REMAT_POLICIES
 
 # Activations of the HF `ACT2FN` table that the MLPs may name.
 SUPPORTED_ACTS = ("silu", "gelu", "gelu_pytorch_tanh", "gelu_new", "relu", "quick_gelu")
@@ -115,95 +112,6 @@ class Qwen25VLConfig:
     def __post_init__(self):
         validate(self)
 
-    # ------------------------------------------------------------------ HF round trip
-
-    @classmethod
-    def from_hf_config(cls, hf: Mapping[str, Any], **overrides) -> "Qwen25VLConfig":
-        """Builds a config from a `config.json` dict (nested or legacy flat layout)."""
-        from transformers import Qwen2_5_VLConfig
-
-        hf = copy.deepcopy(dict(hf))  # transformers' config class rewrites nested dicts (rope_scaling) in place
-        if hf.get("model_type", "qwen2_5_vl") != "qwen2_5_vl":
-            raise ConfigError(f"config.json model_type is {hf.get('model_type')!r}, expected 'qwen2_5_vl'")
-        try:
-            c = Qwen2_5_VLConfig(**hf)
-        except Exception as e:  # strict dataclass validation in transformers
-            raise ConfigError(f"transformers rejects this Qwen2.5-VL config.json: {e}") from e
-        t, v = c.text_config, c.vision_config
-        t_rope = dict(t.rope_parameters or {})
-        if t_rope.get("rope_type", "default") not in ("default", "mrope"):
-            raise ConfigError(f"text_config.rope_parameters.rope_type={t_rope.get('rope_type')!r} is not supported "
-                              "(only the default M-RoPE)")
-        if getattr(t, "use_sliding_window", False):
-            raise ConfigError("text_config.use_sliding_window=True is not supported (Qwen2.5-VL does not use it)")
-        v_rope = dict(getattr(v, "rope_parameters", None) or {})
-        if v_rope.get("rope_type", "axial") != "axial":
-            raise ConfigError(f"vision_config.rope_parameters.rope_type={v_rope.get('rope_type')!r} is not supported")
-        patch = v.patch_size
-        tpatch = v.temporal_patch_size
-        if isinstance(patch, (list, tuple)) or isinstance(tpatch, (list, tuple)):
-            raise ConfigError(f"vision_config.patch_size={patch!r} / temporal_patch_size={tpatch!r}: only ints")
-        eos = t.eos_token_id
-        vision = VisionConfig(
-            depth=int(v.depth), hidden_size=int(v.hidden_size), intermediate_size=int(v.intermediate_size),
-            num_heads=int(v.num_heads), out_hidden_size=int(v.out_hidden_size), in_channels=int(v.in_channels),
-            patch_size=int(patch), temporal_patch_size=int(tpatch), spatial_merge_size=int(v.spatial_merge_size),
-            window_size=int(v.window_size), fullatt_block_indexes=tuple(int(i) for i in v.fullatt_block_indexes),
-            hidden_act=str(v.hidden_act), rope_theta=float(v_rope.get("rope_theta", 10000.0)),
-            tokens_per_second=int(v.tokens_per_second))
-        text = TextConfig(
-            vocab_size=int(t.vocab_size), hidden_size=int(t.hidden_size), intermediate_size=int(t.intermediate_size),
-            num_hidden_layers=int(t.num_hidden_layers), num_attention_heads=int(t.num_attention_heads),
-            num_key_value_heads=int(t.num_key_value_heads or t.num_attention_heads),
-            rms_norm_eps=float(t.rms_norm_eps), rope_theta=float(t_rope.get("rope_theta", 1000000.0)),
-            mrope_section=tuple(int(s) for s in t_rope.get("mrope_section", (16, 24, 24))),
-            max_position_embeddings=int(t.max_position_embeddings), hidden_act=str(t.hidden_act),
-            bos_token_id=t.bos_token_id, eos_token_id=eos[0] if isinstance(eos, (list, tuple)) else eos,
-            pad_token_id=t.pad_token_id)
-        kwargs = dict(vision=vision, text=text, image_token_id=int(c.image_token_id),
-                      video_token_id=int(c.video_token_id), vision_start_token_id=int(c.vision_start_token_id),
-                      vision_end_token_id=int(c.vision_end_token_id),
-                      tie_word_embeddings=bool(c.tie_word_embeddings))
-        kwargs.update(overrides)
-        return cls(**kwargs)
-
-    def to_hf_config(self) -> dict[str, Any]:
-        """The nested `config.json` dict that transformers' `from_pretrained` loads."""
-        v, t = self.vision, self.text
-        return {
-            "architectures": ["Qwen2_5_VLForConditionalGeneration"],
-            "model_type": "qwen2_5_vl",
-            "dtype": "float32",
-            "image_token_id": self.image_token_id,
-            "video_token_id": self.video_token_id,
-            "vision_start_token_id": self.vision_start_token_id,
-            "vision_end_token_id": self.vision_end_token_id,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "text_config": {
-                "model_type": "qwen2_5_vl_text",
-                "vocab_size": t.vocab_size, "hidden_size": t.hidden_size,
-                "intermediate_size": t.intermediate_size, "num_hidden_layers": t.num_hidden_layers,
-                "num_attention_heads": t.num_attention_heads, "num_key_value_heads": t.num_key_value_heads,
-                "rms_norm_eps": t.rms_norm_eps, "hidden_act": t.hidden_act,
-                "max_position_embeddings": t.max_position_embeddings,
-                "rope_parameters": {"rope_type": "default", "rope_theta": t.rope_theta,
-                                    "mrope_section": list(t.mrope_section)},
-                "use_sliding_window": False, "attention_dropout": 0.0,
-                "bos_token_id": t.bos_token_id, "eos_token_id": t.eos_token_id, "pad_token_id": t.pad_token_id,
-                "tie_word_embeddings": self.tie_word_embeddings,
-            },
-            "vision_config": {
-                "model_type": "qwen2_5_vl_vision",
-                "depth": v.depth, "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
-                "num_heads": v.num_heads, "out_hidden_size": v.out_hidden_size, "in_channels": v.in_channels,
-                "patch_size": v.patch_size, "temporal_patch_size": v.temporal_patch_size,
-                "spatial_merge_size": v.spatial_merge_size, "window_size": v.window_size,
-                "fullatt_block_indexes": list(v.fullatt_block_indexes), "hidden_act": v.hidden_act,
-                "tokens_per_second": v.tokens_per_second,
-                "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta},
-            },
-        }
-
     def with_special_tokens(self, ids: Mapping[str, int]) -> "Qwen25VLConfig":
         """The config with token ids taken from a tokenizer's special-token table.
 
@@ -247,7 +155,7 @@ def validate(cfg: Qwen25VLConfig) -> None:
             raise ConfigError(f"{name}={act!r} is not supported; use one of {SUPPORTED_ACTS}")
     if cfg.attention_impl not in ("xla", "dot_product", "cudnn"):
         raise ConfigError(f"attention_impl={cfg.attention_impl!r}: use 'xla', 'dot_product' or 'cudnn'")
-    if cfg.remat not in ("none", "full", "dots"):
+    if cfg.remat not in REMAT_POLICIES:
         raise ConfigError(f"remat={cfg.remat!r}: use 'none', 'full' or 'dots'")
     for name in ("image_token_id", "vision_start_token_id", "vision_end_token_id"):
         if not 0 <= getattr(cfg, name) < t.vocab_size:

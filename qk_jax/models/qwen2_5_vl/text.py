@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from qk_jax.models import layers
-from qk_jax.models.qwen2_5_vl.common import GatedMLP, scan_layers
+from qk_jax.models.qwen2_5_vl.common import GatedMLP
 from qk_jax.models.qwen2_5_vl.config import TextConfig
 
 Dtype = Any
@@ -130,8 +130,8 @@ class TextModel(nn.Module):
                  per-layer outputs (L, B, T, D) or None, new cache or None).
         """
         c = self.cfg
-        stack = scan_layers(DecoderLayer, c.num_hidden_layers, self.remat,
-                            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, 0))
+        stack = layers.scan_layers(DecoderLayer, c.num_hidden_layers, self.remat,
+                                   in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, 0))
         index = None if cache is None else cache["index"]
         ck = None if cache is None else cache["k"]
         cv = None if cache is None else cache["v"]

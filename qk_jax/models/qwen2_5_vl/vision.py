@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from qk_jax.models import layers
-from qk_jax.models.qwen2_5_vl.common import GatedMLP, scan_layers
+from qk_jax.models.qwen2_5_vl.common import GatedMLP
 from qk_jax.models.qwen2_5_vl.config import VisionConfig
 from qk_jax.models.qwen2_5_vl.rope import vision_cos_sin
 from qk_jax.models.qwen2_5_vl.vision_plan import VisionPlan
@@ -177,8 +177,8 @@ class VisionTower(nn.Module):
         x = layers.constrain(x, (_images_axis(x), "act_length", "act_embed"))
         cos, sin = vision_cos_sin(plan.positions, c.head_dim, c.rope_theta)
         is_full = jnp.asarray([j in c.fullatt_block_indexes for j in range(c.depth)])
-        blocks = scan_layers(VisionBlock, c.depth, self.remat,
-                             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0))
+        blocks = layers.scan_layers(VisionBlock, c.depth, self.remat,
+                                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0))
         x, _ = blocks(c, self.attention_impl, name="blocks", **kw)(
             x, cos, sin, plan.window_segments, plan.full_segments, is_full)
         merged = PatchMerger(c, name="merger", **kw)(x)[:, plan.reverse_index]  # (I, U, D_out)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from qk_jax.models import layers
-from qk_jax.models.mmdit_config import MMDiTConfig
+from qk_jax.models.mmdit.config import MMDiTConfig
 
 Array = jax.Array
 

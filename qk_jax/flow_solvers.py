@@ -1,7 +1,7 @@
 """Flow-matching samplers: schedules equal to diffusers' `FlowMatchEulerDiscreteScheduler`,
 and jittable Euler and Heun loops over a velocity closure.
 
-    sched = read_schedule("Qwen-Image")        # its scheduler/scheduler_config.json
+    sched = read_schedule("Qwen-Image")        # convert.diffusers_configs: its scheduler/scheduler_config.json
     sigmas, timesteps = flow_schedule(28, sched, image_seq_len=n_tokens, sigmas=pipeline_sigmas(28))
     x0 = euler_sample(velocity_fn, noise, sigmas, timesteps)        # inside jax.jit is fine
 
@@ -17,27 +17,16 @@ sigmas match bit for bit); the loops are `jax.lax.fori_loop`s.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qk_jax.convert.config_keys import reference_arguments
 from qk_jax.flow import calculate_shift, exponential_time_shift, linear_time_shift
 
 Array = jax.Array
 VelocityFn = Callable[[Array, Array], Array]
-
-SCHEDULER_CONFIG = "scheduler_config.json"
-# diffusers `FlowMatchEulerDiscreteScheduler.__init__` arguments and defaults (0.35-0.42).
-_SCHEDULER_DEFAULTS: dict[str, Any] = dict(
-    num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False, base_shift=0.5, max_shift=1.15,
-    base_image_seq_len=256, max_image_seq_len=4096, invert_sigmas=False, shift_terminal=None, use_karras_sigmas=False,
-    use_exponential_sigmas=False, use_beta_sigmas=False, time_shift_type="exponential", stochastic_sampling=False)
-
 
 @dataclasses.dataclass(frozen=True)
 class FlowMatchSchedule:
@@ -53,78 +42,18 @@ class FlowMatchSchedule:
     shift_terminal: float | None = None
     time_shift_type: str = "exponential"
 
-    _UNSUPPORTED = ("invert_sigmas", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
-                    "stochastic_sampling")
-
-    @classmethod
-    def from_diffusers_config(cls, cfg: Mapping[str, Any]) -> "FlowMatchSchedule":
-        """Reads a `scheduler_config.json` dict as diffusers does (missing keys take the scheduler's
-        defaults, keys it does not take are ignored with one warning); options that change the
-        schedule in a way qk_jax does not implement are refused by name."""
-        if cfg.get("_class_name", "FlowMatchEulerDiscreteScheduler") != "FlowMatchEulerDiscreteScheduler":
-            raise ValueError(f"scheduler config _class_name={cfg['_class_name']!r}: qk_jax implements the "
-                             "FlowMatchEulerDiscreteScheduler schedule only")
-        get = reference_arguments(cfg, "FlowMatchEulerDiscreteScheduler", _SCHEDULER_DEFAULTS)
-        on = [k for k in cls._UNSUPPORTED if get[k]]
-        if on:
-            raise ValueError(f"scheduler config sets {on}: qk_jax implements the plain (optionally shifted) "
-                             "FlowMatchEulerDiscreteScheduler schedule only")
-        if get["time_shift_type"] not in ("exponential", "linear"):
-            raise ValueError(f"scheduler config time_shift_type={get['time_shift_type']!r}: use 'exponential' or "
-                             "'linear'")
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in get.items() if k in names})
-
-    def to_diffusers_config(self) -> dict[str, Any]:
-        return {"_class_name": "FlowMatchEulerDiscreteScheduler", **dataclasses.asdict(self)}
-
     def mu(self, image_seq_len: int) -> float:
         return calculate_shift(image_seq_len, self.base_image_seq_len, self.max_image_seq_len, self.base_shift,
                                self.max_shift)
 
 
 # The schedules of Qwen-Image's and FLUX.1-dev's published scheduler/scheduler_config.json (copies in
-# tests/fixtures/published/); with a real folder `read_schedule(folder)` reads its own file.
+# tests/fixtures/published/); with a real folder `diffusers_configs.read_schedule(folder)` reads its own file.
 QWEN_IMAGE_SCHEDULE = FlowMatchSchedule(shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
                                         base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02,
                                         time_shift_type="exponential")
 FLUX_SCHEDULE = FlowMatchSchedule(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                   base_image_seq_len=256, max_image_seq_len=4096)
-
-
-def find_scheduler_config(path: str | os.PathLike) -> str | None:
-    """The `scheduler_config.json` that belongs to `path`, or None.
-
-    `path` may be the file itself, a scheduler folder, a diffusers pipeline folder (its
-    `scheduler/`), or a component folder of a pipeline such as `Qwen-Image/transformer`
-    (the pipeline's `scheduler/`).
-    """
-    path = os.fspath(path)
-    if os.path.isfile(path):
-        return path
-    for candidate in (os.path.join(path, SCHEDULER_CONFIG), os.path.join(path, "scheduler", SCHEDULER_CONFIG),
-                      os.path.join(os.path.dirname(os.path.abspath(path)), "scheduler", SCHEDULER_CONFIG)):
-        if os.path.isfile(candidate):
-            return candidate
-    return None
-
-
-def read_schedule(path: str | os.PathLike) -> FlowMatchSchedule:
-    """The `FlowMatchSchedule` of a scheduler_config.json, a scheduler folder or a pipeline folder;
-    FileNotFoundError / ValueError naming the path."""
-    found = find_scheduler_config(path)
-    if found is None:
-        raise FileNotFoundError(f"{path} is not a {SCHEDULER_CONFIG}, nor a folder holding one (or scheduler/"
-                                f"{SCHEDULER_CONFIG}, as a diffusers pipeline folder does)")
-    try:
-        with open(found) as f:
-            raw = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{found} is not valid JSON: {e}") from e
-    try:
-        return FlowMatchSchedule.from_diffusers_config(raw)
-    except ValueError as e:
-        raise ValueError(f"{found}: {e}") from None
 
 
 def pipeline_sigmas(num_steps: int) -> np.ndarray:

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from qk_jax.convert.mapping import flatten_tree, unflatten_tree
+from qk_jax.tree import flatten_tree, unflatten_tree
 
 # Parameter subtrees stacked over the double-stream blocks (the ones `--dit-layers` selects).
 DOUBLE_BLOCKS = "double_blocks"

@@ -6,21 +6,20 @@
 
 Normalisation lives inside, per channel: `encode` returns `(z - latents_mean) / latents_std`
 and `decode` undoes it first, as the Qwen-Image pipelines do around the diffusers VAE.
-Like diffusers, `decode` clamps its output to [-1, 1]. `vae_layers` explains why one frame
+Like diffusers, `decode` clamps its output to [-1, 1]. `layers.py` explains why one frame
 of a causal 3D conv is a 2D conv with the last temporal tap.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qk_jax.convert.config_keys import reference_arguments
-from qk_jax.models.vae_layers import ChannelRMSNorm, Conv, WanAttentionBlock, WanMidBlock, WanResample, WanResidualBlock
+from qk_jax.models.vae.layers import ChannelRMSNorm, Conv, WanAttentionBlock, WanMidBlock, WanResample, WanResidualBlock
 
 Array = jax.Array
 
@@ -66,29 +65,6 @@ class QwenImageVAEConfig:
 
     def denormalize(self, z: Array) -> Array:
         return z * jnp.asarray(self.latents_std, z.dtype) + jnp.asarray(self.latents_mean, z.dtype)
-
-    _KEYS = ("base_dim", "z_dim", "dim_mult", "num_res_blocks", "attn_scales", "temperal_downsample", "dropout",
-             "input_channels", "latents_mean", "latents_std")
-
-    @classmethod
-    def from_diffusers_config(cls, cfg: Mapping[str, Any], **runtime) -> "QwenImageVAEConfig":
-        """Reads an `AutoencoderKLQwenImage` config.json dict as diffusers does (missing keys take the
-        class's defaults, keys it does not take are ignored with one warning)."""
-        defaults = cls()
-        values = reference_arguments(cfg, "AutoencoderKLQwenImage", {k: getattr(defaults, k) for k in cls._KEYS})
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}, **runtime)
-
-    def to_diffusers_config(self) -> dict[str, Any]:
-        """The config.json dict in the published layout: Qwen-Image's vae/config.json predates
-        `input_channels`, which is written only when it is not diffusers' default of 3."""
-        out = {"_class_name": "AutoencoderKLQwenImage"}
-        for k in self._KEYS:
-            v = getattr(self, k)
-            if k == "input_channels" and v == 3:
-                continue
-            out[k] = list(v) if isinstance(v, tuple) else v
-        return out
-
 
 QWEN_VAE_SIZES: dict[str, QwenImageVAEConfig] = {
     "tiny": QwenImageVAEConfig(base_dim=8, z_dim=4, dim_mult=(1, 2, 2), num_res_blocks=1,

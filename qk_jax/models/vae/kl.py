@@ -13,24 +13,15 @@ posterior and decoder for parity checks. Images are NHWC in [-1, 1].
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qk_jax.convert.config_keys import reference_arguments
-from qk_jax.models.vae_layers import Conv, GroupNorm, MidBlock2D, ResnetBlock2D, upsample_nearest
+from qk_jax.models.vae.layers import Conv, GroupNorm, MidBlock2D, ResnetBlock2D, upsample_nearest
 
 Array = jax.Array
-
-# diffusers `AutoencoderKL.__init__` arguments and defaults (what a missing config.json key means).
-_DIFFUSERS_DEFAULTS: dict[str, Any] = dict(
-    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
-    block_out_channels=(64,), layers_per_block=1, act_fn="silu", latent_channels=4, norm_num_groups=32,
-    sample_size=32, scaling_factor=0.18215, shift_factor=None, latents_mean=None, latents_std=None,
-    force_upcast=True, use_quant_conv=True, use_post_quant_conv=True, mid_block_add_attention=True)
-
 
 @dataclasses.dataclass(frozen=True)
 class AutoencoderKLConfig:
@@ -71,44 +62,6 @@ class AutoencoderKLConfig:
 
     def denormalize(self, z: Array) -> Array:
         return z / self.scaling_factor + (self.shift_factor or 0.0)
-
-    @classmethod
-    def from_diffusers_config(cls, cfg: Mapping[str, Any], **runtime) -> "AutoencoderKLConfig":
-        """Reads an `AutoencoderKL` config.json dict as diffusers does (missing keys take the class's
-        defaults, keys it does not take are ignored with one warning); block types other than
-        DownEncoderBlock2D / UpDecoderBlock2D and activations other than SiLU are refused by name."""
-        get = reference_arguments(cfg, "AutoencoderKL", _DIFFUSERS_DEFAULTS)
-        n = len(get["block_out_channels"])
-        for key, want in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
-            got = list(get[key]) if key in cfg else [want] * n
-            if got != [want] * n:
-                raise ValueError(f"AutoencoderKL config.json {key}={got}: qk_jax implements {n} x {want!r} only")
-        if get["act_fn"] != "silu":
-            raise ValueError(f"AutoencoderKL config.json act_fn={get['act_fn']!r}: only 'silu' is implemented")
-        tup = lambda v: None if v is None else tuple(v)
-        return cls(
-            in_channels=get["in_channels"], out_channels=get["out_channels"],
-            block_out_channels=tuple(get["block_out_channels"]), layers_per_block=get["layers_per_block"],
-            latent_channels=get["latent_channels"], norm_num_groups=get["norm_num_groups"],
-            scaling_factor=get["scaling_factor"], shift_factor=get["shift_factor"],
-            use_quant_conv=get["use_quant_conv"], use_post_quant_conv=get["use_post_quant_conv"],
-            mid_block_add_attention=get["mid_block_add_attention"], sample_size=get["sample_size"],
-            force_upcast=get["force_upcast"], latents_mean=tup(get["latents_mean"]),
-            latents_std=tup(get["latents_std"]), **runtime)
-
-    def to_diffusers_config(self) -> dict[str, Any]:
-        n = len(self.block_out_channels)
-        lst = lambda v: None if v is None else list(v)
-        return {"_class_name": "AutoencoderKL", "in_channels": self.in_channels, "out_channels": self.out_channels,
-                "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
-                "block_out_channels": list(self.block_out_channels), "layers_per_block": self.layers_per_block,
-                "act_fn": "silu", "latent_channels": self.latent_channels, "norm_num_groups": self.norm_num_groups,
-                "sample_size": self.sample_size, "scaling_factor": self.scaling_factor,
-                "shift_factor": self.shift_factor, "latents_mean": lst(self.latents_mean),
-                "latents_std": lst(self.latents_std), "force_upcast": self.force_upcast,
-                "use_quant_conv": self.use_quant_conv, "use_post_quant_conv": self.use_post_quant_conv,
-                "mid_block_add_attention": self.mid_block_add_attention}
-
 
 KL_SIZES: dict[str, AutoencoderKLConfig] = {
     "tiny": AutoencoderKLConfig(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,

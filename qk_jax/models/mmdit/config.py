@@ -10,7 +10,8 @@ The config covers two diffusers families through a handful of switches:
   `sin/cos((1000 * t) * f)`.
 
 Everything else (widths, depths, heads, RoPE axes, channels) is a plain field, so a
-checkpoint of any size converts as long as its config.json reads into this class.
+checkpoint of any size converts as long as its config.json reads into this class
+(`qk_jax/convert/diffusers_configs.py` translates config.json dicts in both directions).
 
 Timestep convention: the model always takes `timestep` in [0, 1] (= the flow sigma, the
 noise fraction of x_t = (1 - t) x0 + t eps), exactly the value both diffusers pipelines
@@ -21,26 +22,10 @@ scale itself (e.g. 3.5); both are multiplied by 1000 inside, as diffusers does.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
 
-from qk_jax.convert.config_keys import reference_arguments
+from qk_jax.models.layers import REMAT_POLICIES
 
 FAMILIES = ("qwen_image", "flux")
-REMAT_POLICIES = ("none", "full", "dots")
-
-_DIFFUSERS_CLASS = {"qwen_image": "QwenImageTransformer2DModel", "flux": "FluxTransformer2DModel"}
-
-# The `__init__` arguments of the two diffusers classes and their defaults (diffusers 0.35-0.42):
-# what a config.json that omits a key means (FLUX.1-dev's has no axes_dims_rope / out_channels).
-_DIFFUSERS_DEFAULTS: dict[str, dict[str, Any]] = {
-    "qwen_image": dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
-                       num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False,
-                       axes_dims_rope=(16, 56, 56), zero_cond_t=False, use_additional_t_cond=False,
-                       use_layer3d_rope=False),
-    "flux": dict(patch_size=1, in_channels=64, out_channels=None, num_layers=19, num_single_layers=38,
-                 attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
-                 guidance_embeds=False, axes_dims_rope=(16, 56, 56)),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,77 +97,6 @@ class MMDiTConfig:
     def replace(self, **changes) -> "MMDiTConfig":
         return dataclasses.replace(self, **changes)
 
-    # ------------------------------------------------------------------ diffusers
-
-    @classmethod
-    def from_diffusers_config(cls, cfg: Mapping[str, Any], **runtime) -> "MMDiTConfig":
-        """Reads a diffusers transformer config.json dict (Qwen-Image or FLUX) as diffusers does.
-
-        The family comes from `_class_name` when present, else from the keys
-        (`num_single_layers` only exists in FLUX configs). Missing keys take the diffusers
-        class's defaults; keys the class does not take are ignored with one warning
-        (`config_keys`). `runtime` sets dtype / remat / attention_impl.
-        """
-        name = cfg.get("_class_name")
-        if name == "QwenImageTransformer2DModel" or (name is None and "num_single_layers" not in cfg):
-            family = "qwen_image"
-        elif name == "FluxTransformer2DModel" or (name is None and "num_single_layers" in cfg):
-            family = "flux"
-        else:
-            raise ValueError(f"config.json _class_name={name!r}: expected one of {sorted(_DIFFUSERS_CLASS.values())}")
-        get = reference_arguments(cfg, _DIFFUSERS_CLASS[family], _DIFFUSERS_DEFAULTS[family])
-        if family == "qwen_image" and get["guidance_embeds"]:
-            raise ValueError("QwenImageTransformer2DModel config.json has guidance_embeds=true: diffusers builds no "
-                             "guidance embedder for it (its forward fails when guidance is passed); unsupported")
-        return cls(
-            family=family,
-            patch_size=int(get["patch_size"]),
-            in_channels=int(get["in_channels"]),
-            out_channels=None if get["out_channels"] is None else int(get["out_channels"]),
-            num_layers=int(get["num_layers"]),
-            num_single_layers=int(get.get("num_single_layers") or 0),
-            num_heads=int(get["num_attention_heads"]),
-            head_dim=int(get["attention_head_dim"]),
-            joint_attention_dim=int(get["joint_attention_dim"]),
-            pooled_projection_dim=None if family == "qwen_image" else int(get["pooled_projection_dim"]),
-            guidance_embeds=bool(get["guidance_embeds"]),
-            axes_dims_rope=tuple(int(a) for a in get["axes_dims_rope"]),
-            zero_cond_t=bool(get.get("zero_cond_t", False)),
-            use_additional_t_cond=bool(get.get("use_additional_t_cond", False)),
-            use_layer3d_rope=bool(get.get("use_layer3d_rope", False)),
-            **runtime,
-        )
-
-    def to_diffusers_config(self) -> dict[str, Any]:
-        """The config.json dict diffusers' `from_pretrained` reads for this architecture."""
-        common = dict(patch_size=self.patch_size, in_channels=self.in_channels, out_channels=self.out_channels,
-                      num_layers=self.num_layers, attention_head_dim=self.head_dim,
-                      num_attention_heads=self.num_heads, joint_attention_dim=self.joint_attention_dim,
-                      guidance_embeds=self.guidance_embeds, axes_dims_rope=list(self.axes_dims_rope))
-        if self.rope_theta != 10000.0 or self.mlp_ratio != 4.0 or self.eps != 1e-6:
-            raise ValueError("MMDiTConfig: diffusers fixes rope_theta=10000, mlp_ratio=4, eps=1e-6; this config "
-                             f"has {self.rope_theta}, {self.mlp_ratio}, {self.eps} and cannot be exported")
-        if self.family == "qwen_image":
-            if self.num_single_layers or self.pooled_projection_dim:
-                raise ValueError("MMDiTConfig: QwenImageTransformer2DModel has no single-stream blocks and no pooled "
-                                 f"projection (num_single_layers={self.num_single_layers}, "
-                                 f"pooled_projection_dim={self.pooled_projection_dim})")
-            return {"_class_name": _DIFFUSERS_CLASS["qwen_image"], **common, "zero_cond_t": self.zero_cond_t,
-                    "use_additional_t_cond": self.use_additional_t_cond, "use_layer3d_rope": self.use_layer3d_rope}
-        if self.zero_cond_t or self.use_additional_t_cond or self.use_layer3d_rope:
-            raise ValueError("MMDiTConfig: zero_cond_t / use_additional_t_cond / use_layer3d_rope are Qwen-Image "
-                             "options; FluxTransformer2DModel has none of them")
-        if self.pooled_projection_dim is None:
-            raise ValueError("MMDiTConfig: FluxTransformer2DModel always has a pooled projection; "
-                             "set pooled_projection_dim")
-        return {"_class_name": _DIFFUSERS_CLASS["flux"], **common, "num_single_layers": self.num_single_layers,
-                "pooled_projection_dim": self.pooled_projection_dim}
-
-    @property
-    def diffusers_class_name(self) -> str:
-        return _DIFFUSERS_CLASS[self.family]
-
-
 # Named sizes. `head_870m` and `dit_10b` use the Qwen-Image layout (double-stream blocks,
 # 3584-d condition tokens = Qwen2.5-VL-7B's width), so the kontext connector output can feed
 # the stage-1 head and the stage-2 DiT alike, and both export as QwenImageTransformer2DModel.
@@ -190,7 +104,7 @@ class MMDiTConfig:
 #   "lightweight" stage-1 head.
 # - dit_10b: Qwen-Image's width (24 x 128 heads, MSRoPE 16/56/56) at half its depth (30 of
 #   60 blocks) -> ~10.2B, the paper's in-house scale; same width means Qwen-Image weights seed
-#   it: `qk-jax surgery --dit QWEN_IMAGE_DIR --dit-layers every_other` (see qk_jax/dit_blocks.py).
+#   it: `qk-jax surgery --dit QWEN_IMAGE_DIR --dit-layers every_other` (see qk_jax/dit_seeding.py).
 SIZES: dict[str, MMDiTConfig] = {
     "tiny": MMDiTConfig(family="qwen_image", patch_size=2, in_channels=16, out_channels=4, num_layers=2,
                         num_heads=2, head_dim=16, joint_attention_dim=24, axes_dims_rope=(4, 6, 6)),

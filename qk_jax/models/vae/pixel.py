@@ -3,7 +3,7 @@
 `encode` folds each `f x f` pixel block into channels (space-to-depth) and normalises
 it; `decode` is the exact inverse. It is lossless and has no parameters, so the demo
 spends all of its CPU minutes on the model being demonstrated, and what the judge scores
-is exactly what the DiT drew. A real run uses a trained VAE (`vae_kl`, `vae_wan`) through
+is exactly what the DiT drew. A real run uses a trained VAE (`kl.py`, `wan.py`) through
 the same methods:
 
 - `encode(images (B, H, W, 3) in [-1, 1], sample=False, rng=None) -> latents (B, H/f, W/f, 3 f^2)`

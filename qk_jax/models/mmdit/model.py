@@ -3,12 +3,12 @@
     v = MMDiT(config).apply({"params": p}, img, img_ids, txt, txt_mask, timestep,
                             guidance=None, pooled=None, txt_ids=None, num_target_tokens=None)
 
-- `img` (B, N, C_in): patchified latent tokens (`dit_positions.patchify`). The image stream
+- `img` (B, N, C_in): patchified latent tokens (`positions.patchify`). The image stream
   may hold several segments — the noisy target first, then condition images — each with
-  its own position ids in `img_ids` (B, N, 3) (`dit_positions.segment_ids`).
+  its own position ids in `img_ids` (B, N, 3) (`positions.segment_ids`).
 - `txt` (B, T, joint_attention_dim) condition tokens with `txt_mask` (B, T) bool (True =
   real token; padded keys are masked out of every attention).
-- `timestep` (B,) in [0, 1]: the flow sigma (see `mmdit_config` for the mapping to each
+- `timestep` (B,) in [0, 1]: the flow sigma (see `config.py` for the mapping to each
   diffusers model); `guidance` (B,) the FLUX guidance scale; `pooled` (B, P) FLUX's pooled
   text vector; `txt_ids` (B, T, 3) or None for the family default.
 - `num_target_tokens` (static int): only the first that many image tokens are projected
@@ -31,30 +31,11 @@ import jax
 import jax.numpy as jnp
 
 from qk_jax.models import layers
-from qk_jax.models.dit_positions import default_txt_ids, rope_angles
-from qk_jax.models.mmdit_blocks import DoubleStreamBlock, MLPEmbedder, SingleStreamBlock, timestep_sinusoid
-from qk_jax.models.mmdit_config import SIZES, MMDiTConfig, mmdit_config  # noqa: F401  (re-exported)
+from qk_jax.models.mmdit.blocks import DoubleStreamBlock, MLPEmbedder, SingleStreamBlock, timestep_sinusoid
+from qk_jax.models.mmdit.config import MMDiTConfig
+from qk_jax.models.mmdit.positions import default_txt_ids, rope_angles
 
 Array = jax.Array
-
-
-def remat_policy(name: str):
-    """`"none" | "full" | "dots"` -> a `jax.checkpoint` policy (None = save nothing = full remat)."""
-    if name == "dots":
-        return jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
-    if name in ("full", "none"):
-        return None
-    raise ValueError(f"unknown remat policy {name!r}; use 'none', 'full' or 'dots'")
-
-
-def scanned(block_cls, config: MMDiTConfig, length: int):
-    """`block_cls` repeated `length` times with `nn.scan` (params stacked on a `layers` axis), remat per config."""
-    cls = block_cls
-    if config.remat != "none":
-        cls = nn.remat(block_cls, policy=remat_policy(config.remat), prevent_cse=False)
-    # LoRA factors (the "lora" collection) are stacked per layer like the kernels they adapt.
-    return nn.scan(cls, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True}, in_axes=(nn.broadcast,),
-                   length=length, metadata_params={nn.PARTITION_NAME: "layers"})
 
 
 class MMDiT(nn.Module):
@@ -118,12 +99,12 @@ class MMDiT(nn.Module):
 
         inter: dict[str, Any] = {}
         if cfg.num_layers:
-            (x, c), ys = scanned(DoubleStreamBlock, cfg, cfg.num_layers)(
+            (x, c), ys = layers.scan_layers(DoubleStreamBlock, cfg.num_layers, cfg.remat, in_axes=(nn.broadcast,))(
                 cfg, emit=return_intermediates, name="double_blocks")((x, c), ctx)
             if return_intermediates:
                 inter["double_img"], inter["double_txt"] = ys
         if cfg.num_single_layers:
-            h, ys = scanned(SingleStreamBlock, cfg, cfg.num_single_layers)(
+            h, ys = layers.scan_layers(SingleStreamBlock, cfg.num_single_layers, cfg.remat, in_axes=(nn.broadcast,))(
                 cfg, emit=return_intermediates, name="single_blocks")(jnp.concatenate([c, x], axis=1), ctx)
             if return_intermediates:
                 inter["single"] = ys

@@ -25,8 +25,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from qk_jax.data.vocab import TASKS
-from qk_jax.models.dit_positions import grid_ids
 from qk_jax.models.kontext import KontextConfig
+from qk_jax.models.mmdit.positions import grid_ids
 from qk_jax.models.qwen2_5_vl import VisionPlan, extend_position_ids, prepare_inputs, shares_one_grid
 
 # Tasks whose first input image is a *source* (pixels to preserve); the others' inputs are references.

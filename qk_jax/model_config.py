@@ -10,13 +10,13 @@ import os
 from typing import Any, Mapping
 
 from qk_jax import flow
-from qk_jax.config import ConfigError, check_divisible, mesh_shape, require
+from qk_jax.config import ConfigError, check_divisible, require
 from qk_jax.models.connector import ConnectorConfig
 from qk_jax.models.kontext import CondDropout, KontextConfig, LoraConfig
 from qk_jax.models.mmdit import mmdit_config
-from qk_jax.models.pixel_ae import PixelSpaceConfig
 from qk_jax.models.qwen2_5_vl import get_config as vlm_config
 from qk_jax.models.vae import vae_config
+from qk_jax.models.vae.pixel import PixelSpaceConfig
 
 REQUIRED = ("stage", "model.vlm.size", "model.generator.size", "model.generator.key", "model.vae.kind",
             "model.num_queries", "train.steps", "train.batch_size", "train.learning_rate", "data.max_text_len")
@@ -92,11 +92,14 @@ def build_kontext_config(config, special_token_ids: Mapping[str, int] | None = N
         raise ConfigError(str(e)) from None
 
 
-def divisibility_table(kcfg: KontextConfig) -> dict[str, tuple[str, ...]]:
-    """Config fields whose values a mesh axis must divide (for `check_divisible`)."""
-    return {
-        "train.batch_size": ("data", "fsdp"),
-    }
+def divisibility_table(kcfg: KontextConfig) -> tuple[dict[str, tuple[str, ...]], dict[str, int]]:
+    """(name -> mesh axes whose product must divide it, the values the model config derives)
+    for `check_divisible`: the batch splits over data x fsdp, attention heads over tensor."""
+    derived = {"model.vlm: num_attention_heads": kcfg.vlm.text.num_attention_heads,
+               "model.vlm: num_key_value_heads": kcfg.vlm.text.num_key_value_heads,
+               "model.vlm: vision num_heads": kcfg.vlm.vision.num_heads,
+               "model.generator: num_heads": kcfg.generator.num_heads}
+    return {"train.batch_size": ("data", "fsdp"), **{name: ("tensor",) for name in derived}}, derived
 
 
 NONFINITE_MODES = ("stop", "skip_step")  # config field train.nonfinite: what a non-finite step does
@@ -105,15 +108,7 @@ NONFINITE_MODES = ("stop", "skip_step")  # config field train.nonfinite: what a 
 def validate(config, num_devices: int, kcfg: KontextConfig | None = None) -> KontextConfig:
     """All start-up checks; returns the model config."""
     kcfg = kcfg or build_kontext_config(config)
-    shape = dict(zip(("data", "fsdp", "tensor"), mesh_shape(config, num_devices)))
-    check_divisible(config, num_devices, divisibility_table(kcfg))
-    tp = shape["tensor"]
-    for field, value in (("model.vlm: num_attention_heads", kcfg.vlm.text.num_attention_heads),
-                         ("model.vlm: num_key_value_heads", kcfg.vlm.text.num_key_value_heads),
-                         ("model.vlm: vision num_heads", kcfg.vlm.vision.num_heads),
-                         ("model.generator: num_heads", kcfg.generator.num_heads)):
-        if value % tp:
-            raise ConfigError(f"config {field}={value} is not divisible by mesh.tensor={tp}")
+    check_divisible(config, num_devices, *divisibility_table(kcfg))
     if config.train.batch_size % max(int(config.train.grad_accum), 1):
         raise ConfigError(f"config field train.batch_size={config.train.batch_size} is not divisible by "
                           f"train.grad_accum={config.train.grad_accum}")

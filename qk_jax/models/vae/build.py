@@ -1,4 +1,4 @@
-"""The two image VAEs behind one import: `AutoencoderKL` (FLUX / SD3) and
+"""Named sizes and builders for the two image VAEs: `AutoencoderKL` (FLUX / SD3) and
 `AutoencoderKLQwenImage` (Qwen-Image, Wan-2.1 family).
 
 Both expose the same methods, used through `apply(..., method=...)`:
@@ -20,11 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qk_jax.models.vae_kl import KL_SIZES, AutoencoderKL, AutoencoderKLConfig
-from qk_jax.models.vae_wan import QWEN_VAE_SIZES, AutoencoderKLQwenImage, QwenImageVAEConfig
-
-__all__ = ["AutoencoderKL", "AutoencoderKLConfig", "AutoencoderKLQwenImage", "QwenImageVAEConfig", "build_vae",
-           "vae_config", "vae_param_count"]
+from qk_jax.models.vae.kl import KL_SIZES, AutoencoderKL, AutoencoderKLConfig
+from qk_jax.models.vae.wan import QWEN_VAE_SIZES, AutoencoderKLQwenImage, QwenImageVAEConfig
 
 VAEConfig = AutoencoderKLConfig | QwenImageVAEConfig
 
