@@ -32,30 +32,24 @@ last line is the verdict: `FITS` or `DOES NOT FIT`.
 from __future__ import annotations
 
 import os
+import json
+import math
+import time
+from typing import Any, Mapping
 
-if __name__ == "__main__":  # `python -m qk_jax.aot`: CPU platform and libtpu placeholders before jax loads
-    from qk_jax import platforms
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-    platforms.configure(os.environ, "aot")
-
-import json  # noqa: E402
-import math  # noqa: E402
-import time  # noqa: E402
-from typing import Any, Mapping  # noqa: E402
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
-
-from qk_jax import flops, kontext_config, optim, sharding  # noqa: E402
-from qk_jax.config import ConfigError  # noqa: E402
-from qk_jax.data import buckets  # noqa: E402
-from qk_jax.data.vocab import TASKS  # noqa: E402
-from qk_jax.models.kontext import QueryKontext  # noqa: E402
-from qk_jax.models.kontext_inputs import prepare_batch  # noqa: E402
-from qk_jax.models.lora import LORA_KEY  # noqa: E402
-from qk_jax.train_step import make_train_step  # noqa: E402
+from qk_jax import flops, kontext_config, logs, optim, sharding
+from qk_jax.config import ConfigError
+from qk_jax.data import buckets
+from qk_jax.data.vocab import TASKS
+from qk_jax.models.kontext import QueryKontext
+from qk_jax.models.kontext_inputs import prepare_batch
+from qk_jax.models.lora import LORA_KEY
+from qk_jax.train_step import make_train_step
 
 GIB = 1024 ** 3
 # HBM per chip (GiB).
@@ -319,8 +313,10 @@ def _count(tree) -> int:
 
 def run(config, topology: str, mesh_cfg: Mapping[str, int] | None = None, batch: int | None = None,
         programs=PROGRAMS, n_inputs: int | None = None, sample_batch: int | None = None,
-        headroom: float = 0.1, log=print) -> dict[str, Any]:
-    """Compiles `programs` of `config` for `topology`; returns the report (see `format_report`)."""
+        headroom: float = 0.1, log=None) -> dict[str, Any]:
+    """Compiles `programs` of `config` for `topology`; returns the report (see `format_report`).
+    Progress goes to `log` (default: `qk_jax.logs.info`)."""
+    log = log or logs.info
     unknown = set(programs) - set(PROGRAMS)
     if unknown or not programs:
         raise ValueError(f"programs {sorted(programs)}: choose from {PROGRAMS}")
@@ -340,7 +336,7 @@ def run(config, topology: str, mesh_cfg: Mapping[str, int] | None = None, batch:
     log(f"aot: {config.stage and f'stage {config.stage}'} {config.get('size', '')} on {topology} "
         f"({n_dev} x {device_kind}, {HBM_GIB[chip]} GiB HBM), mesh {dict(mesh.shape)}, global batch "
         f"{config.train.batch_size}, {n_inputs} input image(s), dtype {config.model.dtype}, "
-        f"remat {config.model.remat}\n{kontext_config.describe(kcfg)}", flush=True)
+        f"remat {config.model.remat}\n{kontext_config.describe(kcfg)}")
     # Traced outside the topology's mesh: nothing here may touch its (compile-only) devices.
     params = abstract_params(model, mesh)
     batch_abs = abstract_batch(kcfg, config.data, mesh, int(config.train.batch_size), n_inputs,
@@ -355,7 +351,7 @@ def run(config, topology: str, mesh_cfg: Mapping[str, int] | None = None, batch:
         "mesh": {a: int(mesh.shape[a]) for a in sharding.MESH_AXES}, "hbm_bytes": HBM_GIB[chip] * GIB,
         "headroom": headroom, "params_total": _count(params), "programs": {}}
     for name in programs:
-        log(f"aot: compiling the {name} program ...", flush=True)
+        log(f"aot: compiling the {name} program ...")
         if name == "train":
             entry = compile_train(model, config, mesh, params, batch_abs)
         else:
@@ -364,7 +360,7 @@ def run(config, topology: str, mesh_cfg: Mapping[str, int] | None = None, batch:
         entry["seconds_at_peak"] = _seconds_at_peak(entry["flops"]["analytic"], n_dev, device_kind)
         report["programs"][name] = entry
         log(f"aot: {name} compiled in {entry['compile_seconds']:.0f} s; peak "
-            f"{_bytes(entry['memory']['peak'])} per device", flush=True)
+            f"{_bytes(entry['memory']['peak'])} per device")
     return judge(report)
 
 
@@ -509,8 +505,21 @@ def main(argv):
     return 0 if report["fits"] else 1
 
 
+def configure_platform() -> None:
+    """`python -m qk_jax.aot`: the CPU platform and libtpu's placeholders (`platforms.configure`),
+    set by the entry point, not at import. jax read `JAX_PLATFORMS` when this module imported
+    it, so the platform is also handed to jax's config; backends start at the first device
+    query, after this, and libtpu reads its variables then."""
+    from qk_jax import platforms
+
+    platforms.configure(os.environ, "aot")
+    if os.environ.get("JAX_PLATFORMS"):
+        jax.config.update("jax_platforms", os.environ["JAX_PLATFORMS"])
+
+
 if __name__ == "__main__":
     from absl import app
 
+    configure_platform()
     define_flags()
     app.run(main)

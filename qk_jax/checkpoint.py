@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import errno
 import json
-import logging
 import os
 from typing import Any, Callable, Iterable, Mapping
 
@@ -41,9 +40,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from qk_jax import logs
 from qk_jax.sharding import path_str
 
-log = logging.getLogger(__name__)
 
 ARRAY_ITEMS = ("params", "opt_state", "ema")
 JSON_ITEMS = ("data", "config", "meta", "checksums")
@@ -262,7 +261,7 @@ class Checkpointer:
         except CheckpointSaveError as e:
             if report:
                 raise
-            log.error("%s", e)
+            logs.error("%s", e)
         finally:
             try:
                 self._manager.close()
@@ -381,7 +380,7 @@ class Checkpointer:
         folder is renamed to `<step>.corrupt` (`.corrupt.1`, ... if taken)."""
         source = self.directory / str(step)
         if not quarantine:
-            log.warning("checkpoint step %d in %s is incomplete or corrupt (%s); skipping it", step, self.directory,
+            logs.warning("checkpoint step %d in %s is incomplete or corrupt (%s); skipping it", step, self.directory,
                         first_line(fault))
             return
         dest = self.directory / f"{step}{CORRUPT_SUFFIX}"
@@ -393,7 +392,7 @@ class Checkpointer:
             source.rename(dest)
         _barrier(f"qk_checkpoint_set_aside_{step}")
         self._manager.reload()
-        log.warning("checkpoint step %d in %s is incomplete or corrupt (%s); moved aside to %s, trying an older step",
+        logs.warning("checkpoint step %d in %s is incomplete or corrupt (%s); moved aside to %s, trying an older step",
                     step, self.directory, first_line(fault), dest)
 
     def _restore_arrays(self, step: int, present: set[str], targets: Mapping[str, Any],
@@ -433,7 +432,7 @@ class Checkpointer:
             raise CorruptCheckpointError(f"checkpoint step {step} in {self.directory} has no item 'checksums' "
                                          f"(it holds {sorted(present)})")
         if "checksums" not in present:
-            log.warning("checkpoint step %d in %s has no checksums (written by an older version); its arrays are "
+            logs.warning("checkpoint step %d in %s has no checksums (written by an older version); its arrays are "
                         "restored unverified", step, self.directory)
             return None
         return read_json_item(self.directory, step, "checksums")

@@ -15,7 +15,7 @@ import re
 import sys
 import threading
 
-from qk_jax import platforms
+from qk_jax import logs, platforms
 
 # tool -> (module with `main(argv)`, one-line description)
 TOOLS: dict[str, tuple[str, str]] = {
@@ -136,8 +136,9 @@ def main(argv: list[str] | None = None) -> None:
     quiet = not any(a.startswith(("--verbosity", "-v=", "--v=")) for a in rest)
 
     def tool_main(args):
-        if quiet:  # library INFO chatter (Orbax, grain) hides a tool's own progress
-            logging.set_verbosity(logging.WARNING)
+        if quiet:  # the tool's own progress at INFO; library INFO chatter (Orbax, grain) would hide it
+            logging.set_verbosity(logging.INFO)
+            logging.get_absl_handler().addFilter(logs.OnlyOursBelowWarning())
         if not debug:
             quiet_tracebacks()
         return module.main(args)

@@ -40,7 +40,7 @@ import ml_collections
 import numpy as np
 
 from qk_jax import checkpoint as ckpt_lib
-from qk_jax import distributed, dit_blocks, kontext_config, sharding
+from qk_jax import distributed, dit_blocks, kontext_config, logs, sharding
 from qk_jax.checkpoint import resolve_run
 from qk_jax.config import ConfigError, load_config
 from qk_jax.convert.mapping import flatten_tree, unflatten_tree
@@ -273,7 +273,7 @@ def prepare_destination(dst: str) -> str:
         if os.path.exists(dst):
             os.rmdir(dst)  # an empty folder: renaming replaces it
         if os.path.exists(staging):
-            print(f"removing {staging}, the unfinished output of an interrupted surgery", flush=True)
+            logs.warning(f"removing {staging}, the unfinished output of an interrupted surgery")
             shutil.rmtree(staging)
     distributed.barrier("surgery_staging")
     return staging

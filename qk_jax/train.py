@@ -31,7 +31,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from qk_jax import checkpoint as ckpt_lib
-from qk_jax import distributed, flops, kontext_config, optim, pretrained, sharding, surgery
+from qk_jax import distributed, flops, kontext_config, logs, optim, pretrained, sharding, surgery
 from qk_jax.config import ConfigError
 from qk_jax.data import pipeline as data_pipeline
 from qk_jax.data import vlm_inputs
@@ -155,7 +155,7 @@ def build_state(model: QueryKontext, config, mesh, tx, checkpointer):
         try:
             return _restore_run(checkpointer, target, tx, config, ema)
         except ckpt_lib.NoGoodCheckpointError as e:  # every step was moved aside (each named in a warning)
-            print(f"{e}; all were moved aside, starting this run from the beginning", flush=True)
+            logs.warning(f"{e}; all were moved aside, starting this run from the beginning")
     if config.train.init_from:
         path = os.fspath(config.train.init_from)
         root, _ = ckpt_lib.resolve_run(path)  # a run workdir or a checkpoint root
@@ -184,7 +184,7 @@ def _restore_run(checkpointer, params_target, tx, config, ema: bool):
     trainable, frozen = optim.partition(restored["params"], config.train.trainable)
     state = {"step": jnp.asarray(restored["step"], jnp.int32), "trainable": trainable, "frozen": frozen,
              "opt_state": restored["opt_state"], "ema": restored.get("ema")}
-    print(f"resumed from step {restored['step']}", flush=True)
+    logs.info(f"resumed from step {restored['step']}")
     return state, restored.get("data"), int(restored["step"])
 
 
@@ -219,9 +219,8 @@ def train(config, workdir: str) -> dict[str, Any]:
                                    kontext_config.build_kontext_config(config, special))
     mesh = sharding.make_mesh(config.mesh)
     main = distributed.is_main_process()
-    if main:
-        print(f"stage {config.stage} ({config.size}) on {jax.device_count()} {jax.devices()[0].platform} devices, "
-              f"mesh {dict(mesh.shape)}\n{kontext_config.describe(kcfg)}", flush=True)
+    logs.info(f"stage {config.stage} ({config.size}) on {jax.device_count()} {jax.devices()[0].platform} devices, "
+              f"mesh {dict(mesh.shape)}\n{kontext_config.describe(kcfg)}")
     model = QueryKontext(kcfg)
     tx = optim.make_optimizer(config.train)
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -229,11 +228,10 @@ def train(config, workdir: str) -> dict[str, Any]:
                                          keep_period=int(config.train.get("keep_period", 0)))
     with jax.set_mesh(mesh), sharding.activation_rules_context():
         state, data_state, start = build_state(model, config, mesh, tx, checkpointer)
-    if main and start == 0:
+    if start == 0:
         n_train = sum(x.size for x in jax.tree.leaves(state["trainable"]))
         n_frozen = sum(x.size for x in jax.tree.leaves(state["frozen"]))
-        print(f"parameters: {n_train:,} trainable ({', '.join(config.train.trainable)}), {n_frozen:,} frozen",
-              flush=True)
+        logs.info(f"parameters: {n_train:,} trainable ({', '.join(config.train.trainable)}), {n_frozen:,} frozen")
 
     processor = vlm_inputs.load_processor(processor_dir)
     data_cfg = config.data
@@ -297,7 +295,7 @@ def train(config, workdir: str) -> dict[str, Any]:
                 guard.last_saved = step + 1
             if stop.requested:
                 checkpointer.wait()
-                print(f"signal {stop.signal}: checkpoint written at step {step + 1}; exiting", flush=True)
+                logs.info(f"signal {stop.signal}: checkpoint written at step {step + 1}; exiting")
                 break
             # Optional extras run after the step's checkpoint is saved, so they cannot lose it; at the
             # end of the run, after the final save has landed.
@@ -340,22 +338,21 @@ def _learning_signal(config):
     try:
         return signal_lib.LearningSignal.from_config(config)
     except (builders.NotBuiltError, FileNotFoundError, ValueError) as e:
-        print(f"warning: no learning signal for this run ({e}); set train.signal.samples=0 to silence this",
-              flush=True)
+        logs.warning(f"no learning signal for this run ({e}); set train.signal.samples=0 to silence this")
         return None
 
 
 def measure_signal(signal, config, kcfg, params, processor, mesh, step: int, metrics_path: str, writer
                    ) -> dict[str, float]:
     """Measures the learning signal (`qk_jax.eval.signal`) with `params` (the sampling weights);
-    logs it to stdout, `metrics.jsonl` (a line `{"step", "signal": {...}}`) and TensorBoard."""
+    logs it (`qk_jax.logs`), to `metrics.jsonl` (a line `{"step", "signal": {...}}`) and TensorBoard."""
     from qk_jax.eval import signal as signal_lib
     from qk_jax.sample import Sampler
 
     sampler = Sampler(config, kcfg, params, processor, mesh, step=step)
     values = signal.measure(sampler)
     flat = signal_lib.flatten(values)
-    print(f"signal @ step {step}: {signal_lib.summary_line(values)}", flush=True)
+    logs.info(f"signal @ step {step}: {signal_lib.summary_line(values)}")
     with open(metrics_path, "a") as f:
         f.write(json.dumps({"step": step, "signal": flat}) + "\n")
     if writer is not None:
@@ -395,8 +392,7 @@ class NonFiniteGuard:
         if self.mode == "stop":
             raise NonFiniteError(_nonfinite_message(step, metrics, self.last_saved))
         self.skips += 1
-        print(f"step {step}: {_nonfinite_what(metrics)} not finite; update skipped ({self.skips} skipped so far)",
-              flush=True)
+        logs.warning(f"step {step}: {_nonfinite_what(metrics)} not finite; update skipped ({self.skips} skipped so far)")
 
 
 def _nonfinite_what(metrics) -> str:
@@ -425,7 +421,7 @@ def optional_samples(config, kcfg, state, processor, mesh, step: int, workdir: s
     try:
         return write_samples(config, kcfg, state, processor, mesh, step, workdir, writer)
     except Exception as e:  # noqa: BLE001 - an optional extra must not stop (or lose) the run
-        print(f"samples at step {step} not written: {ckpt_lib.first_line(e)}", flush=True)
+        logs.warning(f"samples at step {step} not written: {ckpt_lib.first_line(e)}")
         return None
 
 
@@ -525,9 +521,9 @@ def _record(step: int, m: dict, n_steps: int, step_seconds: float, batch: dict, 
 
 def _log(record: dict, path: str, writer) -> None:
     tasks = " ".join(f"{k}={v:.4f}" for k, v in record["task_loss"].items())
-    print(f"step {record['step']:6d}  loss {record['loss']:.4f}  [{tasks}]  |g| {record['grad_norm']:.3f}  "
+    logs.info(f"step {record['step']:6d}  loss {record['loss']:.4f}  [{tasks}]  |g| {record['grad_norm']:.3f}  "
           f"{record['step_seconds']:.3f}s/step  {record['tokens_per_second']:.0f} tok/s  "
-          f"{record['tflops_per_device']:.3f} TFLOP/s/dev  MFU {100 * record['mfu']:.1f}%", flush=True)
+          f"{record['tflops_per_device']:.3f} TFLOP/s/dev  MFU {100 * record['mfu']:.1f}%")
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
     if writer is not None:

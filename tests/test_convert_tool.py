@@ -33,7 +33,7 @@ def converted(tmp_path_factory):
                            "--mesh", "data=1,fsdp=2,tensor=4", "--step", "3"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return dict(root=root, cfg=cfg, hf=hf, log=proc.stdout)
+    return dict(root=root, cfg=cfg, hf=hf, log=proc.stdout + proc.stderr)
 
 
 def test_round_trip_is_bit_identical_with_identical_logits(converted, devices):

@@ -74,7 +74,7 @@ def run(args: list[str]) -> str:
     proc = subprocess.run(args, cwd=ROOT, env=user_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{shlex.join(args[2:])}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     assert tpu_init_errors(proc.stderr) == [], proc.stderr[-2000:]
-    return proc.stdout
+    return proc.stderr + proc.stdout  # its log (diagnostics), then its results
 
 
 def test_the_section_is_the_published_workflow():
@@ -99,7 +99,7 @@ def test_export_refuses_what_has_no_published_class():
 
 @pytest.fixture(scope="module")
 def workflow(tmp_path_factory, shapes_dir):
-    """Runs every command of the section; returns the variables and each command's stdout."""
+    """Runs every command of the section; returns the variables and each command's output."""
     from qk_jax.data.tokenizer import build_tokenizer
 
     root = tmp_path_factory.mktemp("published_workflow")

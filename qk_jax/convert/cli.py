@@ -33,6 +33,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from absl import flags
 
+from qk_jax import logs
 from qk_jax.convert.registry import param_shardings  # noqa: F401 - used here and by callers of this module
 
 _MODEL = flags.DEFINE_string("model", "qwen2_5_vl", "Model family (see qk_jax.convert.registry.MODELS).")
@@ -82,7 +83,7 @@ def _dtype(name: str | None) -> Any:
 
 
 def hf_to_orbax(model: str, hf_folder: str, orbax_dir: str, *, mesh_cfg: Mapping[str, int] | None = None,
-                dtype: Any = np.float32, step: int = 0, log=print) -> dict:
+                dtype: Any = np.float32, step: int = 0, log=logs.info) -> dict:
     """Converts `hf_folder` into step `step` of the Orbax checkpoint `orbax_dir`.
 
     Returns a summary `{"params": count, "bytes": total, "seconds": wall}`.
@@ -124,7 +125,7 @@ def hf_to_orbax(model: str, hf_folder: str, orbax_dir: str, *, mesh_cfg: Mapping
 
 
 def orbax_to_hf(orbax_dir: str, hf_folder: str, *, model: str | None = None, mesh_cfg: Mapping[str, int] | None = None,
-                dtype: Any = None, step: int | None = None, log=print) -> list[str]:
+                dtype: Any = None, step: int | None = None, log=logs.info) -> list[str]:
     """Exports step `step` (default: newest) of `orbax_dir` to a HF folder; returns the files written."""
     import jax
 

@@ -20,6 +20,7 @@ import time
 
 from absl import flags
 
+from qk_jax import logs
 from qk_jax.data import vocab
 
 COMMANDS = ("shapes", "import", "inspect")
@@ -63,8 +64,8 @@ def shapes() -> None:
     if _NUM.value < 1:
         _fail("--num must be >= 1")
     if min(height, width) < 64:
-        print(f"note: at {height}x{width} small objects and subject textures are only a few pixels; the judge "
-              f"is reliable from 64 px on the short side (see BENCHMARKS.md)", file=sys.stderr)
+        logs.warning(f"at {height}x{width} small objects and subject textures are only a few pixels; the judge "
+                     f"is reliable from 64 px on the short side (see BENCHMARKS.md)")
     start = time.time()
     for task in _TASKS.value:
         counts = builders.build_shapes(_OUT.value, [task], num=_NUM.value, num_eval=_NUM_EVAL.value, height=height,
