@@ -180,11 +180,13 @@ def _replicated(mesh):
     return NamedSharding(mesh, P())
 
 
-def abstract_params(model: QueryKontext, mesh):
-    """ShapeDtypeStructs of the whole parameter tree with their NamedShardings."""
+def abstract_params(model: QueryKontext, mesh, rules_by_submodel=None):
+    """ShapeDtypeStructs of the whole parameter tree with their NamedShardings (the rule
+    tables `rules_by_submodel`, default `sharding.RULES_BY_SUBMODEL`)."""
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)  # a real key would need a device
     abstract, specs = sharding.abstract_init(model.init, key)
-    return sharding.abstract_with_shardings(abstract, sharding.tree_shardings(abstract, specs, mesh))
+    return sharding.abstract_with_shardings(abstract, sharding.tree_shardings(abstract, specs, mesh,
+                                                                              rules_by_submodel))
 
 
 def _like(tree):
@@ -338,7 +340,7 @@ def run(config, topology: str, mesh_cfg: Mapping[str, int] | None = None, batch:
         f"{config.train.batch_size}, {n_inputs} input image(s), dtype {config.model.dtype}, "
         f"remat {config.model.remat}\n{kontext_config.describe(kcfg)}")
     # Traced outside the topology's mesh: nothing here may touch its (compile-only) devices.
-    params = abstract_params(model, mesh)
+    params = abstract_params(model, mesh, sharding.rules_from_config(config))
     batch_abs = abstract_batch(kcfg, config.data, mesh, int(config.train.batch_size), n_inputs,
                                int(config.train.grad_accum))
     report: dict[str, Any] = {

@@ -60,7 +60,8 @@ def restore(checkpoint: str, *, use_ema: bool = True, mesh_spec: Mapping[str, in
         mesh = sharding.make_mesh(config.mesh)
         with jax.set_mesh(mesh), sharding.activation_rules_context():
             abstract, specs = sharding.abstract_init(QueryKontext(kcfg).init, jax.random.key(0))
-            target = sharding.abstract_with_shardings(abstract, sharding.tree_shardings(abstract, specs, mesh))
+            shardings = sharding.tree_shardings(abstract, specs, mesh, sharding.rules_from_config(config))
+            target = sharding.abstract_with_shardings(abstract, shardings)
         ema_target = None
         if use_ema and "ema" in reader.items_in(s):
             ema_target, _ = optim.partition(target, config.train.trainable)

@@ -148,7 +148,8 @@ def build_state(model: QueryKontext, config, mesh, tx, checkpointer):
     from another stage's checkpoint. Returns (state, data_state, step)."""
     kcfg = model.config
     abstract, specs = sharding.abstract_init(model.init, jax.random.key(0))
-    shardings = sharding.tree_shardings(abstract, specs, mesh)
+    rules = sharding.rules_from_config(config)
+    shardings = sharding.tree_shardings(abstract, specs, mesh, rules)
     target = sharding.abstract_with_shardings(abstract, shardings)
     ema = config.train.ema_decay > 0
     if checkpointer.latest_step() is not None:
@@ -163,12 +164,13 @@ def build_state(model: QueryKontext, config, mesh, tx, checkpointer):
             surgery.require_complete(path)
         restored = ckpt_lib.Checkpointer(root, create=False).restore(params=target, json_items=())
         params = restored["params"]
-        print(f"initialised from {root} step {restored['step']}", flush=True)
+        logs.info(f"initialised from {root} step {restored['step']}")
     else:
-        params, shardings_tree, _ = sharding.init_sharded(model.init, mesh, jax.random.key(config.train.seed))
+        params, shardings_tree, _ = sharding.init_sharded(model.init, mesh, jax.random.key(config.train.seed),
+                                                          rules_by_submodel=rules)
         params, loaded = pretrained.load_pretrained(params, config, kcfg, shardings_tree)
         for key, folder in loaded.items():
-            print(f"{key}: pretrained weights from {folder}", flush=True)
+            logs.info(f"{key}: pretrained weights from {folder}")
     return init_state(params, config.train.trainable, tx, ema), None, 0
 
 
