@@ -31,16 +31,18 @@ last line is the verdict: `FITS` or `DOES NOT FIT`.
 
 from __future__ import annotations
 
-import os
 import json
 import math
+import os
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from qk_jax import flops, kontext_config, logs, optim, sharding
 from qk_jax.config import ConfigError
@@ -217,7 +219,7 @@ def abstract_train_state(params, trainable_prefixes, tx, ema: bool, mesh) -> dic
 def memory_of(compiled) -> dict[str, int]:
     """Per-device bytes from `compiled.memory_analysis()`, and the peak they add up to."""
     m = compiled.memory_analysis()
-    get = lambda name: int(getattr(m, name, 0) or 0)  # noqa: E731
+    get = lambda name: int(getattr(m, name, 0) or 0)
     out = {"arguments": get("argument_size_in_bytes"), "outputs": get("output_size_in_bytes"),
            "temporaries": get("temp_size_in_bytes"), "aliases": get("alias_size_in_bytes"),
            "generated_code": get("generated_code_size_in_bytes")}
@@ -282,7 +284,7 @@ def compile_sample(model, config, mesh, params, batch, sample_batch: int) -> dic
         cond_tokens = rows_of(ct, sample_batch)
         dual = float(s.image_guidance) != 1.0
     text_cfg = float(s.guidance) != 1.0
-    f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=_replicated(mesh))  # noqa: E731
+    f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=_replicated(mesh))
     args = (inference, rows_of(jax.ShapeDtypeStruct((1, n_target, c_in), jnp.float32), sample_batch),
             f32((steps + 1,)), f32((steps,)), rows_of(cond, sample_batch), rows_of(mask, sample_batch),
             cond_tokens, rows_of(one_batch["img_ids"], sample_batch), f32(()), f32(()))

@@ -32,7 +32,8 @@ from __future__ import annotations
 import errno
 import json
 import os
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +43,6 @@ from etils import epath
 
 from qk_jax import logs
 from qk_jax.sharding import path_str
-
 
 ARRAY_ITEMS = ("params", "opt_state", "ema")
 JSON_ITEMS = ("data", "config", "meta", "checksums")
@@ -219,7 +219,7 @@ class Checkpointer:
         items["checksums"] = ocp.args.JsonSave({name: tree_checksums(tree) for name, tree in arrays.items()})
         try:
             started = self._manager.save(int(step), args=ocp.args.Composite(**items), force=force)
-        except Exception as e:  # noqa: BLE001 - the synchronous part of a save (or of a previous one)
+        except Exception as e:  # the synchronous part of a save (or of a previous one)
             raise self._save_error(int(step), e) from e
         if started:
             self._saving = int(step)
@@ -240,7 +240,7 @@ class Checkpointer:
             raise self._failed
         try:
             self._manager.wait_until_finished()
-        except Exception as e:  # noqa: BLE001 - any failure of the background write
+        except Exception as e:  # any failure of the background write
             raise self._save_error(self._saving, e) from e
         self._saving = None
 
@@ -265,7 +265,7 @@ class Checkpointer:
         finally:
             try:
                 self._manager.close()
-            except Exception:  # noqa: BLE001 - the failure was raised (or is being raised) above
+            except Exception:  # the failure was raised (or is being raised) above
                 if not (reported or self._failed is not None):
                     raise
 
@@ -369,7 +369,7 @@ class Checkpointer:
             return None, e
         except CheckpointError:
             raise
-        except Exception as e:  # noqa: BLE001 - classified here
+        except Exception as e:  # classified here
             if not is_checkpoint_fault(e):
                 raise CheckpointError(f"reading checkpoint step {step} in {self.directory} failed: {first_line(e)} "
                                       f"(not a fault of the checkpoint; nothing was skipped)") from e

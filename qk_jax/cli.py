@@ -26,7 +26,8 @@ TOOLS: dict[str, tuple[str, str]] = {
     "aot": ("qk_jax.aot", "compile the train step and sampler for a TPU topology on this machine: "
                           "--config configs/stage2.py:paper --topology v5p:4x4x4"),
     "smoke": ("qk_jax.smoke", "check a machine: mesh, sharded init, train steps, checkpoint round trip"),
-    "parity": ("qk_jax.parity.cli", "compare a model with its PyTorch reference: qk-jax parity <model> --checkpoint DIR"),
+    "parity": ("qk_jax.parity.cli",
+               "compare a model with its PyTorch reference: qk-jax parity <model> --checkpoint DIR"),
     "data": ("qk_jax.data.cli", "datasets: `data shapes` (generate Kontext-Shapes), `data import` (JSONL manifest)"),
     "eval": ("qk_jax.eval.cli", "the judge: `eval detect IMAGE...`, `eval score` generations against scene graphs"),
     "convert": ("qk_jax.convert.cli", "HF/diffusers safetensors <-> Orbax: --from-hf DIR --to-orbax DIR (or back); a "
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     sys.argv = [prog] + rest
     try:
         app.run(tool_main, argv=sys.argv, flags_parser=parse_flags)
-    except Exception as e:  # noqa: BLE001 - every failure ends in one line unless --debug
+    except Exception as e:  # every failure ends in one line unless --debug
         if debug:
             raise
         py_logging.disable(py_logging.CRITICAL)  # background threads winding down must not bury the cause

@@ -138,7 +138,7 @@ def run_demo(workdir: str, mode: str = "default", size: str = "demo", ablation: 
     return report
 
 
-def run_ablation(workdir: str, size: str, s: dict, surgery_ckpt: str, main_scores: dict, phases: "Phases"
+def run_ablation(workdir: str, size: str, s: dict, surgery_ckpt: str, main_scores: dict, phases: Phases
                  ) -> dict[str, Any]:
     """The paper's ablation at toy scale: stage 3 with kontext tokens only (no VAE latents of the
     source / references in the DiT's image stream), same steps and data, against the main run."""

@@ -13,7 +13,8 @@ the EMA replaces them (`use_ema=False` keeps the trained values). `qk-jax sample
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import ml_collections

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -72,7 +73,7 @@ class Sampler:
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str, *, use_ema: bool = True, mesh_spec=None, step: int | None = None
-                        ) -> "Sampler":
+                        ) -> Sampler:
         """A run workdir (or checkpoint folder): its config, processor and (EMA) weights."""
         run = run_params.restore(checkpoint, use_ema=use_ema, mesh_spec=mesh_spec, step=step)
         if run.processor_dir is None:

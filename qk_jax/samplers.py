@@ -19,7 +19,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -57,7 +58,7 @@ class FlowMatchSchedule:
                     "stochastic_sampling")
 
     @classmethod
-    def from_diffusers_config(cls, cfg: Mapping[str, Any]) -> "FlowMatchSchedule":
+    def from_diffusers_config(cls, cfg: Mapping[str, Any]) -> FlowMatchSchedule:
         """Reads a `scheduler_config.json` dict as diffusers does (missing keys take the scheduler's
         defaults, keys it does not take are ignored with one warning); options that change the
         schedule in a way qk_jax does not implement are refused by name."""

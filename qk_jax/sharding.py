@@ -15,14 +15,16 @@ is traced.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import mesh_utils
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -209,7 +211,7 @@ def make_mesh(mesh_cfg: Mapping[str, int] | Sequence[int], devices: Sequence[jax
             device_array = mesh_utils.create_device_mesh(shape, devices)
         else:
             raise ValueError
-    except Exception:  # CPU / subsets: plain order
+    except Exception:  # noqa: BLE001 - CPU / subsets: plain order
         device_array = np.asarray(devices[:n], dtype=object).reshape(shape)
     return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 

@@ -23,7 +23,6 @@ from qk_jax import distributed, logs, sharding
 from qk_jax.models.smoke_lm import SmokeLM
 
 
-
 def define_flags() -> None:
     config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/smoke.py:tiny.", lock_config=True)
     flags.DEFINE_string("workdir", None, "Where the checkpoint is written.")
@@ -103,7 +102,8 @@ def run(config, workdir: str) -> dict:
                                                     zip(jax.tree.leaves(a), jax.tree.leaves(b))])))
     exact = bool(same(params, restored))
     summary = {
-        "devices": n_dev, "processes": jax.process_count(), "mesh": dict(mesh.shape), "params": int(sum(x.size for x in jax.tree.leaves(params))),
+        "devices": n_dev, "processes": jax.process_count(), "mesh": dict(mesh.shape),
+        "params": int(sum(x.size for x in jax.tree.leaves(params))),
         "first_loss": losses[0], "last_loss": losses[-1], "train_seconds": round(train_s, 2),
         "checkpoint": str(workdir), "restore_bit_exact": exact,
     }

@@ -32,7 +32,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +45,7 @@ from qk_jax import distributed, dit_blocks, kontext_config, logs, sharding
 from qk_jax.checkpoint import resolve_run
 from qk_jax.config import ConfigError, load_config
 from qk_jax.convert.mapping import flatten_tree, unflatten_tree
-from qk_jax.models.kontext import QueryKontext, boxed_lora
+from qk_jax.models.kontext import QueryKontext
 from qk_jax.models.lora import merge_lora
 
 TRANSITIONS = ((1, 2), (2, 3))
@@ -52,8 +53,8 @@ REPORT = "surgery_report.json"
 PARTIAL_SUFFIX = ".partial"
 # Config sections carried from the source run into the target stage's config: the parts
 # kept by surgery must be built exactly as they were trained.
-CARRIED = ("mesh", "model.vlm", "model.num_queries", "model.vae", "model.prediction", "model.sigma_data", "model.dtype", "model.remat",
-           "model.attention_impl", "data.area", "data.multiple", "data.vlm_area", "data.vlm_multiple",
+CARRIED = ("mesh", "model.vlm", "model.num_queries", "model.vae", "model.prediction", "model.sigma_data", "model.dtype",
+           "model.remat", "model.attention_impl", "data.area", "data.multiple", "data.vlm_area", "data.vlm_multiple",
            "data.padding_side", "data.data_dir", "data.dataset")
 
 

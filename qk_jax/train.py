@@ -42,7 +42,6 @@ from qk_jax.models.kontext_inputs import place_batch, prepare_batch
 from qk_jax.train_step import init_state, make_train_step
 
 
-
 def define_flags() -> None:
     """The tool's flags (defined on demand, so other tools may import this module)."""
     config_flags.DEFINE_config_file("config", None, "Stage config, e.g. configs/stage1.py:tiny.")
@@ -394,7 +393,8 @@ class NonFiniteGuard:
         if self.mode == "stop":
             raise NonFiniteError(_nonfinite_message(step, metrics, self.last_saved))
         self.skips += 1
-        logs.warning(f"step {step}: {_nonfinite_what(metrics)} not finite; update skipped ({self.skips} skipped so far)")
+        logs.warning(f"step {step}: {_nonfinite_what(metrics)} not finite; update skipped "
+                     f"({self.skips} skipped so far)")
 
 
 def _nonfinite_what(metrics) -> str:
@@ -433,7 +433,8 @@ def write_samples(config, kcfg, state, processor, mesh, step: int, workdir: str,
     runs only (the sampler places its small batch on the local mesh)."""
     if jax.process_count() > 1:
         return None
-    from qk_jax.data import builders, records as records_lib
+    from qk_jax.data import builders
+    from qk_jax.data import records as records_lib
     from qk_jax.sample import Sampler, save_grid
 
     sampler = Sampler(config, kcfg, sampling_params(state), processor, mesh, step=step)

@@ -10,8 +10,8 @@ import subprocess
 import sys
 
 import pytest
-from cli_env import tpu_init_errors, user_env
 
+from cli_env import tpu_init_errors, user_env
 from qk_jax import aot
 from qk_jax.config import load_config
 

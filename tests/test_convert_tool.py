@@ -3,7 +3,6 @@ transformers logits; bfloat16 storage; bad input folders give errors naming them
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -13,11 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from qwen2_5_vl_util import env_for_subprocess, other_config, save_random_checkpoint, torch_inputs
 
 from qk_jax import checkpoint as ckpt_lib
 from qk_jax.convert import cli, registry, safetensors_io
 from qk_jax.parity.qwen2_5_vl import make_inputs
+from qwen2_5_vl_util import env_for_subprocess, other_config, save_random_checkpoint, torch_inputs
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +124,8 @@ def test_mesh_flag_parsing():
 def test_diffusers_models_round_trip(name, tmp_path, devices):
     """Every registered diffusers model: pipeline folder -> Orbax on a mesh -> a folder with
     identical tensors that `from_pretrained` loads."""
-    from diffusers import (AutoencoderKL, AutoencoderKLQwenImage, FluxTransformer2DModel,
-                           QwenImageTransformer2DModel)
+    from diffusers import AutoencoderKL, AutoencoderKLQwenImage, FluxTransformer2DModel, QwenImageTransformer2DModel
+
     from dit_testing import FLUX_TINY, KL_TINY, QWEN_TINY, QWEN_VAE_TINY, save_tiny
 
     cls, config, component = {"qwen_image": (QwenImageTransformer2DModel, QWEN_TINY, "transformer"),

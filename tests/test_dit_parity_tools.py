@@ -7,10 +7,11 @@ import subprocess
 import sys
 
 import pytest
-from diffusers import AutoencoderKL as TorchKL, AutoencoderKLQwenImage as TorchQwenVAE
+from diffusers import AutoencoderKL as TorchKL
+from diffusers import AutoencoderKLQwenImage as TorchQwenVAE
 from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel
-from dit_testing import save_tiny
 
+from dit_testing import save_tiny
 from qk_jax.parity import TOOLS
 from qk_jax.parity.dit_parity import mmdit_parity
 from qk_jax.parity.vae_parity import vae_parity

@@ -30,9 +30,15 @@ from qk_jax.models.connector import Connector, ConnectorConfig
 from qk_jax.models.mmdit import MMDiT, MMDiTConfig
 from qk_jax.models.mmdit import dummy_inputs as mmdit_inputs
 from qk_jax.models.pixel_ae import PixelSpaceAutoencoder, PixelSpaceConfig
-from qk_jax.models.qwen2_5_vl import (Qwen25VL, TextConfig, VisionConfig, build_image_plan, build_vision_plan,
-                                      get_config)
-from qk_jax.models.qwen2_5_vl import text_position_ids
+from qk_jax.models.qwen2_5_vl import (
+    Qwen25VL,
+    TextConfig,
+    VisionConfig,
+    build_image_plan,
+    build_vision_plan,
+    get_config,
+    text_position_ids,
+)
 from qk_jax.models.qwen2_5_vl.vision import VisionTower
 from qk_jax.models.vae import AutoencoderKLConfig, QwenImageVAEConfig, build_vae
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel, QwenImagePipeline, QwenImageTransformer2DModel
-from dit_testing import FLUX_TINY, QWEN_TINY, rel_err, save_tiny, t
 
+from dit_testing import FLUX_TINY, QWEN_TINY, rel_err, save_tiny, t
 from qk_jax import sharding
 from qk_jax.convert import flux, qwen_image
 from qk_jax.models import dit_positions as pos

@@ -25,10 +25,10 @@ import sys
 
 import numpy as np
 import pytest
-from cli_env import ROOT, tpu_init_errors, user_env
 from PIL import Image
-from published_layout import diffusers_pipeline_folder, published_config, qwen_vl_folder
 
+from cli_env import ROOT, tpu_init_errors, user_env
+from published_layout import diffusers_pipeline_folder, published_config, qwen_vl_folder
 from qk_jax.config import load_config
 from qk_jax.convert import sources
 from qk_jax.convert.from_run import ExportError, subtree_model

@@ -14,17 +14,28 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from qwen2_5_vl_util import rel_err, save_random_checkpoint, torch_inputs
 
 from qk_jax import sharding
 from qk_jax.convert import safetensors_io
 from qk_jax.convert.mapping import MappingError, flatten_tree
 from qk_jax.convert.qwen2_5_vl import detect_layout, export_hf, hf_mapping, load_hf
 from qk_jax.data.tokenizer import build_tokenizer
-from qk_jax.models.qwen2_5_vl import (ConfigError, Qwen25VL, Qwen25VLConfig, build_image_plan, build_vision_plan,
-                                      extend_position_ids, get_config, get_rope_index, init_params, pad_patches,
-                                      param_count, prepare_inputs)
+from qk_jax.models.qwen2_5_vl import (
+    ConfigError,
+    Qwen25VL,
+    Qwen25VLConfig,
+    build_image_plan,
+    build_vision_plan,
+    extend_position_ids,
+    get_config,
+    get_rope_index,
+    init_params,
+    pad_patches,
+    param_count,
+    prepare_inputs,
+)
 from qk_jax.parity.qwen2_5_vl import make_inputs
+from qwen2_5_vl_util import rel_err, save_random_checkpoint, torch_inputs
 
 IMAGES = [(84, 140), (112, 84)]  # HxW: grids 6x10 and 8x6 patches -> uneven 2x2-token windows
 PROMPT = 560
@@ -244,7 +255,7 @@ def test_embeddings_every_layer_and_logits_match_hf(tiny):
     assert len(ref.hidden_states) == ours["hidden_states"].shape[0] == tiny["cfg"].text.num_hidden_layers + 1
     errs = [rel_err(ours["hidden_states"][i][valid], h.numpy()[valid]) for i, h in enumerate(ref.hidden_states)]
     logit_err = rel_err(ours["logits"][valid], ref.logits.numpy()[valid])
-    print(f"hidden-state rel errs {['%.1e' % e for e in errs]}, logits {logit_err:.2e}")
+    print(f"hidden-state rel errs {[f'{e:.1e}' for e in errs]}, logits {logit_err:.2e}")
     assert errs[0] < 1e-5  # merged embeddings
     assert max(errs) < 1e-4 and logit_err < 1e-4
     # Greedy tokens agree wherever the reference is not a near tie.

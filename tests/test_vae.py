@@ -5,9 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL as TorchKL, AutoencoderKLQwenImage as TorchQwen
-from dit_testing import KL_TINY, QWEN_VAE_TINY, rel_err, save_tiny, t
+from diffusers import AutoencoderKL as TorchKL
+from diffusers import AutoencoderKLQwenImage as TorchQwen
 
+from dit_testing import KL_TINY, QWEN_VAE_TINY, rel_err, save_tiny, t
 from qk_jax.convert import vae_kl, vae_qwen_image
 from qk_jax.models.vae import build_vae, vae_config, vae_param_count
 from qk_jax.models.vae_kl import AutoencoderKLConfig

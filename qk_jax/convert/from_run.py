@@ -14,7 +14,8 @@ too), `qwen_image` / `flux` for the generator (the stage-1 head or the DiT), `va
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from qk_jax import logs
 from qk_jax.models.pixel_ae import PixelSpaceConfig

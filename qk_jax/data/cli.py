@@ -34,8 +34,9 @@ _WIDTH = flags.DEFINE_integer("width", None, "shapes: image width (non-square; o
 _SEED = flags.DEFINE_integer("seed", 0, "shapes: dataset seed (every record is seeded by seed, split, task, index).")
 _TASKS = flags.DEFINE_list("tasks", list(vocab.TASKS), f"shapes: tasks to generate, from {list(vocab.TASKS)}.")
 _WORKERS = flags.DEFINE_integer("workers", 1, "shapes: generator processes.")
-_PLAIN = flags.DEFINE_float("plain_background", vocab.PLAIN_BACKGROUND, "shapes: probability of an untextured background (the rest: "
-                            "stripes, checker, noise, gradient).")
+_PLAIN = flags.DEFINE_float("plain_background", vocab.PLAIN_BACKGROUND,
+                            "shapes: probability of an untextured background "
+                            "(the rest: stripes, checker, noise, gradient).")
 _MANIFEST = flags.DEFINE_string("manifest", None, "import: JSONL manifest, one record per line.")
 _NAME = flags.DEFINE_string("name", None, "import: dataset name (default 'imported'); inspect: dataset name "
                             "(default 'kontext_shapes').")

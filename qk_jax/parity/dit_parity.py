@@ -141,7 +141,8 @@ def mmdit_parity(checkpoint, family: str, *, batch: int = 2, height: int = 6, wi
     ref = run_reference(model, config, inp)
     del model
     gc.collect()
-    from qk_jax.convert import flux as flux_convert, qwen_image as qwen_convert
+    from qk_jax.convert import flux as flux_convert
+    from qk_jax.convert import qwen_image as qwen_convert
     _, params = (qwen_convert if family == "qwen_image" else flux_convert).load(folder)
     with jax.default_matmul_precision("highest"):  # parity is always in full float32
         ours = run_ours(config, params, inp)
