@@ -109,9 +109,9 @@ def _conv_taps(size: int, k: int, stride: int, pad: tuple[int, int], lhs_dilatio
     return out, valid
 
 
-def _positive(**values: int) -> None:
+def _positive(**values: float) -> None:
     for name, v in values.items():
-        if int(v) <= 0:
+        if v <= 0:  # not int(v): a step of 0.5 s is positive
             raise ValueError(f"flops: {name} must be positive, got {v}")
 
 
