@@ -11,7 +11,7 @@ from qk_jax import sharding
 from qk_jax.data import pipeline as data_pipeline
 
 STAGE_TRAINABLE = {
-    # README, "The three stages"
+    # docs/design.md, "The three stages and the two surgeries"
     1: ("queries", "connector", "head", "lora/vlm"),
     2: ("queries", "connector", "dit"),
     3: ("queries", "connector", "lora/dit"),

@@ -1,6 +1,6 @@
 """Trainable sets, the optimizer and EMA.
 
-A stage trains a subset of the parameter tree named by path prefixes (README, "The three stages":
+A stage trains a subset of the parameter tree named by path prefixes (docs/design.md, "The three stages":
 stage 1 trains `queries`, `connector`, `head` and `lora/vlm`, ...). `partition` splits a
 tree into the trainable part and the frozen part; the optimizer is built over the
 trainable part only, so frozen parameters carry no optimizer state at all, and the

@@ -52,7 +52,7 @@ import numpy as np
 
 from qk_jax.data import buckets, builders, records, vlm_inputs, vocab
 
-# Task weights per training stage (README, "The three stages"); a config may override any of them.
+# Task weights per training stage (docs/design.md, "The three stages"); a config may override any of them.
 STAGE_MIXTURES = {
     1: {"t2i": 0.6, "reconstruction": 0.2, "transformation": 0.2},
     2: {"t2i": 0.8, "reconstruction": 0.2},
