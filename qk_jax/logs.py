@@ -23,8 +23,11 @@ _MARK = "qk_jax"
 
 
 def _main_process() -> bool:
-    jax = sys.modules.get("jax")  # a tool that never imported jax is one process
-    return jax is None or jax.process_index() == 0
+    """Process 0 of a multi-process run (`distributed.maybe_initialize`); any other process
+    is a single one. Never starts jax's backends itself: a log line before
+    `jax.distributed.initialize` must not make that call fail."""
+    jax = sys.modules.get("jax")
+    return jax is None or not jax.distributed.is_initialized() or jax.process_index() == 0
 
 
 def info(msg: str, *args) -> None:

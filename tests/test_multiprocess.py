@@ -4,6 +4,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # two processes start jax, train and checkpoint: minutes
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -35,6 +35,8 @@ from qk_jax.convert.from_run import ExportError, subtree_model
 from qk_jax.convert.mapping import flatten_tree
 from qk_jax.kontext_config import build_kontext_config
 
+pytestmark = pytest.mark.slow  # every command of a README section, each a subprocess: minutes
+
 SECTION = "## From the published weights"
 VARIABLES = {"VLM", "QWEN_IMAGE", "DATA", "SIZE", "RUNS"}
 
