@@ -39,6 +39,7 @@ def test_missing_required_field_names_it():
         config_lib.require(config, ["train.seed"])
 
 
+@pytest.mark.slow  # a smoke training run in a subprocess
 def test_cli_help_lists_tools_and_smoke_runs_with_overrides(tmp_path):
     out = subprocess.run([sys.executable, "-m", "qk_jax.cli", "--help"], capture_output=True, text=True, check=True)
     assert "smoke" in out.stdout

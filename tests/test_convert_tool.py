@@ -18,6 +18,8 @@ from qk_jax.convert import cli, registry, safetensors_io
 from qk_jax.parity.qwen2_5_vl import make_inputs
 from qwen2_5_vl_util import env_for_subprocess, other_config, save_random_checkpoint, torch_inputs
 
+pytestmark = pytest.mark.slow  # PyTorch parity and CLI subprocesses: ~40 s of CPU
+
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):

@@ -18,6 +18,8 @@ from qk_jax.convert.safetensors_io import tensor_names
 from qk_jax.models.mmdit import abstract_params
 from qk_jax.models.vae import abstract_vae_params
 
+pytestmark = pytest.mark.slow  # conversion parity against diffusers models
+
 CASES = {
     "qwen_image": (QwenImageTransformer2DModel, QWEN_TINY, qwen_image, abstract_params),
     "flux": (FluxTransformer2DModel, FLUX_TINY, flux, abstract_params),

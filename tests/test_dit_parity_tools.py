@@ -16,6 +16,8 @@ from qk_jax.parity import TOOLS
 from qk_jax.parity.dit_parity import mmdit_parity
 from qk_jax.parity.vae_parity import vae_parity
 
+pytestmark = pytest.mark.slow  # parity tools against diffusers in subprocesses
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 QWEN_OTHER = dict(patch_size=2, in_channels=32, out_channels=8, num_layers=3, attention_head_dim=24,

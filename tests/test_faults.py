@@ -24,6 +24,8 @@ from qk_jax import surgery
 from qk_jax.sample import Sampler
 from qk_jax.train import train
 
+pytestmark = pytest.mark.slow  # trains the tiny stage 1 again for every fault, some through the CLI: minutes
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
 RUN = ("train.checkpoint_every=2", "train.keep_checkpoints=3", "data.mixture={'t2i': 1.0}")

@@ -25,6 +25,8 @@ from qk_jax.models.kontext import QueryKontext
 from qk_jax.sample import Sampler
 from qk_jax.train import train
 
+pytestmark = pytest.mark.slow  # trains all three stages and runs surgery and sampling through the CLI: minutes
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 5
 

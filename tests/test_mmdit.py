@@ -43,6 +43,7 @@ def _inputs(config, batch, n, txt_len, seed=0):
     return img, txt, mask, np.array([0.85, 0.3], np.float32)[:batch]
 
 
+@pytest.mark.slow  # parity against diffusers
 def test_qwen_padded_text_mask_default_ids(qwen):
     model, config, params = qwen
     img, txt, mask, ts = _inputs(config, 2, 5 * 6, 9)
@@ -59,6 +60,7 @@ def test_qwen_padded_text_mask_default_ids(qwen):
     np.testing.assert_allclose(np.asarray(fwd(params, img, txt2)), np.asarray(out), rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow  # parity against diffusers
 def test_qwen_edit_two_condition_segments(qwen):
     """Qwen-Image-Edit layout: target + 2 condition images, each its own frame index; output = target."""
     model, config, params = qwen
@@ -76,6 +78,7 @@ def test_qwen_edit_two_condition_segments(qwen):
     assert rel_err(out, ref[:, :24]) < TOL
 
 
+@pytest.mark.slow  # parity against diffusers
 def test_qwen_zero_cond_t(tmp_path):
     """Qwen-Image-Edit-2511's zero_cond_t: condition segments modulated with t = 0."""
     model = save_tiny(QwenImageTransformer2DModel, tmp_path, dict(QWEN_TINY, zero_cond_t=True), seed=3)
@@ -92,6 +95,7 @@ def test_qwen_zero_cond_t(tmp_path):
     assert rel_err(out, ref[:, :16]) < TOL
 
 
+@pytest.mark.slow  # parity against diffusers
 def test_flux_kontext_segments_padded_mask(flux_model):
     """FLUX.1-Kontext layout (context image i at frame i) with a padded text mask, vs FluxTransformer2DModel
     given the concatenated ids and the same key mask."""
@@ -115,6 +119,7 @@ def test_flux_kontext_segments_padded_mask(flux_model):
     assert inter["single"].shape == (config.num_single_layers, 2, 7 + 48, config.inner_dim)
 
 
+@pytest.mark.slow  # parity against diffusers
 def test_flux_no_mask(flux_model):
     model, config, params = flux_model
     img, txt, _, ts = _inputs(config, 2, 12, 5, seed=6)

@@ -19,6 +19,8 @@ from published_layout import diffusers_pipeline_folder, published_config, qwen_v
 from qk_jax.convert import cli, registry, safetensors_io
 from qk_jax.parity import qwen2_5_vl as vl_tool
 
+pytestmark = pytest.mark.slow  # parity tools against PyTorch in subprocesses
+
 # parity flags that keep the runs short on two CPU cores
 DIT_FLAGS = ["--height", "4", "--width", "6", "--txt-len", "8", "--pad", "2"]
 VAE_FLAGS = ["--height", "32", "--width", "48"]

@@ -65,6 +65,7 @@ def tiny(tmp_path_factory):
 # ----------------------------------------------------------------------------- config
 
 
+@pytest.mark.slow  # parity against transformers
 def test_config_round_trip_and_hf_acceptance(tiny):
     from transformers import Qwen2_5_VLConfig
 
@@ -144,6 +145,7 @@ def test_mapping_covers_every_tensor_both_ways(tiny):
     assert sorted(exported) == sorted(file_names)
 
 
+@pytest.mark.slow  # parity against transformers
 def test_export_round_trip_gives_identical_logits_in_transformers(tiny):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -178,6 +180,7 @@ def test_rope_index_matches_hf_left_and_right_padding(tiny):
         np.testing.assert_array_equal(delta, ref_delta.numpy()[:, 0])
 
 
+@pytest.mark.slow  # parity against transformers
 def test_vision_tower_matches_hf(tiny):
     cfg, inputs = tiny["cfg"], tiny["inputs"]
     with torch.no_grad():
@@ -211,6 +214,7 @@ def test_vision_tower_matches_hf(tiny):
     assert rel_err(vision(tiny["params"], px, build_vision_plan(grid, cfg.vision)), ref.numpy()) < 1e-5
 
 
+@pytest.mark.slow  # parity against transformers
 def test_batched_vision_layout_equals_flat_and_hf(tiny, devices):
     """Images sharing one grid, run as (I, P, D) with the plan of one image, give the flat
     layout's outputs (and HF's); the embeddings agree with the row-local gather too, also
@@ -248,6 +252,7 @@ def test_batched_vision_layout_equals_flat_and_hf(tiny, devices):
     assert rel_err(ours, ref_embeds) <= 1e-6
 
 
+@pytest.mark.slow  # parity against transformers
 def test_embeddings_every_layer_and_logits_match_hf(tiny):
     ref, ours = tiny["ref"], tiny["ours"]
     valid = tiny["inputs"]["attention_mask"].astype(bool)
@@ -262,6 +267,7 @@ def test_embeddings_every_layer_and_logits_match_hf(tiny):
     np.testing.assert_array_equal(ours["logits"][valid].argmax(-1), ref.logits.numpy()[valid].argmax(-1))
 
 
+@pytest.mark.slow  # parity against transformers
 def test_right_padding_matches_hf(tiny):
     cfg, hf = tiny["cfg"], tiny["hf"]
     inputs = make_inputs(cfg, IMAGES[::-1], 530, 2, "right", seed=3)
@@ -274,6 +280,7 @@ def test_right_padding_matches_hf(tiny):
     assert rel_err(np.asarray(ours)[valid], ref[valid]) < 1e-4
 
 
+@pytest.mark.slow  # parity against transformers
 def test_embed_decode_with_appended_tokens_matches_hf(tiny):
     """The Query-Kontext call pattern: embed the prompt, append K embeddings, extend the
     positions with `extend_position_ids`, decode. Appending K tokens in HF gives the same."""

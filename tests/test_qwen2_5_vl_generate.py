@@ -14,6 +14,8 @@ from qk_jax.models.qwen2_5_vl.generate import Generator, SamplingConfig, sample_
 from qk_jax.parity.qwen2_5_vl import make_inputs
 from qwen2_5_vl_util import save_random_checkpoint, torch_inputs
 
+pytestmark = pytest.mark.slow  # generation parity against transformers
+
 NEW_TOKENS = 16
 
 

@@ -17,6 +17,8 @@ from qk_jax.models.qwen2_5_vl import get_config
 from qk_jax.parity import qwen2_5_vl as tool
 from qwen2_5_vl_util import env_for_subprocess, other_config, save_random_checkpoint
 
+pytestmark = pytest.mark.slow  # parity tool against transformers in a subprocess
+
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):

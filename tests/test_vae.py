@@ -75,12 +75,14 @@ def _check(model, config, params, video: bool, normalize, denormalize):
     return out
 
 
+@pytest.mark.slow  # parity against diffusers
 def test_autoencoder_kl_matches_diffusers(kl):
     model, config, params = kl
     assert config.shift_factor == 0.11 and not config.use_quant_conv
     _check(model, config, params, False, lambda z: (z - 0.11) * 0.36, lambda z: z / 0.36 + 0.11)
 
 
+@pytest.mark.slow  # parity against diffusers
 def test_qwen_image_vae_matches_diffusers(qwen_vae):
     model, config, params = qwen_vae
     mean = torch.tensor(QWEN_VAE_TINY["latents_mean"]).view(1, 4, 1, 1, 1)
