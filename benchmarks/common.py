@@ -29,7 +29,8 @@ import platform
 import statistics
 import sys
 import time
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 # Before jax is imported anywhere: libtpu (the `tpu` extra) otherwise prints an
 # initialisation error on a machine without TPUs.

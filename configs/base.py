@@ -7,10 +7,11 @@ is assembled from it by `qk_jax.model_config.build_kontext_config`.
 
 import ml_collections
 
+from qk_jax import sharding
 from qk_jax.data import pipeline as data_pipeline
 
 STAGE_TRAINABLE = {
-    # README, "The three stages"
+    # docs/design.md, "The three stages and the two surgeries"
     1: ("queries", "connector", "head", "lora/vlm"),
     2: ("queries", "connector", "dit"),
     3: ("queries", "connector", "lora/dit"),
@@ -144,6 +145,10 @@ def stage_config(stage: int, size: str) -> ml_collections.ConfigDict:
     d.image_slots = 3 if stage == 3 else 1
     d.max_text_len = s["max_text_len"][1 if stage == 3 else 0]  # stage 3 prompts carry up to 3 images
     d.processor = ""  # tokenizer / processor folder ("" = build the offline tokenizer into the workdir)
+
+    # Logical axis -> mesh axes, one table per sub-model (qk_jax/sharding.py, docs/design.md);
+    # e.g. --config.sharding.rules.dit to move the DiT's MLP from `tensor` to `fsdp`.
+    c.sharding = ml_collections.ConfigDict({"rules": sharding.default_rules_config()})
 
     sm = c.sample = ml_collections.ConfigDict()
     sm.steps = 20

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Run a qk-jax tool as several processes on this machine, joined by jax.distributed.
 
-    python launch/local.py --num-processes 2 --devices-per-process 4 -- smoke --config configs/smoke.py:tiny --workdir /tmp/mp
+    python launch/local.py --num-processes 2 --devices-per-process 4 -- \\
+        smoke --config configs/smoke.py:tiny --workdir /tmp/mp
 
 Each process sees `--devices-per-process` simulated CPU devices (or its share of the
 local accelerators), so a 2 x 4 run exercises exactly the multi-host code paths of a

@@ -31,32 +31,28 @@ last line is the verdict: `FITS` or `DOES NOT FIT`.
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import time
+from collections.abc import Mapping
+from typing import Any
 
-if __name__ == "__main__":  # `python -m qk_jax.aot`: CPU platform and libtpu placeholders before jax loads
-    from qk_jax import platforms
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-    platforms.configure(os.environ, "aot")
-
-import json  # noqa: E402
-import math  # noqa: E402
-import time  # noqa: E402
-from typing import Any, Mapping  # noqa: E402
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
-
-from qk_jax import flops, model_config, optim, sharding  # noqa: E402
-from qk_jax.config import ConfigError  # noqa: E402
-from qk_jax.data import buckets  # noqa: E402
-from qk_jax.data.model_inputs import prepare_batch  # noqa: E402
-from qk_jax.data.vocab import TASKS  # noqa: E402
-from qk_jax.models.kontext import QueryKontext  # noqa: E402
-from qk_jax.models.lora import LORA_KEY  # noqa: E402
-from qk_jax.sharding import format_bytes  # noqa: E402
-from qk_jax.train_step import make_train_step  # noqa: E402
+from qk_jax import flops, logs, model_config, optim, sharding
+from qk_jax.config import ConfigError
+from qk_jax.data import buckets
+from qk_jax.data.model_inputs import prepare_batch
+from qk_jax.data.vocab import TASKS
+from qk_jax.models.kontext import QueryKontext
+from qk_jax.models.lora import LORA_KEY
+from qk_jax.sharding import format_bytes
+from qk_jax.train_step import make_train_step
 
 GIB = 1024 ** 3
 # HBM per chip (GiB).
@@ -173,11 +169,13 @@ def _replicated(mesh):
     return NamedSharding(mesh, P())
 
 
-def abstract_params(model: QueryKontext, mesh):
-    """ShapeDtypeStructs of the whole parameter tree with their NamedShardings."""
+def abstract_params(model: QueryKontext, mesh, rules_by_submodel=None):
+    """ShapeDtypeStructs of the whole parameter tree with their NamedShardings (the rule
+    tables `rules_by_submodel`, default `sharding.RULES_BY_SUBMODEL`)."""
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)  # a real key would need a device
     abstract, specs = sharding.abstract_init(model.init, key)
-    return sharding.abstract_with_shardings(abstract, sharding.tree_shardings(abstract, specs, mesh))
+    return sharding.abstract_with_shardings(abstract, sharding.tree_shardings(abstract, specs, mesh,
+                                                                              rules_by_submodel))
 
 
 def _like(tree):
@@ -208,7 +206,7 @@ def abstract_train_state(params, trainable_prefixes, tx, ema: bool, mesh) -> dic
 def memory_of(compiled) -> dict[str, int]:
     """Per-device bytes from `compiled.memory_analysis()`, and the peak they add up to."""
     m = compiled.memory_analysis()
-    get = lambda name: int(getattr(m, name, 0) or 0)  # noqa: E731
+    get = lambda name: int(getattr(m, name, 0) or 0)
     out = {"arguments": get("argument_size_in_bytes"), "outputs": get("output_size_in_bytes"),
            "temporaries": get("temp_size_in_bytes"), "aliases": get("alias_size_in_bytes"),
            "generated_code": get("generated_code_size_in_bytes")}
@@ -273,7 +271,7 @@ def compile_sample(model, config, mesh, params, batch, sample_batch: int) -> dic
         cond_tokens = rows_of(ct, sample_batch)
         dual = float(s.image_guidance) != 1.0
     text_cfg = float(s.guidance) != 1.0
-    f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=_replicated(mesh))  # noqa: E731
+    f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=_replicated(mesh))
     args = (inference, rows_of(jax.ShapeDtypeStruct((1, n_target, c_in), jnp.float32), sample_batch),
             f32((steps + 1,)), f32((steps,)), rows_of(cond, sample_batch), rows_of(mask, sample_batch),
             cond_tokens, rows_of(one_batch["img_ids"], sample_batch), f32(()), f32(()))
@@ -306,8 +304,10 @@ def _count(tree) -> int:
 
 def run(config, topology: str, mesh_cfg: Mapping[str, int] | None = None, batch: int | None = None,
         programs=PROGRAMS, n_inputs: int | None = None, sample_batch: int | None = None,
-        headroom: float = 0.1, log=print) -> dict[str, Any]:
-    """Compiles `programs` of `config` for `topology`; returns the report (see `format_report`)."""
+        headroom: float = 0.1, log=None) -> dict[str, Any]:
+    """Compiles `programs` of `config` for `topology`; returns the report (see `format_report`).
+    Progress goes to `log` (default: `qk_jax.logs.info`)."""
+    log = log or logs.info
     unknown = set(programs) - set(PROGRAMS)
     if unknown or not programs:
         raise ValueError(f"programs {sorted(programs)}: choose from {PROGRAMS}")
@@ -327,9 +327,9 @@ def run(config, topology: str, mesh_cfg: Mapping[str, int] | None = None, batch:
     log(f"aot: {config.stage and f'stage {config.stage}'} {config.get('size', '')} on {topology} "
         f"({n_dev} x {device_kind}, {HBM_GIB[chip]} GiB HBM), mesh {dict(mesh.shape)}, global batch "
         f"{config.train.batch_size}, {n_inputs} input image(s), dtype {config.model.dtype}, "
-        f"remat {config.model.remat}\n{model_config.describe(kcfg)}", flush=True)
+        f"remat {config.model.remat}\n{model_config.describe(kcfg)}")
     # Traced outside the topology's mesh: nothing here may touch its (compile-only) devices.
-    params = abstract_params(model, mesh)
+    params = abstract_params(model, mesh, sharding.rules_from_config(config))
     batch_abs = abstract_batch(kcfg, config.data, mesh, int(config.train.batch_size), n_inputs,
                                int(config.train.grad_accum))
     report: dict[str, Any] = {
@@ -342,7 +342,7 @@ def run(config, topology: str, mesh_cfg: Mapping[str, int] | None = None, batch:
         "mesh": {a: int(mesh.shape[a]) for a in sharding.MESH_AXES}, "hbm_bytes": HBM_GIB[chip] * GIB,
         "headroom": headroom, "params_total": _count(params), "programs": {}}
     for name in programs:
-        log(f"aot: compiling the {name} program ...", flush=True)
+        log(f"aot: compiling the {name} program ...")
         if name == "train":
             entry = compile_train(model, config, mesh, params, batch_abs)
         else:
@@ -351,7 +351,7 @@ def run(config, topology: str, mesh_cfg: Mapping[str, int] | None = None, batch:
         entry["seconds_at_peak"] = _seconds_at_peak(entry["flops"]["analytic"], n_dev, device_kind)
         report["programs"][name] = entry
         log(f"aot: {name} compiled in {entry['compile_seconds']:.0f} s; peak "
-            f"{format_bytes(entry['memory']['peak'])} per device", flush=True)
+            f"{format_bytes(entry['memory']['peak'])} per device")
     return judge(report)
 
 
@@ -488,8 +488,21 @@ def main(argv):
     return 0 if report["fits"] else 1
 
 
+def configure_platform() -> None:
+    """`python -m qk_jax.aot`: the CPU platform and libtpu's placeholders (`platforms.configure`),
+    set by the entry point, not at import. jax read `JAX_PLATFORMS` when this module imported
+    it, so the platform is also handed to jax's config; backends start at the first device
+    query, after this, and libtpu reads its variables then."""
+    from qk_jax import platforms
+
+    platforms.configure(os.environ, "aot")
+    if os.environ.get("JAX_PLATFORMS"):
+        jax.config.update("jax_platforms", os.environ["JAX_PLATFORMS"])
+
+
 if __name__ == "__main__":
     from absl import app
 
+    configure_platform()
     define_flags()
     app.run(main)

@@ -31,9 +31,9 @@ from __future__ import annotations
 
 import errno
 import json
-import logging
 import os
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -41,9 +41,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from qk_jax import logs
 from qk_jax.tree import path_str
-
-log = logging.getLogger(__name__)
 
 ARRAY_ITEMS = ("params", "opt_state", "ema")
 JSON_ITEMS = ("data", "config", "meta", "checksums")
@@ -220,7 +219,7 @@ class Checkpointer:
         items["checksums"] = ocp.args.JsonSave({name: tree_checksums(tree) for name, tree in arrays.items()})
         try:
             started = self._manager.save(int(step), args=ocp.args.Composite(**items), force=force)
-        except Exception as e:  # noqa: BLE001 - the synchronous part of a save (or of a previous one)
+        except Exception as e:  # the synchronous part of a save (or of a previous one)
             raise self._save_error(int(step), e) from e
         if started:
             self._saving = int(step)
@@ -241,7 +240,7 @@ class Checkpointer:
             raise self._failed
         try:
             self._manager.wait_until_finished()
-        except Exception as e:  # noqa: BLE001 - any failure of the background write
+        except Exception as e:  # any failure of the background write
             raise self._save_error(self._saving, e) from e
         self._saving = None
 
@@ -262,11 +261,11 @@ class Checkpointer:
         except CheckpointSaveError as e:
             if report:
                 raise
-            log.error("%s", e)
+            logs.error("%s", e)
         finally:
             try:
                 self._manager.close()
-            except Exception:  # noqa: BLE001 - the failure was raised (or is being raised) above
+            except Exception:  # the failure was raised (or is being raised) above
                 if not (reported or self._failed is not None):
                     raise
 
@@ -370,7 +369,7 @@ class Checkpointer:
             return None, e
         except CheckpointError:
             raise
-        except Exception as e:  # noqa: BLE001 - classified here
+        except Exception as e:  # classified here
             if not is_checkpoint_fault(e):
                 raise CheckpointError(f"reading checkpoint step {step} in {self.directory} failed: {first_line(e)} "
                                       f"(not a fault of the checkpoint; nothing was skipped)") from e
@@ -381,7 +380,7 @@ class Checkpointer:
         folder is renamed to `<step>.corrupt` (`.corrupt.1`, ... if taken)."""
         source = self.directory / str(step)
         if not quarantine:
-            log.warning("checkpoint step %d in %s is incomplete or corrupt (%s); skipping it", step, self.directory,
+            logs.warning("checkpoint step %d in %s is incomplete or corrupt (%s); skipping it", step, self.directory,
                         first_line(fault))
             return
         dest = self.directory / f"{step}{CORRUPT_SUFFIX}"
@@ -393,7 +392,7 @@ class Checkpointer:
             source.rename(dest)
         _barrier(f"qk_checkpoint_set_aside_{step}")
         self._manager.reload()
-        log.warning("checkpoint step %d in %s is incomplete or corrupt (%s); moved aside to %s, trying an older step",
+        logs.warning("checkpoint step %d in %s is incomplete or corrupt (%s); moved aside to %s, trying an older step",
                     step, self.directory, first_line(fault), dest)
 
     def _restore_arrays(self, step: int, present: set[str], targets: Mapping[str, Any],
@@ -433,7 +432,7 @@ class Checkpointer:
             raise CorruptCheckpointError(f"checkpoint step {step} in {self.directory} has no item 'checksums' "
                                          f"(it holds {sorted(present)})")
         if "checksums" not in present:
-            log.warning("checkpoint step %d in %s has no checksums (written by an older version); its arrays are "
+            logs.warning("checkpoint step %d in %s has no checksums (written by an older version); its arrays are "
                         "restored unverified", step, self.directory)
             return None
         return read_json_item(self.directory, step, "checksums")

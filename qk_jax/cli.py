@@ -15,7 +15,7 @@ import re
 import sys
 import threading
 
-from qk_jax import platforms
+from qk_jax import logs, platforms
 
 # tool -> (module with `main(argv)`, one-line description)
 TOOLS: dict[str, tuple[str, str]] = {
@@ -26,7 +26,8 @@ TOOLS: dict[str, tuple[str, str]] = {
     "aot": ("qk_jax.aot", "compile the train step and sampler for a TPU topology on this machine: "
                           "--config configs/stage2.py:paper --topology v5p:4x4x4"),
     "smoke": ("qk_jax.smoke", "check a machine: mesh, sharded init, train steps, checkpoint round trip"),
-    "parity": ("qk_jax.parity.cli", "compare a model with its PyTorch reference: qk-jax parity <model> --checkpoint DIR"),
+    "parity": ("qk_jax.parity.cli",
+               "compare a model with its PyTorch reference: qk-jax parity <model> --checkpoint DIR"),
     "data": ("qk_jax.data.cli", "datasets: `data shapes` (generate Kontext-Shapes), `data import` (JSONL manifest)"),
     "eval": ("qk_jax.eval.cli", "the judge: `eval detect IMAGE...`, `eval score` generations against scene graphs"),
     "convert": ("qk_jax.convert.cli", "HF/diffusers safetensors <-> Orbax: --from-hf DIR --to-orbax DIR (or back); a "
@@ -136,8 +137,9 @@ def main(argv: list[str] | None = None) -> None:
     quiet = not any(a.startswith(("--verbosity", "-v=", "--v=")) for a in rest)
 
     def tool_main(args):
-        if quiet:  # library INFO chatter (Orbax, grain) hides a tool's own progress
-            logging.set_verbosity(logging.WARNING)
+        if quiet:  # the tool's own progress at INFO; library INFO chatter (Orbax, grain) would hide it
+            logging.set_verbosity(logging.INFO)
+            logging.get_absl_handler().addFilter(logs.OnlyOursBelowWarning())
         if not debug:
             quiet_tracebacks()
         return module.main(args)
@@ -151,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     sys.argv = [prog] + rest
     try:
         app.run(tool_main, argv=sys.argv, flags_parser=parse_flags)
-    except Exception as e:  # noqa: BLE001 - every failure ends in one line unless --debug
+    except Exception as e:  # every failure ends in one line unless --debug
         if debug:
             raise
         py_logging.disable(py_logging.CRITICAL)  # background threads winding down must not bury the cause

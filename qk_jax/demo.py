@@ -33,6 +33,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from qk_jax import logs
 from qk_jax.config import load_config
 
 # Steps per stage and data sizes: the default fits ~15 minutes on 2 CPU cores.
@@ -54,7 +55,7 @@ PLAIN_BACKGROUND = 1.0
 
 
 class Phases:
-    """Times each phase, prints banners, remembers what finished (DIR/phases.json)."""
+    """Times each phase, logs banners, remembers what finished (DIR/phases.json)."""
 
     def __init__(self, workdir: str):
         self.path = os.path.join(workdir, "phases.json")
@@ -63,15 +64,15 @@ class Phases:
 
     def run(self, name: str, fn, *, always: bool = False):
         if name in self.done and not always:
-            print(f"== {name}: done in an earlier run ({self.done[name]:.0f}s); skipping", flush=True)
+            logs.info(f"== {name}: done in an earlier run ({self.done[name]:.0f}s); skipping")
             return None
-        print(f"\n== {name} (demo time so far {time.perf_counter() - self.t0:.0f}s)", flush=True)
+        logs.info(f"== {name} (demo time so far {time.perf_counter() - self.t0:.0f}s)")
         start = time.perf_counter()
         out = fn()
         self.done[name] = time.perf_counter() - start
         with open(self.path, "w") as f:
             json.dump(self.done, f, indent=1)
-        print(f"== {name}: {self.done[name]:.0f}s", flush=True)
+        logs.info(f"== {name}: {self.done[name]:.0f}s")
         return out
 
 
@@ -101,15 +102,15 @@ def run_demo(workdir: str, mode: str = "default", size: str = "demo", ablation: 
     ckpts = {i: os.path.join(workdir, f"surgery_{i - 1}to{i}") for i in (2, 3)}
     configs = {}
 
-    phases.run("data", lambda: print(builders.build_shapes(data_dir, num=s["train_per_task"],
+    phases.run("data", lambda: logs.info(str(builders.build_shapes(data_dir, num=s["train_per_task"],
                                                            num_eval=s["eval_per_task"], height=IMAGE_SIZE,
-                                                           plain_background=PLAIN_BACKGROUND)))
+                                                           plain_background=PLAIN_BACKGROUND))))
     for stage in (1, 2, 3):
         configs[stage] = stage_config(stage, size, workdir, s["steps"][stage - 1], ckpts.get(stage, ""),
                                       s.get("signal"))
         if stage > 1:
             phases.run(f"surgery{stage - 1}{stage}",
-                       lambda st=stage: print(surgery.summary(surgery.run(st - 1, st, runs[st - 1], ckpts[st]))))
+                       lambda st=stage: logs.info(surgery.summary(surgery.run(st - 1, st, runs[st - 1], ckpts[st]))))
         phases.run(f"stage{stage}", lambda st=stage: train(configs[st], runs[st]))
     scores = phases.run("evaluate", lambda: evaluate(runs[3], data_dir, workdir, s), always=True)
     ablation_report = None
@@ -137,7 +138,7 @@ def run_demo(workdir: str, mode: str = "default", size: str = "demo", ablation: 
     return report
 
 
-def run_ablation(workdir: str, size: str, s: dict, surgery_ckpt: str, main_scores: dict, phases: "Phases"
+def run_ablation(workdir: str, size: str, s: dict, surgery_ckpt: str, main_scores: dict, phases: Phases
                  ) -> dict[str, Any]:
     """The paper's ablation at toy scale: stage 3 with kontext tokens only (no VAE latents of the
     source / references in the DiT's image stream), same steps and data, against the main run."""
@@ -211,7 +212,7 @@ def evaluate(run: str, data_dir: str, workdir: str, s: dict, tasks=EVAL_TASKS, g
                     preservation.append(result["details"]["psnr_outside"])
                 if sum(1 for r in rows if r[0] == task) < 4:
                     rows.append((task, rec, image, float(result["score"])))
-        print(f"{task}: {np.mean(per_task[task]):.3f} over {len(per_task[task])} held-out samples", flush=True)
+        logs.info(f"{task}: {np.mean(per_task[task]):.3f} over {len(per_task[task])} held-out samples")
     write_grid(rows, os.path.join(workdir, grid))
     scores = {t: round(float(np.mean(v)), 4) for t, v in per_task.items()}
     scores["overall"] = round(float(np.mean(list(scores.values()))), 4)

@@ -12,7 +12,8 @@ leading `layers` axis (`nn.scan`), so selecting blocks is one `take` per stacked
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

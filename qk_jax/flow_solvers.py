@@ -17,7 +17,8 @@ sigmas match bit for bit); the loops are `jax.lax.fori_loop`s.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

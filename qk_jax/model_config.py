@@ -7,7 +7,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from qk_jax import flow
 from qk_jax.config import ConfigError, check_divisible, require

@@ -1,6 +1,6 @@
 """Trainable sets, the optimizer and EMA.
 
-A stage trains a subset of the parameter tree named by path prefixes (README, "The three stages":
+A stage trains a subset of the parameter tree named by path prefixes (docs/design.md, "The three stages":
 stage 1 trains `queries`, `connector`, `head` and `lora/vlm`, ...). `partition` splits a
 tree into the trainable part and the frozen part; the optimizer is built over the
 trainable part only, so frozen parameters carry no optimizer state at all, and the
@@ -9,7 +9,8 @@ gradient is taken with respect to the trainable part only.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp

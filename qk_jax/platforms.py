@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import MutableMapping
+from collections.abc import MutableMapping
 
 _GOOGLE_PCI_VENDOR = "0x1ae0"
 # PCI device ids of TPU chips (v3, v4, v5p, v5e, v6e, 7x and one without a public name)

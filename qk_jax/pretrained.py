@@ -13,7 +13,8 @@ fields), and every tensor must have the shape the model expects (an error names 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np

@@ -13,7 +13,8 @@ the EMA replaces them (`use_ema=False` keeps the trained values). `qk-jax sample
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import ml_collections
@@ -60,7 +61,8 @@ def restore(checkpoint: str, *, use_ema: bool = True, mesh_spec: Mapping[str, in
         mesh = sharding.make_mesh(config.mesh)
         with jax.set_mesh(mesh), sharding.activation_rules_context():
             abstract, specs = sharding.abstract_init(QueryKontext(kcfg).init, jax.random.key(0))
-            target = sharding.abstract_with_shardings(abstract, sharding.tree_shardings(abstract, specs, mesh))
+            shardings = sharding.tree_shardings(abstract, specs, mesh, sharding.rules_from_config(config))
+            target = sharding.abstract_with_shardings(abstract, shardings)
         ema_target = None
         if use_ema and "ema" in reader.items_in(s):
             ema_target, _ = optim.partition(target, config.train.trainable)

@@ -21,15 +21,16 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from qk_jax import guidance as guidance_lib
 from qk_jax import flow_solvers, run_params, sharding
+from qk_jax import guidance as guidance_lib
 from qk_jax.config import ConfigError
 from qk_jax.convert import diffusers_configs
 from qk_jax.data import pipeline as data_pipeline
@@ -73,7 +74,7 @@ class Sampler:
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str, *, use_ema: bool = True, mesh_spec=None, step: int | None = None
-                        ) -> "Sampler":
+                        ) -> Sampler:
         """A run workdir (or checkpoint folder): its config, processor and (EMA) weights."""
         run = run_params.restore(checkpoint, use_ema=use_ema, mesh_spec=mesh_spec, step=step)
         if run.processor_dir is None:

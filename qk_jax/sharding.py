@@ -15,14 +15,16 @@ is traced.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import mesh_utils
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from qk_jax.tree import path_keys, path_str
 
@@ -115,6 +117,41 @@ RULES_BY_SUBMODEL: dict[str, Rules] = {
 }
 
 
+
+
+def default_rules_config() -> dict[str, list[list[Any]]]:
+    """`config.sharding.rules`'s default: every table of `RULES_BY_SUBMODEL` as a list of
+    `[logical axis, mesh axes]` pairs (plain values: the config is saved as JSON)."""
+    return {name: [[axis, list(mesh) if isinstance(mesh, tuple) else mesh] for axis, mesh in table]
+            for name, table in RULES_BY_SUBMODEL.items()}
+
+
+def rules_from_config(config) -> dict[str, Rules]:
+    """The rule tables of a run: `config.sharding.rules.<sub-model>` (each replaces that
+    sub-model's table), `RULES_BY_SUBMODEL` for any sub-model it leaves out and for a
+    config saved before the field existed. ValueError naming the field for an unknown
+    sub-model, a malformed pair or an unknown mesh axis."""
+    section = config.get("sharding") if hasattr(config, "get") else None
+    given = (section.get("rules") if section is not None else None) or {}
+    out = dict(RULES_BY_SUBMODEL)
+    for name, pairs in dict(given).items():
+        field = f"config field sharding.rules.{name}"
+        if name not in RULES_BY_SUBMODEL:
+            raise ValueError(f"{field}: unknown sub-model; known: {sorted(RULES_BY_SUBMODEL)}")
+        table = []
+        for pair in pairs:
+            if isinstance(pair, str) or len(pair) != 2 or not isinstance(pair[0], str):
+                raise ValueError(f"{field}: {pair!r} is not a (logical axis, mesh axes) pair")
+            axis, mesh = pair
+            axes = () if mesh is None else (mesh,) if isinstance(mesh, str) else tuple(mesh)
+            unknown = [a for a in axes if a not in MESH_AXES]
+            if unknown:
+                raise ValueError(f"{field}: logical axis {axis!r} names mesh axes {unknown}; known: {MESH_AXES}")
+            table.append((axis, None if mesh is None else mesh if isinstance(mesh, str) else axes))
+        out[name] = tuple(table)
+    return out
+
+
 # ----------------------------------------------------------------------------- mesh
 
 
@@ -191,7 +228,7 @@ def make_mesh(mesh_cfg: Mapping[str, int] | Sequence[int], devices: Sequence[jax
             device_array = mesh_utils.create_device_mesh(shape, devices)
         else:
             raise ValueError
-    except Exception:  # CPU / subsets: plain order
+    except Exception:  # noqa: BLE001 - CPU / subsets: plain order
         device_array = np.asarray(devices[:n], dtype=object).reshape(shape)
     return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 

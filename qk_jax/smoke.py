@@ -19,9 +19,8 @@ from ml_collections import config_flags
 
 from qk_jax import checkpoint as ckpt_lib
 from qk_jax import config as config_lib
-from qk_jax import distributed, sharding
+from qk_jax import distributed, logs, sharding
 from qk_jax.models.smoke_lm import SmokeLM
-
 
 
 def define_flags() -> None:
@@ -67,8 +66,8 @@ def run(config, workdir: str) -> dict:
     n_dev = jax.device_count()
     config_lib.check_divisible(config, n_dev, DIVISIBLE)
     mesh = sharding.make_mesh(config.mesh)
-    print(f"devices: {n_dev} x {jax.devices()[0].platform} in {jax.process_count()} process(es); "
-          f"mesh {dict(mesh.shape)}", flush=True)
+    logs.info(f"devices: {n_dev} x {jax.devices()[0].platform} in {jax.process_count()} process(es); "
+              f"mesh {dict(mesh.shape)}")
     m = config.model
     model = SmokeLM(m.vocab_size, m.embed_dim, m.num_heads, m.mlp_dim, m.num_layers, remat=m.remat)
     t = config.train
@@ -76,7 +75,7 @@ def run(config, workdir: str) -> dict:
     init = lambda rng: model.init(rng, tokens0)["params"]
     t0 = time.perf_counter()
     params, shardings, _ = sharding.init_sharded(init, mesh, jax.random.key(t.seed))
-    print(sharding.sharding_table(params), flush=True)
+    logs.info(sharding.sharding_table(params))
     tx = optax.adamw(t.learning_rate)
     opt_state = jax.jit(tx.init)(params)  # follows the params' shardings
     step_fn = jax.jit(make_train_step(model, tx), donate_argnums=(0, 1))
@@ -89,7 +88,7 @@ def run(config, workdir: str) -> dict:
             params, opt_state, loss = step_fn(params, opt_state, batch)
             losses.append(float(loss))
             if i % max(1, t.steps // 5) == 0 or i == t.steps - 1:
-                print(f"step {i + 1:4d}/{t.steps}  loss {losses[-1]:.4f}", flush=True)
+                logs.info(f"step {i + 1:4d}/{t.steps}  loss {losses[-1]:.4f}")
     train_s = time.perf_counter() - t0
     with ckpt_lib.Checkpointer(workdir, max_to_keep=config.checkpoint.max_to_keep) as ck:
         ck.save(t.steps, params=params, opt_state=opt_state, config=config, force=True)
@@ -103,7 +102,8 @@ def run(config, workdir: str) -> dict:
                                                     zip(jax.tree.leaves(a), jax.tree.leaves(b))])))
     exact = bool(same(params, restored))
     summary = {
-        "devices": n_dev, "processes": jax.process_count(), "mesh": dict(mesh.shape), "params": int(sum(x.size for x in jax.tree.leaves(params))),
+        "devices": n_dev, "processes": jax.process_count(), "mesh": dict(mesh.shape),
+        "params": int(sum(x.size for x in jax.tree.leaves(params))),
         "first_loss": losses[0], "last_loss": losses[-1], "train_seconds": round(train_s, 2),
         "checkpoint": str(workdir), "restore_bit_exact": exact,
     }

@@ -32,7 +32,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -40,10 +41,10 @@ import ml_collections
 import numpy as np
 
 from qk_jax import checkpoint as ckpt_lib
-from qk_jax import distributed, dit_seeding, model_config, sharding
+from qk_jax import distributed, dit_seeding, logs, model_config, sharding
 from qk_jax.checkpoint import resolve_run
 from qk_jax.config import ConfigError, get_field, load_config, set_field
-from qk_jax.models.kontext import QueryKontext, boxed_lora
+from qk_jax.models.kontext import QueryKontext
 from qk_jax.models.lora import merge_lora
 from qk_jax.tree import flatten_tree, unflatten_tree
 
@@ -52,8 +53,8 @@ REPORT = "surgery_report.json"
 PARTIAL_SUFFIX = ".partial"
 # Config sections carried from the source run into the target stage's config: the parts
 # kept by surgery must be built exactly as they were trained.
-CARRIED = ("mesh", "model.vlm", "model.num_queries", "model.vae", "model.prediction", "model.sigma_data", "model.dtype", "model.remat",
-           "model.attention_impl", "data.area", "data.multiple", "data.vlm_area", "data.vlm_multiple",
+CARRIED = ("mesh", "model.vlm", "model.num_queries", "model.vae", "model.prediction", "model.sigma_data", "model.dtype",
+           "model.remat", "model.attention_impl", "data.area", "data.multiple", "data.vlm_area", "data.vlm_multiple",
            "data.padding_side", "data.data_dir", "data.dataset")
 
 
@@ -77,20 +78,22 @@ def target_config(src_config: ml_collections.ConfigDict, to_stage: int, config_s
     return cfg
 
 
-def _abstract(model: QueryKontext, mesh):
+def _abstract(model: QueryKontext, mesh, rules_by_submodel=None):
     abstract, specs = sharding.abstract_init(model.init, jax.random.key(0))
-    shardings = sharding.tree_shardings(abstract, specs, mesh)
+    shardings = sharding.tree_shardings(abstract, specs, mesh, rules_by_submodel)
     return sharding.abstract_with_shardings(abstract, shardings), shardings
 
 
 def transition(src_params: Mapping[str, Any], src_model: QueryKontext, dst_model: QueryKontext, mesh,
-               dit_params: Mapping[str, Any] | None = None, seed: int = 0) -> tuple[dict, dict[str, str]]:
-    """The pure tree function: (destination params, {path: status}) for stage s -> s+1.
+               dit_params: Mapping[str, Any] | None = None, seed: int = 0,
+               rules_by_submodel=None) -> tuple[dict, dict[str, str]]:
+    """The pure tree function: (destination params, {path: status}) for stage s -> s+1, laid
+    out by the rule tables `rules_by_submodel` (default `sharding.RULES_BY_SUBMODEL`).
 
     Status is one of kept, merged (LoRA folded in), added, reinitialised, removed.
     """
     s, d = src_model.config, dst_model.config
-    dst_abstract, dst_shardings = _abstract(dst_model, mesh)
+    dst_abstract, dst_shardings = _abstract(dst_model, mesh, rules_by_submodel)
     fresh = None  # initialised lazily: only parts that are added / re-initialised need it
 
     def init_fresh():
@@ -176,7 +179,7 @@ def run(from_stage: int, to_stage: int, src: str, dst: str, dit: str | None = No
         mesh = sharding.make_mesh(dst_config.mesh)
         src_model = QueryKontext(src_k)
         with jax.set_mesh(mesh), sharding.activation_rules_context():
-            src_target, _ = _abstract(src_model, mesh)
+            src_target, _ = _abstract(src_model, mesh, sharding.rules_from_config(dst_config))
         chosen.update(dst_config=dst_config, dst_k=dst_k, mesh=mesh, src_model=src_model)
         return {"params": src_target}
 
@@ -191,9 +194,10 @@ def run(from_stage: int, to_stage: int, src: str, dst: str, dit: str | None = No
     src_model, dst_model = chosen["src_model"], QueryKontext(chosen["dst_k"])
     # the DiT is loaded outside the activation-rules context (the converters trace their own abstract trees)
     dit = dit or dst_config.model.generator.get("checkpoint") or None  # --dit, else the stage config's
-    dit_params, dit_map = _load_dit(dit, dst_k, mesh, dit_layers) if dit else (None, [])
+    rules = sharding.rules_from_config(dst_config)  # the destination's layout, for every tree read or written
+    dit_params, dit_map = _load_dit(dit, dst_k, mesh, dit_layers, rules) if dit else (None, [])
     with jax.set_mesh(mesh), sharding.activation_rules_context():
-        params, status = transition(src_params, src_model, dst_model, mesh, dit_params, seed)
+        params, status = transition(src_params, src_model, dst_model, mesh, dit_params, seed, rules)
     writer = ckpt_lib.Checkpointer(staging, max_to_keep=None, async_save=False)
     writer.save(0, params=params, config=dst_config, meta={"surgery": f"{from_stage}->{to_stage}", "source": src_root,
                                                            "source_step": step}, force=True)
@@ -249,13 +253,13 @@ def prepare_destination(dst: str) -> str:
         if os.path.exists(dst):
             os.rmdir(dst)  # an empty folder: renaming replaces it
         if os.path.exists(staging):
-            print(f"removing {staging}, the unfinished output of an interrupted surgery", flush=True)
+            logs.warning(f"removing {staging}, the unfinished output of an interrupted surgery")
             shutil.rmtree(staging)
     distributed.barrier("surgery_staging")
     return staging
 
 
-def _load_dit(folder: str, dst_k, mesh, layers: str = "all") -> tuple[dict, list[dict[str, int]]]:
+def _load_dit(folder: str, dst_k, mesh, layers: str = "all", rules=None) -> tuple[dict, list[dict[str, int]]]:
     """The target generator's tree (sharded) from a diffusers transformer / pipeline folder or
     from the Orbax checkpoint `qk-jax convert --to-orbax` wrote from one, and the source block
     of each target block (`layers`: see `dit_seeding.block_indices`; a shallower target, e.g.
@@ -280,7 +284,7 @@ def _load_dit(folder: str, dst_k, mesh, layers: str = "all") -> tuple[dict, list
     except ValueError as e:
         raise SurgeryError(f"--dit {folder}: {e}") from None
     with jax.set_mesh(mesh), sharding.activation_rules_context():
-        _, shardings = _abstract(QueryKontext(dst_k), mesh)
+        _, shardings = _abstract(QueryKontext(dst_k), mesh, rules)
     target_shardings = shardings[dst_k.generator_key]
     # streamed outside the activation-rules context: the converters trace their own abstract trees
     if indices == tuple(range(cfg.num_layers)):

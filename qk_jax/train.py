@@ -31,7 +31,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from qk_jax import checkpoint as ckpt_lib
-from qk_jax import distributed, flops, model_config, optim, pretrained, sharding, surgery
+from qk_jax import distributed, flops, logs, model_config, optim, pretrained, sharding, surgery
 from qk_jax.config import ConfigError
 from qk_jax.data import pipeline as data_pipeline
 from qk_jax.data import vlm_inputs
@@ -40,7 +40,6 @@ from qk_jax.data.tokenizer import build_tokenizer
 from qk_jax.data.vocab import TASKS
 from qk_jax.models.kontext import QueryKontext
 from qk_jax.train_step import init_state, make_train_step
-
 
 
 def define_flags() -> None:
@@ -148,14 +147,15 @@ def build_state(model: QueryKontext, config, mesh, tx, checkpointer):
     from another stage's checkpoint. Returns (state, data_state, step)."""
     kcfg = model.config
     abstract, specs = sharding.abstract_init(model.init, jax.random.key(0))
-    shardings = sharding.tree_shardings(abstract, specs, mesh)
+    rules = sharding.rules_from_config(config)
+    shardings = sharding.tree_shardings(abstract, specs, mesh, rules)
     target = sharding.abstract_with_shardings(abstract, shardings)
     ema = config.train.ema_decay > 0
     if checkpointer.latest_step() is not None:
         try:
             return _restore_run(checkpointer, target, tx, config, ema)
         except ckpt_lib.NoGoodCheckpointError as e:  # every step was moved aside (each named in a warning)
-            print(f"{e}; all were moved aside, starting this run from the beginning", flush=True)
+            logs.warning(f"{e}; all were moved aside, starting this run from the beginning")
     if config.train.init_from:
         path = os.fspath(config.train.init_from)
         root, _ = ckpt_lib.resolve_run(path)  # a run workdir or a checkpoint root
@@ -163,12 +163,13 @@ def build_state(model: QueryKontext, config, mesh, tx, checkpointer):
             surgery.require_complete(path)
         restored = ckpt_lib.Checkpointer(root, create=False).restore(params=target, json_items=())
         params = restored["params"]
-        print(f"initialised from {root} step {restored['step']}", flush=True)
+        logs.info(f"initialised from {root} step {restored['step']}")
     else:
-        params, shardings_tree, _ = sharding.init_sharded(model.init, mesh, jax.random.key(config.train.seed))
+        params, shardings_tree, _ = sharding.init_sharded(model.init, mesh, jax.random.key(config.train.seed),
+                                                          rules_by_submodel=rules)
         params, loaded = pretrained.load_pretrained(params, config, kcfg, shardings_tree)
         for key, folder in loaded.items():
-            print(f"{key}: pretrained weights from {folder}", flush=True)
+            logs.info(f"{key}: pretrained weights from {folder}")
     return init_state(params, config.train.trainable, tx, ema), None, 0
 
 
@@ -184,7 +185,7 @@ def _restore_run(checkpointer, params_target, tx, config, ema: bool):
     trainable, frozen = optim.partition(restored["params"], config.train.trainable)
     state = {"step": jnp.asarray(restored["step"], jnp.int32), "trainable": trainable, "frozen": frozen,
              "opt_state": restored["opt_state"], "ema": restored.get("ema")}
-    print(f"resumed from step {restored['step']}", flush=True)
+    logs.info(f"resumed from step {restored['step']}")
     return state, restored.get("data"), int(restored["step"])
 
 
@@ -219,9 +220,8 @@ def train(config, workdir: str) -> dict[str, Any]:
                                  model_config.build_kontext_config(config, special))
     mesh = sharding.make_mesh(config.mesh)
     main = distributed.is_main_process()
-    if main:
-        print(f"stage {config.stage} ({config.size}) on {jax.device_count()} {jax.devices()[0].platform} devices, "
-              f"mesh {dict(mesh.shape)}\n{model_config.describe(kcfg)}", flush=True)
+    logs.info(f"stage {config.stage} ({config.size}) on {jax.device_count()} {jax.devices()[0].platform} devices, "
+              f"mesh {dict(mesh.shape)}\n{model_config.describe(kcfg)}")
     model = QueryKontext(kcfg)
     tx = optim.make_optimizer(config.train)
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -229,11 +229,10 @@ def train(config, workdir: str) -> dict[str, Any]:
                                          keep_period=int(config.train.get("keep_period", 0)))
     with jax.set_mesh(mesh), sharding.activation_rules_context():
         state, data_state, start = build_state(model, config, mesh, tx, checkpointer)
-    if main and start == 0:
+    if start == 0:
         n_train = sum(x.size for x in jax.tree.leaves(state["trainable"]))
         n_frozen = sum(x.size for x in jax.tree.leaves(state["frozen"]))
-        print(f"parameters: {n_train:,} trainable ({', '.join(config.train.trainable)}), {n_frozen:,} frozen",
-              flush=True)
+        logs.info(f"parameters: {n_train:,} trainable ({', '.join(config.train.trainable)}), {n_frozen:,} frozen")
 
     processor = vlm_inputs.load_processor(processor_dir)
     data_cfg = config.data
@@ -297,7 +296,7 @@ def train(config, workdir: str) -> dict[str, Any]:
                 guard.last_saved = step + 1
             if stop.requested:
                 checkpointer.wait()
-                print(f"signal {stop.signal}: checkpoint written at step {step + 1}; exiting", flush=True)
+                logs.info(f"signal {stop.signal}: checkpoint written at step {step + 1}; exiting")
                 break
             # Optional extras run after the step's checkpoint is saved, so they cannot lose it; at the
             # end of the run, after the final save has landed.
@@ -340,22 +339,21 @@ def _learning_signal(config):
     try:
         return signal_lib.LearningSignal.from_config(config)
     except (builders.NotBuiltError, FileNotFoundError, ValueError) as e:
-        print(f"warning: no learning signal for this run ({e}); set train.signal.samples=0 to silence this",
-              flush=True)
+        logs.warning(f"no learning signal for this run ({e}); set train.signal.samples=0 to silence this")
         return None
 
 
 def measure_signal(signal, config, kcfg, params, processor, mesh, step: int, metrics_path: str, writer
                    ) -> dict[str, float]:
     """Measures the learning signal (`qk_jax.eval.signal`) with `params` (the sampling weights);
-    logs it to stdout, `metrics.jsonl` (a line `{"step", "signal": {...}}`) and TensorBoard."""
+    logs it (`qk_jax.logs`), to `metrics.jsonl` (a line `{"step", "signal": {...}}`) and TensorBoard."""
     from qk_jax.eval import signal as signal_lib
     from qk_jax.sample import Sampler
 
     sampler = Sampler(config, kcfg, params, processor, mesh, step=step)
     values = signal.measure(sampler)
     flat = signal_lib.flatten(values)
-    print(f"signal @ step {step}: {signal_lib.summary_line(values)}", flush=True)
+    logs.info(f"signal @ step {step}: {signal_lib.summary_line(values)}")
     with open(metrics_path, "a") as f:
         f.write(json.dumps({"step": step, "signal": flat}) + "\n")
     if writer is not None:
@@ -395,8 +393,8 @@ class NonFiniteGuard:
         if self.mode == "stop":
             raise NonFiniteError(_nonfinite_message(step, metrics, self.last_saved))
         self.skips += 1
-        print(f"step {step}: {_nonfinite_what(metrics)} not finite; update skipped ({self.skips} skipped so far)",
-              flush=True)
+        logs.warning(f"step {step}: {_nonfinite_what(metrics)} not finite; update skipped "
+                     f"({self.skips} skipped so far)")
 
 
 def _nonfinite_what(metrics) -> str:
@@ -425,7 +423,7 @@ def optional_samples(config, kcfg, state, processor, mesh, step: int, workdir: s
     try:
         return write_samples(config, kcfg, state, processor, mesh, step, workdir, writer)
     except Exception as e:  # noqa: BLE001 - an optional extra must not stop (or lose) the run
-        print(f"samples at step {step} not written: {ckpt_lib.first_line(e)}", flush=True)
+        logs.warning(f"samples at step {step} not written: {ckpt_lib.first_line(e)}")
         return None
 
 
@@ -435,7 +433,8 @@ def write_samples(config, kcfg, state, processor, mesh, step: int, workdir: str,
     runs only (the sampler places its small batch on the local mesh)."""
     if jax.process_count() > 1:
         return None
-    from qk_jax.data import builders, records as records_lib
+    from qk_jax.data import builders
+    from qk_jax.data import records as records_lib
     from qk_jax.sample import Sampler, save_grid
 
     sampler = Sampler(config, kcfg, sampling_params(state), processor, mesh, step=step)
@@ -525,9 +524,9 @@ def _record(step: int, m: dict, n_steps: int, step_seconds: float, batch: dict, 
 
 def _log(record: dict, path: str, writer) -> None:
     tasks = " ".join(f"{k}={v:.4f}" for k, v in record["task_loss"].items())
-    print(f"step {record['step']:6d}  loss {record['loss']:.4f}  [{tasks}]  |g| {record['grad_norm']:.3f}  "
+    logs.info(f"step {record['step']:6d}  loss {record['loss']:.4f}  [{tasks}]  |g| {record['grad_norm']:.3f}  "
           f"{record['step_seconds']:.3f}s/step  {record['tokens_per_second']:.0f} tok/s  "
-          f"{record['tflops_per_device']:.3f} TFLOP/s/dev  MFU {100 * record['mfu']:.1f}%", flush=True)
+          f"{record['tflops_per_device']:.3f} TFLOP/s/dev  MFU {100 * record['mfu']:.1f}%")
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
     if writer is not None:

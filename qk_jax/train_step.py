@@ -19,7 +19,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -80,9 +81,9 @@ def make_train_step(model: QueryKontext, tx: optax.GradientTransformation, *, se
         else:
             def body(carry, xs):
                 i, mb = xs
-                l, g, s, c = micro(trainable, frozen, mb, jax.random.fold_in(rng, i))
+                micro_loss, g, s, c = micro(trainable, frozen, mb, jax.random.fold_in(rng, i))
                 acc_l, acc_g, acc_s, acc_c = carry
-                return (acc_l + l, jax.tree.map(jnp.add, acc_g, g), acc_s + s, acc_c + c), None
+                return (acc_l + micro_loss, jax.tree.map(jnp.add, acc_g, g), acc_s + s, acc_c + c), None
 
             zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, trainable),
                      jnp.zeros((NUM_TASKS,), jnp.float32), jnp.zeros((NUM_TASKS,), jnp.float32))

@@ -8,7 +8,8 @@ checksums all key parameters by the same path. It lives at the bottom of the pac
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 

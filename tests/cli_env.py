@@ -28,3 +28,10 @@ def user_env(**extra: str) -> dict[str, str]:
 def tpu_init_errors(text: str) -> list[str]:
     """The lines of `text` that are libtpu initialisation errors."""
     return [line for line in text.splitlines() if any(e in line for e in TPU_INIT_ERRORS)]
+
+
+def log_message(line: str) -> str:
+    """The message of one line of a tool's output: an absl log line
+    ('I1130 14:00:00.000000 1234 train.py:528] step 6 ...') without its prefix; any other line as it is."""
+    head, sep, rest = line.partition("] ")
+    return rest if sep and head[:1] in "IWEF" and ".py:" in head else line

@@ -15,9 +15,10 @@ import json
 import os
 
 import torch
+from safetensors.torch import save_file
+
 from dit_testing import randomize
 from qwen2_5_vl_util import randomize_
-from safetensors.torch import save_file
 
 PUBLISHED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "published")
 

@@ -10,8 +10,8 @@ import subprocess
 import sys
 
 import pytest
-from cli_env import tpu_init_errors, user_env
 
+from cli_env import tpu_init_errors, user_env
 from qk_jax import aot, sharding
 from qk_jax.config import load_config
 
@@ -76,6 +76,40 @@ def test_fsdp_shards_the_state():
     params = aot.abstract_params(QueryKontext(model_config.validate(config, 4)), mesh)
     per_device, total = aot._tree_bytes(params), sum(x.size * x.dtype.itemsize for x in _leaves(params))
     assert per_device < 0.5 * total, (per_device, total)
+
+
+def test_doubling_fsdp_halves_each_devices_train_state():
+    """The abstract train state `qk-jax aot` compiles (parameters, AdamW moments, EMA) on
+    meshes fsdp=1, 2, 4 of the same 4 chips: every leaf that FSDP shards holds half as many
+    bytes per device each time fsdp doubles, the others stay whole, and the sharded leaves
+    are nearly all of the state."""
+    import jax
+
+    from qk_jax import kontext_config, optim
+    from qk_jax.models.kontext import QueryKontext
+
+    per_leaf = {}
+    for fsdp in (1, 2, 4):
+        config = load_config("configs/stage2.py:tiny")
+        mesh, _ = aot.topology_mesh(TOPOLOGY, aot.parse_mesh(f"data={4 // fsdp},fsdp={fsdp}"))
+        with config.unlocked():
+            config.mesh = dict(mesh.shape)
+        params = aot.abstract_params(QueryKontext(kontext_config.validate(config, 4)), mesh)
+        state = aot.abstract_train_state(params, config.train.trainable, optim.make_optimizer(config.train),
+                                         config.train.ema_decay > 0, mesh)
+        leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+        per_leaf[fsdp] = {jax.tree_util.keystr(p): aot._tree_bytes(leaf) for p, leaf in leaves}
+    assert per_leaf[1].keys() == per_leaf[2].keys() == per_leaf[4].keys()
+    sharded = {k for k in per_leaf[1] if per_leaf[4][k] < per_leaf[1][k]}
+    for k in per_leaf[1]:
+        if k in sharded:
+            assert per_leaf[2][k] * 2 == per_leaf[1][k] and per_leaf[4][k] * 2 == per_leaf[2][k], k
+        else:
+            assert per_leaf[1][k] == per_leaf[2][k] == per_leaf[4][k], k
+    total = sum(per_leaf[1].values())
+    assert sum(per_leaf[1][k] for k in sharded) > 0.9 * total
+    whole = total - sum(per_leaf[1][k] for k in sharded)
+    assert sum(per_leaf[2].values()) == whole + sum(per_leaf[1][k] for k in sharded) // 2
 
 
 def _leaves(tree):

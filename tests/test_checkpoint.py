@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
+from jax.sharding import NamedSharding, SingleDeviceSharding
+from jax.sharding import PartitionSpec as P
 
 from qk_jax import checkpoint as ckpt_lib
 from qk_jax import sharding
@@ -47,7 +48,8 @@ def test_restore_onto_other_mesh_bit_exact(devices, saved):
     directory, _, params2, opt = saved
     mesh81 = sharding.make_mesh((8, 1, 1))
     target = abstract(params2, lambda a: NamedSharding(mesh81, P("data") if a.shape[0] % 8 == 0 else P()))
-    out = ckpt_lib.Checkpointer(directory).restore(params=target, opt_state=abstract(opt, lambda a: NamedSharding(mesh81, P())))
+    out = ckpt_lib.Checkpointer(directory).restore(params=target,
+                                                   opt_state=abstract(opt, lambda a: NamedSharding(mesh81, P())))
     assert out["step"] == 2
     assert_tree_equal(out["params"], params2)
     assert out["params"]["embed"].sharding.mesh.shape["data"] == 8
@@ -80,7 +82,8 @@ def test_mismatched_target_names_the_path(devices, saved):
     with pytest.raises(ckpt_lib.CheckpointError, match=r"params/embed: .*\(64, 32\).*\(65, 32\)"):
         ckpt_lib.Checkpointer(directory).restore(2, params=bad)
     with pytest.raises(ckpt_lib.CheckpointError, match="no item 'ema'"):
-        ckpt_lib.Checkpointer(directory).restore(1, params=abstract(params, lambda a: one), ema=abstract(params, lambda a: one))
+        ckpt_lib.Checkpointer(directory).restore(1, params=abstract(params, lambda a: one),
+                                                 ema=abstract(params, lambda a: one))
 
 
 def test_truncated_step_is_skipped(devices, saved, tmp_path, caplog):

@@ -39,6 +39,7 @@ def test_missing_required_field_names_it():
         config_lib.require(config, ["train.seed"])
 
 
+@pytest.mark.slow  # a smoke training run in a subprocess
 def test_cli_help_lists_tools_and_smoke_runs_with_overrides(tmp_path):
     out = subprocess.run([sys.executable, "-m", "qk_jax.cli", "--help"], capture_output=True, text=True, check=True)
     assert "smoke" in out.stdout
@@ -47,7 +48,7 @@ def test_cli_help_lists_tools_and_smoke_runs_with_overrides(tmp_path):
          str(tmp_path / "w"), "--config.train.steps=12", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"],
         capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    summary = [l for l in run.stdout.splitlines() if l.startswith("summary:")][-1]
+    summary = [line for line in run.stdout.splitlines() if line.startswith("summary:")][-1]
     assert "restore_bit_exact=True" in summary and "'fsdp': 2" in summary
     first = float(summary.split("first_loss=")[1].split(",")[0])
     last = float(summary.split("last_loss=")[1].split(",")[0])

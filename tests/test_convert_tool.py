@@ -3,7 +3,6 @@ transformers logits; bfloat16 storage; bad input folders give errors naming them
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -13,11 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from qwen2_5_vl_util import env_for_subprocess, other_config, save_random_checkpoint, torch_inputs
 
-from qk_jax import checkpoint as ckpt_lib, sharding
+from qk_jax import checkpoint as ckpt_lib
+from qk_jax import sharding
 from qk_jax.convert import cli, registry, safetensors_io
 from qk_jax.parity.qwen2_5_vl import make_inputs
+from qwen2_5_vl_util import env_for_subprocess, other_config, save_random_checkpoint, torch_inputs
+
+pytestmark = pytest.mark.slow  # PyTorch parity and CLI subprocesses: ~40 s of CPU
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +35,7 @@ def converted(tmp_path_factory):
                            "--mesh", "data=1,fsdp=2,tensor=4", "--step", "3"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return dict(root=root, cfg=cfg, hf=hf, log=proc.stdout)
+    return dict(root=root, cfg=cfg, hf=hf, log=proc.stdout + proc.stderr)
 
 
 def test_round_trip_is_bit_identical_with_identical_logits(converted, devices):
@@ -125,8 +127,8 @@ def test_mesh_flag_parsing():
 def test_diffusers_models_round_trip(name, tmp_path, devices):
     """Every registered diffusers model: pipeline folder -> Orbax on a mesh -> a folder with
     identical tensors that `from_pretrained` loads."""
-    from diffusers import (AutoencoderKL, AutoencoderKLQwenImage, FluxTransformer2DModel,
-                           QwenImageTransformer2DModel)
+    from diffusers import AutoencoderKL, AutoencoderKLQwenImage, FluxTransformer2DModel, QwenImageTransformer2DModel
+
     from dit_testing import FLUX_TINY, KL_TINY, QWEN_TINY, QWEN_VAE_TINY, save_tiny
 
     cls, config, component = {"qwen_image": (QwenImageTransformer2DModel, QWEN_TINY, "transformer"),

@@ -110,7 +110,7 @@ def _manifest(tmp_path):
         {"task": "edit", "prompt": "no source", "target": f"imgs/{b}"},
     ]
     path = tmp_path / "manifest.jsonl"
-    path.write_text("\n".join(l if isinstance(l, str) else json.dumps(l) for l in lines) + "\n\n")
+    path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n\n")
     return path, img
 
 

@@ -15,7 +15,8 @@ def test_vocabulary_is_the_issue_palette():
     assert vocab.COLOURS == {
         "red": (230, 25, 75), "green": (60, 180, 75), "blue": (0, 130, 200), "yellow": (255, 225, 25),
         "orange": (245, 130, 48), "purple": (145, 30, 180), "cyan": (70, 240, 240), "magenta": (240, 50, 230)}
-    assert vocab.SIZES["small"] < vocab.SIZE_BOUNDS[0] < vocab.SIZES["medium"] < vocab.SIZE_BOUNDS[1] < vocab.SIZES["large"]
+    assert (vocab.SIZES["small"] < vocab.SIZE_BOUNDS[0] < vocab.SIZES["medium"] < vocab.SIZE_BOUNDS[1]
+            < vocab.SIZES["large"])
     # the jittered radii never cross a size boundary
     assert vocab.SIZES["small"] * (1 + vocab.SIZE_JITTER) < vocab.SIZE_BOUNDS[0]
     assert vocab.SIZES["large"] * (1 - vocab.SIZE_JITTER) > vocab.SIZE_BOUNDS[1]

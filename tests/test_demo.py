@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the whole demo, twice: several minutes
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -50,7 +52,7 @@ def test_demo_smoke_writes_a_complete_report(tmp_path):
     assert set(report["configs"]) == {"stage1", "stage2", "stage3"}
     for name in ("report.md", "grid.png", "stage1/tb", "stage3/samples"):
         assert os.path.exists(os.path.join(workdir, name)), name
-    assert "== stage3:" in run.stdout and "scores (held-out test split)" in run.stdout
+    assert "== stage3:" in run.stdout + run.stderr and "scores (held-out test split)" in run.stdout
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "stage2: done in an earlier run" in again.stdout
+    assert "stage2: done in an earlier run" in again.stdout + again.stderr

@@ -6,17 +6,20 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL as TorchKL, AutoencoderKLQwenImage as TorchQwenVAE
+from diffusers import AutoencoderKL as TorchKL
+from diffusers import AutoencoderKLQwenImage as TorchQwenVAE
 from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel
-from dit_testing import FLUX_TINY, KL_TINY, QWEN_TINY, QWEN_VAE_TINY, save_tiny, t
 from safetensors.numpy import load_file, save_file
 
+from dit_testing import FLUX_TINY, KL_TINY, QWEN_TINY, QWEN_VAE_TINY, save_tiny, t
 from qk_jax.convert import flux, qwen_image, vae_kl, vae_qwen_image
 from qk_jax.convert.mapping import MappingError
 from qk_jax.convert.safetensors_io import tensor_names
 from qk_jax.models.mmdit import abstract_params
 from qk_jax.models.vae import abstract_vae_params
 from qk_jax.tree import flatten_tree
+
+pytestmark = pytest.mark.slow  # conversion parity against diffusers models
 
 CASES = {
     "qwen_image": (QwenImageTransformer2DModel, QWEN_TINY, qwen_image, abstract_params),

@@ -7,13 +7,16 @@ import subprocess
 import sys
 
 import pytest
-from diffusers import AutoencoderKL as TorchKL, AutoencoderKLQwenImage as TorchQwenVAE
+from diffusers import AutoencoderKL as TorchKL
+from diffusers import AutoencoderKLQwenImage as TorchQwenVAE
 from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel
-from dit_testing import save_tiny
 
+from dit_testing import save_tiny
 from qk_jax.parity import TOOLS
 from qk_jax.parity.dit_parity import mmdit_parity
 from qk_jax.parity.vae_parity import vae_parity
+
+pytestmark = pytest.mark.slow  # parity tools against diffusers in subprocesses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -18,10 +18,13 @@ import numpy as np
 import pytest
 
 import kontext_util as ku
+from cli_env import log_message
 from qk_jax import checkpoint as ckpt_lib
 from qk_jax import surgery
 from qk_jax.sample import Sampler
 from qk_jax.train import train
+
+pytestmark = pytest.mark.slow  # trains the tiny stage 1 again for every fault, some through the CLI: minutes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
@@ -213,15 +216,17 @@ def test_a_failed_save_stops_the_run_with_the_previous_step_intact(reference, sh
     assert summary["start_step"] == 4 and summary["end_step"] == 8 and steps_of(workdir) == [4, 6, 8]
 
 
-def test_end_of_run_samples_cannot_lose_the_final_checkpoint(reference, shapes_dir, tmp_path, capsys):
+def test_end_of_run_samples_cannot_lose_the_final_checkpoint(reference, shapes_dir, tmp_path, caplog):
     data = str(tmp_path / "data")
     shutil.copytree(shapes_dir, data)
     for f in glob.glob(os.path.join(data, "**", "*validation*"), recursive=True):
         os.remove(f)  # a dataset without a validation split
     workdir = copy_run(reference, tmp_path)
-    summary = train(config(shapes_dir, "train.steps=6", f"data.data_dir={data}", "train.sample_images=2"), workdir)
+    with caplog.at_level(logging.INFO):  # the warning is a log record (qk_jax.logs)
+        summary = train(config(shapes_dir, "train.steps=6", f"data.data_dir={data}", "train.sample_images=2"),
+                        workdir)
     assert summary["end_step"] == 6 and steps_of(workdir) == [2, 4, 6]
-    out = capsys.readouterr().out
+    out = "\n".join(r.getMessage() for r in caplog.records)
     assert len([line for line in out.splitlines() if line.startswith("samples at step 6 not written: ")]) == 1, out
 
 
@@ -334,7 +339,7 @@ def test_kill_9_at_a_checkpoint_step_resumes_to_an_uninterrupted_runs_weights(re
     seen = []
     for line in proc.stdout:  # step 6 is logged, then its checkpoint save starts: kill -9 there
         seen.append(line)
-        if line.split()[:2] == ["step", "6"]:
+        if log_message(line).split()[:2] == ["step", "6"]:
             proc.kill()
             break
     proc.wait(timeout=120)

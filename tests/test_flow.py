@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler, QwenImageTransformer2DModel
-from dit_testing import QWEN_TINY, rel_err, save_tiny, t
 
+from dit_testing import QWEN_TINY, rel_err, save_tiny, t
 from qk_jax import flow, flow_solvers, guidance
 from qk_jax.convert import qwen_image
 from qk_jax.convert.diffusers_configs import from_diffusers

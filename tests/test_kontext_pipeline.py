@@ -3,11 +3,11 @@ exact resume after SIGTERM, surgery reports and bit-identical kept tensors, LoRA
 equivalence, the CLI tools, deterministic sampling and clear errors for bad inputs."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -17,12 +17,15 @@ import pytest
 from PIL import Image
 
 import kontext_util as ku
+from cli_env import log_message
 from qk_jax import checkpoint as ckpt_lib
 from qk_jax import model_config, sharding, surgery
 from qk_jax.data import records
 from qk_jax.models.kontext import QueryKontext
 from qk_jax.sample import Sampler
 from qk_jax.train import train
+
+pytestmark = pytest.mark.slow  # trains all three stages and runs surgery and sampling through the CLI: minutes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 5
@@ -55,7 +58,7 @@ def stage1(shapes_dir, tmp_path_factory):
     lines = []
     for line in proc.stdout:  # SIGTERM as soon as the model is built: the first step is still compiling
         lines.append(line)
-        if line.startswith("parameters:"):
+        if log_message(line).startswith("parameters:"):
             proc.send_signal(signal.SIGTERM)
     code = proc.wait(timeout=600)
     log = "".join(lines)
@@ -227,11 +230,12 @@ def test_surgery_refuses_a_tree_that_does_not_fit(stage1, tmp_path):
         surgery.run(2, 3, stage1["full"], str(tmp_path / "out2"))
 
 
-def test_init_from_a_run_workdir(stage1, shapes_dir, tmp_path, capsys):
+def test_init_from_a_run_workdir(stage1, shapes_dir, tmp_path, caplog):
     """`train.init_from=RUN` (a workdir, as `qk-jax sample --checkpoint` takes) starts from its newest step."""
     workdir = str(tmp_path / "again")
-    train(ku.stage_config(1, shapes_dir, "train.steps=2", f"train.init_from={stage1['full']}"), workdir)
-    out = capsys.readouterr().out
+    with caplog.at_level(logging.INFO):  # a log record (qk_jax.logs)
+        train(ku.stage_config(1, shapes_dir, "train.steps=2", f"train.init_from={stage1['full']}"), workdir)
+    out = "\n".join(r.getMessage() for r in caplog.records)
     assert f"initialised from {os.path.join(stage1['full'], 'checkpoints')} step {STEPS}" in out, out[-2000:]
     assert sorted(os.listdir(os.path.join(workdir, "processor"))) == \
         sorted(os.listdir(os.path.join(stage1["full"], "processor")))  # its tokenizer came along

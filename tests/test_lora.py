@@ -1,5 +1,6 @@
 """LoRA as a tree transform: selection, zero-init no-op, merge == unmerged, stacked kernels."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,8 +8,6 @@ import pytest
 
 from qk_jax.models.lora import apply_lora, init_lora, lora_collection, merge_lora, select_kernels
 from qk_jax.models.qwen2_5_vl import Qwen25VL, dummy_inputs, get_config, init_params
-
-import flax.linen as nn
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel, QwenImagePipeline, QwenImageTransformer2DModel
-from dit_testing import FLUX_TINY, QWEN_TINY, rel_err, save_tiny, t
 
+from dit_testing import FLUX_TINY, QWEN_TINY, rel_err, save_tiny, t
 from qk_jax import sharding
 from qk_jax.convert import flux, qwen_image
 from qk_jax.convert.diffusers_configs import from_diffusers, to_diffusers
-from qk_jax.models.mmdit import positions as pos
 from qk_jax.models.mmdit import MMDiT, MMDiTConfig, init_params, mmdit_config, param_count
+from qk_jax.models.mmdit import positions as pos
 
 TOL = 1e-4
 
@@ -44,6 +44,7 @@ def _inputs(config, batch, n, txt_len, seed=0):
     return img, txt, mask, np.array([0.85, 0.3], np.float32)[:batch]
 
 
+@pytest.mark.slow  # parity against diffusers
 def test_qwen_padded_text_mask_default_ids(qwen):
     model, config, params = qwen
     img, txt, mask, ts = _inputs(config, 2, 5 * 6, 9)
@@ -60,6 +61,7 @@ def test_qwen_padded_text_mask_default_ids(qwen):
     np.testing.assert_allclose(np.asarray(fwd(params, img, txt2)), np.asarray(out), rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow  # parity against diffusers
 def test_qwen_edit_two_condition_segments(qwen):
     """Qwen-Image-Edit layout: target + 2 condition images, each its own frame index; output = target."""
     model, config, params = qwen
@@ -77,6 +79,7 @@ def test_qwen_edit_two_condition_segments(qwen):
     assert rel_err(out, ref[:, :24]) < TOL
 
 
+@pytest.mark.slow  # parity against diffusers
 def test_qwen_zero_cond_t(tmp_path):
     """Qwen-Image-Edit-2511's zero_cond_t: condition segments modulated with t = 0."""
     model = save_tiny(QwenImageTransformer2DModel, tmp_path, dict(QWEN_TINY, zero_cond_t=True), seed=3)
@@ -93,6 +96,7 @@ def test_qwen_zero_cond_t(tmp_path):
     assert rel_err(out, ref[:, :16]) < TOL
 
 
+@pytest.mark.slow  # parity against diffusers
 def test_flux_kontext_segments_padded_mask(flux_model):
     """FLUX.1-Kontext layout (context image i at frame i) with a padded text mask, vs FluxTransformer2DModel
     given the concatenated ids and the same key mask."""
@@ -116,6 +120,7 @@ def test_flux_kontext_segments_padded_mask(flux_model):
     assert inter["single"].shape == (config.num_single_layers, 2, 7 + 48, config.inner_dim)
 
 
+@pytest.mark.slow  # parity against diffusers
 def test_flux_no_mask(flux_model):
     model, config, params = flux_model
     img, txt, _, ts = _inputs(config, 2, 12, 5, seed=6)

@@ -4,6 +4,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # two processes start jax, train and checkpoint: minutes
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -15,7 +19,7 @@ def test_two_process_smoke_run(tmp_path):
          "--workdir", str(tmp_path / "ckpt"), "--config.mesh.fsdp=2", "--config.train.steps=4"],
         capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
-    summaries = [l for l in run.stdout.splitlines() if "summary:" in l]
+    summaries = [line for line in run.stdout.splitlines() if "summary:" in line]
     assert len(summaries) == 2, run.stdout[-3000:]
     for line in summaries:
         assert "devices=8" in line and "processes=2" in line and "restore_bit_exact=True" in line

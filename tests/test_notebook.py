@@ -3,7 +3,10 @@
 import os
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
+
+pytestmark = pytest.mark.slow  # a fresh kernel generates data, trains and samples: minutes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

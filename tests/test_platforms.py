@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import pytest
-from cli_env import ROOT, tpu_init_errors, user_env
 
+from cli_env import ROOT, tpu_init_errors, user_env
 from qk_jax import platforms
 
 

@@ -10,8 +10,9 @@ import types
 
 import pytest
 import torch
-from diffusers import (AutoencoderKL as TorchKL, AutoencoderKLQwenImage as TorchQwenVAE, FluxTransformer2DModel,
-                       QwenImageTransformer2DModel)
+from diffusers import AutoencoderKL as TorchKL
+from diffusers import AutoencoderKLQwenImage as TorchQwenVAE
+from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel
 
 from qk_jax.convert import registry
 from qk_jax.convert.diffusers_configs import from_diffusers, to_diffusers

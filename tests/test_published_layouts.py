@@ -13,11 +13,13 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+
 from cli_env import ROOT, tpu_init_errors, user_env
 from published_layout import diffusers_pipeline_folder, published_config, qwen_vl_folder
-
 from qk_jax.convert import cli, registry, safetensors_io
 from qk_jax.parity import qwen2_5_vl as vl_tool
+
+pytestmark = pytest.mark.slow  # parity tools against PyTorch in subprocesses
 
 # parity flags that keep the runs short on two CPU cores
 DIT_FLAGS = ["--height", "4", "--width", "6", "--txt-len", "8", "--pad", "2"]

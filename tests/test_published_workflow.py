@@ -25,15 +25,17 @@ import sys
 
 import numpy as np
 import pytest
-from cli_env import ROOT, tpu_init_errors, user_env
 from PIL import Image
-from published_layout import diffusers_pipeline_folder, published_config, qwen_vl_folder
 
+from cli_env import ROOT, tpu_init_errors, user_env
+from published_layout import diffusers_pipeline_folder, published_config, qwen_vl_folder
 from qk_jax.config import load_config
 from qk_jax.convert import sources
 from qk_jax.convert.from_run import ExportError, subtree_model
 from qk_jax.model_config import build_kontext_config
 from qk_jax.tree import flatten_tree
+
+pytestmark = pytest.mark.slow  # every command of a README section, each a subprocess: minutes
 
 SECTION = "## From the published weights"
 VARIABLES = {"VLM", "QWEN_IMAGE", "DATA", "SIZE", "RUNS"}
@@ -74,7 +76,7 @@ def run(args: list[str]) -> str:
     proc = subprocess.run(args, cwd=ROOT, env=user_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{shlex.join(args[2:])}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     assert tpu_init_errors(proc.stderr) == [], proc.stderr[-2000:]
-    return proc.stdout
+    return proc.stderr + proc.stdout  # its log (diagnostics), then its results
 
 
 def test_the_section_is_the_published_workflow():
@@ -99,7 +101,7 @@ def test_export_refuses_what_has_no_published_class():
 
 @pytest.fixture(scope="module")
 def workflow(tmp_path_factory, shapes_dir):
-    """Runs every command of the section; returns the variables and each command's stdout."""
+    """Runs every command of the section; returns the variables and each command's output."""
     from qk_jax.data.tokenizer import build_tokenizer
 
     root = tmp_path_factory.mktemp("published_workflow")

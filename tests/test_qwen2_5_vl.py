@@ -14,18 +14,28 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from qwen2_5_vl_util import rel_err, save_random_checkpoint, torch_inputs
 
 from qk_jax import sharding
 from qk_jax.convert import safetensors_io
 from qk_jax.convert.mapping import MappingError
 from qk_jax.convert.qwen2_5_vl import config_from_hf, config_to_hf, detect_layout, export_hf, hf_mapping, load_hf
 from qk_jax.data.tokenizer import build_tokenizer
-from qk_jax.models.qwen2_5_vl import (ConfigError, Qwen25VL, build_image_plan, build_vision_plan,
-                                      extend_position_ids, get_config, get_rope_index, init_params, pad_patches,
-                                      param_count, prepare_inputs)
+from qk_jax.models.qwen2_5_vl import (
+    ConfigError,
+    Qwen25VL,
+    build_image_plan,
+    build_vision_plan,
+    extend_position_ids,
+    get_config,
+    get_rope_index,
+    init_params,
+    pad_patches,
+    param_count,
+    prepare_inputs,
+)
 from qk_jax.parity.qwen2_5_vl import make_inputs
 from qk_jax.tree import flatten_tree
+from qwen2_5_vl_util import rel_err, save_random_checkpoint, torch_inputs
 
 IMAGES = [(84, 140), (112, 84)]  # HxW: grids 6x10 and 8x6 patches -> uneven 2x2-token windows
 PROMPT = 560
@@ -55,6 +65,7 @@ def tiny(tmp_path_factory):
 # ----------------------------------------------------------------------------- config
 
 
+@pytest.mark.slow  # parity against transformers
 def test_config_round_trip_and_hf_acceptance(tiny):
     from transformers import Qwen2_5_VLConfig
 
@@ -134,6 +145,7 @@ def test_mapping_covers_every_tensor_both_ways(tiny):
     assert sorted(exported) == sorted(file_names)
 
 
+@pytest.mark.slow  # parity against transformers
 def test_export_round_trip_gives_identical_logits_in_transformers(tiny):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -168,6 +180,7 @@ def test_rope_index_matches_hf_left_and_right_padding(tiny):
         np.testing.assert_array_equal(delta, ref_delta.numpy()[:, 0])
 
 
+@pytest.mark.slow  # parity against transformers
 def test_vision_tower_matches_hf(tiny):
     cfg, inputs = tiny["cfg"], tiny["inputs"]
     with torch.no_grad():
@@ -201,6 +214,7 @@ def test_vision_tower_matches_hf(tiny):
     assert rel_err(vision(tiny["params"], px, build_vision_plan(grid, cfg.vision)), ref.numpy()) < 1e-5
 
 
+@pytest.mark.slow  # parity against transformers
 def test_batched_vision_layout_equals_flat_and_hf(tiny, devices):
     """Images sharing one grid, run as (I, P, D) with the plan of one image, give the flat
     layout's outputs (and HF's); the embeddings agree with the row-local gather too, also
@@ -238,6 +252,7 @@ def test_batched_vision_layout_equals_flat_and_hf(tiny, devices):
     assert rel_err(ours, ref_embeds) <= 1e-6
 
 
+@pytest.mark.slow  # parity against transformers
 def test_embeddings_every_layer_and_logits_match_hf(tiny):
     ref, ours = tiny["ref"], tiny["ours"]
     valid = tiny["inputs"]["attention_mask"].astype(bool)
@@ -245,13 +260,14 @@ def test_embeddings_every_layer_and_logits_match_hf(tiny):
     assert len(ref.hidden_states) == ours["hidden_states"].shape[0] == tiny["cfg"].text.num_hidden_layers + 1
     errs = [rel_err(ours["hidden_states"][i][valid], h.numpy()[valid]) for i, h in enumerate(ref.hidden_states)]
     logit_err = rel_err(ours["logits"][valid], ref.logits.numpy()[valid])
-    print(f"hidden-state rel errs {['%.1e' % e for e in errs]}, logits {logit_err:.2e}")
+    print(f"hidden-state rel errs {[f'{e:.1e}' for e in errs]}, logits {logit_err:.2e}")
     assert errs[0] < 1e-5  # merged embeddings
     assert max(errs) < 1e-4 and logit_err < 1e-4
     # Greedy tokens agree wherever the reference is not a near tie.
     np.testing.assert_array_equal(ours["logits"][valid].argmax(-1), ref.logits.numpy()[valid].argmax(-1))
 
 
+@pytest.mark.slow  # parity against transformers
 def test_right_padding_matches_hf(tiny):
     cfg, hf = tiny["cfg"], tiny["hf"]
     inputs = make_inputs(cfg, IMAGES[::-1], 530, 2, "right", seed=3)
@@ -264,6 +280,7 @@ def test_right_padding_matches_hf(tiny):
     assert rel_err(np.asarray(ours)[valid], ref[valid]) < 1e-4
 
 
+@pytest.mark.slow  # parity against transformers
 def test_embed_decode_with_appended_tokens_matches_hf(tiny):
     """The Query-Kontext call pattern: embed the prompt, append K embeddings, extend the
     positions with `extend_position_ids`, decode. Appending K tokens in HF gives the same."""

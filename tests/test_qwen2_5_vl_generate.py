@@ -7,12 +7,14 @@ import jax
 import numpy as np
 import pytest
 import torch
-from qwen2_5_vl_util import save_random_checkpoint, torch_inputs
 
 from qk_jax.convert.qwen2_5_vl import load_hf
 from qk_jax.models.qwen2_5_vl import Qwen25VL, get_config
 from qk_jax.models.qwen2_5_vl.generate import Generator, SamplingConfig, sample_logits
 from qk_jax.parity.qwen2_5_vl import make_inputs
+from qwen2_5_vl_util import save_random_checkpoint, torch_inputs
+
+pytestmark = pytest.mark.slow  # generation parity against transformers
 
 NEW_TOKENS = 16
 
@@ -44,7 +46,8 @@ def test_greedy_equals_hf_generate(setup):
     # EOS handling: declaring the first generated token of row 0 as EOS pads the rest of that row.
     stop = int(ref[0, 0])
     ours_eos = gen(setup["params"], inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
-                   inputs["image_grid_thw"], max_new_tokens=NEW_TOKENS, eos_token_id=stop, pad_token_id=cfg.text.pad_token_id)
+                   inputs["image_grid_thw"], max_new_tokens=NEW_TOKENS, eos_token_id=stop,
+                   pad_token_id=cfg.text.pad_token_id)
     with torch.no_grad():
         ref_eos = setup["hf"].generate(**torch_inputs(inputs), max_new_tokens=NEW_TOKENS, do_sample=False,
                                        eos_token_id=stop, pad_token_id=cfg.text.pad_token_id)

@@ -10,12 +10,14 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
-from qwen2_5_vl_util import env_for_subprocess, other_config, save_random_checkpoint
 
 from qk_jax.convert import safetensors_io
 from qk_jax.convert.qwen2_5_vl import export_hf, load_hf
 from qk_jax.models.qwen2_5_vl import get_config
 from qk_jax.parity import qwen2_5_vl as tool
+from qwen2_5_vl_util import env_for_subprocess, other_config, save_random_checkpoint
+
+pytestmark = pytest.mark.slow  # parity tool against transformers in a subprocess
 
 
 @pytest.fixture(scope="module")

@@ -128,3 +128,48 @@ def test_lora_rank_takes_fsdp_only_where_free_and_divisible(devices):
     # Required axes still fail loudly.
     with pytest.raises(ValueError, match="not divisible"):
         sharding.logical_to_mesh_spec(P("embed", "lora_rank"), rules, mesh, (6, 8), where="dit/x/a")
+
+
+def _dit_mlp_kernel(state):
+    """A DiT MLP up-projection kernel (logical axes: embed, mlp) of the train state."""
+    from qk_jax.convert.mapping import flatten_tree
+
+    flat = flatten_tree(state["trainable"]["dit"])
+    path = next(p for p in sorted(flat) if "img_mlp" in p and p.endswith("kernel") and "lora" not in p)
+    return path, flat[path]
+
+
+def test_config_rules_reach_the_train_state(devices, tmp_path):
+    """`config.sharding.rules.dit` overrides the DiT's table: its MLP moved from `tensor` to
+    `fsdp` (and its embedding replicated) changes the kernel's PartitionSpec in the state
+    `train.build_state` makes; the default config gives today's rules."""
+    from qk_jax import checkpoint as ckpt_lib
+    from qk_jax import kontext_config, optim, train
+    from qk_jax.config import load_config
+    from qk_jax.models.kontext import QueryKontext
+
+    def state_for(overrides):
+        config = load_config("configs/stage2.py:tiny", ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", *overrides])
+        assert sharding.rules_from_config(config)["vlm"] == sharding.VLM_RULES
+        kcfg = kontext_config.build_kontext_config(config)
+        mesh = sharding.make_mesh(config.mesh)
+        checkpointer = ckpt_lib.Checkpointer(str(tmp_path / f"ck{len(overrides)}"))
+        with jax.set_mesh(mesh), sharding.activation_rules_context():
+            state, _, _ = train.build_state(QueryKontext(kcfg), config, mesh, optim.make_optimizer(config.train),
+                                            checkpointer)
+        return state
+
+    path, kernel = _dit_mlp_kernel(state_for([]))
+    assert kernel.sharding.spec == P(None, "fsdp", "tensor"), path  # (layers, embed, mlp)
+    moved = [[a, "fsdp" if a == "mlp" else None if a == "embed" else m] for a, m in sharding.DIT_RULES]
+    _, kernel = _dit_mlp_kernel(state_for([f"sharding.rules.dit={moved!r}"]))
+    assert kernel.sharding.spec == P(None, None, "fsdp"), path
+
+
+def test_config_rules_are_checked():
+    cfg = {"sharding": {"rules": {"ditt": []}}}
+    with pytest.raises(ValueError, match="sharding.rules.ditt: unknown sub-model"):
+        sharding.rules_from_config(cfg)
+    with pytest.raises(ValueError, match=r"sharding.rules.dit: logical axis 'mlp' names mesh axes \['model'\]"):
+        sharding.rules_from_config({"sharding": {"rules": {"dit": [["mlp", "model"]]}}})
+    assert sharding.rules_from_config({}) == sharding.RULES_BY_SUBMODEL  # a config saved before the field

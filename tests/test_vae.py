@@ -5,9 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL as TorchKL, AutoencoderKLQwenImage as TorchQwen
-from dit_testing import KL_TINY, QWEN_VAE_TINY, rel_err, save_tiny, t
+from diffusers import AutoencoderKL as TorchKL
+from diffusers import AutoencoderKLQwenImage as TorchQwen
 
+from dit_testing import KL_TINY, QWEN_VAE_TINY, rel_err, save_tiny, t
 from qk_jax.convert import vae_kl, vae_qwen_image
 from qk_jax.convert.diffusers_configs import from_diffusers, to_diffusers
 from qk_jax.models.vae import build_vae, vae_config, vae_param_count
@@ -75,12 +76,14 @@ def _check(model, config, params, video: bool, normalize, denormalize):
     return out
 
 
+@pytest.mark.slow  # parity against diffusers
 def test_autoencoder_kl_matches_diffusers(kl):
     model, config, params = kl
     assert config.shift_factor == 0.11 and not config.use_quant_conv
     _check(model, config, params, False, lambda z: (z - 0.11) * 0.36, lambda z: z / 0.36 + 0.11)
 
 
+@pytest.mark.slow  # parity against diffusers
 def test_qwen_image_vae_matches_diffusers(qwen_vae):
     model, config, params = qwen_vae
     mean = torch.tensor(QWEN_VAE_TINY["latents_mean"]).view(1, 4, 1, 1, 1)

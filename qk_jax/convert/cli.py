@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from absl import flags
 
-from qk_jax.convert.registry import param_shardings  # noqa: F401 - used here and by callers of this module
+from qk_jax import logs
+from qk_jax.convert.registry import param_shardings  # used here and by callers of this module
 
 _MODEL = flags.DEFINE_string("model", "qwen2_5_vl", "Model family (see qk_jax.convert.registry.MODELS).")
 _FROM_HF = flags.DEFINE_string("from_hf", None, "HF / diffusers folder to read (config.json + safetensors).")
@@ -66,7 +68,7 @@ def _dtype(name: str | None) -> Any:
 
 
 def hf_to_orbax(model: str, hf_folder: str, orbax_dir: str, *, mesh_cfg: Mapping[str, int] | None = None,
-                dtype: Any = np.float32, step: int = 0, log=print) -> dict:
+                dtype: Any = np.float32, step: int = 0, log=logs.info) -> dict:
     """Converts `hf_folder` into step `step` of the Orbax checkpoint `orbax_dir`.
 
     Returns a summary `{"params": count, "bytes": total, "seconds": wall}`.
@@ -108,7 +110,7 @@ def hf_to_orbax(model: str, hf_folder: str, orbax_dir: str, *, mesh_cfg: Mapping
 
 
 def orbax_to_hf(orbax_dir: str, hf_folder: str, *, model: str | None = None, mesh_cfg: Mapping[str, int] | None = None,
-                dtype: Any = None, step: int | None = None, log=print) -> list[str]:
+                dtype: Any = None, step: int | None = None, log=logs.info) -> list[str]:
     """Exports step `step` (default: newest) of `orbax_dir` to a HF folder; returns the files written."""
     import jax
 
@@ -135,7 +137,7 @@ def orbax_to_hf(orbax_dir: str, hf_folder: str, *, model: str | None = None, mes
     _, shardings = param_shardings(spec, cfg, mesh)
     try:
         stored = ck.abstract_item(step, "params")
-    except Exception as e:  # noqa: BLE001 - any unreadable metadata means a broken step
+    except Exception as e:  # any unreadable metadata means a broken step
         raise ckpt_lib.CheckpointError(f"checkpoint step {step} in {orbax_dir} has unreadable parameters "
                                        f"({type(e).__name__}: {e})") from e
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), stored, shardings)
@@ -152,9 +154,8 @@ def main(argv: Sequence[str]) -> None:
         raise SystemExit(f"qk-jax convert: unexpected arguments {list(argv[1:])}; see --help")
     from qk_jax import sharding
     from qk_jax.checkpoint import CheckpointError
-    from qk_jax.convert.safetensors_io import CorruptCheckpointError
-
     from qk_jax.convert.from_run import ExportError, run_to_hf
+    from qk_jax.convert.safetensors_io import CorruptCheckpointError
 
     if _FROM_RUN.value or _SUBTREE.value:
         if not (_FROM_RUN.value and _SUBTREE.value and _TO_HF.value) or _FROM_HF.value or _FROM_ORBAX.value \

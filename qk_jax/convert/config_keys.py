@@ -14,7 +14,8 @@ changes the architecture in a way qk_jax does not implement.
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 logger = logging.getLogger("qk_jax.config")
 

@@ -15,13 +15,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from qk_jax.convert.config_keys import reference_arguments
 from qk_jax.flow_solvers import FlowMatchSchedule
 from qk_jax.models.mmdit import MMDiTConfig
 from qk_jax.models.vae import AutoencoderKLConfig, QwenImageVAEConfig
-
 
 # ------------------------------------------------------------------ MMDiT
 

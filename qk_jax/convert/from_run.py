@@ -14,8 +14,10 @@ too), `qwen_image` / `flux` for the generator (the stage-1 head or the DiT), `va
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
+from qk_jax import logs
 from qk_jax.models.vae.pixel import PixelSpaceConfig
 
 SUBTREES = ("vlm", "generator", "vae")
@@ -41,7 +43,7 @@ def subtree_model(kcfg, subtree: str, where: str = "the run") -> tuple[str, str,
 
 
 def run_to_hf(run: str, subtree: str, out: str, *, step: int | None = None, use_ema: bool = True,
-              dtype: Any = None, mesh_cfg: Mapping[str, int] | None = None, log=print) -> list[str]:
+              dtype: Any = None, mesh_cfg: Mapping[str, int] | None = None, log=logs.info) -> list[str]:
     """Writes `subtree` of `run` (a workdir or checkpoint root) as a HF / diffusers folder `out`.
 
     Returns the files written. The weights are restored sharded on `mesh_cfg` (default: the

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Iterable, Iterator, Mapping as TMapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Mapping as TMapping
+from typing import Any
 
 import numpy as np
 

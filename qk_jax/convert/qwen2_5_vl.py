@@ -18,7 +18,8 @@ from __future__ import annotations
 import copy
 import json
 import os
-from typing import Any, Mapping as TMapping
+from collections.abc import Mapping as TMapping
+from typing import Any
 
 import jax
 import numpy as np

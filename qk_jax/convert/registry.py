@@ -21,7 +21,8 @@ import dataclasses
 import importlib
 import json
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np

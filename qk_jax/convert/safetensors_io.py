@@ -14,7 +14,8 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import jax
 import numpy as np
@@ -67,7 +68,7 @@ def open_safetensors(path) -> Any:
     """`safe_open(path)` (numpy), raising CorruptCheckpointError naming the file when it is unreadable."""
     try:
         return safe_open(os.fspath(path), framework="numpy")
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError / OSError
+    except Exception as e:  # safetensors raises its own SafetensorError / OSError
         raise CorruptCheckpointError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from e
 
 

@@ -9,7 +9,7 @@ centre-cropped, so a batch drawn from one bucket has one static shape.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image

@@ -20,7 +20,7 @@ import logging
 import multiprocessing
 import re
 import tempfile
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds

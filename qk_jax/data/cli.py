@@ -20,6 +20,7 @@ import time
 
 from absl import flags
 
+from qk_jax import logs
 from qk_jax.data import vocab
 
 COMMANDS = ("shapes", "import", "inspect")
@@ -33,8 +34,9 @@ _WIDTH = flags.DEFINE_integer("width", None, "shapes: image width (non-square; o
 _SEED = flags.DEFINE_integer("seed", 0, "shapes: dataset seed (every record is seeded by seed, split, task, index).")
 _TASKS = flags.DEFINE_list("tasks", list(vocab.TASKS), f"shapes: tasks to generate, from {list(vocab.TASKS)}.")
 _WORKERS = flags.DEFINE_integer("workers", 1, "shapes: generator processes.")
-_PLAIN = flags.DEFINE_float("plain_background", vocab.PLAIN_BACKGROUND, "shapes: probability of an untextured background (the rest: "
-                            "stripes, checker, noise, gradient).")
+_PLAIN = flags.DEFINE_float("plain_background", vocab.PLAIN_BACKGROUND,
+                            "shapes: probability of an untextured background "
+                            "(the rest: stripes, checker, noise, gradient).")
 _MANIFEST = flags.DEFINE_string("manifest", None, "import: JSONL manifest, one record per line.")
 _NAME = flags.DEFINE_string("name", None, "import: dataset name (default 'imported'); inspect: dataset name "
                             "(default 'kontext_shapes').")
@@ -63,8 +65,8 @@ def shapes() -> None:
     if _NUM.value < 1:
         _fail("--num must be >= 1")
     if min(height, width) < 64:
-        print(f"note: at {height}x{width} small objects and subject textures are only a few pixels; the judge "
-              f"is reliable from 64 px on the short side (see BENCHMARKS.md)", file=sys.stderr)
+        logs.warning(f"at {height}x{width} small objects and subject textures are only a few pixels; the judge "
+                     f"is reliable from 64 px on the short side (see BENCHMARKS.md)")
     start = time.time()
     for task in _TASKS.value:
         counts = builders.build_shapes(_OUT.value, [task], num=_NUM.value, num_eval=_NUM_EVAL.value, height=height,

@@ -26,7 +26,7 @@ import concurrent.futures
 import dataclasses
 import json
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 from etils import epath
 from tqdm import tqdm
@@ -64,13 +64,13 @@ class Report:
 
     def to_dict(self) -> dict:
         return {"manifest": self.manifest, "total": self.total, "valid": self.valid, "skipped": self.skipped,
-                "reasons": dict(self.reasons), "first_examples": [{"line": l, "problem": m} for l, m in self.examples],
+                "reasons": dict(self.reasons), "first_examples": [{"line": n, "problem": m} for n, m in self.examples],
                 "per_task": self.per_task}
 
     def summary(self) -> str:
         lines = [f"manifest {self.manifest}: {self.total} records, {self.valid} valid, {self.skipped} skipped"]
         lines += [f"  skipped ({reason}): {n}" for reason, n in sorted(self.reasons.items())]
-        lines += [f"  line {l}: {m}" for l, m in self.examples]
+        lines += [f"  line {n}: {m}" for n, m in self.examples]
         for task, counts in sorted(self.per_task.items()):
             lines.append(f"  wrote {task}: " + ", ".join(f"{s}={n}" for s, n in sorted(counts.items())))
         return "\n".join(lines)
@@ -167,7 +167,7 @@ def scan(manifest: str, threads: int = 8, max_examples: int = 10) -> tuple[list[
     valid = []
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         results = pool.map(_load, entries)
-        for entry, (rec, problem) in tqdm(zip(entries, results), total=len(entries), desc="validating images",
+        for entry, (_rec, problem) in tqdm(zip(entries, results), total=len(entries), desc="validating images",
                                           unit="rec", leave=False):
             if problem is None:
                 valid.append(entry)

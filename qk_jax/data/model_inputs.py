@@ -20,7 +20,8 @@ docstring). `prepare_batch` turns one into the arrays the jitted step takes:
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -150,7 +151,8 @@ def place_batch(batch: Mapping[str, Any], mesh) -> dict[str, Any]:
     when the sample count does not divide), the vision plan replicated; works with several
     processes (each passes its own rows)."""
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     lead = 1 if batch["input_ids"].ndim == 3 else 0  # a leading micro-batch axis (grad accumulation)
     dp = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)

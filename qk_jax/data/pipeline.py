@@ -52,8 +52,7 @@ import numpy as np
 
 from qk_jax.data import buckets, builders, records, vlm_inputs, vocab
 
-
-# Task weights per training stage (README, "The three stages"); a config may override any of them.
+# Task weights per training stage (docs/design.md, "The three stages"); a config may override any of them.
 STAGE_MIXTURES = {
     1: {"t2i": 0.6, "reconstruction": 0.2, "transformation": 0.2},
     2: {"t2i": 0.8, "reconstruction": 0.2},
@@ -203,7 +202,7 @@ class Collate(grain.transforms.Map):
         b, s = len(samples), self.image_slots
         n = len(samples[0]["cond"])
         h, w = samples[0]["target"].shape[:2]
-        to_unit = lambda a: a.astype(np.float32) / 127.5 - 1.0  # noqa: E731
+        to_unit = lambda a: a.astype(np.float32) / 127.5 - 1.0
         cond = np.zeros((b, s, h, w, 3), np.float32)
         for i, smp in enumerate(samples):
             for j, im in enumerate(smp["cond"]):
@@ -262,7 +261,8 @@ def make_dataset(config: ml_collections.ConfigDict, processor, *, process_index:
     geo = vlm_inputs.vision_geometry(processor)
     unit = geo["patch_size"] * geo["merge_size"]
     if config.vlm_multiple % unit:
-        raise ValueError(f"data.vlm_multiple={config.vlm_multiple} must be a multiple of the VLM's patch * merge = {unit}")
+        raise ValueError(f"data.vlm_multiple={config.vlm_multiple} must be a multiple of the VLM's "
+                         f"patch * merge = {unit}")
     for vh, vw in vlm_table:
         if not geo["min_pixels"] <= vh * vw <= geo["max_pixels"]:
             raise ValueError(f"data.vlm_area={config.vlm_area} gives a {vh}x{vw} VLM image outside the processor's "

@@ -2,16 +2,18 @@
 
 A record is a plain dict:
 
-| field        | type              | meaning |
-|--------------|-------------------|---------|
-| `task`       | str               | one of `vocab.TASKS`: t2i, reconstruction, transformation, edit, customization, multi_subject |
-| `prompt`     | str               | the instruction / caption (non-empty) |
-| `target`     | bytes             | the image to generate, encoded (PNG; imported JPEG / WebP files keep their encoding) |
-| `source`     | bytes             | the input image of reconstruction / transformation / edit, encoded; `b""` when absent |
-| `references` | list[bytes]       | 0..3 reference subject images, encoded (customization: 1, multi_subject: 2-3) |
-| `scene`      | str               | JSON scene graph (see below); `""` for imported real data |
-| `category`   | str               | GenEval-like category for t2i (single_object, two_objects, counting, colors, position, attribute_binding), the edit / transformation type otherwise, `""` if unknown |
-| `id`         | str               | unique id, e.g. `t2i-train-0000042` |
+| field        | type        | meaning |
+|--------------|-------------|---------|
+| `task`       | str         | one of `vocab.TASKS` (t2i, reconstruction, transformation, edit, customization, |
+|              |             | multi_subject) |
+| `prompt`     | str         | the instruction / caption (non-empty) |
+| `target`     | bytes       | the image to generate, encoded (PNG; imported JPEG / WebP files keep their encoding) |
+| `source`     | bytes       | the input image of reconstruction / transformation / edit, encoded; `b""` when absent |
+| `references` | list[bytes] | 0..3 reference subject images, encoded (customization: 1, multi_subject: 2-3) |
+| `scene`      | str         | JSON scene graph (see below); `""` for imported real data |
+| `category`   | str         | t2i: a GenEval-like category (single_object, two_objects, counting, colors, position, |
+|              |             | attribute_binding); otherwise the edit / transformation type; `""` if unknown |
+| `id`         | str         | unique id, e.g. `t2i-train-0000042` |
 
 `scene` of a generated record: `{"target": scene graph, "source": scene graph | null,
 "references": [scene graph, ...], "spec": what the prompt asks for}`, with the scene
@@ -113,7 +115,7 @@ def validate(rec: Any, decode: bool = True) -> list[str]:
         for name, data in images:
             try:
                 decode_image(data)
-            except Exception as e:  # PIL raises several types for broken data
+            except Exception as e:  # noqa: BLE001 - PIL raises several types for broken data
                 problems.append(f"field {name!r}: not a decodable image ({type(e).__name__}: {e})")
     return problems
 

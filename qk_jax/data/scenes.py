@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -66,11 +66,11 @@ class Scene:
                 "objects": [o.to_dict() for o in self.objects], "inverted": self.inverted}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Scene":
+    def from_dict(cls, d: dict) -> Scene:
         return cls(int(d["height"]), int(d["width"]), dict(d["background"]),
                    [Obj(**o) for o in d["objects"]], bool(d.get("inverted", False)))
 
-    def copy(self) -> "Scene":
+    def copy(self) -> Scene:
         return Scene.from_dict(self.to_dict())
 
 

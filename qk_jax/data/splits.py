@@ -17,7 +17,7 @@ own and train and validation never share a random stream.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 

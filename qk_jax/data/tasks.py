@@ -19,13 +19,22 @@ in the judge's terms (see `qk_jax.eval.score`):
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
 from qk_jax.data import prompts, splits, vocab
-from qk_jax.data.scenes import Obj, PlacementError, Scene, fits, make_obj, place, random_obj, sample_background
-from qk_jax.data.scenes import transform_scene
+from qk_jax.data.scenes import (
+    Obj,
+    PlacementError,
+    Scene,
+    fits,
+    make_obj,
+    place,
+    random_obj,
+    sample_background,
+    transform_scene,
+)
 
 
 @dataclasses.dataclass

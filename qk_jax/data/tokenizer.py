@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 # The Qwen2.5-VL special tokens, in Qwen's order (their ids follow the BPE vocabulary).
 SPECIAL_TOKENS = (

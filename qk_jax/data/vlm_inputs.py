@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 

@@ -56,7 +56,7 @@ def detect_images(paths: list[str]) -> None:
             _fail(f"image {path} does not exist")
         try:
             img = records.decode_image(p.read_bytes())
-        except Exception as e:  # PIL raises several types
+        except Exception as e:  # noqa: BLE001 - PIL raises several types
             _fail(f"image {path} cannot be decoded: {e}")
         print(json.dumps([d.to_json() for d in detect.detect(img)]), flush=True)
 

@@ -29,7 +29,7 @@ import collections
 import dataclasses
 import json
 import math
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 from etils import epath
@@ -58,7 +58,7 @@ def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
 def ssim(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None, sigma: float = 1.5) -> float:
     """Mean SSIM (gaussian window, grey) over `mask`."""
     x, y = a.astype(np.float64).mean(-1), b.astype(np.float64).mean(-1)
-    f = lambda z: ndimage.gaussian_filter(z, sigma, mode="reflect")  # noqa: E731
+    f = lambda z: ndimage.gaussian_filter(z, sigma, mode="reflect")
     mx, my = f(x), f(y)
     vx, vy, cxy = f(x * x) - mx * mx, f(y * y) - my * my, f(x * y) - mx * my
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
@@ -229,7 +229,7 @@ def summarize(results: Sequence[dict], missing: int = 0) -> dict:
     for r in results:
         per_task[r["task"]].append(r["score"])
         per_cat[f"{r['task']}/{r['category']}"].append(r["score"])
-    mean = lambda v: round(float(np.mean(v)), 4) if v else 0.0  # noqa: E731
+    mean = lambda v: round(float(np.mean(v)), 4) if v else 0.0
     return {"overall": mean([r["score"] for r in results]), "n": len(results), "missing": missing,
             "per_task": {k: mean(v) for k, v in sorted(per_task.items())},
             "per_category": {k: mean(v) for k, v in sorted(per_cat.items())}}

@@ -103,7 +103,7 @@ class LearningSignal:
         self._jitted: dict[Any, Any] = {}
 
     @classmethod
-    def from_config(cls, config, stage: int | None = None) -> "LearningSignal":
+    def from_config(cls, config, stage: int | None = None) -> LearningSignal:
         """The signal of a training config: its stage's tasks, its data folder's validation split."""
         s = config.train.signal
         cfg = SignalConfig(samples=int(s.samples), noise_seeds=int(s.noise_seeds),

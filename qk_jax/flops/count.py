@@ -6,7 +6,8 @@ from __future__ import annotations
 import dataclasses
 import re
 import warnings
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import jax
 from jax.extend import core as jcore
@@ -44,7 +45,7 @@ class MatmulFlops:
         regexes = [re.compile(p) for p in ([patterns] if isinstance(patterns, str) else patterns)]
         return sum(v for k, v in self.kernels.items() if any(r.search(k) for r in regexes))
 
-    def __add__(self, other: "MatmulFlops") -> "MatmulFlops":
+    def __add__(self, other: MatmulFlops) -> MatmulFlops:
         if isinstance(other, int) and other == 0:  # sum([...]) starts at 0
             return self
         if not isinstance(other, MatmulFlops):
@@ -108,9 +109,9 @@ def _conv_taps(size: int, k: int, stride: int, pad: tuple[int, int], lhs_dilatio
     return out, valid
 
 
-def _positive(**values: int) -> None:
+def _positive(**values: float) -> None:
     for name, v in values.items():
-        if int(v) <= 0:
+        if v <= 0:  # not int(v): a step of 0.5 s is positive
             raise ValueError(f"flops: {name} must be positive, got {v}")
 
 
@@ -142,7 +143,8 @@ def _jaxpr_flops(jaxpr: Any) -> int:
             total += max(_jaxpr_flops(br.jaxpr) for br in eqn.params["branches"])
         else:
             if name == "while":
-                warnings.warn("traced_matmul_flops: a while loop's body is counted once (unknown trip count)")
+                warnings.warn("traced_matmul_flops: a while loop's body is counted once (unknown trip count)",
+                              stacklevel=2)
             for sub in jcore.jaxprs_in_params(eqn.params):
                 total += _jaxpr_flops(getattr(sub, "jaxpr", sub))
     return total

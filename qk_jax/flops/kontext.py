@@ -15,7 +15,8 @@ The parts and their gradient rules (see the package docstring):
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import jax
 import numpy as np

@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from qk_jax.flops.count import MatmulFlops, _Counter, _positive
 from qk_jax.models.connector import ConnectorConfig

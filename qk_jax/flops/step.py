@@ -6,7 +6,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -149,7 +150,7 @@ def peak_key(device_kind: str) -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def measure_cpu_matmul_peak(size: int = 2048, repeats: int = 3) -> float:
     """FLOP/s of a large float32 `jnp` matmul (size x size x size) on the CPU, best of
     `repeats`: the CPU's practical peak for MFU. Cached per process.

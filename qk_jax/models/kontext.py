@@ -33,7 +33,8 @@ ids) lives in `qk_jax/data/model_inputs.py`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -174,7 +175,7 @@ class KontextConfig:
     def lora_scales(self) -> dict[str, float]:
         return {"vlm": self.lora_vlm.scale, self.generator_key: self.lora_dit.scale}
 
-    def replace(self, **changes) -> "KontextConfig":
+    def replace(self, **changes) -> KontextConfig:
         return dataclasses.replace(self, **changes)
 
 

@@ -8,7 +8,6 @@ blocks and carries logical axis names on every parameter.
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from qk_jax.models import layers

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Sequence
 from types import SimpleNamespace
-from typing import Sequence
 
-from qk_jax.cli import underscore_flags as normalize_flags  # noqa: F401 - also this module's API
+from qk_jax.cli import underscore_flags as normalize_flags  # also this module's API
 from qk_jax.parity import TOOLS
 
 

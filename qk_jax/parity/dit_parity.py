@@ -23,8 +23,8 @@ import numpy as np
 
 from qk_jax.convert import diffusers_io
 from qk_jax.convert.diffusers_configs import from_diffusers, mmdit_class_name
-from qk_jax.models.mmdit import positions as pos
 from qk_jax.models.mmdit import MMDiT, MMDiTConfig
+from qk_jax.models.mmdit import positions as pos
 from qk_jax.parity.report import ParityReport, low_memory_loading
 
 
@@ -142,7 +142,8 @@ def mmdit_parity(checkpoint, family: str, *, batch: int = 2, height: int = 6, wi
     ref = run_reference(model, config, inp)
     del model
     gc.collect()
-    from qk_jax.convert import flux as flux_convert, qwen_image as qwen_convert
+    from qk_jax.convert import flux as flux_convert
+    from qk_jax.convert import qwen_image as qwen_convert
     _, params = (qwen_convert if family == "qwen_image" else flux_convert).load(folder)
     with jax.default_matmul_precision("highest"):  # parity is always in full float32
         ours = run_ours(config, params, inp)

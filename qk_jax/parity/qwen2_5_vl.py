@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import gc
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from absl import flags

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gc
 import re
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -86,7 +85,8 @@ def vae_parity(checkpoint, kind: str, *, batch: int = 1, height: int = 64, width
                tolerance: float = 1e-4, stream=None) -> ParityReport:
     """`kind`: "kl" (AutoencoderKL) or "qwen_image" (AutoencoderKLQwenImage). Returns the filled report."""
     import torch
-    from diffusers import AutoencoderKL as TorchKL, AutoencoderKLQwenImage as TorchQwen
+    from diffusers import AutoencoderKL as TorchKL
+    from diffusers import AutoencoderKLQwenImage as TorchQwen
 
     from qk_jax.convert import vae_kl, vae_qwen_image
     folder = diffusers_io.model_folder(checkpoint, "vae")

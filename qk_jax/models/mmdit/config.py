@@ -94,7 +94,7 @@ class MMDiTConfig:
         """Features per output token: patch_size**2 * out_channels (64 for both FLUX and Qwen-Image)."""
         return self.patch_size ** 2 * (self.out_channels or self.in_channels)
 
-    def replace(self, **changes) -> "MMDiTConfig":
+    def replace(self, **changes) -> MMDiTConfig:
         return dataclasses.replace(self, **changes)
 
 # Named sizes. `head_870m` and `dit_10b` use the Qwen-Image layout (double-stream blocks,

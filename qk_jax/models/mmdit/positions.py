@@ -22,7 +22,7 @@ Everything here is host-side numpy (shapes are static); `rope_angles` and
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

@@ -8,13 +8,17 @@
 - `generate.py`: KV-cache generation (greedy / sampled, batched, left padding).
 """
 
-from qk_jax.models.qwen2_5_vl.config import (SIZES, ConfigError, Qwen25VLConfig, TextConfig, VisionConfig,
-                                              get_config)
+from qk_jax.models.qwen2_5_vl.config import SIZES, ConfigError, Qwen25VLConfig, TextConfig, VisionConfig, get_config
 from qk_jax.models.qwen2_5_vl.model import Qwen25VL, dummy_inputs, init_params, param_count, prepare_inputs
 from qk_jax.models.qwen2_5_vl.rope import extend_position_ids, get_rope_index, text_position_ids
 from qk_jax.models.qwen2_5_vl.text import init_cache
-from qk_jax.models.qwen2_5_vl.vision_plan import (VisionPlan, build_image_plan, build_vision_plan, pad_patches,
-                                                   shares_one_grid)
+from qk_jax.models.qwen2_5_vl.vision_plan import (
+                                              VisionPlan,
+                                              build_image_plan,
+                                              build_vision_plan,
+                                              pad_patches,
+                                              shares_one_grid,
+)
 
 __all__ = [
     "SIZES", "ConfigError", "Qwen25VLConfig", "TextConfig", "VisionConfig", "get_config", "Qwen25VL",

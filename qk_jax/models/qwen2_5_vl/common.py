@@ -3,7 +3,8 @@ scan-over-layers wrapper is `layers.scan_layers`, shared by every model)."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax

@@ -10,7 +10,7 @@ Named sizes (`get_config(name)`): `tiny` (tests), `demo` (a small CPU model that
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from collections.abc import Mapping
 
 from qk_jax.models.layers import REMAT_POLICIES
 
@@ -112,7 +112,7 @@ class Qwen25VLConfig:
     def __post_init__(self):
         validate(self)
 
-    def with_special_tokens(self, ids: Mapping[str, int]) -> "Qwen25VLConfig":
+    def with_special_tokens(self, ids: Mapping[str, int]) -> Qwen25VLConfig:
         """The config with token ids taken from a tokenizer's special-token table.
 
         `ids` maps token strings to ids, e.g. the dict `qk_jax.data.tokenizer.build_tokenizer`
@@ -125,7 +125,7 @@ class Qwen25VLConfig:
             self, text=text, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
             vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
 
-    def replace(self, **changes) -> "Qwen25VLConfig":
+    def replace(self, **changes) -> Qwen25VLConfig:
         return dataclasses.replace(self, **changes)
 
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -48,7 +49,7 @@ class QwenVLProcessor:
             raise ValueError(f"the tokenizer has no {image_token!r} token")
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, **image_kwargs) -> "QwenVLProcessor":
+    def from_pretrained(cls, folder: str | os.PathLike, **image_kwargs) -> QwenVLProcessor:
         """Loads the tokenizer of `folder` and its `preprocessor_config.json` when present; else
         a default image processor with patch / merge / temporal sizes from `config.json`."""
         from transformers import AutoTokenizer, Qwen2VLImageProcessorPil

@@ -18,7 +18,7 @@ on all three axes; `extend_position_ids` computes exactly that.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

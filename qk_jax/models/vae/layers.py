@@ -13,7 +13,8 @@ tree, so an exported folder is the complete video VAE again.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax

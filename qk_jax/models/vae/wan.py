@@ -84,7 +84,7 @@ class WanEncoder(nn.Module):
         dims = [cfg.base_dim * u for u in (1,) + cfg.dim_mult]
         x = Conv(dims[0], (3, 3, 3), name="conv_in", **kw)(x)
         k, scale = 0, 1.0
-        for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
+        for i, d_out in enumerate(dims[1:]):
             for _ in range(cfg.num_res_blocks):
                 x = WanResidualBlock(d_out, name=f"down_blocks_{k}", **kw)(x)
                 k += 1
