@@ -442,10 +442,14 @@ class Checkpointer:
         if not targets:
             return {}, {}, None
         stored = {name: self._check_shapes(step, name, target) for name, target in targets.items()}
-        args = {name: ocp.args.PyTreeRestore(item=t, restore_args=_restore_args_for(t)) for name, t in targets.items()}
-        restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+        # Each item through its handler, not the manager: Orbax's Checkpointer.restore ends at a
+        # barrier of all processes, which a process whose read failed never reaches (the others
+        # would wait there forever); here the processes meet in `_agree` instead.
+        restored = {name: ocp.PyTreeCheckpointHandler().restore(
+            self.directory / str(step) / name, args=ocp.args.PyTreeRestore(item=t, restore_args=_restore_args_for(t)))
+            for name, t in targets.items()}
         sums = self._stored_checksums(step, present, meta)
-        return {name: restored[name] for name in targets}, stored, sums
+        return restored, stored, sums
 
     def _verify_arrays(self, step: int, restored: dict, stored: dict, sums: dict | None) -> dict[str, Any]:
         """The restored arrays, their checksums verified (computed where the arrays live, the
