@@ -203,6 +203,7 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         self._saving: int | None = None  # the step of the save in flight (or last started)
         self._failed: CheckpointSaveError | None = None
+        self._reader: ocp.PyTreeCheckpointHandler | None = None  # reads array items (see _read_item)
 
     # ------------------------------------------------------------------ saving
 
@@ -267,6 +268,9 @@ class Checkpointer:
                 raise
             log.error("%s", e)
         finally:
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
             try:
                 self._manager.close()
             except Exception:  # noqa: BLE001 - the failure was raised (or is being raised) above
@@ -445,11 +449,17 @@ class Checkpointer:
         # Each item through its handler, not the manager: Orbax's Checkpointer.restore ends at a
         # barrier of all processes, which a process whose read failed never reaches (the others
         # would wait there forever); here the processes meet in `_agree` instead.
-        restored = {name: ocp.PyTreeCheckpointHandler().restore(
-            self.directory / str(step) / name, args=ocp.args.PyTreeRestore(item=t, restore_args=_restore_args_for(t)))
-            for name, t in targets.items()}
+        restored = {name: self._read_item(step, name, t) for name, t in targets.items()}
         sums = self._stored_checksums(step, present, meta)
         return restored, stored, sums
+
+    def _read_item(self, step: int, name: str, target) -> Any:
+        """One array item of a step, read by this process alone (one handler serves every
+        read of this Checkpointer and is closed with it, as the manager's own handlers are)."""
+        if self._reader is None:
+            self._reader = ocp.PyTreeCheckpointHandler()
+        return self._reader.restore(self.directory / str(step) / name,
+                                    args=ocp.args.PyTreeRestore(item=target, restore_args=_restore_args_for(target)))
 
     def _verify_arrays(self, step: int, restored: dict, stored: dict, sums: dict | None) -> dict[str, Any]:
         """The restored arrays, their checksums verified (computed where the arrays live, the
