@@ -21,7 +21,10 @@ them, so flipped bytes are caught. A step that is incomplete or corrupt (an item
 metadata file missing, a file truncated or unreadable, a checksum that does not match)
 is reported in one warning line and the next older step is used; the run that owns the
 directory (`quarantine=True`) moves it aside to `<step>.corrupt`, so a later save of the
-same step number does not collide with it. Only faults of the checkpoint itself do that:
+same step number does not collide with it. With several processes each read's outcome is
+agreed across them before the (collective) checksums run, so every process skips the same
+steps and resumes from the same one, and only the primary process renames a folder (the
+others wait at a barrier). Only faults of the checkpoint itself do that:
 an out-of-memory or a transient I/O error stops with the step named. Restores take
 *abstract targets* (`jax.ShapeDtypeStruct` with shardings), so a checkpoint written on
 one mesh restores onto any other mesh or a single device.
@@ -199,6 +202,7 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         self._saving: int | None = None  # the step of the save in flight (or last started)
         self._failed: CheckpointSaveError | None = None
+        self._reader: ocp.PyTreeCheckpointHandler | None = None  # reads array items (see _read_item)
 
     # ------------------------------------------------------------------ saving
 
@@ -263,6 +267,9 @@ class Checkpointer:
                 raise
             logs.error("%s", e)
         finally:
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
             try:
                 self._manager.close()
             except Exception:  # the failure was raised (or is being raised) above
@@ -336,17 +343,25 @@ class Checkpointer:
         no step is good, when a tree does not fit its target, or when reading failed for a
         reason outside the checkpoint (e.g. out of memory), naming the step.
         """
-        candidates = [int(step)] if step is not None else list(reversed(self.steps()))
+        # Every process walks the same candidates and takes the same decision at each one: the
+        # outcome of each read is agreed across processes (`_agree`) before anything collective
+        # (the checksums) runs, so a step unreadable on any process is skipped by all of them
+        # and only the primary process moves it aside.
+        candidates = [int(step)] if step is not None else _same_on_all_processes(list(reversed(self.steps())))
         if not candidates:
             raise CheckpointError(f"no checkpoint steps in {self.directory}")
         json_items, required = tuple(json_items), tuple(required)
         bad = []
         for s in candidates:
             present = set(self.items_in(s))
-            items, fault = self._read_or_fault(s, lambda: self._read_json(s, present, json_items + required, required))
+            items, fault = self._attempt(s, lambda: self._read_json(s, present, json_items + required, required))
+            fault = self._agree(s, fault)
             if fault is None:
                 targets = targets_for(s, items)  # errors here are the caller's, not the checkpoint's
-                arrays, fault = self._read_or_fault(s, lambda: self._restore_arrays(s, present, targets, items["meta"]))
+                read, fault = self._attempt(s, lambda: self._read_arrays(s, present, targets, items["meta"]))
+                fault = self._agree(s, fault)
+            if fault is None:  # every process holds the arrays: verified together, one outcome for all
+                arrays, fault = self._attempt(s, lambda: self._verify_arrays(s, *read))
             if fault is None:
                 out = {k: v for k, v in items.items() if k in json_items or k in required}
                 return {**out, **arrays, "step": s}
@@ -360,24 +375,47 @@ class Checkpointer:
         raise NoGoodCheckpointError(f"no readable checkpoint in {self.directory}: steps {bad} are incomplete or "
                                     f"corrupt")
 
-    def _read_or_fault(self, step: int, read: Callable[[], Any]) -> tuple[Any, BaseException | None]:
-        """(read(), None), or (None, fault) when reading failed through a fault of the checkpoint;
-        any other failure is raised as a CheckpointError naming the step."""
+    def _attempt(self, step: int, read: Callable[[], Any]) -> tuple[Any, BaseException | None]:
+        """(read(), None), or (None, the failure): a fault of the checkpoint as it was raised,
+        any other failure as a CheckpointError naming the step (see `_is_fault`)."""
         try:
             return read(), None
-        except CorruptCheckpointError as e:
+        except CheckpointError as e:
             return None, e
-        except CheckpointError:
-            raise
-        except Exception as e:  # classified here
-            if not is_checkpoint_fault(e):
-                raise CheckpointError(f"reading checkpoint step {step} in {self.directory} failed: {first_line(e)} "
-                                      f"(not a fault of the checkpoint; nothing was skipped)") from e
-            return None, e
+        except Exception as e:  # noqa: BLE001 - classified here
+            if is_checkpoint_fault(e):
+                return None, e
+            error = CheckpointError(f"reading checkpoint step {step} in {self.directory} failed: {first_line(e)} "
+                                    f"(not a fault of the checkpoint; nothing was skipped)")
+            error.__cause__ = e
+            return None, error
+
+    @staticmethod
+    def _is_fault(error: BaseException) -> bool:
+        """A fault of the checkpoint (skip the step) rather than an error to stop with."""
+        return isinstance(error, CorruptCheckpointError) or not isinstance(error, CheckpointError)
+
+    def _agree(self, step: int, outcome: BaseException | None) -> BaseException | None:
+        """The outcome of reading `step`, the same on every process: any process that failed
+        for a reason outside the checkpoint stops them all (raised); else any process that
+        found a fault makes the step faulty for all. One process: `outcome` unchanged (or raised)."""
+        code = 0 if outcome is None else 1 if self._is_fault(outcome) else 2
+        codes = _gather_ints(code)
+        if max(codes) == 2:
+            if code == 2:
+                raise outcome
+            raise CheckpointError(f"reading checkpoint step {step} in {self.directory} failed on process(es) "
+                                  f"{[i for i, c in enumerate(codes) if c == 2]} (not a fault of the checkpoint; "
+                                  f"nothing was skipped)")
+        if max(codes) == 1 and code == 0:
+            return CorruptCheckpointError(f"checkpoint step {step} in {self.directory} is unreadable on process(es) "
+                                          f"{[i for i, c in enumerate(codes) if c == 1]}")
+        return outcome
 
     def _set_aside(self, step: int, fault: BaseException, quarantine: bool) -> None:
         """One warning line naming the step and the fault; with `quarantine`, the step's
-        folder is renamed to `<step>.corrupt` (`.corrupt.1`, ... if taken)."""
+        folder is renamed to `<step>.corrupt` (`.corrupt.1`, ... if taken) by the primary
+        process, while the others wait."""
         source = self.directory / str(step)
         if not quarantine:
             logs.warning("checkpoint step %d in %s is incomplete or corrupt (%s); skipping it", step, self.directory,
@@ -388,6 +426,7 @@ class Checkpointer:
         while dest.exists():
             n += 1
             dest = self.directory / f"{step}{CORRUPT_SUFFIX}.{n}"
+        _barrier(f"qk_checkpoint_set_aside_named_{step}")  # every process has named `dest` before it is taken
         if jax.process_index() == 0:
             source.rename(dest)
         _barrier(f"qk_checkpoint_set_aside_{step}")
@@ -395,23 +434,39 @@ class Checkpointer:
         logs.warning("checkpoint step %d in %s is incomplete or corrupt (%s); moved aside to %s, trying an older step",
                     step, self.directory, first_line(fault), dest)
 
-    def _restore_arrays(self, step: int, present: set[str], targets: Mapping[str, Any],
-                        meta: Mapping[str, Any]) -> dict[str, Any]:
-        """The array items named by `targets`, their shapes checked and their checksums verified."""
+    def _read_arrays(self, step: int, present: set[str], targets: Mapping[str, Any],
+                     meta: Mapping[str, Any]) -> tuple[dict, dict, dict | None]:
+        """Reads the array items named by `targets` (each process its own shards), their
+        shapes checked: (restored, stored leaves, stored checksums or None)."""
         for name in targets:
             if name not in present:
                 raise CorruptCheckpointError(f"checkpoint step {step} in {self.directory} has no item {name!r} "
                                              f"(it holds {sorted(present)})")
         if not targets:
-            return {}
+            return {}, {}, None
         stored = {name: self._check_shapes(step, name, target) for name, target in targets.items()}
-        args = {name: ocp.args.PyTreeRestore(item=t, restore_args=_restore_args_for(t)) for name, t in targets.items()}
-        restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+        # Each item through its handler, not the manager: Orbax's Checkpointer.restore ends at a
+        # barrier of all processes, which a process whose read failed never reaches (the others
+        # would wait there forever); here the processes meet in `_agree` instead.
+        restored = {name: self._read_item(step, name, t) for name, t in targets.items()}
         sums = self._stored_checksums(step, present, meta)
+        return restored, stored, sums
+
+    def _read_item(self, step: int, name: str, target) -> Any:
+        """One array item of a step, read by this process alone (one handler serves every
+        read of this Checkpointer and is closed with it, as the manager's own handlers are)."""
+        if self._reader is None:
+            self._reader = ocp.PyTreeCheckpointHandler()
+        return self._reader.restore(self.directory / str(step) / name,
+                                    args=ocp.args.PyTreeRestore(item=target, restore_args=_restore_args_for(target)))
+
+    def _verify_arrays(self, step: int, restored: dict, stored: dict, sums: dict | None) -> dict[str, Any]:
+        """The restored arrays, their checksums verified (computed where the arrays live, the
+        same result on every process)."""
         if sums is not None:
-            for name in targets:
+            for name in restored:
                 self._verify(step, name, restored[name], stored[name], sums.get(name, {}))
-        return {name: restored[name] for name in targets}
+        return restored
 
     def _read_json(self, step: int, present: set[str], names: tuple[str, ...],
                    required: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -495,6 +550,30 @@ class Checkpointer:
         if sums is not None:
             self._verify(step, item, tree, stored, sums.get(item, {}))
         return tree
+
+
+def _gather_ints(value: int) -> list[int]:
+    """`value` of every process, in process order ([value] with one process)."""
+    if jax.process_count() == 1:
+        return [int(value)]
+    from jax.experimental import multihost_utils
+
+    return [int(v) for v in np.asarray(multihost_utils.process_allgather(np.int32(value))).reshape(-1)]
+
+
+def _same_on_all_processes(values: list[int]) -> list[int]:
+    """The primary process's list of ints on every process (listings of a shared folder can
+    differ for a moment between hosts; all must walk the same steps)."""
+    if jax.process_count() == 1:
+        return values
+    from jax.experimental import multihost_utils
+
+    n = int(multihost_utils.broadcast_one_to_all(np.int32(len(values))))
+    if n == 0:
+        return []
+    padded = np.zeros(n, np.int32)
+    padded[:min(n, len(values))] = values[:n]
+    return [int(v) for v in np.asarray(multihost_utils.broadcast_one_to_all(padded))]
 
 
 def _barrier(name: str) -> None:

@@ -244,6 +244,24 @@ def save_grid(images: np.ndarray, path: str, columns: int | None = None) -> None
 
 # ----------------------------------------------------------------------------- CLI
 
+class OutputError(OSError):
+    """An --out path that cannot be written (the message names it and the cause)."""
+
+
+def check_output(path: str) -> None:
+    """Creates the folder of `path` and proves it writable before any sampling, or raises
+    OutputError naming it (a read-only or full location fails now, not after the work)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write_test_{os.getpid()}")
+        with open(probe, "w") as fh:
+            fh.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise OutputError(f"--out {path} cannot be written: {e.strerror or e}") from None
+
+
 def main(argv):
     from absl import flags
 
@@ -251,6 +269,7 @@ def main(argv):
     f = flags.FLAGS
     if not f.prompt:
         raise ValueError("--prompt is required (repeat it for several prompts)")
+    check_output(f.out)
     sampler = Sampler.from_checkpoint(f.checkpoint, use_ema=f.ema, step=f.step)
     if f.scheduler:
         sampler.config.sample.scheduler = f.scheduler

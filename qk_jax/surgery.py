@@ -41,7 +41,7 @@ import ml_collections
 import numpy as np
 
 from qk_jax import checkpoint as ckpt_lib
-from qk_jax import distributed, dit_seeding, logs, model_config, sharding
+from qk_jax import distributed, dit_seeding, fault_points, logs, model_config, sharding
 from qk_jax.checkpoint import resolve_run
 from qk_jax.config import ConfigError, get_field, load_config, set_field
 from qk_jax.models.kontext import QueryKontext
@@ -204,6 +204,7 @@ def run(from_stage: int, to_stage: int, src: str, dst: str, dit: str | None = No
     writer.close()
     if processor and jax.process_index() == 0:
         shutil.copytree(processor, os.path.join(staging, "processor"), dirs_exist_ok=True)
+    fault_points.pause_point("surgery.written")  # inert unless a fault test sets QK_JAX_PAUSE_AT
     report = _report(src_params, params, status, from_stage, to_stage, src_root, step, dst, dit)
     report["dit_blocks"] = dit_map
     report["bit_identical"] = verify_kept(staging, params, status, mesh)
@@ -250,11 +251,16 @@ def prepare_destination(dst: str) -> str:
         raise SurgeryError(f"destination {dst} already exists and is not empty{done}; choose a new folder")
     staging = staging_path(dst)
     if jax.process_index() == 0:
-        if os.path.exists(dst):
-            os.rmdir(dst)  # an empty folder: renaming replaces it
-        if os.path.exists(staging):
-            logs.warning(f"removing {staging}, the unfinished output of an interrupted surgery")
-            shutil.rmtree(staging)
+        try:
+            if os.path.exists(dst):
+                os.rmdir(dst)  # an empty folder: renaming replaces it
+            if os.path.exists(staging):
+                logs.warning(f"removing {staging}, the unfinished output of an interrupted surgery")
+                shutil.rmtree(staging)
+            os.makedirs(staging)  # proves the destination writable before any work
+            os.rmdir(staging)
+        except OSError as e:
+            raise SurgeryError(f"destination {dst} cannot be written: {e.strerror or e}") from None
     distributed.barrier("surgery_staging")
     return staging
 

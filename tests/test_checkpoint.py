@@ -6,6 +6,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
@@ -238,7 +239,7 @@ def test_an_error_outside_the_checkpoint_stops_without_skipping(devices, saved, 
     def out_of_memory(*a, **k):
         raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.00GiB")
 
-    monkeypatch.setattr(ck._manager, "restore", out_of_memory)
+    monkeypatch.setattr(ocp.PyTreeCheckpointHandler, "restore", out_of_memory)  # every array read
     one = SingleDeviceSharding(jax.devices()[0])
     with pytest.raises(ckpt_lib.CheckpointError, match="step 2 .*RESOURCE_EXHAUSTED.*nothing was skipped"):
         ck.restore(params=abstract(params, lambda a: one), quarantine=True)

@@ -9,7 +9,9 @@ import glob
 import json
 import logging
 import os
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -20,7 +22,8 @@ import pytest
 import kontext_util as ku
 from cli_env import log_message
 from qk_jax import checkpoint as ckpt_lib
-from qk_jax import surgery
+from qk_jax import fault_points, surgery
+from qk_jax.data import builders, records
 from qk_jax.sample import Sampler
 from qk_jax.train import train
 
@@ -349,3 +352,184 @@ def test_kill_9_at_a_checkpoint_step_resumes_to_an_uninterrupted_runs_weights(re
     assert steps_of(killed) == steps_of(uninterrupted) == [4, 6, 8]
     assert_same_params(stored_params(killed, 8), stored_params(uninterrupted, 8))
     assert [r["step"] for r in last_metrics(killed)] == list(range(1, 9))
+
+
+# ----------------------------------------------------------------------------- real kill -9 of the tools
+
+def tool_env(**extra):
+    """The test's environment for a `qk-jax` subprocess, the repository on PYTHONPATH."""
+    env = dict(os.environ, **extra)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def tool(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "qk_jax.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=900, env=env or tool_env())
+
+
+def kill_9_at(point, *args):
+    """Runs `qk-jax ARGS` until it reaches the pause point `point` (qk_jax.fault_points),
+    then kills it with SIGKILL; returns its output."""
+    proc = subprocess.Popen([sys.executable, "-m", "qk_jax.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=tool_env(**{fault_points.ENV: point}))
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if f"paused at {point}" in line:
+                proc.send_signal(signal.SIGKILL)
+                break
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL, "".join(seen)[-3000:]
+    return "".join(seen)
+
+
+def root_params(root, step=0):
+    ck = ckpt_lib.Checkpointer(root, create=False)
+    return ck.restore(step, params=ck.abstract_item(step, "params"), json_items=())["params"]
+
+
+@pytest.mark.slow
+def test_kill_9_during_surgery_is_rerun_to_an_uninterrupted_surgerys_output(reference, shapes_dir, tmp_path):
+    def args(dst):
+        return ["surgery", "--from", "1", "--to", "2", "--src", reference, "--dst", dst]
+
+    uninterrupted = str(tmp_path / "uninterrupted")
+    surgery.run(1, 2, reference, uninterrupted)
+    dst = str(tmp_path / "ckpt2")
+    kill_9_at("surgery.written", *args(dst))  # killed after the output checkpoint was written
+    partial = surgery.staging_path(dst)
+    assert not os.path.exists(dst) and os.path.isdir(os.path.join(partial, "0"))
+    assert not os.path.exists(os.path.join(partial, surgery.REPORT))
+    stage2 = ku.stage_config(2, shapes_dir, "train.steps=2", f"train.init_from={partial}")
+    with pytest.raises(surgery.SurgeryError, match=f"train.init_from: {partial} has no complete surgery_report.json"):
+        train(stage2, str(tmp_path / "run2"))
+    rerun = tool(*args(dst))  # the same command, no manual cleanup
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    said = [log_message(line) for line in (rerun.stdout + rerun.stderr).splitlines()]
+    assert f"removing {partial}, the unfinished output of an interrupted surgery" in said
+    assert not os.path.exists(partial) and surgery.read_complete_report(dst)["bit_identical"]["ok"]
+    assert_same_params(root_params(dst), root_params(uninterrupted))
+
+
+def dataset_records(data_dir, task):
+    """{split: {id: record}} of a built task."""
+    out = {}
+    for split in ("train", "validation", "test"):
+        src = builders.load_source(data_dir, builders.SHAPES_NAME, task, split)
+        out[split] = {r["id"]: r for r in (records.normalize(src[i]) for i in range(len(src)))}
+    return out
+
+
+def test_kill_9_during_the_data_build_is_rerun_to_an_uninterrupted_builds_records(tmp_path):
+    def args(out):
+        return ["data", "shapes", "--out", out, "--num", "12", "--num_eval", "3", "--size", "32", "--tasks",
+                "t2i,edit"]
+
+    uninterrupted, out = str(tmp_path / "uninterrupted"), str(tmp_path / "killed")
+    run = tool(*args(uninterrupted))
+    assert run.returncode == 0, run.stderr[-3000:]
+    kill_9_at("data.writing", *args(out))  # killed while tfds writes the first task (t2i)
+    version_dir = builders.epath.Path(out) / builders.SHAPES_NAME / "t2i" / builders.VERSION
+    leftovers = builders.interrupted_builds(version_dir)
+    assert leftovers and all(p.is_dir() for p in leftovers)  # the kill left tfds' temporary folder
+    assert builders.dataset_dir(out, builders.SHAPES_NAME, "t2i") is None
+    with pytest.raises(builders.NotBuiltError, match="interrupted build"):
+        builders.load_source(out, builders.SHAPES_NAME, "t2i", "train")
+    rerun = tool(*args(out))  # the same command, no manual cleanup
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    warnings = [line for line in rerun.stderr.splitlines() if "interrupted build" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("W") and leftovers[0].name in warnings[0], warnings
+    assert builders.interrupted_builds(version_dir) == []
+    for task in ("t2i", "edit"):
+        got, expected = dataset_records(out, task), dataset_records(uninterrupted, task)
+        assert {s: len(r) for s, r in got.items()} == {"train": 12, "validation": 3, "test": 3}
+        assert got == expected, task
+
+
+# ----------------------------------------------------------------------------- read-only locations
+
+@pytest.mark.slow
+def test_read_only_workdir_and_outputs_are_one_line(reference, shapes_dir, tmp_path):
+    """A read-only filesystem (a tmpfs mounted read-only in a private mount namespace, so it
+    works as root, where chmod stops nothing): train, surgery and sample each end with one
+    line naming the path and the cause, exit 1, and print no traceback."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    commands = {
+        "train_new": ["train", "--config", "configs/stage1.py:tiny", "--workdir", str(ro / "run"),
+                      f"--config.data.data_dir={shapes_dir}"],
+        "train_existing": ["train", "--config", "configs/stage1.py:tiny", "--workdir", str(ro),
+                           f"--config.data.data_dir={shapes_dir}"],
+        "surgery": ["surgery", "--from", "1", "--to", "2", "--src", reference, "--dst", str(ro / "ckpt2")],
+        "sample": ["sample", "--checkpoint", reference, "--prompt", "a red circle", "--out", str(ro / "s.png")],
+    }
+    script = [f"mount -t tmpfs -o ro qk_jax_ro {ro} || exit 97"]
+    for name, cmd in commands.items():
+        script += [f"echo '=== {name}'", " ".join(map(shlex.quote, [sys.executable, "-m", "qk_jax.cli", *cmd])) + " 2>&1",
+                   "echo \"=== rc $?\""]
+    run = subprocess.run(["unshare", "--map-root-user", "--mount", "sh", "-c", "\n".join(script)], cwd=REPO,
+                         capture_output=True, text=True, timeout=900, env=tool_env())
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    outputs = dict(zip(commands, run.stdout.split("=== ")[1:][::2]))
+    codes = [line for line in run.stdout.splitlines() if line.startswith("=== rc ")]
+    assert codes == ["=== rc 1"] * len(commands), run.stdout[-5000:]
+    expected = {
+        "train_new": f"qk-jax train: error: WorkdirError: workdir {ro / 'run'} cannot be created: Read-only file system",
+        "train_existing": f"qk-jax train: error: WorkdirError: workdir {ro} is not writable: Read-only file system",
+        "surgery": f"qk-jax surgery: error: SurgeryError: destination {ro / 'ckpt2'} cannot be written: Read-only "
+                   f"file system",
+        "sample": f"qk-jax sample: error: OutputError: --out {ro / 's.png'} cannot be written: Read-only file system",
+    }
+    for name, text in outputs.items():
+        lines = [line for line in text.splitlines() if line.strip()]
+        assert "Traceback" not in text, text[-3000:]
+        assert lines[-1].startswith(expected[name]), (name, lines[-1])
+    assert os.listdir(ro) == []  # outside the namespace the folder was never touched
+
+
+# ----------------------------------------------------------------------------- two processes
+
+def two_processes(directory, mode, **extra):
+    """tests/two_process_restore.py as two processes x 4 CPU devices joined by
+    jax.distributed (the environment launch/local.py gives); returns their RESULT records
+    (process order) and outputs."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        coordinator = f"localhost:{s.getsockname()[1]}"
+    procs = [subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "tests", "two_process_restore.py"), directory, mode], cwd=REPO,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=tool_env(QK_COORDINATOR=coordinator, QK_NUM_PROCESSES="2", QK_PROCESS_ID=str(i), JAX_PLATFORMS="cpu",
+                     XLA_FLAGS="--xla_force_host_platform_device_count=4", **extra)) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    results = [json.loads(line.split("RESULT ", 1)[1]) for out in outs for line in out.splitlines()
+               if line.startswith("RESULT ")]
+    return sorted(results, key=lambda r: r["process"]), outs
+
+
+@pytest.mark.parametrize("fault", ["truncated_on_disk", "unreadable_on_process_1"])
+def test_two_processes_agree_on_a_corrupt_newest_step(tmp_path, fault):
+    directory = str(tmp_path / "checkpoints")
+    two_processes(directory, "write")
+    step_2_sum = float(np.arange(8 * 16, dtype=np.float32).sum() * 2)
+    if fault == "truncated_on_disk":
+        truncate_data_files(os.path.join(directory, "4"))
+        results, outs = two_processes(directory, "restore")
+    else:  # only process 1 fails to read step 4: without agreement process 0 would take step 4
+        results, outs = two_processes(directory, "restore", QK_TEST_UNREADABLE_ON="1")
+        assert "unreadable on process(es) [1]" in outs[0], outs[0][-3000:]
+    assert [(r["process"], r["step"], r["sum"]) for r in results] == [(0, 2, step_2_sum), (1, 2, step_2_sum)]
+    assert sorted(os.listdir(directory)) == ["2", "4.corrupt"]  # moved aside once, by the primary process
+    for out in outs:
+        assert len([line for line in out.splitlines() if "moved aside to" in line and "step 4" in line]) == 1, out

@@ -6,10 +6,12 @@ One dataset per task, so the pipeline can mix tasks with per-stage weights:
     DATA_DIR/<import name>/<task>/1.0.0/...
 
 Records follow `qk_jax.data.records` (images as PNG bytes: building and reading need no
-TensorFlow). Atomicity comes from tfds: a build writes into `<task>/incomplete.XXXX_1.0.0`
+TensorFlow). Atomicity comes from tfds: a build writes into `<task>/incomplete.XXXXXX_1.0.0`
 and renames it to `1.0.0` only when every split is written, so an interrupted build never
 leaves a directory that `load_source` would take for a dataset (it only opens version
-directories holding `dataset_info.json`).
+directories holding `dataset_info.json`). A build killed hard (kill -9, power loss) leaves
+its `incomplete.*` folder behind; the next build of that task removes it with one warning
+line and builds again (one build per data directory and task at a time).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from tqdm import tqdm
 
+from qk_jax import fault_points, logs
 from qk_jax.data import records, splits, vocab
 
 VERSION = "1.0.0"
@@ -94,14 +97,18 @@ class KontextShapes(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         bar = tqdm(total=n, desc=f"{c.task}/{split}", unit="rec", leave=False)
         if c.workers > 1:
             with multiprocessing.get_context("fork").Pool(c.workers) as pool:
-                for rec in pool.imap(_make_record, jobs, chunksize=32):
+                for i, rec in enumerate(pool.imap(_make_record, jobs, chunksize=32)):
                     bar.update()
                     yield rec["id"], rec
+                    if i == 0:
+                        fault_points.pause_point("data.writing")  # inert unless QK_JAX_PAUSE_AT is set
         else:
-            for job in jobs:
+            for i, job in enumerate(jobs):
                 rec = _make_record(job)
                 bar.update()
                 yield rec["id"], rec
+                if i == 0:
+                    fault_points.pause_point("data.writing")
         bar.close()
 
 
@@ -136,8 +143,10 @@ class ImportedData(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return {s: self._generate_examples(s) for s in self.builder_config.split_names}
 
     def _generate_examples(self, split: str) -> Iterator[tuple[str, dict]]:
-        for rec in self.builder_config.examples(split):
+        for i, rec in enumerate(self.builder_config.examples(split)):
             yield rec["id"], rec
+            if i == 0:
+                fault_points.pause_point("data.writing")  # inert unless QK_JAX_PAUSE_AT is set
 
 
 def prepare(builder: tfds.core.DatasetBuilder) -> None:
@@ -146,8 +155,31 @@ def prepare(builder: tfds.core.DatasetBuilder) -> None:
     tfds' own progress bars are switched off; the generators show one tqdm bar each.
     """
     tfds.disable_progress_bar()
+    remove_interrupted_builds(epath.Path(builder.data_path))
     with tempfile.TemporaryDirectory() as tmp, quiet_tfds():
         builder.download_and_prepare(download_dir=tmp, file_format="array_record")
+
+
+def interrupted_builds(version_dir: epath.Path) -> list[epath.Path]:
+    """tfds' temporary folders (`incomplete.XXXXXX_<version>`) left beside `version_dir` by
+    builds that were killed before their rename."""
+    parent = version_dir.parent
+    if not parent.exists():
+        return []
+    pattern = re.compile(r"incomplete\.[A-Z0-9]+_" + re.escape(version_dir.name))
+    return sorted(p for p in parent.iterdir() if pattern.fullmatch(p.name))
+
+
+def remove_interrupted_builds(version_dir: epath.Path) -> None:
+    """Before a build: the leftovers of interrupted builds of the same task and version are
+    removed, named in one warning line (a complete build is reused by tfds as it is)."""
+    leftovers = interrupted_builds(version_dir)
+    if not leftovers or (version_dir / "dataset_info.json").exists():
+        return
+    logs.warning(f"{version_dir.parent} holds the unfinished output of an interrupted build "
+                 f"({', '.join(p.name for p in leftovers)}); removed it, building again")
+    for p in leftovers:
+        p.rmtree()
 
 
 @contextlib.contextmanager
