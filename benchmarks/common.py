@@ -115,8 +115,9 @@ def timeit(fn: Callable[[], Any], *, warmup: int = 1, repeat: int = 5) -> Timing
     return timing
 
 
-def compare(ours: Callable[[], Any], reference: Callable[[], Any], *, warmup: int = 1,
-            repeat: int = 5) -> tuple[Timing, Timing]:
+def compare(
+    ours: Callable[[], Any], reference: Callable[[], Any], *, warmup: int = 1, repeat: int = 5
+) -> tuple[Timing, Timing]:
     """Times both sides alternately (A B A B ...) after `warmup` calls of each."""
     for _ in range(warmup):
         time_call(ours)
@@ -149,7 +150,7 @@ def matmul_peak(n: int = 2048, repeat: int = 5) -> dict[str, float]:
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
     with torch.no_grad():
         t_jax, t_torch = compare(lambda: f(ja, jb), lambda: torch.mm(ta, tb), warmup=2, repeat=repeat)
-    flops = 2.0 * n ** 3
+    flops = 2.0 * n**3
     # The best of the repeats: a peak is what the machine can do, not what it did while
     # other processes held the cores.
     return {"n": n, "jax_flops_per_s": flops / t_jax.min, "torch_flops_per_s": flops / t_torch.min}
@@ -160,30 +161,57 @@ def matmul_peak(n: int = 2048, repeat: int = 5) -> dict[str, float]:
 
 def timing_extra(ours: Timing, reference: Timing) -> dict[str, Any]:
     """The spread and CPU times of a comparison, for a record's `extra`."""
-    return {"ours_min_s": ours.min, "reference_min_s": reference.min, "ours_cpu_s": ours.cpu_median,
-            "reference_cpu_s": reference.cpu_median, "repeat": len(ours.times)}
+    return {
+        "ours_min_s": ours.min,
+        "reference_min_s": reference.min,
+        "ours_cpu_s": ours.cpu_median,
+        "reference_cpu_s": reference.cpu_median,
+        "repeat": len(ours.times),
+    }
 
 
-def record(name: str, ours_s: float, reference_s: float | None, *, flops: float | None = None,
-           peak: float | None = None, **extra) -> dict[str, Any]:
+def record(
+    name: str,
+    ours_s: float,
+    reference_s: float | None,
+    *,
+    flops: float | None = None,
+    peak: float | None = None,
+    **extra,
+) -> dict[str, Any]:
     """One benchmark result in the JSON format documented at the top of this module."""
     ratio = None if not reference_s else ours_s / reference_s
     tflops = None if not flops else flops / ours_s / 1e12
     if tflops is not None and peak:
         extra["peak_fraction"] = tflops * 1e12 / peak
-    return {"name": name, "ours_s": ours_s, "reference_s": reference_s, "ratio": ratio, "flops": flops,
-            "ours_tflops": tflops, "extra": extra}
+    return {
+        "name": name,
+        "ours_s": ours_s,
+        "reference_s": reference_s,
+        "ratio": ratio,
+        "flops": flops,
+        "ours_tflops": tflops,
+        "extra": extra,
+    }
 
 
-def comparison(name: str, ours: Timing, reference: Timing, *, flops: float | None, peak: dict[str, float],
-               **extra) -> dict[str, Any]:
+def comparison(
+    name: str, ours: Timing, reference: Timing, *, flops: float | None, peak: dict[str, float], **extra
+) -> dict[str, Any]:
     """A record of ours vs the reference: medians, FLOP/s of both sides against their own
     framework's matmul peak (`matmul_peak`), spread and CPU times."""
     if flops:
         extra["reference_tflops"] = flops / reference.median / 1e12
         extra["reference_peak_fraction"] = flops / reference.median / peak["torch_flops_per_s"]
-    return record(name, ours.median, reference.median, flops=flops, peak=peak["jax_flops_per_s"],
-                  **extra, **timing_extra(ours, reference))
+    return record(
+        name,
+        ours.median,
+        reference.median,
+        flops=flops,
+        peak=peak["jax_flops_per_s"],
+        **extra,
+        **timing_extra(ours, reference),
+    )
 
 
 # ----------------------------------------------------------------------------- train steps
@@ -197,9 +225,17 @@ def copy_tree(tree: Any) -> Any:
     return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
 
 
-def compare_train_steps(loss_fn: Callable[..., Any], params: Any, batch: Sequence[Any], torch_model,
-                        torch_loss: Callable[[], Any], *, lr: float, repeat: int, weight_decay: float = 0.01
-                        ) -> dict[str, Any]:
+def compare_train_steps(
+    loss_fn: Callable[..., Any],
+    params: Any,
+    batch: Sequence[Any],
+    torch_model,
+    torch_loss: Callable[[], Any],
+    *,
+    lr: float,
+    repeat: int,
+    weight_decay: float = 0.01,
+) -> dict[str, Any]:
     """Times one AdamW training step on both sides, alternately.
 
     Ours: `loss_fn(params, *batch)` differentiated, `optax.adamw` applied, the whole step
@@ -246,8 +282,14 @@ def compare_train_steps(loss_fn: Callable[..., Any], params: Any, batch: Sequenc
     ours_t, ref_t = compare(ours, reference, repeat=repeat)
     torch_model.eval()
     n_params = sum(int(x.size) for x in jax.tree.leaves(state["params"]))
-    return {"ours": ours_t, "reference": ref_t, "compile_s": compile_s, "first_loss_ours": losses["ours"],
-            "first_loss_reference": losses["reference"], "params": n_params}
+    return {
+        "ours": ours_t,
+        "reference": ref_t,
+        "compile_s": compile_s,
+        "first_loss_ours": losses["ours"],
+        "first_loss_reference": losses["reference"],
+        "params": n_params,
+    }
 
 
 def _fmt(v: Any, kind: str = "") -> str:
@@ -278,15 +320,34 @@ def table(title: str, headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> 
 
 def records_table(title: str, records: Sequence[dict[str, Any]], reference: str = "PyTorch") -> str:
     """The standard table of ours vs the reference for a list of records."""
+
     def cpu_ratio(r):
         a, b = r["extra"].get("ours_cpu_s"), r["extra"].get("reference_cpu_s")
         return a / b if a and b else None
 
-    rows = [[r["name"], _fmt(r["ours_s"], "s"), _fmt(r["reference_s"], "s"), _fmt(r["ratio"], "x"),
-             _fmt(cpu_ratio(r), "x"), _fmt(r["flops"], "gflop"), _fmt(r["ours_tflops"], "gflops"),
-             _fmt(r["extra"].get("peak_fraction"), "%")] for r in records]
-    headers = ["benchmark", "ours (JAX)", reference, "ours/ref", "CPU-time ours/ref", "GFLOP", "ours GFLOP/s",
-               "of peak"]
+    rows = [
+        [
+            r["name"],
+            _fmt(r["ours_s"], "s"),
+            _fmt(r["reference_s"], "s"),
+            _fmt(r["ratio"], "x"),
+            _fmt(cpu_ratio(r), "x"),
+            _fmt(r["flops"], "gflop"),
+            _fmt(r["ours_tflops"], "gflops"),
+            _fmt(r["extra"].get("peak_fraction"), "%"),
+        ]
+        for r in records
+    ]
+    headers = [
+        "benchmark",
+        "ours (JAX)",
+        reference,
+        "ours/ref",
+        "CPU-time ours/ref",
+        "GFLOP",
+        "ours GFLOP/s",
+        "of peak",
+    ]
     return table(title, headers, rows)
 
 
@@ -317,9 +378,14 @@ def machine_info() -> dict[str, Any]:
 
     import jax
 
-    info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
-                            "cpu_threads": threads(), "jax_devices": [str(d.device_kind) for d in jax.devices()][:1],
-                            "jax_device_count": jax.device_count(), "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_threads": threads(),
+        "jax_devices": [str(d.device_kind) for d in jax.devices()][:1],
+        "jax_device_count": jax.device_count(),
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+    }
     try:
         with open("/proc/cpuinfo") as f:
             models = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]

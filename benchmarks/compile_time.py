@@ -33,12 +33,33 @@ def make_config(layers: int, quick: bool):
 
     d = 64 if quick else 256
     return Qwen25VLConfig(
-        vision=VisionConfig(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=d,
-                            window_size=56, fullatt_block_indexes=(0,)),
-        text=TextConfig(vocab_size=1024, hidden_size=d, intermediate_size=2 * d, num_hidden_layers=layers,
-                        num_attention_heads=4, num_key_value_heads=2, mrope_section=(2, 3, 3) if quick else (8, 12, 12),
-                        max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0),
-        image_token_id=1020, video_token_id=1021, vision_start_token_id=1022, vision_end_token_id=1023)
+        vision=VisionConfig(
+            depth=1,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=d,
+            window_size=56,
+            fullatt_block_indexes=(0,),
+        ),
+        text=TextConfig(
+            vocab_size=1024,
+            hidden_size=d,
+            intermediate_size=2 * d,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            mrope_section=(2, 3, 3) if quick else (8, 12, 12),
+            max_position_embeddings=4096,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        ),
+        image_token_id=1020,
+        video_token_id=1021,
+        vision_start_token_id=1022,
+        vision_end_token_id=1023,
+    )
 
 
 def _unrolled_module(cfg):
@@ -123,29 +144,64 @@ def run(quick: bool = False, peak: dict | None = None) -> list[dict]:
         cfg = make_config(depth, quick)
         scanned = Qwen25VL(cfg)
         unrolled = _unrolled_module(cfg)
-        dummy = (jax.numpy.zeros((1, 4), jax.numpy.int32), jax.numpy.zeros((3, 1, 4), jax.numpy.int32),
-                 jax.numpy.ones((1, 4), jax.numpy.int32))
+        dummy = (
+            jax.numpy.zeros((1, 4), jax.numpy.int32),
+            jax.numpy.zeros((3, 1, 4), jax.numpy.int32),
+            jax.numpy.ones((1, 4), jax.numpy.int32),
+        )
         ours = _programs(scanned, lambda r: nn.meta.unbox(init_params(scanned, r)), batch, length)
         ref = _programs(unrolled, lambda r: unrolled.init(r, *dummy)["params"], batch, length)
-        for (name, donate), (o_fn, o_args), (r_fn, r_args) in zip(
-                (("forward", ()), ("train_step", (0, 1))), ours, ref):
+        for (name, donate), (o_fn, o_args), (r_fn, r_args) in zip((("forward", ()), ("train_step", (0, 1))), ours, ref):
             o_lower, o_compile = compile_seconds(o_fn, o_args, donate)
             r_lower, r_compile = compile_seconds(r_fn, r_args, donate)
             total, ref_total = o_lower + o_compile, r_lower + r_compile
             base.setdefault(name, total)
             base.setdefault("ref_" + name, ref_total)
-            records.append(common.record(
-                f"compile/{name}_L{depth}", total, ref_total, layers=depth, lower_s=o_lower, compile_s=o_compile,
-                reference_lower_s=r_lower, reference_compile_s=r_compile, growth=total / base[name],
-                reference_growth=ref_total / base["ref_" + name], reference="unrolled layers (no scan)",
-                shape=f"batch {batch} x {length} tokens, width {cfg.text.hidden_size}"))
-            rows.append([f"{name}", depth, f"{o_lower:.2f}", f"{o_compile:.2f}", f"{total / base[name]:.2f}x",
-                         f"{r_lower:.2f}", f"{r_compile:.2f}", f"{ref_total / base['ref_' + name]:.2f}x"])
-    print(common.table(
-        f"Compile time (s) of the decoder against depth: nn.scan (ours) vs the same layers unrolled; "
-        f"batch {batch} x {length} tokens",
-        ["program", "layers", "scan lower", "scan compile", "scan growth", "unrolled lower", "unrolled compile",
-         "unrolled growth"], rows))
+            records.append(
+                common.record(
+                    f"compile/{name}_L{depth}",
+                    total,
+                    ref_total,
+                    layers=depth,
+                    lower_s=o_lower,
+                    compile_s=o_compile,
+                    reference_lower_s=r_lower,
+                    reference_compile_s=r_compile,
+                    growth=total / base[name],
+                    reference_growth=ref_total / base["ref_" + name],
+                    reference="unrolled layers (no scan)",
+                    shape=f"batch {batch} x {length} tokens, width {cfg.text.hidden_size}",
+                )
+            )
+            rows.append(
+                [
+                    f"{name}",
+                    depth,
+                    f"{o_lower:.2f}",
+                    f"{o_compile:.2f}",
+                    f"{total / base[name]:.2f}x",
+                    f"{r_lower:.2f}",
+                    f"{r_compile:.2f}",
+                    f"{ref_total / base['ref_' + name]:.2f}x",
+                ]
+            )
+    print(
+        common.table(
+            f"Compile time (s) of the decoder against depth: nn.scan (ours) vs the same layers unrolled; "
+            f"batch {batch} x {length} tokens",
+            [
+                "program",
+                "layers",
+                "scan lower",
+                "scan compile",
+                "scan growth",
+                "unrolled lower",
+                "unrolled compile",
+                "unrolled growth",
+            ],
+            rows,
+        )
+    )
     print()
     return records
 

@@ -68,14 +68,20 @@ def main() -> None:
         recs = [records.generate_record(t, i, "test", 0, args.size) for t in vocab.TASKS for i in range(10)]
         start = time.perf_counter()
         report = score.score_records(recs, lambda r: records.decode_image(r["target"]))
-        rows.append((f"judge (score_sample, own renders -> {report['overall']:.3f})",
-                     f"{len(recs) / (time.perf_counter() - start):.1f} images/s"))
+        rows.append(
+            (
+                f"judge (score_sample, own renders -> {report['overall']:.3f})",
+                f"{len(recs) / (time.perf_counter() - start):.1f} images/s",
+            )
+        )
     width = max(len(r[0]) for r in rows)
     print(f"Kontext-Shapes data benchmarks, {args.size}x{args.size} images, batch {args.batch}")
-    print(f"machine: {os.cpu_count()} CPUs {platform.machine()}, load average {os.getloadavg()[0]:.1f}, "
-          f"Python {platform.python_version()}, "
-          f"grain {grain.__version__ if hasattr(grain, '__version__') else '?'}, tfds {tfds.__version__}, "
-          f"transformers {transformers.__version__}, numpy {np.__version__}")
+    print(
+        f"machine: {os.cpu_count()} CPUs {platform.machine()}, load average {os.getloadavg()[0]:.1f}, "
+        f"Python {platform.python_version()}, "
+        f"grain {grain.__version__ if hasattr(grain, '__version__') else '?'}, tfds {tfds.__version__}, "
+        f"transformers {transformers.__version__}, numpy {np.__version__}"
+    )
     print(f"{'stage'.ljust(width)}  throughput")
     for name, value in rows:
         print(f"{name.ljust(width)}  {value}")

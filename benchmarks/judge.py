@@ -19,8 +19,11 @@ from qk_jax.eval import degrade, score
 
 
 def variants():
-    out = {"clean": lambda a, s: a, "blank (grey)": lambda a, s: np.full_like(a, 128),
-           "random noise": lambda a, s: np.random.default_rng(s).integers(0, 256, a.shape, dtype=np.uint8)}
+    out = {
+        "clean": lambda a, s: a,
+        "blank (grey)": lambda a, s: np.full_like(a, 128),
+        "random noise": lambda a, s: np.random.default_rng(s).integers(0, 256, a.shape, dtype=np.uint8),
+    }
     for name, fn in degrade.DEGRADATIONS.items():
         out[name] = (lambda f: lambda a, s: f(a, seed=s))(fn)
     out["jpeg q75 4:2:0"] = lambda a, s: degrade.jpeg(a, 75, subsampling=2)
@@ -35,20 +38,27 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--split", default="test")
     args = parser.parse_args()
-    recs = [records.generate_record(t, i, args.split, 0, args.size, args.width)
-            for t in vocab.TASKS for i in range(args.per_task)]
-    short = {"reconstruction": "recon", "transformation": "transf", "customization": "custom",
-             "multi_subject": "multi"}
+    recs = [
+        records.generate_record(t, i, args.split, 0, args.size, args.width)
+        for t in vocab.TASKS
+        for i in range(args.per_task)
+    ]
+    short = {"reconstruction": "recon", "transformation": "transf", "customization": "custom", "multi_subject": "multi"}
     cols = [short.get(t, t) for t in vocab.TASKS]
-    print(f"judge scores, {len(recs)} {args.split} records ({args.per_task} per task), "
-          f"{args.size}x{args.width or args.size}")
+    print(
+        f"judge scores, {len(recs)} {args.split} records ({args.per_task} per task), "
+        f"{args.size}x{args.width or args.size}"
+    )
     print(f"{'variant':16s} " + " ".join(f"{c:>7s}" for c in cols) + f" {'overall':>8s} {'ms/img':>7s}")
     for name, fn in variants().items():
         start = time.perf_counter()
         rep = score.score_records(recs, lambda r: fn(records.decode_image(r["target"]), zlib.crc32(r["id"].encode())))
         ms = (time.perf_counter() - start) / len(recs) * 1000
-        print(f"{name:16s} " + " ".join(f"{rep['per_task'][t]:7.3f}" for t in vocab.TASKS)
-              + f" {rep['overall']:8.3f} {ms:7.0f}")
+        print(
+            f"{name:16s} "
+            + " ".join(f"{rep['per_task'][t]:7.3f}" for t in vocab.TASKS)
+            + f" {rep['overall']:8.3f} {ms:7.0f}"
+        )
 
 
 if __name__ == "__main__":

@@ -47,15 +47,33 @@ class Setup:
 
 
 FULL = Setup()
-QUICK = Setup(heads=2, head_dim=16, layers=1, latent_channels=4, txt_dim=32, height=4, width=4, txt_len=8, steps=2,
-              repeat=1, sample_repeat=1)
+QUICK = Setup(
+    heads=2,
+    head_dim=16,
+    layers=1,
+    latent_channels=4,
+    txt_dim=32,
+    height=4,
+    width=4,
+    txt_len=8,
+    steps=2,
+    repeat=1,
+    sample_repeat=1,
+)
 
 
 def diffusers_config(s: Setup) -> dict:
     third = s.head_dim // 8 * 2  # RoPE axes (frame, height, width), summing to head_dim
-    return dict(patch_size=2, in_channels=4 * s.latent_channels, out_channels=s.latent_channels,
-                num_layers=s.layers, attention_head_dim=s.head_dim, num_attention_heads=s.heads,
-                joint_attention_dim=s.txt_dim, axes_dims_rope=(s.head_dim - 2 * third, third, third))
+    return dict(
+        patch_size=2,
+        in_channels=4 * s.latent_channels,
+        out_channels=s.latent_channels,
+        num_layers=s.layers,
+        attention_head_dim=s.head_dim,
+        num_attention_heads=s.heads,
+        joint_attention_dim=s.txt_dim,
+        axes_dims_rope=(s.head_dim - 2 * third, third, third),
+    )
 
 
 def build(s: Setup, seed: int = 0):
@@ -74,8 +92,16 @@ def build(s: Setup, seed: int = 0):
     cfg = from_diffusers(MMDiTConfig, dict(ref.config))
     state = ((k, v.detach().numpy()) for k, v in ref.state_dict().items())
     params = common.copy_tree(unflatten_tree(dict(qwen_image.mapping(cfg).to_jax(state, dtype=np.float32))))
-    inputs = make_inputs(cfg, batch=s.batch, height=s.height, width=s.width, txt_len=s.txt_len, pad=s.txt_len // 4,
-                         condition_segments=0, seed=seed)
+    inputs = make_inputs(
+        cfg,
+        batch=s.batch,
+        height=s.height,
+        width=s.width,
+        txt_len=s.txt_len,
+        pad=s.txt_len // 4,
+        condition_segments=0,
+        seed=seed,
+    )
     return cfg, ref, params, inputs
 
 
@@ -89,8 +115,16 @@ def _ours(cfg, inputs):
     fixed = {k: jnp.asarray(inputs[k]) for k in ("img_ids", "txt", "txt_mask", "txt_ids")}
 
     def velocity(params, img, timestep):
-        return model.apply({"params": params}, img, fixed["img_ids"], fixed["txt"], fixed["txt_mask"], timestep,
-                           txt_ids=fixed["txt_ids"], num_target_tokens=inputs["n_target"])
+        return model.apply(
+            {"params": params},
+            img,
+            fixed["img_ids"],
+            fixed["txt"],
+            fixed["txt_mask"],
+            timestep,
+            txt_ids=fixed["txt_ids"],
+            num_target_tokens=inputs["n_target"],
+        )
 
     return velocity
 
@@ -102,8 +136,14 @@ def _reference(ref, inputs):
     txt, mask = torch.from_numpy(inputs["txt"]), torch.from_numpy(inputs["txt_mask"])
 
     def velocity(img, timestep):
-        return ref(hidden_states=img, encoder_hidden_states=txt, encoder_hidden_states_mask=mask, timestep=timestep,
-                   img_shapes=inputs["img_shapes"], return_dict=False)[0]
+        return ref(
+            hidden_states=img,
+            encoder_hidden_states=txt,
+            encoder_hidden_states_mask=mask,
+            timestep=timestep,
+            img_shapes=inputs["img_shapes"],
+            return_dict=False,
+        )[0]
 
     return velocity
 
@@ -124,8 +164,9 @@ def bench_forward(cfg, ref, params, inputs, s: Setup, peak: dict) -> dict:
     got = np.asarray(compiled(params, img, t))
     err = float(np.abs(got - expected).max() / np.abs(expected).max())
     n = float(flops.mmdit_flops(cfg, s.batch, s.height * s.width, s.txt_len))
-    return common.comparison("mmdit/forward", ours_t, ref_t, flops=n, peak=peak, compile_s=compile_s,
-                             output_max_rel_err=err)
+    return common.comparison(
+        "mmdit/forward", ours_t, ref_t, flops=n, peak=peak, compile_s=compile_s, output_max_rel_err=err
+    )
 
 
 def bench_train_step(cfg, ref, params, inputs, s: Setup, peak: dict, lr: float = 1e-5) -> dict:
@@ -145,13 +186,28 @@ def bench_train_step(cfg, ref, params, inputs, s: Setup, peak: dict, lr: float =
         return jnp.mean((ours_v(params, x_t, t) - target) ** 2)
 
     tx, tt, ttarget = torch.from_numpy(x_t), torch.from_numpy(t), torch.from_numpy(target)
-    r = common.compare_train_steps(loss_fn, params, (x_t, t, target), ref,
-                                   lambda: torch.mean((ref_v(tx, tt) - ttarget) ** 2), lr=lr, repeat=s.repeat)
+    r = common.compare_train_steps(
+        loss_fn,
+        params,
+        (x_t, t, target),
+        ref,
+        lambda: torch.mean((ref_v(tx, tt) - ttarget) ** 2),
+        lr=lr,
+        repeat=s.repeat,
+    )
     forward = flops.mmdit_flops(cfg, s.batch, s.height * s.width, s.txt_len)
     n = float(flops.train_step_flops([flops.Part("dit", forward, weight_grads=True)])["total"])
-    return common.comparison("mmdit/train_step", r["ours"], r["reference"], flops=n, peak=peak,
-                             compile_s=r["compile_s"], params=r["params"], first_loss_ours=r["first_loss_ours"],
-                             first_loss_reference=r["first_loss_reference"])
+    return common.comparison(
+        "mmdit/train_step",
+        r["ours"],
+        r["reference"],
+        flops=n,
+        peak=peak,
+        compile_s=r["compile_s"],
+        params=r["params"],
+        first_loss_ours=r["first_loss_ours"],
+        first_loss_reference=r["first_loss_reference"],
+    )
 
 
 def bench_sample(cfg, ref, params, inputs, s: Setup, peak: dict) -> dict:
@@ -188,8 +244,16 @@ def bench_sample(cfg, ref, params, inputs, s: Setup, peak: dict) -> dict:
     expected = reference().numpy()
     err = float(np.abs(np.asarray(compiled(params, noise)) - expected).max() / np.abs(expected).max())
     n = float(s.steps * flops.mmdit_flops(cfg, b, s.height * s.width, s.txt_len).total)
-    return common.comparison(f"mmdit/sample_{s.steps}_steps", ours_t, ref_t, flops=n, peak=peak, compile_s=compile_s,
-                             sample_max_rel_err=err, steps=s.steps)
+    return common.comparison(
+        f"mmdit/sample_{s.steps}_steps",
+        ours_t,
+        ref_t,
+        flops=n,
+        peak=peak,
+        compile_s=compile_s,
+        sample_max_rel_err=err,
+        steps=s.steps,
+    )
 
 
 def run(quick: bool = False, peak: dict | None = None) -> list[dict]:
@@ -197,12 +261,18 @@ def run(quick: bool = False, peak: dict | None = None) -> list[dict]:
     s = QUICK if quick else FULL
     peak = peak or common.default_peak(quick)
     cfg, ref, params, inputs = build(s)
-    setup = (f"{s.layers} double blocks, {s.heads}x{s.head_dim} heads, batch {s.batch} x ({s.height}x{s.width} "
-             f"image + {s.txt_len} text tokens)")
-    records = [bench_forward(cfg, ref, params, inputs, s, peak), bench_sample(cfg, ref, params, inputs, s, peak),
-               bench_train_step(cfg, ref, params, inputs, s, peak)]
-    return common.report(f"MMDiT (Qwen-Image family), float32, ours vs diffusers: {setup}", records, setup,
-                         reference="diffusers")
+    setup = (
+        f"{s.layers} double blocks, {s.heads}x{s.head_dim} heads, batch {s.batch} x ({s.height}x{s.width} "
+        f"image + {s.txt_len} text tokens)"
+    )
+    records = [
+        bench_forward(cfg, ref, params, inputs, s, peak),
+        bench_sample(cfg, ref, params, inputs, s, peak),
+        bench_train_step(cfg, ref, params, inputs, s, peak),
+    ]
+    return common.report(
+        f"MMDiT (Qwen-Image family), float32, ours vs diffusers: {setup}", records, setup, reference="diffusers"
+    )
 
 
 if __name__ == "__main__":

@@ -47,13 +47,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown benchmarks {unknown}; known: {list(BENCHMARKS)}")
 
     machine = common.machine_info()
-    print(f"machine: {machine.get('cpu')}, {machine['cpu_threads']} threads, {machine.get('memory_gib')} GiB; "
-          f"python {machine['python']}, jax {machine['jax']}, flax {machine['flax']}, torch {machine['torch']}, "
-          f"transformers {machine['transformers']}; XLA_FLAGS={machine['XLA_FLAGS']!r}\n")
+    print(
+        f"machine: {machine.get('cpu')}, {machine['cpu_threads']} threads, {machine.get('memory_gib')} GiB; "
+        f"python {machine['python']}, jax {machine['jax']}, flax {machine['flax']}, torch {machine['torch']}, "
+        f"transformers {machine['transformers']}; XLA_FLAGS={machine['XLA_FLAGS']!r}\n"
+    )
     peak = common.default_peak(args.quick)
     machine["matmul_peak"] = peak
-    print(f"float32 matmul peak ({peak['n']}^3): JAX {peak['jax_flops_per_s'] / 1e9:.1f} GFLOP/s, "
-          f"PyTorch {peak['torch_flops_per_s'] / 1e9:.1f} GFLOP/s\n")
+    print(
+        f"float32 matmul peak ({peak['n']}^3): JAX {peak['jax_flops_per_s'] / 1e9:.1f} GFLOP/s, "
+        f"PyTorch {peak['torch_flops_per_s'] / 1e9:.1f} GFLOP/s\n"
+    )
     records = []
     t0 = time.time()
     for name in names:

@@ -62,9 +62,22 @@ class Setup:
 
 
 FULL = Setup()
-QUICK = Setup(text_hidden=64, text_mlp=128, text_layers=2, text_heads=4, text_kv_heads=2, vocab=1024,
-              vision_hidden=32, vision_mlp=64, vision_depth=2, vision_heads=2, prompt_tokens=48, new_tokens=3,
-              repeat=1, gen_repeat=1)
+QUICK = Setup(
+    text_hidden=64,
+    text_mlp=128,
+    text_layers=2,
+    text_heads=4,
+    text_kv_heads=2,
+    vocab=1024,
+    vision_hidden=32,
+    vision_mlp=64,
+    vision_depth=2,
+    vision_heads=2,
+    prompt_tokens=48,
+    new_tokens=3,
+    repeat=1,
+    gen_repeat=1,
+)
 
 
 def make_config(s: Setup):
@@ -74,14 +87,33 @@ def make_config(s: Setup):
     section = (hd // 2 - 2 * (3 * hd // 16), 3 * hd // 16, 3 * hd // 16)  # (8, 12, 12) for head_dim 64
     v = s.vocab
     return Qwen25VLConfig(
-        vision=VisionConfig(depth=s.vision_depth, hidden_size=s.vision_hidden, intermediate_size=s.vision_mlp,
-                            num_heads=s.vision_heads, out_hidden_size=s.text_hidden, window_size=112,
-                            fullatt_block_indexes=tuple(range(1, s.vision_depth, 2))),
-        text=TextConfig(vocab_size=v, hidden_size=s.text_hidden, intermediate_size=s.text_mlp,
-                        num_hidden_layers=s.text_layers, num_attention_heads=s.text_heads,
-                        num_key_value_heads=s.text_kv_heads, mrope_section=section, max_position_embeddings=4096,
-                        bos_token_id=v - 8, eos_token_id=v - 7, pad_token_id=v - 8),
-        image_token_id=v - 4, video_token_id=v - 3, vision_start_token_id=v - 2, vision_end_token_id=v - 1)
+        vision=VisionConfig(
+            depth=s.vision_depth,
+            hidden_size=s.vision_hidden,
+            intermediate_size=s.vision_mlp,
+            num_heads=s.vision_heads,
+            out_hidden_size=s.text_hidden,
+            window_size=112,
+            fullatt_block_indexes=tuple(range(1, s.vision_depth, 2)),
+        ),
+        text=TextConfig(
+            vocab_size=v,
+            hidden_size=s.text_hidden,
+            intermediate_size=s.text_mlp,
+            num_hidden_layers=s.text_layers,
+            num_attention_heads=s.text_heads,
+            num_key_value_heads=s.text_kv_heads,
+            mrope_section=section,
+            max_position_embeddings=4096,
+            bos_token_id=v - 8,
+            eos_token_id=v - 7,
+            pad_token_id=v - 8,
+        ),
+        image_token_id=v - 4,
+        video_token_id=v - 3,
+        vision_start_token_id=v - 2,
+        vision_end_token_id=v - 1,
+    )
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -96,8 +128,10 @@ def forward_flops(cfg, batch: int, tokens: int, num_patches: int) -> MatmulFlops
 
 def train_flops(cfg, batch: int, tokens: int, num_patches: int) -> int:
     """Forward + backward with every parameter trained (the rule of `qk_jax.flops.step`)."""
-    parts = [flops.Part("vit", flops.vision_tower_flops(cfg.vision, num_patches), weight_grads=True),
-             flops.Part("llm", flops.decoder_flops(cfg, batch, tokens, True), weight_grads=True)]
+    parts = [
+        flops.Part("vit", flops.vision_tower_flops(cfg.vision, num_patches), weight_grads=True),
+        flops.Part("llm", flops.decoder_flops(cfg, batch, tokens, True), weight_grads=True),
+    ]
     return flops.train_step_flops(parts)["total"]
 
 
@@ -154,23 +188,35 @@ def bench_forward(cfg, hf, params, inputs, s: Setup, peak: dict) -> dict:
     t0 = time.perf_counter()
     host = prepare_inputs(cfg, inputs["input_ids"], inputs["attention_mask"], inputs["image_grid_thw"])
     host_s = time.perf_counter() - t0
-    args = (inputs["input_ids"].astype(np.int32), host["position_ids"], inputs["attention_mask"].astype(np.int32),
-            inputs["pixel_values"], host["vision_plan"])
+    args = (
+        inputs["input_ids"].astype(np.int32),
+        host["position_ids"],
+        inputs["attention_mask"].astype(np.int32),
+        inputs["pixel_values"],
+        host["vision_plan"],
+    )
     fwd = jax.jit(lambda p, *a: model.apply({"params": p}, *a)["logits"])
     t0 = time.perf_counter()
     compiled = fwd.lower(params, *args).compile()
     compile_s = time.perf_counter() - t0
     t_in = torch_inputs(inputs)
     with torch.no_grad():
-        ours_t, ref_t = common.compare(lambda: compiled(params, *args), lambda: hf(**t_in).logits,
-                                       repeat=s.repeat)
+        ours_t, ref_t = common.compare(lambda: compiled(params, *args), lambda: hf(**t_in).logits, repeat=s.repeat)
         ref_logits = hf(**t_in).logits.numpy()
     ours_logits = np.asarray(compiled(params, *args))
     valid = inputs["attention_mask"].astype(bool)
     err = float(np.abs(ours_logits[valid] - ref_logits[valid]).max() / np.abs(ref_logits[valid]).max())
     n = float(forward_flops(cfg, s.batch, s.prompt_tokens, inputs["pixel_values"].shape[0]))
-    return common.comparison("vlm/forward", ours_t, ref_t, flops=n, peak=peak, compile_s=compile_s,
-                             host_prepare_s=host_s, logits_max_rel_err=err)
+    return common.comparison(
+        "vlm/forward",
+        ours_t,
+        ref_t,
+        flops=n,
+        peak=peak,
+        compile_s=compile_s,
+        host_prepare_s=host_s,
+        logits_max_rel_err=err,
+    )
 
 
 def _labels(inputs) -> np.ndarray:
@@ -189,8 +235,14 @@ def bench_train_step(cfg, hf, params, inputs, s: Setup, peak: dict, lr: float = 
     model = Qwen25VL(cfg)
     host = prepare_inputs(cfg, inputs["input_ids"], inputs["attention_mask"], inputs["image_grid_thw"])
     labels = _labels(inputs)
-    batch = (inputs["input_ids"].astype(np.int32), host["position_ids"], inputs["attention_mask"].astype(np.int32),
-             inputs["pixel_values"], host["vision_plan"], labels.astype(np.int32))
+    batch = (
+        inputs["input_ids"].astype(np.int32),
+        host["position_ids"],
+        inputs["attention_mask"].astype(np.int32),
+        inputs["pixel_values"],
+        host["vision_plan"],
+        labels.astype(np.int32),
+    )
 
     def loss_fn(params, ids, pos, mask, pixels, plan, labels):
         logits = model.apply({"params": params}, ids, pos, mask, pixels, plan)["logits"][:, :-1]
@@ -202,9 +254,17 @@ def bench_train_step(cfg, hf, params, inputs, s: Setup, peak: dict, lr: float = 
     t_in = dict(torch_inputs(inputs), labels=torch.from_numpy(labels))
     r = common.compare_train_steps(loss_fn, params, batch, hf, lambda: hf(**t_in).loss, lr=lr, repeat=s.repeat)
     n = float(train_flops(cfg, s.batch, s.prompt_tokens, inputs["pixel_values"].shape[0]))
-    return common.comparison("vlm/train_step", r["ours"], r["reference"], flops=n, peak=peak,
-                             compile_s=r["compile_s"], params=r["params"], first_loss_ours=r["first_loss_ours"],
-                             first_loss_reference=r["first_loss_reference"])
+    return common.comparison(
+        "vlm/train_step",
+        r["ours"],
+        r["reference"],
+        flops=n,
+        peak=peak,
+        compile_s=r["compile_s"],
+        params=r["params"],
+        first_loss_ours=r["first_loss_ours"],
+        first_loss_reference=r["first_loss_reference"],
+    )
 
 
 def bench_generate(cfg, hf, params, inputs, s: Setup, peak: dict) -> dict:
@@ -225,18 +285,26 @@ def bench_generate(cfg, hf, params, inputs, s: Setup, peak: dict) -> dict:
 
     def reference():
         with torch.no_grad():
-            out["ref"] = hf.generate(**t_in, max_new_tokens=s.new_tokens, do_sample=False,
-                                     pad_token_id=cfg.text.pad_token_id)
+            out["ref"] = hf.generate(
+                **t_in, max_new_tokens=s.new_tokens, do_sample=False, pad_token_id=cfg.text.pad_token_id
+            )
         return out["ref"]
 
     ours_t, ref_t = common.compare(lambda: gen(*args, **kw), reference, repeat=s.gen_repeat)
-    ref_tokens = out["ref"][:, inputs["input_ids"].shape[1]:].numpy()
+    ref_tokens = out["ref"][:, inputs["input_ids"].shape[1] :].numpy()
     n = float(generate_flops(cfg, s.batch, s.prompt_tokens, s.new_tokens, inputs["pixel_values"].shape[0]))
-    return common.comparison(f"vlm/generate_{s.new_tokens}", ours_t, ref_t, flops=n, peak=peak,
-                             compile_s=max(first_s - ours_t.median, 0.0),
-                             tokens_equal=bool(np.array_equal(first, ref_tokens)), new_tokens=int(first.shape[1]),
-                             ours_ms_per_token=1e3 * ours_t.median / s.new_tokens,
-                             reference_ms_per_token=1e3 * ref_t.median / s.new_tokens)
+    return common.comparison(
+        f"vlm/generate_{s.new_tokens}",
+        ours_t,
+        ref_t,
+        flops=n,
+        peak=peak,
+        compile_s=max(first_s - ours_t.median, 0.0),
+        tokens_equal=bool(np.array_equal(first, ref_tokens)),
+        new_tokens=int(first.shape[1]),
+        ours_ms_per_token=1e3 * ours_t.median / s.new_tokens,
+        reference_ms_per_token=1e3 * ref_t.median / s.new_tokens,
+    )
 
 
 def run(quick: bool = False, peak: dict | None = None) -> list[dict]:
@@ -244,16 +312,23 @@ def run(quick: bool = False, peak: dict | None = None) -> list[dict]:
     s = QUICK if quick else FULL
     peak = peak or common.default_peak(quick)
     cfg, hf, params, inputs = build(s)
-    setup = {"text": f"{s.text_layers}x{s.text_hidden} (mlp {s.text_mlp}, heads {s.text_heads}/{s.text_kv_heads}, "
-                     f"vocab {s.vocab})",
-             "vision": f"{s.vision_depth}x{s.vision_hidden} (mlp {s.vision_mlp})",
-             "batch": f"{s.batch} x {s.prompt_tokens} tokens, one {s.image[0]}x{s.image[1]} image per row"}
-    records = [bench_forward(cfg, hf, params, inputs, s, peak),
-               bench_generate(cfg, hf, params, inputs, s, peak),
-               bench_train_step(cfg, hf, params, inputs, s, peak)]
+    setup = {
+        "text": f"{s.text_layers}x{s.text_hidden} (mlp {s.text_mlp}, heads {s.text_heads}/{s.text_kv_heads}, "
+        f"vocab {s.vocab})",
+        "vision": f"{s.vision_depth}x{s.vision_hidden} (mlp {s.vision_mlp})",
+        "batch": f"{s.batch} x {s.prompt_tokens} tokens, one {s.image[0]}x{s.image[1]} image per row",
+    }
+    records = [
+        bench_forward(cfg, hf, params, inputs, s, peak),
+        bench_generate(cfg, hf, params, inputs, s, peak),
+        bench_train_step(cfg, hf, params, inputs, s, peak),
+    ]
     return common.report(
         f"Qwen2.5-VL, float32, ours vs transformers (sdpa): text {setup['text']}, vision {setup['vision']}, "
-        f"{setup['batch']}", records, setup)
+        f"{setup['batch']}",
+        records,
+        setup,
+    )
 
 
 if __name__ == "__main__":

@@ -26,42 +26,106 @@ SIZES = {
     # number of kontext queries K, connector widths, target image side, text length
     # (stages 1-2, stage 3), LoRA ranks, batch.
     "tiny": dict(
-        vlm="tiny", num_queries=4, image_size=32, vlm_image_size=84, max_text_len=(64, 112),
+        vlm="tiny",
+        num_queries=4,
+        image_size=32,
+        vlm_image_size=84,
+        max_text_len=(64, 112),
         head=dict(size="tiny", overrides=dict(in_channels=48, out_channels=12, joint_attention_dim=32, num_heads=4)),
-        dit=dict(size="tiny", overrides=dict(in_channels=48, out_channels=12, joint_attention_dim=32, num_layers=3,
-                                             num_heads=4)),
+        dit=dict(
+            size="tiny",
+            overrides=dict(in_channels=48, out_channels=12, joint_attention_dim=32, num_layers=3, num_heads=4),
+        ),
         vae=dict(kind="pixel", size="", factor=2),
         connector=dict(kind="mlp", hidden_dim=128, out_dim=32),
-        lora_vlm=dict(rank=4, alpha=4.0), lora_dit=dict(rank=32, alpha=64.0),
-        batch_size=8, steps=20, learning_rate=3e-3, mesh=dict(data=-1, fsdp=1, tensor=1)),
+        lora_vlm=dict(rank=4, alpha=4.0),
+        lora_dit=dict(rank=32, alpha=64.0),
+        batch_size=8,
+        steps=20,
+        learning_rate=3e-3,
+        mesh=dict(data=-1, fsdp=1, tensor=1),
+    ),
     # The CPU demo: 64 px images as 16x16 pixel-space latents of 48 channels (4x4 pixels),
     # 2x2-patched into 64 tokens of 192 features; a small VLM (the `demo` Qwen2.5-VL shape,
     # narrowed) that reads 84 px input images; generators sized for minutes on 2 cores.
     "demo": dict(
-        vlm="demo", num_queries=16, image_size=64, vlm_image_size=84, max_text_len=(64, 112),
+        vlm="demo",
+        num_queries=16,
+        image_size=64,
+        vlm_image_size=84,
+        max_text_len=(64, 112),
         vlm_overrides=dict(
-            text=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, mrope_section=(4, 6, 6)),
-            vision=dict(hidden_size=64, intermediate_size=128, depth=2, num_heads=2, out_hidden_size=128,
-                        fullatt_block_indexes=(1,))),
+            text=dict(
+                hidden_size=128,
+                intermediate_size=384,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                mrope_section=(4, 6, 6),
+            ),
+            vision=dict(
+                hidden_size=64,
+                intermediate_size=128,
+                depth=2,
+                num_heads=2,
+                out_hidden_size=128,
+                fullatt_block_indexes=(1,),
+            ),
+        ),
         # The DiT width must be at least a token's 192 features: the velocity carries the full
         # noise of every feature, which a narrower residual stream cannot pass through.
-        head=dict(size="tiny", overrides=dict(in_channels=192, out_channels=48, joint_attention_dim=128, num_layers=2,
-                                              num_heads=6, head_dim=32, axes_dims_rope=(8, 12, 12))),
-        dit=dict(size="tiny", overrides=dict(in_channels=192, out_channels=48, joint_attention_dim=128, num_layers=3,
-                                             num_heads=6, head_dim=32, axes_dims_rope=(8, 12, 12))),
-        vae=dict(kind="pixel", size="", factor=4), prediction="x0",
+        head=dict(
+            size="tiny",
+            overrides=dict(
+                in_channels=192,
+                out_channels=48,
+                joint_attention_dim=128,
+                num_layers=2,
+                num_heads=6,
+                head_dim=32,
+                axes_dims_rope=(8, 12, 12),
+            ),
+        ),
+        dit=dict(
+            size="tiny",
+            overrides=dict(
+                in_channels=192,
+                out_channels=48,
+                joint_attention_dim=128,
+                num_layers=3,
+                num_heads=6,
+                head_dim=32,
+                axes_dims_rope=(8, 12, 12),
+            ),
+        ),
+        vae=dict(kind="pixel", size="", factor=4),
+        prediction="x0",
         connector=dict(kind="mlp", hidden_dim=256, out_dim=128),
-        lora_vlm=dict(rank=8, alpha=8.0), lora_dit=dict(rank=32, alpha=32.0),
-        batch_size=16, steps=300, learning_rate=1e-3, mesh=dict(data=-1, fsdp=1, tensor=1)),
+        lora_vlm=dict(rank=8, alpha=8.0),
+        lora_dit=dict(rank=32, alpha=32.0),
+        batch_size=16,
+        steps=300,
+        learning_rate=1e-3,
+        mesh=dict(data=-1, fsdp=1, tensor=1),
+    ),
     # The paper: Qwen2.5-VL-7B, K = 128, ~870M stage-1 head, ~10B MMDiT, 8x VAE, 512 px.
     "paper": dict(
-        vlm="7b", num_queries=128, image_size=512, vlm_image_size=448, max_text_len=(1024, 1024),
-        head=dict(size="head_870m", overrides={}), dit=dict(size="dit_10b", overrides={}),
+        vlm="7b",
+        num_queries=128,
+        image_size=512,
+        vlm_image_size=448,
+        max_text_len=(1024, 1024),
+        head=dict(size="head_870m", overrides={}),
+        dit=dict(size="dit_10b", overrides={}),
         vae=dict(kind="qwen_image", size="qwen_image", factor=8),
         connector=dict(kind="mlp", hidden_dim=7168, out_dim=3584),
-        lora_vlm=dict(rank=64, alpha=64.0), lora_dit=dict(rank=256, alpha=256.0),
-        batch_size=512, steps=72000, learning_rate=1e-4, mesh=dict(data=1, fsdp=-1, tensor=4)),
+        lora_vlm=dict(rank=64, alpha=64.0),
+        lora_dit=dict(rank=256, alpha=256.0),
+        batch_size=512,
+        steps=72000,
+        learning_rate=1e-4,
+        mesh=dict(data=1, fsdp=-1, tensor=4),
+    ),
 }
 
 # Qwen2.5-VL-7B with the public Qwen-Image 20B MMDiT and its VAE in stages 2-3.
@@ -72,13 +136,24 @@ SIZES["qwen_image"] = dict(SIZES["paper"], dit=dict(size="qwen_image_20b", overr
 # tiny Qwen-Image VAE, 4x), so that the README's commands from the published weights run on
 # them in seconds. Not a model to train.
 SIZES["qwen_image_tiny"] = dict(
-    vlm="tiny", num_queries=4, image_size=32, vlm_image_size=84, max_text_len=(64, 112),
-    head=dict(size="tiny", overrides={}), dit=dict(size="tiny", overrides={}),
+    vlm="tiny",
+    num_queries=4,
+    image_size=32,
+    vlm_image_size=84,
+    max_text_len=(64, 112),
+    head=dict(size="tiny", overrides={}),
+    dit=dict(size="tiny", overrides={}),
     vae=dict(kind="qwen_image", size="qwen_image_tiny", factor=4),
     connector=dict(kind="mlp", hidden_dim=64, out_dim=24),
-    lora_vlm=dict(rank=4, alpha=4.0), lora_dit=dict(rank=4, alpha=4.0),
-    batch_size=2, steps=2, learning_rate=1e-3, mesh=dict(data=-1, fsdp=1, tensor=1), sample_images=1,
-    signal_samples=0)
+    lora_vlm=dict(rank=4, alpha=4.0),
+    lora_dit=dict(rank=4, alpha=4.0),
+    batch_size=2,
+    steps=2,
+    learning_rate=1e-3,
+    mesh=dict(data=-1, fsdp=1, tensor=1),
+    sample_images=1,
+    signal_samples=0,
+)
 
 
 def stage_config(stage: int, size: str) -> ml_collections.ConfigDict:
@@ -93,8 +168,9 @@ def stage_config(stage: int, size: str) -> ml_collections.ConfigDict:
     m = c.model = ml_collections.ConfigDict()
     m.vlm = dict(size=s["vlm"], checkpoint="", overrides=dict(s.get("vlm_overrides", {})))
     gen = s["head"] if stage == 1 else s["dit"]
-    m.generator = dict(key="head" if stage == 1 else "dit", size=gen["size"], checkpoint="",
-                       overrides=dict(gen["overrides"]))
+    m.generator = dict(
+        key="head" if stage == 1 else "dit", size=gen["size"], checkpoint="", overrides=dict(gen["overrides"])
+    )
     m.vae = dict(s["vae"], checkpoint="")
     m.connector = dict(s["connector"])
     m.num_queries = s["num_queries"]

@@ -1,6 +1,6 @@
 """Stage 1 of Query-Kontext. Sizes: tiny (tests), demo (CPU), paper, qwen_image.
 
-    qk-jax train --config configs/stage1.py:tiny --workdir runs/stage1
+qk-jax train --config configs/stage1.py:tiny --workdir runs/stage1
 """
 
 from qk_jax.config import load_sibling

@@ -1,6 +1,6 @@
 """Stage 2 of Query-Kontext. Sizes: tiny (tests), demo (CPU), paper, qwen_image.
 
-    qk-jax train --config configs/stage2.py:tiny --workdir runs/stage2
+qk-jax train --config configs/stage2.py:tiny --workdir runs/stage2
 """
 
 from qk_jax.config import load_sibling

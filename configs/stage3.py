@@ -1,6 +1,6 @@
 """Stage 3 of Query-Kontext. Sizes: tiny (tests), demo (CPU), paper, qwen_image.
 
-    qk-jax train --config configs/stage3.py:tiny --workdir runs/stage3
+qk-jax train --config configs/stage3.py:tiny --workdir runs/stage3
 """
 
 from qk_jax.config import load_sibling

@@ -39,8 +39,12 @@ def main() -> int:
     procs = []
     for pid in range(args.num_processes):
         env = dict(os.environ)
-        env.update(QK_COORDINATOR=coordinator, QK_NUM_PROCESSES=str(args.num_processes), QK_PROCESS_ID=str(pid),
-                   PYTHONUNBUFFERED="1")
+        env.update(
+            QK_COORDINATOR=coordinator,
+            QK_NUM_PROCESSES=str(args.num_processes),
+            QK_PROCESS_ID=str(pid),
+            PYTHONUNBUFFERED="1",
+        )
         if args.cpu:
             env["JAX_PLATFORMS"] = "cpu"
             env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices_per_process}"

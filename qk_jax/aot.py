@@ -54,7 +54,7 @@ from qk_jax.models.lora import LORA_KEY
 from qk_jax.sharding import format_bytes
 from qk_jax.train_step import make_train_step
 
-GIB = 1024 ** 3
+GIB = 1024**3
 # HBM per chip (GiB).
 HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
 _CHIP_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6lite": "v6e"}
@@ -69,8 +69,10 @@ def chip_of(topology: str) -> str:
     chip = topology.split(":")[0].strip().lower()
     chip = _CHIP_ALIASES.get(chip, chip)
     if chip not in HBM_GIB:
-        raise ValueError(f"--topology {topology!r}: unknown chip {chip!r}; known: {sorted(HBM_GIB)} "
-                         "(names look like v5p:4x4x4, v5e:2x2, v6e:4x4, v4:2x2x1)")
+        raise ValueError(
+            f"--topology {topology!r}: unknown chip {chip!r}; known: {sorted(HBM_GIB)} "
+            "(names look like v5p:4x4x4, v5e:2x2, v6e:4x4, v4:2x2x1)"
+        )
     return chip
 
 
@@ -81,13 +83,17 @@ def topology_mesh(topology: str, mesh_cfg: Mapping[str, int]):
     try:
         topo = topologies.get_topology_desc(topology_name=topology, platform="tpu")
     except Exception as e:  # noqa: BLE001 - libtpu raises several types
-        raise ValueError(f"--topology {topology!r} is not a TPU topology libtpu knows ({e}); "
-                         "names look like v5p:4x4x4, v5e:2x2, v6e:4x4") from None
+        raise ValueError(
+            f"--topology {topology!r} is not a TPU topology libtpu knows ({e}); "
+            "names look like v5p:4x4x4, v5e:2x2, v6e:4x4"
+        ) from None
     devices = list(topo.devices)
     shape = sharding.mesh_shape_from_config(dict(mesh_cfg), len(devices))
     if math.prod(shape) != len(devices):
-        raise ValueError(f"--mesh {dict(zip(sharding.MESH_AXES, shape))} uses {math.prod(shape)} of the "
-                         f"{len(devices)} chips of {topology}: the mesh must cover the topology")
+        raise ValueError(
+            f"--mesh {dict(zip(sharding.MESH_AXES, shape))} uses {math.prod(shape)} of the "
+            f"{len(devices)} chips of {topology}: the mesh must cover the topology"
+        )
     return sharding.make_mesh(shape, devices), devices[0].device_kind
 
 
@@ -97,8 +103,9 @@ def topology_mesh(topology: str, mesh_cfg: Mapping[str, int]):
 def example_host_batch(kcfg, data_cfg, rows: int, n_inputs: int) -> dict[str, np.ndarray]:
     """A pipeline-format batch (`data.pipeline` layout) of `rows` samples in the square
     bucket, each with `n_inputs` input images: the shapes a real batch has (zeros inside)."""
-    table, vlm_table = buckets.paired_tables(data_cfg.area, data_cfg.multiple, data_cfg.vlm_area,
-                                             data_cfg.vlm_multiple, data_cfg.ratios)
+    table, vlm_table = buckets.paired_tables(
+        data_cfg.area, data_cfg.multiple, data_cfg.vlm_area, data_cfg.vlm_multiple, data_cfg.ratios
+    )
     bucket = buckets.choose_bucket(1, 1, table)
     (h, w), (vh, vw) = table[bucket], vlm_table[bucket]
     v, t = kcfg.vlm.vision, int(data_cfg.max_text_len)
@@ -111,23 +118,30 @@ def example_host_batch(kcfg, data_cfg, rows: int, n_inputs: int) -> dict[str, np
     image = [kcfg.vlm.vision_start_token_id] + [kcfg.vlm.image_token_id] * tokens + [kcfg.vlm.vision_end_token_id]
     prompt = image * n_inputs
     if len(prompt) >= t:
-        raise ConfigError(f"config field data.max_text_len={t} cannot hold {n_inputs} input images of {tokens} "
-                          "tokens each plus a prompt")
+        raise ConfigError(
+            f"config field data.max_text_len={t} cannot hold {n_inputs} input images of {tokens} "
+            "tokens each plus a prompt"
+        )
     ids = np.full((rows, t), kcfg.vlm.text.pad_token_id or 0, np.int32)
-    ids[:, :len(prompt)] = prompt
+    ids[:, : len(prompt)] = prompt
     task = "t2i" if n_inputs == 0 else ("edit" if kcfg.low_level else "reconstruction")
     if n_inputs > 1:
         task = "multi_subject"
     pixel_values = np.zeros((rows, slots, patches, v.patch_dim), np.float32)
     grids = np.zeros((rows, slots, 3), np.int32)
     grids[:, :n_inputs] = grid
-    return {"target": np.zeros((rows, h, w, 3), np.float32),
-            "cond_images": np.zeros((rows, slots, h, w, 3), np.float32),
-            "cond_mask": np.broadcast_to(np.arange(slots) < n_inputs, (rows, slots)).copy(),
-            "num_inputs": np.full((rows,), n_inputs, np.int32),
-            "task_id": np.full((rows,), TASKS.index(task), np.int32), "valid": np.ones((rows,), bool),
-            "input_ids": ids, "attention_mask": np.ones((rows, t), np.int32),
-            "pixel_values": pixel_values, "image_grid_thw": grids}
+    return {
+        "target": np.zeros((rows, h, w, 3), np.float32),
+        "cond_images": np.zeros((rows, slots, h, w, 3), np.float32),
+        "cond_mask": np.broadcast_to(np.arange(slots) < n_inputs, (rows, slots)).copy(),
+        "num_inputs": np.full((rows,), n_inputs, np.int32),
+        "task_id": np.full((rows,), TASKS.index(task), np.int32),
+        "valid": np.ones((rows,), bool),
+        "input_ids": ids,
+        "attention_mask": np.ones((rows, t), np.int32),
+        "pixel_values": pixel_values,
+        "image_grid_thw": grids,
+    }
 
 
 # Row axis of each prepared field (see model_inputs.place_batch); the vision plan has none.
@@ -174,8 +188,7 @@ def abstract_params(model: QueryKontext, mesh, rules_by_submodel=None):
     tables `rules_by_submodel`, default `sharding.RULES_BY_SUBMODEL`)."""
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)  # a real key would need a device
     abstract, specs = sharding.abstract_init(model.init, key)
-    return sharding.abstract_with_shardings(abstract, sharding.tree_shardings(abstract, specs, mesh,
-                                                                              rules_by_submodel))
+    return sharding.abstract_with_shardings(abstract, sharding.tree_shardings(abstract, specs, mesh, rules_by_submodel))
 
 
 def _like(tree):
@@ -190,13 +203,19 @@ def abstract_train_state(params, trainable_prefixes, tx, ema: bool, mesh) -> dic
     opt = jax.eval_shape(tx.init, trainable)
     shardings = _like(trainable)
     replicated = _replicated(mesh)
-    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, opt, shardings,
-                                          transform_non_params=lambda _: replicated)
+    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, opt, shardings, transform_non_params=lambda _: replicated)
     opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), opt, opt_shardings)
-    state = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), "trainable": trainable,
-             "frozen": frozen, "opt_state": opt_state,
-             "ema": (jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=a.sharding), trainable)
-                     if ema else None)}
+    state = {
+        "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+        "trainable": trainable,
+        "frozen": frozen,
+        "opt_state": opt_state,
+        "ema": (
+            jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=a.sharding), trainable)
+            if ema
+            else None
+        ),
+    }
     return state
 
 
@@ -207,9 +226,13 @@ def memory_of(compiled) -> dict[str, int]:
     """Per-device bytes from `compiled.memory_analysis()`, and the peak they add up to."""
     m = compiled.memory_analysis()
     get = lambda name: int(getattr(m, name, 0) or 0)
-    out = {"arguments": get("argument_size_in_bytes"), "outputs": get("output_size_in_bytes"),
-           "temporaries": get("temp_size_in_bytes"), "aliases": get("alias_size_in_bytes"),
-           "generated_code": get("generated_code_size_in_bytes")}
+    out = {
+        "arguments": get("argument_size_in_bytes"),
+        "outputs": get("output_size_in_bytes"),
+        "temporaries": get("temp_size_in_bytes"),
+        "aliases": get("alias_size_in_bytes"),
+        "generated_code": get("generated_code_size_in_bytes"),
+    }
     out["peak"] = out["arguments"] + out["outputs"] - out["aliases"] + out["temporaries"] + out["generated_code"]
     return out
 
@@ -229,18 +252,32 @@ def compile_train(model, config, mesh, params, batch) -> dict[str, Any]:
     t = config.train
     tx = optim.make_optimizer(t)
     state = abstract_train_state(params, t.trainable, tx, t.ema_decay > 0, mesh)
-    step = make_train_step(model, tx, seed=t.seed, grad_accum=int(t.grad_accum), ema_decay=t.ema_decay,
-                           lr_schedule=optim.learning_rate_schedule(t))
+    step = make_train_step(
+        model,
+        tx,
+        seed=t.seed,
+        grad_accum=int(t.grad_accum),
+        ema_decay=t.ema_decay,
+        lr_schedule=optim.learning_rate_schedule(t),
+    )
     state_shardings = jax.tree.map(lambda a: a.sharding, state)
-    compiled, lower_s, compile_s = _compile(step, (state, batch), mesh, donate_argnums=(0,),
-                                            out_shardings=(state_shardings, _replicated(mesh)))
+    compiled, lower_s, compile_s = _compile(
+        step, (state, batch), mesh, donate_argnums=(0,), out_shardings=(state_shardings, _replicated(mesh))
+    )
     counted = flops.kontext_train_step_flops(model.config, batch, t.trainable, state["trainable"].get(LORA_KEY))
-    return {"memory": memory_of(compiled), "lower_seconds": lower_s, "compile_seconds": compile_s,
-            "flops": {"analytic": counted["total"], "analytic_with_remat": counted["hardware_total"],
-                      "parts": {k: v["total"] for k, v in counted["parts"].items()},
-                      "xla_per_device": flops.xla_flops_per_device(compiled)},
-            "state_bytes_per_device": _tree_bytes(state),
-            "params": {"trainable": _count(state["trainable"]), "frozen": _count(state["frozen"])}}
+    return {
+        "memory": memory_of(compiled),
+        "lower_seconds": lower_s,
+        "compile_seconds": compile_s,
+        "flops": {
+            "analytic": counted["total"],
+            "analytic_with_remat": counted["hardware_total"],
+            "parts": {k: v["total"] for k, v in counted["parts"].items()},
+            "xla_per_device": flops.xla_flops_per_device(compiled),
+        },
+        "state_bytes_per_device": _tree_bytes(state),
+        "params": {"trainable": _count(state["trainable"]), "frozen": _count(state["frozen"])},
+    }
 
 
 def compile_sample(model, config, mesh, params, batch, sample_batch: int) -> dict[str, Any]:
@@ -255,14 +292,15 @@ def compile_sample(model, config, mesh, params, batch, sample_batch: int) -> dic
     spec0 = sharding.batch_axes(mesh, sample_batch)
 
     def rows_of(x, b):
-        return jax.ShapeDtypeStruct((b,) + tuple(x.shape[1:]), x.dtype,
-                                    sharding=NamedSharding(mesh, P(spec0, *([None] * (len(x.shape) - 1)))))
+        return jax.ShapeDtypeStruct(
+            (b,) + tuple(x.shape[1:]), x.dtype, sharding=NamedSharding(mesh, P(spec0, *([None] * (len(x.shape) - 1))))
+        )
 
     one_batch = dict(batch)
     if batch["input_ids"].ndim == 3:  # grad accumulation: the shapes of one micro-batch
         one_batch = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape[1:], v.dtype), batch)
     cond, mask, _ = jax.eval_shape(model.condition, inference, one_batch)
-    n_target = math.prod(one_batch["target"].shape[1:3]) // kcfg.downsample ** 2
+    n_target = math.prod(one_batch["target"].shape[1:3]) // kcfg.downsample**2
     c_in = kcfg.generator.in_channels
     cond_tokens = None
     dual = False
@@ -272,19 +310,38 @@ def compile_sample(model, config, mesh, params, batch, sample_batch: int) -> dic
         dual = float(s.image_guidance) != 1.0
     text_cfg = float(s.guidance) != 1.0
     f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=_replicated(mesh))
-    args = (inference, rows_of(jax.ShapeDtypeStruct((1, n_target, c_in), jnp.float32), sample_batch),
-            f32((steps + 1,)), f32((steps,)), rows_of(cond, sample_batch), rows_of(mask, sample_batch),
-            cond_tokens, rows_of(one_batch["img_ids"], sample_batch), f32(()), f32(()))
+    args = (
+        inference,
+        rows_of(jax.ShapeDtypeStruct((1, n_target, c_in), jnp.float32), sample_batch),
+        f32((steps + 1,)),
+        f32((steps,)),
+        rows_of(cond, sample_batch),
+        rows_of(mask, sample_batch),
+        cond_tokens,
+        rows_of(one_batch["img_ids"], sample_batch),
+        f32(()),
+        f32(()),
+    )
     loop = sample_loop(model, s.method, text_cfg, dual, s.get("guidance_mode", "cfg"))
     compiled, lower_s, compile_s = _compile(loop, args, mesh)
     branches = 3 if dual else (2 if text_cfg else 1)
     evals = steps * (2 if s.method == "heun" else 1)
     n_total = one_batch["img_ids"].shape[1]
     per_eval = flops.mmdit_flops(kcfg.generator, branches * sample_batch, n_total, cond.shape[1], n_target).total
-    return {"memory": memory_of(compiled), "lower_seconds": lower_s, "compile_seconds": compile_s,
-            "flops": {"analytic": per_eval * evals, "per_dit_call": per_eval,
-                      "xla_per_device": flops.xla_flops_per_device(compiled)},
-            "sample_batch": sample_batch, "steps": steps, "branches": branches, "method": s.method}
+    return {
+        "memory": memory_of(compiled),
+        "lower_seconds": lower_s,
+        "compile_seconds": compile_s,
+        "flops": {
+            "analytic": per_eval * evals,
+            "per_dit_call": per_eval,
+            "xla_per_device": flops.xla_flops_per_device(compiled),
+        },
+        "sample_batch": sample_batch,
+        "steps": steps,
+        "branches": branches,
+        "method": s.method,
+    }
 
 
 def _tree_bytes(tree) -> int:
@@ -302,9 +359,17 @@ def _count(tree) -> int:
 # ----------------------------------------------------------------------------- the report
 
 
-def run(config, topology: str, mesh_cfg: Mapping[str, int] | None = None, batch: int | None = None,
-        programs=PROGRAMS, n_inputs: int | None = None, sample_batch: int | None = None,
-        headroom: float = 0.1, log=None) -> dict[str, Any]:
+def run(
+    config,
+    topology: str,
+    mesh_cfg: Mapping[str, int] | None = None,
+    batch: int | None = None,
+    programs=PROGRAMS,
+    n_inputs: int | None = None,
+    sample_batch: int | None = None,
+    headroom: float = 0.1,
+    log=None,
+) -> dict[str, Any]:
     """Compiles `programs` of `config` for `topology`; returns the report (see `format_report`).
     Progress goes to `log` (default: `qk_jax.logs.info`)."""
     log = log or logs.info
@@ -324,23 +389,40 @@ def run(config, topology: str, mesh_cfg: Mapping[str, int] | None = None, batch:
     dp_size = mesh.shape["data"] * mesh.shape["fsdp"]
     sample_batch = int(sample_batch or dp_size)
     model = QueryKontext(kcfg)
-    log(f"aot: {config.stage and f'stage {config.stage}'} {config.get('size', '')} on {topology} "
+    log(
+        f"aot: {config.stage and f'stage {config.stage}'} {config.get('size', '')} on {topology} "
         f"({n_dev} x {device_kind}, {HBM_GIB[chip]} GiB HBM), mesh {dict(mesh.shape)}, global batch "
         f"{config.train.batch_size}, {n_inputs} input image(s), dtype {config.model.dtype}, "
-        f"remat {config.model.remat}\n{model_config.describe(kcfg)}")
+        f"remat {config.model.remat}\n{model_config.describe(kcfg)}"
+    )
     # Traced outside the topology's mesh: nothing here may touch its (compile-only) devices.
     params = abstract_params(model, mesh, sharding.rules_from_config(config))
-    batch_abs = abstract_batch(kcfg, config.data, mesh, int(config.train.batch_size), n_inputs,
-                               int(config.train.grad_accum))
+    batch_abs = abstract_batch(
+        kcfg, config.data, mesh, int(config.train.batch_size), n_inputs, int(config.train.grad_accum)
+    )
     report: dict[str, Any] = {
-        "config": {"stage": int(config.stage), "size": config.get("size", ""), "dtype": config.model.dtype,
-                   "remat": config.model.remat, "attention_impl": config.model.attention_impl,
-                   "global_batch": int(config.train.batch_size), "grad_accum": int(config.train.grad_accum),
-                   "num_queries": kcfg.num_queries, "input_images": n_inputs,
-                   "batch_shapes": {k: list(v.shape) for k, v in batch_abs.items() if k != "vision_plan"}},
-        "topology": topology, "chip": chip, "device_kind": device_kind, "num_devices": int(n_dev),
-        "mesh": {a: int(mesh.shape[a]) for a in sharding.MESH_AXES}, "hbm_bytes": HBM_GIB[chip] * GIB,
-        "headroom": headroom, "params_total": _count(params), "programs": {}}
+        "config": {
+            "stage": int(config.stage),
+            "size": config.get("size", ""),
+            "dtype": config.model.dtype,
+            "remat": config.model.remat,
+            "attention_impl": config.model.attention_impl,
+            "global_batch": int(config.train.batch_size),
+            "grad_accum": int(config.train.grad_accum),
+            "num_queries": kcfg.num_queries,
+            "input_images": n_inputs,
+            "batch_shapes": {k: list(v.shape) for k, v in batch_abs.items() if k != "vision_plan"},
+        },
+        "topology": topology,
+        "chip": chip,
+        "device_kind": device_kind,
+        "num_devices": int(n_dev),
+        "mesh": {a: int(mesh.shape[a]) for a in sharding.MESH_AXES},
+        "hbm_bytes": HBM_GIB[chip] * GIB,
+        "headroom": headroom,
+        "params_total": _count(params),
+        "programs": {},
+    }
     for name in programs:
         log(f"aot: compiling the {name} program ...")
         if name == "train":
@@ -350,8 +432,10 @@ def run(config, topology: str, mesh_cfg: Mapping[str, int] | None = None, batch:
         entry["flops"]["xla_total"] = entry["flops"]["xla_per_device"] * n_dev
         entry["seconds_at_peak"] = _seconds_at_peak(entry["flops"]["analytic"], n_dev, device_kind)
         report["programs"][name] = entry
-        log(f"aot: {name} compiled in {entry['compile_seconds']:.0f} s; peak "
-            f"{format_bytes(entry['memory']['peak'])} per device")
+        log(
+            f"aot: {name} compiled in {entry['compile_seconds']:.0f} s; peak "
+            f"{format_bytes(entry['memory']['peak'])} per device"
+        )
     return judge(report)
 
 
@@ -380,10 +464,12 @@ def verdict_line(report: Mapping[str, Any]) -> str:
     hbm = report["hbm_bytes"] / GIB
     word = "FITS" if report["fits"] else "DOES NOT FIT"
     parts = ", ".join(f"{n} {format_bytes(e['memory']['peak'])}" for n, e in report["programs"].items())
-    return (f"{word}: {parts} per device (peak: {worst[0]}) on {report['topology']} "
-            f"({report['chip']}, {hbm:.0f} GiB HBM, {100 * report['headroom']:.0f}% headroom), mesh "
-            f"data={report['mesh']['data']},fsdp={report['mesh']['fsdp']},tensor={report['mesh']['tensor']}, "
-            f"global batch {report['config']['global_batch']}")
+    return (
+        f"{word}: {parts} per device (peak: {worst[0]}) on {report['topology']} "
+        f"({report['chip']}, {hbm:.0f} GiB HBM, {100 * report['headroom']:.0f}% headroom), mesh "
+        f"data={report['mesh']['data']},fsdp={report['mesh']['fsdp']},tensor={report['mesh']['tensor']}, "
+        f"global batch {report['config']['global_batch']}"
+    )
 
 
 def _flops(x: float) -> str:
@@ -397,10 +483,12 @@ def format_report(report: Mapping[str, Any]) -> str:
     """The printed report: per program memory and FLOPs, then the verdict as the last line."""
     lines = []
     c = report["config"]
-    lines.append(f"topology {report['topology']} ({report['num_devices']} x {report['device_kind']}), mesh "
-                 f"{report['mesh']}, global batch {c['global_batch']} (grad_accum {c['grad_accum']}), dtype "
-                 f"{c['dtype']}, remat {c['remat']}, K = {c['num_queries']}, {c['input_images']} input image(s); "
-                 f"{_params(report['params_total'])} parameters")
+    lines.append(
+        f"topology {report['topology']} ({report['num_devices']} x {report['device_kind']}), mesh "
+        f"{report['mesh']}, global batch {c['global_batch']} (grad_accum {c['grad_accum']}), dtype "
+        f"{c['dtype']}, remat {c['remat']}, K = {c['num_queries']}, {c['input_images']} input image(s); "
+        f"{_params(report['params_total'])} parameters"
+    )
     fields = ("arguments", "outputs", "temporaries", "aliases", "generated_code", "peak")
     lines.append("")
     lines.append(f"{'per device':<18}" + "".join(f"{f:>15}" for f in fields) + f"{'fits':>7}")
@@ -408,24 +496,33 @@ def format_report(report: Mapping[str, Any]) -> str:
         m = e["memory"]
         cells = "".join(f"{format_bytes(m[f]):>15}" for f in fields)
         lines.append(f"{name:<18}{cells}{'yes' if e['fits'] else 'NO':>7}")
-    lines.append(f"{'HBM':<18}{format_bytes(report['hbm_bytes']):>15}  (budget {(1 - report['headroom']) * 100:.0f}%: "
-                 f"{format_bytes((1 - report['headroom']) * report['hbm_bytes'])})")
+    lines.append(
+        f"{'HBM':<18}{format_bytes(report['hbm_bytes']):>15}  (budget {(1 - report['headroom']) * 100:.0f}%: "
+        f"{format_bytes((1 - report['headroom']) * report['hbm_bytes'])})"
+    )
     lines.append("")
     for name, e in report["programs"].items():
         f = e["flops"]
         at_peak = e.get("seconds_at_peak")
-        lines.append(f"{name}: analytic {_flops(f['analytic'])} per {'step' if name == 'train' else 'sampling run'}"
-                     + (f" ({_flops(f['analytic_with_remat'])} with remat)" if "analytic_with_remat" in f else "")
-                     + (f", {at_peak:.3g} s at 100% of the chips' peak" if at_peak else "")
-                     + f"; XLA cost analysis {_flops(f['xla_total'])} (counts scan bodies once); "
-                     f"lowered in {e['lower_seconds']:.0f} s, compiled in {e['compile_seconds']:.0f} s")
+        lines.append(
+            f"{name}: analytic {_flops(f['analytic'])} per {'step' if name == 'train' else 'sampling run'}"
+            + (f" ({_flops(f['analytic_with_remat'])} with remat)" if "analytic_with_remat" in f else "")
+            + (f", {at_peak:.3g} s at 100% of the chips' peak" if at_peak else "")
+            + f"; XLA cost analysis {_flops(f['xla_total'])} (counts scan bodies once); "
+            f"lowered in {e['lower_seconds']:.0f} s, compiled in {e['compile_seconds']:.0f} s"
+        )
         if name == "train":
-            lines.append("  parts: " + ", ".join(f"{k} {_flops(v)}" for k, v in f["parts"].items())
-                         + f"; train state {format_bytes(e['state_bytes_per_device'])} per device; "
-                         f"{_params(e['params']['trainable'])} trainable, {_params(e['params']['frozen'])} frozen")
+            lines.append(
+                "  parts: "
+                + ", ".join(f"{k} {_flops(v)}" for k, v in f["parts"].items())
+                + f"; train state {format_bytes(e['state_bytes_per_device'])} per device; "
+                f"{_params(e['params']['trainable'])} trainable, {_params(e['params']['frozen'])} frozen"
+            )
         else:
-            lines.append(f"  {e['sample_batch']} prompts, {e['steps']} {e['method']} steps, {e['branches']} "
-                         f"guidance branch(es) per DiT call")
+            lines.append(
+                f"  {e['sample_batch']} prompts, {e['steps']} {e['method']} steps, {e['branches']} "
+                f"guidance branch(es) per DiT call"
+            )
     lines.append(report["verdict"])
     return "\n".join(lines)
 
@@ -433,22 +530,43 @@ def format_report(report: Mapping[str, Any]) -> str:
 def markdown_table(reports) -> str:
     """One Markdown row per report (for the README): topology, mesh, batch, dtype, remat,
     per-device peak of each program, analytic FLOPs per train step, compile times, verdict."""
-    head = ("config", "topology", "mesh (d,f,t)", "global batch", "dtype", "remat", "train GiB/dev",
-            "sample GiB/dev", "train PFLOP/step", "compile train / sample (s)", "fits")
+    head = (
+        "config",
+        "topology",
+        "mesh (d,f,t)",
+        "global batch",
+        "dtype",
+        "remat",
+        "train GiB/dev",
+        "sample GiB/dev",
+        "train PFLOP/step",
+        "compile train / sample (s)",
+        "fits",
+    )
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in reports:
         c, progs = r["config"], r["programs"]
         train, sample = progs.get("train"), progs.get("sample")
         mesh = r["mesh"]
-        rows.append("| " + " | ".join([
-            f"stage{c['stage']}.py:{c['size']}", f"{r['topology']} ({r['num_devices']})",
-            f"{mesh['data']},{mesh['fsdp']},{mesh['tensor']}",
-            str(c["global_batch"]) + (f" ({c['grad_accum']} micro)" if c["grad_accum"] > 1 else ""), c["dtype"],
-            c["remat"], f"{train['memory']['peak'] / GIB:.1f}" if train else "-",
-            f"{sample['memory']['peak'] / GIB:.1f} ({sample['sample_batch']} prompts)" if sample else "-",
-            f"{train['flops']['analytic'] / 1e15:.1f}" if train else "-",
-            " / ".join(f"{progs[n]['compile_seconds']:.0f}" if n in progs else "-" for n in PROGRAMS),
-            "yes" if r["fits"] else "**no**"]) + " |")
+        rows.append(
+            "| "
+            + " | ".join(
+                [
+                    f"stage{c['stage']}.py:{c['size']}",
+                    f"{r['topology']} ({r['num_devices']})",
+                    f"{mesh['data']},{mesh['fsdp']},{mesh['tensor']}",
+                    str(c["global_batch"]) + (f" ({c['grad_accum']} micro)" if c["grad_accum"] > 1 else ""),
+                    c["dtype"],
+                    c["remat"],
+                    f"{train['memory']['peak'] / GIB:.1f}" if train else "-",
+                    f"{sample['memory']['peak'] / GIB:.1f} ({sample['sample_batch']} prompts)" if sample else "-",
+                    f"{train['flops']['analytic'] / 1e15:.1f}" if train else "-",
+                    " / ".join(f"{progs[n]['compile_seconds']:.0f}" if n in progs else "-" for n in PROGRAMS),
+                    "yes" if r["fits"] else "**no**",
+                ]
+            )
+            + " |"
+        )
     return "\n".join(rows)
 
 
@@ -478,8 +596,16 @@ def main(argv):
     f = flags.FLAGS
     if f.config is None:
         raise app.UsageError("--config is required, e.g. --config configs/stage2.py:paper")
-    report = run(f.config, f.topology, sharding.parse_mesh(f.mesh) if f.mesh else None, f.batch, tuple(f.programs),
-                 f.inputs, f.sample_batch, f.headroom)
+    report = run(
+        f.config,
+        f.topology,
+        sharding.parse_mesh(f.mesh) if f.mesh else None,
+        f.batch,
+        tuple(f.programs),
+        f.inputs,
+        f.sample_batch,
+        f.headroom,
+    )
     if f.json:
         os.makedirs(os.path.dirname(os.path.abspath(f.json)), exist_ok=True)
         with open(f.json, "w") as out:

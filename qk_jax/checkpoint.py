@@ -54,10 +54,29 @@ CORRUPT_SUFFIX = ".corrupt"
 
 # Errors that say nothing about the checkpoint's bytes: the machine or the storage is
 # (perhaps only for now) unable to read it. They stop the run instead of discarding a step.
-ENVIRONMENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ENOMEM,
-                                errno.EMFILE, errno.ENFILE, errno.ECONNRESET, errno.ENOSPC})
-ENVIRONMENT_MARKERS = ("RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "PERMISSION_DENIED",
-                       "Out of memory", "out of memory", "Permission denied")
+ENVIRONMENT_ERRNOS = frozenset(
+    {
+        errno.EACCES,
+        errno.EPERM,
+        errno.EIO,
+        errno.EAGAIN,
+        errno.ETIMEDOUT,
+        errno.ENOMEM,
+        errno.EMFILE,
+        errno.ENFILE,
+        errno.ECONNRESET,
+        errno.ENOSPC,
+    }
+)
+ENVIRONMENT_MARKERS = (
+    "RESOURCE_EXHAUSTED",
+    "UNAVAILABLE",
+    "DEADLINE_EXCEEDED",
+    "PERMISSION_DENIED",
+    "Out of memory",
+    "out of memory",
+    "Permission denied",
+)
 # Exception types a damaged file raises on the way through Orbax / TensorStore / json.
 FAULT_TYPES = (OSError, ValueError, KeyError, IndexError, TypeError, EOFError)
 
@@ -191,12 +210,24 @@ class Checkpointer:
       save_interval_steps: `save()` is a no-op for other steps unless `force=True`.
     """
 
-    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3, async_save: bool = True,
-                 save_interval_steps: int = 1, create: bool = True, keep_period: int | None = None):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        max_to_keep: int | None = 3,
+        async_save: bool = True,
+        save_interval_steps: int = 1,
+        create: bool = True,
+        keep_period: int | None = None,
+    ):
         self.directory = absolute_path(directory)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, keep_period=keep_period or None, save_interval_steps=save_interval_steps,
-            enable_async_checkpointing=async_save, create=create)
+            max_to_keep=max_to_keep,
+            keep_period=keep_period or None,
+            save_interval_steps=save_interval_steps,
+            enable_async_checkpointing=async_save,
+            create=create,
+        )
         handlers = {name: ocp.PyTreeCheckpointHandler() for name in ARRAY_ITEMS}
         handlers.update({name: ocp.JsonCheckpointHandler() for name in JSON_ITEMS})
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
@@ -206,8 +237,18 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ saving
 
-    def save(self, step: int, *, params, opt_state=None, ema=None, data=None, config=None,
-             meta: Mapping[str, Any] | None = None, force: bool = False) -> bool:
+    def save(
+        self,
+        step: int,
+        *,
+        params,
+        opt_state=None,
+        ema=None,
+        data=None,
+        config=None,
+        meta: Mapping[str, Any] | None = None,
+        force: bool = False,
+    ) -> bool:
         """Starts saving `step`; returns whether a save was started (see save_interval_steps).
 
         Raises CheckpointSaveError when the previous save failed."""
@@ -310,9 +351,17 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ restoring
 
-    def restore(self, step: int | None = None, *, params=None, opt_state=None, ema=None,
-                json_items: Iterable[str] = ("data", "config", "meta"), fallback: bool = True,
-                quarantine: bool = False) -> dict[str, Any]:
+    def restore(
+        self,
+        step: int | None = None,
+        *,
+        params=None,
+        opt_state=None,
+        ema=None,
+        json_items: Iterable[str] = ("data", "config", "meta"),
+        fallback: bool = True,
+        quarantine: bool = False,
+    ) -> dict[str, Any]:
         """Restores the given items of `step` (default: the newest good step).
 
         Array items are restored only when an abstract target is given: a tree of
@@ -326,12 +375,19 @@ class Checkpointer:
         del fallback
         targets = {"params": params, "opt_state": opt_state, "ema": ema}
         targets = {k: v for k, v in targets.items() if v is not None}
-        return self.restore_newest(lambda _step, _json: targets, step=step, json_items=json_items,
-                                   quarantine=quarantine)
+        return self.restore_newest(
+            lambda _step, _json: targets, step=step, json_items=json_items, quarantine=quarantine
+        )
 
-    def restore_newest(self, targets_for: Callable[[int, dict], Mapping[str, Any]], *, step: int | None = None,
-                       json_items: Iterable[str] = ("data", "config", "meta"), required: Iterable[str] = (),
-                       quarantine: bool = False) -> dict[str, Any]:
+    def restore_newest(
+        self,
+        targets_for: Callable[[int, dict], Mapping[str, Any]],
+        *,
+        step: int | None = None,
+        json_items: Iterable[str] = ("data", "config", "meta"),
+        required: Iterable[str] = (),
+        quarantine: bool = False,
+    ) -> dict[str, Any]:
         """Restores the newest good step (or exactly `step`).
 
         `targets_for(step, json)` returns the abstract array targets ({'params': ...}) given
@@ -368,12 +424,14 @@ class Checkpointer:
             if step is not None and isinstance(fault, CorruptCheckpointError):
                 raise fault
             if step is not None:
-                raise CorruptCheckpointError(f"checkpoint step {s} in {self.directory} is incomplete or corrupt: "
-                                             f"{first_line(fault)}") from fault
+                raise CorruptCheckpointError(
+                    f"checkpoint step {s} in {self.directory} is incomplete or corrupt: {first_line(fault)}"
+                ) from fault
             self._set_aside(s, fault, quarantine)
             bad.append(s)
-        raise NoGoodCheckpointError(f"no readable checkpoint in {self.directory}: steps {bad} are incomplete or "
-                                    f"corrupt")
+        raise NoGoodCheckpointError(
+            f"no readable checkpoint in {self.directory}: steps {bad} are incomplete or corrupt"
+        )
 
     def _attempt(self, step: int, read: Callable[[], Any]) -> tuple[Any, BaseException | None]:
         """(read(), None), or (None, the failure): a fault of the checkpoint as it was raised,
@@ -385,8 +443,10 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001 - classified here
             if is_checkpoint_fault(e):
                 return None, e
-            error = CheckpointError(f"reading checkpoint step {step} in {self.directory} failed: {first_line(e)} "
-                                    f"(not a fault of the checkpoint; nothing was skipped)")
+            error = CheckpointError(
+                f"reading checkpoint step {step} in {self.directory} failed: {first_line(e)} "
+                f"(not a fault of the checkpoint; nothing was skipped)"
+            )
             error.__cause__ = e
             return None, error
 
@@ -404,12 +464,16 @@ class Checkpointer:
         if max(codes) == 2:
             if code == 2:
                 raise outcome
-            raise CheckpointError(f"reading checkpoint step {step} in {self.directory} failed on process(es) "
-                                  f"{[i for i, c in enumerate(codes) if c == 2]} (not a fault of the checkpoint; "
-                                  f"nothing was skipped)")
+            raise CheckpointError(
+                f"reading checkpoint step {step} in {self.directory} failed on process(es) "
+                f"{[i for i, c in enumerate(codes) if c == 2]} (not a fault of the checkpoint; "
+                f"nothing was skipped)"
+            )
         if max(codes) == 1 and code == 0:
-            return CorruptCheckpointError(f"checkpoint step {step} in {self.directory} is unreadable on process(es) "
-                                          f"{[i for i, c in enumerate(codes) if c == 1]}")
+            return CorruptCheckpointError(
+                f"checkpoint step {step} in {self.directory} is unreadable on process(es) "
+                f"{[i for i, c in enumerate(codes) if c == 1]}"
+            )
         return outcome
 
     def _set_aside(self, step: int, fault: BaseException, quarantine: bool) -> None:
@@ -418,8 +482,12 @@ class Checkpointer:
         process, while the others wait."""
         source = self.directory / str(step)
         if not quarantine:
-            logs.warning("checkpoint step %d in %s is incomplete or corrupt (%s); skipping it", step, self.directory,
-                        first_line(fault))
+            logs.warning(
+                "checkpoint step %d in %s is incomplete or corrupt (%s); skipping it",
+                step,
+                self.directory,
+                first_line(fault),
+            )
             return
         dest = self.directory / f"{step}{CORRUPT_SUFFIX}"
         n = 0
@@ -431,17 +499,24 @@ class Checkpointer:
             source.rename(dest)
         _barrier(f"qk_checkpoint_set_aside_{step}")
         self._manager.reload()
-        logs.warning("checkpoint step %d in %s is incomplete or corrupt (%s); moved aside to %s, trying an older step",
-                    step, self.directory, first_line(fault), dest)
+        logs.warning(
+            "checkpoint step %d in %s is incomplete or corrupt (%s); moved aside to %s, trying an older step",
+            step,
+            self.directory,
+            first_line(fault),
+            dest,
+        )
 
-    def _read_arrays(self, step: int, present: set[str], targets: Mapping[str, Any],
-                     meta: Mapping[str, Any]) -> tuple[dict, dict, dict | None]:
+    def _read_arrays(
+        self, step: int, present: set[str], targets: Mapping[str, Any], meta: Mapping[str, Any]
+    ) -> tuple[dict, dict, dict | None]:
         """Reads the array items named by `targets` (each process its own shards), their
         shapes checked: (restored, stored leaves, stored checksums or None)."""
         for name in targets:
             if name not in present:
-                raise CorruptCheckpointError(f"checkpoint step {step} in {self.directory} has no item {name!r} "
-                                             f"(it holds {sorted(present)})")
+                raise CorruptCheckpointError(
+                    f"checkpoint step {step} in {self.directory} has no item {name!r} (it holds {sorted(present)})"
+                )
         if not targets:
             return {}, {}, None
         stored = {name: self._check_shapes(step, name, target) for name, target in targets.items()}
@@ -457,8 +532,10 @@ class Checkpointer:
         read of this Checkpointer and is closed with it, as the manager's own handlers are)."""
         if self._reader is None:
             self._reader = ocp.PyTreeCheckpointHandler()
-        return self._reader.restore(self.directory / str(step) / name,
-                                    args=ocp.args.PyTreeRestore(item=target, restore_args=_restore_args_for(target)))
+        return self._reader.restore(
+            self.directory / str(step) / name,
+            args=ocp.args.PyTreeRestore(item=target, restore_args=_restore_args_for(target)),
+        )
 
     def _verify_arrays(self, step: int, restored: dict, stored: dict, sums: dict | None) -> dict[str, Any]:
         """The restored arrays, their checksums verified (computed where the arrays live, the
@@ -468,43 +545,56 @@ class Checkpointer:
                 self._verify(step, name, restored[name], stored[name], sums.get(name, {}))
         return restored
 
-    def _read_json(self, step: int, present: set[str], names: tuple[str, ...],
-                   required: tuple[str, ...] = ()) -> dict[str, Any]:
+    def _read_json(
+        self, step: int, present: set[str], names: tuple[str, ...], required: tuple[str, ...] = ()
+    ) -> dict[str, Any]:
         """The listed JSON items present in the step; CorruptCheckpointError when `meta` (which
         every step has) or a `required` item is missing."""
         for name in ("meta", *required):
             if name not in present:
-                raise CorruptCheckpointError(f"checkpoint step {step} in {self.directory} has no item {name!r} "
-                                             f"(it holds {sorted(present)})")
-        return {name: read_json_item(self.directory, step, name) for name in set(names) | {"meta"}
-                if name in present}
+                raise CorruptCheckpointError(
+                    f"checkpoint step {step} in {self.directory} has no item {name!r} (it holds {sorted(present)})"
+                )
+        return {name: read_json_item(self.directory, step, name) for name in set(names) | {"meta"} if name in present}
 
-    def _stored_checksums(self, step: int, present: set[str], meta: Mapping[str, Any]
-                          ) -> dict[str, dict[str, int]] | None:
+    def _stored_checksums(
+        self, step: int, present: set[str], meta: Mapping[str, Any]
+    ) -> dict[str, dict[str, int]] | None:
         """The step's checksums; None (with a warning) for a step written before checksums;
         CorruptCheckpointError when a step written with checksums lost them."""
         if "checksums" not in present and meta.get("checksummed"):
-            raise CorruptCheckpointError(f"checkpoint step {step} in {self.directory} has no item 'checksums' "
-                                         f"(it holds {sorted(present)})")
+            raise CorruptCheckpointError(
+                f"checkpoint step {step} in {self.directory} has no item 'checksums' (it holds {sorted(present)})"
+            )
         if "checksums" not in present:
-            logs.warning("checkpoint step %d in %s has no checksums (written by an older version); its arrays are "
-                        "restored unverified", step, self.directory)
+            logs.warning(
+                "checkpoint step %d in %s has no checksums (written by an older version); its arrays are "
+                "restored unverified",
+                step,
+                self.directory,
+            )
             return None
         return read_json_item(self.directory, step, "checksums")
 
     def _verify(self, step: int, name: str, tree, stored_flat: Mapping[str, Any], sums: Mapping[str, int]) -> None:
         """CorruptCheckpointError naming the first array whose bits differ from what was saved
         (arrays restored into another dtype are not comparable and are left out)."""
-        same_dtype = {p: v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]
-                      if np.dtype(v.dtype) == np.dtype(stored_flat[path_str(p)].dtype)}
+        same_dtype = {
+            p: v
+            for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]
+            if np.dtype(v.dtype) == np.dtype(stored_flat[path_str(p)].dtype)
+        }
         got = tree_checksums({path_str(p): v for p, v in same_dtype.items()})
         for key, value in got.items():
             if key not in sums:
-                raise CorruptCheckpointError(f"checkpoint step {step} in {self.directory}: {name}/{key} has no "
-                                             f"checksum")
+                raise CorruptCheckpointError(
+                    f"checkpoint step {step} in {self.directory}: {name}/{key} has no checksum"
+                )
             if int(sums[key]) != value:
-                raise CorruptCheckpointError(f"checkpoint step {step} in {self.directory}: {name}/{key} does not "
-                                             f"match its checksum (the file's bytes changed after saving)")
+                raise CorruptCheckpointError(
+                    f"checkpoint step {step} in {self.directory}: {name}/{key} does not "
+                    f"match its checksum (the file's bytes changed after saving)"
+                )
 
     def _check_shapes(self, step: int, name: str, target) -> dict[str, Any]:
         """Refuses a target whose paths, shapes or structure differ from the stored tree, naming
@@ -515,20 +605,24 @@ class Checkpointer:
         t_flat = {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(target)[0]}
         missing = sorted(set(t_flat) - set(s_flat))
         if missing:
-            raise CheckpointMismatchError(f"{name}/{missing[0]} is not in checkpoint step {step} of {self.directory}"
-                                  f" ({len(missing)} target paths missing)")
+            raise CheckpointMismatchError(
+                f"{name}/{missing[0]} is not in checkpoint step {step} of {self.directory}"
+                f" ({len(missing)} target paths missing)"
+            )
         for key, t in t_flat.items():
             if tuple(s_flat[key].shape) != tuple(t.shape):
                 raise CheckpointMismatchError(
                     f"{name}/{key}: checkpoint step {step} holds shape {tuple(s_flat[key].shape)}, "
-                    f"the target expects {tuple(t.shape)}")
+                    f"the target expects {tuple(t.shape)}"
+                )
             sharding = getattr(t, "sharding", None)
             if sharding is not None:
                 try:
                     sharding.shard_shape(tuple(t.shape))
                 except Exception as e:  # noqa: BLE001
-                    raise CheckpointMismatchError(f"{name}/{key}: target sharding {sharding} does not fit shape "
-                                          f"{tuple(t.shape)}: {e}") from None
+                    raise CheckpointMismatchError(
+                        f"{name}/{key}: target sharding {sharding} does not fit shape {tuple(t.shape)}: {e}"
+                    ) from None
         return s_flat
 
     def restore_subtree(self, step: int | None, item: str, subtree) -> Any:
@@ -544,8 +638,8 @@ class Checkpointer:
         handler = ocp.PyTreeCheckpointHandler()
         tree = handler.restore(
             self.directory / str(step) / item,
-            args=ocp.args.PyTreeRestore(item=subtree, restore_args=_restore_args_for(subtree),
-                                        partial_restore=True))
+            args=ocp.args.PyTreeRestore(item=subtree, restore_args=_restore_args_for(subtree), partial_restore=True),
+        )
         sums = self._stored_checksums(step, set(self.items_in(step)), read_json_item(self.directory, step, "meta"))
         if sums is not None:
             self._verify(step, item, tree, stored, sums.get(item, {}))
@@ -572,7 +666,7 @@ def _same_on_all_processes(values: list[int]) -> list[int]:
     if n == 0:
         return []
     padded = np.zeros(n, np.int32)
-    padded[:min(n, len(values))] = values[:n]
+    padded[: min(n, len(values))] = values[:n]
     return [int(v) for v in np.asarray(multihost_utils.broadcast_one_to_all(padded))]
 
 
@@ -599,8 +693,9 @@ def read_json_item(directory, step: int, item: str) -> Any:
     try:
         return json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptCheckpointError(f"checkpoint step {step} in {directory}: {item}/metadata is not valid JSON "
-                                     f"({first_line(e)})") from None
+        raise CorruptCheckpointError(
+            f"checkpoint step {step} in {directory}: {item}/metadata is not valid JSON ({first_line(e)})"
+        ) from None
 
 
 def resolve_run(path: str | os.PathLike) -> tuple[str, str | None]:

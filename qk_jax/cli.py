@@ -23,15 +23,23 @@ TOOLS: dict[str, tuple[str, str]] = {
     "train": ("qk_jax.train", "train one stage: qk-jax train --config configs/stage1.py:tiny --workdir DIR"),
     "surgery": ("qk_jax.surgery", "move a checkpoint between stages: --from 1 --to 2 --src RUN --dst CKPT"),
     "sample": ("qk_jax.sample", "generate / edit / customise: --checkpoint RUN --prompt TEXT --out PNG"),
-    "aot": ("qk_jax.aot", "compile the train step and sampler for a TPU topology on this machine: "
-                          "--config configs/stage2.py:paper --topology v5p:4x4x4"),
+    "aot": (
+        "qk_jax.aot",
+        "compile the train step and sampler for a TPU topology on this machine: "
+        "--config configs/stage2.py:paper --topology v5p:4x4x4",
+    ),
     "smoke": ("qk_jax.smoke", "check a machine: mesh, sharded init, train steps, checkpoint round trip"),
-    "parity": ("qk_jax.parity.cli",
-               "compare a model with its PyTorch reference: qk-jax parity <model> --checkpoint DIR"),
+    "parity": (
+        "qk_jax.parity.cli",
+        "compare a model with its PyTorch reference: qk-jax parity <model> --checkpoint DIR",
+    ),
     "data": ("qk_jax.data.cli", "datasets: `data shapes` (generate Kontext-Shapes), `data import` (JSONL manifest)"),
     "eval": ("qk_jax.eval.cli", "the judge: `eval detect IMAGE...`, `eval score` generations against scene graphs"),
-    "convert": ("qk_jax.convert.cli", "HF/diffusers safetensors <-> Orbax: --from-hf DIR --to-orbax DIR (or back); a "
-                                      "run's sub-model -> HF: --from-run RUN --subtree vlm|generator|vae --to-hf DIR"),
+    "convert": (
+        "qk_jax.convert.cli",
+        "HF/diffusers safetensors <-> Orbax: --from-hf DIR --to-orbax DIR (or back); a "
+        "run's sub-model -> HF: --from-run RUN --subtree vlm|generator|vae --to-hf DIR",
+    ),
 }
 
 
@@ -61,7 +69,7 @@ def config_override_message(error: AttributeError, args: list[str]) -> str:
     suggestion = re.search(r'Did you mean "([^"]+)"', text)
     names = re.findall(r"[\w-]+", text.split("Did you mean")[0])
     wrong = names[0] if names else "?"
-    paths = [a[len("--config."):].partition("=")[0] for a in args if a.startswith("--config.")]
+    paths = [a[len("--config.") :].partition("=")[0] for a in args if a.startswith("--config.")]
     path = next((p for p in paths if p.split(".")[-1] == wrong), wrong)
     parent = path.rpartition(".")[0]
     hint = f" (did you mean {parent + '.' if parent else ''}{suggestion.group(1)}?)" if suggestion else ""
@@ -98,8 +106,11 @@ def quiet_tracebacks() -> None:
         handler.addFilter(OneLineLogs())
 
     def thread_hook(args):
-        print(f"background thread {getattr(args.thread, 'name', '?')}: {args.exc_type.__name__}: "
-              f"{str(args.exc_value).splitlines()[0] if str(args.exc_value) else ''}", file=sys.stderr)
+        print(
+            f"background thread {getattr(args.thread, 'name', '?')}: {args.exc_type.__name__}: "
+            f"{str(args.exc_value).splitlines()[0] if str(args.exc_value) else ''}",
+            file=sys.stderr,
+        )
 
     threading.excepthook = thread_hook
     sys.unraisablehook = lambda _unraisable: None

@@ -133,8 +133,9 @@ def mesh_shape(config, num_devices: int) -> tuple[int, ...]:
         raise ConfigError(str(e)) from None
 
 
-def check_divisible(config, num_devices: int, table: Mapping[str, Sequence[str]],
-                    values: Mapping[str, int] | None = None) -> None:
+def check_divisible(
+    config, num_devices: int, table: Mapping[str, Sequence[str]], values: Mapping[str, int] | None = None
+) -> None:
     """Each `name -> mesh axes` pair: the value must be divisible by those axes' product.
 
     The value is `values[name]` when given there (a size the model config derives, such as
@@ -156,4 +157,5 @@ def check_divisible(config, num_devices: int, table: Mapping[str, Sequence[str]]
         if int(value) % size:
             raise ConfigError(
                 f"{what}={value} is not divisible by mesh axes {'x'.join(axes)} = {size} "
-                f"(mesh {shape}); change {name} or config field mesh.{axes[0]}")
+                f"(mesh {shape}); change {name} or config field mesh.{axes[0]}"
+            )

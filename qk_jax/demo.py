@@ -38,13 +38,17 @@ from qk_jax.config import load_config
 
 # Steps per stage and data sizes: the default fits ~15 minutes on 2 CPU cores.
 SETTINGS = {
-    "default": dict(train_per_task=1500, eval_per_task=32, score_per_task=16, steps=(200, 700, 250),
-                    sample_steps=20),
-    "full": dict(train_per_task=6000, eval_per_task=64, score_per_task=48, steps=(1500, 5000, 2500),
-                 sample_steps=30),
+    "default": dict(train_per_task=1500, eval_per_task=32, score_per_task=16, steps=(200, 700, 250), sample_steps=20),
+    "full": dict(train_per_task=6000, eval_per_task=64, score_per_task=48, steps=(1500, 5000, 2500), sample_steps=30),
     # For tests: the whole path in a couple of minutes (numbers are meaningless).
-    "smoke": dict(train_per_task=48, eval_per_task=8, score_per_task=2, steps=(3, 3, 3), sample_steps=2,
-                  signal=dict(samples=2, noise_seeds=1, completion_steps=2, judge_samples=1)),
+    "smoke": dict(
+        train_per_task=48,
+        eval_per_task=8,
+        score_per_task=2,
+        steps=(3, 3, 3),
+        sample_steps=2,
+        signal=dict(samples=2, noise_seeds=1, completion_steps=2, judge_samples=1),
+    ),
 }
 EVAL_TASKS = ("t2i", "edit", "customization", "multi_subject")
 ABLATION = "ablation_kontext_only"  # `--ablation`: stage 3 without the low-level VAE path
@@ -77,9 +81,13 @@ class Phases:
 
 
 def stage_config(stage: int, size: str, workdir: str, steps: int, init_from: str = "", signal: dict | None = None):
-    overrides = [f"data.data_dir={os.path.join(workdir, 'data')}", f"train.steps={steps}",
-                 f"train.log_every={max(1, steps // 20)}", f"train.checkpoint_every={max(steps // 2, 1)}",
-                 f"train.warmup_steps={max(1, steps // 20)}"]
+    overrides = [
+        f"data.data_dir={os.path.join(workdir, 'data')}",
+        f"train.steps={steps}",
+        f"train.log_every={max(1, steps // 20)}",
+        f"train.checkpoint_every={max(steps // 2, 1)}",
+        f"train.warmup_steps={max(1, steps // 20)}",
+    ]
     overrides += [f"train.signal.{k}={v}" for k, v in (signal or {}).items()]
     if init_from:
         overrides.append(f"train.init_from={init_from}")
@@ -102,26 +110,44 @@ def run_demo(workdir: str, mode: str = "default", size: str = "demo", ablation: 
     ckpts = {i: os.path.join(workdir, f"surgery_{i - 1}to{i}") for i in (2, 3)}
     configs = {}
 
-    phases.run("data", lambda: logs.info(str(builders.build_shapes(data_dir, num=s["train_per_task"],
-                                                           num_eval=s["eval_per_task"], height=IMAGE_SIZE,
-                                                           plain_background=PLAIN_BACKGROUND))))
+    phases.run(
+        "data",
+        lambda: logs.info(
+            str(
+                builders.build_shapes(
+                    data_dir,
+                    num=s["train_per_task"],
+                    num_eval=s["eval_per_task"],
+                    height=IMAGE_SIZE,
+                    plain_background=PLAIN_BACKGROUND,
+                )
+            )
+        ),
+    )
     for stage in (1, 2, 3):
-        configs[stage] = stage_config(stage, size, workdir, s["steps"][stage - 1], ckpts.get(stage, ""),
-                                      s.get("signal"))
+        configs[stage] = stage_config(
+            stage, size, workdir, s["steps"][stage - 1], ckpts.get(stage, ""), s.get("signal")
+        )
         if stage > 1:
-            phases.run(f"surgery{stage - 1}{stage}",
-                       lambda st=stage: logs.info(surgery.summary(surgery.run(st - 1, st, runs[st - 1], ckpts[st]))))
+            phases.run(
+                f"surgery{stage - 1}{stage}",
+                lambda st=stage: logs.info(surgery.summary(surgery.run(st - 1, st, runs[st - 1], ckpts[st]))),
+            )
         phases.run(f"stage{stage}", lambda st=stage: train(configs[st], runs[st]))
     scores = phases.run("evaluate", lambda: evaluate(runs[3], data_dir, workdir, s), always=True)
     ablation_report = None
     if ablation:
         ablation_report = run_ablation(workdir, size, s, ckpts[3], scores, phases)
     report = {
-        "scores": scores["scores"], "per_category": scores["per_category"], "checks": scores["checks"],
+        "scores": scores["scores"],
+        "per_category": scores["per_category"],
+        "checks": scores["checks"],
         "n_scored": scores["n"],
         "wall_seconds": {k: round(v, 1) for k, v in phases.done.items()},
         "total_wall_seconds": round(sum(v for k, v in phases.done.items() if not k.startswith(ABLATION)), 1),
-        "mode": mode, "settings": s, "devices": f"{jax.device_count()} x {jax.devices()[0].platform}",
+        "mode": mode,
+        "settings": s,
+        "devices": f"{jax.device_count()} x {jax.devices()[0].platform}",
         "configs": {f"stage{k}": v.to_dict() for k, v in configs.items()},
         "final_losses": {f"stage{k}": _last_loss(runs[k]) for k in runs},
         "learning_signal": {f"stage{k}": _last_signal(runs[k]) for k in runs},
@@ -133,13 +159,17 @@ def run_demo(workdir: str, mode: str = "default", size: str = "demo", ablation: 
         json.dump(report, f, indent=1, default=str)
     write_markdown(report, os.path.join(workdir, "report.md"))
     print(f"\nscores (held-out test split): {json.dumps(report['scores'])}")
-    print(f"report: {os.path.join(workdir, 'report.md')}; grid: {os.path.join(workdir, 'grid.png')}; "
-          f"total {report['total_wall_seconds']:.0f}s", flush=True)
+    print(
+        f"report: {os.path.join(workdir, 'report.md')}; grid: {os.path.join(workdir, 'grid.png')}; "
+        f"total {report['total_wall_seconds']:.0f}s",
+        flush=True,
+    )
     return report
 
 
-def run_ablation(workdir: str, size: str, s: dict, surgery_ckpt: str, main_scores: dict, phases: Phases
-                 ) -> dict[str, Any]:
+def run_ablation(
+    workdir: str, size: str, s: dict, surgery_ckpt: str, main_scores: dict, phases: Phases
+) -> dict[str, Any]:
     """The paper's ablation at toy scale: stage 3 with kontext tokens only (no VAE latents of the
     source / references in the DiT's image stream), same steps and data, against the main run."""
     from qk_jax.train import train
@@ -150,14 +180,22 @@ def run_ablation(workdir: str, size: str, s: dict, surgery_ckpt: str, main_score
         config.model.low_level = False
     phases.run(f"{ABLATION}_stage3", lambda: train(config, run))
     data_dir = os.path.join(workdir, "data")
-    other = phases.run(f"{ABLATION}_evaluate",
-                       lambda: evaluate(run, data_dir, workdir, s, tasks=("edit",), grid=f"grid_{ABLATION}.png"),
-                       always=True)
-    return {"with_vae_path": {"edit": main_scores["scores"].get("edit"),
-                              "edit_preservation_psnr": main_scores.get("edit_preservation_psnr")},
-            "kontext_only": {"edit": other["scores"].get("edit"),
-                             "edit_preservation_psnr": other.get("edit_preservation_psnr")},
-            "steps": s["steps"][2]}
+    other = phases.run(
+        f"{ABLATION}_evaluate",
+        lambda: evaluate(run, data_dir, workdir, s, tasks=("edit",), grid=f"grid_{ABLATION}.png"),
+        always=True,
+    )
+    return {
+        "with_vae_path": {
+            "edit": main_scores["scores"].get("edit"),
+            "edit_preservation_psnr": main_scores.get("edit_preservation_psnr"),
+        },
+        "kontext_only": {
+            "edit": other["scores"].get("edit"),
+            "edit_preservation_psnr": other.get("edit_preservation_psnr"),
+        },
+        "steps": s["steps"][2],
+    }
 
 
 def _last_loss(run: str) -> float | None:
@@ -174,13 +212,15 @@ def _last_signal(run: str) -> dict[str, float] | None:
     path = os.path.join(run, "metrics.jsonl")
     if not os.path.exists(path):
         return None
-    signals = [r for r in (json.loads(line) for line in open(path).read().splitlines() if line.strip())
-               if "signal" in r]
+    signals = [
+        r for r in (json.loads(line) for line in open(path).read().splitlines() if line.strip()) if "signal" in r
+    ]
     return dict(signals[-1]["signal"], step=signals[-1]["step"]) if signals else None
 
 
-def evaluate(run: str, data_dir: str, workdir: str, s: dict, tasks=EVAL_TASKS, grid: str = "grid.png"
-             ) -> dict[str, Any]:
+def evaluate(
+    run: str, data_dir: str, workdir: str, s: dict, tasks=EVAL_TASKS, grid: str = "grid.png"
+) -> dict[str, Any]:
     """Generates the held-out prompts of each task and scores them with the judge; for edits
     also the PSNR outside the edited region against the source (`edit_preservation_psnr`)."""
     from qk_jax.data import builders
@@ -216,10 +256,13 @@ def evaluate(run: str, data_dir: str, workdir: str, s: dict, tasks=EVAL_TASKS, g
     write_grid(rows, os.path.join(workdir, grid))
     scores = {t: round(float(np.mean(v)), 4) for t, v in per_task.items()}
     scores["overall"] = round(float(np.mean(list(scores.values()))), 4)
-    return {"scores": scores, "per_category": {k: round(float(np.mean(v)), 4) for k, v in per_category.items()},
-            "checks": {k: round(float(np.mean(v)), 4) for k, v in per_check.items()},
-            "n": {t: len(v) for t, v in per_task.items()},
-            "edit_preservation_psnr": round(float(np.mean(preservation)), 2) if preservation else None}
+    return {
+        "scores": scores,
+        "per_category": {k: round(float(np.mean(v)), 4) for k, v in per_category.items()},
+        "checks": {k: round(float(np.mean(v)), 4) for k, v in per_check.items()},
+        "n": {t: len(v) for t, v in per_task.items()},
+        "edit_preservation_psnr": round(float(np.mean(preservation)), 2) if preservation else None,
+    }
 
 
 def write_grid(rows, path: str) -> None:
@@ -245,25 +288,47 @@ def write_grid(rows, path: str) -> None:
 
 
 def write_markdown(report: dict, path: str) -> None:
-    lines = ["# qk_jax demo report", "", f"mode `{report['mode']}` on {report['devices']}, total "
-             f"{report['total_wall_seconds']:.0f} s", "", "## Judge scores on the held-out test split", "",
-             "| task | score | samples |", "|---|---|---|"]
+    lines = [
+        "# qk_jax demo report",
+        "",
+        f"mode `{report['mode']}` on {report['devices']}, total {report['total_wall_seconds']:.0f} s",
+        "",
+        "## Judge scores on the held-out test split",
+        "",
+        "| task | score | samples |",
+        "|---|---|---|",
+    ]
     for task, value in report["scores"].items():
         lines.append(f"| {task} | {value:.3f} | {report['n_scored'].get(task, '')} |")
     lines += ["", "## Per category", "", "| category | score |", "|---|---|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in sorted(report["per_category"].items())]
-    lines += ["", "## The judge's checks (fraction of samples passing each; a sample scores 1 when all pass)", "",
-              "| task / check | passed |", "|---|---|"]
+    lines += [
+        "",
+        "## The judge's checks (fraction of samples passing each; a sample scores 1 when all pass)",
+        "",
+        "| task / check | passed |",
+        "|---|---|",
+    ]
     lines += [f"| {k} | {v:.3f} |" for k, v in report.get("checks", {}).items()]
     if report.get("edit_preservation_psnr") is not None:
-        lines += ["", f"Edits: PSNR outside the edited region against the source "
-                      f"{report['edit_preservation_psnr']:.2f} dB (mean over the scored edits)."]
+        lines += [
+            "",
+            f"Edits: PSNR outside the edited region against the source "
+            f"{report['edit_preservation_psnr']:.2f} dB (mean over the scored edits).",
+        ]
     if report.get("ablation"):
         a = report["ablation"]
-        lines += ["", f"## Ablation: the low-level VAE path in stage 3 ({a['steps']} steps each)", "",
-                  "| stage 3 | edit score | PSNR outside the edit (dB) |", "|---|---|---|"]
-        for name, label in (("with_vae_path", "kontext tokens + VAE latents (default)"),
-                            ("kontext_only", "kontext tokens only")):
+        lines += [
+            "",
+            f"## Ablation: the low-level VAE path in stage 3 ({a['steps']} steps each)",
+            "",
+            "| stage 3 | edit score | PSNR outside the edit (dB) |",
+            "|---|---|---|",
+        ]
+        for name, label in (
+            ("with_vae_path", "kontext tokens + VAE latents (default)"),
+            ("kontext_only", "kontext tokens only"),
+        ):
             psnr = a[name]["edit_preservation_psnr"]
             lines.append(f"| {label} | {a[name]['edit']:.3f} | {psnr if psnr is not None else '-'} |")
     lines += signal_markdown(report.get("learning_signal") or {})
@@ -278,11 +343,16 @@ def write_markdown(report: dict, path: str) -> None:
 
 def signal_markdown(signals: dict[str, dict | None]) -> list[str]:
     """The learning signal of each stage's last measurement, as report tables (validation split)."""
-    lines = ["", "## Learning signal at the end of each stage (validation records, EMA weights)", "",
-             "Condition gain = 1 - error with the condition / error with it masked out (clean-latent error at "
-             "timestep t); content gain = 1 - the same error / the error with another record's condition (does the "
-             "model read what the condition says); completions: the judge's score of validation images noised to t0 and finished by the "
-             "sampler; judge: full samples of validation prompts.", ""]
+    lines = [
+        "",
+        "## Learning signal at the end of each stage (validation records, EMA weights)",
+        "",
+        "Condition gain = 1 - error with the condition / error with it masked out (clean-latent error at "
+        "timestep t); content gain = 1 - the same error / the error with another record's condition (does the "
+        "model read what the condition says); completions: the judge's score of validation images noised to t0 "
+        "and finished by the sampler; judge: full samples of validation prompts.",
+        "",
+    ]
     for stage, flat in signals.items():
         if not flat:
             continue
@@ -303,8 +373,12 @@ def define_flags() -> None:
     flags.DEFINE_bool("full", False, "Train longer (about an hour or more on 2 cores) for better scores.")
     flags.DEFINE_enum("mode", None, list(SETTINGS), "Override the schedule (smoke: the path only, for tests).")
     flags.DEFINE_string("size", "demo", "Model size of configs/stage*.py (demo; tiny for a quick check).")
-    flags.DEFINE_bool("ablation", False, "Also train stage 3 without the low-level VAE path (kontext tokens only, "
-                      "same steps) and compare edit scores and preservation PSNR.")
+    flags.DEFINE_bool(
+        "ablation",
+        False,
+        "Also train stage 3 without the low-level VAE path (kontext tokens only, "
+        "same steps) and compare edit scores and preservation PSNR.",
+    )
 
 
 def main(argv):

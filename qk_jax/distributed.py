@@ -43,8 +43,7 @@ def local_batch_size(global_batch: int) -> int:
     """Rows of the global batch this process feeds (`place_batch` assembles the rest)."""
     n = jax.process_count()
     if global_batch % n:
-        raise ValueError(f"config field train.batch_size={global_batch} is not divisible by the "
-                         f"{n} processes")
+        raise ValueError(f"config field train.batch_size={global_batch} is not divisible by the {n} processes")
     return global_batch // n
 
 

@@ -48,8 +48,10 @@ def block_indices(spec: str, source_layers: int, target_layers: int, flag: str =
         except ValueError:
             raise ValueError(f"{flag}={spec!r}: use one of {SPECS} or comma-separated block indices") from None
     if len(indices) != target_layers:
-        raise ValueError(f"{flag}={spec!r} selects {len(indices)} of the source's {source_layers} blocks, the target "
-                         f"generator has num_layers={target_layers}")
+        raise ValueError(
+            f"{flag}={spec!r} selects {len(indices)} of the source's {source_layers} blocks, the target "
+            f"generator has num_layers={target_layers}"
+        )
     if len(set(indices)) != len(indices) or not all(0 <= i < source_layers for i in indices):
         raise ValueError(f"{flag}={spec!r}: block indices must be distinct and within 0..{source_layers - 1}")
     return indices
@@ -65,7 +67,8 @@ def select_blocks(params: Any, indices: Sequence[int], out_shardings: Any = None
 
     def select(tree):
         flat = flatten_tree(tree)
-        return unflatten_tree({p: jnp.take(v, idx, axis=0) if p.startswith(DOUBLE_BLOCKS + "/") else v
-                               for p, v in flat.items()})
+        return unflatten_tree(
+            {p: jnp.take(v, idx, axis=0) if p.startswith(DOUBLE_BLOCKS + "/") else v for p, v in flat.items()}
+        )
 
     return jax.jit(select, out_shardings=out_shardings)(params)

@@ -66,8 +66,13 @@ def linear_time_shift(t, mu: float, sigma: float = 1.0):
     return mu / (mu + (1 / t - 1) ** sigma)
 
 
-def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
-                    max_shift: float = 1.15) -> float:
+def calculate_shift(
+    image_seq_len: int,
+    base_seq_len: int = 256,
+    max_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float:
     """diffusers' `calculate_shift`: mu linear in the image token count (base_shift at base_seq_len,
     max_shift at max_seq_len)."""
     m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
@@ -125,8 +130,9 @@ class TimestepConfig:
         return shift_timesteps(t, math.exp(mu))
 
 
-def sample_timesteps(rng: Array, batch: int, config: TimestepConfig = TimestepConfig(),
-                     image_seq_len: int | None = None) -> Array:
+def sample_timesteps(
+    rng: Array, batch: int, config: TimestepConfig = TimestepConfig(), image_seq_len: int | None = None
+) -> Array:
     """(B,) float32 training timesteps in [0, 1] drawn per `config`, shifted for `image_seq_len` tokens."""
     if config.method == "logit_normal":
         t = jax.nn.sigmoid(config.logit_mean + config.logit_std * jax.random.normal(rng, (batch,), jnp.float32))
@@ -161,8 +167,9 @@ def flow_loss(pred: Array, target: Array, token_mask: Array | None = None, weigh
     return jnp.sum(se * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def training_inputs(rng: Array, x0: Array, config: TimestepConfig = TimestepConfig(),
-                    image_seq_len: int | None = None) -> dict[str, Any]:
+def training_inputs(
+    rng: Array, x0: Array, config: TimestepConfig = TimestepConfig(), image_seq_len: int | None = None
+) -> dict[str, Any]:
     """One rectified-flow training draw for clean latents/tokens x0 (B, ...).
 
     Returns {"xt", "t" (B,), "target", "noise"}; `image_seq_len` defaults to x0.shape[1]

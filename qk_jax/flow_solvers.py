@@ -29,6 +29,7 @@ from qk_jax.flow import calculate_shift, exponential_time_shift, linear_time_shi
 Array = jax.Array
 VelocityFn = Callable[[Array, Array], Array]
 
+
 @dataclasses.dataclass(frozen=True)
 class FlowMatchSchedule:
     """The settings of diffusers' `FlowMatchEulerDiscreteScheduler` that qk_jax implements."""
@@ -44,17 +45,26 @@ class FlowMatchSchedule:
     time_shift_type: str = "exponential"
 
     def mu(self, image_seq_len: int) -> float:
-        return calculate_shift(image_seq_len, self.base_image_seq_len, self.max_image_seq_len, self.base_shift,
-                               self.max_shift)
+        return calculate_shift(
+            image_seq_len, self.base_image_seq_len, self.max_image_seq_len, self.base_shift, self.max_shift
+        )
 
 
 # The schedules of Qwen-Image's and FLUX.1-dev's published scheduler/scheduler_config.json (copies in
 # tests/fixtures/published/); with a real folder `diffusers_configs.read_schedule(folder)` reads its own file.
-QWEN_IMAGE_SCHEDULE = FlowMatchSchedule(shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
-                                        base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02,
-                                        time_shift_type="exponential")
-FLUX_SCHEDULE = FlowMatchSchedule(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                  base_image_seq_len=256, max_image_seq_len=4096)
+QWEN_IMAGE_SCHEDULE = FlowMatchSchedule(
+    shift=1.0,
+    use_dynamic_shifting=True,
+    base_shift=0.5,
+    max_shift=0.9,
+    base_image_seq_len=256,
+    max_image_seq_len=8192,
+    shift_terminal=0.02,
+    time_shift_type="exponential",
+)
+FLUX_SCHEDULE = FlowMatchSchedule(
+    shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096
+)
 
 
 def pipeline_sigmas(num_steps: int) -> np.ndarray:
@@ -62,9 +72,14 @@ def pipeline_sigmas(num_steps: int) -> np.ndarray:
     return np.linspace(1.0, 1 / num_steps, num_steps)
 
 
-def flow_schedule(num_steps: int, schedule: FlowMatchSchedule = FlowMatchSchedule(), *,
-                  sigmas: Any = None, mu: float | None = None,
-                  image_seq_len: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def flow_schedule(
+    num_steps: int,
+    schedule: FlowMatchSchedule = FlowMatchSchedule(),
+    *,
+    sigmas: Any = None,
+    mu: float | None = None,
+    image_seq_len: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """`(sigmas (S+1,), model_timesteps (S,))` float32, equal to diffusers' `set_timesteps`.
 
     Args:

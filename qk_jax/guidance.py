@@ -81,8 +81,10 @@ def cfg_velocity(model_fn: ModelFn, cond: Any, uncond: Any, scale: float, *, mod
     raise ValueError(f"cfg_velocity: unknown mode {mode!r}; use 'cfg' or 'true_cfg'")
 
 
-def dual_cfg_velocity(model_fn: ModelFn, cond: Any, image_only: Any, uncond: Any, text_scale: float,
-                      image_scale: float):
+def dual_cfg_velocity(
+    model_fn: ModelFn, cond: Any, image_only: Any, uncond: Any, text_scale: float, image_scale: float
+):
     """Text + image guidance closure for edits (three branches per step)."""
-    return guided_velocity(model_fn, [cond, image_only, uncond],
-                           lambda c, i, u: dual_cfg(c, i, u, text_scale, image_scale))
+    return guided_velocity(
+        model_fn, [cond, image_only, uncond], lambda c, i, u: dual_cfg(c, i, u, text_scale, image_scale)
+    )

@@ -19,8 +19,18 @@ from qk_jax.models.qwen2_5_vl import get_config as vlm_config
 from qk_jax.models.vae import vae_config
 from qk_jax.models.vae.pixel import PixelSpaceConfig
 
-REQUIRED = ("stage", "model.vlm.size", "model.generator.size", "model.generator.key", "model.vae.kind",
-            "model.num_queries", "train.steps", "train.batch_size", "train.learning_rate", "data.max_text_len")
+REQUIRED = (
+    "stage",
+    "model.vlm.size",
+    "model.generator.size",
+    "model.generator.key",
+    "model.vae.kind",
+    "model.num_queries",
+    "train.steps",
+    "train.batch_size",
+    "train.learning_rate",
+    "data.max_text_len",
+)
 
 
 def _plain(d) -> dict:
@@ -68,8 +78,9 @@ def _vae(config):
     if v.kind in ("kl", "qwen_image"):
         cfg = vae_config(v.size)
         if cfg.downsample_factor != v.factor:
-            raise ConfigError(f"config field model.vae.factor={v.factor} but VAE size {v.size!r} downsamples "
-                              f"{cfg.downsample_factor}x")
+            raise ConfigError(
+                f"config field model.vae.factor={v.factor} but VAE size {v.size!r} downsamples {cfg.downsample_factor}x"
+            )
         return cfg
     raise ConfigError(f"config field model.vae.kind={v.kind!r}: use 'pixel', 'kl' or 'qwen_image'")
 
@@ -84,11 +95,22 @@ def build_kontext_config(config, special_token_ids: Mapping[str, int] | None = N
     lora = lambda d: LoraConfig(rank=int(d.rank), alpha=float(d.alpha), targets=tuple(d.targets))
     try:
         return KontextConfig(
-            vlm=vlm, generator=generator, vae=_vae(config), connector=conn, num_queries=int(m.num_queries),
-            generator_key=m.generator.key, low_level=bool(m.low_level), position_scheme=m.position_scheme,
-            lora_vlm=lora(m.lora_vlm), lora_dit=lora(m.lora_dit),
-            timesteps=flow.TimestepConfig(**_plain(m.timesteps)), dropout=CondDropout(**_plain(m.dropout)),
-            prediction=m.get("prediction", "velocity"), sigma_data=float(m.get("sigma_data", 0.5)), dtype=m.dtype)
+            vlm=vlm,
+            generator=generator,
+            vae=_vae(config),
+            connector=conn,
+            num_queries=int(m.num_queries),
+            generator_key=m.generator.key,
+            low_level=bool(m.low_level),
+            position_scheme=m.position_scheme,
+            lora_vlm=lora(m.lora_vlm),
+            lora_dit=lora(m.lora_dit),
+            timesteps=flow.TimestepConfig(**_plain(m.timesteps)),
+            dropout=CondDropout(**_plain(m.dropout)),
+            prediction=m.get("prediction", "velocity"),
+            sigma_data=float(m.get("sigma_data", 0.5)),
+            dtype=m.dtype,
+        )
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from None
 
@@ -96,10 +118,12 @@ def build_kontext_config(config, special_token_ids: Mapping[str, int] | None = N
 def divisibility_table(kcfg: KontextConfig) -> tuple[dict[str, tuple[str, ...]], dict[str, int]]:
     """(name -> mesh axes whose product must divide it, the values the model config derives)
     for `check_divisible`: the batch splits over data x fsdp, attention heads over tensor."""
-    derived = {"model.vlm: num_attention_heads": kcfg.vlm.text.num_attention_heads,
-               "model.vlm: num_key_value_heads": kcfg.vlm.text.num_key_value_heads,
-               "model.vlm: vision num_heads": kcfg.vlm.vision.num_heads,
-               "model.generator: num_heads": kcfg.generator.num_heads}
+    derived = {
+        "model.vlm: num_attention_heads": kcfg.vlm.text.num_attention_heads,
+        "model.vlm: num_key_value_heads": kcfg.vlm.text.num_key_value_heads,
+        "model.vlm: vision num_heads": kcfg.vlm.vision.num_heads,
+        "model.generator: num_heads": kcfg.generator.num_heads,
+    }
     return {"train.batch_size": ("data", "fsdp"), **{name: ("tensor",) for name in derived}}, derived
 
 
@@ -111,13 +135,17 @@ def validate(config, num_devices: int, kcfg: KontextConfig | None = None) -> Kon
     kcfg = kcfg or build_kontext_config(config)
     check_divisible(config, num_devices, *divisibility_table(kcfg))
     if config.train.batch_size % max(int(config.train.grad_accum), 1):
-        raise ConfigError(f"config field train.batch_size={config.train.batch_size} is not divisible by "
-                          f"train.grad_accum={config.train.grad_accum}")
+        raise ConfigError(
+            f"config field train.batch_size={config.train.batch_size} is not divisible by "
+            f"train.grad_accum={config.train.grad_accum}"
+        )
     f = kcfg.downsample
-    side = int(round(config.data.area ** 0.5))
+    side = int(round(config.data.area**0.5))
     if config.data.multiple % f:
-        raise ConfigError(f"config field data.multiple={config.data.multiple} must be a multiple of {f} "
-                          "(autoencoder factor x DiT patch)")
+        raise ConfigError(
+            f"config field data.multiple={config.data.multiple} must be a multiple of {f} "
+            "(autoencoder factor x DiT patch)"
+        )
     if side % f:
         raise ConfigError(f"config field data.area={config.data.area}: side {side} is not a multiple of {f}")
     nonfinite = config.train.get("nonfinite", "stop")
@@ -142,12 +170,14 @@ def describe(kcfg: KontextConfig) -> str:
     g = kcfg.generator
     v = kcfg.vlm
     vae = kcfg.vae
-    return "\n".join([
-        f"VLM        Qwen2.5-VL text {v.text.hidden_size}x{v.text.num_hidden_layers}L, vision "
-        f"{v.vision.hidden_size}x{v.vision.depth}L; K = {kcfg.num_queries} kontext queries",
-        f"connector  {kcfg.connector.kind} {kcfg.connector.in_dim} -> {kcfg.connector.out_dim}",
-        f"{kcfg.generator_key:10s} MMDiT ({g.family}) {g.num_heads}x{g.head_dim} heads, {g.num_layers} double + "
-        f"{g.num_single_layers} single blocks",
-        f"autoencoder {type(vae).__name__} ({kcfg.latent_channels} latent channels, {vae.downsample_factor}x)"
-        + ("; low-level path ON (" + kcfg.position_scheme + ")" if kcfg.low_level else ""),
-    ])
+    return "\n".join(
+        [
+            f"VLM        Qwen2.5-VL text {v.text.hidden_size}x{v.text.num_hidden_layers}L, vision "
+            f"{v.vision.hidden_size}x{v.vision.depth}L; K = {kcfg.num_queries} kontext queries",
+            f"connector  {kcfg.connector.kind} {kcfg.connector.in_dim} -> {kcfg.connector.out_dim}",
+            f"{kcfg.generator_key:10s} MMDiT ({g.family}) {g.num_heads}x{g.head_dim} heads, {g.num_layers} double + "
+            f"{g.num_single_layers} single blocks",
+            f"autoencoder {type(vae).__name__} ({kcfg.latent_channels} latent channels, {vae.downsample_factor}x)"
+            + ("; low-level path ON (" + kcfg.position_scheme + ")" if kcfg.low_level else ""),
+        ]
+    )

@@ -55,8 +55,12 @@ def learning_rate_schedule(cfg) -> optax.Schedule:
     total = max(int(cfg.steps), 1)
     warmup = min(int(cfg.warmup_steps), total)
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0 if warmup else cfg.learning_rate, peak_value=cfg.learning_rate,
-        warmup_steps=warmup, decay_steps=total, end_value=cfg.learning_rate * cfg.end_lr_ratio)
+        init_value=0.0 if warmup else cfg.learning_rate,
+        peak_value=cfg.learning_rate,
+        warmup_steps=warmup,
+        decay_steps=total,
+        end_value=cfg.learning_rate * cfg.end_lr_ratio,
+    )
 
 
 def make_optimizer(cfg) -> optax.GradientTransformation:
@@ -68,8 +72,16 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
     parts = []
     if cfg.grad_clip_norm and cfg.grad_clip_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
-    parts.append(optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                             weight_decay=cfg.weight_decay, mask=decay_mask))
+    parts.append(
+        optax.adamw(
+            learning_rate_schedule(cfg),
+            b1=cfg.b1,
+            b2=cfg.b2,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            mask=decay_mask,
+        )
+    )
     return optax.chain(*parts)
 
 

@@ -33,8 +33,11 @@ _GOOGLE_PCI_VENDOR = "0x1ae0"
 _TPU_PCI_DEVICES = {"0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076"}
 # set on TPU VMs and in GKE TPU pods
 _TPU_HOST_VARIABLES = ("TPU_NAME", "TPU_WORKER_ID", "CLOUD_TPU_TASK_ID", "TPU_PROCESS_BOUNDS")
-_PLACEHOLDERS = {"TPU_ACCELERATOR_TYPE": "v5litepod-4", "TPU_WORKER_HOSTNAMES": "localhost",
-                 "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+_PLACEHOLDERS = {
+    "TPU_ACCELERATOR_TYPE": "v5litepod-4",
+    "TPU_WORKER_HOSTNAMES": "localhost",
+    "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
+}
 
 
 def _read(path: str) -> str:

@@ -26,8 +26,19 @@ from qk_jax.tree import flatten_tree
 
 # Fields that are run-time choices, not architecture: ignored when comparing configs. The
 # special-token ids come from the run's tokenizer (`Qwen25VLConfig.with_special_tokens`).
-RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "attention_impl", "image_token_id", "video_token_id",
-                  "vision_start_token_id", "vision_end_token_id", "bos_token_id", "eos_token_id", "pad_token_id")
+RUNTIME_FIELDS = (
+    "dtype",
+    "param_dtype",
+    "remat",
+    "attention_impl",
+    "image_token_id",
+    "video_token_id",
+    "vision_start_token_id",
+    "vision_end_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+)
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -80,8 +91,10 @@ def load_pretrained(params: Mapping[str, Any], config, kcfg, shardings: Mapping[
             raise ConfigError(f"config field {field}={folder}: {e}") from None
         diffs = _differences(found, expected_config(kcfg, key))
         if diffs:
-            raise ConfigError(f"config field {field}={folder}: the checkpoint's architecture differs from the stage "
-                              f"config: " + "; ".join(diffs[:6]))
+            raise ConfigError(
+                f"config field {field}={folder}: the checkpoint's architecture differs from the stage "
+                f"config: " + "; ".join(diffs[:6])
+            )
         _, sub = weight_sources.load(name, folder, dtype=np.float32, shardings=shardings[key])
         want = flatten_tree(params[key])
         got = flatten_tree(sub)
@@ -92,8 +105,10 @@ def load_pretrained(params: Mapping[str, Any], config, kcfg, shardings: Mapping[
             if path not in want:
                 raise ConfigError(f"{field}={folder} has a parameter {key}/{path} the model does not have")
             if tuple(value.shape) != tuple(want[path].shape):
-                raise ConfigError(f"{field}={folder}: {key}/{path} has shape {tuple(value.shape)}, the model "
-                                  f"expects {tuple(want[path].shape)}")
+                raise ConfigError(
+                    f"{field}={folder}: {key}/{path} has shape {tuple(value.shape)}, the model "
+                    f"expects {tuple(want[path].shape)}"
+                )
         params[key] = jax.tree.map(lambda v, w: v.astype(w.dtype), sub, params[key])
         loaded[key] = folder
     return params, loaded

@@ -38,8 +38,9 @@ class RunParams:
     processor_dir: str | None
 
 
-def restore(checkpoint: str, *, use_ema: bool = True, mesh_spec: Mapping[str, int] | None = None,
-            step: int | None = None) -> RunParams:
+def restore(
+    checkpoint: str, *, use_ema: bool = True, mesh_spec: Mapping[str, int] | None = None, step: int | None = None
+) -> RunParams:
     """The weights of step `step` (default: the newest good one; a corrupt step is skipped
     with a warning, see `Checkpointer.restore_newest`) of a run workdir or checkpoint root.
 
@@ -76,5 +77,13 @@ def restore(checkpoint: str, *, use_ema: bool = True, mesh_spec: Mapping[str, in
     if chosen["ema"]:  # the EMA replaces the trained weights
         _, frozen = optim.partition(params, config.train.trainable)
         params = optim.combine(restored["ema"], frozen)
-    return RunParams(config=config, kcfg=kcfg, params=params, mesh=mesh, step=restored["step"],
-                     used_ema=chosen["ema"], root=root, processor_dir=processor_dir)
+    return RunParams(
+        config=config,
+        kcfg=kcfg,
+        params=params,
+        mesh=mesh,
+        step=restored["step"],
+        used_ema=chosen["ema"],
+        root=root,
+        processor_dir=processor_dir,
+    )

@@ -73,25 +73,41 @@ class Sampler:
         self._loops: dict[Any, Any] = {}
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: str, *, use_ema: bool = True, mesh_spec=None, step: int | None = None
-                        ) -> Sampler:
+    def from_checkpoint(
+        cls, checkpoint: str, *, use_ema: bool = True, mesh_spec=None, step: int | None = None
+    ) -> Sampler:
         """A run workdir (or checkpoint folder): its config, processor and (EMA) weights."""
         run = run_params.restore(checkpoint, use_ema=use_ema, mesh_spec=mesh_spec, step=step)
         if run.processor_dir is None:
             raise FileNotFoundError(f"no processor/ folder next to the checkpoint {run.root}")
-        return cls(run.config, run.kcfg, run.params, vlm_inputs.load_processor(run.processor_dir), run.mesh,
-                   step=run.step, used_ema=run.used_ema)
+        return cls(
+            run.config,
+            run.kcfg,
+            run.params,
+            vlm_inputs.load_processor(run.processor_dir),
+            run.mesh,
+            step=run.step,
+            used_ema=run.used_ema,
+        )
 
     # ------------------------------------------------------------------ inputs
 
-    def records(self, prompts: Sequence[str], source: str | None = None, references: Sequence[str] = (),
-                height: int | None = None, width: int | None = None) -> list[dict]:
+    def records(
+        self,
+        prompts: Sequence[str],
+        source: str | None = None,
+        references: Sequence[str] = (),
+        height: int | None = None,
+        width: int | None = None,
+    ) -> list[dict]:
         """Records (the data pipeline's format) for prompts sharing the same input images."""
         slots = int(self.config.data.image_slots)
         n_inputs = (1 if source else 0) + len(references)
         if n_inputs > slots:
-            raise ValueError(f"{n_inputs} input images (source + references) but this checkpoint was trained with "
-                             f"data.image_slots={slots}")
+            raise ValueError(
+                f"{n_inputs} input images (source + references) but this checkpoint was trained with "
+                f"data.image_slots={slots}"
+            )
         src = load_image(source) if source else None
         refs = [load_image(r) for r in references]
         if height is None or width is None:
@@ -104,17 +120,32 @@ class Sampler:
         for i, prompt in enumerate(prompts):
             if not prompt or not prompt.strip():
                 raise ValueError(f"prompt {i} is empty: every sample needs an instruction or caption")
-            out.append({"task": task_for(src is not None, len(refs)), "prompt": prompt,
-                        "target": records_lib.encode_png(np.zeros((height, width, 3), np.uint8)),
-                        "source": records_lib.encode_png(src) if src is not None else b"",
-                        "references": [records_lib.encode_png(r) for r in refs], "scene": "", "category": "",
-                        "id": f"sample-{i}"})
+            out.append(
+                {
+                    "task": task_for(src is not None, len(refs)),
+                    "prompt": prompt,
+                    "target": records_lib.encode_png(np.zeros((height, width, 3), np.uint8)),
+                    "source": records_lib.encode_png(src) if src is not None else b"",
+                    "references": [records_lib.encode_png(r) for r in refs],
+                    "scene": "",
+                    "category": "",
+                    "id": f"sample-{i}",
+                }
+            )
         return out
 
     # ------------------------------------------------------------------ generation
 
-    def generate(self, records: Sequence[dict], *, steps: int | None = None, guidance: float | None = None,
-                 image_guidance: float | None = None, seed: int = 0, method: str | None = None) -> np.ndarray:
+    def generate(
+        self,
+        records: Sequence[dict],
+        *,
+        steps: int | None = None,
+        guidance: float | None = None,
+        image_guidance: float | None = None,
+        seed: int = 0,
+        method: str | None = None,
+    ) -> np.ndarray:
         """(B, H, W, 3) uint8 images for `records` (one group: same size and input count)."""
         s = self.config.sample
         steps = int(steps or s.steps)
@@ -129,17 +160,30 @@ class Sampler:
             if self.kcfg.low_level and "cond_images" in placed:
                 cond_tokens = self._encode(self.params, placed["cond_images"])
             n_target = (h // self.kcfg.downsample) * (w // self.kcfg.downsample)
-            sigmas, timesteps = flow_solvers.flow_schedule(steps, self.schedule(),
-                                                           sigmas=flow_solvers.pipeline_sigmas(steps),
-                                                           image_seq_len=n_target)
+            sigmas, timesteps = flow_solvers.flow_schedule(
+                steps, self.schedule(), sigmas=flow_solvers.pipeline_sigmas(steps), image_seq_len=n_target
+            )
             noise = jax.random.normal(jax.random.key(seed), (len(records), n_target, self.kcfg.generator.in_channels))
-            key = (method, guidance != 1.0, cond_tokens is not None and image_guidance != 1.0,
-                   self.config.sample.get("guidance_mode", "cfg"))
+            key = (
+                method,
+                guidance != 1.0,
+                cond_tokens is not None and image_guidance != 1.0,
+                self.config.sample.get("guidance_mode", "cfg"),
+            )
             if key not in self._loops:
                 self._loops[key] = jax.jit(self._loop(*key))
-            tokens = self._loops[key](self.params, noise, jnp.asarray(sigmas), jnp.asarray(timesteps), cond, mask,
-                                      cond_tokens, placed["img_ids"], jnp.float32(guidance),
-                                      jnp.float32(image_guidance))
+            tokens = self._loops[key](
+                self.params,
+                noise,
+                jnp.asarray(sigmas),
+                jnp.asarray(timesteps),
+                cond,
+                mask,
+                cond_tokens,
+                placed["img_ids"],
+                jnp.float32(guidance),
+                jnp.float32(image_guidance),
+            )
         return self.decode_uint8(tokens, h, w)
 
     def model_batch(self, records: Sequence[dict]) -> dict[str, Any]:
@@ -174,15 +218,18 @@ class Sampler:
             except (FileNotFoundError, ValueError) as e:
                 raise ConfigError(f"config field sample.scheduler={chosen}: {e}") from None
         generator = self.config.model.generator.get("checkpoint", "")
-        found = (diffusers_configs.find_scheduler_config(generator) if generator and os.path.isdir(generator)
-                 else None)
+        found = diffusers_configs.find_scheduler_config(generator) if generator and os.path.isdir(generator) else None
         if found:
             return diffusers_configs.read_schedule(found)
         t = self.kcfg.timesteps
         if t.shift == "dynamic":
-            return flow_solvers.FlowMatchSchedule(use_dynamic_shifting=True, base_shift=t.base_shift,
-                                                  max_shift=t.max_shift, base_image_seq_len=t.base_seq_len,
-                                                  max_image_seq_len=t.max_seq_len)
+            return flow_solvers.FlowMatchSchedule(
+                use_dynamic_shifting=True,
+                base_shift=t.base_shift,
+                max_shift=t.max_shift,
+                base_image_seq_len=t.base_seq_len,
+                max_image_seq_len=t.max_seq_len,
+            )
         return flow_solvers.FlowMatchSchedule(shift=t.static_shift if t.shift == "static" else 1.0)
 
     def _loop(self, method: str, text_cfg: bool, dual: bool, guidance_mode: str):
@@ -218,8 +265,9 @@ def sample_loop(model: QueryKontext, method: str, text_cfg: bool, dual: bool, gu
         no_text = dict(full, mask=jnp.zeros_like(mask))
         if dual:
             uncond = dict(no_text, tokens=jnp.zeros_like(cond_tokens))
-            vel = guidance_lib.guided_velocity(model_fn, [full, no_text, uncond],
-                                               lambda c, i, u: guidance_lib.dual_cfg(c, i, u, g, ig))
+            vel = guidance_lib.guided_velocity(
+                model_fn, [full, no_text, uncond], lambda c, i, u: guidance_lib.dual_cfg(c, i, u, g, ig)
+            )
         elif text_cfg:
             vel = guidance_lib.guided_velocity(model_fn, [full, no_text], lambda c, u: text_combine(c, u, g))
         else:
@@ -237,12 +285,13 @@ def save_grid(images: np.ndarray, path: str, columns: int | None = None) -> None
     grid = np.full((rows * h, cols * w, 3), 255, np.uint8)
     for i, im in enumerate(images):
         r, c = divmod(i, cols)
-        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = im
+        grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = im
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     Image.fromarray(grid).save(path)
 
 
 # ----------------------------------------------------------------------------- CLI
+
 
 class OutputError(OSError):
     """An --out path that cannot be written (the message names it and the cause)."""
@@ -275,11 +324,15 @@ def main(argv):
         sampler.config.sample.scheduler = f.scheduler
     prompts = [p for p in f.prompt for _ in range(f.batch)]
     recs = sampler.records(prompts, f.source, f.reference or (), f.height, f.width)
-    images = sampler.generate(recs, steps=f.steps, guidance=f.guidance, image_guidance=f.image_guidance, seed=f.seed,
-                              method=f.sampler)
+    images = sampler.generate(
+        recs, steps=f.steps, guidance=f.guidance, image_guidance=f.image_guidance, seed=f.seed, method=f.sampler
+    )
     save_grid(images, f.out, columns=f.batch if len(f.prompt) > 1 else None)
-    print(f"wrote {len(images)} image(s) of {images.shape[1]}x{images.shape[2]} to {f.out} "
-          f"(checkpoint step {sampler.step}{', EMA weights' if sampler.used_ema else ''})", flush=True)
+    print(
+        f"wrote {len(images)} image(s) of {images.shape[1]}x{images.shape[2]} to {f.out} "
+        f"(checkpoint step {sampler.step}{', EMA weights' if sampler.used_ema else ''})",
+        flush=True,
+    )
 
 
 def define_flags() -> None:
@@ -299,9 +352,13 @@ def define_flags() -> None:
     flags.DEFINE_integer("height", None, "Output height (default: the source's, else the training area's side).")
     flags.DEFINE_integer("width", None, "Output width.")
     flags.DEFINE_string("sampler", None, "euler | heun (default: sample.method).")
-    flags.DEFINE_string("scheduler", None, "A diffusers scheduler_config.json, or a pipeline folder holding "
-                                           "scheduler/scheduler_config.json, whose schedule to sample with "
-                                           "(default: sample.scheduler, see Sampler.schedule).")
+    flags.DEFINE_string(
+        "scheduler",
+        None,
+        "A diffusers scheduler_config.json, or a pipeline folder holding "
+        "scheduler/scheduler_config.json, whose schedule to sample with "
+        "(default: sample.scheduler, see Sampler.schedule).",
+    )
     flags.DEFINE_bool("ema", True, "Use the EMA weights when the checkpoint has them.")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest good one; a corrupt step is skipped).")
 

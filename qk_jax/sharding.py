@@ -117,13 +117,13 @@ RULES_BY_SUBMODEL: dict[str, Rules] = {
 }
 
 
-
-
 def default_rules_config() -> dict[str, list[list[Any]]]:
     """`config.sharding.rules`'s default: every table of `RULES_BY_SUBMODEL` as a list of
     `[logical axis, mesh axes]` pairs (plain values: the config is saved as JSON)."""
-    return {name: [[axis, list(mesh) if isinstance(mesh, tuple) else mesh] for axis, mesh in table]
-            for name, table in RULES_BY_SUBMODEL.items()}
+    return {
+        name: [[axis, list(mesh) if isinstance(mesh, tuple) else mesh] for axis, mesh in table]
+        for name, table in RULES_BY_SUBMODEL.items()
+    }
 
 
 def rules_from_config(config) -> dict[str, Rules]:
@@ -181,13 +181,15 @@ def mesh_shape_from_config(mesh_cfg: Mapping[str, int], num_devices: int) -> tup
             others = ", ".join(f"mesh.{a}={v}" for a, v in sizes.items() if v != -1)
             raise ValueError(
                 f"config fields {others} take {fixed} devices, which does not divide the {num_devices} "
-                f"available devices, so mesh.{rest[0]}=-1 cannot take the rest")
+                f"available devices, so mesh.{rest[0]}=-1 cannot take the rest"
+            )
         sizes[rest[0]] = num_devices // fixed
     total = math.prod(sizes.values())
     if total > num_devices:
         big = max(sizes, key=lambda a: sizes[a])
         raise ValueError(
-            f"config field mesh.{big}: the mesh {sizes} needs {total} devices but only {num_devices} exist")
+            f"config field mesh.{big}: the mesh {sizes} needs {total} devices but only {num_devices} exist"
+        )
     # A mesh smaller than the device count is allowed (e.g. one device out of 8 in a test).
     return tuple(sizes[a] for a in MESH_AXES)
 
@@ -236,8 +238,9 @@ def make_mesh(mesh_cfg: Mapping[str, int] | Sequence[int], devices: Sequence[jax
 # -------------------------------------------------------------------- logical -> mesh
 
 
-def rules_for_path(path: Sequence[str], rules_by_submodel: Mapping[str, Rules] | None = None,
-                   default: Rules = DEFAULT_RULES) -> Rules:
+def rules_for_path(
+    path: Sequence[str], rules_by_submodel: Mapping[str, Rules] | None = None, default: Rules = DEFAULT_RULES
+) -> Rules:
     """The rule table for a parameter path: chosen by the first path key that names a sub-model."""
     table = RULES_BY_SUBMODEL if rules_by_submodel is None else rules_by_submodel
     for key in path:
@@ -255,8 +258,9 @@ def logical_specs(boxed_tree) -> Any:
     return nn.get_partition_spec(boxed_tree)
 
 
-def logical_to_mesh_spec(logical: P, rules: Rules, mesh: Mesh, shape: Sequence[int] | None = None,
-                         where: str = "") -> P:
+def logical_to_mesh_spec(
+    logical: P, rules: Rules, mesh: Mesh, shape: Sequence[int] | None = None, where: str = ""
+) -> P:
     """Maps one logical spec to a mesh spec, dropping mesh axes of size 1 and checking divisibility."""
     names = tuple(logical)
     # Required names resolved together by flax (a mesh axis claimed twice goes by rule
@@ -284,7 +288,8 @@ def logical_to_mesh_spec(logical: P, rules: Rules, mesh: Mesh, shape: Sequence[i
                 raise ValueError(
                     f"parameter {where or '?'}: dimension {dim} (logical axis '{name}', size {shape[dim]}) "
                     f"is not divisible by mesh axes {axes_t} of size {size}; change the model width or "
-                    f"the mesh (config field mesh.{axes_t[0]})")
+                    f"the mesh (config field mesh.{axes_t[0]})"
+                )
         used.update(axes_t)
         out[dim] = axes_t[0] if len(axes_t) == 1 else axes_t
     while out and out[-1] is None:
@@ -292,8 +297,9 @@ def logical_to_mesh_spec(logical: P, rules: Rules, mesh: Mesh, shape: Sequence[i
     return P(*out)
 
 
-def tree_shardings(abstract_tree, logical_tree, mesh: Mesh,
-                   rules_by_submodel: Mapping[str, Rules] | None = None) -> Any:
+def tree_shardings(
+    abstract_tree, logical_tree, mesh: Mesh, rules_by_submodel: Mapping[str, Rules] | None = None
+) -> Any:
     """NamedShardings for a tree given its shapes and logical specs (path-dependent rule tables)."""
 
     def one(path, leaf, logical):
@@ -307,8 +313,8 @@ def tree_shardings(abstract_tree, logical_tree, mesh: Mesh,
 
     logical_tree = jax.tree.map(lambda s: s, logical_tree, is_leaf=_is_spec_leaf)
     return jax.tree_util.tree_map_with_path(
-        lambda path, leaf, spec: one(path, leaf, spec), abstract_tree, logical_tree,
-        is_leaf=lambda x: x is None)
+        lambda path, leaf, spec: one(path, leaf, spec), abstract_tree, logical_tree, is_leaf=lambda x: x is None
+    )
 
 
 def activation_rules(extra: Rules = ()) -> Rules:
@@ -339,12 +345,16 @@ def unbox_abstract(boxed) -> Any:
     """Unboxes leaves without the sharding constraint `Partitioned.unbox` would apply under
     an active mesh (a constraint cannot run on a ShapeDtypeStruct, and inside a jitted
     init the out_shardings already say where each leaf goes)."""
-    return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned) else x, boxed,
-                        is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    return jax.tree.map(
+        lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned) else x,
+        boxed,
+        is_leaf=lambda x: isinstance(x, nn.Partitioned),
+    )
 
 
-def init_sharded(init_fn: Callable[..., Any], mesh: Mesh, *args,
-                 rules_by_submodel: Mapping[str, Rules] | None = None) -> tuple[Any, Any, Any]:
+def init_sharded(
+    init_fn: Callable[..., Any], mesh: Mesh, *args, rules_by_submodel: Mapping[str, Rules] | None = None
+) -> tuple[Any, Any, Any]:
     """Initialises parameters directly sharded on `mesh`.
 
     The tree is first traced abstractly (`jax.eval_shape`), its logical specs mapped to
@@ -409,7 +419,8 @@ def place_batch(batch, mesh: Mesh):
         if global_rows % n_shards:
             raise ValueError(
                 f"global batch of {global_rows} rows is not divisible by the data-parallel mesh size "
-                f"{n_shards} (mesh.data x mesh.fsdp); change config field train.batch_size")
+                f"{n_shards} (mesh.data x mesh.fsdp); change config field train.batch_size"
+            )
         return jax.make_array_from_process_local_data(sharding, x)
 
     return jax.tree.map(one, batch)
@@ -447,8 +458,15 @@ def sharding_table(tree, max_rows: int | None = None) -> str:
         b_dev = bytes_per_device(leaf)
         total_dev += b_dev
         total += int(math.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
-        rows.append((path_str(path), str(tuple(leaf.shape)), str(jnp.dtype(leaf.dtype)),
-                     str(tuple(spec)) if spec is not None else "-", format_bytes(b_dev)))
+        rows.append(
+            (
+                path_str(path),
+                str(tuple(leaf.shape)),
+                str(jnp.dtype(leaf.dtype)),
+                str(tuple(spec)) if spec is not None else "-",
+                format_bytes(b_dev),
+            )
+        )
     header = ("path", "shape", "dtype", "spec", "bytes/device")
     shown = rows if max_rows is None or len(rows) <= max_rows else rows[:max_rows]
     widths = [max(len(h), *(len(r[i]) for r in shown)) if shown else len(h) for i, h in enumerate(header)]

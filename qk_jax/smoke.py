@@ -27,6 +27,7 @@ def define_flags() -> None:
     config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/smoke.py:tiny.", lock_config=True)
     flags.DEFINE_string("workdir", None, "Where the checkpoint is written.")
 
+
 DIVISIBLE = {
     "model.num_heads": ("tensor",),
     "model.mlp_dim": ("tensor",),
@@ -66,8 +67,9 @@ def run(config, workdir: str) -> dict:
     n_dev = jax.device_count()
     config_lib.check_divisible(config, n_dev, DIVISIBLE)
     mesh = sharding.make_mesh(config.mesh)
-    logs.info(f"devices: {n_dev} x {jax.devices()[0].platform} in {jax.process_count()} process(es); "
-              f"mesh {dict(mesh.shape)}")
+    logs.info(
+        f"devices: {n_dev} x {jax.devices()[0].platform} in {jax.process_count()} process(es); mesh {dict(mesh.shape)}"
+    )
     m = config.model
     model = SmokeLM(m.vocab_size, m.embed_dim, m.num_heads, m.mlp_dim, m.num_layers, remat=m.remat)
     t = config.train
@@ -95,17 +97,24 @@ def run(config, workdir: str) -> dict:
         ck.wait()
         # Restore onto another layout (fully replicated) to exercise resharding on read.
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        target = ckpt_lib.replace_shardings(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params),
-                                            replicated)
+        target = ckpt_lib.replace_shardings(
+            jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params), replicated
+        )
         restored = ck.restore(params=target)["params"]
-    same = jax.jit(lambda a, b: jnp.all(jnp.stack([jnp.array_equal(x, y) for x, y in
-                                                    zip(jax.tree.leaves(a), jax.tree.leaves(b))])))
+    same = jax.jit(
+        lambda a, b: jnp.all(jnp.stack([jnp.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]))
+    )
     exact = bool(same(params, restored))
     summary = {
-        "devices": n_dev, "processes": jax.process_count(), "mesh": dict(mesh.shape),
+        "devices": n_dev,
+        "processes": jax.process_count(),
+        "mesh": dict(mesh.shape),
         "params": int(sum(x.size for x in jax.tree.leaves(params))),
-        "first_loss": losses[0], "last_loss": losses[-1], "train_seconds": round(train_s, 2),
-        "checkpoint": str(workdir), "restore_bit_exact": exact,
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "train_seconds": round(train_s, 2),
+        "checkpoint": str(workdir),
+        "restore_bit_exact": exact,
     }
     print("summary: " + ", ".join(f"{k}={v}" for k, v in summary.items()), flush=True)
     if not exact:

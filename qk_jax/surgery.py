@@ -53,17 +53,33 @@ REPORT = "surgery_report.json"
 PARTIAL_SUFFIX = ".partial"
 # Config sections carried from the source run into the target stage's config: the parts
 # kept by surgery must be built exactly as they were trained.
-CARRIED = ("mesh", "model.vlm", "model.num_queries", "model.vae", "model.prediction", "model.sigma_data", "model.dtype",
-           "model.remat", "model.attention_impl", "data.area", "data.multiple", "data.vlm_area", "data.vlm_multiple",
-           "data.padding_side", "data.data_dir", "data.dataset")
+CARRIED = (
+    "mesh",
+    "model.vlm",
+    "model.num_queries",
+    "model.vae",
+    "model.prediction",
+    "model.sigma_data",
+    "model.dtype",
+    "model.remat",
+    "model.attention_impl",
+    "data.area",
+    "data.multiple",
+    "data.vlm_area",
+    "data.vlm_multiple",
+    "data.padding_side",
+    "data.data_dir",
+    "data.dataset",
+)
 
 
 class SurgeryError(ValueError):
     """A tree or config that does not fit the transition (the message names the path)."""
 
 
-def target_config(src_config: ml_collections.ConfigDict, to_stage: int, config_spec: str | None = None
-                  ) -> ml_collections.ConfigDict:
+def target_config(
+    src_config: ml_collections.ConfigDict, to_stage: int, config_spec: str | None = None
+) -> ml_collections.ConfigDict:
     """The destination stage's config: `config_spec` or `configs/stage<to>.py:<source size>`,
     with the kept parts carried over from the source run's config."""
     spec = config_spec or f"configs/stage{to_stage}.py:{src_config.size}"
@@ -84,9 +100,15 @@ def _abstract(model: QueryKontext, mesh, rules_by_submodel=None):
     return sharding.abstract_with_shardings(abstract, shardings), shardings
 
 
-def transition(src_params: Mapping[str, Any], src_model: QueryKontext, dst_model: QueryKontext, mesh,
-               dit_params: Mapping[str, Any] | None = None, seed: int = 0,
-               rules_by_submodel=None) -> tuple[dict, dict[str, str]]:
+def transition(
+    src_params: Mapping[str, Any],
+    src_model: QueryKontext,
+    dst_model: QueryKontext,
+    mesh,
+    dit_params: Mapping[str, Any] | None = None,
+    seed: int = 0,
+    rules_by_submodel=None,
+) -> tuple[dict, dict[str, str]]:
     """The pure tree function: (destination params, {path: status}) for stage s -> s+1, laid
     out by the rule tables `rules_by_submodel` (default `sharding.RULES_BY_SUBMODEL`).
 
@@ -99,8 +121,9 @@ def transition(src_params: Mapping[str, Any], src_model: QueryKontext, dst_model
     def init_fresh():
         nonlocal fresh
         if fresh is None:
-            fresh = flatten_tree(jax.jit(lambda r: _unbox(dst_model.init(r)),
-                                         out_shardings=dst_shardings)(jax.random.key(seed)))
+            fresh = flatten_tree(
+                jax.jit(lambda r: _unbox(dst_model.init(r)), out_shardings=dst_shardings)(jax.random.key(seed))
+            )
         return fresh
 
     # Merging runs op by op on the sharded arrays (no gather); adapters of the DiT stay.
@@ -115,12 +138,17 @@ def transition(src_params: Mapping[str, Any], src_model: QueryKontext, dst_model
         if path in dit_flat:
             value = dit_flat[path]
             if tuple(value.shape) != tuple(target.shape):
-                raise SurgeryError(f"--dit parameter {path} has shape {tuple(value.shape)}, the stage-{_stage(d)} "
-                                   f"generator expects {tuple(target.shape)}")
+                raise SurgeryError(
+                    f"--dit parameter {path} has shape {tuple(value.shape)}, the stage-{_stage(d)} "
+                    f"generator expects {tuple(target.shape)}"
+                )
             out[path] = jax.device_put(jnp.asarray(value, target.dtype), target.sharding)
             status[path] = "added (from --dit)"
-        elif path in src_flat and tuple(src_flat[path].shape) == tuple(target.shape) \
-                and (top != d.generator_key or s.generator_key == d.generator_key):
+        elif (
+            path in src_flat
+            and tuple(src_flat[path].shape) == tuple(target.shape)
+            and (top != d.generator_key or s.generator_key == d.generator_key)
+        ):
             out[path] = src_flat[path]
             status[path] = "merged" if path in merged_paths else "kept"
         elif path in src_flat:
@@ -148,9 +176,18 @@ def _unbox(tree):
     return nn.meta.unbox(tree)
 
 
-def run(from_stage: int, to_stage: int, src: str, dst: str, dit: str | None = None, config_spec: str | None = None,
-        mesh_spec: Mapping[str, int] | None = None, seed: int = 0, step: int | None = None,
-        dit_layers: str = "all") -> dict[str, Any]:
+def run(
+    from_stage: int,
+    to_stage: int,
+    src: str,
+    dst: str,
+    dit: str | None = None,
+    config_spec: str | None = None,
+    mesh_spec: Mapping[str, int] | None = None,
+    seed: int = 0,
+    step: int | None = None,
+    dit_layers: str = "all",
+) -> dict[str, Any]:
     """The whole surgery on checkpoints; returns the report dict (also written to DST).
 
     `dit_layers` picks the source blocks of a `dit` deeper than the target generator
@@ -174,8 +211,9 @@ def run(from_stage: int, to_stage: int, src: str, dst: str, dit: str | None = No
         if mesh_spec:
             set_field(dst_config, "mesh", dict(mesh_spec))
         src_k = model_config.build_kontext_config(src_config, special)
-        dst_k = model_config.validate(dst_config, jax.device_count(),
-                                      model_config.build_kontext_config(dst_config, special))
+        dst_k = model_config.validate(
+            dst_config, jax.device_count(), model_config.build_kontext_config(dst_config, special)
+        )
         mesh = sharding.make_mesh(dst_config.mesh)
         src_model = QueryKontext(src_k)
         with jax.set_mesh(mesh), sharding.activation_rules_context():
@@ -199,8 +237,13 @@ def run(from_stage: int, to_stage: int, src: str, dst: str, dit: str | None = No
     with jax.set_mesh(mesh), sharding.activation_rules_context():
         params, status = transition(src_params, src_model, dst_model, mesh, dit_params, seed, rules)
     writer = ckpt_lib.Checkpointer(staging, max_to_keep=None, async_save=False)
-    writer.save(0, params=params, config=dst_config, meta={"surgery": f"{from_stage}->{to_stage}", "source": src_root,
-                                                           "source_step": step}, force=True)
+    writer.save(
+        0,
+        params=params,
+        config=dst_config,
+        meta={"surgery": f"{from_stage}->{to_stage}", "source": src_root, "source_step": step},
+        force=True,
+    )
     writer.close()
     if processor and jax.process_index() == 0:
         shutil.copytree(processor, os.path.join(staging, "processor"), dirs_exist_ok=True)
@@ -238,8 +281,10 @@ def require_complete(folder: str) -> dict:
     """`train.init_from`: the report of a finished surgery output, or SurgeryError naming the folder."""
     report = read_complete_report(folder)
     if report is None:
-        raise SurgeryError(f"config field train.init_from: {folder} has no complete {REPORT} (not the finished "
-                           f"output of qk-jax surgery; an interrupted surgery leaves {staging_path(folder)}, rerun it)")
+        raise SurgeryError(
+            f"config field train.init_from: {folder} has no complete {REPORT} (not the finished "
+            f"output of qk-jax surgery; an interrupted surgery leaves {staging_path(folder)}, rerun it)"
+        )
     return report
 
 
@@ -279,12 +324,16 @@ def _load_dit(folder: str, dst_k, mesh, layers: str = "all", rules=None) -> tupl
     g = dst_k.generator
     for field in ("num_single_layers", "num_heads", "head_dim", "in_channels", "joint_attention_dim"):
         if getattr(cfg, field) != getattr(g, field):
-            raise SurgeryError(f"--dit {folder}: {field}={getattr(cfg, field)} but the stage config's generator has "
-                               f"{getattr(g, field)} (config field model.generator)")
+            raise SurgeryError(
+                f"--dit {folder}: {field}={getattr(cfg, field)} but the stage config's generator has "
+                f"{getattr(g, field)} (config field model.generator)"
+            )
     if (layers or "all") == "all" and cfg.num_layers != g.num_layers:
-        raise SurgeryError(f"--dit {folder}: num_layers={cfg.num_layers} but the stage config's generator has "
-                           f"{g.num_layers} (config field model.generator); choose the source blocks with "
-                           f"--dit-layers ({', '.join(dit_seeding.SPECS[1:])} or indices)")
+        raise SurgeryError(
+            f"--dit {folder}: num_layers={cfg.num_layers} but the stage config's generator has "
+            f"{g.num_layers} (config field model.generator); choose the source blocks with "
+            f"--dit-layers ({', '.join(dit_seeding.SPECS[1:])} or indices)"
+        )
     try:
         indices = dit_seeding.block_indices(layers, cfg.num_layers, g.num_layers)
     except ValueError as e:
@@ -309,7 +358,8 @@ def verify_kept(dst: str, params, status: Mapping[str, str], mesh) -> dict[str, 
     target = unflatten_tree({p: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for p, v in kept.items()})
     back = flatten_tree(ckpt_lib.Checkpointer(dst, create=False).restore_subtree(0, "params", target))
     equal = jax.jit(lambda a, b: {k: jnp.array_equal(a[k], b[k]) for k in a})(
-        {k: kept[k] for k in kept}, {k: back[k] for k in kept})
+        {k: kept[k] for k in kept}, {k: back[k] for k in kept}
+    )
     mismatched = sorted(k for k, v in jax.device_get(equal).items() if not bool(v))
     return {"ok": not mismatched, "checked": len(kept), "mismatched": mismatched}
 
@@ -323,22 +373,41 @@ def _report(src_params, params, status, a, b, src_root, step, dst, dit) -> dict[
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
-    return {"transition": f"{a}->{b}", "source": src_root, "source_step": step, "destination": dst, "dit": dit,
-            "counts": counts, "paths": rows}
+    return {
+        "transition": f"{a}->{b}",
+        "source": src_root,
+        "source_step": step,
+        "destination": dst,
+        "dit": dit,
+        "counts": counts,
+        "paths": rows,
+    }
 
 
 def _write_report(dst: str, report: dict) -> None:
     with open(os.path.join(dst, REPORT), "w") as f:
         json.dump(report, f, indent=1)
-    lines = [f"# Surgery {report['transition']}", "", f"source: {report['source']} (step {report['source_step']})",
-             f"destination: {report['destination']}", f"DiT: {report['dit'] or '(initialised)'}", "",
-             "| status | count |", "|---|---|"] + [f"| {k} | {v} |" for k, v in sorted(report["counts"].items())]
+    lines = [
+        f"# Surgery {report['transition']}",
+        "",
+        f"source: {report['source']} (step {report['source_step']})",
+        f"destination: {report['destination']}",
+        f"DiT: {report['dit'] or '(initialised)'}",
+        "",
+        "| status | count |",
+        "|---|---|",
+    ] + [f"| {k} | {v} |" for k, v in sorted(report["counts"].items())]
     if report.get("dit_blocks"):
         lines += ["", "| DiT block | from --dit block |", "|---|---|"]
         lines += [f"| {b['block']} | {b['source_block']} |" for b in report["dit_blocks"]]
-    lines += ["", f"kept tensors bit-identical after writing: {report['bit_identical']['ok']} "
-                  f"({report['bit_identical']['checked']} checked)", "", "| path | status | shape | dtype |",
-              "|---|---|---|---|"]
+    lines += [
+        "",
+        f"kept tensors bit-identical after writing: {report['bit_identical']['ok']} "
+        f"({report['bit_identical']['checked']} checked)",
+        "",
+        "| path | status | shape | dtype |",
+        "|---|---|---|---|",
+    ]
     lines += [f"| {r['path']} | {r['status']} | {tuple(r['shape'])} | {r['dtype']} |" for r in report["paths"]]
     with open(os.path.join(dst, "surgery_report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -347,11 +416,14 @@ def _write_report(dst: str, report: dict) -> None:
 def summary(report: Mapping[str, Any]) -> str:
     counts = ", ".join(f"{v} {k}" for k, v in sorted(report["counts"].items()))
     bi = report["bit_identical"]
-    return (f"surgery {report['transition']}: {counts}; {bi['checked']} kept tensors bit-identical: {bi['ok']}; "
-            f"report: {os.path.join(report['destination'], 'surgery_report.md')}")
+    return (
+        f"surgery {report['transition']}: {counts}; {bi['checked']} kept tensors bit-identical: {bi['ok']}; "
+        f"report: {os.path.join(report['destination'], 'surgery_report.md')}"
+    )
 
 
 # ----------------------------------------------------------------------------- CLI
+
 
 def main(argv):
     from absl import flags
@@ -361,9 +433,18 @@ def main(argv):
     mesh = None
     if f.mesh:
         mesh = sharding.parse_mesh(f.mesh)
-    report = run(f["from"].value, f.to, f.src, f.dst, dit=f.dit or None, dit_layers=f.dit_layers,
-                 config_spec=f.config or None,
-                 mesh_spec=mesh, seed=f.seed, step=f.step)
+    report = run(
+        f["from"].value,
+        f.to,
+        f.src,
+        f.dst,
+        dit=f.dit or None,
+        dit_layers=f.dit_layers,
+        config_spec=f.config or None,
+        mesh_spec=mesh,
+        seed=f.seed,
+        step=f.step,
+    )
     print(summary(report), flush=True)
 
 
@@ -375,12 +456,20 @@ def define_flags() -> None:
     flags.DEFINE_integer("to", None, "Destination stage (2 or 3).", required=True)
     flags.DEFINE_string("src", None, "Source run workdir or checkpoint folder.", required=True)
     flags.DEFINE_string("dst", None, "Destination checkpoint folder (new).", required=True)
-    flags.DEFINE_string("dit", "", "1->2: the DiT to graft: a diffusers transformer or pipeline folder, or its "
-                                   "`qk-jax convert --to-orbax` checkpoint (else model.generator.checkpoint, else "
-                                   "initialised).")
-    flags.DEFINE_string("dit_layers", "all", "Which --dit blocks seed the target's blocks: all (same depth), "
-                                             "every_other (block i <- 2i, e.g. dit_10b from Qwen-Image), first, "
-                                             "or comma-separated source indices.")
+    flags.DEFINE_string(
+        "dit",
+        "",
+        "1->2: the DiT to graft: a diffusers transformer or pipeline folder, or its "
+        "`qk-jax convert --to-orbax` checkpoint (else model.generator.checkpoint, else "
+        "initialised).",
+    )
+    flags.DEFINE_string(
+        "dit_layers",
+        "all",
+        "Which --dit blocks seed the target's blocks: all (same depth), "
+        "every_other (block i <- 2i, e.g. dit_10b from Qwen-Image), first, "
+        "or comma-separated source indices.",
+    )
     flags.DEFINE_string("config", "", "Destination stage config (default configs/stage<to>.py:<source size>).")
     flags.DEFINE_string("mesh", "", "Mesh for the surgery, e.g. data=1,fsdp=4,tensor=2 (default: the config's).")
     flags.DEFINE_integer("seed", 0, "Seed for added / re-initialised parameters.")

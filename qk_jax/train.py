@@ -84,12 +84,16 @@ def processor_source(config) -> tuple[str, str] | None:
         if processor:
             return processor, "train.init_from"
     if vlm_ckpt or config.model.vlm.size not in TOY_TOKENIZER_VLMS:
-        what = f"model.vlm.checkpoint={vlm_ckpt} (which holds no tokenizer)" if vlm_ckpt else \
-            f"model.vlm.size={config.model.vlm.size!r}"
+        what = (
+            f"model.vlm.checkpoint={vlm_ckpt} (which holds no tokenizer)"
+            if vlm_ckpt
+            else f"model.vlm.size={config.model.vlm.size!r}"
+        )
         raise ConfigError(
             f"config field data.processor is empty and {what}: the offline toy tokenizer only fits the "
             f"{'/'.join(TOY_TOKENIZER_VLMS)} VLMs; set data.processor to the HF Qwen2.5-VL folder whose tokenizer "
-            "the VLM was trained with")
+            "the VLM was trained with"
+        )
     return None
 
 
@@ -165,8 +169,9 @@ def build_state(model: QueryKontext, config, mesh, tx, checkpointer):
         params = restored["params"]
         logs.info(f"initialised from {root} step {restored['step']}")
     else:
-        params, shardings_tree, _ = sharding.init_sharded(model.init, mesh, jax.random.key(config.train.seed),
-                                                          rules_by_submodel=rules)
+        params, shardings_tree, _ = sharding.init_sharded(
+            model.init, mesh, jax.random.key(config.train.seed), rules_by_submodel=rules
+        )
         params, loaded = pretrained.load_pretrained(params, config, kcfg, shardings_tree)
         for key, folder in loaded.items():
             logs.info(f"{key}: pretrained weights from {folder}")
@@ -178,13 +183,22 @@ def _restore_run(checkpointer, params_target, tx, config, ema: bool):
     opt_abstract = jax.eval_shape(tx.init, trainable_t)
     # The optimizer state follows its parameters' shardings; scalars are replicated.
     opt_target = _opt_state_target(opt_abstract, trainable_t)
-    restored = checkpointer.restore(params=params_target, opt_state=opt_target,
-                                    ema=jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32,
-                                                                                     sharding=a.sharding),
-                                                     trainable_t) if ema else None, quarantine=True)
+    restored = checkpointer.restore(
+        params=params_target,
+        opt_state=opt_target,
+        ema=jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=a.sharding), trainable_t)
+        if ema
+        else None,
+        quarantine=True,
+    )
     trainable, frozen = optim.partition(restored["params"], config.train.trainable)
-    state = {"step": jnp.asarray(restored["step"], jnp.int32), "trainable": trainable, "frozen": frozen,
-             "opt_state": restored["opt_state"], "ema": restored.get("ema")}
+    state = {
+        "step": jnp.asarray(restored["step"], jnp.int32),
+        "trainable": trainable,
+        "frozen": frozen,
+        "opt_state": restored["opt_state"],
+        "ema": restored.get("ema"),
+    }
     logs.info(f"resumed from step {restored['step']}")
     return state, restored.get("data"), int(restored["step"])
 
@@ -205,8 +219,11 @@ def _opt_state_target(opt_abstract, trainable_target):
 
 
 def state_for_checkpoint(state) -> dict[str, Any]:
-    return {"params": optim.combine(state["trainable"], state["frozen"]), "opt_state": state["opt_state"],
-            "ema": state.get("ema")}
+    return {
+        "params": optim.combine(state["trainable"], state["frozen"]),
+        "opt_state": state["opt_state"],
+        "ema": state.get("ema"),
+    }
 
 
 def train(config, workdir: str) -> dict[str, Any]:
@@ -216,17 +233,20 @@ def train(config, workdir: str) -> dict[str, Any]:
     check_workdir(workdir)
     processor_dir = ensure_processor(config, workdir)
     special = model_config.read_special_token_ids(processor_dir)
-    kcfg = model_config.validate(config, jax.device_count(),
-                                 model_config.build_kontext_config(config, special))
+    kcfg = model_config.validate(config, jax.device_count(), model_config.build_kontext_config(config, special))
     mesh = sharding.make_mesh(config.mesh)
     main = distributed.is_main_process()
-    logs.info(f"stage {config.stage} ({config.size}) on {jax.device_count()} {jax.devices()[0].platform} devices, "
-              f"mesh {dict(mesh.shape)}\n{model_config.describe(kcfg)}")
+    logs.info(
+        f"stage {config.stage} ({config.size}) on {jax.device_count()} {jax.devices()[0].platform} devices, "
+        f"mesh {dict(mesh.shape)}\n{model_config.describe(kcfg)}"
+    )
     model = QueryKontext(kcfg)
     tx = optim.make_optimizer(config.train)
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                         max_to_keep=config.train.keep_checkpoints,
-                                         keep_period=int(config.train.get("keep_period", 0)))
+    checkpointer = ckpt_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        max_to_keep=config.train.keep_checkpoints,
+        keep_period=int(config.train.get("keep_period", 0)),
+    )
     with jax.set_mesh(mesh), sharding.activation_rules_context():
         state, data_state, start = build_state(model, config, mesh, tx, checkpointer)
     if start == 0:
@@ -244,11 +264,18 @@ def train(config, workdir: str) -> dict[str, Any]:
         iterator.set_state(data_state)
 
     nonfinite_mode = config.train.get("nonfinite", "stop")
-    step_fn = jax.jit(make_train_step(model, tx, seed=config.train.seed, grad_accum=config.train.grad_accum,
-                                      ema_decay=config.train.ema_decay,
-                                      lr_schedule=optim.learning_rate_schedule(config.train),
-                                      skip_nonfinite=nonfinite_mode == "skip_step"),
-                      donate_argnums=(0,))
+    step_fn = jax.jit(
+        make_train_step(
+            model,
+            tx,
+            seed=config.train.seed,
+            grad_accum=config.train.grad_accum,
+            ema_decay=config.train.ema_decay,
+            lr_schedule=optim.learning_rate_schedule(config.train),
+            skip_nonfinite=nonfinite_mode == "skip_step",
+        ),
+        donate_argnums=(0,),
+    )
     guard = NonFiniteGuard(nonfinite_mode, skips=_skips_before(checkpointer, start), last_saved=start or None)
     peak = peak_flops_per_device(config.train.peak_tflops_per_device)
     metrics_path = os.path.join(workdir, "metrics.jsonl")
@@ -269,7 +296,8 @@ def train(config, workdir: str) -> dict[str, Any]:
             shape_key = tuple((k, np.shape(v)) for k, v in batch.items() if k != "vision_plan")
             if shape_key not in flops_cache:  # batches differ in shape by bucket and input count
                 flops_cache[shape_key] = flops.kontext_train_step_flops(
-                    kcfg, batch, config.train.trainable, state["trainable"].get("lora"))["total"]
+                    kcfg, batch, config.train.trainable, state["trainable"].get("lora")
+                )["total"]
             flops_per_step = flops_cache[shape_key]
             with jax.set_mesh(mesh), sharding.activation_rules_context():
                 state, metrics = step_fn(state, place_batch(batch, mesh))
@@ -291,8 +319,14 @@ def train(config, workdir: str) -> dict[str, Any]:
                     _log(record, metrics_path, writer)
             if (step + 1) % config.train.checkpoint_every == 0 or last or stop.requested:
                 guard.settle()  # nothing non-finite is ever saved
-                checkpointer.save(step + 1, **state_for_checkpoint(state), data=iterator.get_state(),
-                                  config=config, meta={"nonfinite_skips": guard.skips}, force=True)
+                checkpointer.save(
+                    step + 1,
+                    **state_for_checkpoint(state),
+                    data=iterator.get_state(),
+                    config=config,
+                    meta={"nonfinite_skips": guard.skips},
+                    force=True,
+                )
                 guard.last_saved = step + 1
             if stop.requested:
                 checkpointer.wait()
@@ -309,8 +343,9 @@ def train(config, workdir: str) -> dict[str, Any]:
             if samples_due:
                 optional_samples(config, kcfg, state, processor, mesh, step + 1, workdir, writer)
             if signal_due:
-                measure_signal(signal, config, kcfg, sampling_params(state), processor, mesh, step + 1,
-                               metrics_path, writer)
+                measure_signal(
+                    signal, config, kcfg, sampling_params(state), processor, mesh, step + 1, metrics_path, writer
+                )
     except BaseException:
         checkpointer.close(report=False)  # a pending good save still lands; the first error is the one raised
         raise
@@ -318,8 +353,14 @@ def train(config, workdir: str) -> dict[str, Any]:
         if writer is not None:
             writer.close()
     checkpointer.close()
-    return {"stage": config.stage, "start_step": start, "end_step": step + 1 if config.train.steps > start else start,
-            "losses": losses, "stopped_by_signal": stop.requested, "workdir": workdir}
+    return {
+        "stage": config.stage,
+        "start_step": start,
+        "end_step": step + 1 if config.train.steps > start else start,
+        "losses": losses,
+        "stopped_by_signal": stop.requested,
+        "workdir": workdir,
+    }
 
 
 def sampling_params(state) -> dict[str, Any]:
@@ -343,8 +384,9 @@ def _learning_signal(config):
         return None
 
 
-def measure_signal(signal, config, kcfg, params, processor, mesh, step: int, metrics_path: str, writer
-                   ) -> dict[str, float]:
+def measure_signal(
+    signal, config, kcfg, params, processor, mesh, step: int, metrics_path: str, writer
+) -> dict[str, float]:
     """Measures the learning signal (`qk_jax.eval.signal`) with `params` (the sampling weights);
     logs it (`qk_jax.logs`), to `metrics.jsonl` (a line `{"step", "signal": {...}}`) and TensorBoard."""
     from qk_jax.eval import signal as signal_lib
@@ -393,8 +435,9 @@ class NonFiniteGuard:
         if self.mode == "stop":
             raise NonFiniteError(_nonfinite_message(step, metrics, self.last_saved))
         self.skips += 1
-        logs.warning(f"step {step}: {_nonfinite_what(metrics)} not finite; update skipped "
-                     f"({self.skips} skipped so far)")
+        logs.warning(
+            f"step {step}: {_nonfinite_what(metrics)} not finite; update skipped ({self.skips} skipped so far)"
+        )
 
 
 def _nonfinite_what(metrics) -> str:
@@ -406,8 +449,10 @@ def _nonfinite_what(metrics) -> str:
 
 def _nonfinite_message(step: int, metrics, last_saved: int | None) -> str:
     kept = f"checkpoints up to step {last_saved} are kept" if last_saved else "no checkpoint was written"
-    return (f"step {step}: {_nonfinite_what(metrics)} not finite; stopped without saving it ({kept}; config field "
-            f"train.nonfinite='skip_step' skips such steps instead)")
+    return (
+        f"step {step}: {_nonfinite_what(metrics)} not finite; stopped without saving it ({kept}; config field "
+        f"train.nonfinite='skip_step' skips such steps instead)"
+    )
 
 
 def _skips_before(checkpointer, start: int) -> int:
@@ -502,8 +547,9 @@ def _accumulate(window, metrics):
     return metrics if window is None else jax.tree.map(jnp.add, window, metrics)
 
 
-def _record(step: int, m: dict, n_steps: int, step_seconds: float, batch: dict, flops_per_step: float,
-            peak: float) -> dict:
+def _record(
+    step: int, m: dict, n_steps: int, step_seconds: float, batch: dict, flops_per_step: float, peak: float
+) -> dict:
     """One log record from metrics summed over the window's `n_steps` steps: the loss, gradient
     norm and learning rate are window means; per-task losses are means over every sample of
     each task in the window (batches are grouped by input count, so one step rarely holds
@@ -515,24 +561,40 @@ def _record(step: int, m: dict, n_steps: int, step_seconds: float, batch: dict, 
         tokens *= batch["img_ids"].shape[0]
     n_dev = jax.device_count()
     achieved = flops_per_step / step_seconds / n_dev if step_seconds > 0 else 0.0
-    return {"step": step, "loss": float(m["loss"]) / n_steps, "task_loss": per_task, "steps_averaged": n_steps,
-            "grad_norm": float(m["grad_norm"]) / n_steps,
-            "learning_rate": float(m.get("learning_rate", 0.0)) / n_steps, "step_seconds": step_seconds,
-            "tokens_per_second": tokens / step_seconds if step_seconds > 0 else 0.0,
-            "tflops_per_device": achieved / 1e12, "mfu": achieved / peak if peak else 0.0}
+    return {
+        "step": step,
+        "loss": float(m["loss"]) / n_steps,
+        "task_loss": per_task,
+        "steps_averaged": n_steps,
+        "grad_norm": float(m["grad_norm"]) / n_steps,
+        "learning_rate": float(m.get("learning_rate", 0.0)) / n_steps,
+        "step_seconds": step_seconds,
+        "tokens_per_second": tokens / step_seconds if step_seconds > 0 else 0.0,
+        "tflops_per_device": achieved / 1e12,
+        "mfu": achieved / peak if peak else 0.0,
+    }
 
 
 def _log(record: dict, path: str, writer) -> None:
     tasks = " ".join(f"{k}={v:.4f}" for k, v in record["task_loss"].items())
-    logs.info(f"step {record['step']:6d}  loss {record['loss']:.4f}  [{tasks}]  |g| {record['grad_norm']:.3f}  "
-          f"{record['step_seconds']:.3f}s/step  {record['tokens_per_second']:.0f} tok/s  "
-          f"{record['tflops_per_device']:.3f} TFLOP/s/dev  MFU {100 * record['mfu']:.1f}%")
+    logs.info(
+        f"step {record['step']:6d}  loss {record['loss']:.4f}  [{tasks}]  |g| {record['grad_norm']:.3f}  "
+        f"{record['step_seconds']:.3f}s/step  {record['tokens_per_second']:.0f} tok/s  "
+        f"{record['tflops_per_device']:.3f} TFLOP/s/dev  MFU {100 * record['mfu']:.1f}%"
+    )
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
     if writer is not None:
         s = record["step"]
-        for key in ("loss", "grad_norm", "learning_rate", "step_seconds", "tokens_per_second", "tflops_per_device",
-                    "mfu"):
+        for key in (
+            "loss",
+            "grad_norm",
+            "learning_rate",
+            "step_seconds",
+            "tokens_per_second",
+            "tflops_per_device",
+            "mfu",
+        ):
             writer.add_scalar(f"train/{key}", record[key], s)
         for task, value in record["task_loss"].items():
             writer.add_scalar(f"loss/{task}", value, s)

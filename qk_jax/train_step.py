@@ -58,9 +58,16 @@ def keep_if_finite(finite: jax.Array, new: Any, old: Any) -> Any:
     return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
 
 
-def make_train_step(model: QueryKontext, tx: optax.GradientTransformation, *, seed: int, grad_accum: int = 1,
-                    ema_decay: float = 0.0, lr_schedule: Callable | None = None,
-                    skip_nonfinite: bool = False) -> Callable:
+def make_train_step(
+    model: QueryKontext,
+    tx: optax.GradientTransformation,
+    *,
+    seed: int,
+    grad_accum: int = 1,
+    ema_decay: float = 0.0,
+    lr_schedule: Callable | None = None,
+    skip_nonfinite: bool = False,
+) -> Callable:
     """`step(state, batch) -> (state, metrics)`; with `grad_accum > 1` every batch leaf has a
     leading micro-batch axis of that size. With `skip_nonfinite`, a step whose loss, gradient
     norm or updated parameters are not finite leaves the state unchanged but its step counter."""
@@ -79,14 +86,19 @@ def make_train_step(model: QueryKontext, tx: optax.GradientTransformation, *, se
         if grad_accum == 1:
             loss, grads, sums, counts = micro(trainable, frozen, batch, rng)
         else:
+
             def body(carry, xs):
                 i, mb = xs
                 micro_loss, g, s, c = micro(trainable, frozen, mb, jax.random.fold_in(rng, i))
                 acc_l, acc_g, acc_s, acc_c = carry
                 return (acc_l + micro_loss, jax.tree.map(jnp.add, acc_g, g), acc_s + s, acc_c + c), None
 
-            zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, trainable),
-                     jnp.zeros((NUM_TASKS,), jnp.float32), jnp.zeros((NUM_TASKS,), jnp.float32))
+            zeros = (
+                jnp.zeros((), jnp.float32),
+                jax.tree.map(jnp.zeros_like, trainable),
+                jnp.zeros((NUM_TASKS,), jnp.float32),
+                jnp.zeros((NUM_TASKS,), jnp.float32),
+            )
             (loss, grads, sums, counts), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum), batch))
             loss = loss / grad_accum
             grads = jax.tree.map(lambda g: g / grad_accum, grads)
@@ -100,8 +112,13 @@ def make_train_step(model: QueryKontext, tx: optax.GradientTransformation, *, se
         if skip_nonfinite:
             updated = keep_if_finite(finite, updated, {k: state[k] for k in updated})
         new_state = dict(state, step=state["step"] + 1, **updated)
-        metrics = {"loss": loss, "grad_norm": grad_norm, "task_loss_sum": sums, "task_count": counts,
-                   "nonfinite": jnp.logical_not(finite)}
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "task_loss_sum": sums,
+            "task_count": counts,
+            "nonfinite": jnp.logical_not(finite),
+        }
         if lr_schedule is not None:
             metrics["learning_rate"] = lr_schedule(state["step"])
         return new_state, metrics
@@ -109,11 +126,17 @@ def make_train_step(model: QueryKontext, tx: optax.GradientTransformation, *, se
     return step
 
 
-def init_state(params: Mapping[str, Any], trainable_prefixes, tx: optax.GradientTransformation,
-               ema: bool) -> dict[str, Any]:
+def init_state(
+    params: Mapping[str, Any], trainable_prefixes, tx: optax.GradientTransformation, ema: bool
+) -> dict[str, Any]:
     """The train state of a parameter tree (opt state and EMA follow the params' shardings)."""
     trainable, frozen = optim.partition(params, trainable_prefixes)
     opt_state = jax.jit(tx.init)(trainable)
-    state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "frozen": frozen, "opt_state": opt_state,
-             "ema": jax.jit(lambda t: jax.tree.map(lambda x: x.astype(jnp.float32), t))(trainable) if ema else None}
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "trainable": trainable,
+        "frozen": frozen,
+        "opt_state": opt_state,
+        "ema": jax.jit(lambda t: jax.tree.map(lambda x: x.astype(jnp.float32), t))(trainable) if ema else None,
+    }
     return state

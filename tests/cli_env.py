@@ -8,8 +8,13 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # What libtpu prints when it probes for a TPU on a machine that has none.
 TPU_INIT_ERRORS = ("Failed to find host bounds", "unexpected worker hostname", "could not determine TPU")
-_PLATFORM_VARIABLES = ("JAX_PLATFORMS", "TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES", "XLA_FLAGS",
-                       "TPU_SKIP_MDS_QUERY")
+_PLATFORM_VARIABLES = (
+    "JAX_PLATFORMS",
+    "TPU_ACCELERATOR_TYPE",
+    "TPU_WORKER_HOSTNAMES",
+    "XLA_FLAGS",
+    "TPU_SKIP_MDS_QUERY",
+)
 
 
 def user_env(**extra: str) -> dict[str, str]:

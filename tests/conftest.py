@@ -8,8 +8,9 @@ import os
 
 # 8 simulated devices; LLVM optimisation off: the suite's programs are tiny, so halving XLA's
 # compile time matters far more than their run time (float semantics are unchanged).
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-                           " --xla_backend_optimization_level=0").strip()
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # libtpu (the `tpu` extra, used for ahead-of-time compilation) otherwise prints an
 # initialisation error at every `import jax` on a machine without TPUs.

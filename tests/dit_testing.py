@@ -12,16 +12,49 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-QWEN_TINY = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
-                 num_attention_heads=2, joint_attention_dim=24, axes_dims_rope=(4, 6, 6))
-FLUX_TINY = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
-                 num_attention_heads=2, joint_attention_dim=24, pooled_projection_dim=8, guidance_embeds=True,
-                 axes_dims_rope=(4, 6, 6))
-KL_TINY = dict(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-               up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4, norm_num_groups=4,
-               scaling_factor=0.36, shift_factor=0.11, use_quant_conv=False, use_post_quant_conv=False)
-QWEN_VAE_TINY = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[False, True],
-                     latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.8, 2.0, 1.0])
+QWEN_TINY = dict(
+    patch_size=2,
+    in_channels=16,
+    out_channels=4,
+    num_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=24,
+    axes_dims_rope=(4, 6, 6),
+)
+FLUX_TINY = dict(
+    patch_size=1,
+    in_channels=16,
+    num_layers=1,
+    num_single_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=24,
+    pooled_projection_dim=8,
+    guidance_embeds=True,
+    axes_dims_rope=(4, 6, 6),
+)
+KL_TINY = dict(
+    block_out_channels=(8, 16),
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=4,
+    scaling_factor=0.36,
+    shift_factor=0.11,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+)
+QWEN_VAE_TINY = dict(
+    base_dim=8,
+    z_dim=4,
+    dim_mult=[1, 2, 2],
+    num_res_blocks=1,
+    temperal_downsample=[False, True],
+    latents_mean=[0.1, -0.2, 0.3, 0.0],
+    latents_std=[1.5, 0.8, 2.0, 1.0],
+)
 
 
 def randomize(model: torch.nn.Module, seed: int = 0, scale: float = 0.1, norms_only: bool = False) -> torch.nn.Module:

@@ -11,9 +11,16 @@ from qk_jax.model_config import build_kontext_config, read_special_token_ids
 
 
 def stage_config(stage: int, data_dir: str, *overrides: str):
-    return load_config(f"configs/stage{stage}.py:tiny",
-                       [f"data.data_dir={data_dir}", "train.log_every=1", "train.sample_images=0",
-                        "train.signal.samples=0", *overrides])
+    return load_config(
+        f"configs/stage{stage}.py:tiny",
+        [
+            f"data.data_dir={data_dir}",
+            "train.log_every=1",
+            "train.sample_images=0",
+            "train.signal.samples=0",
+            *overrides,
+        ],
+    )
 
 
 def model_config(config, processor_dir):

@@ -26,8 +26,13 @@ def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> None
                 p.copy_(std * noise)
 
 
-def save_random_checkpoint(cfg: Qwen25VLConfig, folder: str, seed: int = 0, dtype: torch.dtype = torch.float32,
-                           max_shard_size: str | None = None):
+def save_random_checkpoint(
+    cfg: Qwen25VLConfig,
+    folder: str,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    max_shard_size: str | None = None,
+):
     """Builds `Qwen2_5_VLForConditionalGeneration` for `cfg`, randomises it, saves it to
     `folder` (in `dtype`, sharded when `max_shard_size` is given) and returns it reloaded
     from there (float32, eager attention, eval mode)."""
@@ -38,8 +43,7 @@ def save_random_checkpoint(cfg: Qwen25VLConfig, folder: str, seed: int = 0, dtyp
     randomize_(model, seed)
     model.to(dtype).save_pretrained(folder, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     del model
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32,
-                                                               attn_implementation="eager")
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
     return model.eval()
 
 
@@ -59,15 +63,41 @@ def other_config() -> Qwen25VLConfig:
     window 96 px, two full-attention blocks, M-RoPE sections (4, 2, 2), tied head,
     tanh-GELU in the vision MLP."""
     return Qwen25VLConfig(
-        vision=VisionConfig(depth=3, hidden_size=48, intermediate_size=80, num_heads=3, out_hidden_size=96,
-                            patch_size=16, temporal_patch_size=1, spatial_merge_size=3, window_size=96,
-                            fullatt_block_indexes=(0, 2), hidden_act="gelu_pytorch_tanh", rope_theta=5000.0),
-        text=TextConfig(vocab_size=1100, hidden_size=96, intermediate_size=160, num_hidden_layers=3,
-                        num_attention_heads=6, num_key_value_heads=3, rms_norm_eps=1e-5, rope_theta=500000.0,
-                        mrope_section=(4, 2, 2), max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
-                        pad_token_id=0),
-        image_token_id=1090, video_token_id=1091, vision_start_token_id=1088, vision_end_token_id=1089,
-        tie_word_embeddings=True)
+        vision=VisionConfig(
+            depth=3,
+            hidden_size=48,
+            intermediate_size=80,
+            num_heads=3,
+            out_hidden_size=96,
+            patch_size=16,
+            temporal_patch_size=1,
+            spatial_merge_size=3,
+            window_size=96,
+            fullatt_block_indexes=(0, 2),
+            hidden_act="gelu_pytorch_tanh",
+            rope_theta=5000.0,
+        ),
+        text=TextConfig(
+            vocab_size=1100,
+            hidden_size=96,
+            intermediate_size=160,
+            num_hidden_layers=3,
+            num_attention_heads=6,
+            num_key_value_heads=3,
+            rms_norm_eps=1e-5,
+            rope_theta=500000.0,
+            mrope_section=(4, 2, 2),
+            max_position_embeddings=4096,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        ),
+        image_token_id=1090,
+        video_token_id=1091,
+        vision_start_token_id=1088,
+        vision_end_token_id=1089,
+        tie_word_embeddings=True,
+    )
 
 
 def env_for_subprocess() -> dict[str, str]:

@@ -95,8 +95,9 @@ def test_doubling_fsdp_halves_each_devices_train_state():
         with config.unlocked():
             config.mesh = dict(mesh.shape)
         params = aot.abstract_params(QueryKontext(kontext_config.validate(config, 4)), mesh)
-        state = aot.abstract_train_state(params, config.train.trainable, optim.make_optimizer(config.train),
-                                         config.train.ema_decay > 0, mesh)
+        state = aot.abstract_train_state(
+            params, config.train.trainable, optim.make_optimizer(config.train), config.train.ema_decay > 0, mesh
+        )
         leaves = jax.tree_util.tree_flatten_with_path(state)[0]
         per_leaf[fsdp] = {jax.tree_util.keystr(p): aot._tree_bytes(leaf) for p, leaf in leaves}
     assert per_leaf[1].keys() == per_leaf[2].keys() == per_leaf[4].keys()
@@ -133,9 +134,29 @@ def test_clear_errors():
 def test_cli_sample_program_writes_json_and_verdict(tmp_path):
     out = tmp_path / "aot.json"
     # a user's environment: no JAX_PLATFORMS / TPU_* variables; the tool sets what libtpu needs
-    proc = subprocess.run([sys.executable, "-m", "qk_jax.cli", "aot", "--config", "configs/stage3.py:tiny",
-                           "--topology", TOPOLOGY, "--programs", "sample", "--batch", "4", "--json", str(out)],
-                          cwd=ROOT, env=user_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qk_jax.cli",
+            "aot",
+            "--config",
+            "configs/stage3.py:tiny",
+            "--topology",
+            TOPOLOGY,
+            "--programs",
+            "sample",
+            "--batch",
+            "4",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=user_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert tpu_init_errors(proc.stderr) == [], proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()

@@ -22,8 +22,14 @@ def test_quick_run_writes_records(tmp_path):
     env.pop("XLA_FLAGS", None)  # one CPU device, as a user runs it
     env.pop("JAX_COMPILATION_CACHE_DIR", None)  # compile times are part of the output
     env["PYTHONPATH"] = ROOT
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--quick", "--json", str(out)],
-                          env=env, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--quick", "--json", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=str(tmp_path),
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     records, machine = lines[:-1], lines[-1]["machine"]

@@ -23,7 +23,8 @@ def saved(tmp_path_factory):
     """Params + optimizer-like state written on a (2, 4) mesh at steps 1 and 2."""
     mesh = sharding.make_mesh((2, 4, 1))
     params, shardings, _ = sharding.init_sharded(
-        lambda r: MODEL.init(r, jnp.zeros((8, 16), jnp.int32))["params"], mesh, jax.random.key(0))
+        lambda r: MODEL.init(r, jnp.zeros((8, 16), jnp.int32))["params"], mesh, jax.random.key(0)
+    )
     opt = {"mu": jax.tree.map(lambda x: x * 0.5, params), "count": jnp.array(3, jnp.int32)}
     directory = tmp_path_factory.mktemp("ckpt")
     ck = ckpt_lib.Checkpointer(directory, max_to_keep=3)
@@ -49,8 +50,9 @@ def test_restore_onto_other_mesh_bit_exact(devices, saved):
     directory, _, params2, opt = saved
     mesh81 = sharding.make_mesh((8, 1, 1))
     target = abstract(params2, lambda a: NamedSharding(mesh81, P("data") if a.shape[0] % 8 == 0 else P()))
-    out = ckpt_lib.Checkpointer(directory).restore(params=target,
-                                                   opt_state=abstract(opt, lambda a: NamedSharding(mesh81, P())))
+    out = ckpt_lib.Checkpointer(directory).restore(
+        params=target, opt_state=abstract(opt, lambda a: NamedSharding(mesh81, P()))
+    )
     assert out["step"] == 2
     assert_tree_equal(out["params"], params2)
     assert out["params"]["embed"].sharding.mesh.shape["data"] == 8
@@ -83,12 +85,14 @@ def test_mismatched_target_names_the_path(devices, saved):
     with pytest.raises(ckpt_lib.CheckpointError, match=r"params/embed: .*\(64, 32\).*\(65, 32\)"):
         ckpt_lib.Checkpointer(directory).restore(2, params=bad)
     with pytest.raises(ckpt_lib.CheckpointError, match="no item 'ema'"):
-        ckpt_lib.Checkpointer(directory).restore(1, params=abstract(params, lambda a: one),
-                                                 ema=abstract(params, lambda a: one))
+        ckpt_lib.Checkpointer(directory).restore(
+            1, params=abstract(params, lambda a: one), ema=abstract(params, lambda a: one)
+        )
 
 
 def test_truncated_step_is_skipped(devices, saved, tmp_path, caplog):
     import shutil
+
     directory, params, _, _ = saved
     copy = tmp_path / "copy"
     shutil.copytree(directory, copy)
@@ -147,6 +151,7 @@ def test_empty_directory_is_a_clear_error(tmp_path):
 
 def _copy_of(saved, tmp_path):
     import shutil
+
     directory = saved[0]
     copy = tmp_path / "copy"
     shutil.copytree(directory, copy)
@@ -154,8 +159,9 @@ def _copy_of(saved, tmp_path):
 
 
 def _data_files(step_dir):
-    return [f for f in glob.glob(str(step_dir / "params" / "**" / "*"), recursive=True)
-            if os.path.isfile(f) and "/d/" in f]
+    return [
+        f for f in glob.glob(str(step_dir / "params" / "**" / "*"), recursive=True) if os.path.isfile(f) and "/d/" in f
+    ]
 
 
 def test_checksums_do_not_depend_on_the_mesh(devices, saved):
@@ -177,7 +183,7 @@ def test_flipped_bytes_are_caught_and_the_step_moved_aside(devices, saved, tmp_p
     for f in _data_files(copy / "2"):
         data = bytearray(open(f, "rb").read())
         mid = len(data) // 2
-        data[mid:mid + 64] = bytes(b ^ 0xFF for b in data[mid:mid + 64])
+        data[mid : mid + 64] = bytes(b ^ 0xFF for b in data[mid : mid + 64])
         open(f, "wb").write(bytes(data))
     one = SingleDeviceSharding(jax.devices()[0])
     ck = ckpt_lib.Checkpointer(copy)
@@ -197,6 +203,7 @@ def test_flipped_bytes_are_caught_and_the_step_moved_aside(devices, saved, tmp_p
 
 def test_a_changed_checksum_is_a_corrupt_step(devices, saved, tmp_path):
     import json
+
     _, params, _, _ = saved
     copy = _copy_of(saved, tmp_path)
     path = copy / "2" / "checksums" / "metadata"
@@ -212,6 +219,7 @@ def test_a_changed_checksum_is_a_corrupt_step(devices, saved, tmp_path):
 @pytest.mark.parametrize("damage", ["item_folder", "metadata_file", "meta_item", "checksums_item"])
 def test_incomplete_step_falls_back(devices, saved, tmp_path, damage):
     import shutil
+
     _, params, _, opt = saved
     copy = _copy_of(saved, tmp_path)
     if damage == "item_folder":
@@ -277,6 +285,7 @@ def test_a_failed_background_save_surfaces_at_the_next_check(devices, tmp_path):
 def test_a_step_written_before_checksums_restores_unverified_with_a_warning(devices, saved, tmp_path, caplog):
     import json
     import shutil
+
     _, _, params2, _ = saved
     copy = _copy_of(saved, tmp_path)
     shutil.rmtree(copy / "2" / "checksums")

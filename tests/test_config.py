@@ -44,9 +44,23 @@ def test_cli_help_lists_tools_and_smoke_runs_with_overrides(tmp_path):
     out = subprocess.run([sys.executable, "-m", "qk_jax.cli", "--help"], capture_output=True, text=True, check=True)
     assert "smoke" in out.stdout
     run = subprocess.run(
-        [sys.executable, "-m", "qk_jax.cli", "smoke", "--config", "configs/smoke.py:tiny", "--workdir",
-         str(tmp_path / "w"), "--config.train.steps=12", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"],
-        capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "qk_jax.cli",
+            "smoke",
+            "--config",
+            "configs/smoke.py:tiny",
+            "--workdir",
+            str(tmp_path / "w"),
+            "--config.train.steps=12",
+            "--config.mesh.fsdp=2",
+            "--config.mesh.tensor=2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     summary = [line for line in run.stdout.splitlines() if line.startswith("summary:")][-1]
     assert "restore_bit_exact=True" in summary and "'fsdp': 2" in summary
@@ -54,7 +68,20 @@ def test_cli_help_lists_tools_and_smoke_runs_with_overrides(tmp_path):
     last = float(summary.split("last_loss=")[1].split(",")[0])
     assert last < first
     bad = subprocess.run(
-        [sys.executable, "-m", "qk_jax.cli", "smoke", "--config", "configs/smoke.py:tiny", "--workdir",
-         str(tmp_path / "b"), "--config.mesh.tensor=8", "--config.mesh.data=1"],
-        capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "qk_jax.cli",
+            "smoke",
+            "--config",
+            "configs/smoke.py:tiny",
+            "--workdir",
+            str(tmp_path / "b"),
+            "--config.mesh.tensor=8",
+            "--config.mesh.data=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode != 0 and "model.num_heads" in bad.stderr

@@ -68,8 +68,7 @@ def test_sharded_folder_write_and_stream_back(tmp_path):
     mapping = Mapping(RULES, {"i": 3})
     params = dict(mapping.to_jax(hf.items()))
     folder = tmp_path / "out"
-    files = safetensors_io.save_params(folder, params, mapping, max_shard_bytes=300,
-                                       extra_files={"config.json": "{}"})
+    files = safetensors_io.save_params(folder, params, mapping, max_shard_bytes=300, extra_files={"config.json": "{}"})
     assert len(files) > 1 and all(os.path.exists(folder / f) for f in files)
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(hf)

@@ -30,10 +30,28 @@ def converted(tmp_path_factory):
     hf = save_random_checkpoint(cfg, str(root / "hf"), seed=3, max_shard_size="300KB")
     env = env_for_subprocess()
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    proc = subprocess.run([sys.executable, "-m", "qk_jax.cli", "convert", "--model", "qwen2_5_vl",
-                           "--from-hf", str(root / "hf"), "--to-orbax", str(root / "orbax"),
-                           "--mesh", "data=1,fsdp=2,tensor=4", "--step", "3"],
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qk_jax.cli",
+            "convert",
+            "--model",
+            "qwen2_5_vl",
+            "--from-hf",
+            str(root / "hf"),
+            "--to-orbax",
+            str(root / "orbax"),
+            "--mesh",
+            "data=1,fsdp=2,tensor=4",
+            "--step",
+            "3",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return dict(root=root, cfg=cfg, hf=hf, log=proc.stdout + proc.stderr)
 
@@ -56,8 +74,9 @@ def test_round_trip_is_bit_identical_with_identical_logits(converted, devices):
     assert sorted(back) == sorted(k for k in original if k != "lm_head.weight")  # tied: no separate head
     for name, value in back.items():
         assert value.dtype == original[name].dtype and np.array_equal(value, original[name]), name
-    reloaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(root / "back", dtype=torch.float32,
-                                                                  attn_implementation="eager").eval()
+    reloaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        root / "back", dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     inputs = torch_inputs(make_inputs(cfg, [(96, 144)], 80, 2, "left", seed=1))
     with torch.no_grad():
         ref, ours = converted["hf"](**inputs).logits, reloaded(**inputs).logits
@@ -66,9 +85,14 @@ def test_round_trip_is_bit_identical_with_identical_logits(converted, devices):
 
 def test_bfloat16_storage(converted, devices):
     root = converted["root"]
-    cli.hf_to_orbax("qwen2_5_vl", str(root / "hf"), str(root / "orbax16"), mesh_cfg={"data": 1, "fsdp": 8,
-                                                                                     "tensor": 1},
-                    dtype=jnp.bfloat16, log=lambda *_: None)
+    cli.hf_to_orbax(
+        "qwen2_5_vl",
+        str(root / "hf"),
+        str(root / "orbax16"),
+        mesh_cfg={"data": 1, "fsdp": 8, "tensor": 1},
+        dtype=jnp.bfloat16,
+        log=lambda *_: None,
+    )
     ck = ckpt_lib.Checkpointer(root / "orbax16", create=False)
     stored = ck.abstract_item(0, "params")
     kernel = stored["language_model"]["layers"]["mlp"]["up_proj"]["kernel"]
@@ -108,9 +132,13 @@ def test_bad_inputs_name_the_folder_or_file(converted, tmp_path, devices):
     with pytest.raises(ckpt_lib.CheckpointError, match=str(broken)):
         cli.orbax_to_hf(str(broken), str(tmp_path / "h"))
     # The command line reports it in one line naming the folder, with a non-zero status.
-    proc = subprocess.run([sys.executable, "-m", "qk_jax.cli", "convert", "--from-hf", str(missing),
-                           "--to-orbax", str(tmp_path / "o")], env=env_for_subprocess(), capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "qk_jax.cli", "convert", "--from-hf", str(missing), "--to-orbax", str(tmp_path / "o")],
+        env=env_for_subprocess(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0 and f"qk-jax convert: --from-hf folder {missing} does not exist" in proc.stderr
 
 
@@ -122,7 +150,6 @@ def test_mesh_flag_parsing():
         sharding.parse_mesh("data=two")
 
 
-
 @pytest.mark.parametrize("name", ["qwen_image", "flux", "vae", "qwen_image_vae"])
 def test_diffusers_models_round_trip(name, tmp_path, devices):
     """Every registered diffusers model: pipeline folder -> Orbax on a mesh -> a folder with
@@ -131,13 +158,20 @@ def test_diffusers_models_round_trip(name, tmp_path, devices):
 
     from dit_testing import FLUX_TINY, KL_TINY, QWEN_TINY, QWEN_VAE_TINY, save_tiny
 
-    cls, config, component = {"qwen_image": (QwenImageTransformer2DModel, QWEN_TINY, "transformer"),
-                              "flux": (FluxTransformer2DModel, FLUX_TINY, "transformer"),
-                              "vae": (AutoencoderKL, KL_TINY, "vae"),
-                              "qwen_image_vae": (AutoencoderKLQwenImage, QWEN_VAE_TINY, "vae")}[name]
+    cls, config, component = {
+        "qwen_image": (QwenImageTransformer2DModel, QWEN_TINY, "transformer"),
+        "flux": (FluxTransformer2DModel, FLUX_TINY, "transformer"),
+        "vae": (AutoencoderKL, KL_TINY, "vae"),
+        "qwen_image_vae": (AutoencoderKLQwenImage, QWEN_VAE_TINY, "vae"),
+    }[name]
     save_tiny(cls, tmp_path / "pipe" / component, config, norms_only=component == "vae")
-    cli.hf_to_orbax(name, str(tmp_path / "pipe"), str(tmp_path / "orbax"), mesh_cfg={"data": 1, "fsdp": 2,
-                                                                                    "tensor": 2}, log=lambda *_: None)
+    cli.hf_to_orbax(
+        name,
+        str(tmp_path / "pipe"),
+        str(tmp_path / "orbax"),
+        mesh_cfg={"data": 1, "fsdp": 2, "tensor": 2},
+        log=lambda *_: None,
+    )
     assert ckpt_lib.read_json_item(tmp_path / "orbax", 0, "config")["model"] == name
     cli.orbax_to_hf(str(tmp_path / "orbax"), str(tmp_path / "back"), log=lambda *_: None)
     original = dict(safetensors_io.iter_tensors(tmp_path / "pipe" / component))
@@ -145,5 +179,6 @@ def test_diffusers_models_round_trip(name, tmp_path, devices):
     assert sorted(back) == sorted(original)
     for k, v in original.items():
         np.testing.assert_array_equal(back[k], v, err_msg=k)
-    assert sum(p.numel() for p in cls.from_pretrained(str(tmp_path / "back")).parameters()) == \
-        sum(int(np.prod(v.shape)) for v in original.values())
+    assert sum(p.numel() for p in cls.from_pretrained(str(tmp_path / "back")).parameters()) == sum(
+        int(np.prod(v.shape)) for v in original.values()
+    )

@@ -17,8 +17,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def shapes_dir(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("shapes"))
     counts = builders.build_shapes(out, ["t2i", "multi_subject"], num=6, num_eval=3, height=64, seed=1)
-    assert counts == {"t2i": {"train": 6, "validation": 3, "test": 3},
-                      "multi_subject": {"train": 6, "validation": 3, "test": 3}}
+    assert counts == {
+        "t2i": {"train": 6, "validation": 3, "test": 3},
+        "multi_subject": {"train": 6, "validation": 3, "test": 3},
+    }
     return out
 
 
@@ -94,12 +96,28 @@ def _manifest(tmp_path):
     (img / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
     lines = [
         {"task": "t2i", "prompt": "a red circle", "target": f"imgs/{a}", "id": "ok1"},
-        {"task": "edit", "prompt": "make it blue", "target": f"imgs/{b}", "source": f"imgs/{a}", "id": "ok2",
-         "split": "validation"},
-        {"task": "customization", "prompt": "this subject on the left", "target": f"imgs/{c}",
-         "references": [f"imgs/{d}"], "id": "ok3"},
-        {"task": "multi_subject", "prompt": "both subjects", "target": str(img / c),  # absolute path
-         "references": [f"imgs/{a}", f"imgs/{b}"], "id": "ok4"},
+        {
+            "task": "edit",
+            "prompt": "make it blue",
+            "target": f"imgs/{b}",
+            "source": f"imgs/{a}",
+            "id": "ok2",
+            "split": "validation",
+        },
+        {
+            "task": "customization",
+            "prompt": "this subject on the left",
+            "target": f"imgs/{c}",
+            "references": [f"imgs/{d}"],
+            "id": "ok3",
+        },
+        {
+            "task": "multi_subject",
+            "prompt": "both subjects",
+            "target": str(img / c),  # absolute path
+            "references": [f"imgs/{a}", f"imgs/{b}"],
+            "id": "ok4",
+        },
         {"task": "t2i", "prompt": "missing file", "target": "imgs/nope.png"},
         {"task": "t2i", "prompt": "broken image", "target": "imgs/broken.png"},
         "{this is not json",
@@ -119,13 +137,25 @@ def test_importer_skips_and_reports_bad_records(tmp_path):
     out = tmp_path / "out"
     report = importer.import_manifest(str(manifest), str(out), name="real")
     assert (report.total, report.valid, report.skipped) == (12, 4, 8)
-    assert report.reasons == {"missing file": 1, "undecodable image": 1, "malformed JSON": 1, "unknown task": 1,
-                              "reference count": 1, "missing prompt": 1, "duplicate id": 1, "source image": 1}
+    assert report.reasons == {
+        "missing file": 1,
+        "undecodable image": 1,
+        "malformed JSON": 1,
+        "unknown task": 1,
+        "reference count": 1,
+        "missing prompt": 1,
+        "duplicate id": 1,
+        "source image": 1,
+    }
     lines = dict(report.examples)
     assert "nope.png" in lines[5] and "decodable" in lines[6] and "malformed JSON" in lines[7]
     assert "'paint'" in lines[8] and "got 4" in lines[9]
-    assert report.per_task == {"t2i": {"train": 1}, "edit": {"validation": 1}, "customization": {"train": 1},
-                               "multi_subject": {"train": 1}}
+    assert report.per_task == {
+        "t2i": {"train": 1},
+        "edit": {"validation": 1},
+        "customization": {"train": 1},
+        "multi_subject": {"train": 1},
+    }
     rec = records.normalize(builders.load_source(str(out), "real", "multi_subject", "train")[0])
     assert rec["references"] == [(img / "a.png").read_bytes(), (img / "b.png").read_bytes()]
     assert rec["target"] == (img / "c.png").read_bytes() and rec["task"] == "multi_subject"
@@ -151,13 +181,28 @@ def test_importer_rejects_empty_missing_and_all_bad_manifests(tmp_path):
 
 def _cli(*args):
     env = dict(os.environ, PYTHONPATH=REPO)
-    return subprocess.run([sys.executable, "-m", "qk_jax.cli", *args], capture_output=True, text=True, env=env,
-                          cwd=REPO, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "qk_jax.cli", *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=300
+    )
 
 
 def test_cli_shapes_and_import(tmp_path):
-    r = _cli("data", "shapes", "--out", str(tmp_path / "ds"), "--num", "4", "--num_eval", "2", "--tasks", "edit",
-             "--height", "48", "--width", "80")
+    r = _cli(
+        "data",
+        "shapes",
+        "--out",
+        str(tmp_path / "ds"),
+        "--num",
+        "4",
+        "--num_eval",
+        "2",
+        "--tasks",
+        "edit",
+        "--height",
+        "48",
+        "--width",
+        "80",
+    )
     assert r.returncode == 0, r.stderr
     assert "edit: train=4, validation=2, test=2" in r.stdout
     rec = records.normalize(builders.load_source(str(tmp_path / "ds"), builders.SHAPES_NAME, "edit", "test")[0])

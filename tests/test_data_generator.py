@@ -13,17 +13,35 @@ SIZES = [(64, 64), (48, 80)]
 def test_vocabulary_is_the_issue_palette():
     assert vocab.SHAPES == ("circle", "square", "triangle", "star", "hexagon")
     assert vocab.COLOURS == {
-        "red": (230, 25, 75), "green": (60, 180, 75), "blue": (0, 130, 200), "yellow": (255, 225, 25),
-        "orange": (245, 130, 48), "purple": (145, 30, 180), "cyan": (70, 240, 240), "magenta": (240, 50, 230)}
-    assert (vocab.SIZES["small"] < vocab.SIZE_BOUNDS[0] < vocab.SIZES["medium"] < vocab.SIZE_BOUNDS[1]
-            < vocab.SIZES["large"])
+        "red": (230, 25, 75),
+        "green": (60, 180, 75),
+        "blue": (0, 130, 200),
+        "yellow": (255, 225, 25),
+        "orange": (245, 130, 48),
+        "purple": (145, 30, 180),
+        "cyan": (70, 240, 240),
+        "magenta": (240, 50, 230),
+    }
+    assert (
+        vocab.SIZES["small"]
+        < vocab.SIZE_BOUNDS[0]
+        < vocab.SIZES["medium"]
+        < vocab.SIZE_BOUNDS[1]
+        < vocab.SIZES["large"]
+    )
     # the jittered radii never cross a size boundary
     assert vocab.SIZES["small"] * (1 + vocab.SIZE_JITTER) < vocab.SIZE_BOUNDS[0]
     assert vocab.SIZES["large"] * (1 - vocab.SIZE_JITTER) > vocab.SIZE_BOUNDS[1]
     assert len(vocab.GRID) == 9 and set(vocab.RELATIONS) == {"left of", "right of", "above", "below"}
     assert vocab.TASKS == ("t2i", "reconstruction", "transformation", "edit", "customization", "multi_subject")
-    assert set(vocab.CATEGORIES["t2i"]) == {"single_object", "two_objects", "counting", "colors", "position",
-                                            "attribute_binding"}
+    assert set(vocab.CATEGORIES["t2i"]) == {
+        "single_object",
+        "two_objects",
+        "counting",
+        "colors",
+        "position",
+        "attribute_binding",
+    }
 
 
 def test_render_is_antialiased_and_exact_in_area():
@@ -31,13 +49,13 @@ def test_render_is_antialiased_and_exact_in_area():
     render.draw_object(canvas, "circle", vocab.COLOURS["red"], 0.5, 0.5, 0.2)
     img = render.to_uint8(canvas)
     red = np.asarray(vocab.COLOURS["red"], np.float64)
-    cov = ((img[..., 0].astype(np.float64) - 128.0) / (red[0] - 128.0))
+    cov = (img[..., 0].astype(np.float64) - 128.0) / (red[0] - 128.0)
     assert np.isclose(cov.sum(), np.pi * (0.2 * 64) ** 2, rtol=0.01)  # coverage integrates to the area
     edge_values = np.unique(img[..., 0])
     assert len(edge_values) > 5  # partial coverage at the edge, not a hard binary mask
     for shape in vocab.SHAPES:
         u, v = np.meshgrid(np.linspace(-1.2, 1.2, 601), np.linspace(-1.2, 1.2, 601))
-        inside = (render.shape_sdf(shape, u, v) < 0).mean() * 2.4 ** 2
+        inside = (render.shape_sdf(shape, u, v) < 0).mean() * 2.4**2
         assert np.isclose(inside, render.AREA[shape], rtol=0.02), shape
 
 
@@ -80,8 +98,9 @@ def test_transformations_are_pixel_exact_and_rotations_only_for_square_images():
         seen.add(rec["category"])
         if rec["category"] != "recolor":
             src = records.decode_image(rec["source"])
-            np.testing.assert_array_equal(scenes.transform_image(src, rec["category"]),
-                                          records.decode_image(rec["target"]))
+            np.testing.assert_array_equal(
+                scenes.transform_image(src, rec["category"]), records.decode_image(rec["target"])
+            )
     assert seen == set(vocab.TRANSFORMS)
     wide = {records.generate_record("transformation", i, "train", 0, 48, 80)["category"] for i in range(60)}
     assert not wide & {"rotate90", "rotate270"}
@@ -96,7 +115,7 @@ def test_edits_change_only_the_edited_region():
         src, tgt = records.decode_image(rec["source"]), records.decode_image(rec["target"])
         x0, y0, x1, y1 = spec["region"]
         outside = np.ones((64, 64), bool)
-        outside[int(np.floor(y0 * 64)):int(np.ceil(y1 * 64)), int(np.floor(x0 * 64)):int(np.ceil(x1 * 64))] = False
+        outside[int(np.floor(y0 * 64)) : int(np.ceil(y1 * 64)), int(np.floor(x0 * 64)) : int(np.ceil(x1 * 64))] = False
         np.testing.assert_array_equal(src[outside], tgt[outside])
         assert not np.array_equal(src, tgt)
     assert seen == set(vocab.EDIT_TYPES)

@@ -155,8 +155,10 @@ def test_iterator_resumes_the_exact_sequence(env, workers):
         i.close()
     if workers == 0:  # another seed, another order
         other = iter(pipeline.make_dataset(_config(env, seed=1), env["processor"], process_index=0, process_count=1))
-        assert [list(b["id"]) for b in _take(other, 7)] != [list(b["id"]) for b in _take(
-            iter(pipeline.make_dataset(c, env["processor"], process_index=0, process_count=1)), 7)]
+        assert [list(b["id"]) for b in _take(other, 7)] != [
+            list(b["id"])
+            for b in _take(iter(pipeline.make_dataset(c, env["processor"], process_index=0, process_count=1)), 7)
+        ]
 
 
 def test_stage_mixtures_name_known_tasks():
@@ -174,9 +176,16 @@ def test_clear_errors(env):
     with pytest.raises(ValueError, match="outside the processor"):
         pipeline.make_dataset(_config(env, vlm_area=28 * 28), env["processor"], process_index=0, process_count=1)
     with pytest.raises(builders.NotBuiltError, match="customization"):
-        pipeline.make_dataset(_config(env, mixture={"customization": 1.0}), env["processor"], process_index=0,
-                              process_count=1)
-    it = iter(pipeline.make_dataset(_config(env, mixture={"multi_subject": 1.0}, max_text_len=40), env["processor"],
-                                    process_index=0, process_count=1))
+        pipeline.make_dataset(
+            _config(env, mixture={"customization": 1.0}), env["processor"], process_index=0, process_count=1
+        )
+    it = iter(
+        pipeline.make_dataset(
+            _config(env, mixture={"multi_subject": 1.0}, max_text_len=40),
+            env["processor"],
+            process_index=0,
+            process_count=1,
+        )
+    )
     with pytest.raises(ValueError, match="raise data.max_text_len"):
         next(it)

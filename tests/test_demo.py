@@ -16,8 +16,19 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_demo_smoke_writes_a_complete_report(tmp_path):
     workdir = str(tmp_path / "demo")
-    cmd = [sys.executable, "-m", "qk_jax.cli", "demo", "--workdir", workdir, "--mode", "smoke", "--size", "tiny",
-           "--ablation"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "qk_jax.cli",
+        "demo",
+        "--workdir",
+        workdir,
+        "--mode",
+        "smoke",
+        "--size",
+        "tiny",
+        "--ablation",
+    ]
     run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.load(open(os.path.join(workdir, "report.json")))

@@ -33,15 +33,23 @@ def _forward(name, model):
     rng = np.random.default_rng(0)
     with torch.no_grad():
         if name == "qwen_image":
-            return model(hidden_states=t(rng.standard_normal((1, 8, 16)).astype(np.float32)),
-                         encoder_hidden_states=t(rng.standard_normal((1, 3, 24)).astype(np.float32)),
-                         encoder_hidden_states_mask=torch.ones(1, 3, dtype=torch.bool), timestep=torch.tensor([0.5]),
-                         img_shapes=[[(1, 2, 4)]]).sample
+            return model(
+                hidden_states=t(rng.standard_normal((1, 8, 16)).astype(np.float32)),
+                encoder_hidden_states=t(rng.standard_normal((1, 3, 24)).astype(np.float32)),
+                encoder_hidden_states_mask=torch.ones(1, 3, dtype=torch.bool),
+                timestep=torch.tensor([0.5]),
+                img_shapes=[[(1, 2, 4)]],
+            ).sample
         if name == "flux":
-            return model(hidden_states=t(rng.standard_normal((1, 8, 16)).astype(np.float32)),
-                         encoder_hidden_states=t(rng.standard_normal((1, 3, 24)).astype(np.float32)),
-                         pooled_projections=torch.zeros(1, 8), timestep=torch.tensor([0.5]),
-                         img_ids=torch.zeros(8, 3), txt_ids=torch.zeros(3, 3), guidance=torch.tensor([3.0])).sample
+            return model(
+                hidden_states=t(rng.standard_normal((1, 8, 16)).astype(np.float32)),
+                encoder_hidden_states=t(rng.standard_normal((1, 3, 24)).astype(np.float32)),
+                pooled_projections=torch.zeros(1, 8),
+                timestep=torch.tensor([0.5]),
+                img_ids=torch.zeros(8, 3),
+                txt_ids=torch.zeros(3, 3),
+                guidance=torch.tensor([3.0]),
+            ).sample
         x = t(rng.uniform(-1, 1, (1, 3, 8, 8)).astype(np.float32))
         if name == "qwen_image_vae":
             x = x[:, :, None]
@@ -58,8 +66,10 @@ def test_round_trip_through_our_tree(name, tmp_path):
     mapping.check_coverage(tensor_names(src), flatten_tree(abstract(config)).keys())  # HF -> ours and back
     conv.save(dst, config, params)
     assert sorted(tensor_names(dst)) == sorted(tensor_names(src))
-    a, b = load_file(str(src / "diffusion_pytorch_model.safetensors")), \
-        load_file(str(dst / "diffusion_pytorch_model.safetensors"))
+    a, b = (
+        load_file(str(src / "diffusion_pytorch_model.safetensors")),
+        load_file(str(dst / "diffusion_pytorch_model.safetensors")),
+    )
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     # both folders through from_pretrained (a freshly built model can differ in the last bit)
@@ -94,8 +104,10 @@ def test_clear_errors(tmp_path):
     with pytest.raises(MappingError, match="double_blocks/img_mod/kernel"):
         qwen_image.load(tmp_path)
     # an unknown tensor is named
-    save_file(dict(weights, **{"extra.weight": np.zeros(2, np.float32)}),
-              str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    save_file(
+        dict(weights, **{"extra.weight": np.zeros(2, np.float32)}),
+        str(tmp_path / "diffusion_pytorch_model.safetensors"),
+    )
     with pytest.raises(MappingError, match="extra.weight"):
         qwen_image.load(tmp_path)
     # a config that disagrees with the weights names the parameter and both shapes

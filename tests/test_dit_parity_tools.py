@@ -20,18 +20,50 @@ pytestmark = pytest.mark.slow  # parity tools against diffusers in subprocesses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-QWEN_OTHER = dict(patch_size=2, in_channels=32, out_channels=8, num_layers=3, attention_head_dim=24,
-                  num_attention_heads=3, joint_attention_dim=40, axes_dims_rope=(8, 8, 8), use_additional_t_cond=True,
-                  use_layer3d_rope=True)
-FLUX_OTHER = dict(patch_size=1, in_channels=12, num_layers=2, num_single_layers=1, attention_head_dim=8,
-                  num_attention_heads=4, joint_attention_dim=20, pooled_projection_dim=6, guidance_embeds=False,
-                  axes_dims_rope=(2, 2, 4))
-KL_OTHER = dict(block_out_channels=(16, 16, 32), down_block_types=("DownEncoderBlock2D",) * 3,
-                up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=2, latent_channels=8, norm_num_groups=8,
-                use_quant_conv=True, use_post_quant_conv=True, mid_block_add_attention=False)
-QWEN_VAE_OTHER = dict(base_dim=4, z_dim=6, dim_mult=[1, 2, 2, 3], num_res_blocks=2,
-                      temperal_downsample=[True, False, True], latents_mean=[0.0, 0.1, -0.1, 0.2, 0.3, -0.3],
-                      latents_std=[1.0, 2.0, 0.5, 1.5, 1.2, 0.9])
+QWEN_OTHER = dict(
+    patch_size=2,
+    in_channels=32,
+    out_channels=8,
+    num_layers=3,
+    attention_head_dim=24,
+    num_attention_heads=3,
+    joint_attention_dim=40,
+    axes_dims_rope=(8, 8, 8),
+    use_additional_t_cond=True,
+    use_layer3d_rope=True,
+)
+FLUX_OTHER = dict(
+    patch_size=1,
+    in_channels=12,
+    num_layers=2,
+    num_single_layers=1,
+    attention_head_dim=8,
+    num_attention_heads=4,
+    joint_attention_dim=20,
+    pooled_projection_dim=6,
+    guidance_embeds=False,
+    axes_dims_rope=(2, 2, 4),
+)
+KL_OTHER = dict(
+    block_out_channels=(16, 16, 32),
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    layers_per_block=2,
+    latent_channels=8,
+    norm_num_groups=8,
+    use_quant_conv=True,
+    use_post_quant_conv=True,
+    mid_block_add_attention=False,
+)
+QWEN_VAE_OTHER = dict(
+    base_dim=4,
+    z_dim=6,
+    dim_mult=[1, 2, 2, 3],
+    num_res_blocks=2,
+    temperal_downsample=[True, False, True],
+    latents_mean=[0.0, 0.1, -0.1, 0.2, 0.3, -0.3],
+    latents_std=[1.0, 2.0, 0.5, 1.5, 1.2, 0.9],
+)
 
 
 def _assert_report_within_tolerance(report, n_rows):
@@ -75,8 +107,21 @@ def test_kl_vae_parity_other_config_and_cli_exit_code(tmp_path):
     _assert_report_within_tolerance(report, (3 + 1) + (1 + 3) + 5)
     # through the real entry point (a fresh process): the verdict is last and the exit code is 1 above tolerance
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-c", "from qk_jax.cli import main; main()", "parity", "vae", "--checkpoint",
-           str(tmp_path), "--height", "16", "--width", "16", "--tolerance", "1e-12"]
+    cmd = [
+        sys.executable,
+        "-c",
+        "from qk_jax.cli import main; main()",
+        "parity",
+        "vae",
+        "--checkpoint",
+        str(tmp_path),
+        "--height",
+        "16",
+        "--width",
+        "16",
+        "--tolerance",
+        "1e-12",
+    ]
     bad = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 1, bad.stdout + bad.stderr
     lines = bad.stdout.strip().splitlines()

@@ -37,8 +37,9 @@ def test_detector_reads_clean_renders_exactly(recs):
         assert len(dets) == len(objs), rec["id"]
         for o in objs:
             d = min(dets, key=lambda d: (d.cx - o.cx) ** 2 + (d.cy - o.cy) ** 2)
-            assert (d.shape, d.colour, d.size, d.cell, d.pattern) == (o.shape, o.colour, o.size, o.cell, o.pattern), \
+            assert (d.shape, d.colour, d.size, d.cell, d.pattern) == (o.shape, o.colour, o.size, o.cell, o.pattern), (
                 rec["id"]
+            )
             assert abs(d.cx - o.cx) < 0.01 and abs(d.cy - o.cy) < 0.01 and abs(d.r / o.r - 1) < 0.06
             n += 1
     assert n > 100
@@ -95,15 +96,19 @@ def test_wrong_answers_fail():
         res = score.score_sample(r, scenes.render_scene(scenes.Scene.from_dict(g)))
         assert res["score"] == 0 and res["checks"]["present"] and not res["checks"]["attributes"]
     # a t2i counting prompt with one object too many
-    r = next(rr for rr in (records.generate_record("t2i", i, "train", 5, 64) for i in range(200))
-             if rr["category"] == "counting" and len(_objects(rr)) < 4)
+    r = next(
+        rr
+        for rr in (records.generate_record("t2i", i, "train", 5, 64) for i in range(200))
+        if rr["category"] == "counting" and len(_objects(rr)) < 4
+    )
     g = json.loads(r["scene"])
     objs = g["target"]["objects"]
     extra = scenes.Obj(**objs[0])
     for cell in vocab.CELL_NAMES:
         try:
-            scenes.place(np.random.default_rng(0), [extra], 64, 64, cells=[cell],
-                         fixed=[scenes.Obj(**o) for o in objs], tries=50)
+            scenes.place(
+                np.random.default_rng(0), [extra], 64, 64, cells=[cell], fixed=[scenes.Obj(**o) for o in objs], tries=50
+            )
             break
         except scenes.PlacementError:
             continue
@@ -122,8 +127,14 @@ def test_score_folder_and_cli(tmp_path):
     assert rep["n"] == 3 and rep["missing"] == 1 and abs(rep["overall"] - 2 / 3) < 1e-3
     env = dict(os.environ, PYTHONPATH=REPO)
     paths = [str(tmp_path / f"{r['id']}.png") for r in recs[:2]]
-    out = subprocess.run([sys.executable, "-m", "qk_jax.cli", "eval", "detect", *paths], capture_output=True,
-                         text=True, env=env, cwd=REPO, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "qk_jax.cli", "eval", "detect", *paths],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 2

@@ -39,8 +39,9 @@ def config(shapes_dir, *overrides):
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "qk_jax.cli", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "qk_jax.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=900
+    )
 
 
 def stored_params(workdir, step):
@@ -67,8 +68,11 @@ def copy_run(reference, tmp_path, name="run"):
 
 
 def truncate_data_files(step_dir):
-    files = [f for f in glob.glob(os.path.join(step_dir, "params", "**", "*"), recursive=True)
-             if os.path.isfile(f) and ("ocdbt" in f or "/d/" in f)]
+    files = [
+        f
+        for f in glob.glob(os.path.join(step_dir, "params", "**", "*"), recursive=True)
+        if os.path.isfile(f) and ("ocdbt" in f or "/d/" in f)
+    ]
     assert files
     for f in files:
         with open(f, "r+b") as fh:
@@ -76,12 +80,13 @@ def truncate_data_files(step_dir):
 
 
 def flip_bytes(step_dir, count=64):
-    files = [f for f in glob.glob(os.path.join(step_dir, "params", "**", "d", "*"), recursive=True)
-             if os.path.isfile(f)]
+    files = [
+        f for f in glob.glob(os.path.join(step_dir, "params", "**", "d", "*"), recursive=True) if os.path.isfile(f)
+    ]
     biggest = max(files, key=os.path.getsize)
     data = bytearray(open(biggest, "rb").read())
     mid = len(data) // 2
-    data[mid:mid + count] = bytes(b ^ 0x5A for b in data[mid:mid + count])
+    data[mid : mid + count] = bytes(b ^ 0x5A for b in data[mid : mid + count])
     open(biggest, "wb").write(bytes(data))
 
 
@@ -151,13 +156,15 @@ INF_LR = ("train.steps=8", "train.learning_rate=1e39", "train.keep_checkpoints=2
 
 
 @pytest.mark.parametrize("log_every", [1, 10])  # 10: the flag is read one step late, as in a long run
-def test_nonfinite_update_stops_naming_the_step_and_keeps_good_checkpoints(reference, shapes_dir, tmp_path,
-                                                                           log_every):
+def test_nonfinite_update_stops_naming_the_step_and_keeps_good_checkpoints(reference, shapes_dir, tmp_path, log_every):
     from qk_jax.train import NonFiniteError
 
     workdir = copy_run(reference, tmp_path)
-    with pytest.raises(NonFiniteError, match=r"step 5: .* not finite; stopped without saving it \(checkpoints up to "
-                                             r"step 4 are kept"):
+    with pytest.raises(
+        NonFiniteError,
+        match=r"step 5: .* not finite; stopped without saving it \(checkpoints up to "
+        r"step 4 are kept",
+    ):
         train(config(shapes_dir, *INF_LR, f"train.log_every={log_every}"), workdir)
     assert steps_of(workdir) == [2, 4]  # keep_checkpoints=2 rotated nothing out
     assert_same_params(stored_params(workdir, 4), stored_params(reference, 4))
@@ -197,8 +204,9 @@ def file_size_limit():
     signal.signal(signal.SIGXFSZ, old_handler)
 
 
-def test_a_failed_save_stops_the_run_with_the_previous_step_intact(reference, shapes_dir, tmp_path, monkeypatch,
-                                                                   file_size_limit):
+def test_a_failed_save_stops_the_run_with_the_previous_step_intact(
+    reference, shapes_dir, tmp_path, monkeypatch, file_size_limit
+):
     workdir = copy_run(reference, tmp_path)
     save = ckpt_lib.Checkpointer.save
 
@@ -226,8 +234,7 @@ def test_end_of_run_samples_cannot_lose_the_final_checkpoint(reference, shapes_d
         os.remove(f)  # a dataset without a validation split
     workdir = copy_run(reference, tmp_path)
     with caplog.at_level(logging.INFO):  # the warning is a log record (qk_jax.logs)
-        summary = train(config(shapes_dir, "train.steps=6", f"data.data_dir={data}", "train.sample_images=2"),
-                        workdir)
+        summary = train(config(shapes_dir, "train.steps=6", f"data.data_dir={data}", "train.sample_images=2"), workdir)
     assert summary["end_step"] == 6 and steps_of(workdir) == [2, 4, 6]
     out = "\n".join(r.getMessage() for r in caplog.records)
     assert len([line for line in out.splitlines() if line.startswith("samples at step 6 not written: ")]) == 1, out
@@ -246,22 +253,37 @@ def test_resume_drops_the_metrics_of_retrained_steps(reference, shapes_dir, tmp_
 
 
 def test_mistyped_config_field_is_one_line_with_the_suggestion(tmp_path):
-    run = cli("train", "--config", "configs/stage1.py:tiny", "--workdir", str(tmp_path / "run"),
-              "--config.train.stepz=3")
+    run = cli(
+        "train", "--config", "configs/stage1.py:tiny", "--workdir", str(tmp_path / "run"), "--config.train.stepz=3"
+    )
     lines = [line for line in run.stderr.splitlines() if line.strip()]
     assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
-    assert lines[-1].startswith("qk-jax train: error: ConfigError: config field train.stepz does not exist "
-                                "(did you mean train.steps?)"), lines[-1]
-    debug = cli("train", "--config", "configs/stage1.py:tiny", "--workdir", str(tmp_path / "run"),
-                "--config.train.stepz=3", "--debug")
+    assert lines[-1].startswith(
+        "qk-jax train: error: ConfigError: config field train.stepz does not exist (did you mean train.steps?)"
+    ), lines[-1]
+    debug = cli(
+        "train",
+        "--config",
+        "configs/stage1.py:tiny",
+        "--workdir",
+        str(tmp_path / "run"),
+        "--config.train.stepz=3",
+        "--debug",
+    )
     assert debug.returncode != 0 and "Traceback" in debug.stderr
 
 
 def test_unusable_workdir_and_missing_checkpoint_are_one_line(tmp_path, shapes_dir):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    run = cli("train", "--config", "configs/stage1.py:tiny", "--workdir", str(blocker / "run"),
-              f"--config.data.data_dir={shapes_dir}")
+    run = cli(
+        "train",
+        "--config",
+        "configs/stage1.py:tiny",
+        "--workdir",
+        str(blocker / "run"),
+        f"--config.data.data_dir={shapes_dir}",
+    )
     assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
     last = [line for line in run.stderr.splitlines() if line.strip()][-1]
     assert last.startswith(f"qk-jax train: error: WorkdirError: workdir {blocker / 'run'} cannot be created"), last
@@ -275,13 +297,14 @@ def test_config_override_message():
     from qk_jax.cli import config_override_message
 
     error = AttributeError("'\\'stepz\\'\\nDid you mean \"steps\" instead of \"stepz\"?'")
-    assert config_override_message(error, ["--config.train.stepz=3"]) == \
-        "config field train.stepz does not exist (did you mean train.steps?)"
+    assert (
+        config_override_message(error, ["--config.train.stepz=3"])
+        == "config field train.stepz does not exist (did you mean train.steps?)"
+    )
     assert config_override_message(AttributeError("'zzz'"), ["--config.zzz=1"]) == "config field zzz does not exist"
 
 
-def test_interrupted_surgery_is_invisible_refused_by_init_from_and_rerun(reference, shapes_dir, tmp_path,
-                                                                         monkeypatch):
+def test_interrupted_surgery_is_invisible_refused_by_init_from_and_rerun(reference, shapes_dir, tmp_path, monkeypatch):
     dst = str(tmp_path / "ckpt2")
 
     def killed(*_a, **_k):
@@ -316,15 +339,38 @@ def _full_disk():
 def test_a_failed_save_ends_the_cli_output_with_one_line(reference, shapes_dir, tmp_path):
     workdir = copy_run(reference, tmp_path)
     run = subprocess.run(
-        [sys.executable, "-m", "qk_jax.cli", "train", "--config", "configs/stage1.py:tiny", "--workdir", workdir,
-         *[f"--config.{o}" for o in (f"data.data_dir={shapes_dir}", "train.steps=6", "train.log_every=1",
-                                     "train.sample_images=0", *RUN)]],
-        cwd=REPO, capture_output=True, text=True, timeout=900, preexec_fn=_full_disk)
+        [
+            sys.executable,
+            "-m",
+            "qk_jax.cli",
+            "train",
+            "--config",
+            "configs/stage1.py:tiny",
+            "--workdir",
+            workdir,
+            *[
+                f"--config.{o}"
+                for o in (
+                    f"data.data_dir={shapes_dir}",
+                    "train.steps=6",
+                    "train.log_every=1",
+                    "train.sample_images=0",
+                    *RUN,
+                )
+            ],
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        preexec_fn=_full_disk,
+    )
     lines = [line for line in (run.stdout + run.stderr).splitlines() if line.strip()]
     assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
     last = run.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"qk-jax train: error: CheckpointSaveError: saving checkpoint {workdir}/checkpoints/6 "
-                           f"failed: "), last
+    assert last.startswith(
+        f"qk-jax train: error: CheckpointSaveError: saving checkpoint {workdir}/checkpoints/6 failed: "
+    ), last
     assert "File too large" in last and len(lines) < 60, lines
     assert steps_of(workdir) == [2, 4]
 
@@ -335,10 +381,31 @@ def test_kill_9_at_a_checkpoint_step_resumes_to_an_uninterrupted_runs_weights(re
     train(config(shapes_dir, "train.steps=8"), uninterrupted)
     killed = copy_run(reference, tmp_path, "killed")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "qk_jax.cli", "train", "--config", "configs/stage1.py:tiny", "--workdir", killed,
-         *[f"--config.{o}" for o in (f"data.data_dir={shapes_dir}", "train.steps=8", "train.log_every=1",
-                                     "train.sample_images=0", *RUN)]],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "qk_jax.cli",
+            "train",
+            "--config",
+            "configs/stage1.py:tiny",
+            "--workdir",
+            killed,
+            *[
+                f"--config.{o}"
+                for o in (
+                    f"data.data_dir={shapes_dir}",
+                    "train.steps=8",
+                    "train.log_every=1",
+                    "train.sample_images=0",
+                    *RUN,
+                )
+            ],
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     seen = []
     for line in proc.stdout:  # step 6 is logged, then its checkpoint save starts: kill -9 there
         seen.append(line)
@@ -356,6 +423,7 @@ def test_kill_9_at_a_checkpoint_step_resumes_to_an_uninterrupted_runs_weights(re
 
 # ----------------------------------------------------------------------------- real kill -9 of the tools
 
+
 def tool_env(**extra):
     """The test's environment for a `qk-jax` subprocess, the repository on PYTHONPATH."""
     env = dict(os.environ, **extra)
@@ -364,15 +432,27 @@ def tool_env(**extra):
 
 
 def tool(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "qk_jax.cli", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=900, env=env or tool_env())
+    return subprocess.run(
+        [sys.executable, "-m", "qk_jax.cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env or tool_env(),
+    )
 
 
 def kill_9_at(point, *args):
     """Runs `qk-jax ARGS` until it reaches the pause point `point` (qk_jax.fault_points),
     then kills it with SIGKILL; returns its output."""
-    proc = subprocess.Popen([sys.executable, "-m", "qk_jax.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=tool_env(**{fault_points.ENV: point}))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qk_jax.cli", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=tool_env(**{fault_points.ENV: point}),
+    )
     seen = []
     try:
         for line in proc.stdout:
@@ -426,8 +506,7 @@ def dataset_records(data_dir, task):
 
 def test_kill_9_during_the_data_build_is_rerun_to_an_uninterrupted_builds_records(tmp_path):
     def args(out):
-        return ["data", "shapes", "--out", out, "--num", "12", "--num_eval", "3", "--size", "32", "--tasks",
-                "t2i,edit"]
+        return ["data", "shapes", "--out", out, "--num", "12", "--num_eval", "3", "--size", "32", "--tasks", "t2i,edit"]
 
     uninterrupted, out = str(tmp_path / "uninterrupted"), str(tmp_path / "killed")
     run = tool(*args(uninterrupted))
@@ -452,6 +531,7 @@ def test_kill_9_during_the_data_build_is_rerun_to_an_uninterrupted_builds_record
 
 # ----------------------------------------------------------------------------- read-only locations
 
+
 @pytest.mark.slow
 def test_read_only_workdir_and_outputs_are_one_line(reference, shapes_dir, tmp_path):
     """A read-only filesystem (a tmpfs mounted read-only in a private mount namespace, so it
@@ -460,28 +540,51 @@ def test_read_only_workdir_and_outputs_are_one_line(reference, shapes_dir, tmp_p
     ro = tmp_path / "ro"
     ro.mkdir()
     commands = {
-        "train_new": ["train", "--config", "configs/stage1.py:tiny", "--workdir", str(ro / "run"),
-                      f"--config.data.data_dir={shapes_dir}"],
-        "train_existing": ["train", "--config", "configs/stage1.py:tiny", "--workdir", str(ro),
-                           f"--config.data.data_dir={shapes_dir}"],
+        "train_new": [
+            "train",
+            "--config",
+            "configs/stage1.py:tiny",
+            "--workdir",
+            str(ro / "run"),
+            f"--config.data.data_dir={shapes_dir}",
+        ],
+        "train_existing": [
+            "train",
+            "--config",
+            "configs/stage1.py:tiny",
+            "--workdir",
+            str(ro),
+            f"--config.data.data_dir={shapes_dir}",
+        ],
         "surgery": ["surgery", "--from", "1", "--to", "2", "--src", reference, "--dst", str(ro / "ckpt2")],
         "sample": ["sample", "--checkpoint", reference, "--prompt", "a red circle", "--out", str(ro / "s.png")],
     }
     script = [f"mount -t tmpfs -o ro qk_jax_ro {ro} || exit 97"]
     for name, cmd in commands.items():
-        script += [f"echo '=== {name}'", " ".join(map(shlex.quote, [sys.executable, "-m", "qk_jax.cli", *cmd])) + " 2>&1",
-                   "echo \"=== rc $?\""]
-    run = subprocess.run(["unshare", "--map-root-user", "--mount", "sh", "-c", "\n".join(script)], cwd=REPO,
-                         capture_output=True, text=True, timeout=900, env=tool_env())
+        script += [
+            f"echo '=== {name}'",
+            " ".join(map(shlex.quote, [sys.executable, "-m", "qk_jax.cli", *cmd])) + " 2>&1",
+            'echo "=== rc $?"',
+        ]
+    run = subprocess.run(
+        ["unshare", "--map-root-user", "--mount", "sh", "-c", "\n".join(script)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=tool_env(),
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     outputs = dict(zip(commands, run.stdout.split("=== ")[1:][::2]))
     codes = [line for line in run.stdout.splitlines() if line.startswith("=== rc ")]
     assert codes == ["=== rc 1"] * len(commands), run.stdout[-5000:]
     expected = {
-        "train_new": f"qk-jax train: error: WorkdirError: workdir {ro / 'run'} cannot be created: Read-only file system",
-        "train_existing": f"qk-jax train: error: WorkdirError: workdir {ro} is not writable: Read-only file system",
+        "train_new": (
+            f"qk-jax train: error: WorkdirError: workdir {ro / 'run'} cannot be created: Read-only file system"
+        ),
+        "train_existing": (f"qk-jax train: error: WorkdirError: workdir {ro} is not writable: Read-only file system"),
         "surgery": f"qk-jax surgery: error: SurgeryError: destination {ro / 'ckpt2'} cannot be written: Read-only "
-                   f"file system",
+        f"file system",
         "sample": f"qk-jax sample: error: OutputError: --out {ro / 's.png'} cannot be written: Read-only file system",
     }
     for name, text in outputs.items():
@@ -493,6 +596,7 @@ def test_read_only_workdir_and_outputs_are_one_line(reference, shapes_dir, tmp_p
 
 # ----------------------------------------------------------------------------- two processes
 
+
 def two_processes(directory, mode, **extra):
     """tests/two_process_restore.py as two processes x 4 CPU devices joined by
     jax.distributed (the environment launch/local.py gives); returns their RESULT records
@@ -502,19 +606,36 @@ def two_processes(directory, mode, **extra):
     with socket.socket() as s:
         s.bind(("localhost", 0))
         coordinator = f"localhost:{s.getsockname()[1]}"
-    procs = [subprocess.Popen(
-        [sys.executable, os.path.join(REPO, "tests", "two_process_restore.py"), directory, mode], cwd=REPO,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env=tool_env(QK_COORDINATOR=coordinator, QK_NUM_PROCESSES="2", QK_PROCESS_ID=str(i), JAX_PLATFORMS="cpu",
-                     XLA_FLAGS="--xla_force_host_platform_device_count=4", **extra)) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, os.path.join(REPO, "tests", "two_process_restore.py"), directory, mode],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=tool_env(
+                QK_COORDINATOR=coordinator,
+                QK_NUM_PROCESSES="2",
+                QK_PROCESS_ID=str(i),
+                JAX_PLATFORMS="cpu",
+                XLA_FLAGS="--xla_force_host_platform_device_count=4",
+                **extra,
+            ),
+        )
+        for i in range(2)
+    ]
     try:
         outs = [p.communicate(timeout=300)[0] for p in procs]
     finally:
         for p in procs:
             p.kill()
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
-    results = [json.loads(line.split("RESULT ", 1)[1]) for out in outs for line in out.splitlines()
-               if line.startswith("RESULT ")]
+    results = [
+        json.loads(line.split("RESULT ", 1)[1])
+        for out in outs
+        for line in out.splitlines()
+        if line.startswith("RESULT ")
+    ]
     return sorted(results, key=lambda r: r["process"]), outs
 
 

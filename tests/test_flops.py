@@ -94,11 +94,28 @@ def abstract(module, *args, **kwargs):
 
 # ------------------------------------------------------------------ Qwen2.5-VL
 
-VISION = VisionConfig(depth=2, hidden_size=128, intermediate_size=256, num_heads=2, out_hidden_size=256,
-                      window_size=56, fullatt_block_indexes=(1,))
-TEXT = TextConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, rope_theta=10000.0, mrope_section=(8, 12, 12), bos_token_id=462,
-                  eos_token_id=464, pad_token_id=462)
+VISION = VisionConfig(
+    depth=2,
+    hidden_size=128,
+    intermediate_size=256,
+    num_heads=2,
+    out_hidden_size=256,
+    window_size=56,
+    fullatt_block_indexes=(1,),
+)
+TEXT = TextConfig(
+    vocab_size=512,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rope_theta=10000.0,
+    mrope_section=(8, 12, 12),
+    bos_token_id=462,
+    eos_token_id=464,
+    pad_token_id=462,
+)
 VLM = get_config("tiny").replace(vision=VISION, text=TEXT)
 
 
@@ -116,8 +133,9 @@ def test_vision_tower(unrolled_scans):
     batched = flops.vision_tower_flops(VISION, 64, num_images=2)
     assert batched.weights == ours.weights
     assert batched.pair_total * 2 == ours.pair_total
-    assert_counts_match("vision tower (2 x P=64)", batched.total, fn, params, pixels.reshape(2, 64, -1),
-                        build_image_plan(grid, VISION))
+    assert_counts_match(
+        "vision tower (2 x P=64)", batched.total, fn, params, pixels.reshape(2, 64, -1), build_image_plan(grid, VISION)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -157,17 +175,22 @@ def test_decoder_gradients(decoder, unrolled_scans):
 
     trained = flops.train_step_flops([flops.Part("llm", fwd, weight_grads=True)])
     assert trained["total"] == 3 * fwd.total
-    assert_counts_match("decoder grad, input + weights", trained["total"], jax.grad(loss, argnums=(0, 1)), d["embeds"],
-          d["params"])
+    assert_counts_match(
+        "decoder grad, input + weights", trained["total"], jax.grad(loss, argnums=(0, 1)), d["embeds"], d["params"]
+    )
 
 
 # ------------------------------------------------------------------ connector
 
 
-@pytest.mark.parametrize("ccfg", [
-    ConnectorConfig(kind="mlp", in_dim=256, out_dim=128, hidden_dim=512),
-    ConnectorConfig(kind="transformer", in_dim=128, out_dim=128, hidden_dim=256, num_layers=2, num_heads=2),
-], ids=["mlp", "transformer"])
+@pytest.mark.parametrize(
+    "ccfg",
+    [
+        ConnectorConfig(kind="mlp", in_dim=256, out_dim=128, hidden_dim=512),
+        ConnectorConfig(kind="transformer", in_dim=128, out_dim=128, hidden_dim=256, num_layers=2, num_heads=2),
+    ],
+    ids=["mlp", "transformer"],
+)
 def test_connector(ccfg):
     b, t = 2, 64
     hidden, mask = jnp.zeros((b, t, ccfg.in_dim)), jnp.ones((b, t), bool)
@@ -181,11 +204,31 @@ def test_connector(ccfg):
 
 # ------------------------------------------------------------------ MMDiT
 
-QWEN_DIT = MMDiTConfig(family="qwen_image", patch_size=2, in_channels=64, out_channels=16, num_layers=2, num_heads=2,
-                       head_dim=64, joint_attention_dim=128, axes_dims_rope=(16, 24, 24))
-FLUX_DIT = MMDiTConfig(family="flux", patch_size=1, in_channels=64, out_channels=None, num_layers=1,
-                       num_single_layers=2, num_heads=2, head_dim=64, joint_attention_dim=128,
-                       pooled_projection_dim=64, guidance_embeds=True, axes_dims_rope=(16, 24, 24))
+QWEN_DIT = MMDiTConfig(
+    family="qwen_image",
+    patch_size=2,
+    in_channels=64,
+    out_channels=16,
+    num_layers=2,
+    num_heads=2,
+    head_dim=64,
+    joint_attention_dim=128,
+    axes_dims_rope=(16, 24, 24),
+)
+FLUX_DIT = MMDiTConfig(
+    family="flux",
+    patch_size=1,
+    in_channels=64,
+    out_channels=None,
+    num_layers=1,
+    num_single_layers=2,
+    num_heads=2,
+    head_dim=64,
+    joint_attention_dim=128,
+    pooled_projection_dim=64,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 24, 24),
+)
 
 
 def _mmdit_case(cfg: MMDiTConfig, b=2, n=64, t=32, n_target=48):
@@ -221,10 +264,24 @@ def test_mmdit_zero_cond_t_runs_modulation_twice():
 
 # ------------------------------------------------------------------ VAEs
 
-KL = AutoencoderKLConfig(block_out_channels=(64, 128), layers_per_block=1, latent_channels=16, norm_num_groups=32,
-                         use_quant_conv=True, use_post_quant_conv=True)
-WAN = QwenImageVAEConfig(base_dim=16, z_dim=4, dim_mult=(1, 2, 2), num_res_blocks=1, attn_scales=(0.5,),
-                         temperal_downsample=(False, True), latents_mean=(0.0,) * 4, latents_std=(1.0,) * 4)
+KL = AutoencoderKLConfig(
+    block_out_channels=(64, 128),
+    layers_per_block=1,
+    latent_channels=16,
+    norm_num_groups=32,
+    use_quant_conv=True,
+    use_post_quant_conv=True,
+)
+WAN = QwenImageVAEConfig(
+    base_dim=16,
+    z_dim=4,
+    dim_mult=(1, 2, 2),
+    num_res_blocks=1,
+    attn_scales=(0.5,),
+    temperal_downsample=(False, True),
+    latents_mean=(0.0,) * 4,
+    latents_std=(1.0,) * 4,
+)
 
 
 def _vae(cfg, h=32, w=32):
@@ -240,8 +297,9 @@ def _vae(cfg, h=32, w=32):
 
 def test_vae_kl_encode():
     params, images, _, enc, _ = _vae(KL)
-    assert_counts_match("AutoencoderKL encode (32x32)", flops.vae_encode_flops(KL, 1, 32, 32).total, enc, params,
-                        images)
+    assert_counts_match(
+        "AutoencoderKL encode (32x32)", flops.vae_encode_flops(KL, 1, 32, 32).total, enc, params, images
+    )
 
 
 @pytest.mark.parametrize("cfg", [KL, WAN], ids=["kl", "qwen_image"])
@@ -264,8 +322,9 @@ def test_pixel_space_autoencoder_is_free():
 
 
 def test_conv_taps_skip_padding_as_xla_does():
-    conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (2, 2), ((0, 1), (0, 1)),
-                                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    conv = lambda x, k: jax.lax.conv_general_dilated(
+        x, k, (2, 2), ((0, 1), (0, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
     x, k = jnp.zeros((1, 16, 16, 32)), jnp.zeros((3, 3, 32, 64))
     counted = flops.traced_matmul_flops(conv, x, k)
     assert counted == 2 * 23 * 23 * 32 * 64  # 8 outputs x 3 taps per axis, minus the one padded tap
@@ -292,8 +351,9 @@ def test_lora_merge_flops():
     assert ours.total == flops.traced_matmul_flops(lambda p: lora.apply_lora(p, 2.0), tree)
     # The adapted kernels' weight gradients are selected with the LoRA target regexes.
     fwd = flops.decoder_flops(TEXT, 2, 64, with_lm_head=False)
-    step = flops.train_step_flops([flops.Part("llm", fwd, weight_grads=patterns),
-                                   flops.Part("lora", ours, weight_grads=True)])
+    step = flops.train_step_flops(
+        [flops.Part("llm", fwd, weight_grads=patterns), flops.Part("lora", ours, weight_grads=True)]
+    )
     llm = step["parts"]["llm"]
     assert llm["backward_weight"] == fwd.select("q_proj") + fwd.select("v_proj") > 0
     assert llm["backward_activation"] == fwd.weights + 2 * fwd.pair_total
@@ -302,12 +362,14 @@ def test_lora_merge_flops():
 
 def test_train_step_rule():
     fwd = flops.MatmulFlops({"a/kernel": 100, "b/kernel": 50}, {"attention": 30})
-    step = flops.train_step_flops([
-        flops.Part("vit", fwd),  # frozen, nothing trainable upstream
-        flops.Part("llm", fwd, backward_through=True),  # frozen, trainable queries upstream
-        flops.Part("dit", fwd, weight_grads=True, remat="full"),
-        flops.Part("head", fwd, weight_grads=r"^b/", remat="dots"),
-    ])
+    step = flops.train_step_flops(
+        [
+            flops.Part("vit", fwd),  # frozen, nothing trainable upstream
+            flops.Part("llm", fwd, backward_through=True),  # frozen, trainable queries upstream
+            flops.Part("dit", fwd, weight_grads=True, remat="full"),
+            flops.Part("head", fwd, weight_grads=r"^b/", remat="dots"),
+        ]
+    )
     p = step["parts"]
     assert p["vit"]["total"] == 180 and p["vit"]["backward"] == 0
     assert p["llm"]["backward_activation"] == 150 + 60 and p["llm"]["backward_weight"] == 0
@@ -349,8 +411,9 @@ def _device(kind: str, platform: str = "tpu"):
     return types.SimpleNamespace(platform=platform, device_kind=kind)
 
 
-@pytest.mark.parametrize("kind, datasheet_peak", [("TPU v5 lite", 197e12), ("TPU v5", 459e12),
-                                                  ("NVIDIA H100 80GB HBM3", 989e12)])
+@pytest.mark.parametrize(
+    "kind, datasheet_peak", [("TPU v5 lite", 197e12), ("TPU v5", 459e12), ("NVIDIA H100 80GB HBM3", 989e12)]
+)
 def test_mfu_of_a_logged_step_from_a_known_timing(kind, datasheet_peak):
     """A step of known FLOPs and time on chips of a named kind (as JAX reports it): the log
     record's TFLOP/s per device is FLOPs / time / devices and its MFU that over the chip's
@@ -430,8 +493,9 @@ def test_remat_recompute(remat):
     pos = jnp.asarray(text_position_ids(np.ones((b, t))))
     params = abstract(model, jnp.zeros((b, t), jnp.int32), pos, mask)
     loss = lambda e, p: jnp.sum(model.apply({"params": p}, e, pos, mask, method=model.decode) ** 2)
-    traced = flops.traced_matmul_flops(jax.grad(loss, argnums=(0, 1)),
-                                       jax.ShapeDtypeStruct((b, t, cfg.text.hidden_size), jnp.float32), params)
+    traced = flops.traced_matmul_flops(
+        jax.grad(loss, argnums=(0, 1)), jax.ShapeDtypeStruct((b, t, cfg.text.hidden_size), jnp.float32), params
+    )
     fwd = flops.decoder_flops(cfg, b, t, with_lm_head=False)
     step = flops.train_step_flops([flops.Part("llm", fwd, weight_grads=True, remat=remat)])
     assert step["total"] == 3 * fwd.total

@@ -19,8 +19,11 @@ SCHEDULES = [
     (dict(), None, 10),
     (dict(shift=3.0), None, 7),
     (dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15), "pipeline", 28),  # FLUX.1-dev
-    (dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, max_image_seq_len=8192, shift_terminal=0.02),
-     "pipeline", 50),  # Qwen-Image
+    (
+        dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, max_image_seq_len=8192, shift_terminal=0.02),
+        "pipeline",
+        50,
+    ),  # Qwen-Image
     (dict(use_dynamic_shifting=True, time_shift_type="linear", base_shift=0.5, max_shift=1.15), None, 5),
     (dict(shift=2.0, shift_terminal=0.1), "pipeline", 4),
 ]
@@ -53,8 +56,10 @@ def _toy_velocity(x, tt):
 
 def test_euler_and_heun_loops_equal_diffusers_schedulers():
     x0 = np.random.default_rng(0).standard_normal((2, 6, 4)).astype(np.float32)
-    for cls, fn in ((FlowMatchEulerDiscreteScheduler, flow_solvers.euler_sample),
-                    (FlowMatchHeunDiscreteScheduler, flow_solvers.heun_sample)):
+    for cls, fn in (
+        (FlowMatchEulerDiscreteScheduler, flow_solvers.euler_sample),
+        (FlowMatchHeunDiscreteScheduler, flow_solvers.heun_sample),
+    ):
         sched = cls(shift=3.0)
         sched.set_timesteps(6)
         x = torch.from_numpy(x0.copy())
@@ -65,8 +70,9 @@ def test_euler_and_heun_loops_equal_diffusers_schedulers():
         ours = jax.jit(lambda x: fn(_toy_velocity, x, sigmas, model_t))(x0)
         assert rel_err(ours, x.numpy()) < 1e-5, cls.__name__
     # Heun is really second order: closer to a fine Euler solution than Euler with the same steps
-    fine = flow_solvers.euler_sample(_toy_velocity, x0,
-                                     *flow_solvers.flow_schedule(400, flow_solvers.FlowMatchSchedule()))
+    fine = flow_solvers.euler_sample(
+        _toy_velocity, x0, *flow_solvers.flow_schedule(400, flow_solvers.FlowMatchSchedule())
+    )
     coarse = flow_solvers.flow_schedule(6, flow_solvers.FlowMatchSchedule())
     err = lambda m: np.abs(np.asarray(flow_solvers.sample(_toy_velocity, x0, *coarse, method=m)) - fine).max()
     assert err("heun") < 0.5 * err("euler")
@@ -98,7 +104,7 @@ def test_timestep_sampling_and_shift():
     ts = np.asarray(flow.sample_timesteps(key, 20000, cfg))
     assert 0 < ts.min() and ts.max() < 1 and abs(np.median(ts) - 0.5) < 0.02
     u = np.asarray(flow.sample_timesteps(key, 20000, flow.TimestepConfig(method="uniform", shift="none")))
-    assert abs(u.mean() - 0.5) < 0.01 and abs(u.std() - 12 ** -0.5) < 0.01
+    assert abs(u.mean() - 0.5) < 0.01 and abs(u.std() - 12**-0.5) < 0.01
     m = np.asarray(flow.sample_timesteps(key, 20000, flow.TimestepConfig(method="mode", shift="none")))
     assert 0 <= m.min() and m.max() <= 1
     static = np.asarray(flow.sample_timesteps(key, 20000, flow.TimestepConfig(shift="static", static_shift=3.0)))
@@ -107,10 +113,14 @@ def test_timestep_sampling_and_shift():
     # dynamic: FLUX's exponential time shift with mu from the token count, larger images noisier
     dyn = flow.TimestepConfig(shift="dynamic")
     mu = flow.calculate_shift(4096)
-    np.testing.assert_allclose(np.asarray(dyn.apply_shift(jnp.asarray(ts), 4096)),
-                               flow.exponential_time_shift(ts.astype(np.float64), mu), rtol=1e-5)
-    assert np.median(np.asarray(flow.sample_timesteps(key, 4000, dyn, 4096))) > \
-        np.median(np.asarray(flow.sample_timesteps(key, 4000, dyn, 256)))
+    np.testing.assert_allclose(
+        np.asarray(dyn.apply_shift(jnp.asarray(ts), 4096)),
+        flow.exponential_time_shift(ts.astype(np.float64), mu),
+        rtol=1e-5,
+    )
+    assert np.median(np.asarray(flow.sample_timesteps(key, 4000, dyn, 4096))) > np.median(
+        np.asarray(flow.sample_timesteps(key, 4000, dyn, 256))
+    )
     sd3 = flow.TimestepConfig(shift="sd3", base_seq_len=1024)
     np.testing.assert_allclose(np.asarray(sd3.apply_shift(jnp.asarray(ts), 4096)), 2 * ts / (1 + ts), rtol=1e-5)
     with pytest.raises(ValueError, match="image token count"):
@@ -128,13 +138,17 @@ def test_guidance_combinations():
     out = np.asarray(guidance.true_cfg(c, u, 4.0))
     np.testing.assert_allclose(np.linalg.norm(out, axis=-1), np.linalg.norm(c, axis=-1), rtol=1e-5)
     comb = guidance.cfg(c, u, 4.0)
-    np.testing.assert_allclose(out / np.linalg.norm(out, axis=-1, keepdims=True),
-                               comb / np.linalg.norm(comb, axis=-1, keepdims=True), atol=1e-6)
+    np.testing.assert_allclose(
+        out / np.linalg.norm(out, axis=-1, keepdims=True),
+        comb / np.linalg.norm(comb, axis=-1, keepdims=True),
+        atol=1e-6,
+    )
     # one batched call evaluates all three branches
     calls = []
     fake = lambda x, tt, cond: (calls.append(x.shape), x * cond)[1]
-    vel = guidance.dual_cfg_velocity(fake, np.full((2, 1, 1), 3.0), np.full((2, 1, 1), 2.0),
-                                     np.full((2, 1, 1), 1.0), text_scale=2.0, image_scale=1.5)
+    vel = guidance.dual_cfg_velocity(
+        fake, np.full((2, 1, 1), 3.0), np.full((2, 1, 1), 2.0), np.full((2, 1, 1), 1.0), text_scale=2.0, image_scale=1.5
+    )
     v = vel(jnp.ones((2, 5, 4)), jnp.float32(0.5))
     assert calls == [(6, 5, 4)]
     np.testing.assert_allclose(np.asarray(v), 1 + 1.5 * (2 - 1) + 2.0 * (3 - 2))
@@ -153,8 +167,9 @@ def test_four_step_sampling_loop_equals_diffusers(tmp_path):
     cond_mask = np.ones((b, tl), bool)
     uncond_mask = np.ones((b, tl), bool)
     uncond_mask[:, 3:] = False
-    sched_cfg = dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, max_image_seq_len=8192,
-                     shift_terminal=0.02)
+    sched_cfg = dict(
+        use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, max_image_seq_len=8192, shift_terminal=0.02
+    )
 
     sched = FlowMatchEulerDiscreteScheduler(**sched_cfg)
     mu = flow_solvers.FlowMatchSchedule(**sched_cfg).mu(h * w)
@@ -176,13 +191,18 @@ def test_four_step_sampling_loop_equals_diffusers(tmp_path):
     def model_fn(xs, ts, c):
         return mmdit.apply({"params": params}, xs, img_ids, c["txt"], c["mask"], ts)
 
-    sigmas, model_t = flow_solvers.flow_schedule(steps, flow_solvers.FlowMatchSchedule(**sched_cfg),
-                                                 sigmas=flow_solvers.pipeline_sigmas(steps), image_seq_len=h * w)
+    sigmas, model_t = flow_solvers.flow_schedule(
+        steps,
+        flow_solvers.FlowMatchSchedule(**sched_cfg),
+        sigmas=flow_solvers.pipeline_sigmas(steps),
+        image_seq_len=h * w,
+    )
 
     @jax.jit
     def run(noise):
-        vel = guidance.cfg_velocity(model_fn, {"txt": cond, "mask": cond_mask}, {"txt": uncond, "mask": uncond_mask},
-                                    scale, mode="true_cfg")
+        vel = guidance.cfg_velocity(
+            model_fn, {"txt": cond, "mask": cond_mask}, {"txt": uncond, "mask": uncond_mask}, scale, mode="true_cfg"
+        )
         return flow_solvers.euler_sample(vel, noise, sigmas, model_t)
 
     ours = run(latents)
@@ -213,8 +233,11 @@ def test_sample_loop_guidance_mode_true_cfg():
         x = noise
         for i in range(4):
             t = jnp.full((2,), timesteps[i])
-            v = combine(Model.velocity(params, x, None, img_ids, cond, mask, t),
-                        Model.velocity(params, x, None, img_ids, cond, jnp.zeros_like(mask), t), 3.0)
+            v = combine(
+                Model.velocity(params, x, None, img_ids, cond, mask, t),
+                Model.velocity(params, x, None, img_ids, cond, jnp.zeros_like(mask), t),
+                3.0,
+            )
             x = x + (sigmas[i + 1] - sigmas[i]) * v
         return x
 

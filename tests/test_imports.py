@@ -61,7 +61,7 @@ def imports_of(name: str, path: str, modules: set[str]) -> set[str]:
             base = node.module or ""
             if node.level:
                 here = name.split(".") if is_pkg else name.split(".")[:-1]
-                here = here[:len(here) - (node.level - 1)]
+                here = here[: len(here) - (node.level - 1)]
                 base = ".".join(here + ([node.module] if node.module else []))
             targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
         else:
@@ -96,7 +96,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(m)
         for d in sorted(graph.get(m, ())):
             if state.get(d) == 1:
-                return stack[stack.index(d):] + [d]
+                return stack[stack.index(d) :] + [d]
             if d not in state:
                 found = visit(d)
                 if found:
@@ -124,8 +124,11 @@ def layer_violations(graph: dict[str, set[str]]) -> list[str]:
             out.append(f"{m}: unit {unit(m)!r} is in no layer of LAYERS")
             continue
         if unit(m) == "models":
-            out += [f"{m} imports {d}: qk_jax.models may import only {', '.join(MODELS_MAY_IMPORT)}"
-                    for d in sorted(deps) if not any(d == a or d.startswith(a + ".") for a in MODELS_MAY_IMPORT)]
+            out += [
+                f"{m} imports {d}: qk_jax.models may import only {', '.join(MODELS_MAY_IMPORT)}"
+                for d in sorted(deps)
+                if not any(d == a or d.startswith(a + ".") for a in MODELS_MAY_IMPORT)
+            ]
         for d in sorted(deps):
             if unit(d) in level and level[unit(d)] > level[unit(m)]:
                 out.append(f"{m} (layer {level[unit(m)]}) imports {d} (layer {level[unit(d)]}): an upward import")
@@ -153,13 +156,16 @@ def test_the_checks_catch_a_bad_import(tmp_path):
     assert any("qk_jax.tree (layer 0) imports qk_jax.train" in p for p in layer_violations(bad))
 
 
-@pytest.mark.parametrize("source, expected", [
-    ("from qk_jax.models import layers", {"qk_jax.models.layers"}),
-    ("from qk_jax.models.mmdit import MMDiT", {"qk_jax.models.mmdit"}),
-    ("from . import report", {"qk_jax.parity.report"}),
-    ("import qk_jax.tree", {"qk_jax.tree"}),
-    ("def f():\n    from qk_jax import sharding", {"qk_jax.sharding"}),
-])
+@pytest.mark.parametrize(
+    "source, expected",
+    [
+        ("from qk_jax.models import layers", {"qk_jax.models.layers"}),
+        ("from qk_jax.models.mmdit import MMDiT", {"qk_jax.models.mmdit"}),
+        ("from . import report", {"qk_jax.parity.report"}),
+        ("import qk_jax.tree", {"qk_jax.tree"}),
+        ("def f():\n    from qk_jax import sharding", {"qk_jax.sharding"}),
+    ],
+)
 def test_imports_are_resolved_to_modules(tmp_path, source, expected):
     path = tmp_path / "x.py"
     path.write_text(source)

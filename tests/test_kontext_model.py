@@ -53,11 +53,14 @@ def test_trainable_sets_and_no_frozen_optimizer_state(stage, shapes_dir, proc):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage,mixture,lr,steps", [
-    (1, {"reconstruction": 1.0}, 1e-2, 60),
-    (2, {"t2i": 1.0}, 1e-2, 70),
-    (3, {"edit": 1.0}, 1e-2, 150),
-])
+@pytest.mark.parametrize(
+    "stage,mixture,lr,steps",
+    [
+        (1, {"reconstruction": 1.0}, 1e-2, 60),
+        (2, {"t2i": 1.0}, 1e-2, 70),
+        (3, {"edit": 1.0}, 1e-2, 150),
+    ],
+)
 def test_overfitting_one_batch_lowers_the_loss_tenfold(stage, mixture, lr, steps, shapes_dir, proc):
     config = ku.stage_config(stage, shapes_dir)
     kcfg = ku.model_config(config, proc)
@@ -135,9 +138,11 @@ def test_flop_count_matches_xla_cost_analysis(stage, mixture, shapes_dir, proc):
     """With one layer per stack (XLA's cost analysis counts a scanned body once), the
     analytic train-step FLOPs agree with XLA's count of the compiled step (XLA also counts
     element-wise work, and removes the unused text stream of a last double block)."""
-    depth1 = ["model.generator.overrides={'in_channels': 48, 'out_channels': 12, 'joint_attention_dim': 32, "
-              "'num_layers': 1, 'num_heads': 8, 'head_dim': 32, 'axes_dims_rope': (8, 12, 12)}",
-              "model.connector.hidden_dim=512"]
+    depth1 = [
+        "model.generator.overrides={'in_channels': 48, 'out_channels': 12, 'joint_attention_dim': 32, "
+        "'num_layers': 1, 'num_heads': 8, 'head_dim': 32, 'axes_dims_rope': (8, 12, 12)}",
+        "model.connector.hidden_dim=512",
+    ]
     config, kcfg, model, batch, tx, state = _sgd_setup(stage, mixture, shapes_dir, proc, *depth1)
     xla = flops.xla_flops_per_device(jax.jit(make_train_step(model, tx, seed=0)).lower(state, batch).compile())
     ours = flops.kontext_train_step_flops(kcfg, batch, config.train.trainable, state["trainable"].get("lora"))["total"]

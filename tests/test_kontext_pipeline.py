@@ -37,24 +37,42 @@ def metrics(workdir):
 
 
 def cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "qk_jax.cli", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=900, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "qk_jax.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=900, **kw
+    )
 
 
 @pytest.fixture(scope="module")
 def stage1(shapes_dir, tmp_path_factory):
     """An uninterrupted stage-1 run, and the same run stopped by SIGTERM after step 1 and resumed."""
     base = tmp_path_factory.mktemp("stage1")
-    overrides = [f"data.data_dir={shapes_dir}", f"train.steps={STEPS}", "train.log_every=1",
-                 "train.checkpoint_every=100"]
+    overrides = [
+        f"data.data_dir={shapes_dir}",
+        f"train.steps={STEPS}",
+        "train.log_every=1",
+        "train.checkpoint_every=100",
+    ]
     full = str(base / "full")
     train(ku.stage_config(1, shapes_dir, *overrides[1:]), full)
 
     stopped = str(base / "stopped")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "qk_jax.cli", "train", "--config", "configs/stage1.py:tiny", "--workdir", stopped,
-         *[f"--config.{o}" for o in overrides]],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "qk_jax.cli",
+            "train",
+            "--config",
+            "configs/stage1.py:tiny",
+            "--workdir",
+            stopped,
+            *[f"--config.{o}" for o in overrides],
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines = []
     for line in proc.stdout:  # SIGTERM as soon as the model is built: the first step is still compiling
         lines.append(line)
@@ -85,8 +103,9 @@ def stage2(stage1, shapes_dir, tmp_path_factory):
     run = cli("surgery", "--from", "1", "--to", "2", "--src", stage1["full"], "--dst", dst)
     assert run.returncode == 0, run.stderr[-3000:]
     workdir = str(base / "run")
-    train(ku.stage_config(2, shapes_dir, "train.steps=2", f"train.init_from={dst}", "data.mixture={'t2i': 1.0}"),
-          workdir)
+    train(
+        ku.stage_config(2, shapes_dir, "train.steps=2", f"train.init_from={dst}", "data.mixture={'t2i': 1.0}"), workdir
+    )
     return {"ckpt": dst, "run": workdir, "stdout": run.stdout}
 
 
@@ -110,8 +129,17 @@ def test_learning_signal_of_a_trained_run(stage2, tmp_path):
     degrees = [signal_lib.fixing_degree("t2i", r) for r in signal.records["t2i"]]
     assert degrees == sorted(degrees, reverse=True) and degrees[0] >= 1  # the most content-fixing prompts first
     writer = SummaryWriter(str(tmp_path / "tb"))
-    flat = measure_signal(signal, config, sampler.kcfg, sampler.params, sampler.processor, sampler.mesh, 2,
-                          str(tmp_path / "metrics.jsonl"), writer)
+    flat = measure_signal(
+        signal,
+        config,
+        sampler.kcfg,
+        sampler.params,
+        sampler.processor,
+        sampler.mesh,
+        2,
+        str(tmp_path / "metrics.jsonl"),
+        writer,
+    )
     writer.close()
     for task in ("t2i", "reconstruction"):
         for t in signal_lib.GAIN_TIMESTEPS:
@@ -160,11 +188,13 @@ def test_surgery_1_to_2_report_and_lora_merge(stage1, stage2):
     cfg1, k1 = _kcfg(stage1["full"])
     cfg2, k2 = _kcfg(stage2["ckpt"])
     from qk_jax.tree import flatten_tree
+
     m1, p1 = _restore(stage1["full"], k1)
     m2, p2 = _restore(stage2["ckpt"], k2)
     assert set(statuses) == set(flatten_tree(p1)) | set(flatten_tree(p2))
-    assert report["bit_identical"]["ok"] and report["bit_identical"]["checked"] == \
-        sum(1 for s in statuses.values() if s == "kept")
+    assert report["bit_identical"]["ok"] and report["bit_identical"]["checked"] == sum(
+        1 for s in statuses.values() if s == "kept"
+    )
     # The merged VLM gives the kontext tokens the stage-1 VLM gave with its adapters attached.
     host = ku.first_batch(cfg1, os.path.join(stage1["full"], "processor"), {"reconstruction": 1.0})
     batch = ku.prepared(k1, host)
@@ -179,8 +209,7 @@ def stage3(stage2, shapes_dir, tmp_path_factory):
     dst = str(base / "ckpt3")
     report = surgery.run(2, 3, stage2["run"], dst)
     workdir = str(base / "run")
-    train(ku.stage_config(3, shapes_dir, "train.steps=2", f"train.init_from={dst}", "train.sample_images=2"),
-          workdir)
+    train(ku.stage_config(3, shapes_dir, "train.steps=2", f"train.init_from={dst}", "train.sample_images=2"), workdir)
     return {"ckpt": dst, "run": workdir, "report": report}
 
 
@@ -217,6 +246,7 @@ def test_surgery_2_to_3_adds_a_zero_lora_and_keeps_everything(stage2, stage3):
 
 def test_surgery_refuses_a_tree_that_does_not_fit(stage1, tmp_path):
     import shutil
+
     src = tmp_path / "bad"
     shutil.copytree(stage1["full"], src)
     step = ckpt_lib.Checkpointer(str(src / "checkpoints"), create=False).latest_step()
@@ -237,8 +267,9 @@ def test_init_from_a_run_workdir(stage1, shapes_dir, tmp_path, caplog):
         train(ku.stage_config(1, shapes_dir, "train.steps=2", f"train.init_from={stage1['full']}"), workdir)
     out = "\n".join(r.getMessage() for r in caplog.records)
     assert f"initialised from {os.path.join(stage1['full'], 'checkpoints')} step {STEPS}" in out, out[-2000:]
-    assert sorted(os.listdir(os.path.join(workdir, "processor"))) == \
-        sorted(os.listdir(os.path.join(stage1["full"], "processor")))  # its tokenizer came along
+    assert sorted(os.listdir(os.path.join(workdir, "processor"))) == sorted(
+        os.listdir(os.path.join(stage1["full"], "processor"))
+    )  # its tokenizer came along
 
 
 @pytest.fixture(scope="module")
@@ -287,8 +318,21 @@ def test_bad_sampling_inputs_give_clear_errors(sampler, tmp_path):
 
 def test_sample_cli_writes_a_grid(stage3, tmp_path):
     out = str(tmp_path / "grid.png")
-    run = cli("sample", "--checkpoint", stage3["run"], "--prompt", "a red circle", "--prompt", "a green star",
-              "--batch", "2", "--steps", "2", "--out", out)
+    run = cli(
+        "sample",
+        "--checkpoint",
+        stage3["run"],
+        "--prompt",
+        "a red circle",
+        "--prompt",
+        "a green star",
+        "--batch",
+        "2",
+        "--steps",
+        "2",
+        "--out",
+        out,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert Image.open(out).size == (64, 64)  # 2 prompts x 2 samples of 32x32
     run = cli("sample", "--checkpoint", stage3["run"], "--prompt", "", "--out", out)

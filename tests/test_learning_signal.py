@@ -42,8 +42,9 @@ def test_prediction_field_reaches_the_training_loss(prediction, shapes_dir, proc
     """With the generator's output layer zeroed, its raw output F is 0 and the loss the train
     step differentiates has a closed form per parameterisation: x0-prediction's velocity is
     x_t / t, the preconditioned one ((t - a s^2) / d) x_t."""
-    config = ku.stage_config(2, shapes_dir, f"model.prediction={prediction}", "model.sigma_data=0.7",
-                             "data.mixture={'t2i': 1.0}")
+    config = ku.stage_config(
+        2, shapes_dir, f"model.prediction={prediction}", "model.sigma_data=0.7", "data.mixture={'t2i': 1.0}"
+    )
     kcfg = ku.model_config(config, proc)
     assert kcfg.prediction == prediction and kcfg.sigma_data == 0.7
     model = QueryKontext(kcfg)
@@ -63,7 +64,7 @@ def test_prediction_field_reaches_the_training_loss(prediction, shapes_dir, proc
     if prediction == "x0":
         v = x_t / jnp.maximum(tb, kcfg.min_t)
     else:
-        a, s2 = 1 - tb, 0.7 ** 2
+        a, s2 = 1 - tb, 0.7**2
         v = (tb - a * s2) / (a * a * s2 + tb * tb) * x_t
     want = jnp.mean(jnp.square(v - (noise - x0)), axis=(1, 2))
     np.testing.assert_allclose(aux["per_sample"], want, rtol=1e-4)
@@ -74,12 +75,27 @@ def test_log_record_averages_the_window():
     """Batches are grouped by input count, so one step holds one task: a log line must average
     every step of its window, per task over that task's samples."""
     steps = [  # loss, grad norm, per-task loss sums and counts (6 tasks), learning rate
-        dict(loss=1.0, grad_norm=2.0, task_loss_sum=np.array([4.0, 0, 0, 0, 0, 0]),
-             task_count=np.array([4.0, 0, 0, 0, 0, 0]), learning_rate=0.1),
-        dict(loss=3.0, grad_norm=4.0, task_loss_sum=np.array([0, 12.0, 0, 0, 0, 0]),
-             task_count=np.array([0, 4.0, 0, 0, 0, 0]), learning_rate=0.3),
-        dict(loss=2.0, grad_norm=0.0, task_loss_sum=np.array([2.0, 2.0, 0, 0, 0, 0]),
-             task_count=np.array([2.0, 2.0, 0, 0, 0, 0]), learning_rate=0.2),
+        dict(
+            loss=1.0,
+            grad_norm=2.0,
+            task_loss_sum=np.array([4.0, 0, 0, 0, 0, 0]),
+            task_count=np.array([4.0, 0, 0, 0, 0, 0]),
+            learning_rate=0.1,
+        ),
+        dict(
+            loss=3.0,
+            grad_norm=4.0,
+            task_loss_sum=np.array([0, 12.0, 0, 0, 0, 0]),
+            task_count=np.array([0, 4.0, 0, 0, 0, 0]),
+            learning_rate=0.3,
+        ),
+        dict(
+            loss=2.0,
+            grad_norm=0.0,
+            task_loss_sum=np.array([2.0, 2.0, 0, 0, 0, 0]),
+            task_count=np.array([2.0, 2.0, 0, 0, 0, 0]),
+            learning_rate=0.2,
+        ),
     ]
     window = None
     for m in steps:
@@ -95,8 +111,10 @@ def test_content_fixing_records():
     fixed = {"scene": '{"spec": {"objects": [{"shape": "star", "colour": "red", "cell": "top"}], "relations": []}}'}
     loose = {"scene": '{"spec": {"objects": [{"shape": "star", "colour": null, "cell": "top"}], "relations": []}}'}
     unplaced = {"scene": '{"spec": {"objects": [{"shape": "star", "colour": "red", "cell": null}], "relations": []}}'}
-    related = {"scene": '{"spec": {"objects": [{"shape": "star", "colour": "red", "cell": null},'
-                        ' {"shape": "circle", "colour": "blue", "cell": null}], "relations": [[0, "left of", 1]]}}'}
+    related = {
+        "scene": '{"spec": {"objects": [{"shape": "star", "colour": "red", "cell": null},'
+        ' {"shape": "circle", "colour": "blue", "cell": null}], "relations": [[0, "left of", 1]]}}'
+    }
     assert signal_lib.content_fixing("t2i", fixed) and signal_lib.content_fixing("t2i", related)
     assert not signal_lib.content_fixing("t2i", loose) and not signal_lib.content_fixing("t2i", unplaced)
     assert signal_lib.content_fixing("reconstruction", loose)
@@ -135,7 +153,8 @@ def test_content_gain_separates_reading_the_condition_from_using_it_as_a_flag(re
     target = 0.5 + 0.3 * jax.random.uniform(jax.random.key(0), (4, 8, 8, 3), minval=-1, maxval=1)
     batch = {"target": target, "img_ids": jnp.zeros((4, 64, 3))}
     with_c, without, swapped = signal_lib.LearningSignal._x0_errors_impl(
-        _ToyDenoiser(reads), {}, batch, jax.random.key(1), jnp.float32(0.7))
+        _ToyDenoiser(reads), {}, batch, jax.random.key(1), jnp.float32(0.7)
+    )
     gain = 1 - float(jnp.mean(with_c)) / float(jnp.mean(without))
     content = 1 - float(jnp.mean(with_c)) / float(jnp.mean(swapped))
     assert gain > 0.3

@@ -58,8 +58,10 @@ def test_zero_init_is_a_no_op_and_merge_equals_unmerged(vlm):
 
 def test_merge_only_one_submodel_keeps_the_other():
     w = {"vlm": {"k": {"kernel": jnp.ones((3, 2))}}, "dit": {"k": {"kernel": jnp.ones((3, 2))}}}
-    lora = {"vlm": {"k": {"kernel": {"a": jnp.ones((3, 1)), "b": jnp.ones((1, 2))}}},
-            "dit": {"k": {"kernel": {"a": jnp.ones((3, 1)), "b": jnp.ones((1, 2))}}}}
+    lora = {
+        "vlm": {"k": {"kernel": {"a": jnp.ones((3, 1)), "b": jnp.ones((1, 2))}}},
+        "dit": {"k": {"kernel": {"a": jnp.ones((3, 1)), "b": jnp.ones((1, 2))}}},
+    }
     merged, paths = merge_lora({**w, "lora": lora}, {"vlm": 0.5, "dit": 2.0}, only="vlm")
     assert paths == ["vlm/k/kernel"] and set(merged["lora"]) == {"dit"}
     np.testing.assert_allclose(np.asarray(merged["vlm"]["k"]["kernel"]), 1.5)

@@ -40,7 +40,7 @@ def _inputs(config, batch, n, txt_len, seed=0):
     img = rng.standard_normal((batch, n, config.in_channels)).astype(np.float32)
     txt = rng.standard_normal((batch, txt_len, config.joint_attention_dim)).astype(np.float32)
     mask = np.ones((batch, txt_len), bool)
-    mask[1, txt_len - 3:] = False
+    mask[1, txt_len - 3 :] = False
     return img, txt, mask, np.array([0.85, 0.3], np.float32)[:batch]
 
 
@@ -49,8 +49,13 @@ def test_qwen_padded_text_mask_default_ids(qwen):
     model, config, params = qwen
     img, txt, mask, ts = _inputs(config, 2, 5 * 6, 9)
     with torch.no_grad():
-        ref = model(hidden_states=t(img), encoder_hidden_states=t(txt), encoder_hidden_states_mask=t(mask),
-                    timestep=t(ts), img_shapes=[[(1, 5, 6)]] * 2).sample.numpy()
+        ref = model(
+            hidden_states=t(img),
+            encoder_hidden_states=t(txt),
+            encoder_hidden_states_mask=t(mask),
+            timestep=t(ts),
+            img_shapes=[[(1, 5, 6)]] * 2,
+        ).sample.numpy()
     img_ids, _ = pos.qwen_image_ids([(1, 5, 6)], 9)
     fwd = jax.jit(lambda p, x, txt: MMDiT(config).apply({"params": p}, x, pos.batch_ids(img_ids, 2), txt, mask, ts))
     out = fwd(params, img, txt)  # txt_ids=None: the default diagonal must equal diffusers' text positions
@@ -69,12 +74,25 @@ def test_qwen_edit_two_condition_segments(qwen):
     n = sum(f * h * w for f, h, w in shapes)
     img, txt, mask, ts = _inputs(config, 2, n, 7, seed=1)
     with torch.no_grad():
-        ref = model(hidden_states=t(img), encoder_hidden_states=t(txt), encoder_hidden_states_mask=t(mask),
-                    timestep=t(ts), img_shapes=[shapes] * 2).sample.numpy()
+        ref = model(
+            hidden_states=t(img),
+            encoder_hidden_states=t(txt),
+            encoder_hidden_states_mask=t(mask),
+            timestep=t(ts),
+            img_shapes=[shapes] * 2,
+        ).sample.numpy()
     img_ids, txt_ids = pos.qwen_image_ids(shapes, 7)
     np.testing.assert_array_equal(img_ids, pos.segment_ids([(4, 6), (2, 4), (4, 4)], scheme="frame", centred=True))
-    out = MMDiT(config).apply({"params": params}, img, pos.batch_ids(img_ids, 2), txt, mask, ts,
-                              txt_ids=pos.batch_ids(txt_ids, 2), num_target_tokens=24)
+    out = MMDiT(config).apply(
+        {"params": params},
+        img,
+        pos.batch_ids(img_ids, 2),
+        txt,
+        mask,
+        ts,
+        txt_ids=pos.batch_ids(txt_ids, 2),
+        num_target_tokens=24,
+    )
     assert out.shape == (2, 24, config.out_features)
     assert rel_err(out, ref[:, :24]) < TOL
 
@@ -88,11 +106,24 @@ def test_qwen_zero_cond_t(tmp_path):
     shapes = [(1, 4, 4), (1, 4, 2)]
     img, txt, mask, ts = _inputs(config, 2, 24, 6, seed=2)
     with torch.no_grad():
-        ref = model(hidden_states=t(img), encoder_hidden_states=t(txt), encoder_hidden_states_mask=t(mask),
-                    timestep=t(ts), img_shapes=[shapes] * 2).sample.numpy()
+        ref = model(
+            hidden_states=t(img),
+            encoder_hidden_states=t(txt),
+            encoder_hidden_states_mask=t(mask),
+            timestep=t(ts),
+            img_shapes=[shapes] * 2,
+        ).sample.numpy()
     img_ids, txt_ids = pos.qwen_image_ids(shapes, 6)
-    out = MMDiT(config).apply({"params": params}, img, pos.batch_ids(img_ids, 2), txt, mask, ts,
-                              txt_ids=pos.batch_ids(txt_ids, 2), num_target_tokens=16)
+    out = MMDiT(config).apply(
+        {"params": params},
+        img,
+        pos.batch_ids(img_ids, 2),
+        txt,
+        mask,
+        ts,
+        txt_ids=pos.batch_ids(txt_ids, 2),
+        num_target_tokens=16,
+    )
     assert rel_err(out, ref[:, :16]) < TOL
 
 
@@ -108,14 +139,39 @@ def test_flux_kontext_segments_padded_mask(flux_model):
     img_ids, txt_ids = pos.flux_ids(segs, 7)
     keys = np.concatenate([mask, np.ones((2, 48), bool)], 1)[:, None, None, :]
     with torch.no_grad():
-        ref = model(hidden_states=t(img), encoder_hidden_states=t(txt), pooled_projections=t(pooled),
-                    timestep=t(ts), img_ids=t(img_ids), txt_ids=t(txt_ids), guidance=t(guidance),
-                    joint_attention_kwargs={"attention_mask": t(keys)}).sample.numpy()
-    out = MMDiT(config).apply({"params": params}, img, pos.batch_ids(img_ids, 2), txt, mask, ts, guidance=guidance,
-                              pooled=pooled, num_target_tokens=24)  # txt_ids=None: FLUX default zeros
+        ref = model(
+            hidden_states=t(img),
+            encoder_hidden_states=t(txt),
+            pooled_projections=t(pooled),
+            timestep=t(ts),
+            img_ids=t(img_ids),
+            txt_ids=t(txt_ids),
+            guidance=t(guidance),
+            joint_attention_kwargs={"attention_mask": t(keys)},
+        ).sample.numpy()
+    out = MMDiT(config).apply(
+        {"params": params},
+        img,
+        pos.batch_ids(img_ids, 2),
+        txt,
+        mask,
+        ts,
+        guidance=guidance,
+        pooled=pooled,
+        num_target_tokens=24,
+    )  # txt_ids=None: FLUX default zeros
     assert rel_err(out, ref[:, :24]) < TOL
-    out_all, inter = MMDiT(config).apply({"params": params}, img, pos.batch_ids(img_ids, 2), txt, mask, ts,
-                                         guidance=guidance, pooled=pooled, return_intermediates=True)
+    out_all, inter = MMDiT(config).apply(
+        {"params": params},
+        img,
+        pos.batch_ids(img_ids, 2),
+        txt,
+        mask,
+        ts,
+        guidance=guidance,
+        pooled=pooled,
+        return_intermediates=True,
+    )
     assert rel_err(out_all, ref) < TOL
     assert inter["single"].shape == (config.num_single_layers, 2, 7 + 48, config.inner_dim)
 
@@ -127,11 +183,25 @@ def test_flux_no_mask(flux_model):
     pooled = np.zeros((2, 8), np.float32)
     img_ids, txt_ids = pos.flux_ids([(3, 4)], 5)
     with torch.no_grad():
-        ref = model(hidden_states=t(img), encoder_hidden_states=t(txt), pooled_projections=t(pooled),
-                    timestep=t(ts), img_ids=t(img_ids), txt_ids=t(txt_ids), guidance=t(np.full(2, 4.0, np.float32))
-                    ).sample.numpy()
-    out = MMDiT(config).apply({"params": params}, img, pos.batch_ids(img_ids, 2), txt, None, ts,
-                              guidance=np.full(2, 4.0, np.float32), pooled=pooled)
+        ref = model(
+            hidden_states=t(img),
+            encoder_hidden_states=t(txt),
+            pooled_projections=t(pooled),
+            timestep=t(ts),
+            img_ids=t(img_ids),
+            txt_ids=t(txt_ids),
+            guidance=t(np.full(2, 4.0, np.float32)),
+        ).sample.numpy()
+    out = MMDiT(config).apply(
+        {"params": params},
+        img,
+        pos.batch_ids(img_ids, 2),
+        txt,
+        None,
+        ts,
+        guidance=np.full(2, 4.0, np.float32),
+        pooled=pooled,
+    )
     assert rel_err(out, ref) < TOL
 
 
@@ -174,19 +244,22 @@ def test_config_round_trip_and_errors():
     for name in ("qwen_image_20b", "flux_12b", "tiny", "tiny_flux", "head_870m", "dit_10b"):
         cfg = mmdit_config(name)
         assert from_diffusers(MMDiTConfig, to_diffusers(cfg)) == cfg
-    assert from_diffusers(MMDiTConfig, dict(QWEN_TINY, _class_name="QwenImageTransformer2DModel")) == \
-        mmdit_config("tiny")
+    assert from_diffusers(MMDiTConfig, dict(QWEN_TINY, _class_name="QwenImageTransformer2DModel")) == mmdit_config(
+        "tiny"
+    )
     with pytest.raises(ValueError, match="sums to"):
         MMDiTConfig(head_dim=64)
     # a key diffusers' class does not take is ignored (with a warning), as diffusers ignores it
-    assert from_diffusers(MMDiTConfig, {"_class_name": "FluxTransformer2DModel", "foo": 1}) == \
-        from_diffusers(MMDiTConfig, {"_class_name": "FluxTransformer2DModel"})
+    assert from_diffusers(MMDiTConfig, {"_class_name": "FluxTransformer2DModel", "foo": 1}) == from_diffusers(
+        MMDiTConfig, {"_class_name": "FluxTransformer2DModel"}
+    )
     with pytest.raises(ValueError, match="_class_name"):
         from_diffusers(MMDiTConfig, {"_class_name": "SD3Transformer2DModel"})
     with pytest.raises(ValueError, match="txt shape"):
         cfg = mmdit_config("tiny")
-        MMDiT(cfg).init(jax.random.key(0), jnp.zeros((1, 4, 16)), jnp.zeros((1, 4, 3)), jnp.zeros((1, 2, 7)),
-                        None, jnp.zeros((1,)))
+        MMDiT(cfg).init(
+            jax.random.key(0), jnp.zeros((1, 4, 16)), jnp.zeros((1, 4, 3)), jnp.zeros((1, 2, 7)), None, jnp.zeros((1,))
+        )
 
 
 def test_param_counts_equal_diffusers():
@@ -221,8 +294,9 @@ def test_sharded_equals_unsharded(devices):
     """Params initialised directly sharded on a (2, 4, 1) mesh under `dit/`, forward == single-device."""
     cfg = mmdit_config("tiny", num_heads=4, head_dim=16, axes_dims_rope=(4, 6, 6))
     mesh = sharding.make_mesh((2, 4, 1))
-    params, shardings, _ = sharding.init_sharded(lambda r: {"dit": init_params(cfg, r)}, mesh, jax.random.key(0),
-                                                 rules_by_submodel={"dit": sharding.DIT_RULES})
+    params, shardings, _ = sharding.init_sharded(
+        lambda r: {"dit": init_params(cfg, r)}, mesh, jax.random.key(0), rules_by_submodel={"dit": sharding.DIT_RULES}
+    )
     spec = shardings["dit"]["double_blocks"]["img_mod"]["kernel"].spec
     assert "fsdp" in jax.tree.leaves(tuple(spec)), spec  # embed axis is really split over fsdp
     rng = np.random.default_rng(0)
@@ -246,6 +320,10 @@ def test_logical_axes_covered_by_dit_rules():
     known = {name for name, _ in sharding.DIT_RULES}
     for cfg in (mmdit_config("tiny", use_additional_t_cond=True, zero_cond_t=True), mmdit_config("tiny_flux")):
         specs = nn.get_partition_spec(jax.eval_shape(lambda: init_params(cfg, jax.random.key(0))))
-        used = {a for s in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
-                for a in s if a}
+        used = {
+            a
+            for s in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+            for a in s
+            if a
+        }
         assert used and used <= known, used - known

@@ -14,10 +14,28 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_two_process_smoke_run(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     run = subprocess.run(
-        [sys.executable, os.path.join(REPO, "launch", "local.py"), "--num-processes", "2",
-         "--devices-per-process", "4", "--", "smoke", "--config", "configs/smoke.py:tiny",
-         "--workdir", str(tmp_path / "ckpt"), "--config.mesh.fsdp=2", "--config.train.steps=4"],
-        capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+        [
+            sys.executable,
+            os.path.join(REPO, "launch", "local.py"),
+            "--num-processes",
+            "2",
+            "--devices-per-process",
+            "4",
+            "--",
+            "smoke",
+            "--config",
+            "configs/smoke.py:tiny",
+            "--workdir",
+            str(tmp_path / "ckpt"),
+            "--config.mesh.fsdp=2",
+            "--config.train.steps=4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+        env=env,
+    )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     summaries = [line for line in run.stdout.splitlines() if "summary:" in line]
     assert len(summaries) == 2, run.stdout[-3000:]

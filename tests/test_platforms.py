@@ -43,12 +43,28 @@ def test_cli_tool_prints_no_tpu_init_errors(tmp_path):
     assert not platforms.has_tpu(), "this test describes a machine without TPU chips"
     env = user_env()
     # Control: the same environment without qk-jax's choice makes libtpu print its errors.
-    bare = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env=env, capture_output=True,
-                          text=True, timeout=300)
+    bare = subprocess.run(
+        [sys.executable, "-c", "import jax; jax.devices()"], env=env, capture_output=True, text=True, timeout=300
+    )
     assert bare.returncode == 0 and tpu_init_errors(bare.stderr), bare.stderr[-2000:]
-    proc = subprocess.run([sys.executable, "-m", "qk_jax.cli", "smoke", "--config", "configs/smoke.py:tiny",
-                           "--config.train.steps=2", "--workdir", str(tmp_path / "smoke")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qk_jax.cli",
+            "smoke",
+            "--config",
+            "configs/smoke.py:tiny",
+            "--config.train.steps=2",
+            "--workdir",
+            str(tmp_path / "smoke"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "restore_bit_exact=True" in proc.stdout
     assert tpu_init_errors(proc.stderr + proc.stdout) == [], proc.stderr[-3000:]

@@ -44,8 +44,9 @@ def test_checkpoint_folders_replace_their_subtrees(setup):
         for path, value in flatten_tree(new[key]).items():
             np.testing.assert_array_equal(np.asarray(value), np.asarray(flatten_tree(other[key])[path]), path)
             assert value.sharding == flatten_tree(shardings[key])[path], path
-    np.testing.assert_array_equal(np.asarray(new["connector"]["fc1"]["kernel"]),
-                                  np.asarray(params["connector"]["fc1"]["kernel"]))  # untouched
+    np.testing.assert_array_equal(
+        np.asarray(new["connector"]["fc1"]["kernel"]), np.asarray(params["connector"]["fc1"]["kernel"])
+    )  # untouched
 
 
 def test_an_architecture_mismatch_names_the_field(setup, tmp_path):
@@ -65,8 +66,9 @@ def test_converted_orbax_checkpoints_are_taken_as_well(setup, tmp_path):
     config, kcfg, params, shardings, other, vlm_dir, dit_dir = setup
     mesh = shardings["vlm"]["language_model"]["norm"]["scale"].mesh
     for model, src in (("qwen2_5_vl", vlm_dir), ("qwen_image", dit_dir)):
-        cli.hf_to_orbax(model, src, str(tmp_path / model), mesh_cfg={"data": 1, "fsdp": 8, "tensor": 1},
-                        log=lambda *_: None)
+        cli.hf_to_orbax(
+            model, src, str(tmp_path / model), mesh_cfg={"data": 1, "fsdp": 8, "tensor": 1}, log=lambda *_: None
+        )
     config = config.copy_and_resolve_references()
     config.model.vlm.checkpoint = str(tmp_path / "qwen2_5_vl")
     config.model.generator.checkpoint = str(tmp_path / "qwen_image")

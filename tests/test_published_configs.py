@@ -27,8 +27,10 @@ from qk_jax.models.vae.kl import AutoencoderKLConfig
 
 PUBLISHED = os.path.join(os.path.dirname(__file__), "fixtures", "published")
 VLMS = {"Qwen2.5-VL-7B-Instruct": 8_292_166_656, "Qwen2.5-VL-3B-Instruct": 3_754_622_976}
-DITS = {"Qwen-Image": ("qwen_image", QwenImageTransformer2DModel, 20_430_401_088),
-        "FLUX.1-dev": ("flux", FluxTransformer2DModel, 11_901_408_320)}
+DITS = {
+    "Qwen-Image": ("qwen_image", QwenImageTransformer2DModel, 20_430_401_088),
+    "FLUX.1-dev": ("flux", FluxTransformer2DModel, 11_901_408_320),
+}
 VAES = {"Qwen-Image": ("qwen_image_vae", TorchQwenVAE), "FLUX.1-dev": ("vae", TorchKL)}
 
 
@@ -67,7 +69,10 @@ def test_qwen2_5_vl_processor_and_generation_configs(name):
     geo = vision_geometry(types.SimpleNamespace(image_processor=Qwen2VLImageProcessorPil.from_pretrained(folder)))
     cfg = registry.get_model("qwen2_5_vl").read_config(folder)
     assert (geo["patch_size"], geo["merge_size"], geo["temporal_patch_size"]) == (
-        cfg.vision.patch_size, cfg.vision.spatial_merge_size, cfg.vision.temporal_patch_size)
+        cfg.vision.patch_size,
+        cfg.vision.spatial_merge_size,
+        cfg.vision.temporal_patch_size,
+    )
     assert (geo["min_pixels"], geo["max_pixels"]) == (3136, 12845056)
     assert geo["patch_dim"] == cfg.vision.patch_dim
     gen = GenerationConfig.from_pretrained(folder)
@@ -115,14 +120,12 @@ def test_ignored_keys_warn_once_and_unsupported_values_are_named(caplog):
     warnings = [r.getMessage() for r in caplog.records if r.name == "qk_jax.config"]
     assert len(warnings) == 1 and "'bar'" in warnings[0] and "'foo'" in warnings[0]
     with pytest.raises(ValueError, match="guidance_embeds"):
-        from_diffusers(MMDiTConfig, {**_json("Qwen-Image", "transformer", "config.json"),
-                                           "guidance_embeds": True})
+        from_diffusers(MMDiTConfig, {**_json("Qwen-Image", "transformer", "config.json"), "guidance_embeds": True})
     with pytest.raises(ValueError, match="act_fn"):
         from_diffusers(AutoencoderKLConfig, {**_json("FLUX.1-dev", "vae", "config.json"), "act_fn": "relu"})
     flat = _json("Qwen2.5-VL-7B-Instruct", "config.json")
     with pytest.raises(ConfigError, match="rope_type"):
-        config_from_hf({**flat, "rope_scaling": {"rope_type": "yarn", "factor": 4.0,
-                                                                "mrope_section": [16, 24, 24]}})
+        config_from_hf({**flat, "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "mrope_section": [16, 24, 24]}})
     with pytest.raises(ConfigError, match="use_sliding_window"):
         config_from_hf({**flat, "use_sliding_window": True})
 
@@ -150,6 +153,5 @@ def test_exported_qwen_image_configs_are_the_published_files(model, component, t
 
     published = _json("Qwen-Image", component, "config.json")
     cfg = registry.get_model(model).config_from_dict(published)
-    exported = (published_configs.qwen_image_transformer(cfg) if component == "transformer"
-                else to_diffusers(cfg))
+    exported = published_configs.qwen_image_transformer(cfg) if component == "transformer" else to_diffusers(cfg)
     assert exported == {k: v for k, v in published.items() if k != "_diffusers_version"}

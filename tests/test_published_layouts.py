@@ -29,16 +29,24 @@ VAE_FLAGS = ["--height", "32", "--width", "48"]
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("published")
-    configs = {"vl_legacy": qwen_vl_folder(root / "vl_legacy", "legacy", seed=1),
-               "vl_module": qwen_vl_folder(root / "vl_module", "module", seed=2),
-               "Qwen-Image": diffusers_pipeline_folder(root / "Qwen-Image", "Qwen-Image", seed=3),
-               "FLUX.1-dev": diffusers_pipeline_folder(root / "FLUX.1-dev", "FLUX.1-dev", seed=4)}
+    configs = {
+        "vl_legacy": qwen_vl_folder(root / "vl_legacy", "legacy", seed=1),
+        "vl_module": qwen_vl_folder(root / "vl_module", "module", seed=2),
+        "Qwen-Image": diffusers_pipeline_folder(root / "Qwen-Image", "Qwen-Image", seed=3),
+        "FLUX.1-dev": diffusers_pipeline_folder(root / "FLUX.1-dev", "FLUX.1-dev", seed=4),
+    }
     return root, configs
 
 
 def _qk_jax(*args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "qk_jax.cli", *args], cwd=ROOT, env=user_env(),
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "qk_jax.cli", *args],
+        cwd=ROOT,
+        env=user_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert tpu_init_errors(proc.stderr) == [], proc.stderr[-2000:]
     return proc
@@ -51,8 +59,9 @@ def _assert_same_values(back_folder, original_folder, rename=lambda name: name):
     assert sorted(back) == sorted(original)
     for name, value in back.items():
         assert original[name].dtype == ml_dtypes.bfloat16, name
-        np.testing.assert_array_equal(np.asarray(value, np.float32), np.asarray(original[name], np.float32),
-                                      err_msg=name)
+        np.testing.assert_array_equal(
+            np.asarray(value, np.float32), np.asarray(original[name], np.float32), err_msg=name
+        )
 
 
 def test_folders_are_laid_out_as_published(folders):
@@ -78,8 +87,18 @@ def test_folders_are_laid_out_as_published(folders):
 def test_qwen2_5_vl_legacy_names_convert_and_parity_cli(folders):
     root, _ = folders
     src = root / "vl_legacy"
-    proc = _qk_jax("parity", "qwen2_5_vl", "--checkpoint", str(src), "--image-sizes", "56x84,84x56",
-                   "--prompt-tokens", "520", "--batch-size", "2")
+    proc = _qk_jax(
+        "parity",
+        "qwen2_5_vl",
+        "--checkpoint",
+        str(src),
+        "--image-sizes",
+        "56x84,84x56",
+        "--prompt-tokens",
+        "520",
+        "--batch-size",
+        "2",
+    )
     assert proc.stdout.strip().splitlines()[-1].startswith("PARITY OK"), proc.stdout[-2000:]
     _qk_jax("convert", "--model", "qwen2_5_vl", "--from-hf", str(src), "--to-orbax", str(root / "vl_orbax"))
     _qk_jax("convert", "--from-orbax", str(root / "vl_orbax"), "--to-hf", str(root / "vl_back"))
@@ -93,8 +112,9 @@ def test_qwen2_5_vl_current_names_convert_and_parity(folders, devices):
     assert vl_tool.run(str(src), [(84, 56)], prompt_tokens=520, batch_size=2, stream=out) == 0, out.getvalue()
     assert out.getvalue().strip().splitlines()[-1].startswith("PARITY OK")
     log = lambda *_: None
-    cli.hf_to_orbax("qwen2_5_vl", str(src), str(root / "vlm_orbax"), mesh_cfg={"data": 1, "fsdp": 2, "tensor": 4},
-                    log=log)
+    cli.hf_to_orbax(
+        "qwen2_5_vl", str(src), str(root / "vlm_orbax"), mesh_cfg={"data": 1, "fsdp": 2, "tensor": 4}, log=log
+    )
     cli.orbax_to_hf(str(root / "vlm_orbax"), str(root / "vlm_back"), log=log)
     legacy = lambda n: n.replace("model.language_model.", "model.").replace("model.visual.", "visual.")
     _assert_same_values(root / "vlm_back", src, rename=legacy)  # export writes the published names
@@ -108,9 +128,15 @@ def test_qwen2_5_vl_current_names_convert_and_parity(folders, devices):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("pipeline,component,model,flags", [
-    ("Qwen-Image", "transformer", "qwen_image", DIT_FLAGS), ("Qwen-Image", "vae", "qwen_image_vae", VAE_FLAGS),
-    ("FLUX.1-dev", "transformer", "flux", DIT_FLAGS), ("FLUX.1-dev", "vae", "vae", VAE_FLAGS)])
+@pytest.mark.parametrize(
+    "pipeline,component,model,flags",
+    [
+        ("Qwen-Image", "transformer", "qwen_image", DIT_FLAGS),
+        ("Qwen-Image", "vae", "qwen_image_vae", VAE_FLAGS),
+        ("FLUX.1-dev", "transformer", "flux", DIT_FLAGS),
+        ("FLUX.1-dev", "vae", "vae", VAE_FLAGS),
+    ],
+)
 def test_diffusers_pipeline_folders_convert_and_parity_cli(folders, pipeline, component, model, flags):
     root, configs = folders
     src = root / pipeline  # the pipeline folder, as downloaded: the tools pick the component

@@ -34,8 +34,13 @@ def _pipeline_schedule(module, folder: str, height: int, width: int, steps: int)
     image_seq_len = (height // 16) * (width // 16)  # latents.shape[1]: packed 2x2 patches of the 8x VAE latents
     sigmas = np.linspace(1.0, 1 / steps, steps)
     c = scheduler.config
-    mu = module.calculate_shift(image_seq_len, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
-                                c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+    mu = module.calculate_shift(
+        image_seq_len,
+        c.get("base_image_seq_len", 256),
+        c.get("max_image_seq_len", 4096),
+        c.get("base_shift", 0.5),
+        c.get("max_shift", 1.15),
+    )
     timesteps, _ = module.retrieve_timesteps(scheduler, steps, "cpu", sigmas=sigmas, mu=mu)
     return scheduler.sigmas.numpy(), (timesteps / 1000).numpy(), image_seq_len
 
@@ -46,8 +51,9 @@ def test_published_schedules_equal_the_pipelines(pipeline, height, width, steps)
     folder = os.path.join(PUBLISHED, pipeline)
     ref_sigmas, ref_t, seq = _pipeline_schedule(PIPELINES[pipeline], folder, height, width, steps)
     schedule = diffusers_configs.read_schedule(folder)
-    sigmas, model_t = flow_solvers.flow_schedule(steps, schedule, sigmas=flow_solvers.pipeline_sigmas(steps),
-                                                 image_seq_len=seq)
+    sigmas, model_t = flow_solvers.flow_schedule(
+        steps, schedule, sigmas=flow_solvers.pipeline_sigmas(steps), image_seq_len=seq
+    )
     np.testing.assert_array_equal(sigmas, ref_sigmas)
     np.testing.assert_array_equal(model_t, ref_t)
 

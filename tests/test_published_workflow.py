@@ -48,7 +48,7 @@ def readme_blocks() -> list[tuple[dict[str, str], list[str]]]:
         text = f.read()
     start = text.index(SECTION)
     end = text.find("\n## ", start + len(SECTION))
-    section = text[start:end if end > 0 else None]
+    section = text[start : end if end > 0 else None]
     blocks = []
     for body in re.findall(r"```bash\n(.*?)```", section, re.S):
         variables, commands = {}, []
@@ -110,8 +110,13 @@ def workflow(tmp_path_factory, shapes_dir):
     build_tokenizer(str(vlm))  # a download holds its tokenizer beside the weights
     diffusers_pipeline_folder(root / "Qwen-Image", "Qwen-Image", seed=2)
     diffusers_pipeline_folder(root / "Qwen-Image-deep", "Qwen-Image", seed=3, tiny={"transformer": {"num_layers": 4}})
-    values = {"VLM": str(vlm), "QWEN_IMAGE": str(root / "Qwen-Image"), "DATA": shapes_dir, "SIZE": "qwen_image_tiny",
-              "RUNS": str(root / "runs")}
+    values = {
+        "VLM": str(vlm),
+        "QWEN_IMAGE": str(root / "Qwen-Image"),
+        "DATA": shapes_dir,
+        "SIZE": "qwen_image_tiny",
+        "RUNS": str(root / "runs"),
+    }
     (_, commands), (_, variant) = readme_blocks()
     out = [run(argv(c, values)) for c in commands]
     deep = dict(values, QWEN_IMAGE=str(root / "Qwen-Image-deep"), RUNS=str(root / "runs_10b"))
@@ -156,8 +161,10 @@ def test_sampling_writes_the_image(workflow):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("subtree,model,key", [("generator", "qwen_image", "dit"), ("vae", "qwen_image_vae", "vae"),
-                                               ("vlm", "qwen2_5_vl", "vlm")])
+@pytest.mark.parametrize(
+    "subtree,model,key",
+    [("generator", "qwen_image", "dit"), ("vae", "qwen_image_vae", "vae"), ("vlm", "qwen2_5_vl", "vlm")],
+)
 def test_export_is_the_run_merged_and_passes_parity(workflow, subtree, model, key):
     """The exported folder holds the stage-3 run's EMA weights with the LoRA merged, bit for bit,
     and its PyTorch class matches our model on it (`qk-jax parity`)."""
@@ -174,8 +181,11 @@ def test_export_is_the_run_merged_and_passes_parity(workflow, subtree, model, ke
     assert sorted(got) == sorted(want)
     for path, value in want.items():
         np.testing.assert_array_equal(np.asarray(got[path]), np.asarray(value), err_msg=path)
-    published = {"generator": ("Qwen-Image", "transformer"), "vae": ("Qwen-Image", "vae"),
-                 "vlm": ("Qwen2.5-VL-7B-Instruct",)}[subtree]
+    published = {
+        "generator": ("Qwen-Image", "transformer"),
+        "vae": ("Qwen-Image", "vae"),
+        "vlm": ("Qwen2.5-VL-7B-Instruct",),
+    }[subtree]
     with open(os.path.join(folder, "config.json")) as f:
         exported = json.load(f)
     version_keys = {"_diffusers_version", "transformers_version"}  # written by the libraries' save_pretrained

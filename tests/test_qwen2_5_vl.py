@@ -54,12 +54,30 @@ def tiny(tmp_path_factory):
     host = prepare_inputs(cfg, inputs["input_ids"], inputs["attention_mask"], inputs["image_grid_thw"])
     with torch.no_grad():
         ref = hf(**torch_inputs(inputs), output_hidden_states=True)
-    forward = jax.jit(lambda p, ids, pos, m, px, plan: model.apply(
-        {"params": p}, ids, pos, m, px, plan, output_hidden_states=True))
-    ours = forward(params, inputs["input_ids"], host["position_ids"], inputs["attention_mask"],
-                   inputs["pixel_values"], host["vision_plan"])
-    return dict(cfg=cfg, hf=hf, folder=root / "hf", params=params, model=model, inputs=inputs, host=host,
-                ref=ref, ours=jax.tree.map(np.asarray, ours), forward=forward, root=root)
+    forward = jax.jit(
+        lambda p, ids, pos, m, px, plan: model.apply({"params": p}, ids, pos, m, px, plan, output_hidden_states=True)
+    )
+    ours = forward(
+        params,
+        inputs["input_ids"],
+        host["position_ids"],
+        inputs["attention_mask"],
+        inputs["pixel_values"],
+        host["vision_plan"],
+    )
+    return dict(
+        cfg=cfg,
+        hf=hf,
+        folder=root / "hf",
+        params=params,
+        model=model,
+        inputs=inputs,
+        host=host,
+        ref=ref,
+        ours=jax.tree.map(np.asarray, ours),
+        forward=forward,
+        root=root,
+    )
 
 
 # ----------------------------------------------------------------------------- config
@@ -81,18 +99,50 @@ def test_config_round_trip_and_hf_acceptance(tiny):
 def test_legacy_flat_hub_config_is_read():
     # The layout of Qwen2.5-VL-7B-Instruct's config.json on the Hub (transformers 4.x).
     flat = {
-        "architectures": ["Qwen2_5_VLForConditionalGeneration"], "attention_dropout": 0.0, "bos_token_id": 151643,
-        "eos_token_id": 151645, "vision_start_token_id": 151652, "vision_end_token_id": 151653,
-        "vision_token_id": 151654, "image_token_id": 151655, "video_token_id": 151656, "hidden_act": "silu",
-        "hidden_size": 3584, "initializer_range": 0.02, "intermediate_size": 18944, "max_position_embeddings": 128000,
-        "max_window_layers": 28, "model_type": "qwen2_5_vl", "num_attention_heads": 28, "num_hidden_layers": 28,
-        "num_key_value_heads": 4, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768,
-        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True, "use_sliding_window": False,
-        "vision_config": {"depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420,
-                          "num_heads": 16, "in_chans": 3, "out_hidden_size": 3584, "patch_size": 14,
-                          "spatial_merge_size": 2, "spatial_patch_size": 14, "window_size": 112,
-                          "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2, "temporal_patch_size": 2},
-        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}, "vocab_size": 152064,
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+        "attention_dropout": 0.0,
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
+        "vision_start_token_id": 151652,
+        "vision_end_token_id": 151653,
+        "vision_token_id": 151654,
+        "image_token_id": 151655,
+        "video_token_id": 151656,
+        "hidden_act": "silu",
+        "hidden_size": 3584,
+        "initializer_range": 0.02,
+        "intermediate_size": 18944,
+        "max_position_embeddings": 128000,
+        "max_window_layers": 28,
+        "model_type": "qwen2_5_vl",
+        "num_attention_heads": 28,
+        "num_hidden_layers": 28,
+        "num_key_value_heads": 4,
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0,
+        "sliding_window": 32768,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+        "use_sliding_window": False,
+        "vision_config": {
+            "depth": 32,
+            "hidden_act": "silu",
+            "hidden_size": 1280,
+            "intermediate_size": 3420,
+            "num_heads": 16,
+            "in_chans": 3,
+            "out_hidden_size": 3584,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "spatial_patch_size": 14,
+            "window_size": 112,
+            "fullatt_block_indexes": [7, 15, 23, 31],
+            "tokens_per_second": 2,
+            "temporal_patch_size": 2,
+        },
+        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+        "vocab_size": 152064,
     }
     assert config_from_hf(flat) == get_config("7b")
 
@@ -104,8 +154,9 @@ def test_invalid_configs_name_the_field():
     with pytest.raises(ConfigError, match="fullatt_block_indexes"):
         cfg.replace(vision=cfg.vision.__class__(**{**cfg.vision.__dict__, "fullatt_block_indexes": (5,)}))
     with pytest.raises(ConfigError, match="use_sliding_window"):
-        config_from_hf({**config_to_hf(cfg), "text_config": {
-            **config_to_hf(cfg)["text_config"], "use_sliding_window": True}})
+        config_from_hf(
+            {**config_to_hf(cfg), "text_config": {**config_to_hf(cfg)["text_config"], "use_sliding_window": True}}
+        )
 
 
 def test_param_counts_equal_hf():
@@ -138,8 +189,9 @@ def test_mapping_covers_every_tensor_both_ways(tiny):
     with pytest.raises(MappingError):
         mapping.check_coverage(file_names, jax_paths + ["visual/blocks/extra/kernel"])
     # The model's own parameter tree is exactly what the mapping produces.
-    init_paths = set(flatten_tree(nn.meta.unbox(jax.eval_shape(lambda r: init_params(tiny["model"], r),
-                                                               jax.random.key(0)))))
+    init_paths = set(
+        flatten_tree(nn.meta.unbox(jax.eval_shape(lambda r: init_params(tiny["model"], r), jax.random.key(0))))
+    )
     assert init_paths == set(jax_paths)
     exported = dict(mapping.to_hf(tiny["params"]))
     assert sorted(exported) == sorted(file_names)
@@ -152,8 +204,9 @@ def test_export_round_trip_gives_identical_logits_in_transformers(tiny):
     out = tiny["root"] / "exported"
     export_hf(out, tiny["cfg"], tiny["params"], max_shard_bytes=200_000)  # several shards + index
     assert (out / "model.safetensors.index.json").exists()
-    back = Qwen2_5_VLForConditionalGeneration.from_pretrained(out, dtype=torch.float32,
-                                                              attn_implementation="eager").eval()
+    back = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        out, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     sd_ref, sd_back = tiny["hf"].state_dict(), back.state_dict()
     assert sd_ref.keys() == sd_back.keys()
     for k in sd_ref:
@@ -172,10 +225,15 @@ def test_rope_index_matches_hf_left_and_right_padding(tiny):
         inputs = make_inputs(cfg, IMAGES, 120, 2, padding, seed=2)
         t = torch_inputs(inputs)
         ref, ref_delta = tiny["hf"].model.get_rope_index(
-            t["input_ids"], t["mm_token_type_ids"], t["image_grid_thw"], attention_mask=t["attention_mask"])
-        ours, delta = get_rope_index(inputs["input_ids"], inputs["image_grid_thw"], inputs["attention_mask"],
-                                     image_token_id=cfg.image_token_id,
-                                     spatial_merge_size=cfg.vision.spatial_merge_size)
+            t["input_ids"], t["mm_token_type_ids"], t["image_grid_thw"], attention_mask=t["attention_mask"]
+        )
+        ours, delta = get_rope_index(
+            inputs["input_ids"],
+            inputs["image_grid_thw"],
+            inputs["attention_mask"],
+            image_token_id=cfg.image_token_id,
+            spatial_merge_size=cfg.vision.spatial_merge_size,
+        )
         np.testing.assert_array_equal(ours, ref.numpy())
         np.testing.assert_array_equal(delta, ref_delta.numpy()[:, 0])
 
@@ -184,8 +242,13 @@ def test_rope_index_matches_hf_left_and_right_padding(tiny):
 def test_vision_tower_matches_hf(tiny):
     cfg, inputs = tiny["cfg"], tiny["inputs"]
     with torch.no_grad():
-        ref = torch.cat(tiny["hf"].model.get_image_features(
-            torch.from_numpy(inputs["pixel_values"]), torch.from_numpy(inputs["image_grid_thw"])).pooler_output)
+        ref = torch.cat(
+            tiny["hf"]
+            .model.get_image_features(
+                torch.from_numpy(inputs["pixel_values"]), torch.from_numpy(inputs["image_grid_thw"])
+            )
+            .pooler_output
+        )
     vision = jax.jit(lambda p, px, plan: tiny["model"].apply({"params": p}, px, plan, method=Qwen25VL.vision))
     ours = vision(tiny["params"], inputs["pixel_values"], tiny["host"]["vision_plan"])
     err = rel_err(ours, ref.numpy())
@@ -203,7 +266,7 @@ def test_vision_tower_matches_hf(tiny):
     padded_px[n:] = 1.0  # the padding's content must not matter
     padded = vision(tiny["params"], padded_px, padded_plan)
     assert padded.shape[0] == ours.shape[0] + 3
-    np.testing.assert_allclose(padded[:ours.shape[0]], ours, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(padded[: ours.shape[0]], ours, rtol=0, atol=1e-6)
     # Videos-style grids (several frames, attention per frame) follow HF's tower too.
     m = cfg.vision.spatial_merge_size
     grid = np.array([[2, 3 * m, 2 * m], [1, m, 5 * m], [3, 2 * m, 2 * m]])
@@ -242,12 +305,12 @@ def test_batched_vision_layout_equals_flat_and_hf(tiny, devices):
     # Embeddings: global gather over the flat layout == row-local gather over the batched one,
     # unsharded and with rows and images split over (data, fsdp).
     embed = lambda p, ids, px, plan, own: model.apply({"params": p}, ids, px, plan, own, method=Qwen25VL.embed)
-    ref_embeds = np.asarray(jax.jit(embed, static_argnums=4)(params, inputs["input_ids"], px,
-                                                             build_vision_plan(grid, cfg.vision), False))
+    ref_embeds = np.asarray(
+        jax.jit(embed, static_argnums=4)(params, inputs["input_ids"], px, build_vision_plan(grid, cfg.vision), False)
+    )
     mesh = sharding.make_mesh((2, 2, 1))
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.activation_rules()):
-        placed = sharding.place_batch({"ids": inputs["input_ids"],
-                                       "px": px.reshape(images, -1, px.shape[-1])}, mesh)
+        placed = sharding.place_batch({"ids": inputs["input_ids"], "px": px.reshape(images, -1, px.shape[-1])}, mesh)
         ours = jax.jit(embed, static_argnums=4)(params, placed["ids"], placed["px"], plan, True)
     assert rel_err(ours, ref_embeds) <= 1e-6
 
@@ -274,8 +337,14 @@ def test_right_padding_matches_hf(tiny):
     host = prepare_inputs(cfg, inputs["input_ids"], inputs["attention_mask"], inputs["image_grid_thw"])
     with torch.no_grad():
         ref = hf(**torch_inputs(inputs)).logits.numpy()
-    ours = tiny["forward"](tiny["params"], inputs["input_ids"], host["position_ids"], inputs["attention_mask"],
-                           inputs["pixel_values"], host["vision_plan"])["logits"]
+    ours = tiny["forward"](
+        tiny["params"],
+        inputs["input_ids"],
+        host["position_ids"],
+        inputs["attention_mask"],
+        inputs["pixel_values"],
+        host["vision_plan"],
+    )["logits"]
     valid = inputs["attention_mask"].astype(bool)
     assert rel_err(np.asarray(ours)[valid], ref[valid]) < 1e-4
 
@@ -287,18 +356,26 @@ def test_embed_decode_with_appended_tokens_matches_hf(tiny):
     cfg, model, params, inputs, host = tiny["cfg"], tiny["model"], tiny["params"], tiny["inputs"], tiny["host"]
     k = 6
     extra = np.random.default_rng(4).integers(0, 400, size=(2, k))
-    embeds = model.apply({"params": params}, inputs["input_ids"], inputs["pixel_values"], host["vision_plan"],
-                         method=Qwen25VL.embed)
+    embeds = model.apply(
+        {"params": params}, inputs["input_ids"], inputs["pixel_values"], host["vision_plan"], method=Qwen25VL.embed
+    )
     extra_embeds = model.apply({"params": params}, extra, method=Qwen25VL.embed)
-    pos = np.concatenate([host["position_ids"], extend_position_ids(host["position_ids"],
-                                                                    inputs["attention_mask"], k)], axis=-1)
+    pos = np.concatenate(
+        [host["position_ids"], extend_position_ids(host["position_ids"], inputs["attention_mask"], k)], axis=-1
+    )
     mask = np.concatenate([inputs["attention_mask"], np.ones((2, k), np.int64)], axis=1)
-    hidden, states = jax.jit(lambda p, e, pos, m: model.apply({"params": p}, e, pos, m, True,
-                                                              method=Qwen25VL.decode))(
-        params, jnp.concatenate([embeds, extra_embeds], axis=1), pos, mask)
+    hidden, states = jax.jit(lambda p, e, pos, m: model.apply({"params": p}, e, pos, m, True, method=Qwen25VL.decode))(
+        params, jnp.concatenate([embeds, extra_embeds], axis=1), pos, mask
+    )
     logits = model.apply({"params": params}, hidden, method=Qwen25VL.logits)
-    t = torch_inputs(dict(inputs, input_ids=np.concatenate([inputs["input_ids"], extra], 1), attention_mask=mask,
-                          mm_token_type_ids=np.concatenate([inputs["mm_token_type_ids"], 0 * extra], 1)))
+    t = torch_inputs(
+        dict(
+            inputs,
+            input_ids=np.concatenate([inputs["input_ids"], extra], 1),
+            attention_mask=mask,
+            mm_token_type_ids=np.concatenate([inputs["mm_token_type_ids"], 0 * extra], 1),
+        )
+    )
     with torch.no_grad():
         ref = tiny["hf"](**t, output_hidden_states=True)
     assert states.shape[0] == cfg.text.num_hidden_layers + 1
@@ -308,8 +385,12 @@ def test_embed_decode_with_appended_tokens_matches_hf(tiny):
 
 def test_logical_names_are_covered_by_vlm_rules(tiny):
     _, specs = sharding.abstract_init(lambda r: init_params(tiny["model"], r), jax.random.key(0))
-    names = {n for spec in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
-             for n in spec if n is not None}
+    names = {
+        n
+        for spec in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+        for n in spec
+        if n is not None
+    }
     assert names and names <= {name for name, _ in sharding.VLM_RULES}, names - {n for n, _ in sharding.VLM_RULES}
 
 
@@ -321,8 +402,13 @@ def test_sharded_mesh_equals_unsharded(tiny, devices, mesh_shape):
     # 8 rows so the batch splits over data x fsdp; the vision tower sees all 16 images.
     inputs = make_inputs(cfg, IMAGES, 520, 8, "left", seed=5)
     host = prepare_inputs(cfg, inputs["input_ids"], inputs["attention_mask"], inputs["image_grid_thw"])
-    args = (inputs["input_ids"], host["position_ids"], inputs["attention_mask"], inputs["pixel_values"],
-            host["vision_plan"])
+    args = (
+        inputs["input_ids"],
+        host["position_ids"],
+        inputs["attention_mask"],
+        inputs["pixel_values"],
+        host["vision_plan"],
+    )
     unsharded = np.asarray(tiny["forward"](tiny["params"], *args)["logits"])
     _, specs = sharding.abstract_init(lambda r: {"vlm": init_params(model, r)}, jax.random.key(0))
     shardings = sharding.tree_shardings({"vlm": tiny["params"]}, specs, mesh)
@@ -332,10 +418,15 @@ def test_sharded_mesh_equals_unsharded(tiny, devices, mesh_shape):
     batch_axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.activation_rules()):
         batch = sharding.place_batch({"ids": args[0], "mask": args[2]}, mesh)
-        pos = jax.device_put(args[1], jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
-            None, batch_axes if len(batch_axes) > 1 else batch_axes[0])))
+        pos = jax.device_put(
+            args[1],
+            jax.sharding.NamedSharding(
+                mesh, jax.sharding.PartitionSpec(None, batch_axes if len(batch_axes) > 1 else batch_axes[0])
+            ),
+        )
         out = jax.jit(lambda p, ids, pos, m, px, plan: model.apply({"params": p["vlm"]}, ids, pos, m, px, plan))(
-            params, batch["ids"], pos, batch["mask"], args[3], args[4])
+            params, batch["ids"], pos, batch["mask"], args[3], args[4]
+        )
     valid = inputs["attention_mask"].astype(bool)
     assert rel_err(np.asarray(out["logits"])[valid], unsharded[valid]) < 1e-5
 
@@ -346,8 +437,13 @@ def test_remat_and_attention_impl_switches_agree(tiny):
     cfg, params = tiny["cfg"], tiny["params"]
     inputs = make_inputs(cfg, IMAGES[:1], 64, 2, "left", seed=8)
     host = prepare_inputs(cfg, inputs["input_ids"], inputs["attention_mask"], inputs["image_grid_thw"])
-    args = (inputs["input_ids"], host["position_ids"], inputs["attention_mask"], inputs["pixel_values"],
-            host["vision_plan"])
+    args = (
+        inputs["input_ids"],
+        host["position_ids"],
+        inputs["attention_mask"],
+        inputs["pixel_values"],
+        host["vision_plan"],
+    )
 
     def loss(model):
         return jax.jit(jax.value_and_grad(lambda p: jnp.mean(model.apply({"params": p}, *args)["logits"] ** 2)))
@@ -368,9 +464,16 @@ def test_remat_and_attention_impl_switches_agree(tiny):
 def test_bfloat16_compute_runs_close_to_float32(tiny):
     model16 = Qwen25VL(tiny["cfg"], dtype=jnp.bfloat16)
     inputs, host = tiny["inputs"], tiny["host"]
-    out = jax.jit(lambda p: model16.apply({"params": p}, inputs["input_ids"], host["position_ids"],
-                                          inputs["attention_mask"], inputs["pixel_values"], host["vision_plan"]))(
-        tiny["params"])
+    out = jax.jit(
+        lambda p: model16.apply(
+            {"params": p},
+            inputs["input_ids"],
+            host["position_ids"],
+            inputs["attention_mask"],
+            inputs["pixel_values"],
+            host["vision_plan"],
+        )
+    )(tiny["params"])
     valid = inputs["attention_mask"].astype(bool)
     assert out["logits"].dtype == jnp.float32
     assert rel_err(np.asarray(out["logits"])[valid], tiny["ours"]["logits"][valid]) < 5e-2

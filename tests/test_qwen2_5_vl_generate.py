@@ -34,31 +34,60 @@ def test_greedy_equals_hf_generate(setup):
     cfg, inputs = setup["cfg"], setup["inputs"]
     eos = cfg.text.eos_token_id
     with torch.no_grad():
-        ref = setup["hf"].generate(**torch_inputs(inputs), max_new_tokens=NEW_TOKENS, do_sample=False,
-                                   eos_token_id=eos, pad_token_id=cfg.text.pad_token_id)
-    ref = ref[:, inputs["input_ids"].shape[1]:].numpy()
+        ref = setup["hf"].generate(
+            **torch_inputs(inputs),
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=cfg.text.pad_token_id,
+        )
+    ref = ref[:, inputs["input_ids"].shape[1] :].numpy()
     gen = Generator(setup["model"])
-    ours = gen(setup["params"], inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
-               inputs["image_grid_thw"], max_new_tokens=NEW_TOKENS, eos_token_id=eos)
+    ours = gen(
+        setup["params"],
+        inputs["input_ids"],
+        inputs["attention_mask"],
+        inputs["pixel_values"],
+        inputs["image_grid_thw"],
+        max_new_tokens=NEW_TOKENS,
+        eos_token_id=eos,
+    )
     print("greedy tokens", ours.tolist())
     assert ref.shape == (2, NEW_TOKENS)
     np.testing.assert_array_equal(ours, ref)
     # EOS handling: declaring the first generated token of row 0 as EOS pads the rest of that row.
     stop = int(ref[0, 0])
-    ours_eos = gen(setup["params"], inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
-                   inputs["image_grid_thw"], max_new_tokens=NEW_TOKENS, eos_token_id=stop,
-                   pad_token_id=cfg.text.pad_token_id)
+    ours_eos = gen(
+        setup["params"],
+        inputs["input_ids"],
+        inputs["attention_mask"],
+        inputs["pixel_values"],
+        inputs["image_grid_thw"],
+        max_new_tokens=NEW_TOKENS,
+        eos_token_id=stop,
+        pad_token_id=cfg.text.pad_token_id,
+    )
     with torch.no_grad():
-        ref_eos = setup["hf"].generate(**torch_inputs(inputs), max_new_tokens=NEW_TOKENS, do_sample=False,
-                                       eos_token_id=stop, pad_token_id=cfg.text.pad_token_id)
-    np.testing.assert_array_equal(ours_eos, ref_eos[:, inputs["input_ids"].shape[1]:].numpy())
+        ref_eos = setup["hf"].generate(
+            **torch_inputs(inputs),
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            eos_token_id=stop,
+            pad_token_id=cfg.text.pad_token_id,
+        )
+    np.testing.assert_array_equal(ours_eos, ref_eos[:, inputs["input_ids"].shape[1] :].numpy())
     assert (ours_eos[0, 1:] == cfg.text.pad_token_id).all()
 
 
 def test_sampling(setup):
     inputs = setup["inputs"]
-    args = (setup["params"], inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
-            inputs["image_grid_thw"])
+    args = (
+        setup["params"],
+        inputs["input_ids"],
+        inputs["attention_mask"],
+        inputs["pixel_values"],
+        inputs["image_grid_thw"],
+    )
     sampler = Generator(setup["model"], SamplingConfig(temperature=1.0, top_k=50, top_p=0.9))
     a = sampler(*args, max_new_tokens=6, eos_token_id=-1, rng=jax.random.key(1))
     b = sampler(*args, max_new_tokens=6, eos_token_id=-1, rng=jax.random.key(1))
@@ -82,5 +111,4 @@ def test_sample_logits_filters():
 def test_right_padded_prompt_is_refused(setup):
     inputs = make_inputs(setup["cfg"], [], 40, 2, "right", seed=0)
     with pytest.raises(ValueError, match="left-padded"):
-        Generator(setup["model"])(setup["params"], inputs["input_ids"], inputs["attention_mask"],
-                                  max_new_tokens=2)
+        Generator(setup["model"])(setup["params"], inputs["input_ids"], inputs["attention_mask"], max_new_tokens=2)

@@ -30,8 +30,23 @@ def checkpoints(tmp_path_factory):
 
 
 def test_cli_on_tiny_checkpoint(checkpoints):
-    cmd = [sys.executable, "-m", "qk_jax.cli", "parity", "qwen2_5_vl", "--checkpoint", str(checkpoints / "tiny"),
-           "--image-sizes", "56x84,140x84", "--prompt-tokens", "600", "--batch-size", "2", "--every-n-layers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "qk_jax.cli",
+        "parity",
+        "qwen2_5_vl",
+        "--checkpoint",
+        str(checkpoints / "tiny"),
+        "--image-sizes",
+        "56x84,140x84",
+        "--prompt-tokens",
+        "600",
+        "--batch-size",
+        "2",
+        "--every-n-layers",
+        "1",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env_for_subprocess(), timeout=300)
     lines = proc.stdout.strip().splitlines()
     print(proc.stdout)
@@ -44,8 +59,9 @@ def test_cli_on_tiny_checkpoint(checkpoints):
 def test_other_configuration_in_process_and_failure_exit(checkpoints):
     folder = str(checkpoints / "other")
     out = io.StringIO()
-    code = tool.run(folder, [(96, 144), (144, 48)], prompt_tokens=520, batch_size=3, padding="right",
-                    every_n_layers=2, stream=out)
+    code = tool.run(
+        folder, [(96, 144), (144, 48)], prompt_tokens=520, batch_size=3, padding="right", every_n_layers=2, stream=out
+    )
     text = out.getvalue()
     print(text)
     assert code == 0 and text.strip().splitlines()[-1].startswith("PARITY OK"), text
@@ -67,5 +83,6 @@ def test_bfloat16_sharded_checkpoint_round_trips_bit_exactly(checkpoints, tmp_pa
     exported = dict(safetensors_io.iter_tensors(tmp_path / "out"))
     assert original.keys() == exported.keys()
     for name, value in original.items():
-        assert exported[name].dtype == value.dtype and np.array_equal(exported[name].view(np.uint16),
-                                                                      value.view(np.uint16)), name
+        assert exported[name].dtype == value.dtype and np.array_equal(
+            exported[name].view(np.uint16), value.view(np.uint16)
+        ), name

@@ -37,22 +37,28 @@ def hf_processor(folder):
             return ["image_processor", "tokenizer"]
 
     tok = AutoTokenizer.from_pretrained(folder)
-    return ImageOnlyQwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessorPil(), tokenizer=tok,
-                                        video_processor=None, chat_template=tok.chat_template)
+    return ImageOnlyQwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessorPil(), tokenizer=tok, video_processor=None, chat_template=tok.chat_template
+    )
 
 
 def images():
     rng = np.random.default_rng(0)
-    return [PIL.Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in
-            ((60, 90), (120, 50), (77, 77))]
+    return [
+        PIL.Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in ((60, 90), (120, 50), (77, 77))
+    ]
 
 
 def test_matches_hf_processor(folder):
     path, cfg = folder
     ours, ref_proc = QwenVLProcessor.from_pretrained(path), hf_processor(path)
     msgs = [
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "make the red circle blue"},
-                                      {"type": "image"}]}],
+        [
+            {
+                "role": "user",
+                "content": [{"type": "image"}, {"type": "text", "text": "make the red circle blue"}, {"type": "image"}],
+            }
+        ],
         [{"role": "user", "content": [{"type": "text", "text": "draw"}, {"type": "image"}]}],
     ]
     texts = [ours.apply_chat_template(m) for m in msgs]
@@ -67,11 +73,18 @@ def test_matches_hf_processor(folder):
     static = ours(texts, images=imgs, max_length=200, padding_side="left")
     assert static["input_ids"].shape == (2, 200)
     for row in range(2):
-        np.testing.assert_array_equal(static["input_ids"][row][static["attention_mask"][row] > 0],
-                                      got["input_ids"][row][got["attention_mask"][row] > 0])
+        np.testing.assert_array_equal(
+            static["input_ids"][row][static["attention_mask"][row] > 0],
+            got["input_ids"][row][got["attention_mask"][row] > 0],
+        )
     # The grids agree with the model config's image-token accounting.
-    get_rope_index(static["input_ids"], static["image_grid_thw"], static["attention_mask"],
-                   image_token_id=cfg.image_token_id, spatial_merge_size=cfg.vision.spatial_merge_size)
+    get_rope_index(
+        static["input_ids"],
+        static["image_grid_thw"],
+        static["attention_mask"],
+        image_token_id=cfg.image_token_id,
+        spatial_merge_size=cfg.vision.spatial_merge_size,
+    )
     with pytest.raises(ValueError, match="max_length"):
         ours(texts, images=imgs, max_length=20)
     with pytest.raises(ValueError, match="placeholders"):
@@ -107,12 +120,20 @@ def test_demo_config_runs_with_the_offline_tokenizer(tmp_path):
     cfg = get_config("demo")
     assert cfg.with_special_tokens(ids) == cfg
     proc = QwenVLProcessor.from_pretrained(tmp_path)
-    text = proc.apply_chat_template([{"role": "user", "content": [
-        {"type": "image"}, {"type": "text", "text": "make the orange hexagon purple"}]}])
+    text = proc.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "make the orange hexagon purple"}]}]
+    )
     batch = proc([text, text.replace("purple", "green")], images=images()[:2], max_length=96)
     model = Qwen25VL(cfg)
     params = nn.meta.unbox(init_params(model, jax.random.key(0)))
-    out = generate(model, params, batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
-                   batch["image_grid_thw"], max_new_tokens=3)
+    out = generate(
+        model,
+        params,
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["pixel_values"],
+        batch["image_grid_thw"],
+        max_new_tokens=3,
+    )
     assert out.shape[0] == 2 and 1 <= out.shape[1] <= 3 and (out < cfg.text.vocab_size).all()
     assert all(isinstance(s, str) for s in proc.decode(out))

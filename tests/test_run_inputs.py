@@ -20,10 +20,15 @@ def hf_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("Qwen2.5-VL-7B-Instruct")
     build_tokenizer(str(folder))
     for name in ("preprocessor_config.json", "generation_config.json", "config.json"):
-        shutil.copy(os.path.join(os.path.dirname(__file__), "fixtures", "published", "Qwen2.5-VL-7B-Instruct", name),
-                    folder / name)
-    for shard in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
-                  "model.safetensors.index.json"):
+        shutil.copy(
+            os.path.join(os.path.dirname(__file__), "fixtures", "published", "Qwen2.5-VL-7B-Instruct", name),
+            folder / name,
+        )
+    for shard in (
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+    ):
         (folder / shard).write_bytes(b"\0" * 4096)
     return folder
 

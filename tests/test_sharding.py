@@ -52,6 +52,7 @@ def test_sharded_init_follows_rules(devices, shape):
 
 def nn_unbox(tree):
     import flax.linen as nn
+
     return nn.meta.unbox(tree)
 
 
@@ -122,8 +123,9 @@ def test_lora_rank_takes_fsdp_only_where_free_and_divisible(devices):
     # b (r, mlp): mlp goes to tensor; the weight's fsdp axis (embed) is missing, so the rank takes it.
     assert sharding.logical_to_mesh_spec(P("lora_rank", "mlp"), rules, mesh, (8, 64)) == P("fsdp", "tensor")
     # Stacked (layers, r, out) likewise, and a rank the axis does not divide is replicated, not an error.
-    assert sharding.logical_to_mesh_spec(P("layers", "lora_rank", "mlp"), rules, mesh, (3, 8, 64)) == \
-        P(None, "fsdp", "tensor")
+    assert sharding.logical_to_mesh_spec(P("layers", "lora_rank", "mlp"), rules, mesh, (3, 8, 64)) == P(
+        None, "fsdp", "tensor"
+    )
     assert sharding.logical_to_mesh_spec(P("lora_rank", "mlp"), rules, mesh, (6, 64)) == P(None, "tensor")
     # Required axes still fail loudly.
     with pytest.raises(ValueError, match="not divisible"):
@@ -155,8 +157,9 @@ def test_config_rules_reach_the_train_state(devices, tmp_path):
         mesh = sharding.make_mesh(config.mesh)
         checkpointer = ckpt_lib.Checkpointer(str(tmp_path / f"ck{len(overrides)}"))
         with jax.set_mesh(mesh), sharding.activation_rules_context():
-            state, _, _ = train.build_state(QueryKontext(kcfg), config, mesh, optim.make_optimizer(config.train),
-                                            checkpointer)
+            state, _, _ = train.build_state(
+                QueryKontext(kcfg), config, mesh, optim.make_optimizer(config.train), checkpointer
+            )
         return state
 
     path, kernel = _dit_mlp_kernel(state_for([]))

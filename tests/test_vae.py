@@ -57,9 +57,15 @@ def _check(model, config, params, video: bool, normalize, denormalize):
         call = lambda *a, method: vae.apply({"params": p}, *a, method=method)
         z = call(im, method=vae.encode)
         mean, logvar = call(im, method=vae.encode_moments)
-        return dict(z=z, dec_ref=call(z_ref, method=vae.decode), round_trip=call(z, method=vae.decode),
-                    sampled=vae.apply({"params": p}, im, True, key, method=vae.encode), mean=mean, logvar=logvar,
-                    saturated=call(jnp.full_like(z_ref, 50.0), method=vae.decode))
+        return dict(
+            z=z,
+            dec_ref=call(z_ref, method=vae.decode),
+            round_trip=call(z, method=vae.decode),
+            sampled=vae.apply({"params": p}, im, True, key, method=vae.encode),
+            mean=mean,
+            logvar=logvar,
+            saturated=call(jnp.full_like(z_ref, 50.0), method=vae.decode),
+        )
 
     out = run(params, x, jnp.asarray(nhwc(ref_z)))
     z = out["z"]
@@ -113,11 +119,16 @@ def test_logical_axes_covered_by_vae_rules():
     import flax.linen as nn
 
     from qk_jax import sharding
+
     known = {name for name, _ in sharding.VAE_RULES}
     for name in ("tiny", "qwen_image_tiny"):
         vae = build_vae(vae_config(name))
         boxed = jax.eval_shape(lambda: vae.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"])
         specs = nn.get_partition_spec(boxed)
-        used = {a for s in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
-                for a in s if a}
+        used = {
+            a
+            for s in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+            for a in s
+            if a
+        }
         assert used and used <= known, used - known

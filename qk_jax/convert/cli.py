@@ -41,18 +41,31 @@ _MODEL = flags.DEFINE_string("model", "qwen2_5_vl", "Model family (see qk_jax.co
 _FROM_HF = flags.DEFINE_string("from_hf", None, "HF / diffusers folder to read (config.json + safetensors).")
 _TO_ORBAX = flags.DEFINE_string("to_orbax", None, "Orbax checkpoint directory to write.")
 _FROM_ORBAX = flags.DEFINE_string("from_orbax", None, "Orbax checkpoint directory to read.")
-_FROM_RUN = flags.DEFINE_string("from_run", None, "A training run (workdir or checkpoint root) to export a "
-                                                 "sub-model of, with --subtree and --to-hf.")
-_SUBTREE = flags.DEFINE_enum("subtree", None, ["vlm", "generator", "vae"],
-                             "With --from-run: the sub-model to export (the generator is the stage-1 head or the DiT).")
+_FROM_RUN = flags.DEFINE_string(
+    "from_run",
+    None,
+    "A training run (workdir or checkpoint root) to export a sub-model of, with --subtree and --to-hf.",
+)
+_SUBTREE = flags.DEFINE_enum(
+    "subtree",
+    None,
+    ["vlm", "generator", "vae"],
+    "With --from-run: the sub-model to export (the generator is the stage-1 head or the DiT).",
+)
 _EMA = flags.DEFINE_bool("ema", True, "With --from-run: export the EMA weights where the run keeps them.")
 _TO_HF = flags.DEFINE_string("to_hf", None, "HF folder to write (replaced atomically if it exists).")
-_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
-                           "Parameter dtype written (default: float32 into Orbax, the stored dtype into HF).")
-_STEP = flags.DEFINE_integer("step", None, "Orbax step to write (default 0) or read, or the run step to export "
-                             "(default: the newest).")
-_MESH = flags.DEFINE_string("mesh", "data=1,fsdp=-1,tensor=1",
-                            "Mesh the parameters are sharded on, e.g. data=1,fsdp=4,tensor=2 (-1: the rest).")
+_DTYPE = flags.DEFINE_enum(
+    "dtype",
+    None,
+    ["float32", "bfloat16"],
+    "Parameter dtype written (default: float32 into Orbax, the stored dtype into HF).",
+)
+_STEP = flags.DEFINE_integer(
+    "step", None, "Orbax step to write (default 0) or read, or the run step to export (default: the newest)."
+)
+_MESH = flags.DEFINE_string(
+    "mesh", "data=1,fsdp=-1,tensor=1", "Mesh the parameters are sharded on, e.g. data=1,fsdp=4,tensor=2 (-1: the rest)."
+)
 
 
 class ConvertError(RuntimeError):
@@ -67,8 +80,16 @@ def _dtype(name: str | None) -> Any:
     return {"float32": np.float32, "bfloat16": jnp.bfloat16}[name]
 
 
-def hf_to_orbax(model: str, hf_folder: str, orbax_dir: str, *, mesh_cfg: Mapping[str, int] | None = None,
-                dtype: Any = np.float32, step: int = 0, log=logs.info) -> dict:
+def hf_to_orbax(
+    model: str,
+    hf_folder: str,
+    orbax_dir: str,
+    *,
+    mesh_cfg: Mapping[str, int] | None = None,
+    dtype: Any = np.float32,
+    step: int = 0,
+    log=logs.info,
+) -> dict:
     """Converts `hf_folder` into step `step` of the Orbax checkpoint `orbax_dir`.
 
     Returns a summary `{"params": count, "bytes": total, "seconds": wall}`.
@@ -91,26 +112,44 @@ def hf_to_orbax(model: str, hf_folder: str, orbax_dir: str, *, mesh_cfg: Mapping
     got, want = flatten_tree(params), flatten_tree(abstract)
     if set(got) != set(want):
         missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-        raise ConvertError(f"{hf_folder}: the weights do not fit the config's parameter tree "
-                           f"(missing {missing[:3]}, unexpected {extra[:3]})")
+        raise ConvertError(
+            f"{hf_folder}: the weights do not fit the config's parameter tree "
+            f"(missing {missing[:3]}, unexpected {extra[:3]})"
+        )
     for path, value in got.items():
         if tuple(value.shape) != tuple(want[path].shape):
-            raise ConvertError(f"{hf_folder}: parameter {path} has shape {tuple(value.shape)}, the config implies "
-                               f"{tuple(want[path].shape)}")
-    config_item = {"model": model, "dtype": np.dtype(dtype).name, "source": os.path.abspath(hf_folder),
-                   "hf_config": spec.config_to_dict(cfg)}
+            raise ConvertError(
+                f"{hf_folder}: parameter {path} has shape {tuple(value.shape)}, the config implies "
+                f"{tuple(want[path].shape)}"
+            )
+    config_item = {
+        "model": model,
+        "dtype": np.dtype(dtype).name,
+        "source": os.path.abspath(hf_folder),
+        "hf_config": spec.config_to_dict(cfg),
+    }
     with ckpt_lib.Checkpointer(orbax_dir, max_to_keep=None) as ck:
         ck.save(step, params=params, config=config_item, force=True)
     n = sum(int(np.prod(v.shape)) for v in got.values())
     nbytes = sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in got.values())
     summary = {"params": n, "bytes": nbytes, "seconds": time.time() - t0}
-    log(f"{model}: wrote step {step} of {orbax_dir}: {n:,} parameters, {nbytes / 2**20:.1f} MiB, "
-        f"{summary['seconds']:.1f}s")
+    log(
+        f"{model}: wrote step {step} of {orbax_dir}: {n:,} parameters, {nbytes / 2**20:.1f} MiB, "
+        f"{summary['seconds']:.1f}s"
+    )
     return summary
 
 
-def orbax_to_hf(orbax_dir: str, hf_folder: str, *, model: str | None = None, mesh_cfg: Mapping[str, int] | None = None,
-                dtype: Any = None, step: int | None = None, log=logs.info) -> list[str]:
+def orbax_to_hf(
+    orbax_dir: str,
+    hf_folder: str,
+    *,
+    model: str | None = None,
+    mesh_cfg: Mapping[str, int] | None = None,
+    dtype: Any = None,
+    step: int | None = None,
+    log=logs.info,
+) -> list[str]:
     """Exports step `step` (default: newest) of `orbax_dir` to a HF folder; returns the files written."""
     import jax
 
@@ -125,8 +164,10 @@ def orbax_to_hf(orbax_dir: str, hf_folder: str, *, model: str | None = None, mes
     if step is None:
         raise ckpt_lib.CheckpointError(f"no checkpoint steps in {orbax_dir}")
     if "config" not in ck.items_in(step):
-        raise ckpt_lib.CheckpointError(f"checkpoint step {step} in {orbax_dir} has no 'config' item: it was not "
-                                       f"written by `qk-jax convert` (items: {ck.items_in(step)})")
+        raise ckpt_lib.CheckpointError(
+            f"checkpoint step {step} in {orbax_dir} has no 'config' item: it was not "
+            f"written by `qk-jax convert` (items: {ck.items_in(step)})"
+        )
     config_item = ckpt_lib.read_json_item(orbax_dir, step, "config")
     stored_model = config_item.get("model")
     if model is not None and stored_model is not None and model != stored_model:
@@ -138,8 +179,9 @@ def orbax_to_hf(orbax_dir: str, hf_folder: str, *, model: str | None = None, mes
     try:
         stored = ck.abstract_item(step, "params")
     except Exception as e:  # any unreadable metadata means a broken step
-        raise ckpt_lib.CheckpointError(f"checkpoint step {step} in {orbax_dir} has unreadable parameters "
-                                       f"({type(e).__name__}: {e})") from e
+        raise ckpt_lib.CheckpointError(
+            f"checkpoint step {step} in {orbax_dir} has unreadable parameters ({type(e).__name__}: {e})"
+        ) from e
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), stored, shardings)
     log(f"{stored_model}: restoring step {step} of {orbax_dir} onto mesh {dict(mesh.shape)}")
     params = ck.restore(step, params=target, json_items=(), fallback=False)["params"]
@@ -158,33 +200,58 @@ def main(argv: Sequence[str]) -> None:
     from qk_jax.convert.safetensors_io import CorruptCheckpointError
 
     if _FROM_RUN.value or _SUBTREE.value:
-        if not (_FROM_RUN.value and _SUBTREE.value and _TO_HF.value) or _FROM_HF.value or _FROM_ORBAX.value \
-                or _TO_ORBAX.value:
+        if (
+            not (_FROM_RUN.value and _SUBTREE.value and _TO_HF.value)
+            or _FROM_HF.value
+            or _FROM_ORBAX.value
+            or _TO_ORBAX.value
+        ):
             raise SystemExit("qk-jax convert: --from-run RUN --subtree vlm|generator|vae --to-hf DIR go together")
         try:
-            run_to_hf(_FROM_RUN.value, _SUBTREE.value, _TO_HF.value, step=_STEP.value, use_ema=_EMA.value,
-                      dtype=_dtype(_DTYPE.value), mesh_cfg=sharding.parse_mesh(_MESH.value) if _MESH.present else None)
+            run_to_hf(
+                _FROM_RUN.value,
+                _SUBTREE.value,
+                _TO_HF.value,
+                step=_STEP.value,
+                use_ema=_EMA.value,
+                dtype=_dtype(_DTYPE.value),
+                mesh_cfg=sharding.parse_mesh(_MESH.value) if _MESH.present else None,
+            )
         except (FileNotFoundError, CheckpointError, ExportError, ValueError) as e:
             raise SystemExit(f"qk-jax convert: {e}") from None
         return
     to_orbax = bool(_FROM_HF.value or _TO_ORBAX.value)
     to_hf = bool(_FROM_ORBAX.value or _TO_HF.value)
     if to_orbax == to_hf:
-        raise SystemExit("qk-jax convert: give either --from-hf DIR --to-orbax DIR, --from-orbax DIR --to-hf DIR "
-                         "or --from-run RUN --subtree NAME --to-hf DIR")
+        raise SystemExit(
+            "qk-jax convert: give either --from-hf DIR --to-orbax DIR, --from-orbax DIR --to-hf DIR "
+            "or --from-run RUN --subtree NAME --to-hf DIR"
+        )
     try:
         mesh_cfg = sharding.parse_mesh(_MESH.value)
         if to_orbax:
             if not (_FROM_HF.value and _TO_ORBAX.value):
                 raise SystemExit("qk-jax convert: --from-hf and --to-orbax go together")
-            hf_to_orbax(_MODEL.value, _FROM_HF.value, _TO_ORBAX.value, mesh_cfg=mesh_cfg,
-                        dtype=_dtype(_DTYPE.value) or np.float32, step=0 if _STEP.value is None else _STEP.value)
+            hf_to_orbax(
+                _MODEL.value,
+                _FROM_HF.value,
+                _TO_ORBAX.value,
+                mesh_cfg=mesh_cfg,
+                dtype=_dtype(_DTYPE.value) or np.float32,
+                step=0 if _STEP.value is None else _STEP.value,
+            )
         else:
             if not (_FROM_ORBAX.value and _TO_HF.value):
                 raise SystemExit("qk-jax convert: --from-orbax and --to-hf go together")
             model = _MODEL.value if _MODEL.present else None
-            orbax_to_hf(_FROM_ORBAX.value, _TO_HF.value, model=model, mesh_cfg=mesh_cfg, dtype=_dtype(_DTYPE.value),
-                        step=_STEP.value)
+            orbax_to_hf(
+                _FROM_ORBAX.value,
+                _TO_HF.value,
+                model=model,
+                mesh_cfg=mesh_cfg,
+                dtype=_dtype(_DTYPE.value),
+                step=_STEP.value,
+            )
     except (FileNotFoundError, CorruptCheckpointError, CheckpointError, ConvertError, ValueError) as e:
         raise SystemExit(f"qk-jax convert: {e}") from None
 

@@ -33,6 +33,10 @@ def reference_arguments(cfg: Mapping[str, Any], class_name: str, defaults: Mappi
     """
     ignored = sorted(k for k in cfg if not k.startswith("_") and k not in defaults)
     if ignored:
-        logger.warning("%s config.json: keys %s are not arguments of %s and are ignored, as diffusers ignores them",
-                       class_name, ignored, class_name)
+        logger.warning(
+            "%s config.json: keys %s are not arguments of %s and are ignored, as diffusers ignores them",
+            class_name,
+            ignored,
+            class_name,
+        )
     return {k: cfg.get(k, default) for k, default in defaults.items()}

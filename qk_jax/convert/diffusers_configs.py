@@ -30,13 +30,33 @@ _MMDIT_CLASS = {"qwen_image": "QwenImageTransformer2DModel", "flux": "FluxTransf
 # The `__init__` arguments of the two diffusers classes and their defaults (diffusers 0.35-0.42):
 # what a config.json that omits a key means (FLUX.1-dev's has no axes_dims_rope / out_channels).
 _MMDIT_DEFAULTS: dict[str, dict[str, Any]] = {
-    "qwen_image": dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
-                       num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False,
-                       axes_dims_rope=(16, 56, 56), zero_cond_t=False, use_additional_t_cond=False,
-                       use_layer3d_rope=False),
-    "flux": dict(patch_size=1, in_channels=64, out_channels=None, num_layers=19, num_single_layers=38,
-                 attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
-                 guidance_embeds=False, axes_dims_rope=(16, 56, 56)),
+    "qwen_image": dict(
+        patch_size=2,
+        in_channels=64,
+        out_channels=16,
+        num_layers=60,
+        attention_head_dim=128,
+        num_attention_heads=24,
+        joint_attention_dim=3584,
+        guidance_embeds=False,
+        axes_dims_rope=(16, 56, 56),
+        zero_cond_t=False,
+        use_additional_t_cond=False,
+        use_layer3d_rope=False,
+    ),
+    "flux": dict(
+        patch_size=1,
+        in_channels=64,
+        out_channels=None,
+        num_layers=19,
+        num_single_layers=38,
+        attention_head_dim=128,
+        num_attention_heads=24,
+        joint_attention_dim=4096,
+        pooled_projection_dim=768,
+        guidance_embeds=False,
+        axes_dims_rope=(16, 56, 56),
+    ),
 }
 
 
@@ -57,8 +77,10 @@ def mmdit_from_diffusers(cfg: Mapping[str, Any], **runtime) -> MMDiTConfig:
         raise ValueError(f"config.json _class_name={name!r}: expected one of {sorted(_MMDIT_CLASS.values())}")
     get = reference_arguments(cfg, _MMDIT_CLASS[family], _MMDIT_DEFAULTS[family])
     if family == "qwen_image" and get["guidance_embeds"]:
-        raise ValueError("QwenImageTransformer2DModel config.json has guidance_embeds=true: diffusers builds no "
-                         "guidance embedder for it (its forward fails when guidance is passed); unsupported")
+        raise ValueError(
+            "QwenImageTransformer2DModel config.json has guidance_embeds=true: diffusers builds no "
+            "guidance embedder for it (its forward fails when guidance is passed); unsupported"
+        )
     return MMDiTConfig(
         family=family,
         patch_size=int(get["patch_size"]),
@@ -81,28 +103,51 @@ def mmdit_from_diffusers(cfg: Mapping[str, Any], **runtime) -> MMDiTConfig:
 
 def mmdit_to_diffusers(config: MMDiTConfig) -> dict[str, Any]:
     """The config.json dict diffusers' `from_pretrained` reads for this architecture."""
-    common = dict(patch_size=config.patch_size, in_channels=config.in_channels, out_channels=config.out_channels,
-                  num_layers=config.num_layers, attention_head_dim=config.head_dim,
-                  num_attention_heads=config.num_heads, joint_attention_dim=config.joint_attention_dim,
-                  guidance_embeds=config.guidance_embeds, axes_dims_rope=list(config.axes_dims_rope))
+    common = dict(
+        patch_size=config.patch_size,
+        in_channels=config.in_channels,
+        out_channels=config.out_channels,
+        num_layers=config.num_layers,
+        attention_head_dim=config.head_dim,
+        num_attention_heads=config.num_heads,
+        joint_attention_dim=config.joint_attention_dim,
+        guidance_embeds=config.guidance_embeds,
+        axes_dims_rope=list(config.axes_dims_rope),
+    )
     if config.rope_theta != 10000.0 or config.mlp_ratio != 4.0 or config.eps != 1e-6:
-        raise ValueError("MMDiTConfig: diffusers fixes rope_theta=10000, mlp_ratio=4, eps=1e-6; this config "
-                         f"has {config.rope_theta}, {config.mlp_ratio}, {config.eps} and cannot be exported")
+        raise ValueError(
+            "MMDiTConfig: diffusers fixes rope_theta=10000, mlp_ratio=4, eps=1e-6; this config "
+            f"has {config.rope_theta}, {config.mlp_ratio}, {config.eps} and cannot be exported"
+        )
     if config.family == "qwen_image":
         if config.num_single_layers or config.pooled_projection_dim:
-            raise ValueError("MMDiTConfig: QwenImageTransformer2DModel has no single-stream blocks and no pooled "
-                             f"projection (num_single_layers={config.num_single_layers}, "
-                             f"pooled_projection_dim={config.pooled_projection_dim})")
-        return {"_class_name": _MMDIT_CLASS["qwen_image"], **common, "zero_cond_t": config.zero_cond_t,
-                "use_additional_t_cond": config.use_additional_t_cond, "use_layer3d_rope": config.use_layer3d_rope}
+            raise ValueError(
+                "MMDiTConfig: QwenImageTransformer2DModel has no single-stream blocks and no pooled "
+                f"projection (num_single_layers={config.num_single_layers}, "
+                f"pooled_projection_dim={config.pooled_projection_dim})"
+            )
+        return {
+            "_class_name": _MMDIT_CLASS["qwen_image"],
+            **common,
+            "zero_cond_t": config.zero_cond_t,
+            "use_additional_t_cond": config.use_additional_t_cond,
+            "use_layer3d_rope": config.use_layer3d_rope,
+        }
     if config.zero_cond_t or config.use_additional_t_cond or config.use_layer3d_rope:
-        raise ValueError("MMDiTConfig: zero_cond_t / use_additional_t_cond / use_layer3d_rope are Qwen-Image "
-                         "options; FluxTransformer2DModel has none of them")
+        raise ValueError(
+            "MMDiTConfig: zero_cond_t / use_additional_t_cond / use_layer3d_rope are Qwen-Image "
+            "options; FluxTransformer2DModel has none of them"
+        )
     if config.pooled_projection_dim is None:
-        raise ValueError("MMDiTConfig: FluxTransformer2DModel always has a pooled projection; "
-                         "set pooled_projection_dim")
-    return {"_class_name": _MMDIT_CLASS["flux"], **common, "num_single_layers": config.num_single_layers,
-            "pooled_projection_dim": config.pooled_projection_dim}
+        raise ValueError(
+            "MMDiTConfig: FluxTransformer2DModel always has a pooled projection; set pooled_projection_dim"
+        )
+    return {
+        "_class_name": _MMDIT_CLASS["flux"],
+        **common,
+        "num_single_layers": config.num_single_layers,
+        "pooled_projection_dim": config.pooled_projection_dim,
+    }
 
 
 def mmdit_class_name(config: MMDiTConfig) -> str:
@@ -114,10 +159,25 @@ def mmdit_class_name(config: MMDiTConfig) -> str:
 
 # diffusers `AutoencoderKL.__init__` arguments and defaults (what a missing config.json key means).
 _KL_DEFAULTS: dict[str, Any] = dict(
-    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
-    block_out_channels=(64,), layers_per_block=1, act_fn="silu", latent_channels=4, norm_num_groups=32,
-    sample_size=32, scaling_factor=0.18215, shift_factor=None, latents_mean=None, latents_std=None,
-    force_upcast=True, use_quant_conv=True, use_post_quant_conv=True, mid_block_add_attention=True)
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",),
+    up_block_types=("UpDecoderBlock2D",),
+    block_out_channels=(64,),
+    layers_per_block=1,
+    act_fn="silu",
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=32,
+    scaling_factor=0.18215,
+    shift_factor=None,
+    latents_mean=None,
+    latents_std=None,
+    force_upcast=True,
+    use_quant_conv=True,
+    use_post_quant_conv=True,
+    mid_block_add_attention=True,
+)
 
 
 def kl_vae_from_diffusers(cfg: Mapping[str, Any], **runtime) -> AutoencoderKLConfig:
@@ -134,34 +194,65 @@ def kl_vae_from_diffusers(cfg: Mapping[str, Any], **runtime) -> AutoencoderKLCon
         raise ValueError(f"AutoencoderKL config.json act_fn={get['act_fn']!r}: only 'silu' is implemented")
     tup = lambda v: None if v is None else tuple(v)
     return AutoencoderKLConfig(
-        in_channels=get["in_channels"], out_channels=get["out_channels"],
-        block_out_channels=tuple(get["block_out_channels"]), layers_per_block=get["layers_per_block"],
-        latent_channels=get["latent_channels"], norm_num_groups=get["norm_num_groups"],
-        scaling_factor=get["scaling_factor"], shift_factor=get["shift_factor"],
-        use_quant_conv=get["use_quant_conv"], use_post_quant_conv=get["use_post_quant_conv"],
-        mid_block_add_attention=get["mid_block_add_attention"], sample_size=get["sample_size"],
-        force_upcast=get["force_upcast"], latents_mean=tup(get["latents_mean"]),
-        latents_std=tup(get["latents_std"]), **runtime)
+        in_channels=get["in_channels"],
+        out_channels=get["out_channels"],
+        block_out_channels=tuple(get["block_out_channels"]),
+        layers_per_block=get["layers_per_block"],
+        latent_channels=get["latent_channels"],
+        norm_num_groups=get["norm_num_groups"],
+        scaling_factor=get["scaling_factor"],
+        shift_factor=get["shift_factor"],
+        use_quant_conv=get["use_quant_conv"],
+        use_post_quant_conv=get["use_post_quant_conv"],
+        mid_block_add_attention=get["mid_block_add_attention"],
+        sample_size=get["sample_size"],
+        force_upcast=get["force_upcast"],
+        latents_mean=tup(get["latents_mean"]),
+        latents_std=tup(get["latents_std"]),
+        **runtime,
+    )
 
 
 def kl_vae_to_diffusers(config: AutoencoderKLConfig) -> dict[str, Any]:
     """The `AutoencoderKL` config.json dict."""
     n = len(config.block_out_channels)
     lst = lambda v: None if v is None else list(v)
-    return {"_class_name": "AutoencoderKL", "in_channels": config.in_channels, "out_channels": config.out_channels,
-            "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
-            "block_out_channels": list(config.block_out_channels), "layers_per_block": config.layers_per_block,
-            "act_fn": "silu", "latent_channels": config.latent_channels, "norm_num_groups": config.norm_num_groups,
-            "sample_size": config.sample_size, "scaling_factor": config.scaling_factor,
-            "shift_factor": config.shift_factor, "latents_mean": lst(config.latents_mean),
-            "latents_std": lst(config.latents_std), "force_upcast": config.force_upcast,
-            "use_quant_conv": config.use_quant_conv, "use_post_quant_conv": config.use_post_quant_conv,
-            "mid_block_add_attention": config.mid_block_add_attention}
+    return {
+        "_class_name": "AutoencoderKL",
+        "in_channels": config.in_channels,
+        "out_channels": config.out_channels,
+        "down_block_types": ["DownEncoderBlock2D"] * n,
+        "up_block_types": ["UpDecoderBlock2D"] * n,
+        "block_out_channels": list(config.block_out_channels),
+        "layers_per_block": config.layers_per_block,
+        "act_fn": "silu",
+        "latent_channels": config.latent_channels,
+        "norm_num_groups": config.norm_num_groups,
+        "sample_size": config.sample_size,
+        "scaling_factor": config.scaling_factor,
+        "shift_factor": config.shift_factor,
+        "latents_mean": lst(config.latents_mean),
+        "latents_std": lst(config.latents_std),
+        "force_upcast": config.force_upcast,
+        "use_quant_conv": config.use_quant_conv,
+        "use_post_quant_conv": config.use_post_quant_conv,
+        "mid_block_add_attention": config.mid_block_add_attention,
+    }
 
 
 # `AutoencoderKLQwenImage.__init__` arguments; their defaults are `QwenImageVAEConfig`'s.
-_QWEN_VAE_KEYS = ("base_dim", "z_dim", "dim_mult", "num_res_blocks", "attn_scales", "temperal_downsample",
-                  "dropout", "input_channels", "latents_mean", "latents_std")
+_QWEN_VAE_KEYS = (
+    "base_dim",
+    "z_dim",
+    "dim_mult",
+    "num_res_blocks",
+    "attn_scales",
+    "temperal_downsample",
+    "dropout",
+    "input_channels",
+    "latents_mean",
+    "latents_std",
+)
 
 
 def qwen_vae_from_diffusers(cfg: Mapping[str, Any], **runtime) -> QwenImageVAEConfig:
@@ -189,14 +280,31 @@ def qwen_vae_to_diffusers(config: QwenImageVAEConfig) -> dict[str, Any]:
 SCHEDULER_CONFIG = "scheduler_config.json"
 # diffusers `FlowMatchEulerDiscreteScheduler.__init__` arguments and defaults (0.35-0.42).
 _SCHEDULER_DEFAULTS: dict[str, Any] = dict(
-    num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False, base_shift=0.5, max_shift=1.15,
-    base_image_seq_len=256, max_image_seq_len=4096, invert_sigmas=False, shift_terminal=None, use_karras_sigmas=False,
-    use_exponential_sigmas=False, use_beta_sigmas=False, time_shift_type="exponential", stochastic_sampling=False)
+    num_train_timesteps=1000,
+    shift=1.0,
+    use_dynamic_shifting=False,
+    base_shift=0.5,
+    max_shift=1.15,
+    base_image_seq_len=256,
+    max_image_seq_len=4096,
+    invert_sigmas=False,
+    shift_terminal=None,
+    use_karras_sigmas=False,
+    use_exponential_sigmas=False,
+    use_beta_sigmas=False,
+    time_shift_type="exponential",
+    stochastic_sampling=False,
+)
 
 
 # scheduler options that change the schedule in ways qk_jax does not implement
-_SCHEDULER_UNSUPPORTED = ("invert_sigmas", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
-                           "stochastic_sampling")
+_SCHEDULER_UNSUPPORTED = (
+    "invert_sigmas",
+    "use_karras_sigmas",
+    "use_exponential_sigmas",
+    "use_beta_sigmas",
+    "stochastic_sampling",
+)
 
 
 def schedule_from_diffusers(cfg: Mapping[str, Any]) -> FlowMatchSchedule:
@@ -204,16 +312,19 @@ def schedule_from_diffusers(cfg: Mapping[str, Any]) -> FlowMatchSchedule:
     defaults, keys it does not take are ignored with one warning); options that change the
     schedule in a way qk_jax does not implement are refused by name."""
     if cfg.get("_class_name", "FlowMatchEulerDiscreteScheduler") != "FlowMatchEulerDiscreteScheduler":
-        raise ValueError(f"scheduler config _class_name={cfg['_class_name']!r}: qk_jax implements the "
-                         "FlowMatchEulerDiscreteScheduler schedule only")
+        raise ValueError(
+            f"scheduler config _class_name={cfg['_class_name']!r}: qk_jax implements the "
+            "FlowMatchEulerDiscreteScheduler schedule only"
+        )
     get = reference_arguments(cfg, "FlowMatchEulerDiscreteScheduler", _SCHEDULER_DEFAULTS)
     on = [k for k in _SCHEDULER_UNSUPPORTED if get[k]]
     if on:
-        raise ValueError(f"scheduler config sets {on}: qk_jax implements the plain (optionally shifted) "
-                         "FlowMatchEulerDiscreteScheduler schedule only")
+        raise ValueError(
+            f"scheduler config sets {on}: qk_jax implements the plain (optionally shifted) "
+            "FlowMatchEulerDiscreteScheduler schedule only"
+        )
     if get["time_shift_type"] not in ("exponential", "linear"):
-        raise ValueError(f"scheduler config time_shift_type={get['time_shift_type']!r}: use 'exponential' or "
-                         "'linear'")
+        raise ValueError(f"scheduler config time_shift_type={get['time_shift_type']!r}: use 'exponential' or 'linear'")
     names = {f.name for f in dataclasses.fields(FlowMatchSchedule)}
     return FlowMatchSchedule(**{k: v for k, v in get.items() if k in names})
 
@@ -233,8 +344,11 @@ def find_scheduler_config(path: str | os.PathLike) -> str | None:
     path = os.fspath(path)
     if os.path.isfile(path):
         return path
-    for candidate in (os.path.join(path, SCHEDULER_CONFIG), os.path.join(path, "scheduler", SCHEDULER_CONFIG),
-                      os.path.join(os.path.dirname(os.path.abspath(path)), "scheduler", SCHEDULER_CONFIG)):
+    for candidate in (
+        os.path.join(path, SCHEDULER_CONFIG),
+        os.path.join(path, "scheduler", SCHEDULER_CONFIG),
+        os.path.join(os.path.dirname(os.path.abspath(path)), "scheduler", SCHEDULER_CONFIG),
+    ):
         if os.path.isfile(candidate):
             return candidate
     return None
@@ -245,8 +359,10 @@ def read_schedule(path: str | os.PathLike) -> FlowMatchSchedule:
     FileNotFoundError / ValueError naming the path."""
     found = find_scheduler_config(path)
     if found is None:
-        raise FileNotFoundError(f"{path} is not a {SCHEDULER_CONFIG}, nor a folder holding one (or scheduler/"
-                                f"{SCHEDULER_CONFIG}, as a diffusers pipeline folder does)")
+        raise FileNotFoundError(
+            f"{path} is not a {SCHEDULER_CONFIG}, nor a folder holding one (or scheduler/"
+            f"{SCHEDULER_CONFIG}, as a diffusers pipeline folder does)"
+        )
     try:
         with open(found) as f:
             raw = json.load(f)
@@ -269,8 +385,10 @@ _CODECS: dict[type, tuple[Callable[..., Any], Callable[[Any], dict[str, Any]]]] 
 
 def _codec(config_cls: type):
     if config_cls not in _CODECS:
-        raise TypeError(f"no diffusers config.json translation for {config_cls.__name__}; known: "
-                        f"{sorted(c.__name__ for c in _CODECS)}")
+        raise TypeError(
+            f"no diffusers config.json translation for {config_cls.__name__}; known: "
+            f"{sorted(c.__name__ for c in _CODECS)}"
+        )
     return _CODECS[config_cls]
 
 

@@ -30,8 +30,10 @@ def model_folder(path: str | os.PathLike, subfolder: str) -> epath.Path:
         return path
     if (path / subfolder / "config.json").exists():
         return path / subfolder
-    raise FileNotFoundError(f"{path} holds no config.json (nor {subfolder}/config.json): "
-                            f"expected a diffusers model folder or a pipeline folder with a {subfolder}/ component")
+    raise FileNotFoundError(
+        f"{path} holds no config.json (nor {subfolder}/config.json): "
+        f"expected a diffusers model folder or a pipeline folder with a {subfolder}/ component"
+    )
 
 
 def read_config(folder: str | os.PathLike) -> dict[str, Any]:
@@ -58,21 +60,46 @@ def load_tree(folder, mapping: Mapping, abstract: Any, *, dtype: Any = None, sha
         raise ValueError(f"{folder}: tensors map to parameters the model lacks, e.g. {extra[:5]}")
     for path, value in got.items():
         if tuple(value.shape) != tuple(want[path].shape):
-            raise ValueError(f"{folder}: parameter {path} has shape {tuple(value.shape)} in the checkpoint, the "
-                             f"config implies {tuple(want[path].shape)}")
+            raise ValueError(
+                f"{folder}: parameter {path} has shape {tuple(value.shape)} in the checkpoint, the "
+                f"config implies {tuple(want[path].shape)}"
+            )
     return params
 
 
-def save_tree(folder, params: Any, mapping: Mapping, diffusers_config: dict[str, Any], *, dtype: Any = None,
-              max_shard_bytes: int = 4 << 30, hf_shapes: dict | None = None) -> list[str]:
+def save_tree(
+    folder,
+    params: Any,
+    mapping: Mapping,
+    diffusers_config: dict[str, Any],
+    *,
+    dtype: Any = None,
+    max_shard_bytes: int = 4 << 30,
+    hf_shapes: dict | None = None,
+) -> list[str]:
     """Writes `params` as a diffusers model folder (config.json + safetensors, sharded above `max_shard_bytes`)."""
     return safetensors_io.save_params(
-        folder, params, mapping, dtype=dtype, hf_shapes=hf_shapes, weights_name=DIFFUSERS_WEIGHTS,
-        max_shard_bytes=max_shard_bytes, extra_files={"config.json": json.dumps(diffusers_config, indent=2)})
+        folder,
+        params,
+        mapping,
+        dtype=dtype,
+        hf_shapes=hf_shapes,
+        weights_name=DIFFUSERS_WEIGHTS,
+        max_shard_bytes=max_shard_bytes,
+        extra_files={"config.json": json.dumps(diffusers_config, indent=2)},
+    )
 
 
-def load_model(path, subfolder: str, config_from_dict: Callable[[dict], Any], mapping_fn: Callable[[Any], Mapping],
-               abstract_fn: Callable[[Any], Any], *, dtype: Any = None, shardings: Any = None) -> tuple[Any, dict]:
+def load_model(
+    path,
+    subfolder: str,
+    config_from_dict: Callable[[dict], Any],
+    mapping_fn: Callable[[Any], Mapping],
+    abstract_fn: Callable[[Any], Any],
+    *,
+    dtype: Any = None,
+    shardings: Any = None,
+) -> tuple[Any, dict]:
     """`(config, params)` of a diffusers model folder (or pipeline folder + `subfolder`)."""
     folder = model_folder(path, subfolder)
     config = config_from_dict(read_config(folder))

@@ -24,7 +24,8 @@ def mapping(config: MMDiTConfig) -> Mapping:
     blk, s = "transformer_blocks.{i}", ("i",)
     single, sj = "single_transformer_blocks.{j}", ("j",)
     rules = [
-        *linear("x_embedder", "img_in"), *linear("context_embedder", "txt_in"),
+        *linear("x_embedder", "img_in"),
+        *linear("context_embedder", "txt_in"),
         *linear("time_text_embed.timestep_embedder.linear_1", "time_embed/linear_1"),
         *linear("time_text_embed.timestep_embedder.linear_2", "time_embed/linear_2"),
         *linear("time_text_embed.guidance_embedder.linear_1", "guidance_embed/linear_1"),
@@ -46,18 +47,27 @@ def mapping(config: MMDiTConfig) -> Mapping:
         *linear(f"{single}.attn.to_v", "single_blocks/v", sj),
         *norm(f"{single}.attn.norm_q", "single_blocks/q_norm", sj),
         *norm(f"{single}.attn.norm_k", "single_blocks/k_norm", sj),
-        *linear("norm_out.linear", "norm_out"), *linear("proj_out", "proj_out"),
+        *linear("norm_out.linear", "norm_out"),
+        *linear("proj_out", "proj_out"),
     ]
     return Mapping(rules, stack_sizes={"i": config.num_layers, "j": config.num_single_layers})
 
 
 def load(path, *, dtype: Any = None, shardings: Any = None, **runtime) -> tuple[MMDiTConfig, dict]:
     """`(config, params)` from a diffusers FLUX transformer folder or a FLUX pipeline folder."""
-    return diffusers_io.load_model(path, "transformer", lambda d: from_diffusers(MMDiTConfig, d, **runtime),
-                                   mapping, abstract_params, dtype=dtype, shardings=shardings)
+    return diffusers_io.load_model(
+        path,
+        "transformer",
+        lambda d: from_diffusers(MMDiTConfig, d, **runtime),
+        mapping,
+        abstract_params,
+        dtype=dtype,
+        shardings=shardings,
+    )
 
 
 def save(folder, config: MMDiTConfig, params: Any, *, dtype: Any = None, max_shard_bytes: int = 4 << 30) -> list[str]:
     """Exports to a folder `FluxTransformer2DModel.from_pretrained` loads."""
-    return diffusers_io.save_tree(folder, params, mapping(config), to_diffusers(config), dtype=dtype,
-                                  max_shard_bytes=max_shard_bytes)
+    return diffusers_io.save_tree(
+        folder, params, mapping(config), to_diffusers(config), dtype=dtype, max_shard_bytes=max_shard_bytes
+    )

@@ -35,15 +35,26 @@ def subtree_model(kcfg, subtree: str, where: str = "the run") -> tuple[str, str,
         return kcfg.generator_key, ("flux" if kcfg.generator.family == "flux" else "qwen_image"), kcfg.generator
     if subtree == "vae":
         if isinstance(kcfg.vae, PixelSpaceConfig):
-            raise ExportError(f"{where} uses the pixel-space autoencoder (config field model.vae.kind='pixel'), "
-                              "which has no weights and no diffusers class")
+            raise ExportError(
+                f"{where} uses the pixel-space autoencoder (config field model.vae.kind='pixel'), "
+                "which has no weights and no diffusers class"
+            )
         name = "qwen_image_vae" if type(kcfg.vae).__name__ == "QwenImageVAEConfig" else "vae"
         return "vae", name, kcfg.vae
     raise ExportError(f"--subtree={subtree!r}: choose one of {', '.join(SUBTREES)}")
 
 
-def run_to_hf(run: str, subtree: str, out: str, *, step: int | None = None, use_ema: bool = True,
-              dtype: Any = None, mesh_cfg: Mapping[str, int] | None = None, log=logs.info) -> list[str]:
+def run_to_hf(
+    run: str,
+    subtree: str,
+    out: str,
+    *,
+    step: int | None = None,
+    use_ema: bool = True,
+    dtype: Any = None,
+    mesh_cfg: Mapping[str, int] | None = None,
+    log=logs.info,
+) -> list[str]:
     """Writes `subtree` of `run` (a workdir or checkpoint root) as a HF / diffusers folder `out`.
 
     Returns the files written. The weights are restored sharded on `mesh_cfg` (default: the
@@ -59,11 +70,15 @@ def run_to_hf(run: str, subtree: str, out: str, *, step: int | None = None, use_
     weights = run_params.restore(run, use_ema=use_ema, mesh_spec=mesh_cfg, step=step)
     key, model, cfg = subtree_model(weights.kcfg, subtree, f"{run} step {weights.step}")
     adapters = weights.params.get("lora", {})
-    params = apply_lora({key: weights.params[key], **({"lora": {key: adapters[key]}} if key in adapters else {})},
-                        weights.kcfg.lora_scales)[key]
-    log(f"{run} step {weights.step}: {subtree} ({key}, {model}) from the "
+    params = apply_lora(
+        {key: weights.params[key], **({"lora": {key: adapters[key]}} if key in adapters else {})},
+        weights.kcfg.lora_scales,
+    )[key]
+    log(
+        f"{run} step {weights.step}: {subtree} ({key}, {model}) from the "
         f"{'EMA' if weights.used_ema and _trained(weights.config, key) else 'stored'} weights"
-        + (", LoRA merged" if key in adapters else ""))
+        + (", LoRA merged" if key in adapters else "")
+    )
     files = get_model(model).export(out, cfg, params, dtype=dtype)
     if model == "qwen2_5_vl" and weights.processor_dir:
         files += vlm_inputs.copy_processor(weights.processor_dir, out, f"{run}/processor")

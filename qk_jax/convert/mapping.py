@@ -55,8 +55,9 @@ CONV = Transform(
 )
 
 
-def reshape(jax_shape_fn: Callable[[tuple[int, ...]], tuple[int, ...]], name: str = "reshape",
-            then: Transform = IDENTITY) -> Transform:
+def reshape(
+    jax_shape_fn: Callable[[tuple[int, ...]], tuple[int, ...]], name: str = "reshape", then: Transform = IDENTITY
+) -> Transform:
     """`then`, followed by a reshape computed from the transformed shape (and back)."""
 
     def fwd(x):
@@ -86,7 +87,7 @@ def _pattern_regex(pattern: str) -> re.Pattern:
     parts = []
     last = 0
     for m in _PLACEHOLDER.finditer(pattern):
-        parts.append(re.escape(pattern[last:m.start()]))
+        parts.append(re.escape(pattern[last : m.start()]))
         parts.append(f"(?P<{m.group(1)}>\\d+)")
         last = m.end()
     parts.append(re.escape(pattern[last:]))
@@ -146,8 +147,9 @@ class Mapping:
         such as rotary `inv_freq`), each documented where the mapping is defined.
     """
 
-    def __init__(self, rules: Sequence[Rule], stack_sizes: TMapping[str, int] | None = None,
-                 ignore_hf: Sequence[str] = ()):
+    def __init__(
+        self, rules: Sequence[Rule], stack_sizes: TMapping[str, int] | None = None, ignore_hf: Sequence[str] = ()
+    ):
         self.rules = list(rules)
         self.stack_sizes = dict(stack_sizes or {})
         self.ignore_hf = [re.compile(p) for p in ignore_hf]
@@ -182,8 +184,9 @@ class Mapping:
 
     # ---------------------------------------------------------------- HF -> JAX
 
-    def to_jax(self, tensors: Iterable[tuple[str, np.ndarray]], dtype: Any = None,
-               strict: bool = True) -> Iterator[tuple[str, np.ndarray]]:
+    def to_jax(
+        self, tensors: Iterable[tuple[str, np.ndarray]], dtype: Any = None, strict: bool = True
+    ) -> Iterator[tuple[str, np.ndarray]]:
         """Streams `(hf_name, array)` into `(jax_path, array)` pairs.
 
         A stacked parameter is emitted once all its slices arrived. With `strict`, a
@@ -207,9 +210,11 @@ class Mapping:
             if path not in pending:
                 pending[path] = (np.zeros(sizes + value.shape, dtype=value.dtype), set())
             buf, seen = pending[path]
-            if buf.shape[len(sizes):] != value.shape:
-                raise MappingError(f"HF tensor {name!r} has shape {value.shape} after transform, expected "
-                                   f"{buf.shape[len(sizes):]} like its other layers")
+            if buf.shape[len(sizes) :] != value.shape:
+                raise MappingError(
+                    f"HF tensor {name!r} has shape {value.shape} after transform, expected "
+                    f"{buf.shape[len(sizes) :]} like its other layers"
+                )
             buf[index] = value
             seen.add(index)
             if len(seen) == int(np.prod(sizes)):
@@ -218,8 +223,10 @@ class Mapping:
         if pending and strict:
             path, (buf, seen) = next(iter(pending.items()))
             n_stack = len(next(iter(seen)))
-            raise MappingError(f"parameter {path!r} got {len(seen)} of {int(np.prod(buf.shape[:n_stack]))} "
-                               f"stacked slices: the checkpoint is missing layers")
+            raise MappingError(
+                f"parameter {path!r} got {len(seen)} of {int(np.prod(buf.shape[:n_stack]))} "
+                f"stacked slices: the checkpoint is missing layers"
+            )
 
     def _stack_size(self, placeholder: str, rule: Rule) -> int:
         if placeholder not in self.stack_sizes:
@@ -228,15 +235,19 @@ class Mapping:
 
     # ---------------------------------------------------------------- JAX -> HF
 
-    def to_hf(self, params: TMapping[str, Any], hf_shapes: TMapping[str, tuple[int, ...]] | None = None,
-              dtype: Any = None) -> Iterator[tuple[str, np.ndarray]]:
+    def to_hf(
+        self, params: TMapping[str, Any], hf_shapes: TMapping[str, tuple[int, ...]] | None = None, dtype: Any = None
+    ) -> Iterator[tuple[str, np.ndarray]]:
         """Streams a (nested or flat) parameter tree into `(hf_name, array)` pairs.
 
         `hf_shapes` is only needed for transforms that cannot be inverted from the JAX
         shape alone (reshapes); mappings usually do without.
         """
-        flat = params if all(isinstance(v, np.ndarray) or hasattr(v, "shape") for v in params.values()) \
+        flat = (
+            params
+            if all(isinstance(v, np.ndarray) or hasattr(v, "shape") for v in params.values())
             else flatten_tree(params)
+        )
         for path, value in flat.items():
             found = self.rule_for_jax(path)
             if found is None:
@@ -248,7 +259,7 @@ class Mapping:
             if not rule.stack:
                 yield _fill(rule.hf, values), self._inv(rule, value, _fill(rule.hf, values), hf_shapes)
                 continue
-            sizes = value.shape[:len(rule.stack)]
+            sizes = value.shape[: len(rule.stack)]
             for index in np.ndindex(*sizes):
                 names = dict(values, **dict(zip(rule.stack, index)))
                 name = _fill(rule.hf, names)

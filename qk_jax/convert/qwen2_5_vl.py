@@ -52,19 +52,28 @@ _VISION_BLOCK = [  # stacked over {v}
     ("attn.qkv.bias", "attn/qkv/bias", QKV_BIAS),
     ("attn.proj.weight", "attn/proj/kernel", TRANSPOSE),
     ("attn.proj.bias", "attn/proj/bias", IDENTITY),
-] + [(f"mlp.{p}.{w}", f"mlp/{p}/{j}", t) for p in ("gate_proj", "up_proj", "down_proj")
-     for w, j, t in (("weight", "kernel", TRANSPOSE), ("bias", "bias", IDENTITY))]
+] + [
+    (f"mlp.{p}.{w}", f"mlp/{p}/{j}", t)
+    for p in ("gate_proj", "up_proj", "down_proj")
+    for w, j, t in (("weight", "kernel", TRANSPOSE), ("bias", "bias", IDENTITY))
+]
 _TEXT = [
     ("embed_tokens.weight", "embed_tokens/embedding", IDENTITY),
     ("norm.weight", "norm/scale", IDENTITY),
 ]
-_TEXT_LAYER = [  # stacked over {i}
-    ("input_layernorm.weight", "input_layernorm/scale", IDENTITY),
-    ("post_attention_layernorm.weight", "post_attention_layernorm/scale", IDENTITY),
-    ("self_attn.o_proj.weight", "self_attn/o_proj/kernel", TRANSPOSE),
-] + [(f"self_attn.{p}.{w}", f"self_attn/{p}/{j}", t) for p in ("q_proj", "k_proj", "v_proj")
-     for w, j, t in (("weight", "kernel", TRANSPOSE), ("bias", "bias", IDENTITY))] \
-  + [(f"mlp.{p}.weight", f"mlp/{p}/kernel", TRANSPOSE) for p in ("gate_proj", "up_proj", "down_proj")]
+_TEXT_LAYER = (
+    [  # stacked over {i}
+        ("input_layernorm.weight", "input_layernorm/scale", IDENTITY),
+        ("post_attention_layernorm.weight", "post_attention_layernorm/scale", IDENTITY),
+        ("self_attn.o_proj.weight", "self_attn/o_proj/kernel", TRANSPOSE),
+    ]
+    + [
+        (f"self_attn.{p}.{w}", f"self_attn/{p}/{j}", t)
+        for p in ("q_proj", "k_proj", "v_proj")
+        for w, j, t in (("weight", "kernel", TRANSPOSE), ("bias", "bias", IDENTITY))
+    ]
+    + [(f"mlp.{p}.weight", f"mlp/{p}/kernel", TRANSPOSE) for p in ("gate_proj", "up_proj", "down_proj")]
+)
 
 # Tensor-name layouts: (vision prefix, text prefix).
 LAYOUTS = {"hub": ("visual.", "model."), "module": ("model.visual.", "model.language_model.")}
@@ -84,8 +93,7 @@ def hf_mapping(cfg: Qwen25VLConfig, layout: str = "hub") -> Mapping:
     rules = [Rule(vis + h, "visual/" + j, t) for h, j, t in _VISION]
     rules += [Rule(f"{vis}blocks.{{v}}.{h}", "visual/blocks/" + j, t, stack=("v",)) for h, j, t in _VISION_BLOCK]
     rules += [Rule(txt + h, "language_model/" + j, t) for h, j, t in _TEXT]
-    rules += [Rule(f"{txt}layers.{{i}}.{h}", "language_model/layers/" + j, t, stack=("i",))
-              for h, j, t in _TEXT_LAYER]
+    rules += [Rule(f"{txt}layers.{{i}}.{h}", "language_model/layers/" + j, t, stack=("i",)) for h, j, t in _TEXT_LAYER]
     ignore = []
     if cfg.tie_word_embeddings:
         # A tied checkpoint may still carry a copy of the embedding as the head.
@@ -111,8 +119,10 @@ def config_from_hf(hf: TMapping[str, Any], **overrides) -> Qwen25VLConfig:
     t, v = c.text_config, c.vision_config
     t_rope = dict(t.rope_parameters or {})
     if t_rope.get("rope_type", "default") not in ("default", "mrope"):
-        raise ConfigError(f"text_config.rope_parameters.rope_type={t_rope.get('rope_type')!r} is not supported "
-                          "(only the default M-RoPE)")
+        raise ConfigError(
+            f"text_config.rope_parameters.rope_type={t_rope.get('rope_type')!r} is not supported "
+            "(only the default M-RoPE)"
+        )
     if getattr(t, "use_sliding_window", False):
         raise ConfigError("text_config.use_sliding_window=True is not supported (Qwen2.5-VL does not use it)")
     v_rope = dict(getattr(v, "rope_parameters", None) or {})
@@ -124,27 +134,49 @@ def config_from_hf(hf: TMapping[str, Any], **overrides) -> Qwen25VLConfig:
         raise ConfigError(f"vision_config.patch_size={patch!r} / temporal_patch_size={tpatch!r}: only ints")
     eos = t.eos_token_id
     vision = VisionConfig(
-        depth=int(v.depth), hidden_size=int(v.hidden_size), intermediate_size=int(v.intermediate_size),
-        num_heads=int(v.num_heads), out_hidden_size=int(v.out_hidden_size), in_channels=int(v.in_channels),
-        patch_size=int(patch), temporal_patch_size=int(tpatch), spatial_merge_size=int(v.spatial_merge_size),
-        window_size=int(v.window_size), fullatt_block_indexes=tuple(int(i) for i in v.fullatt_block_indexes),
-        hidden_act=str(v.hidden_act), rope_theta=float(v_rope.get("rope_theta", 10000.0)),
-        tokens_per_second=int(v.tokens_per_second))
+        depth=int(v.depth),
+        hidden_size=int(v.hidden_size),
+        intermediate_size=int(v.intermediate_size),
+        num_heads=int(v.num_heads),
+        out_hidden_size=int(v.out_hidden_size),
+        in_channels=int(v.in_channels),
+        patch_size=int(patch),
+        temporal_patch_size=int(tpatch),
+        spatial_merge_size=int(v.spatial_merge_size),
+        window_size=int(v.window_size),
+        fullatt_block_indexes=tuple(int(i) for i in v.fullatt_block_indexes),
+        hidden_act=str(v.hidden_act),
+        rope_theta=float(v_rope.get("rope_theta", 10000.0)),
+        tokens_per_second=int(v.tokens_per_second),
+    )
     text = TextConfig(
-        vocab_size=int(t.vocab_size), hidden_size=int(t.hidden_size), intermediate_size=int(t.intermediate_size),
-        num_hidden_layers=int(t.num_hidden_layers), num_attention_heads=int(t.num_attention_heads),
+        vocab_size=int(t.vocab_size),
+        hidden_size=int(t.hidden_size),
+        intermediate_size=int(t.intermediate_size),
+        num_hidden_layers=int(t.num_hidden_layers),
+        num_attention_heads=int(t.num_attention_heads),
         num_key_value_heads=int(t.num_key_value_heads or t.num_attention_heads),
-        rms_norm_eps=float(t.rms_norm_eps), rope_theta=float(t_rope.get("rope_theta", 1000000.0)),
+        rms_norm_eps=float(t.rms_norm_eps),
+        rope_theta=float(t_rope.get("rope_theta", 1000000.0)),
         mrope_section=tuple(int(s) for s in t_rope.get("mrope_section", (16, 24, 24))),
-        max_position_embeddings=int(t.max_position_embeddings), hidden_act=str(t.hidden_act),
-        bos_token_id=t.bos_token_id, eos_token_id=eos[0] if isinstance(eos, (list, tuple)) else eos,
-        pad_token_id=t.pad_token_id)
-    kwargs = dict(vision=vision, text=text, image_token_id=int(c.image_token_id),
-                  video_token_id=int(c.video_token_id), vision_start_token_id=int(c.vision_start_token_id),
-                  vision_end_token_id=int(c.vision_end_token_id),
-                  tie_word_embeddings=bool(c.tie_word_embeddings))
+        max_position_embeddings=int(t.max_position_embeddings),
+        hidden_act=str(t.hidden_act),
+        bos_token_id=t.bos_token_id,
+        eos_token_id=eos[0] if isinstance(eos, (list, tuple)) else eos,
+        pad_token_id=t.pad_token_id,
+    )
+    kwargs = dict(
+        vision=vision,
+        text=text,
+        image_token_id=int(c.image_token_id),
+        video_token_id=int(c.video_token_id),
+        vision_start_token_id=int(c.vision_start_token_id),
+        vision_end_token_id=int(c.vision_end_token_id),
+        tie_word_embeddings=bool(c.tie_word_embeddings),
+    )
     kwargs.update(overrides)
     return Qwen25VLConfig(**kwargs)
+
 
 def config_to_hf(cfg: Qwen25VLConfig) -> dict[str, Any]:
     """The nested `config.json` dict that transformers' `from_pretrained` loads."""
@@ -160,24 +192,41 @@ def config_to_hf(cfg: Qwen25VLConfig) -> dict[str, Any]:
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "text_config": {
             "model_type": "qwen2_5_vl_text",
-            "vocab_size": t.vocab_size, "hidden_size": t.hidden_size,
-            "intermediate_size": t.intermediate_size, "num_hidden_layers": t.num_hidden_layers,
-            "num_attention_heads": t.num_attention_heads, "num_key_value_heads": t.num_key_value_heads,
-            "rms_norm_eps": t.rms_norm_eps, "hidden_act": t.hidden_act,
+            "vocab_size": t.vocab_size,
+            "hidden_size": t.hidden_size,
+            "intermediate_size": t.intermediate_size,
+            "num_hidden_layers": t.num_hidden_layers,
+            "num_attention_heads": t.num_attention_heads,
+            "num_key_value_heads": t.num_key_value_heads,
+            "rms_norm_eps": t.rms_norm_eps,
+            "hidden_act": t.hidden_act,
             "max_position_embeddings": t.max_position_embeddings,
-            "rope_parameters": {"rope_type": "default", "rope_theta": t.rope_theta,
-                                "mrope_section": list(t.mrope_section)},
-            "use_sliding_window": False, "attention_dropout": 0.0,
-            "bos_token_id": t.bos_token_id, "eos_token_id": t.eos_token_id, "pad_token_id": t.pad_token_id,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": t.rope_theta,
+                "mrope_section": list(t.mrope_section),
+            },
+            "use_sliding_window": False,
+            "attention_dropout": 0.0,
+            "bos_token_id": t.bos_token_id,
+            "eos_token_id": t.eos_token_id,
+            "pad_token_id": t.pad_token_id,
             "tie_word_embeddings": cfg.tie_word_embeddings,
         },
         "vision_config": {
             "model_type": "qwen2_5_vl_vision",
-            "depth": v.depth, "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
-            "num_heads": v.num_heads, "out_hidden_size": v.out_hidden_size, "in_channels": v.in_channels,
-            "patch_size": v.patch_size, "temporal_patch_size": v.temporal_patch_size,
-            "spatial_merge_size": v.spatial_merge_size, "window_size": v.window_size,
-            "fullatt_block_indexes": list(v.fullatt_block_indexes), "hidden_act": v.hidden_act,
+            "depth": v.depth,
+            "hidden_size": v.hidden_size,
+            "intermediate_size": v.intermediate_size,
+            "num_heads": v.num_heads,
+            "out_hidden_size": v.out_hidden_size,
+            "in_channels": v.in_channels,
+            "patch_size": v.patch_size,
+            "temporal_patch_size": v.temporal_patch_size,
+            "spatial_merge_size": v.spatial_merge_size,
+            "window_size": v.window_size,
+            "fullatt_block_indexes": list(v.fullatt_block_indexes),
+            "hidden_act": v.hidden_act,
             "tokens_per_second": v.tokens_per_second,
             "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta},
         },
@@ -193,8 +242,9 @@ def read_config(folder: str | os.PathLike, **overrides) -> Qwen25VLConfig:
         return config_from_hf(json.load(f), **overrides)
 
 
-def load_hf(folder: str | os.PathLike, dtype: Any = np.float32, shardings: Any = None,
-            config: Qwen25VLConfig | None = None) -> tuple[Qwen25VLConfig, dict]:
+def load_hf(
+    folder: str | os.PathLike, dtype: Any = np.float32, shardings: Any = None, config: Qwen25VLConfig | None = None
+) -> tuple[Qwen25VLConfig, dict]:
     """Reads a HF Qwen2.5-VL folder (single file or sharded with an index), streamed.
 
     Args:
@@ -211,8 +261,9 @@ def load_hf(folder: str | os.PathLike, dtype: Any = np.float32, shardings: Any =
     return cfg, params
 
 
-def export_hf(folder: str | os.PathLike, cfg: Qwen25VLConfig, params: dict, dtype: Any = None,
-              max_shard_bytes: int = 4 << 30) -> list[str]:
+def export_hf(
+    folder: str | os.PathLike, cfg: Qwen25VLConfig, params: dict, dtype: Any = None, max_shard_bytes: int = 4 << 30
+) -> list[str]:
     """Writes `config.json` (the published flat layout, `published_configs.qwen2_5_vl`) +
     safetensors (sharded with an index above `max_shard_bytes`) that
     `Qwen2_5_VLForConditionalGeneration.from_pretrained` loads. Returns the shard names."""
@@ -221,5 +272,6 @@ def export_hf(folder: str | os.PathLike, cfg: Qwen25VLConfig, params: dict, dtyp
     stored = {np.dtype(x.dtype).name for x in jax.tree.leaves(params)}
     dtype_name = np.dtype(dtype).name if dtype is not None else (stored.pop() if len(stored) == 1 else "float32")
     extra = {"config.json": json.dumps(published_configs.qwen2_5_vl(cfg, dtype_name), indent=2)}
-    return safetensors_io.save_params(folder, params, hf_mapping(cfg), dtype=dtype, extra_files=extra,
-                                      max_shard_bytes=max_shard_bytes)
+    return safetensors_io.save_params(
+        folder, params, hf_mapping(cfg), dtype=dtype, extra_files=extra, max_shard_bytes=max_shard_bytes
+    )

@@ -30,12 +30,23 @@ def norm(hf: str, jax: str, stack: tuple[str, ...] = ()) -> list[Rule]:
 def joint_attention_rules(hf: str, jax: str, stack: tuple[str, ...]) -> list[Rule]:
     """The double-stream attention tensors, named identically by Qwen-Image and FLUX."""
     rules = []
-    for hf_name, ours in (("to_q", "img_q"), ("to_k", "img_k"), ("to_v", "img_v"), ("add_q_proj", "txt_q"),
-                          ("add_k_proj", "txt_k"), ("add_v_proj", "txt_v"), ("to_out.0", "img_out"),
-                          ("to_add_out", "txt_out")):
+    for hf_name, ours in (
+        ("to_q", "img_q"),
+        ("to_k", "img_k"),
+        ("to_v", "img_v"),
+        ("add_q_proj", "txt_q"),
+        ("add_k_proj", "txt_k"),
+        ("add_v_proj", "txt_v"),
+        ("to_out.0", "img_out"),
+        ("to_add_out", "txt_out"),
+    ):
         rules += linear(f"{hf}.{hf_name}", f"{jax}/{ours}", stack)
-    for hf_name, ours in (("norm_q", "img_q_norm"), ("norm_k", "img_k_norm"), ("norm_added_q", "txt_q_norm"),
-                          ("norm_added_k", "txt_k_norm")):
+    for hf_name, ours in (
+        ("norm_q", "img_q_norm"),
+        ("norm_k", "img_k_norm"),
+        ("norm_added_q", "txt_q_norm"),
+        ("norm_added_k", "txt_k_norm"),
+    ):
         rules += norm(f"{hf}.{hf_name}", f"{jax}/{ours}", stack)
     return rules
 
@@ -45,7 +56,9 @@ def mapping(config: MMDiTConfig) -> Mapping:
         raise ValueError(f"qwen_image.mapping needs family='qwen_image', got {config.family!r}")
     blk, s = "transformer_blocks.{i}", ("i",)
     rules = [
-        *linear("img_in", "img_in"), *norm("txt_norm", "txt_norm"), *linear("txt_in", "txt_in"),
+        *linear("img_in", "img_in"),
+        *norm("txt_norm", "txt_norm"),
+        *linear("txt_in", "txt_in"),
         *linear("time_text_embed.timestep_embedder.linear_1", "time_embed/linear_1"),
         *linear("time_text_embed.timestep_embedder.linear_2", "time_embed/linear_2"),
         Rule("time_text_embed.addition_t_embedding.weight", "addition_t_embed"),
@@ -56,7 +69,8 @@ def mapping(config: MMDiTConfig) -> Mapping:
         *linear(f"{blk}.img_mlp.net.2", "double_blocks/img_mlp/fc2", s),
         *linear(f"{blk}.txt_mlp.net.0.proj", "double_blocks/txt_mlp/fc1", s),
         *linear(f"{blk}.txt_mlp.net.2", "double_blocks/txt_mlp/fc2", s),
-        *linear("norm_out.linear", "norm_out"), *linear("proj_out", "proj_out"),
+        *linear("norm_out.linear", "norm_out"),
+        *linear("proj_out", "proj_out"),
     ]
     return Mapping(rules, stack_sizes={"i": config.num_layers})
 
@@ -66,8 +80,15 @@ def load(path, *, dtype: Any = None, shardings: Any = None, **runtime) -> tuple[
 
     `runtime` sets MMDiTConfig runtime fields (dtype, remat, attention_impl).
     """
-    return diffusers_io.load_model(path, "transformer", lambda d: from_diffusers(MMDiTConfig, d, **runtime),
-                                   mapping, abstract_params, dtype=dtype, shardings=shardings)
+    return diffusers_io.load_model(
+        path,
+        "transformer",
+        lambda d: from_diffusers(MMDiTConfig, d, **runtime),
+        mapping,
+        abstract_params,
+        dtype=dtype,
+        shardings=shardings,
+    )
 
 
 def save(folder, config: MMDiTConfig, params: Any, *, dtype: Any = None, max_shard_bytes: int = 4 << 30) -> list[str]:
@@ -75,5 +96,11 @@ def save(folder, config: MMDiTConfig, params: Any, *, dtype: Any = None, max_sha
     the published layout, `published_configs.qwen_image_transformer`)."""
     from qk_jax.convert import published_configs
 
-    return diffusers_io.save_tree(folder, params, mapping(config), published_configs.qwen_image_transformer(config),
-                                  dtype=dtype, max_shard_bytes=max_shard_bytes)
+    return diffusers_io.save_tree(
+        folder,
+        params,
+        mapping(config),
+        published_configs.qwen_image_transformer(config),
+        dtype=dtype,
+        max_shard_bytes=max_shard_bytes,
+    )

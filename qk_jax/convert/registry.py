@@ -76,7 +76,8 @@ def _qwen2_5_vl() -> ModelSpec:
         config_to_dict=conv.config_to_hf,
         config_from_dict=conv.config_from_hf,
         abstract=lambda cfg: jax.eval_shape(lambda r: init_params(Qwen25VL(cfg), r), jax.random.key(0)),
-        submodel="vlm")
+        submodel="vlm",
+    )
 
 
 def diffusers_config_path(path: str | os.PathLike, subfolder: str) -> str:
@@ -84,8 +85,10 @@ def diffusers_config_path(path: str | os.PathLike, subfolder: str) -> str:
     for candidate in (os.path.join(path, "config.json"), os.path.join(path, subfolder, "config.json")):
         if os.path.exists(candidate):
             return candidate
-    raise FileNotFoundError(f"{path} holds no config.json (nor {subfolder}/config.json): expected a diffusers "
-                            f"model folder or a pipeline folder with a {subfolder}/ component")
+    raise FileNotFoundError(
+        f"{path} holds no config.json (nor {subfolder}/config.json): expected a diffusers "
+        f"model folder or a pipeline folder with a {subfolder}/ component"
+    )
 
 
 def traced(init_params: Any) -> Callable[[Any], Any]:
@@ -119,13 +122,15 @@ def diffusers_model(converter: Any, subfolder: str, config_cls: Any, abstract: A
 
     return ModelSpec(
         read_config=read_config,
-        load=lambda folder, *, dtype=None, shardings=None: _resolve(converter).load(folder, dtype=dtype,
-                                                                                   shardings=shardings),
+        load=lambda folder, *, dtype=None, shardings=None: _resolve(converter).load(
+            folder, dtype=dtype, shardings=shardings
+        ),
         export=lambda folder, cfg, params, *, dtype=None: _resolve(converter).save(folder, cfg, params, dtype=dtype),
         config_to_dict=lambda cfg: to_diffusers(cfg),
         config_from_dict=lambda d: from_diffusers(_resolve(config_cls), d),
         abstract=lambda cfg: _resolve(abstract)(cfg),
-        submodel=submodel)
+        submodel=submodel,
+    )
 
 
 _MMDIT_INIT = "qk_jax.models.mmdit:init_params"
@@ -134,14 +139,18 @@ _VAE_ABSTRACT = "qk_jax.models.vae:abstract_vae_params"  # VAE weights are repli
 # model name -> factory of its spec (imported only when chosen).
 MODELS: dict[str, Callable[[], ModelSpec]] = {
     "qwen2_5_vl": _qwen2_5_vl,
-    "qwen_image": lambda: diffusers_model("qk_jax.convert.qwen_image", "transformer",
-                                          "qk_jax.models.mmdit:MMDiTConfig", traced(_MMDIT_INIT), "dit"),
-    "flux": lambda: diffusers_model("qk_jax.convert.flux", "transformer", "qk_jax.models.mmdit:MMDiTConfig",
-                                    traced(_MMDIT_INIT), "dit"),
-    "vae": lambda: diffusers_model("qk_jax.convert.vae_kl", "vae", "qk_jax.models.vae.kl:AutoencoderKLConfig",
-                                   _VAE_ABSTRACT, "vae"),
-    "qwen_image_vae": lambda: diffusers_model("qk_jax.convert.vae_qwen_image", "vae",
-                                              "qk_jax.models.vae.wan:QwenImageVAEConfig", _VAE_ABSTRACT, "vae"),
+    "qwen_image": lambda: diffusers_model(
+        "qk_jax.convert.qwen_image", "transformer", "qk_jax.models.mmdit:MMDiTConfig", traced(_MMDIT_INIT), "dit"
+    ),
+    "flux": lambda: diffusers_model(
+        "qk_jax.convert.flux", "transformer", "qk_jax.models.mmdit:MMDiTConfig", traced(_MMDIT_INIT), "dit"
+    ),
+    "vae": lambda: diffusers_model(
+        "qk_jax.convert.vae_kl", "vae", "qk_jax.models.vae.kl:AutoencoderKLConfig", _VAE_ABSTRACT, "vae"
+    ),
+    "qwen_image_vae": lambda: diffusers_model(
+        "qk_jax.convert.vae_qwen_image", "vae", "qk_jax.models.vae.wan:QwenImageVAEConfig", _VAE_ABSTRACT, "vae"
+    ),
 }
 
 

@@ -56,7 +56,8 @@ def safetensors_files(folder: str | os.PathLike) -> list[epath.Path]:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(
-            f"no *.safetensors weights in {folder} (qk_jax reads safetensors only; convert pickles first)")
+            f"no *.safetensors weights in {folder} (qk_jax reads safetensors only; convert pickles first)"
+        )
     return files
 
 
@@ -125,8 +126,9 @@ def iter_tensors(folder) -> Iterator[tuple[str, np.ndarray]]:
                 yield k, value
 
 
-def load_params(folder, mapping: Mapping, dtype: Any = None, shardings: Any = None,
-                strict: bool = True) -> dict[str, Any]:
+def load_params(
+    folder, mapping: Mapping, dtype: Any = None, shardings: Any = None, strict: bool = True
+) -> dict[str, Any]:
     """Reads a safetensors folder into a nested parameter tree through `mapping`.
 
     Each parameter is converted to `dtype` as it streams in and, when `shardings` (a
@@ -136,6 +138,7 @@ def load_params(folder, mapping: Mapping, dtype: Any = None, shardings: Any = No
     flat_shardings = None
     if shardings is not None:
         from qk_jax.tree import flatten_tree
+
         flat_shardings = flatten_tree(shardings)
     flat = {}
     for path, value in mapping.to_jax(iter_tensors_grouped(folder, mapping), dtype=dtype, strict=strict):
@@ -181,9 +184,15 @@ def _np_for_save(x) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(x))
 
 
-def write_sharded(folder, tensors: Iterable[tuple[str, np.ndarray]], *, max_shard_bytes: int = 4 << 30,
-                  weights_name: str = "model.safetensors", metadata: dict | None = None,
-                  extra_files: dict[str, str] | None = None) -> list[str]:
+def write_sharded(
+    folder,
+    tensors: Iterable[tuple[str, np.ndarray]],
+    *,
+    max_shard_bytes: int = 4 << 30,
+    weights_name: str = "model.safetensors",
+    metadata: dict | None = None,
+    extra_files: dict[str, str] | None = None,
+) -> list[str]:
     """Writes tensors as safetensors shards (+ index when more than one) into `folder`.
 
     The folder is written under a temporary name next to it and renamed at the end;
@@ -254,15 +263,30 @@ def write_sharded(folder, tensors: Iterable[tuple[str, np.ndarray]], *, max_shar
         raise
 
 
-def save_params(folder, params, mapping: Mapping, *, dtype: Any = None, hf_shapes=None,
-                weights_name: str = "model.safetensors", extra_files: dict[str, str] | None = None,
-                max_shard_bytes: int = 4 << 30, host_fetch: Callable[[Any], np.ndarray] | None = None) -> list[str]:
+def save_params(
+    folder,
+    params,
+    mapping: Mapping,
+    *,
+    dtype: Any = None,
+    hf_shapes=None,
+    weights_name: str = "model.safetensors",
+    extra_files: dict[str, str] | None = None,
+    max_shard_bytes: int = 4 << 30,
+    host_fetch: Callable[[Any], np.ndarray] | None = None,
+) -> list[str]:
     """Exports a parameter tree to a safetensors folder through `mapping` (streamed)."""
     fetch = host_fetch or (lambda x: np.asarray(jax.device_get(x)))
     from qk_jax.tree import flatten_tree
+
     flat = {k: _LazyArray(v, fetch) for k, v in flatten_tree(params).items()}
-    return write_sharded(folder, mapping.to_hf(flat, hf_shapes=hf_shapes, dtype=dtype),
-                         weights_name=weights_name, extra_files=extra_files, max_shard_bytes=max_shard_bytes)
+    return write_sharded(
+        folder,
+        mapping.to_hf(flat, hf_shapes=hf_shapes, dtype=dtype),
+        weights_name=weights_name,
+        extra_files=extra_files,
+        max_shard_bytes=max_shard_bytes,
+    )
 
 
 class _LazyArray:

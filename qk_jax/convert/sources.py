@@ -30,7 +30,8 @@ _SUBFOLDER = {"qwen_image": "transformer", "flux": "transformer", "vae": "vae", 
 def _is_hf_folder(path: str, model: str) -> bool:
     sub = _SUBFOLDER.get(model)
     return os.path.isfile(os.path.join(path, "config.json")) or bool(
-        sub and os.path.isfile(os.path.join(path, sub, "config.json")))
+        sub and os.path.isfile(os.path.join(path, sub, "config.json"))
+    )
 
 
 def converted_step(path: str | os.PathLike, model: str) -> tuple[Any, int, dict] | None:
@@ -51,8 +52,10 @@ def converted_step(path: str | os.PathLike, model: str) -> tuple[Any, int, dict]
     step = reader.latest_step()
     if step is None or "config" not in reader.items_in(step):
         reader.close()
-        raise FileNotFoundError(f"{path} is neither a HF / diffusers folder (no config.json) nor an Orbax params "
-                                f"checkpoint written by `qk-jax convert --to-orbax`")
+        raise FileNotFoundError(
+            f"{path} is neither a HF / diffusers folder (no config.json) nor an Orbax params "
+            f"checkpoint written by `qk-jax convert --to-orbax`"
+        )
     item = ckpt_lib.read_json_item(path, step, "config")
     if item.get("model") != model:
         reader.close()
@@ -93,9 +96,12 @@ def load(model: str, path: str | os.PathLike, *, dtype: Any = np.float32, shardi
         want, got = flatten_tree(shardings), flatten_tree(stored)
         if set(want) != set(got):
             missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-            raise ValueError(f"{path} step {step}: the stored parameters do not fit the {model} tree (missing "
-                             f"{missing[:3]}, unexpected {extra[:3]})")
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, dtype or a.dtype, sharding=s), stored,
-                              shardings)
+            raise ValueError(
+                f"{path} step {step}: the stored parameters do not fit the {model} tree (missing "
+                f"{missing[:3]}, unexpected {extra[:3]})"
+            )
+        target = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, dtype or a.dtype, sharding=s), stored, shardings
+        )
         params = reader.restore(step, params=target, json_items=(), fallback=False)["params"]
     return cfg, params

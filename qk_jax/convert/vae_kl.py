@@ -39,8 +39,13 @@ def module_rules(hf_module: str, kind: str, leaves: dict = LEAVES) -> list[Rule]
 
 def _resnet(prefix: str) -> list[Rule]:
     rules = []
-    for name, kind in (("norm1", "group_norm"), ("conv1", "conv"), ("norm2", "group_norm"), ("conv2", "conv"),
-                       ("conv_shortcut", "conv")):
+    for name, kind in (
+        ("norm1", "group_norm"),
+        ("conv1", "conv"),
+        ("norm2", "group_norm"),
+        ("conv2", "conv"),
+        ("conv_shortcut", "conv"),
+    ):
         rules += module_rules(f"{prefix}.{name}", kind)
     return rules
 
@@ -61,21 +66,31 @@ def mapping(config: AutoencoderKLConfig | None = None) -> Mapping:
         *_resnet("encoder.down_blocks.{i}.resnets.{j}"),
         *module_rules("encoder.down_blocks.{i}.downsamplers.0.conv", "conv"),
         *_mid("encoder.mid_block"),
-        *module_rules("encoder.conv_norm_out", "group_norm"), *module_rules("encoder.conv_out", "conv"),
-        *module_rules("quant_conv", "conv"), *module_rules("post_quant_conv", "conv"),
+        *module_rules("encoder.conv_norm_out", "group_norm"),
+        *module_rules("encoder.conv_out", "conv"),
+        *module_rules("quant_conv", "conv"),
+        *module_rules("post_quant_conv", "conv"),
         *module_rules("decoder.conv_in", "conv"),
         *_mid("decoder.mid_block"),
         *_resnet("decoder.up_blocks.{i}.resnets.{j}"),
         *module_rules("decoder.up_blocks.{i}.upsamplers.0.conv", "conv"),
-        *module_rules("decoder.conv_norm_out", "group_norm"), *module_rules("decoder.conv_out", "conv"),
+        *module_rules("decoder.conv_norm_out", "group_norm"),
+        *module_rules("decoder.conv_out", "conv"),
     ]
     return Mapping(rules)
 
 
 def load(path, *, dtype: Any = None, shardings: Any = None, **runtime) -> tuple[AutoencoderKLConfig, dict]:
     """`(config, params)` from a diffusers AutoencoderKL folder or a pipeline folder with `vae/`."""
-    return diffusers_io.load_model(path, "vae", lambda d: from_diffusers(AutoencoderKLConfig, d, **runtime),
-                                   mapping, abstract_vae_params, dtype=dtype, shardings=shardings)
+    return diffusers_io.load_model(
+        path,
+        "vae",
+        lambda d: from_diffusers(AutoencoderKLConfig, d, **runtime),
+        mapping,
+        abstract_vae_params,
+        dtype=dtype,
+        shardings=shardings,
+    )
 
 
 def save(folder, config: AutoencoderKLConfig, params: Any, *, dtype: Any = None) -> list[str]:

@@ -25,8 +25,11 @@ from qk_jax.models.vae.wan import QwenImageVAEConfig
 
 def _gamma(trailing: int) -> Transform:
     """Wan RMS-norm gamma (C, 1, ..., 1) with `trailing` singleton dims <-> (C,)."""
-    return Transform(f"gamma{trailing}", lambda x: np.ascontiguousarray(x.reshape(-1)),
-                     lambda y: np.ascontiguousarray(y.reshape((-1,) + (1,) * trailing)))
+    return Transform(
+        f"gamma{trailing}",
+        lambda x: np.ascontiguousarray(x.reshape(-1)),
+        lambda y: np.ascontiguousarray(y.reshape((-1,) + (1,) * trailing)),
+    )
 
 
 LEAVES: dict[str, tuple[tuple[str, str, Transform], ...]] = {
@@ -43,9 +46,18 @@ def _rules(hf_module: str, kind: str) -> list[Rule]:
 def _block(prefix: str) -> list[Rule]:
     """Every leaf a residual, attention or resample block can hold at `prefix`."""
     rules = []
-    for name, kind in (("norm1", "norm3"), ("conv1", "conv"), ("norm2", "norm3"), ("conv2", "conv"),
-                       ("conv_shortcut", "conv"), ("norm", "norm2"), ("to_qkv", "conv"), ("proj", "conv"),
-                       ("resample.1", "conv"), ("time_conv", "conv")):
+    for name, kind in (
+        ("norm1", "norm3"),
+        ("conv1", "conv"),
+        ("norm2", "norm3"),
+        ("conv2", "conv"),
+        ("conv_shortcut", "conv"),
+        ("norm", "norm2"),
+        ("to_qkv", "conv"),
+        ("proj", "conv"),
+        ("resample.1", "conv"),
+        ("time_conv", "conv"),
+    ):
         rules += _rules(f"{prefix}.{name}", kind)
     return rules
 
@@ -53,22 +65,36 @@ def _block(prefix: str) -> list[Rule]:
 def mapping(config: QwenImageVAEConfig | None = None) -> Mapping:
     del config
     rules = [
-        *_rules("encoder.conv_in", "conv"), *_block("encoder.down_blocks.{k}"),
-        *_block("encoder.mid_block.resnets.{j}"), *_block("encoder.mid_block.attentions.{a}"),
-        *_rules("encoder.norm_out", "norm3"), *_rules("encoder.conv_out", "conv"),
-        *_rules("quant_conv", "conv"), *_rules("post_quant_conv", "conv"),
+        *_rules("encoder.conv_in", "conv"),
+        *_block("encoder.down_blocks.{k}"),
+        *_block("encoder.mid_block.resnets.{j}"),
+        *_block("encoder.mid_block.attentions.{a}"),
+        *_rules("encoder.norm_out", "norm3"),
+        *_rules("encoder.conv_out", "conv"),
+        *_rules("quant_conv", "conv"),
+        *_rules("post_quant_conv", "conv"),
         *_rules("decoder.conv_in", "conv"),
-        *_block("decoder.mid_block.resnets.{j}"), *_block("decoder.mid_block.attentions.{a}"),
-        *_block("decoder.up_blocks.{i}.resnets.{j}"), *_block("decoder.up_blocks.{i}.upsamplers.{u}"),
-        *_rules("decoder.norm_out", "norm3"), *_rules("decoder.conv_out", "conv"),
+        *_block("decoder.mid_block.resnets.{j}"),
+        *_block("decoder.mid_block.attentions.{a}"),
+        *_block("decoder.up_blocks.{i}.resnets.{j}"),
+        *_block("decoder.up_blocks.{i}.upsamplers.{u}"),
+        *_rules("decoder.norm_out", "norm3"),
+        *_rules("decoder.conv_out", "conv"),
     ]
     return Mapping(rules)
 
 
 def load(path, *, dtype: Any = None, shardings: Any = None, **runtime) -> tuple[QwenImageVAEConfig, dict]:
     """`(config, params)` from a diffusers AutoencoderKLQwenImage folder or a Qwen-Image pipeline folder."""
-    return diffusers_io.load_model(path, "vae", lambda d: from_diffusers(QwenImageVAEConfig, d, **runtime),
-                                   mapping, abstract_vae_params, dtype=dtype, shardings=shardings)
+    return diffusers_io.load_model(
+        path,
+        "vae",
+        lambda d: from_diffusers(QwenImageVAEConfig, d, **runtime),
+        mapping,
+        abstract_vae_params,
+        dtype=dtype,
+        shardings=shardings,
+    )
 
 
 def save(folder, config: QwenImageVAEConfig, params: Any, *, dtype: Any = None) -> list[str]:

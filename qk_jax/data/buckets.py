@@ -72,4 +72,4 @@ def resize_crop(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     resample = Image.BICUBIC if scale > 1 else Image.LANCZOS
     out = np.asarray(Image.fromarray(img).resize((nw, nh), resample))
     y0, x0 = (nh - h) // 2, (nw - w) // 2
-    return out[y0:y0 + h, x0:x0 + w]
+    return out[y0 : y0 + h, x0 : x0 + w]

@@ -38,11 +38,18 @@ SHAPES_NAME = "kontext_shapes"
 
 def features() -> tfds.features.FeaturesDict:
     image = tfds.features.Tensor(shape=(), dtype=np.object_)  # encoded PNG bytes
-    return tfds.features.FeaturesDict({
-        "task": tfds.features.Text(), "prompt": tfds.features.Text(), "target": image, "source": image,
-        "references": tfds.features.Sequence(image), "scene": tfds.features.Text(),
-        "category": tfds.features.Text(), "id": tfds.features.Text(),
-    })
+    return tfds.features.FeaturesDict(
+        {
+            "task": tfds.features.Text(),
+            "prompt": tfds.features.Text(),
+            "target": image,
+            "source": image,
+            "references": tfds.features.Sequence(image),
+            "scene": tfds.features.Text(),
+            "category": tfds.features.Text(),
+            "id": tfds.features.Text(),
+        }
+    )
 
 
 class NotBuiltError(FileNotFoundError):
@@ -52,8 +59,18 @@ class NotBuiltError(FileNotFoundError):
 class ShapesConfig(tfds.core.BuilderConfig):
     """One task of Kontext-Shapes at one image size; `num` maps split -> record count."""
 
-    def __init__(self, *, task: str, height: int = 64, width: int = 64, num: dict | None = None, seed: int = 0,
-                 workers: int = 1, plain_background: float = vocab.PLAIN_BACKGROUND, **kwargs):
+    def __init__(
+        self,
+        *,
+        task: str,
+        height: int = 64,
+        width: int = 64,
+        num: dict | None = None,
+        seed: int = 0,
+        workers: int = 1,
+        plain_background: float = vocab.PLAIN_BACKGROUND,
+        **kwargs,
+    ):
         if task not in vocab.TASKS:
             raise ValueError(f"unknown task {task!r}; expected one of {vocab.TASKS}")
         if not 0.0 <= plain_background <= 1.0:
@@ -64,8 +81,14 @@ class ShapesConfig(tfds.core.BuilderConfig):
         self.num = dict(num or {"train": 1000, "validation": 100, "test": 100})
 
     def params(self) -> dict:
-        out = {"task": self.task, "height": self.height, "width": self.width, "seed": self.seed,
-               "num": self.num, "record_format": 1}
+        out = {
+            "task": self.task,
+            "height": self.height,
+            "width": self.width,
+            "seed": self.seed,
+            "num": self.num,
+            "record_format": 1,
+        }
         if self.plain_background != vocab.PLAIN_BACKGROUND:  # builds with the default keep their metadata
             out["plain_background"] = self.plain_background
         return out
@@ -84,8 +107,12 @@ class KontextShapes(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     BUILDER_CONFIGS: list = []  # configs are made at build time (size, counts, seed)
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(builder=self, features=features(), description=__doc__,
-                                     metadata=tfds.core.MetadataDict(self.builder_config.params()))
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=features(),
+            description=__doc__,
+            metadata=tfds.core.MetadataDict(self.builder_config.params()),
+        )
 
     def _split_generators(self, dl_manager):
         del dl_manager
@@ -115,8 +142,15 @@ class KontextShapes(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 class ImportConfig(tfds.core.BuilderConfig):
     """One task of an imported manifest; `examples(split)` yields the validated records."""
 
-    def __init__(self, *, task: str, examples: Callable[[str], Iterable[dict]], split_names: Iterable[str],
-                 meta: dict | None = None, **kwargs):
+    def __init__(
+        self,
+        *,
+        task: str,
+        examples: Callable[[str], Iterable[dict]],
+        split_names: Iterable[str],
+        meta: dict | None = None,
+        **kwargs,
+    ):
         super().__init__(name=task, version=VERSION, description=f"imported {task}", **kwargs)
         self.task, self.examples, self.split_names, self.meta = task, examples, tuple(split_names), dict(meta or {})
 
@@ -135,8 +169,12 @@ class ImportedData(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(builder=self, features=features(), description=__doc__,
-                                     metadata=tfds.core.MetadataDict(self.builder_config.meta))
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=features(),
+            description=__doc__,
+            metadata=tfds.core.MetadataDict(self.builder_config.meta),
+        )
 
     def _split_generators(self, dl_manager):
         del dl_manager
@@ -176,8 +214,10 @@ def remove_interrupted_builds(version_dir: epath.Path) -> None:
     leftovers = interrupted_builds(version_dir)
     if not leftovers or (version_dir / "dataset_info.json").exists():
         return
-    logs.warning(f"{version_dir.parent} holds the unfinished output of an interrupted build "
-                 f"({', '.join(p.name for p in leftovers)}); removed it, building again")
+    logs.warning(
+        f"{version_dir.parent} holds the unfinished output of an interrupted build "
+        f"({', '.join(p.name for p in leftovers)}); removed it, building again"
+    )
     for p in leftovers:
         p.rmtree()
 
@@ -215,8 +255,9 @@ def load_source(data_dir: str, name: str, task: str, split: str):
         base = epath.Path(data_dir) / name / task
         partial = [p.name for p in base.iterdir()] if base.exists() else []
         hint = f" (found only {partial}: an interrupted build)" if partial else ""
-        raise NotBuiltError(f"no complete dataset at {base}{hint}; build it with `qk-jax data shapes` "
-                            f"or `qk-jax data import`")
+        raise NotBuiltError(
+            f"no complete dataset at {base}{hint}; build it with `qk-jax data shapes` or `qk-jax data import`"
+        )
     builder = tfds.builder_from_directory(path)
     if split not in builder.info.splits:
         raise NotBuiltError(f"dataset {path} has no split {split!r} (has {list(builder.info.splits)})")
@@ -228,9 +269,17 @@ def built_params(data_dir: str, name: str, task: str) -> dict | None:
     return None if path is None else dict(tfds.builder_from_directory(path).info.metadata or {})
 
 
-def build_shapes(out: str, tasks: Iterable[str] = vocab.TASKS, num: int = 1000, num_eval: int | None = None,
-                 height: int = 64, width: int | None = None, seed: int = 0, workers: int = 1,
-                 plain_background: float = vocab.PLAIN_BACKGROUND) -> dict[str, dict]:
+def build_shapes(
+    out: str,
+    tasks: Iterable[str] = vocab.TASKS,
+    num: int = 1000,
+    num_eval: int | None = None,
+    height: int = 64,
+    width: int | None = None,
+    seed: int = 0,
+    workers: int = 1,
+    plain_background: float = vocab.PLAIN_BACKGROUND,
+) -> dict[str, dict]:
     """Generates Kontext-Shapes under `out` for each task; returns {task: {split: count}}.
 
     `plain_background`: probability of an untextured background (default 0.4; the rest are
@@ -244,13 +293,21 @@ def build_shapes(out: str, tasks: Iterable[str] = vocab.TASKS, num: int = 1000, 
     num_eval = max(1, num // 10) if num_eval is None else num_eval
     counts = {}
     for task in tasks:
-        config = ShapesConfig(task=task, height=height, width=width, seed=seed, workers=workers,
-                              num={"train": num, "validation": num_eval, "test": num_eval},
-                              plain_background=plain_background)
+        config = ShapesConfig(
+            task=task,
+            height=height,
+            width=width,
+            seed=seed,
+            workers=workers,
+            num={"train": num, "validation": num_eval, "test": num_eval},
+            plain_background=plain_background,
+        )
         existing = built_params(out, SHAPES_NAME, task)
         if existing is not None and _jsonable(existing) != _jsonable(config.params()):
-            raise ValueError(f"{out}/{SHAPES_NAME}/{task} was built with {existing}, not {config.params()}; "
-                             f"delete it or choose another --out")
+            raise ValueError(
+                f"{out}/{SHAPES_NAME}/{task} was built with {existing}, not {config.params()}; "
+                f"delete it or choose another --out"
+            )
         with quiet_tfds():
             builder = KontextShapes(data_dir=out, config=config)
         prepare(builder)
@@ -260,4 +317,5 @@ def build_shapes(out: str, tasks: Iterable[str] = vocab.TASKS, num: int = 1000, 
 
 def _jsonable(d: dict) -> dict:
     import json
+
     return json.loads(json.dumps(d, sort_keys=True))

@@ -1,15 +1,15 @@
 """`qk-jax data <command>`: make datasets.
 
-    qk-jax data shapes --out DIR --num N [--size 64 | --height H --width W] [--seed S]
-                       [--tasks t2i,edit,...] [--num_eval M] [--workers W]
-        Generates Kontext-Shapes: N train records per task, M (default N/10) validation
-        and test (held-out compositions) records, as ArrayRecord datasets
-        DIR/kontext_shapes/<task>/1.0.0.
-    qk-jax data import --manifest FILE.jsonl --out DIR [--name imported] [--threads T]
-        Validates a JSONL manifest (see qk_jax/data/importer.py) and writes
-        DIR/<name>/<task>/1.0.0; bad records are skipped and reported.
-    qk-jax data inspect --data_dir DIR [--name kontext_shapes] [--split train] [--num 3]
-        Prints the record counts and a few records of every task.
+qk-jax data shapes --out DIR --num N [--size 64 | --height H --width W] [--seed S]
+                   [--tasks t2i,edit,...] [--num_eval M] [--workers W]
+    Generates Kontext-Shapes: N train records per task, M (default N/10) validation
+    and test (held-out compositions) records, as ArrayRecord datasets
+    DIR/kontext_shapes/<task>/1.0.0.
+qk-jax data import --manifest FILE.jsonl --out DIR [--name imported] [--threads T]
+    Validates a JSONL manifest (see qk_jax/data/importer.py) and writes
+    DIR/<name>/<task>/1.0.0; bad records are skipped and reported.
+qk-jax data inspect --data_dir DIR [--name kontext_shapes] [--split train] [--num 3]
+    Prints the record counts and a few records of every task.
 """
 
 from __future__ import annotations
@@ -34,12 +34,15 @@ _WIDTH = flags.DEFINE_integer("width", None, "shapes: image width (non-square; o
 _SEED = flags.DEFINE_integer("seed", 0, "shapes: dataset seed (every record is seeded by seed, split, task, index).")
 _TASKS = flags.DEFINE_list("tasks", list(vocab.TASKS), f"shapes: tasks to generate, from {list(vocab.TASKS)}.")
 _WORKERS = flags.DEFINE_integer("workers", 1, "shapes: generator processes.")
-_PLAIN = flags.DEFINE_float("plain_background", vocab.PLAIN_BACKGROUND,
-                            "shapes: probability of an untextured background "
-                            "(the rest: stripes, checker, noise, gradient).")
+_PLAIN = flags.DEFINE_float(
+    "plain_background",
+    vocab.PLAIN_BACKGROUND,
+    "shapes: probability of an untextured background (the rest: stripes, checker, noise, gradient).",
+)
 _MANIFEST = flags.DEFINE_string("manifest", None, "import: JSONL manifest, one record per line.")
-_NAME = flags.DEFINE_string("name", None, "import: dataset name (default 'imported'); inspect: dataset name "
-                            "(default 'kontext_shapes').")
+_NAME = flags.DEFINE_string(
+    "name", None, "import: dataset name (default 'imported'); inspect: dataset name (default 'kontext_shapes')."
+)
 _THREADS = flags.DEFINE_integer("threads", 8, "import: threads reading and validating images.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "inspect: data directory.")
 _SPLIT = flags.DEFINE_string("split", "train", "inspect: split.")
@@ -65,16 +68,27 @@ def shapes() -> None:
     if _NUM.value < 1:
         _fail("--num must be >= 1")
     if min(height, width) < 64:
-        logs.warning(f"at {height}x{width} small objects and subject textures are only a few pixels; the judge "
-                     f"is reliable from 64 px on the short side (see BENCHMARKS.md)")
+        logs.warning(
+            f"at {height}x{width} small objects and subject textures are only a few pixels; the judge "
+            f"is reliable from 64 px on the short side (see BENCHMARKS.md)"
+        )
     start = time.time()
     for task in _TASKS.value:
-        counts = builders.build_shapes(_OUT.value, [task], num=_NUM.value, num_eval=_NUM_EVAL.value, height=height,
-                                       width=width, seed=_SEED.value, workers=_WORKERS.value,
-                                       plain_background=_PLAIN.value)
+        counts = builders.build_shapes(
+            _OUT.value,
+            [task],
+            num=_NUM.value,
+            num_eval=_NUM_EVAL.value,
+            height=height,
+            width=width,
+            seed=_SEED.value,
+            workers=_WORKERS.value,
+            plain_background=_PLAIN.value,
+        )
         print(f"{task}: " + ", ".join(f"{s}={n}" for s, n in counts[task].items()), flush=True)
-    print(f"Kontext-Shapes {height}x{width} written to {_OUT.value}/{builders.SHAPES_NAME} "
-          f"in {time.time() - start:.1f} s")
+    print(
+        f"Kontext-Shapes {height}x{width} written to {_OUT.value}/{builders.SHAPES_NAME} in {time.time() - start:.1f} s"
+    )
 
 
 def import_() -> None:
@@ -83,8 +97,9 @@ def import_() -> None:
     if not _MANIFEST.value or not _OUT.value:
         _fail("import needs --manifest FILE.jsonl and --out DIR")
     try:
-        report = importer.import_manifest(_MANIFEST.value, _OUT.value, name=_NAME.value or "imported",
-                                          threads=_THREADS.value)
+        report = importer.import_manifest(
+            _MANIFEST.value, _OUT.value, name=_NAME.value or "imported", threads=_THREADS.value
+        )
     except importer.ManifestError as e:
         _fail(str(e))
     print(report.summary())
@@ -104,8 +119,18 @@ def inspect() -> None:
         for i in range(min(_NUM.value, len(src))):
             rec = records.normalize(src[i])
             size = records.image_size(rec["target"])
-            print("  " + json.dumps({"id": rec["id"], "category": rec["category"], "prompt": rec["prompt"],
-                                     "target": f"{size[0]}x{size[1]}", "inputs": records.num_inputs(rec)}))
+            print(
+                "  "
+                + json.dumps(
+                    {
+                        "id": rec["id"],
+                        "category": rec["category"],
+                        "prompt": rec["prompt"],
+                        "target": f"{size[0]}x{size[1]}",
+                        "inputs": records.num_inputs(rec),
+                    }
+                )
+            )
 
 
 def main(argv: list[str]) -> None:

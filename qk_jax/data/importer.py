@@ -56,16 +56,22 @@ class Report:
     @property
     def examples(self) -> list[tuple[int, str]]:
         """The first `max_examples` problems by line number."""
-        return sorted(self.problems)[:self.max_examples]
+        return sorted(self.problems)[: self.max_examples]
 
     @property
     def skipped(self) -> int:
         return sum(self.reasons.values())
 
     def to_dict(self) -> dict:
-        return {"manifest": self.manifest, "total": self.total, "valid": self.valid, "skipped": self.skipped,
-                "reasons": dict(self.reasons), "first_examples": [{"line": n, "problem": m} for n, m in self.examples],
-                "per_task": self.per_task}
+        return {
+            "manifest": self.manifest,
+            "total": self.total,
+            "valid": self.valid,
+            "skipped": self.skipped,
+            "reasons": dict(self.reasons),
+            "first_examples": [{"line": n, "problem": m} for n, m in self.examples],
+            "per_task": self.per_task,
+        }
 
     def summary(self) -> str:
         lines = [f"manifest {self.manifest}: {self.total} records, {self.valid} valid, {self.skipped} skipped"]
@@ -120,28 +126,42 @@ def _parse(line_no: int, text: str, base: epath.Path, report: Report, seen_ids: 
         return None
     seen_ids.add((split, rid))
     scene = entry.get("scene", "")
-    return {"line": line_no, "task": task, "prompt": str(entry["prompt"]), "split": split, "id": rid,
-            "category": str(entry.get("category", "")), "scene": scene if isinstance(scene, str) else json.dumps(scene),
-            "target": _resolve(entry["target"], base),
-            "source": _resolve(entry["source"], base) if entry.get("source") else None,
-            "references": [_resolve(r, base) for r in refs]}
+    return {
+        "line": line_no,
+        "task": task,
+        "prompt": str(entry["prompt"]),
+        "split": split,
+        "id": rid,
+        "category": str(entry.get("category", "")),
+        "scene": scene if isinstance(scene, str) else json.dumps(scene),
+        "target": _resolve(entry["target"], base),
+        "source": _resolve(entry["source"], base) if entry.get("source") else None,
+        "references": [_resolve(r, base) for r in refs],
+    }
 
 
 def _load(entry: dict) -> tuple[dict | None, str | None]:
     """Reads and decodes an entry's images: (record, None) or (None, problem)."""
     images = {}
     for name, path in [("target", entry["target"]), ("source", entry["source"])] + [
-            (f"references[{i}]", p) for i, p in enumerate(entry["references"])]:
+        (f"references[{i}]", p) for i, p in enumerate(entry["references"])
+    ]:
         if path is None:
             continue
         try:
             images[name] = path.read_bytes()
         except (FileNotFoundError, OSError) as e:
             return None, f"missing file: {name} {path} ({type(e).__name__})"
-    rec = {"task": entry["task"], "prompt": entry["prompt"], "target": images["target"],
-           "source": images.get("source", b""), "references": [images[f"references[{i}]"]
-                                                               for i in range(len(entry["references"]))],
-           "scene": entry["scene"], "category": entry["category"], "id": entry["id"]}
+    rec = {
+        "task": entry["task"],
+        "prompt": entry["prompt"],
+        "target": images["target"],
+        "source": images.get("source", b""),
+        "references": [images[f"references[{i}]"] for i in range(len(entry["references"]))],
+        "scene": entry["scene"],
+        "category": entry["category"],
+        "id": entry["id"],
+    }
     problems = records.validate(rec, decode=True)
     return (rec, None) if not problems else (None, "; ".join(problems))
 
@@ -167,8 +187,9 @@ def scan(manifest: str, threads: int = 8, max_examples: int = 10) -> tuple[list[
     valid = []
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         results = pool.map(_load, entries)
-        for entry, (_rec, problem) in tqdm(zip(entries, results), total=len(entries), desc="validating images",
-                                          unit="rec", leave=False):
+        for entry, (_rec, problem) in tqdm(
+            zip(entries, results), total=len(entries), desc="validating images", unit="rec", leave=False
+        ):
             if problem is None:
                 valid.append(entry)
             else:
@@ -188,6 +209,7 @@ def _examples(entries: list[dict], task: str):
                 if problem is not None:  # changed since validation: skip, never write half a record
                     continue
                 yield rec
+
     return gen
 
 
@@ -202,8 +224,12 @@ def import_manifest(manifest: str, out: str, name: str = "imported", threads: in
     for task, split_counts in sorted(by_task.items()):
         if builders.dataset_dir(out, name, task) is not None:
             raise ManifestError(f"{out}/{name}/{task} already exists; delete it or import under another --name")
-        config = builders.ImportConfig(task=task, examples=_examples(entries, task), split_names=sorted(split_counts),
-                                       meta={"manifest": str(manifest), "counts": dict(split_counts)})
+        config = builders.ImportConfig(
+            task=task,
+            examples=_examples(entries, task),
+            split_names=sorted(split_counts),
+            meta={"manifest": str(manifest), "counts": dict(split_counts)},
+        )
         with builders.quiet_tfds():
             builder = builders.ImportedData(name=name, data_dir=out, config=config)
         builders.prepare(builder)

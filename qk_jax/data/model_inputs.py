@@ -40,8 +40,10 @@ def num_inputs(batch: Mapping[str, np.ndarray]) -> int:
         return 0
     counts = np.asarray(batch["cond_mask"]).sum(axis=1)
     if len(set(counts.tolist())) > 1:
-        raise ValueError(f"batch mixes input-image counts {sorted(set(counts.tolist()))}; the pipeline must group "
-                         "batches by number of input images")
+        raise ValueError(
+            f"batch mixes input-image counts {sorted(set(counts.tolist()))}; the pipeline must group "
+            "batches by number of input images"
+        )
     return int(counts[0]) if len(counts) else 0
 
 
@@ -69,8 +71,7 @@ def image_ids(cfg: KontextConfig, task_ids: np.ndarray, height: int, width: int,
     return out
 
 
-def prepare_batch(cfg: KontextConfig, batch: Mapping[str, Any], accum: int = 1, processes: int = 1
-                  ) -> dict[str, Any]:
+def prepare_batch(cfg: KontextConfig, batch: Mapping[str, Any], accum: int = 1, processes: int = 1) -> dict[str, Any]:
     """Pipeline batch (numpy, this process's rows) -> model batch, see the module docstring.
 
     accum > 1 splits the rows into that many micro-batches stacked on a new leading axis
@@ -82,8 +83,15 @@ def prepare_batch(cfg: KontextConfig, batch: Mapping[str, Any], accum: int = 1, 
         if rows % accum:
             raise ValueError(f"{rows} rows per process are not divisible by train.grad_accum={accum}")
         size = rows // accum
-        parts = [prepare_batch(cfg, {k: (v[i * size:(i + 1) * size] if _is_rows(v, rows) else v)
-                                     for k, v in batch.items()}, 1, processes) for i in range(accum)]
+        parts = [
+            prepare_batch(
+                cfg,
+                {k: (v[i * size : (i + 1) * size] if _is_rows(v, rows) else v) for k, v in batch.items()},
+                1,
+                processes,
+            )
+            for i in range(accum)
+        ]
         return _stack(parts)
     ids = np.asarray(batch["input_ids"], np.int32)
     mask = np.asarray(batch["attention_mask"], np.int32)
@@ -99,19 +107,23 @@ def prepare_batch(cfg: KontextConfig, batch: Mapping[str, Any], accum: int = 1, 
         if batched:  # (B * n, P, D): images in row order, each row's n images together
             out["pixel_values"] = pv.reshape((b * n,) + pv.shape[2:]).astype(np.float32)
         elif processes > 1:
-            raise ValueError(f"batch mixes image grids {sorted({tuple(g) for g in grid})}: multi-process batches "
-                             "need one grid per batch (the pipeline's buckets give that)")
+            raise ValueError(
+                f"batch mixes image grids {sorted({tuple(g) for g in grid})}: multi-process batches "
+                "need one grid per batch (the pipeline's buckets give that)"
+            )
         else:  # flat layout, cut each image's real patches out of its slot
             sizes = np.prod(grid, axis=-1)
-            out["pixel_values"] = np.concatenate([im[:k] for im, k in zip(pv.reshape((b * n,) + pv.shape[2:]), sizes)]
-                                                 ).astype(np.float32)
+            out["pixel_values"] = np.concatenate(
+                [im[:k] for im, k in zip(pv.reshape((b * n,) + pv.shape[2:]), sizes)]
+            ).astype(np.float32)
     host = prepare_inputs(cfg.vlm, ids, mask, grid, batched_images=batched)
     if batched:  # each row's image tokens are its own images' (what `rows_own_images` relies on)
         per_image = int(np.prod(grid[0])) // cfg.vlm.vision.merge_unit
         counts = ((ids == cfg.vlm.image_token_id) & (mask > 0)).sum(axis=1)
         if (counts != n * per_image).any():
-            raise ValueError(f"rows hold {sorted(set(counts.tolist()))} image tokens; each of the {n} input images "
-                             f"needs {per_image}")
+            raise ValueError(
+                f"rows hold {sorted(set(counts.tolist()))} image tokens; each of the {n} input images needs {per_image}"
+            )
     queries = extend_position_ids(host["position_ids"], mask, cfg.num_queries)
     out["position_ids"] = np.concatenate([host["position_ids"], queries], axis=2).astype(np.int32)
     out["attention_mask"] = mask

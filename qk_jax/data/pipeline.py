@@ -56,8 +56,14 @@ from qk_jax.data import buckets, builders, records, vlm_inputs, vocab
 STAGE_MIXTURES = {
     1: {"t2i": 0.6, "reconstruction": 0.2, "transformation": 0.2},
     2: {"t2i": 0.8, "reconstruction": 0.2},
-    3: {"t2i": 0.3, "edit": 0.3, "customization": 0.15, "multi_subject": 0.1, "reconstruction": 0.05,
-        "transformation": 0.1},
+    3: {
+        "t2i": 0.3,
+        "edit": 0.3,
+        "customization": 0.15,
+        "multi_subject": 0.1,
+        "reconstruction": 0.05,
+        "transformation": 0.1,
+    },
 }
 
 
@@ -114,12 +120,15 @@ class Prepare(grain.transforms.Map):
         target = records.decode_image(rec["target"])
         b = buckets.choose_bucket(target.shape[0], target.shape[1], self.table)
         size, vlm_size = self.table[b], self.vlm_table[b]
-        inputs = ([records.decode_image(rec["source"])] if rec["source"] else [])
+        inputs = [records.decode_image(rec["source"])] if rec["source"] else []
         inputs += [records.decode_image(r) for r in rec["references"]]
         if len(inputs) > self.image_slots:
             raise ValueError(f"record {rec['id']}: {len(inputs)} input images > data.image_slots {self.image_slots}")
         return {
-            "key": f"b{b}_n{len(inputs)}", "bucket": b, "id": rec["id"], "prompt": rec["prompt"],
+            "key": f"b{b}_n{len(inputs)}",
+            "bucket": b,
+            "id": rec["id"],
+            "prompt": rec["prompt"],
             "task_id": vocab.TASK_IDS[rec["task"]],
             "target": buckets.resize_crop(target, size),
             "cond": [buckets.resize_crop(im, size) for im in inputs],
@@ -192,8 +201,16 @@ class _BucketBatchIterator(grain.DatasetIterator):
 class Collate(grain.transforms.Map):
     """A list of prepared samples (one group) -> the static-shape numpy batch."""
 
-    def __init__(self, processor, image_slots: int, max_text_len: int, padding_side: str, patch_size: int,
-                 patch_dim: int, vlm_table):
+    def __init__(
+        self,
+        processor,
+        image_slots: int,
+        max_text_len: int,
+        padding_side: str,
+        patch_size: int,
+        patch_dim: int,
+        vlm_table,
+    ):
         self.processor, self.image_slots, self.max_text_len = processor, image_slots, max_text_len
         self.padding_side, self.patch_size, self.patch_dim = padding_side, patch_size, patch_dim
         self.vlm_table = list(vlm_table)
@@ -207,16 +224,23 @@ class Collate(grain.transforms.Map):
         for i, smp in enumerate(samples):
             for j, im in enumerate(smp["cond"]):
                 cond[i, j] = to_unit(im)
-        vlm = vlm_inputs.encode(self.processor, [smp["prompt"] for smp in samples], [smp["vlm"] for smp in samples],
-                                self.max_text_len, self.padding_side)
+        vlm = vlm_inputs.encode(
+            self.processor,
+            [smp["prompt"] for smp in samples],
+            [smp["vlm"] for smp in samples],
+            self.max_text_len,
+            self.padding_side,
+        )
         vh, vw = self.vlm_table[samples[0]["bucket"]]
         patches = (vh // self.patch_size) * (vw // self.patch_size)
         pixel_values = np.zeros((b, s, patches, self.patch_dim), np.float32)
         grid = np.zeros((b, s, 3), np.int32)
         if n:
             if not (np.asarray(vlm["image_grid_thw"]).prod(-1) == patches).all():
-                raise ValueError(f"the processor resized the {vh}x{vw} VLM images (grids {vlm['image_grid_thw']}); "
-                                 f"its min/max pixels must admit data.vlm_area")
+                raise ValueError(
+                    f"the processor resized the {vh}x{vw} VLM images (grids {vlm['image_grid_thw']}); "
+                    f"its min/max pixels must admit data.vlm_area"
+                )
             pixel_values[:, :n] = np.asarray(vlm["pixel_values"], np.float32).reshape(b, n, patches, -1)
             grid[:, :n] = np.asarray(vlm["image_grid_thw"]).reshape(b, n, 3)
         ids = np.asarray(vlm["input_ids"], np.int32)
@@ -238,8 +262,9 @@ class Collate(grain.transforms.Map):
         }
 
 
-def make_dataset(config: ml_collections.ConfigDict, processor, *, process_index: int | None = None,
-                 process_count: int | None = None) -> grain.IterDataset:
+def make_dataset(
+    config: ml_collections.ConfigDict, processor, *, process_index: int | None = None, process_count: int | None = None
+) -> grain.IterDataset:
     """The pipeline of the module docstring as a grain IterDataset (iterate it, checkpoint its iterator).
 
     `config` is the `data` section (`default_config()`); `processor` follows
@@ -256,37 +281,53 @@ def make_dataset(config: ml_collections.ConfigDict, processor, *, process_index:
         raise ValueError(f"data.batch_size must be >= 1, got {config.batch_size}")
     if config.padding_side not in ("left", "right"):
         raise ValueError(f"data.padding_side={config.padding_side!r}: use 'left' or 'right'")
-    table, vlm_table = buckets.paired_tables(config.area, config.multiple, config.vlm_area, config.vlm_multiple,
-                                             config.ratios)
+    table, vlm_table = buckets.paired_tables(
+        config.area, config.multiple, config.vlm_area, config.vlm_multiple, config.ratios
+    )
     geo = vlm_inputs.vision_geometry(processor)
     unit = geo["patch_size"] * geo["merge_size"]
     if config.vlm_multiple % unit:
-        raise ValueError(f"data.vlm_multiple={config.vlm_multiple} must be a multiple of the VLM's "
-                         f"patch * merge = {unit}")
+        raise ValueError(
+            f"data.vlm_multiple={config.vlm_multiple} must be a multiple of the VLM's patch * merge = {unit}"
+        )
     for vh, vw in vlm_table:
         if not geo["min_pixels"] <= vh * vw <= geo["max_pixels"]:
-            raise ValueError(f"data.vlm_area={config.vlm_area} gives a {vh}x{vw} VLM image outside the processor's "
-                             f"[{geo['min_pixels']}, {geo['max_pixels']}] pixels; change data.vlm_area")
+            raise ValueError(
+                f"data.vlm_area={config.vlm_area} gives a {vh}x{vw} VLM image outside the processor's "
+                f"[{geo['min_pixels']}, {geo['max_pixels']}] pixels; change data.vlm_area"
+            )
     parts, weights = [], []
     for name, task, weight in parse_mixture(config.mixture, config.dataset):
         source = builders.load_source(config.data_dir, name, task, config.split)
         ds = grain.MapDataset.source(source)[process_index::process_count]
         if len(ds) == 0:
-            raise ValueError(f"{name}/{task} split {config.split} has {len(source)} records: "
-                             f"none for process {process_index} of {process_count}")
+            raise ValueError(
+                f"{name}/{task} split {config.split} has {len(source)} records: "
+                f"none for process {process_index} of {process_count}"
+            )
         ds = ds.shuffle(seed=(config.seed * 1_000_003 + zlib.crc32(f"{name}/{task}".encode())) % 2**31)
         parts.append(ds.repeat(config.num_epochs))
         weights.append(weight)
     mixed = grain.MapDataset.mix(parts, weights) if len(parts) > 1 else parts[0]
     prepared = mixed.map(Prepare(table, vlm_table, config.image_slots))
     batched = BucketBatch(prepared, config.batch_size).map(
-        Collate(processor, config.image_slots, config.max_text_len, config.padding_side, geo["patch_size"],
-                geo["patch_dim"], vlm_table))
+        Collate(
+            processor,
+            config.image_slots,
+            config.max_text_len,
+            config.padding_side,
+            geo["patch_size"],
+            geo["patch_dim"],
+            vlm_table,
+        )
+    )
     if config.num_workers > 0:
-        batched = batched.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.num_workers,
-                                                                   per_worker_buffer_size=config.worker_buffer_size))
+        batched = batched.mp_prefetch(
+            grain.MultiprocessingOptions(
+                num_workers=config.num_workers, per_worker_buffer_size=config.worker_buffer_size
+            )
+        )
     return batched
-
 
 
 def collate_records(recs: list[dict], config: ml_collections.ConfigDict, processor) -> dict[str, np.ndarray]:
@@ -294,13 +335,23 @@ def collate_records(recs: list[dict], config: ml_collections.ConfigDict, process
     without grain: sampling and evaluation preprocess exactly as training does."""
     if not recs:
         raise ValueError("collate_records: no records")
-    table, vlm_table = buckets.paired_tables(config.area, config.multiple, config.vlm_area, config.vlm_multiple,
-                                             config.ratios)
+    table, vlm_table = buckets.paired_tables(
+        config.area, config.multiple, config.vlm_area, config.vlm_multiple, config.ratios
+    )
     geo = vlm_inputs.vision_geometry(processor)
     samples = [Prepare(table, vlm_table, config.image_slots).map(r) for r in recs]
     keys = sorted({s["key"] for s in samples})
     if len(keys) > 1:
-        raise ValueError(f"collate_records: records fall into several groups {keys} (size / input count); "
-                         "collate each group separately")
-    return Collate(processor, config.image_slots, config.max_text_len, config.padding_side, geo["patch_size"],
-                   geo["patch_dim"], vlm_table).map(samples)
+        raise ValueError(
+            f"collate_records: records fall into several groups {keys} (size / input count); "
+            "collate each group separately"
+        )
+    return Collate(
+        processor,
+        config.image_slots,
+        config.max_text_len,
+        config.padding_side,
+        geo["patch_size"],
+        geo["patch_dim"],
+        vlm_table,
+    ).map(samples)

@@ -43,16 +43,30 @@ def background_phrase(bg: dict) -> str:
 
 # --- text-to-image ---------------------------------------------------------------------
 
-_T2I_SINGLE = ("a photo of {o}", "{o}", "an image of {o} on a {bg} background", "a picture showing {o}",
-               "draw {o}", "a simple illustration of {o}")
-_T2I_TWO = ("a photo of {a} and {b}", "{a} and {b}", "an image with {a} and {b}", "draw {a} together with {b}",
-            "a picture of {a} next to {b}")
-_T2I_COUNT = ("a photo of {n} {o}", "{n} {o}", "exactly {n} {o} on a {bg} background", "draw {n} {o}",
-              "an image containing {n} {o}")
-_T2I_REL = ("a photo of {a} {rel} {b}", "{a} {rel} {b}", "an image of {a} placed {rel} {b}",
-            "draw {a} {rel} {b}")
-_T2I_CELL = ("a photo of {a} {where}", "{a} {where}", "an image with {a} {where} of the frame",
-             "draw {a} {where}")
+_T2I_SINGLE = (
+    "a photo of {o}",
+    "{o}",
+    "an image of {o} on a {bg} background",
+    "a picture showing {o}",
+    "draw {o}",
+    "a simple illustration of {o}",
+)
+_T2I_TWO = (
+    "a photo of {a} and {b}",
+    "{a} and {b}",
+    "an image with {a} and {b}",
+    "draw {a} together with {b}",
+    "a picture of {a} next to {b}",
+)
+_T2I_COUNT = (
+    "a photo of {n} {o}",
+    "{n} {o}",
+    "exactly {n} {o} on a {bg} background",
+    "draw {n} {o}",
+    "an image containing {n} {o}",
+)
+_T2I_REL = ("a photo of {a} {rel} {b}", "{a} {rel} {b}", "an image of {a} placed {rel} {b}", "draw {a} {rel} {b}")
+_T2I_CELL = ("a photo of {a} {where}", "{a} {where}", "an image with {a} {where} of the frame", "draw {a} {where}")
 
 
 def t2i_single(rng, obj: dict, bg: dict) -> str:
@@ -81,8 +95,13 @@ def t2i_cell(rng, a: dict, cell: str) -> str:
 
 # --- reconstruction and transformation -------------------------------------------------
 
-_RECON = ("reconstruct this image", "reproduce the image exactly", "copy the picture",
-          "generate the same image", "redraw this image without changes")
+_RECON = (
+    "reconstruct this image",
+    "reproduce the image exactly",
+    "copy the picture",
+    "generate the same image",
+    "redraw this image without changes",
+)
 _TRANSFORM = {
     "flip_horizontal": ("flip the image horizontally", "mirror the image left to right"),
     "flip_vertical": ("flip the image vertically", "mirror the image top to bottom", "turn the image upside down"),
@@ -105,8 +124,7 @@ def transformation(rng, op: str, colour: str | None = None) -> str:
 # --- instruction editing ---------------------------------------------------------------
 
 _EDIT = {
-    "recolor": ("make the {o} {c}", "change the color of the {o} to {c}", "recolor the {o} {c}",
-                "paint the {o} {c}"),
+    "recolor": ("make the {o} {c}", "change the color of the {o} to {c}", "recolor the {o} {c}", "paint the {o} {c}"),
     "add": ("add {n} {where}", "put {n} {where}", "insert {n} {where}"),
     "remove": ("remove the {o}", "delete the {o}", "take away the {o}", "erase the {o}"),
     "move": ("move the {o} to the {cell}", "put the {o} in the {cell} instead", "shift the {o} to the {cell}"),
@@ -115,20 +133,33 @@ _EDIT = {
 }
 
 
-def edit(rng, kind: str, obj: dict | None = None, new: dict | None = None, cell: str | None = None,
-         colour: str | None = None, size: str | None = None) -> str:
+def edit(
+    rng,
+    kind: str,
+    obj: dict | None = None,
+    new: dict | None = None,
+    cell: str | None = None,
+    colour: str | None = None,
+    size: str | None = None,
+) -> str:
     o = phrase(obj, ("colour", "shape")) if obj else ""
     n = article(phrase(new, ("size", "colour", "shape"))) if new else ""
-    return _pick(rng, _EDIT[kind]).format(o=o, n=n, c=colour, size=size, cell=cell,
-                                          where=where(cell) if cell else "")
+    return _pick(rng, _EDIT[kind]).format(o=o, n=n, c=colour, size=size, cell=cell, where=where(cell) if cell else "")
 
 
 # --- customization and multi-subject ---------------------------------------------------
 
-_CUSTOM_CELL = ("place this subject {where}", "the subject from the picture, {where}",
-                "put the subject of the image {where} on a {bg} background", "show the same subject {where}")
-_CUSTOM_REL = ("place this subject {rel} {b}", "the subject from the picture {rel} {b}",
-               "put the subject of the image {rel} {b}")
+_CUSTOM_CELL = (
+    "place this subject {where}",
+    "the subject from the picture, {where}",
+    "put the subject of the image {where} on a {bg} background",
+    "show the same subject {where}",
+)
+_CUSTOM_REL = (
+    "place this subject {rel} {b}",
+    "the subject from the picture {rel} {b}",
+    "put the subject of the image {rel} {b}",
+)
 _ORDINALS = ("first", "second", "third")
 
 
@@ -147,5 +178,11 @@ def multi_subject_cells(rng, cells: list[str]) -> str:
 
 
 def multi_subject_relation(rng, rel: str) -> str:
-    return _pick(rng, ("put the first subject {rel} the second subject", "the first subject {rel} the second one",
-                       "place the first subject {rel} the second subject")).format(rel=rel)
+    return _pick(
+        rng,
+        (
+            "put the first subject {rel} the second subject",
+            "the first subject {rel} the second one",
+            "place the first subject {rel} the second subject",
+        ),
+    ).format(rel=rel)

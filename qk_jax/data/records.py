@@ -42,8 +42,12 @@ FIELDS = ("task", "prompt", "target", "source", "references", "scene", "category
 TEXT_FIELDS = ("task", "prompt", "scene", "category", "id")
 # How many input images each task expects: (source images, min references, max references).
 TASK_INPUTS = {
-    "t2i": (0, 0, 0), "reconstruction": (1, 0, 0), "transformation": (1, 0, 0), "edit": (1, 0, 0),
-    "customization": (0, 1, 1), "multi_subject": (0, 2, vocab.MAX_REFERENCES),
+    "t2i": (0, 0, 0),
+    "reconstruction": (1, 0, 0),
+    "transformation": (1, 0, 0),
+    "edit": (1, 0, 0),
+    "customization": (0, 1, 1),
+    "multi_subject": (0, 2, vocab.MAX_REFERENCES),
 }
 
 
@@ -123,8 +127,15 @@ def validate(rec: Any, decode: bool = True) -> list[str]:
 # --- the generator ------------------------------------------------------------------------
 
 
-def generate_sample(task: str, index: int, split: str, seed: int, height: int, width: int,
-                    plain_background: float = vocab.PLAIN_BACKGROUND) -> tasks.Sample:
+def generate_sample(
+    task: str,
+    index: int,
+    split: str,
+    seed: int,
+    height: int,
+    width: int,
+    plain_background: float = vocab.PLAIN_BACKGROUND,
+) -> tasks.Sample:
     """The scene-level sample of record `index` (deterministic), resampled into `split`;
     `plain_background` is the probability of a plain (untextured) background."""
     if task not in tasks.GENERATORS:
@@ -151,8 +162,15 @@ def render_sample(sample: tasks.Sample) -> dict[str, Any]:
     return {"target": target, "source": source, "references": [scenes.render_scene(r) for r in sample.references]}
 
 
-def generate_record(task: str, index: int, split: str = "train", seed: int = 0, height: int = 64,
-                    width: int | None = None, plain_background: float = vocab.PLAIN_BACKGROUND) -> dict:
+def generate_record(
+    task: str,
+    index: int,
+    split: str = "train",
+    seed: int = 0,
+    height: int = 64,
+    width: int | None = None,
+    plain_background: float = vocab.PLAIN_BACKGROUND,
+) -> dict:
     """Record `index` of `task` in `split` (see the module docstring); deterministic."""
     width = height if width is None else width
     sample = generate_sample(task, index, split, seed, height, width, plain_background)
@@ -169,5 +187,16 @@ def generate_record(task: str, index: int, split: str = "train", seed: int = 0, 
     }
 
 
-__all__ = ["FIELDS", "TASK_INPUTS", "encode_png", "decode_image", "image_size", "normalize", "num_inputs",
-           "validate", "generate_sample", "render_sample", "generate_record"]
+__all__ = [
+    "FIELDS",
+    "TASK_INPUTS",
+    "encode_png",
+    "decode_image",
+    "image_size",
+    "normalize",
+    "num_inputs",
+    "validate",
+    "generate_sample",
+    "render_sample",
+    "generate_record",
+]

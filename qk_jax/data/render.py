@@ -118,8 +118,17 @@ def coverage(sdf_pixels: np.ndarray) -> np.ndarray:
     return np.clip(0.5 - sdf_pixels, 0.0, 1.0)
 
 
-def object_layers(shape: str, cx_px: float, cy_px: float, r_px: float, rotation: float, height: int, width: int,
-                  pattern: str | None = None, pad: int = 2):
+def object_layers(
+    shape: str,
+    cx_px: float,
+    cy_px: float,
+    r_px: float,
+    rotation: float,
+    height: int,
+    width: int,
+    pattern: str | None = None,
+    pad: int = 2,
+):
     """Coverage maps of one object inside its bounding box.
 
     Returns `(y0, x0, shape_cov, pattern_cov)`: the crop's top-left corner and two
@@ -139,8 +148,16 @@ def object_layers(shape: str, cx_px: float, cy_px: float, r_px: float, rotation:
     return y0, x0, cov.astype(np.float32), None if pat is None else pat.astype(np.float32)
 
 
-def draw_object(canvas: np.ndarray, shape: str, colour: tuple[int, int, int], cx: float, cy: float, r: float,
-                rotation: float = 0.0, pattern: str | None = None) -> None:
+def draw_object(
+    canvas: np.ndarray,
+    shape: str,
+    colour: tuple[int, int, int],
+    cx: float,
+    cy: float,
+    r: float,
+    rotation: float = 0.0,
+    pattern: str | None = None,
+) -> None:
     """Composites one object onto `canvas` (H, W, 3) float32 in place.
 
     `cx, cy` are normalised centres, `r` the circumradius as a fraction of min(H, W).
@@ -148,7 +165,7 @@ def draw_object(canvas: np.ndarray, shape: str, colour: tuple[int, int, int], cx
     h, w = canvas.shape[:2]
     r_px = r * min(h, w)
     y0, x0, cov, pat = object_layers(shape, cx * w, cy * h, r_px, rotation, h, w, pattern)
-    region = canvas[y0:y0 + cov.shape[0], x0:x0 + cov.shape[1]]
+    region = canvas[y0 : y0 + cov.shape[0], x0 : x0 + cov.shape[1]]
     region += cov[..., None] * (np.asarray(colour, np.float32) - region)
     if pat is not None:
         region += pat[..., None] * (np.asarray(vocab.PATTERN_RGB, np.float32) - region)

@@ -62,13 +62,23 @@ class Scene:
     inverted: bool = False
 
     def to_dict(self) -> dict:
-        return {"height": self.height, "width": self.width, "background": dict(self.background),
-                "objects": [o.to_dict() for o in self.objects], "inverted": self.inverted}
+        return {
+            "height": self.height,
+            "width": self.width,
+            "background": dict(self.background),
+            "objects": [o.to_dict() for o in self.objects],
+            "inverted": self.inverted,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> Scene:
-        return cls(int(d["height"]), int(d["width"]), dict(d["background"]),
-                   [Obj(**o) for o in d["objects"]], bool(d.get("inverted", False)))
+        return cls(
+            int(d["height"]),
+            int(d["width"]),
+            dict(d["background"]),
+            [Obj(**o) for o in d["objects"]],
+            bool(d.get("inverted", False)),
+        )
 
     def copy(self) -> Scene:
         return Scene.from_dict(self.to_dict())
@@ -117,9 +127,12 @@ def make_obj(rng: np.random.Generator, shape: str, colour: str, size: str, patte
     return Obj(shape=shape, colour=colour, size=size, r=jitter_radius(rng, size), pattern=pattern)
 
 
-def random_obj(rng: np.random.Generator, sizes: Sequence[str] = vocab.SIZE_NAMES,
-               accept: Callable[[str, str], bool] = lambda colour, shape: True,
-               shapes: Sequence[str] = vocab.SHAPES) -> Obj:
+def random_obj(
+    rng: np.random.Generator,
+    sizes: Sequence[str] = vocab.SIZE_NAMES,
+    accept: Callable[[str, str], bool] = lambda colour, shape: True,
+    shapes: Sequence[str] = vocab.SHAPES,
+) -> Obj:
     """A random object with an accepted (colour, shape) pair, not yet placed."""
     for _ in range(1000):
         shape, colour = str(rng.choice(shapes)), str(rng.choice(vocab.COLOUR_NAMES))
@@ -162,8 +175,16 @@ def fits(o: Obj, others: Sequence[Obj], h: int, w: int) -> bool:
     return True
 
 
-def place(rng: np.random.Generator, objs: list[Obj], h: int, w: int, cells: Sequence[str | None] | None = None,
-          relations: Sequence[tuple[int, str, int]] = (), fixed: Sequence[Obj] = (), tries: int = 300) -> list[Obj]:
+def place(
+    rng: np.random.Generator,
+    objs: list[Obj],
+    h: int,
+    w: int,
+    cells: Sequence[str | None] | None = None,
+    relations: Sequence[tuple[int, str, int]] = (),
+    fixed: Sequence[Obj] = (),
+    tries: int = 300,
+) -> list[Obj]:
     """Assigns centres to `objs` (in place) satisfying cells, relations and no overlap.
 
     `cells[i]` pins object i to a grid cell; `relations` are `(i, name, j)` meaning
@@ -186,8 +207,10 @@ def place(rng: np.random.Generator, objs: list[Obj], h: int, w: int, cells: Sequ
             placed.append(o)
         if ok and all(relation_holds(objs[i], objs[j], rel, vocab.RELATION_MARGIN_GEN) for i, rel, j in relations):
             return objs
-    raise PlacementError(f"could not place {len(objs)} objects (cells={cells}, relations={list(relations)}) "
-                         f"in {h}x{w} after {tries} tries")
+    raise PlacementError(
+        f"could not place {len(objs)} objects (cells={cells}, relations={list(relations)}) "
+        f"in {h}x{w} after {tries} tries"
+    )
 
 
 # --- transformations (the `transformation` task) ----------------------------------
@@ -226,9 +249,11 @@ def transform_scene(scene: Scene, op: str, colour: str | None = None) -> Scene:
 def transform_image(img: np.ndarray, op: str) -> np.ndarray:
     """Pixel-exact image transformation (H, W, 3) uint8 -> uint8 (not for recolour)."""
     table = {
-        "flip_horizontal": lambda a: a[:, ::-1], "flip_vertical": lambda a: a[::-1],
-        "rotate90": lambda a: np.rot90(a, 1), "rotate180": lambda a: np.rot90(a, 2),
-        "rotate270": lambda a: np.rot90(a, 3), "invert": lambda a: 255 - a,
+        "flip_horizontal": lambda a: a[:, ::-1],
+        "flip_vertical": lambda a: a[::-1],
+        "rotate90": lambda a: np.rot90(a, 1),
+        "rotate180": lambda a: np.rot90(a, 2),
+        "rotate270": lambda a: np.rot90(a, 3),
+        "invert": lambda a: 255 - a,
     }
     return np.ascontiguousarray(table[op](img))
-

@@ -25,8 +25,9 @@ from qk_jax.data import vocab
 
 SPLITS = ("train", "validation", "test")
 
-HELD_OUT_PAIRS = frozenset({("red", "star"), ("blue", "hexagon"), ("yellow", "triangle"), ("purple", "circle"),
-                            ("cyan", "square")})
+HELD_OUT_PAIRS = frozenset(
+    {("red", "star"), ("blue", "hexagon"), ("yellow", "triangle"), ("purple", "circle"), ("cyan", "square")}
+)
 HELD_OUT_COMBOS = (
     frozenset({("green", "circle"), ("orange", "square")}),
     frozenset({("magenta", "triangle"), ("blue", "star")}),

@@ -64,8 +64,12 @@ class Sample:
     target_op: str | None = None  # pixel transformation of the source image that gives the target
 
     def graph(self) -> dict:
-        return {"target": self.target.to_dict(), "source": self.source.to_dict() if self.source else None,
-                "references": [r.to_dict() for r in self.references], "spec": self.spec}
+        return {
+            "target": self.target.to_dict(),
+            "source": self.source.to_dict() if self.source else None,
+            "references": [r.to_dict() for r in self.references],
+            "spec": self.spec,
+        }
 
 
 def _spec_obj(o: Obj, attrs, cell: str | None = None, ref: int | None = None) -> dict:
@@ -79,8 +83,10 @@ def _distinct_objs(rng, ctx: Context, n: int, sizes, distinct_shapes=False, dist
     objs: list[Obj] = []
     while len(objs) < n:
         o = random_obj(rng, sizes, ctx.accept)
-        if any(p.key == o.key or (distinct_shapes and p.shape == o.shape)
-               or (distinct_colours and p.colour == o.colour) for p in objs):
+        if any(
+            p.key == o.key or (distinct_shapes and p.shape == o.shape) or (distinct_colours and p.colour == o.colour)
+            for p in objs
+        ):
             continue
         objs.append(o)
     return objs
@@ -107,8 +113,9 @@ def gen_t2i(rng, ctx: Context) -> Sample:
         objs, specs = place(rng, [o], h, w), [_spec_obj(o, attrs)]
         prompt = prompts.t2i_single(rng, specs[0], bg)
     elif category in ("two_objects", "attribute_binding"):
-        objs = _distinct_objs(rng, ctx, 2, vocab.SIZE_NAMES, distinct_shapes=True,
-                              distinct_colours=category == "attribute_binding")
+        objs = _distinct_objs(
+            rng, ctx, 2, vocab.SIZE_NAMES, distinct_shapes=True, distinct_colours=category == "attribute_binding"
+        )
         with_colour = category == "attribute_binding" or rng.random() < colour_p
         specs = [_spec_obj(o, ["shape"] + (["colour"] if with_colour else [])) for o in objs]
         place(rng, objs, h, w)
@@ -119,8 +126,11 @@ def gen_t2i(rng, ctx: Context) -> Sample:
         with_colour = rng.random() < max(colour_p, 0.5)
         objs = []
         for _ in range(n):
-            colour = proto.colour if with_colour else random_obj(rng, accept=lambda c, s: ctx.accept(c, proto.shape),
-                                                                 shapes=(proto.shape,)).colour
+            colour = (
+                proto.colour
+                if with_colour
+                else random_obj(rng, accept=lambda c, s: ctx.accept(c, proto.shape), shapes=(proto.shape,)).colour
+            )
             objs.append(make_obj(rng, proto.shape, colour, str(rng.choice(_sizes_for(n)))))
         place(rng, objs, h, w)
         specs = [_spec_obj(o, ["shape"] + (["colour"] if with_colour else [])) for o in objs]
@@ -152,8 +162,11 @@ def gen_t2i(rng, ctx: Context) -> Sample:
 
 def _random_scene(rng, ctx: Context, n_max: int = vocab.MAX_OBJECTS, distinct=False) -> Scene:
     n = int(rng.integers(1, n_max + 1))
-    objs = _distinct_objs(rng, ctx, n, _sizes_for(n)) if distinct else [
-        random_obj(rng, _sizes_for(n), ctx.accept) for _ in range(n)]
+    objs = (
+        _distinct_objs(rng, ctx, n, _sizes_for(n))
+        if distinct
+        else [random_obj(rng, _sizes_for(n), ctx.accept) for _ in range(n)]
+    )
     for o in objs:
         if o.shape in ("triangle", "star"):
             o.rotation = float(rng.choice([0.0, 90.0, 180.0, 270.0]))
@@ -167,16 +180,25 @@ def gen_reconstruction(rng, ctx: Context) -> Sample:
 
 
 def gen_transformation(rng, ctx: Context) -> Sample:
-    ops = vocab.TRANSFORMS if ctx.height == ctx.width else tuple(
-        op for op in vocab.TRANSFORMS if op not in ("rotate90", "rotate270"))
+    ops = (
+        vocab.TRANSFORMS
+        if ctx.height == ctx.width
+        else tuple(op for op in vocab.TRANSFORMS if op not in ("rotate90", "rotate270"))
+    )
     op = str(rng.choice(ops))
     source = _random_scene(rng, ctx, n_max=3)
     colour = None
     if op == "recolor":
         colour = str(rng.choice([c for c in vocab.COLOUR_NAMES if any(o.colour != c for o in source.objects)]))
     target = transform_scene(source, op, colour)
-    return Sample(op, prompts.transformation(rng, op, colour), target, source=source,
-                  spec={"op": op, "colour": colour}, target_op=None if op == "recolor" else op)
+    return Sample(
+        op,
+        prompts.transformation(rng, op, colour),
+        target,
+        source=source,
+        spec={"op": op, "colour": colour},
+        target_op=None if op == "recolor" else op,
+    )
 
 
 # --- instruction editing ----------------------------------------------------------------
@@ -232,16 +254,22 @@ def gen_edit(rng, ctx: Context) -> Sample:
             raise PlacementError("resized object does not fit")
         prompt = prompts.edit(rng, kind, obj=before.to_dict(), size=after.size)
     else:  # replace
-        new = random_obj(rng, (before.size,), lambda c, s: ctx.accept(c, s) and (c, s) not in keys
-                         and s != before.shape)
+        new = random_obj(
+            rng, (before.size,), lambda c, s: ctx.accept(c, s) and (c, s) not in keys and s != before.shape
+        )
         new.cx, new.cy, new.r = before.cx, before.cy, before.r
         if not fits(new, others, h, w):
             raise PlacementError("replacement does not fit")
         target.objects[i] = after = new
         prompt = prompts.edit(rng, kind, obj=before.to_dict(), new=_spec_obj(new, ["colour", "shape"]))
     region = _region([o for o in (before, after) if o is not None], h, w)
-    spec = {"type": kind, "before": before.to_dict() if before else None, "after": after.to_dict() if after else None,
-            "to_cell": to_cell, "region": region}
+    spec = {
+        "type": kind,
+        "before": before.to_dict() if before else None,
+        "after": after.to_dict() if after else None,
+        "to_cell": to_cell,
+        "region": region,
+    }
     return Sample(kind, prompt, target, source=source, spec=spec)
 
 
@@ -316,11 +344,16 @@ def gen_multi_subject(rng, ctx: Context) -> Sample:
     target = Scene(h, w, bg, subjects)
     refs = [_reference(rng, s, ctx) for s in subjects]
     category = "two_subjects" if n == 2 else "three_subjects"
-    return Sample(category, prompt, target, references=refs, spec={"objects": specs, "relations": relations,
-                                                                   "exact": False})
+    return Sample(
+        category, prompt, target, references=refs, spec={"objects": specs, "relations": relations, "exact": False}
+    )
 
 
 GENERATORS: dict[str, Callable[[np.random.Generator, Context], Sample]] = {
-    "t2i": gen_t2i, "reconstruction": gen_reconstruction, "transformation": gen_transformation,
-    "edit": gen_edit, "customization": gen_customization, "multi_subject": gen_multi_subject,
+    "t2i": gen_t2i,
+    "reconstruction": gen_reconstruction,
+    "transformation": gen_transformation,
+    "edit": gen_edit,
+    "customization": gen_customization,
+    "multi_subject": gen_multi_subject,
 }

@@ -14,9 +14,20 @@ from collections.abc import Iterable
 
 # The Qwen2.5-VL special tokens, in Qwen's order (their ids follow the BPE vocabulary).
 SPECIAL_TOKENS = (
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
-    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
 )
 
 # The Qwen2-VL chat template (message list -> prompt text with vision placeholders).
@@ -36,11 +47,21 @@ CHAT_TEMPLATE = (
 )
 
 DEFAULT_CORPUS = (
-    "You are a helpful assistant.", "system user assistant", "Picture Video",
-    "a photo of a red circle left of a blue square", "draw two green triangles above a yellow star",
-    "make the orange hexagon purple", "remove the cyan star", "add a magenta circle", "move it to the right",
-    "small medium large", "the same subject in a new scene", "reconstruct this image", "flip rotate invert",
-    "0 1 2 3 4 5 6 7 8 9 one two three four", "top bottom middle center left right above below",
+    "You are a helpful assistant.",
+    "system user assistant",
+    "Picture Video",
+    "a photo of a red circle left of a blue square",
+    "draw two green triangles above a yellow star",
+    "make the orange hexagon purple",
+    "remove the cyan star",
+    "add a magenta circle",
+    "move it to the right",
+    "small medium large",
+    "the same subject in a new scene",
+    "reconstruct this image",
+    "flip rotate invert",
+    "0 1 2 3 4 5 6 7 8 9 one two three four",
+    "top bottom middle center left right above below",
 )
 
 
@@ -59,13 +80,22 @@ def build_tokenizer(out_dir: str, corpus: Iterable[str] = DEFAULT_CORPUS, vocab_
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     n_regular = vocab_size - len(SPECIAL_TOKENS)
-    trainer = trainers.BpeTrainer(vocab_size=n_regular, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False, special_tokens=[])
+    trainer = trainers.BpeTrainer(
+        vocab_size=n_regular,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+        special_tokens=[],
+    )
     tok.train_from_iterator(list(corpus), trainer=trainer)
     tok.add_special_tokens(list(SPECIAL_TOKENS))
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
-        model_max_length=32768, padding_side="right")
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        model_max_length=32768,
+        padding_side="right",
+    )
     fast.chat_template = CHAT_TEMPLATE
     os.makedirs(out_dir, exist_ok=True)
     fast.save_pretrained(out_dir)

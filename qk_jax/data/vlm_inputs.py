@@ -29,19 +29,29 @@ import numpy as np
 class VLMProcessor(Protocol):
     image_processor: object
 
-    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
-        ...
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str: ...
 
-    def __call__(self, text, images=None, *, max_length: int | None = None,
-                 padding_side: str = "left") -> dict[str, np.ndarray]:
-        ...
+    def __call__(
+        self, text, images=None, *, max_length: int | None = None, padding_side: str = "left"
+    ) -> dict[str, np.ndarray]: ...
 
 
 # The files of a HF checkpoint folder that make up its tokenizer and processor (never weights).
-PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
-                   "special_tokens_map.json", "added_tokens.json", "chat_template.json", "chat_template.jinja",
-                   "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
-                   "special_token_ids.json")
+PROCESSOR_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
+    "special_token_ids.json",
+)
 
 
 def copy_processor(src: str, dst: str, field: str) -> list[str]:
@@ -52,8 +62,10 @@ def copy_processor(src: str, dst: str, field: str) -> list[str]:
         raise FileNotFoundError(f"config field {field}: folder {src} does not exist")
     names = [n for n in PROCESSOR_FILES if os.path.isfile(os.path.join(src, n))]
     if "tokenizer_config.json" not in names:
-        raise FileNotFoundError(f"config field {field}: {src} holds no tokenizer (no tokenizer_config.json); name a "
-                                "HF Qwen2.5-VL folder or a tokenizer folder")
+        raise FileNotFoundError(
+            f"config field {field}: {src} holds no tokenizer (no tokenizer_config.json); name a "
+            "HF Qwen2.5-VL folder or a tokenizer folder"
+        )
     os.makedirs(dst, exist_ok=True)
     for name in names:
         shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
@@ -73,24 +85,35 @@ def vision_geometry(processor: VLMProcessor) -> dict[str, int]:
     size = getattr(ip, "size", None) or {}
     get = size.get if isinstance(size, dict) else lambda k, d=None: getattr(size, k, d)
     patch, temporal = int(ip.patch_size), int(ip.temporal_patch_size)
-    return {"patch_size": patch, "merge_size": int(ip.merge_size), "temporal_patch_size": temporal,
-            "patch_dim": 3 * temporal * patch * patch,
-            "min_pixels": int(get("shortest_edge", None) or getattr(ip, "min_pixels", 0) or 0),
-            "max_pixels": int(get("longest_edge", None) or getattr(ip, "max_pixels", 0) or 2**62)}
+    return {
+        "patch_size": patch,
+        "merge_size": int(ip.merge_size),
+        "temporal_patch_size": temporal,
+        "patch_dim": 3 * temporal * patch * patch,
+        "min_pixels": int(get("shortest_edge", None) or getattr(ip, "min_pixels", 0) or 0),
+        "max_pixels": int(get("longest_edge", None) or getattr(ip, "max_pixels", 0) or 2**62),
+    }
 
 
-def encode(processor: VLMProcessor, prompts: Sequence[str], images_per_sample: Sequence[Sequence[np.ndarray]],
-           max_length: int, padding_side: str = "left") -> dict[str, np.ndarray]:
+def encode(
+    processor: VLMProcessor,
+    prompts: Sequence[str],
+    images_per_sample: Sequence[Sequence[np.ndarray]],
+    max_length: int,
+    padding_side: str = "left",
+) -> dict[str, np.ndarray]:
     """Chat-templated, tokenized, image-processed batch padded to `max_length` (see module docstring)."""
     if len(prompts) != len(images_per_sample):
         raise ValueError(f"{len(prompts)} prompts but {len(images_per_sample)} image lists")
-    texts = [processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"} for _ in ims] + [{"type": "text", "text": p}]}])
-        for p, ims in zip(prompts, images_per_sample)]
+    texts = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"} for _ in ims] + [{"type": "text", "text": p}]}]
+        )
+        for p, ims in zip(prompts, images_per_sample)
+    ]
     images = [list(ims) for ims in images_per_sample]
     try:
-        out = processor(texts, images=images if any(images) else None, max_length=max_length,
-                        padding_side=padding_side)
+        out = processor(texts, images=images if any(images) else None, max_length=max_length, padding_side=padding_side)
     except ValueError as e:
         if "max_length" in str(e):
             raise ValueError(f"{e}; raise data.max_text_len (image tokens count too)") from None

@@ -39,9 +39,15 @@ REFERENCE_RADIUS = 0.34
 
 # The 3x3 grid: (column, row) -> phrase. Rows top/middle/bottom, columns left/center/right.
 GRID: dict[tuple[int, int], str] = {
-    (0, 0): "top left", (1, 0): "top", (2, 0): "top right",
-    (0, 1): "left", (1, 1): "center", (2, 1): "right",
-    (0, 2): "bottom left", (1, 2): "bottom", (2, 2): "bottom right",
+    (0, 0): "top left",
+    (1, 0): "top",
+    (2, 0): "top right",
+    (0, 1): "left",
+    (1, 1): "center",
+    (2, 1): "right",
+    (0, 2): "bottom left",
+    (1, 2): "bottom",
+    (2, 2): "bottom right",
 }
 CELL_NAMES = tuple(GRID.values())
 CELL_OF_NAME = {name: cell for cell, name in GRID.items()}
@@ -49,7 +55,10 @@ CELL_OF_NAME = {name: cell for cell, name in GRID.items()}
 # Pairwise relations between object centres: name -> (axis, sign). "a left of b" means
 # a.cx < b.cx by at least the judge's margin; the generator keeps a wider margin.
 RELATIONS: dict[str, tuple[str, int]] = {
-    "left of": ("x", -1), "right of": ("x", 1), "above": ("y", -1), "below": ("y", 1),
+    "left of": ("x", -1),
+    "right of": ("x", 1),
+    "above": ("y", -1),
+    "below": ("y", 1),
 }
 RELATION_MARGIN_GEN = 0.15  # generator: centres at least this far apart along the axis
 RELATION_MARGIN_JUDGE = 0.04  # judge: a relation holds beyond this margin
@@ -58,8 +67,12 @@ RELATION_MARGIN_JUDGE = 0.04  # judge: a relation holds beyond this margin
 # PATTERN_RGB inside the subject. Only shapes with a roomy interior carry them.
 PATTERNS = ("hstripes", "vstripes", "diagonal", "checker", "dots", "rings")
 PATTERN_WORDS = {
-    "hstripes": "horizontally striped", "vstripes": "vertically striped", "diagonal": "diagonally striped",
-    "checker": "checkered", "dots": "polka-dot", "rings": "ringed",
+    "hstripes": "horizontally striped",
+    "vstripes": "vertically striped",
+    "diagonal": "diagonally striped",
+    "checker": "checkered",
+    "dots": "polka-dot",
+    "rings": "ringed",
 }
 PATTERN_RGB = (35, 35, 35)
 SUBJECT_SHAPES = ("circle", "square", "hexagon")

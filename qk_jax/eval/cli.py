@@ -1,15 +1,15 @@
 """`qk-jax eval <command>`: the automatic judge of Kontext-Shapes generations.
 
-    qk-jax eval detect IMAGE [IMAGE ...]
-        Prints one JSON list per image (one line each) of the objects found:
-        shape, colour, centre (x, y in 0..1), size (small/medium/large, area fraction), ...
-    qk-jax eval score --data_dir DIR --images FOLDER [--split test] [--tasks t2i,edit]
-                      [--dataset kontext_shapes] [--limit N] [--out report.json]
-        Scores FOLDER/<record id>.png against each record's scene graph; prints the
-        score per task and category and overall (last line).
-    qk-jax eval score --data_dir DIR --self_check target|blank|noise|blur|jpeg|...
-        Scores the dataset's own targets (optionally degraded), blank or noise images
-        instead of a folder: the judge's sanity check (targets ~1, blank/noise ~0).
+qk-jax eval detect IMAGE [IMAGE ...]
+    Prints one JSON list per image (one line each) of the objects found:
+    shape, colour, centre (x, y in 0..1), size (small/medium/large, area fraction), ...
+qk-jax eval score --data_dir DIR --images FOLDER [--split test] [--tasks t2i,edit]
+                  [--dataset kontext_shapes] [--limit N] [--out report.json]
+    Scores FOLDER/<record id>.png against each record's scene graph; prints the
+    score per task and category and overall (last line).
+qk-jax eval score --data_dir DIR --self_check target|blank|noise|blur|jpeg|...
+    Scores the dataset's own targets (optionally degraded), blank or noise images
+    instead of a folder: the judge's sanity check (targets ~1, blank/noise ~0).
 """
 
 from __future__ import annotations
@@ -30,9 +30,13 @@ _DATASET = flags.DEFINE_string("dataset", "kontext_shapes", "score: dataset name
 _SPLIT = flags.DEFINE_string("split", "test", "score: split (test = held-out compositions).")
 _TASKS = flags.DEFINE_list("tasks", list(vocab.TASKS), "score: tasks to score (those built).")
 _IMAGES = flags.DEFINE_string("images", None, "score: folder of generations named <record id>.png.")
-_SELF_CHECK = flags.DEFINE_string("self_check", None, "score: instead of --images, score the targets "
-                                  "('target'), a degradation of them (blur, noise, jpeg, quantise, colour_shift, "
-                                  "combined), or 'blank' / 'noise_image'.")
+_SELF_CHECK = flags.DEFINE_string(
+    "self_check",
+    None,
+    "score: instead of --images, score the targets "
+    "('target'), a degradation of them (blur, noise, jpeg, quantise, colour_shift, "
+    "combined), or 'blank' / 'noise_image'.",
+)
 _LIMIT = flags.DEFINE_integer("limit", None, "score: at most this many records per task.")
 _OUT = flags.DEFINE_string("out", None, "score: write the full JSON report here.")
 

@@ -69,10 +69,19 @@ class Detection:
         return vocab.GRID[(col, row)]
 
     def to_json(self) -> dict:
-        return {"shape": self.shape, "colour": self.colour, "centre": [round(self.cx, 4), round(self.cy, 4)],
-                "size": self.size, "area_frac": round(self.area_frac, 5), "r": round(self.r, 4),
-                "cell": self.cell, "rotation": round(self.rotation, 1), "fit": round(self.fit, 3),
-                "pattern": self.pattern, "signature": [round(s, 3) for s in self.signature]}
+        return {
+            "shape": self.shape,
+            "colour": self.colour,
+            "centre": [round(self.cx, 4), round(self.cy, 4)],
+            "size": self.size,
+            "area_frac": round(self.area_frac, 5),
+            "r": round(self.r, 4),
+            "cell": self.cell,
+            "rotation": round(self.rotation, 1),
+            "fit": round(self.fit, 3),
+            "pattern": self.pattern,
+            "signature": [round(s, 3) for s in self.signature],
+        }
 
 
 def as_float_image(image) -> np.ndarray:
@@ -114,7 +123,7 @@ def unmix(img: np.ndarray):
     det = cc * 3.0 - c1 * c1
     alpha = np.clip((3.0 * cp - c1 * p1) / det, 0.0, 1.0)
     beta = np.clip((p1 - alpha * c1) / 3.0, 0.0, 1.0 - alpha)  # (1 - alpha) * grey, grey in 0..1
-    resid = np.sqrt((((p - alpha[..., None] * c - beta[..., None]) ** 2)).sum(-1))
+    resid = np.sqrt(((p - alpha[..., None] * c - beta[..., None]) ** 2).sum(-1))
     return alpha, resid
 
 
@@ -153,7 +162,7 @@ def fit_shape(soft: np.ndarray, y0: int, x0: int, params: DetectParams):
     point-spread function; the blur conserves area, so the radius comes from the mass.
     """
     area = float(soft.sum())
-    ys, xs = np.mgrid[0:soft.shape[0], 0:soft.shape[1]].astype(np.float64) + 0.5
+    ys, xs = np.mgrid[0 : soft.shape[0], 0 : soft.shape[1]].astype(np.float64) + 0.5
     cy, cx = float((soft * ys).sum() / area), float((soft * xs).sum() / area)
     best = ("circle", 0.0, -1.0, 0.0)
     for shape in vocab.SHAPES:
@@ -190,10 +199,11 @@ def texture_signature(dark: np.ndarray, window: np.ndarray, cx: float, cy: float
     if ws < 1e-9:
         return (frac, 0.0, 0.0, 0.0, 0.0)
     phi = np.arctan2(gy, gx)
-    ys, xs = np.mgrid[0:dark.shape[0], 0:dark.shape[1]].astype(np.float64) + 0.5
+    ys, xs = np.mgrid[0 : dark.shape[0], 0 : dark.shape[1]].astype(np.float64) + 0.5
     psi = np.arctan2(ys - cy, xs - cx)
-    stats = [float((w * f).sum() / ws) for f in (np.cos(2 * phi), np.sin(2 * phi), np.cos(4 * phi),
-                                                  np.cos(2 * (phi - psi)))]
+    stats = [
+        float((w * f).sum() / ws) for f in (np.cos(2 * phi), np.sin(2 * phi), np.cos(4 * phi), np.cos(2 * (phi - psi)))
+    ]
     return (frac, *stats)
 
 
@@ -219,8 +229,10 @@ def detect(image, params: DetectParams = DetectParams()) -> list[Detection]:
     if min(img.shape[:2]) > params.max_side:  # area averaging keeps every colour's mass
         scale = params.max_side / min(img.shape[:2])
         size = (max(1, round(img.shape[1] * scale)), max(1, round(img.shape[0] * scale)))
-        img = np.asarray(Image.fromarray(np.round(img * 255).astype(np.uint8)).resize(size, Image.BOX),
-                         np.float64) / 255.0
+        img = (
+            np.asarray(Image.fromarray(np.round(img * 255).astype(np.uint8)).resize(size, Image.BOX), np.float64)
+            / 255.0
+        )
     h, w = img.shape[:2]
     if noise_sigma(img) > params.denoise_sigma:
         # a gaussian conserves each object's colour mass (a median filter would eat star
@@ -258,7 +270,7 @@ def _measure(comp, sl, labels, alpha_k, k, colour, h, w, params) -> Detection | 
     y0, y1 = max(sl[0].start - pad, 0), min(sl[0].stop + pad, h)
     x0, x1 = max(sl[1].start - pad, 0), min(sl[1].stop + pad, w)
     core = np.zeros((y1 - y0, x1 - x0), bool)
-    core[sl[0].start - y0:sl[0].stop - y0, sl[1].start - x0:sl[1].stop - x0] = comp
+    core[sl[0].start - y0 : sl[0].stop - y0, sl[1].start - x0 : sl[1].stop - x0] = comp
     filled = ndimage.binary_fill_holes(core)
     holes = filled & ~core
     near = ndimage.binary_dilation(filled, iterations=2)
@@ -285,6 +297,16 @@ def _measure(comp, sl, labels, alpha_k, k, colour, h, w, params) -> Detection | 
         dark = np.where(lab == k, 1.0 - alpha_k[y0:y1, x0:x1], 1.0) * filled
         sig = texture_signature(dark, inner, cx_px - x0, cy_px - y0)
         pattern = pattern_label(sig)
-    return Detection(shape=shape, colour=colour, cx=cx_px / w, cy=cy_px / h, r=r, size=size,
-                     area_frac=float(render.AREA[shape] * r_px * r_px / (h * w)), rotation=rot, fit=iou,
-                     pattern=pattern, signature=tuple(sig))
+    return Detection(
+        shape=shape,
+        colour=colour,
+        cx=cx_px / w,
+        cy=cy_px / h,
+        r=r,
+        size=size,
+        area_frac=float(render.AREA[shape] * r_px * r_px / (h * w)),
+        rotation=rot,
+        fit=iou,
+        pattern=pattern,
+        signature=tuple(sig),
+    )

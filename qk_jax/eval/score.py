@@ -52,7 +52,7 @@ def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
     d = (a.astype(np.float64) - b.astype(np.float64)) ** 2
     d = d.mean(-1)
     mse = float(d[mask].mean()) if mask is not None else float(d.mean())
-    return float("inf") if mse == 0 else 10.0 * math.log10(255.0 ** 2 / mse)
+    return float("inf") if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
 
 
 def ssim(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None, sigma: float = 1.5) -> float:
@@ -127,17 +127,23 @@ def _reference_identity(record: dict, ref: int, want: dict, params: ScoreParams)
 
 def _score_spec(record: dict, spec: dict, dets, params: ScoreParams) -> tuple[dict, dict]:
     objs, relations = spec["objects"], [tuple(r) for r in spec.get("relations", [])]
-    identities = [_reference_identity(record, o["ref"], o, params) if o.get("ref") is not None else None
-                  for o in objs]
+    identities = [_reference_identity(record, o["ref"], o, params) if o.get("ref") is not None else None for o in objs]
     loose = [{k: o.get(k) for k in ("shape", "colour")} for o in objs]
     unplaced = [dict(o, cell=None) for o in objs]
     checks = {
         "present": _assign([[i for i, d in enumerate(dets) if _matches(d, w)] for w in loose], [], dets) is not None,
-        "attributes": _assign([[i for i, d in enumerate(dets) if _matches(d, w, ident)]
-                               for w, ident in zip(unplaced, identities)], [], dets) is not None,
+        "attributes": _assign(
+            [[i for i, d in enumerate(dets) if _matches(d, w, ident)] for w, ident in zip(unplaced, identities)],
+            [],
+            dets,
+        )
+        is not None,
     }
-    full = _assign([[i for i, d in enumerate(dets) if _matches(d, w, ident)] for w, ident in zip(objs, identities)],
-                   relations, dets)
+    full = _assign(
+        [[i for i, d in enumerate(dets) if _matches(d, w, ident)] for w, ident in zip(objs, identities)],
+        relations,
+        dets,
+    )
     if any(o.get("cell") for o in objs) or relations:
         checks["placed"] = full is not None
     if spec.get("exact"):
@@ -152,15 +158,23 @@ def _score_scene(scene: dict, dets, params: ScoreParams) -> dict:
     """Every target object detected in place with its attributes, nothing extra."""
     cands = []
     for o in scene["objects"]:
-        cands.append([i for i, d in enumerate(dets) if d.shape == o["shape"] and d.colour == o["colour"]
-                      and d.size == o["size"] and math.hypot(d.cx - o["cx"], d.cy - o["cy"]) <= params.pos_tol])
+        cands.append(
+            [
+                i
+                for i, d in enumerate(dets)
+                if d.shape == o["shape"]
+                and d.colour == o["colour"]
+                and d.size == o["size"]
+                and math.hypot(d.cx - o["cx"], d.cy - o["cy"]) <= params.pos_tol
+            ]
+        )
     return {"objects": _assign(cands, [], dets) is not None, "count": len(dets) == len(scene["objects"])}
 
 
 def _region_mask(region, h: int, w: int) -> np.ndarray:
     x0, y0, x1, y1 = region
     inside = np.zeros((h, w), bool)
-    inside[int(math.floor(y0 * h)):int(math.ceil(y1 * h)), int(math.floor(x0 * w)):int(math.ceil(x1 * w))] = True
+    inside[int(math.floor(y0 * h)) : int(math.ceil(y1 * h)), int(math.floor(x0 * w)) : int(math.ceil(x1 * w))] = True
     return inside
 
 
@@ -180,8 +194,9 @@ def _score_edit(record: dict, spec: dict, graph: dict, img: np.ndarray, dets, pa
         else:
             checks["edited"] = any(_matches(d, want) and near(d, after) for d in dets)
     if kind in ("remove", "move", "replace", "recolor"):
-        checks["old_gone"] = not any(d.shape == before["shape"] and d.colour == before["colour"] and near(d, before)
-                                     for d in dets)
+        checks["old_gone"] = not any(
+            d.shape == before["shape"] and d.colour == before["colour"] and near(d, before) for d in dets
+        )
     checks["count"] = len(dets) == len(graph["target"]["objects"])
     checks["instruction"] = all(checks.values())
     source = records.decode_image(record["source"])
@@ -218,9 +233,15 @@ def score_sample(record: dict, image, params: ScoreParams = ScoreParams()) -> di
         checks, details = _score_edit(record, spec, graph, img, dets, params)
     else:
         raise ValueError(f"record {record.get('id')!r}: unknown task {task!r}")
-    return {"id": record["id"], "task": task, "category": record.get("category", ""),
-            "score": 1.0 if checks.pop("all") else 0.0, "checks": checks, "details": details,
-            "detections": [d.to_json() for d in dets]}
+    return {
+        "id": record["id"],
+        "task": task,
+        "category": record.get("category", ""),
+        "score": 1.0 if checks.pop("all") else 0.0,
+        "checks": checks,
+        "details": details,
+        "detections": [d.to_json() for d in dets],
+    }
 
 
 def summarize(results: Sequence[dict], missing: int = 0) -> dict:
@@ -230,27 +251,45 @@ def summarize(results: Sequence[dict], missing: int = 0) -> dict:
         per_task[r["task"]].append(r["score"])
         per_cat[f"{r['task']}/{r['category']}"].append(r["score"])
     mean = lambda v: round(float(np.mean(v)), 4) if v else 0.0
-    return {"overall": mean([r["score"] for r in results]), "n": len(results), "missing": missing,
-            "per_task": {k: mean(v) for k, v in sorted(per_task.items())},
-            "per_category": {k: mean(v) for k, v in sorted(per_cat.items())}}
+    return {
+        "overall": mean([r["score"] for r in results]),
+        "n": len(results),
+        "missing": missing,
+        "per_task": {k: mean(v) for k, v in sorted(per_task.items())},
+        "per_category": {k: mean(v) for k, v in sorted(per_cat.items())},
+    }
 
 
-def score_records(recs: Iterable[dict], image_fn: Callable[[dict], np.ndarray | None],
-                  params: ScoreParams = ScoreParams(), progress: bool = False) -> dict:
+def score_records(
+    recs: Iterable[dict],
+    image_fn: Callable[[dict], np.ndarray | None],
+    params: ScoreParams = ScoreParams(),
+    progress: bool = False,
+) -> dict:
     """Scores `image_fn(record)` for every record (None = missing image, scores 0)."""
     results, missing = [], 0
     recs = list(recs)
     it = recs
     if progress:
         from tqdm import tqdm
+
         it = tqdm(recs, desc="scoring", unit="img")
     for rec in it:
         rec = records.normalize(rec) if not isinstance(rec.get("prompt"), str) else rec
         img = image_fn(rec)
         if img is None:
             missing += 1
-            results.append({"id": rec["id"], "task": rec["task"], "category": rec["category"], "score": 0.0,
-                            "checks": {"image": False}, "details": {"missing": True}, "detections": []})
+            results.append(
+                {
+                    "id": rec["id"],
+                    "task": rec["task"],
+                    "category": rec["category"],
+                    "score": 0.0,
+                    "checks": {"image": False},
+                    "details": {"missing": True},
+                    "detections": [],
+                }
+            )
             continue
         results.append(score_sample(rec, img, params))
     return dict(summarize(results, missing), samples=results)

@@ -97,8 +97,9 @@ def validation_records(data_dir: str, dataset: str, task: str, n: int, *, fixing
 class LearningSignal:
     """Fixed validation records per task and the measurements of the module docstring."""
 
-    def __init__(self, records: dict[str, list[dict]], judge_records: dict[str, list[dict]], cfg: SignalConfig,
-                 seed: int = 0):
+    def __init__(
+        self, records: dict[str, list[dict]], judge_records: dict[str, list[dict]], cfg: SignalConfig, seed: int = 0
+    ):
         self.records, self.judge_records, self.cfg, self.seed = records, judge_records, cfg, seed
         self._jitted: dict[Any, Any] = {}
 
@@ -106,13 +107,24 @@ class LearningSignal:
     def from_config(cls, config, stage: int | None = None) -> LearningSignal:
         """The signal of a training config: its stage's tasks, its data folder's validation split."""
         s = config.train.signal
-        cfg = SignalConfig(samples=int(s.samples), noise_seeds=int(s.noise_seeds),
-                           completion_steps=int(s.completion_steps), judge_samples=int(s.judge_samples))
+        cfg = SignalConfig(
+            samples=int(s.samples),
+            noise_seeds=int(s.noise_seeds),
+            completion_steps=int(s.completion_steps),
+            judge_samples=int(s.judge_samples),
+        )
         tasks = STAGE_TASKS[int(stage or config.stage)]
         data_dir, dataset = config.data.data_dir, config.data.dataset
         recs = {t: validation_records(data_dir, dataset, t, cfg.samples) for t in tasks}
-        judged = {t: validation_records(data_dir, dataset, t, cfg.judge_samples, fixing=False)
-                  for t in tasks if t != "reconstruction"} if cfg.judge_samples else {}
+        judged = (
+            {
+                t: validation_records(data_dir, dataset, t, cfg.judge_samples, fixing=False)
+                for t in tasks
+                if t != "reconstruction"
+            }
+            if cfg.judge_samples
+            else {}
+        )
         return cls(recs, judged, cfg, seed=int(config.train.seed))
 
     # ------------------------------------------------------------------ measurements
@@ -145,15 +157,20 @@ class LearningSignal:
                 w, wo, sw = [], [], []
                 for s in range(self.cfg.noise_seeds):
                     key = jax.random.fold_in(jax.random.key(self.seed), s)
-                    e_with, e_without, e_swapped = self._fn(sampler, "x0_errors")(sampler.params, batch, key,
-                                                                                 jnp.float32(t))
+                    e_with, e_without, e_swapped = self._fn(sampler, "x0_errors")(
+                        sampler.params, batch, key, jnp.float32(t)
+                    )
                     w.append(np.asarray(e_with))
                     wo.append(np.asarray(e_without))
                     sw.append(np.asarray(e_swapped))
                 e_w, e_wo, e_sw = float(np.mean(w)), float(np.mean(wo)), float(np.mean(sw))
-                errs[f"{t:g}"] = {"with": e_w, "without": e_wo, "swapped": e_sw,
-                                  "gain": 1.0 - e_w / e_wo if e_wo > 0 else 0.0,
-                                  "content": 1.0 - e_w / e_sw if e_sw > 0 else 0.0}
+                errs[f"{t:g}"] = {
+                    "with": e_w,
+                    "without": e_wo,
+                    "swapped": e_sw,
+                    "gain": 1.0 - e_w / e_wo if e_wo > 0 else 0.0,
+                    "content": 1.0 - e_w / e_sw if e_sw > 0 else 0.0,
+                }
         return errs
 
     @staticmethod
@@ -172,8 +189,11 @@ class LearningSignal:
         def roll(x):
             return None if x is None else jnp.roll(x, 1, axis=0)
 
-        return (err(cond, mask, tokens), err(cond, jnp.zeros_like(mask), None if tokens is None else jnp.zeros_like(tokens)),
-                err(roll(cond), roll(mask), roll(tokens)))
+        return (
+            err(cond, mask, tokens),
+            err(cond, jnp.zeros_like(mask), None if tokens is None else jnp.zeros_like(tokens)),
+            err(roll(cond), roll(mask), roll(tokens)),
+        )
 
     def _completions(self, sampler, batch, recs) -> dict[str, dict[str, float]]:
         out = {}
@@ -182,8 +202,9 @@ class LearningSignal:
             for t0 in self.cfg.completion_t0:
                 n = self.cfg.completion_steps
                 sigmas = np.linspace(t0, 0.0, n + 1).astype(np.float32)
-                tokens = self._fn(sampler, "complete")(sampler.params, batch,
-                                                       jax.random.key(self.seed), jnp.asarray(sigmas))
+                tokens = self._fn(sampler, "complete")(
+                    sampler.params, batch, jax.random.key(self.seed), jnp.asarray(sigmas)
+                )
                 images = sampler.decode_uint8(tokens, h, w)
                 scores, psnrs = [], []
                 for rec, im in zip(recs, images):
@@ -248,8 +269,9 @@ def summary_line(values: dict[str, Any]) -> str:
         content = " ".join(f"{t}:{100 * v['content']:.1f}%" for t, v in per_t.items())
         parts.append(f"gain[{task}] {gains}  content[{task}] {content}")
     for task, per_t in values.get("completion", {}).items():
-        parts.append(f"complete[{task}] " + " ".join(f"{t}:{v['score']:.2f}/{v['psnr']:.1f}dB"
-                                                      for t, v in per_t.items()))
+        parts.append(
+            f"complete[{task}] " + " ".join(f"{t}:{v['score']:.2f}/{v['psnr']:.1f}dB" for t, v in per_t.items())
+        )
     if values.get("judge"):
         parts.append("judge " + " ".join(f"{t}={v:.2f}" for t, v in values["judge"].items()))
     return "  ".join(parts)

@@ -85,28 +85,42 @@ Typical use (stage 2: frozen VLM with trainable queries upstream, trained DiT)::
 (On simulated CPU devices, which share one host CPU and its measured peak, count one device.)
 """
 
-
 from qk_jax.flops.count import MatmulFlops, traced_matmul_flops
 from qk_jax.flops.kontext import kontext_train_step_flops
 from qk_jax.flops.models import connector_flops, decoder_flops, lora_flops, mmdit_flops, vision_tower_flops
 from qk_jax.flops.step import (
-                               PEAK_FLOPS,
-                               Part,
-                               format_step_flops,
-                               measure_cpu_matmul_peak,
-                               mfu,
-                               peak_flops_for,
-                               peak_key,
-                               tflops_per_device,
-                               train_step_flops,
-                               xla_flops_per_device,
+    PEAK_FLOPS,
+    Part,
+    format_step_flops,
+    measure_cpu_matmul_peak,
+    mfu,
+    peak_flops_for,
+    peak_key,
+    tflops_per_device,
+    train_step_flops,
+    xla_flops_per_device,
 )
 from qk_jax.flops.vae import vae_decode_flops, vae_encode_flops
 
 __all__ = [
     "kontext_train_step_flops",
-    "MatmulFlops", "traced_matmul_flops", "vision_tower_flops", "decoder_flops", "connector_flops", "mmdit_flops",
-    "lora_flops", "vae_encode_flops", "vae_decode_flops", "Part", "train_step_flops", "format_step_flops", "mfu",
-    "tflops_per_device", "PEAK_FLOPS", "peak_key", "peak_flops_for", "measure_cpu_matmul_peak",
+    "MatmulFlops",
+    "traced_matmul_flops",
+    "vision_tower_flops",
+    "decoder_flops",
+    "connector_flops",
+    "mmdit_flops",
+    "lora_flops",
+    "vae_encode_flops",
+    "vae_decode_flops",
+    "Part",
+    "train_step_flops",
+    "format_step_flops",
+    "mfu",
+    "tflops_per_device",
+    "PEAK_FLOPS",
+    "peak_key",
+    "peak_flops_for",
+    "measure_cpu_matmul_peak",
     "xla_flops_per_device",
 ]

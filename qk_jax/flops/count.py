@@ -83,8 +83,18 @@ class _Counter:
         """QK^T and AV over the full (s_q, s_k) score matrix; width = heads * head_dim."""
         self.pair(name, 4 * batch * s_q * s_k * width)
 
-    def conv(self, path: str, b: int, h: int, w: int, c_in: int, c_out: int, k: int = 3, stride: int = 1,
-             pad: tuple[int, int] | None = None) -> tuple[int, int]:
+    def conv(
+        self,
+        path: str,
+        b: int,
+        h: int,
+        w: int,
+        c_in: int,
+        c_out: int,
+        k: int = 3,
+        stride: int = 1,
+        pad: tuple[int, int] | None = None,
+    ) -> tuple[int, int]:
         """A k x k conv on (b, h, w, c_in) with the same padding on both spatial axes; returns (h, w) out."""
         pad = (k // 2, k // 2) if pad is None else pad
         (h_out, taps_h), (w_out, taps_w) = (_conv_taps(n, k, stride, pad) for n in (h, w))
@@ -96,8 +106,9 @@ class _Counter:
         return MatmulFlops(dict(self.kernels), dict(self.pairs))
 
 
-def _conv_taps(size: int, k: int, stride: int, pad: tuple[int, int], lhs_dilation: int = 1,
-               rhs_dilation: int = 1) -> tuple[int, int]:
+def _conv_taps(
+    size: int, k: int, stride: int, pad: tuple[int, int], lhs_dilation: int = 1, rhs_dilation: int = 1
+) -> tuple[int, int]:
     """(output size, number of (output, tap) pairs that read a real input element) on one axis."""
     span = (size - 1) * lhs_dilation + 1
     out = (span + pad[0] + pad[1] - ((k - 1) * rhs_dilation + 1)) // stride + 1
@@ -113,7 +124,6 @@ def _positive(**values: float) -> None:
     for name, v in values.items():
         if v <= 0:  # not int(v): a step of 0.5 s is positive
             raise ValueError(f"flops: {name} must be positive, got {v}")
-
 
 
 # ----------------------------------------------------------------------- from a trace
@@ -143,8 +153,9 @@ def _jaxpr_flops(jaxpr: Any) -> int:
             total += max(_jaxpr_flops(br.jaxpr) for br in eqn.params["branches"])
         else:
             if name == "while":
-                warnings.warn("traced_matmul_flops: a while loop's body is counted once (unknown trip count)",
-                              stacklevel=2)
+                warnings.warn(
+                    "traced_matmul_flops: a while loop's body is counted once (unknown trip count)", stacklevel=2
+                )
             for sub in jcore.jaxprs_in_params(eqn.params):
                 total += _jaxpr_flops(getattr(sub, "jaxpr", sub))
     return total
@@ -170,8 +181,13 @@ def _conv_flops(eqn: Any) -> int:
     lhs_spec, rhs_spec = dn.lhs_spec, dn.rhs_spec
     flops = 2 * lhs[lhs_spec[0]] // p["batch_group_count"] * rhs[rhs_spec[0]] * rhs[rhs_spec[1]]
     for i in range(len(lhs_spec) - 2):
-        _, valid = _conv_taps(lhs[lhs_spec[2 + i]], rhs[rhs_spec[2 + i]], p["window_strides"][i], p["padding"][i],
-                              (p["lhs_dilation"] or (1,) * 9)[i], (p["rhs_dilation"] or (1,) * 9)[i])
+        _, valid = _conv_taps(
+            lhs[lhs_spec[2 + i]],
+            rhs[rhs_spec[2 + i]],
+            p["window_strides"][i],
+            p["padding"][i],
+            (p["lhs_dilation"] or (1,) * 9)[i],
+            (p["rhs_dilation"] or (1,) * 9)[i],
+        )
         flops *= valid
     return flops
-

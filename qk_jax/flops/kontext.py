@@ -48,8 +48,9 @@ def lora_adapter_flops(lora_tree: Mapping[str, Any], tokens_for: Any) -> MatmulF
     return MatmulFlops(kernels)
 
 
-def kontext_train_step_flops(kcfg, batch: Mapping[str, Any], trainable: Iterable[str],
-                             lora_tree: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def kontext_train_step_flops(
+    kcfg, batch: Mapping[str, Any], trainable: Iterable[str], lora_tree: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """`train_step_flops` for one optimizer step on `batch` (a prepared model batch; with
     gradient accumulation its leaves carry a leading micro-batch axis)."""
     trainable = list(trainable)
@@ -69,15 +70,36 @@ def kontext_train_step_flops(kcfg, batch: Mapping[str, Any], trainable: Iterable
         batched = len(pixels) - np.ndim(batch["vision_plan"].window_segments) == 2
         images, patches = (pixels[-3], pixels[-2]) if batched else (1, pixels[-2])
         parts.append(Part("vit", vision_tower_flops(kcfg.vlm, patches, images)))
-    parts.append(Part("llm", decoder_flops(kcfg.vlm, b, t + k, with_lm_head=False),
-                      weight_grads=_trained(trainable, "vlm"), backward_through=True, remat=kcfg.vlm.remat))
-    parts.append(Part("connector", connector_flops(kcfg.connector, b, t + k),
-                      weight_grads=_trained(trainable, "connector"), backward_through=True))
+    parts.append(
+        Part(
+            "llm",
+            decoder_flops(kcfg.vlm, b, t + k, with_lm_head=False),
+            weight_grads=_trained(trainable, "vlm"),
+            backward_through=True,
+            remat=kcfg.vlm.remat,
+        )
+    )
+    parts.append(
+        Part(
+            "connector",
+            connector_flops(kcfg.connector, b, t + k),
+            weight_grads=_trained(trainable, "connector"),
+            backward_through=True,
+        )
+    )
     key = kcfg.generator_key
-    parts.append(Part(key, mmdit_flops(kcfg.generator, b, n_total, t + k, n_target),
-                      weight_grads=_trained(trainable, key), backward_through=True, remat=kcfg.generator.remat))
+    parts.append(
+        Part(
+            key,
+            mmdit_flops(kcfg.generator, b, n_total, t + k, n_target),
+            weight_grads=_trained(trainable, key),
+            backward_through=True,
+            remat=kcfg.generator.remat,
+        )
+    )
     parts.append(Part("vae", vae_encode_flops(kcfg.vae, b * (1 + (n_inputs if kcfg.low_level else 0)), h, w)))
     if lora_tree:
+
         def tokens_for(path: str) -> int:
             if path.startswith("vlm/"):
                 return b * (t + k)
@@ -85,8 +107,7 @@ def kontext_train_step_flops(kcfg, batch: Mapping[str, Any], trainable: Iterable
                 return b * (t + k + n_total)
             return b * ((t + k) if "/txt_" in path else n_total)  # double blocks: text or image stream
 
-        parts.append(Part("lora", lora_adapter_flops(lora_tree, tokens_for), weight_grads=True,
-                          backward_through=True))
+        parts.append(Part("lora", lora_adapter_flops(lora_tree, tokens_for), weight_grads=True, backward_through=True))
     step = train_step_flops(parts)
     if accum > 1:
         step = jax.tree.map(lambda x: x * accum if isinstance(x, (int, float)) else x, step)

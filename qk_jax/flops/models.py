@@ -29,8 +29,9 @@ def vision_tower_flops(vcfg: VisionConfig, num_patches: int, num_images: int = 1
     p, i, d, layers = int(num_patches), int(num_images), v.hidden_size, v.depth
     _positive(num_patches=p, num_images=i)
     if p % v.merge_unit:
-        raise ValueError(f"vision_tower_flops: num_patches={p} is not a multiple of spatial_merge_size**2="
-                         f"{v.merge_unit}")
+        raise ValueError(
+            f"vision_tower_flops: num_patches={p} is not a multiple of spatial_merge_size**2={v.merge_unit}"
+        )
     n = i * p  # patches in all
     c = _Counter("visual/")
     c.dense("patch_embed", n, v.patch_dim, d)
@@ -46,8 +47,9 @@ def vision_tower_flops(vcfg: VisionConfig, num_patches: int, num_images: int = 1
     return c.result()
 
 
-def decoder_flops(tcfg: TextConfig, batch: int, seq_len: int, with_lm_head: bool,
-                  tie_word_embeddings: bool = False) -> MatmulFlops:
+def decoder_flops(
+    tcfg: TextConfig, batch: int, seq_len: int, with_lm_head: bool, tie_word_embeddings: bool = False
+) -> MatmulFlops:
     """Forward of the Qwen2 decoder over (batch, seq_len) tokens, no KV cache.
 
     GQA projections (q: D -> H*hd, k/v: D -> KV*hd), attention over the full T x T score
@@ -117,8 +119,9 @@ def connector_flops(ccfg: ConnectorConfig, batch: int, tokens: int) -> MatmulFlo
 _TIMESTEP_FEATURES = 256  # `blocks.timestep_sinusoid` width
 
 
-def mmdit_flops(dcfg: MMDiTConfig, batch: int, img_tokens: int, txt_tokens: int,
-                num_target_tokens: int | None = None) -> MatmulFlops:
+def mmdit_flops(
+    dcfg: MMDiTConfig, batch: int, img_tokens: int, txt_tokens: int, num_target_tokens: int | None = None
+) -> MatmulFlops:
     """Forward of the MMDiT on `img_tokens` image tokens (target + condition segments)
     and `txt_tokens` condition tokens; only the first `num_target_tokens` are projected out.
 
@@ -201,5 +204,3 @@ def lora_flops(lora_tree: Mapping[str, Any]) -> MatmulFlops:
             stacked *= int(x)
         c.pair(f"{kernel}/merge", 2 * stacked * d_in * r * int(b.shape[-1]))
     return c.result()
-
-

@@ -65,8 +65,10 @@ def train_step_flops(parts: Iterable[Part]) -> dict[str, Any]:
         else:
             weight = f.select(p.weight_grads)
             if not weight:
-                raise ValueError(f"train_step_flops: part {p.name!r} weight_grads={p.weight_grads!r} selects no "
-                                 f"kernel; its kernels are {sorted(f.kernels)}")
+                raise ValueError(
+                    f"train_step_flops: part {p.name!r} weight_grads={p.weight_grads!r} selects no "
+                    f"kernel; its kernels are {sorted(f.kernels)}"
+                )
         through = bool(p.weight_grads) if p.backward_through is None else p.backward_through
         activation = f.weights + 2 * f.pair_total if through else 0
         backward = activation + weight
@@ -75,8 +77,14 @@ def train_step_flops(parts: Iterable[Part]) -> dict[str, Any]:
             recompute = f.total
         elif backward and p.remat == "dots":  # dots with batch dims (attention) are not saved
             recompute = f.pair_total
-        out["parts"][p.name] = dict(forward=f.total, backward_activation=activation, backward_weight=weight,
-                                    backward=backward, total=f.total + backward, recompute=recompute)
+        out["parts"][p.name] = dict(
+            forward=f.total,
+            backward_activation=activation,
+            backward_weight=weight,
+            backward=backward,
+            total=f.total + backward,
+            recompute=recompute,
+        )
     for key in ("forward", "backward", "total", "recompute"):
         out[key] = sum(v[key] for v in out["parts"].values())
     out["hardware_total"] = out["total"] + out["recompute"]
@@ -88,8 +96,16 @@ def format_step_flops(step: dict[str, Any]) -> str:
     cols = ("forward", "backward_activation", "backward_weight", "total", "recompute")
     heads = ("forward", "bwd act", "bwd weight", "total", "remat")
     rows = [(name, *(v[c] for c in cols)) for name, v in step["parts"].items()]
-    rows.append(("step", step["forward"], sum(v["backward_activation"] for v in step["parts"].values()),
-                 sum(v["backward_weight"] for v in step["parts"].values()), step["total"], step["recompute"]))
+    rows.append(
+        (
+            "step",
+            step["forward"],
+            sum(v["backward_activation"] for v in step["parts"].values()),
+            sum(v["backward_weight"] for v in step["parts"].values()),
+            step["total"],
+            step["recompute"],
+        )
+    )
     width = max(len(r[0]) for r in rows + [("part",)])
     lines = [f"{'part'.ljust(width)}" + "".join(f"{h:>13}" for h in heads) + "   (TFLOP per step)"]
     lines += [r[0].ljust(width) + "".join(f"{x / 1e12:>13.4f}" for x in r[1:]) for r in rows]
@@ -131,8 +147,15 @@ PEAK_FLOPS: dict[str, float] = {
 }
 
 # `device_kind` as JAX reports it -> PEAK_FLOPS key (TPU kinds seen through libtpu).
-_TPU_KINDS = {"TPU v4": "TPU v4", "TPU v5 lite": "TPU v5e", "TPU v5e": "TPU v5e", "TPU v5": "TPU v5p",
-              "TPU v5p": "TPU v5p", "TPU v6 lite": "TPU v6e", "TPU v6e": "TPU v6e"}
+_TPU_KINDS = {
+    "TPU v4": "TPU v4",
+    "TPU v5 lite": "TPU v5e",
+    "TPU v5e": "TPU v5e",
+    "TPU v5": "TPU v5p",
+    "TPU v5p": "TPU v5p",
+    "TPU v6 lite": "TPU v6e",
+    "TPU v6e": "TPU v6e",
+}
 
 
 def peak_key(device_kind: str) -> str | None:
@@ -167,7 +190,7 @@ def measure_cpu_matmul_peak(size: int = 2048, repeats: int = 3) -> float:
         start = time.perf_counter()
         jax.block_until_ready(matmul(x, x))
         best = min(best, time.perf_counter() - start)
-    return 2.0 * size ** 3 / best
+    return 2.0 * size**3 / best
 
 
 def peak_flops_for(device: Any = None) -> float | None:
@@ -178,5 +201,3 @@ def peak_flops_for(device: Any = None) -> float | None:
         return measure_cpu_matmul_peak()
     key = peak_key(device.device_kind)
     return None if key is None else PEAK_FLOPS[key]
-
-

@@ -120,15 +120,20 @@ def _wan_decode(cfg: QwenImageVAEConfig, b: int, h: int, w: int) -> MatmulFlops:
     return c.result()
 
 
-_VAE_COUNTS = {AutoencoderKLConfig: (_kl_encode, _kl_decode), QwenImageVAEConfig: (_wan_encode, _wan_decode),
-               PixelSpaceConfig: (lambda *_: MatmulFlops(), lambda *_: MatmulFlops())}
+_VAE_COUNTS = {
+    AutoencoderKLConfig: (_kl_encode, _kl_decode),
+    QwenImageVAEConfig: (_wan_encode, _wan_decode),
+    PixelSpaceConfig: (lambda *_: MatmulFlops(), lambda *_: MatmulFlops()),
+}
 
 
 def _vae_count(which: int, vae_cfg: Any, batch: int, height: int, width: int) -> MatmulFlops:
     counts = _VAE_COUNTS.get(type(vae_cfg))
     if counts is None:
-        raise TypeError(f"VAE flops: not a VAE config: {type(vae_cfg).__name__} (expected one of "
-                        f"{sorted(t.__name__ for t in _VAE_COUNTS)})")
+        raise TypeError(
+            f"VAE flops: not a VAE config: {type(vae_cfg).__name__} (expected one of "
+            f"{sorted(t.__name__ for t in _VAE_COUNTS)})"
+        )
     _positive(batch=batch, height=height, width=width)
     f = vae_cfg.downsample_factor
     if height % f or width % f:
@@ -148,5 +153,3 @@ def vae_encode_flops(vae_cfg: Any, batch: int, height: int, width: int) -> Matmu
 def vae_decode_flops(vae_cfg: Any, batch: int, height: int, width: int) -> MatmulFlops:
     """Forward of `decode` to (batch, height, width, 3) images (latents are height/f x width/f)."""
     return _vae_count(1, vae_cfg, batch, height, width)
-
-

@@ -52,8 +52,10 @@ class _Block(nn.Module):
         b, t, d = x.shape
         hd = d // c.num_heads
         h = layers.RMSNorm(c.norm_eps, dtype=dt, name="attn_norm")(x)
-        q, k, v = (layers.Dense(d, ("embed", "heads"), dtype=dt, name=n)(h).reshape(b, t, c.num_heads, hd)
-                   for n in ("q", "k", "v"))
+        q, k, v = (
+            layers.Dense(d, ("embed", "heads"), dtype=dt, name=n)(h).reshape(b, t, c.num_heads, hd)
+            for n in ("q", "k", "v")
+        )
         a = layers.dot_product_attention(q, k, v, mask[:, None, None, :]).reshape(b, t, d)
         x = x + layers.Dense(d, ("heads", "embed"), dtype=dt, name="o")(a)
         h = layers.RMSNorm(c.norm_eps, dtype=dt, name="mlp_norm")(x)

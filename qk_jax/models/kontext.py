@@ -147,19 +147,25 @@ class KontextConfig:
             raise ValueError(f"model.position_scheme={self.position_scheme!r}; expected one of {POSITION_SCHEMES}")
         g = self.generator
         latent_c = self.latent_channels
-        if g.in_channels != latent_c * g.patch_size ** 2:
+        if g.in_channels != latent_c * g.patch_size**2:
             raise ValueError(
                 f"model.generator in_channels={g.in_channels} must equal the autoencoder's {latent_c} latent "
-                f"channels x patch {g.patch_size}^2 = {latent_c * g.patch_size ** 2}")
+                f"channels x patch {g.patch_size}^2 = {latent_c * g.patch_size**2}"
+            )
         if g.out_features != g.in_channels:
-            raise ValueError(f"model.generator: out features {g.out_features} != in_channels {g.in_channels}; "
-                             "the velocity must have the latent tokens' width")
+            raise ValueError(
+                f"model.generator: out features {g.out_features} != in_channels {g.in_channels}; "
+                "the velocity must have the latent tokens' width"
+            )
         if self.connector.in_dim != self.vlm.text.hidden_size:
-            raise ValueError(f"model.connector.in_dim={self.connector.in_dim} != VLM hidden size "
-                             f"{self.vlm.text.hidden_size}")
+            raise ValueError(
+                f"model.connector.in_dim={self.connector.in_dim} != VLM hidden size {self.vlm.text.hidden_size}"
+            )
         if self.connector.out_dim != g.joint_attention_dim:
-            raise ValueError(f"model.connector.out_dim={self.connector.out_dim} != generator joint_attention_dim "
-                             f"{g.joint_attention_dim}")
+            raise ValueError(
+                f"model.connector.out_dim={self.connector.out_dim} != generator joint_attention_dim "
+                f"{g.joint_attention_dim}"
+            )
 
     @property
     def latent_channels(self) -> int:
@@ -195,8 +201,9 @@ class QueryKontext:
         self.vlm = Qwen25VL(config.vlm, dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype))
         self.connector = Connector(config.connector)
         self.generator = MMDiT(config.generator)
-        self.vae = (PixelSpaceAutoencoder(config.vae) if isinstance(config.vae, PixelSpaceConfig)
-                    else build_vae(config.vae))
+        self.vae = (
+            PixelSpaceAutoencoder(config.vae) if isinstance(config.vae, PixelSpaceConfig) else build_vae(config.vae)
+        )
 
     # ------------------------------------------------------------------ parameters
 
@@ -205,11 +212,15 @@ class QueryKontext:
         c = self.config
         k_vlm, k_q, k_conn, k_gen, k_vae, k_lora = jax.random.split(rng, 6)
         params = {"vlm": init_vlm_params(self.vlm, k_vlm)}
-        params["queries"] = {"embedding": nn.LogicallyPartitioned(
-            0.02 * jax.random.normal(k_q, (c.num_queries, c.vlm.text.hidden_size), jnp.float32),
-            ("queries", "embed"))}
+        params["queries"] = {
+            "embedding": nn.LogicallyPartitioned(
+                0.02 * jax.random.normal(k_q, (c.num_queries, c.vlm.text.hidden_size), jnp.float32),
+                ("queries", "embed"),
+            )
+        }
         params["connector"] = self.connector.init(
-            k_conn, jnp.zeros((1, 2, c.connector.in_dim)), jnp.ones((1, 2), bool))["params"]
+            k_conn, jnp.zeros((1, 2, c.connector.in_dim)), jnp.ones((1, 2), bool)
+        )["params"]
         params[c.generator_key] = init_mmdit_params(c.generator, k_gen)
         if not isinstance(c.vae, PixelSpaceConfig):
             size = max(16, c.vae.downsample_factor)
@@ -218,8 +229,9 @@ class QueryKontext:
         if c.lora_vlm.enabled:
             lora["vlm"] = boxed_lora(k_lora, params["vlm"], c.lora_vlm, "vlm")
         if c.lora_dit.enabled:
-            lora[c.generator_key] = boxed_lora(jax.random.fold_in(k_lora, 1), params[c.generator_key], c.lora_dit,
-                                               c.generator_key)
+            lora[c.generator_key] = boxed_lora(
+                jax.random.fold_in(k_lora, 1), params[c.generator_key], c.lora_dit, c.generator_key
+            )
         if lora:
             params["lora"] = lora
         return params
@@ -249,19 +261,23 @@ class QueryKontext:
         pixel_values = batch.get("pixel_values")
         # Batched layout: row b's image tokens are those of its own n images (prepare_batch checks it).
         rows_own = pixel_values is not None and pixel_values.ndim == 3
-        embeds = self.vlm.apply(vlm_vars, ids, pixel_values, batch.get("vision_plan"), rows_own,
-                                method=Qwen25VL.embed)
-        queries = jnp.broadcast_to(params["queries"]["embedding"].astype(embeds.dtype)[None],
-                                   (b, c.num_queries, embeds.shape[-1]))
+        embeds = self.vlm.apply(vlm_vars, ids, pixel_values, batch.get("vision_plan"), rows_own, method=Qwen25VL.embed)
+        queries = jnp.broadcast_to(
+            params["queries"]["embedding"].astype(embeds.dtype)[None], (b, c.num_queries, embeds.shape[-1])
+        )
         mask = jnp.concatenate([batch["attention_mask"].astype(bool), jnp.ones((b, c.num_queries), bool)], axis=1)
-        hidden = self.vlm.apply(vlm_vars, jnp.concatenate([embeds, queries], axis=1),
-                                batch["position_ids"], mask.astype(jnp.int32), method=Qwen25VL.decode)
+        hidden = self.vlm.apply(
+            vlm_vars,
+            jnp.concatenate([embeds, queries], axis=1),
+            batch["position_ids"],
+            mask.astype(jnp.int32),
+            method=Qwen25VL.decode,
+        )
         cond = self.connector.apply({"params": params["connector"]}, hidden, mask)
         return cond, mask, hidden[:, t:]
 
     @staticmethod
-    def drop_conditions(rng: Array, cond_mask: Array, prompt_len: int, dropout: CondDropout
-                        ) -> tuple[Array, Array]:
+    def drop_conditions(rng: Array, cond_mask: Array, prompt_len: int, dropout: CondDropout) -> tuple[Array, Array]:
         """Per-sample condition dropout (see `CondDropout`): (new cond mask, drop_images (B,))."""
         k_case, k_t, k_k = jax.random.split(rng, 3)
         b = cond_mask.shape[0]
@@ -292,8 +308,16 @@ class QueryKontext:
 
     # ------------------------------------------------------------------ denoising
 
-    def velocity(self, params: Mapping[str, Any], x_target: Array, cond_tokens: Array | None, img_ids: Array,
-                 cond: Array, cond_mask: Array, t: Array) -> Array:
+    def velocity(
+        self,
+        params: Mapping[str, Any],
+        x_target: Array,
+        cond_tokens: Array | None,
+        img_ids: Array,
+        cond: Array,
+        cond_mask: Array,
+        t: Array,
+    ) -> Array:
         """The DiT on [noisy target ; condition segments]: velocity on the target tokens (B, N_t, C)
         (converted from the clean-latent prediction when `prediction="x0"`)."""
         c = self.config
@@ -304,8 +328,16 @@ class QueryKontext:
             kwargs["guidance"] = jnp.full((b,), c.guidance_scale, jnp.float32)
         if c.generator.pooled_projection_dim:
             kwargs["pooled"] = pooled_condition(cond, cond_mask, c.generator.pooled_projection_dim)
-        out = self.generator.apply(self.variables(params, c.generator_key), img, img_ids, cond, cond_mask, t,
-                                   num_target_tokens=x_target.shape[1], **kwargs)
+        out = self.generator.apply(
+            self.variables(params, c.generator_key),
+            img,
+            img_ids,
+            cond,
+            cond_mask,
+            t,
+            num_target_tokens=x_target.shape[1],
+            **kwargs,
+        )
         if c.prediction == "x0":
             t_b = jnp.maximum(t.astype(jnp.float32), c.min_t)[:, None, None]
             return (x_target.astype(jnp.float32) - out.astype(jnp.float32)) / t_b
@@ -315,8 +347,9 @@ class QueryKontext:
 
     # ------------------------------------------------------------------ training loss
 
-    def loss(self, params: Mapping[str, Any], batch: Mapping[str, Array], rng: Array, train: bool = True
-             ) -> tuple[Array, dict[str, Array]]:
+    def loss(
+        self, params: Mapping[str, Any], batch: Mapping[str, Array], rng: Array, train: bool = True
+    ) -> tuple[Array, dict[str, Array]]:
         """Rectified-flow loss on the target tokens.
 
         Returns (scalar loss over valid samples, aux) where aux holds the per-sample loss
@@ -353,7 +386,7 @@ class QueryKontext:
 def preconditioning(t: Array, sigma_data: float) -> tuple[Array, Array]:
     """(c_skip, c_out), each shaped like t: EDM's scales for x_t = (1 - t) x0 + t eps."""
     t = t.astype(jnp.float32)
-    a, s2 = 1.0 - t, sigma_data ** 2
+    a, s2 = 1.0 - t, sigma_data**2
     denom = a * a * s2 + t * t
     return a * s2 / denom, t * sigma_data / jnp.sqrt(denom)
 
@@ -366,7 +399,7 @@ def preconditioned_velocity(x_t: Array, out: Array, t: Array, sigma_data: float)
     (no clipping of t is needed). Shapes: x_t, out (B, N, C); t (B,).
     """
     t = t.astype(jnp.float32)[:, None, None]
-    a, s2 = 1.0 - t, sigma_data ** 2
+    a, s2 = 1.0 - t, sigma_data**2
     denom = a * a * s2 + t * t
     return (t - a * s2) / denom * x_t.astype(jnp.float32) - sigma_data / jnp.sqrt(denom) * out.astype(jnp.float32)
 
@@ -391,8 +424,7 @@ def boxed_lora(rng: Array, boxed_params: Any, cfg: LoraConfig, top_key: str) -> 
     from qk_jax.tree import flatten_tree, unflatten_tree
 
     unboxed = nn.meta.unbox(boxed_params)
-    names = {p: (v.names if isinstance(v, nn.Partitioned) else None)
-             for p, v in flatten_tree(boxed_params).items()}
+    names = {p: (v.names if isinstance(v, nn.Partitioned) else None) for p, v in flatten_tree(boxed_params).items()}
     plain = init_lora(rng, unboxed, cfg.targets, cfg.rank)
     out = {}
     for path, value in flatten_tree(plain).items():

@@ -50,8 +50,9 @@ class Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", logical(self.kernel_init, self.axes), (x.shape[-1], self.features),
-                            self.param_dtype)
+        kernel = self.param(
+            "kernel", logical(self.kernel_init, self.axes), (x.shape[-1], self.features), self.param_dtype
+        )
         y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype), precision=self.precision)
         if self.has_variable(LORA_COLLECTION, "a"):
             # Unmerged LoRA (`models/lora.py`): x a b with `b` pre-scaled by alpha / r. Training
@@ -86,9 +87,10 @@ class RMSNorm(nn.Module):
         y = (x32 * jax.lax.rsqrt(var + self.eps)).astype(in_dtype)
         if not self.use_scale:
             return y.astype(self.dtype)
-        scale = self.param("scale", logical(nn.initializers.ones_init(), (self.axis_name,)), (x.shape[-1],),
-                           self.param_dtype)
-        return (scale.astype(self.dtype) * y.astype(self.dtype))
+        scale = self.param(
+            "scale", logical(nn.initializers.ones_init(), (self.axis_name,)), (x.shape[-1],), self.param_dtype
+        )
+        return scale.astype(self.dtype) * y.astype(self.dtype)
 
 
 class LayerNorm(nn.Module):
@@ -108,19 +110,28 @@ class LayerNorm(nn.Module):
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
         y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
         if self.use_scale:
-            y = y * self.param("scale", logical(nn.initializers.ones_init(), (self.axis_name,)),
-                               (x.shape[-1],), self.param_dtype).astype(jnp.float32)
+            y = y * self.param(
+                "scale", logical(nn.initializers.ones_init(), (self.axis_name,)), (x.shape[-1],), self.param_dtype
+            ).astype(jnp.float32)
         if self.use_bias:
-            y = y + self.param("bias", logical(nn.initializers.zeros_init(), (self.axis_name,)),
-                               (x.shape[-1],), self.param_dtype).astype(jnp.float32)
+            y = y + self.param(
+                "bias", logical(nn.initializers.zeros_init(), (self.axis_name,)), (x.shape[-1],), self.param_dtype
+            ).astype(jnp.float32)
         return y.astype(self.dtype)
 
 
 # ----------------------------------------------------------------------- attention
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None,
-                          *, impl: str = "xla", scale: float | None = None) -> jax.Array:
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array | None = None,
+    *,
+    impl: str = "xla",
+    scale: float | None = None,
+) -> jax.Array:
     """Multi-head attention with grouped KV heads.
 
     Args:
@@ -137,11 +148,16 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     kv = k.shape[2]
     if h % kv:
         raise ValueError(f"{h} query heads are not a multiple of {kv} key/value heads")
-    scale = d ** -0.5 if scale is None else scale
+    scale = d**-0.5 if scale is None else scale
     if impl in ("cudnn", "dot_product"):
         return jax.nn.dot_product_attention(
-            q, k, v, mask=None if mask is None else jnp.broadcast_to(mask, (b, h, t, k.shape[1])),
-            scale=scale, implementation="cudnn" if impl == "cudnn" else None)
+            q,
+            k,
+            v,
+            mask=None if mask is None else jnp.broadcast_to(mask, (b, h, t, k.shape[1])),
+            scale=scale,
+            implementation="cudnn" if impl == "cudnn" else None,
+        )
     if impl != "xla":
         raise ValueError(f"unknown attention implementation {impl!r}; use 'xla', 'dot_product' or 'cudnn'")
     groups = h // kv
@@ -236,5 +252,12 @@ def scan_layers(block_cls: type[nn.Module], length: int, remat: str, in_axes: An
     if remat != "none":
         block_cls = nn.remat(block_cls, policy=policy, prevent_cse=False)
     # LoRA factors (the "lora" collection) are stacked per layer like the kernels they adapt.
-    return nn.scan(block_cls, variable_axes={"params": 0, LORA_COLLECTION: 0}, split_rngs={"params": True},
-                   in_axes=in_axes, out_axes=out_axes, length=length, metadata_params={nn.PARTITION_NAME: "layers"})
+    return nn.scan(
+        block_cls,
+        variable_axes={"params": 0, LORA_COLLECTION: 0},
+        split_rngs={"params": True},
+        in_axes=in_axes,
+        out_axes=out_axes,
+        length=length,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )

@@ -48,17 +48,24 @@ def select_kernels(params: Mapping[str, Any], patterns: Iterable[str], prefix: s
     chosen = []
     for pattern in patterns:
         regex = re.compile(pattern)
-        hits = [p for p, v in flat.items()
-                if p.startswith(prefix) and p.endswith("/kernel") and regex.search(p)
-                and not p.startswith(LORA_KEY + "/") and v.ndim in (2, 3)]
+        hits = [
+            p
+            for p, v in flat.items()
+            if p.startswith(prefix)
+            and p.endswith("/kernel")
+            and regex.search(p)
+            and not p.startswith(LORA_KEY + "/")
+            and v.ndim in (2, 3)
+        ]
         if not hits:
             raise ValueError(f"LoRA target pattern {pattern!r} matches no Dense kernel under {prefix or 'the tree'!r}")
         chosen.extend(h for h in hits if h not in chosen)
     return chosen
 
 
-def init_lora(rng: jax.Array, params: Mapping[str, Any], patterns: Iterable[str], rank: int,
-              prefix: str = "", dtype=jnp.float32) -> dict[str, Any]:
+def init_lora(
+    rng: jax.Array, params: Mapping[str, Any], patterns: Iterable[str], rank: int, prefix: str = "", dtype=jnp.float32
+) -> dict[str, Any]:
     """A LoRA subtree (without the top `lora` key) for the kernels matching `patterns`."""
     if rank <= 0:
         raise ValueError(f"LoRA rank must be positive, got {rank}")
@@ -67,7 +74,7 @@ def init_lora(rng: jax.Array, params: Mapping[str, Any], patterns: Iterable[str]
     for i, path in enumerate(select_kernels(params, patterns, prefix)):
         shape = flat[path].shape
         lead, d_in, d_out = shape[:-2], shape[-2], shape[-1]
-        bound = (6.0 / d_in) ** 0.5 / (5.0 ** 0.5)  # kaiming_uniform(a=sqrt(5)), as PEFT
+        bound = (6.0 / d_in) ** 0.5 / (5.0**0.5)  # kaiming_uniform(a=sqrt(5)), as PEFT
         a = jax.random.uniform(jax.random.fold_in(rng, i), lead + (d_in, rank), dtype, -bound, bound)
         out[path + "/a"] = a
         out[path + "/b"] = jnp.zeros(lead + (rank, d_out), dtype)
@@ -85,8 +92,9 @@ def _adapters(lora_tree: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
     return {k: (flat[k + "/a"], flat[k + "/b"]) for k in kernels}
 
 
-def apply_lora(params: Mapping[str, Any], scale: float | Mapping[str, float],
-               lora_key: str = LORA_KEY) -> dict[str, Any]:
+def apply_lora(
+    params: Mapping[str, Any], scale: float | Mapping[str, float], lora_key: str = LORA_KEY
+) -> dict[str, Any]:
     """`params` without the `lora` subtree, each adapted kernel replaced by `W + scale*a@b`.
 
     `scale` (alpha / rank) is one float, or one per top-level key (`{"vlm": 2.0, "dit": 1.0}`).
@@ -107,7 +115,9 @@ def apply_lora(params: Mapping[str, Any], scale: float | Mapping[str, float],
     return unflatten_tree(flat)
 
 
-def merge_lora(params: Mapping[str, Any], scale: float | Mapping[str, float], only: str | None = None) -> tuple[dict[str, Any], list[str]]:
+def merge_lora(
+    params: Mapping[str, Any], scale: float | Mapping[str, float], only: str | None = None
+) -> tuple[dict[str, Any], list[str]]:
     """Folds adapters into their kernels permanently and drops them from the tree.
 
     `only` restricts the merge to adapters under one top-level key (e.g. "vlm"); the

@@ -34,7 +34,8 @@ class Block(nn.Module):
         gate = layers.Dense(self.mlp_dim, axes=("embed", "mlp"), use_bias=False, dtype=self.dtype, name="gate")(h)
         up = layers.Dense(self.mlp_dim, axes=("embed", "mlp"), use_bias=False, dtype=self.dtype, name="up")(h)
         x = x + layers.Dense(d, axes=("mlp", "embed"), use_bias=False, dtype=self.dtype, name="down")(
-            layers.swiglu(gate, up))
+            layers.swiglu(gate, up)
+        )
         return layers.constrain(x, ("act_batch", "act_length", "act_embed")), None
 
 
@@ -51,8 +52,9 @@ class SmokeLM(nn.Module):
 
     @nn.compact
     def __call__(self, tokens):
-        embed = self.param("embed", layers.logical(nn.initializers.normal(0.02), ("vocab", "embed")),
-                           (self.vocab_size, self.embed_dim))
+        embed = self.param(
+            "embed", layers.logical(nn.initializers.normal(0.02), ("vocab", "embed")), (self.vocab_size, self.embed_dim)
+        )
         x = jnp.take(embed, tokens, axis=0).astype(self.dtype)
         stack = layers.scan_layers(Block, self.num_layers, "full" if self.remat else "none")
         x, _ = stack(self.num_heads, self.mlp_dim, self.dtype, name="blocks")(x, None)

@@ -20,32 +20,48 @@ class Tool:
 
 TOOLS: dict[str, Tool] = {
     "qwen2_5_vl": Tool("qk_jax.parity.qwen2_5_vl", None),
-    "qwen_image": Tool("qk_jax.parity.dit_tool", "qwen_image", """\
+    "qwen_image": Tool(
+        "qk_jax.parity.dit_tool",
+        "qwen_image",
+        """\
 `qk-jax parity qwen_image --checkpoint DIR`: our MMDiT vs diffusers' QwenImageTransformer2DModel.
 
 DIR is a diffusers transformer folder (config.json + safetensors) or a Qwen-Image pipeline
 folder (its `transformer/` is used); its config.json sets every size. Prints a per-block
 error table (every double block's image and text stream, the output on the target
-tokens) and a one-line verdict; exits non-zero when a row is above --tolerance."""),
-    "flux": Tool("qk_jax.parity.dit_tool", "flux", """\
+tokens) and a one-line verdict; exits non-zero when a row is above --tolerance.""",
+    ),
+    "flux": Tool(
+        "qk_jax.parity.dit_tool",
+        "flux",
+        """\
 `qk-jax parity flux --checkpoint DIR`: our MMDiT vs diffusers' FluxTransformer2DModel.
 
 DIR is a diffusers transformer folder (config.json + safetensors) or a FLUX pipeline
 folder (its `transformer/` is used); its config.json sets every size. Prints a per-block
 error table (double blocks' image and text streams, single blocks' joint stream, the
 output on the target tokens) and a one-line verdict; exits non-zero when a row is above
---tolerance."""),
-    "vae": Tool("qk_jax.parity.vae_tool", "kl", """\
+--tolerance.""",
+    ),
+    "vae": Tool(
+        "qk_jax.parity.vae_tool",
+        "kl",
+        """\
 `qk-jax parity vae --checkpoint DIR`: our AutoencoderKL vs diffusers' (FLUX / SD3 VAE).
 
 DIR is a diffusers VAE folder or a pipeline folder (its `vae/` is used); its config.json
 sets every size. Prints per-stage errors (encoder blocks, posterior, normalised latents,
 decoder blocks, image, round trip) and a one-line verdict; exits non-zero above
---tolerance."""),
-    "qwen_image_vae": Tool("qk_jax.parity.vae_tool", "qwen_image", """\
+--tolerance.""",
+    ),
+    "qwen_image_vae": Tool(
+        "qk_jax.parity.vae_tool",
+        "qwen_image",
+        """\
 `qk-jax parity qwen_image_vae --checkpoint DIR`: our AutoencoderKLQwenImage vs diffusers'.
 
 DIR is a diffusers VAE folder or a Qwen-Image pipeline folder (its `vae/` is used); its
 config.json sets every size. Single frames. Prints per-stage errors and a one-line
-verdict; exits non-zero above --tolerance."""),
+verdict; exits non-zero above --tolerance.""",
+    ),
 }

@@ -17,8 +17,11 @@ from qk_jax.parity import TOOLS
 
 
 def usage() -> str:
-    return ("usage: qk-jax parity <model> --checkpoint DIR [flags]\n\nmodels: " + ", ".join(sorted(TOOLS))
-            + "\n\nEach model takes --help for its own flags.")
+    return (
+        "usage: qk-jax parity <model> --checkpoint DIR [flags]\n\nmodels: "
+        + ", ".join(sorted(TOOLS))
+        + "\n\nEach model takes --help for its own flags."
+    )
 
 
 def load(model: str) -> SimpleNamespace:

@@ -27,9 +27,17 @@ def main_for(family: str):
         if not _CHECKPOINT.value:
             raise SystemExit("--checkpoint is required")
         report = dit_parity.mmdit_parity(
-            _CHECKPOINT.value, family, batch=_BATCH.value, height=_HEIGHT.value, width=_WIDTH.value,
-            txt_len=_TXT_LEN.value, pad=_PAD.value, condition_segments=_SEGMENTS.value, seed=_SEED.value,
-            tolerance=_TOL.value)
+            _CHECKPOINT.value,
+            family,
+            batch=_BATCH.value,
+            height=_HEIGHT.value,
+            width=_WIDTH.value,
+            txt_len=_TXT_LEN.value,
+            pad=_PAD.value,
+            condition_segments=_SEGMENTS.value,
+            seed=_SEED.value,
+            tolerance=_TOL.value,
+        )
         return report.print()
 
     return main

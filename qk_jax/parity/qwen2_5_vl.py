@@ -27,8 +27,9 @@ from absl import flags
 from qk_jax.parity.report import ParityReport
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "HF Qwen2.5-VL folder (config.json + safetensors).")
-_IMAGE_SIZES = flags.DEFINE_string("image_sizes", "56x56,112x84",
-                                   "Comma-separated HxW pixel sizes of the images in every prompt ('' = none).")
+_IMAGE_SIZES = flags.DEFINE_string(
+    "image_sizes", "56x56,112x84", "Comma-separated HxW pixel sizes of the images in every prompt ('' = none)."
+)
 _PROMPT_TOKENS = flags.DEFINE_integer("prompt_tokens", 600, "Length of the longest prompt (tokens).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 2, "Rows; row b is 7*b tokens shorter than row 0 (padded).")
 _PADDING = flags.DEFINE_enum("padding", "left", ["left", "right"], "Padding side of the shorter rows.")
@@ -55,13 +56,20 @@ def image_grid(cfg, height: int, width: int) -> tuple[int, int, int]:
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
     v = cfg.vision
-    h, w = smart_resize(height, width, factor=v.patch_size * v.spatial_merge_size,
-                        min_pixels=56 * 56, max_pixels=28 * 28 * 1280)
+    h, w = smart_resize(
+        height, width, factor=v.patch_size * v.spatial_merge_size, min_pixels=56 * 56, max_pixels=28 * 28 * 1280
+    )
     return 1, h // v.patch_size, w // v.patch_size
 
 
-def make_inputs(cfg, image_sizes: Sequence[tuple[int, int]], prompt_tokens: int, batch_size: int,
-                padding: str = "left", seed: int = 0) -> dict[str, np.ndarray]:
+def make_inputs(
+    cfg,
+    image_sizes: Sequence[tuple[int, int]],
+    prompt_tokens: int,
+    batch_size: int,
+    padding: str = "left",
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
     """A random batch: every row holds every image (vision start, pads, vision end) amid random
     text; row b is 7*b tokens shorter than row 0 and padded on `padding`'s side.
 
@@ -77,8 +85,10 @@ def make_inputs(cfg, image_sizes: Sequence[tuple[int, int]], prompt_tokens: int,
     fixed = sum(n + 2 for n in n_img_tokens)
     shortest = prompt_tokens - 7 * (batch_size - 1)
     if shortest - fixed < len(grids) + 1:
-        raise ValueError(f"--prompt-tokens={prompt_tokens} leaves no room for text around {fixed} image tokens "
-                         f"in a batch of {batch_size} (rows shrink by 7 tokens each)")
+        raise ValueError(
+            f"--prompt-tokens={prompt_tokens} leaves no room for text around {fixed} image tokens "
+            f"in a batch of {batch_size} (rows shrink by 7 tokens each)"
+        )
     ids = np.zeros((batch_size, prompt_tokens), np.int64)
     mask = np.zeros((batch_size, prompt_tokens), np.int64)
     pad_id = cfg.text.pad_token_id if cfg.text.pad_token_id is not None else 0
@@ -97,8 +107,13 @@ def make_inputs(cfg, image_sizes: Sequence[tuple[int, int]], prompt_tokens: int,
     grid_thw = np.array(grids * batch_size, np.int64).reshape(-1, 3)
     n_patches = int(np.prod(grid_thw, axis=-1).sum()) if len(grid_thw) else 0
     pixel_values = rng.standard_normal((n_patches, v.patch_dim)).astype(np.float32)
-    return {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": (ids == cfg.image_token_id).astype(np.int64),
-            "pixel_values": pixel_values, "image_grid_thw": grid_thw}
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "mm_token_type_ids": (ids == cfg.image_token_id).astype(np.int64),
+        "pixel_values": pixel_values,
+        "image_grid_thw": grid_thw,
+    }
 
 
 def layer_selection(num_layers: int, every: int) -> list[int]:
@@ -115,7 +130,8 @@ def torch_reference(folder: str, inputs: dict[str, np.ndarray], layers: Sequence
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        folder, dtype=torch.float32, low_cpu_mem_usage=True, attn_implementation="eager")
+        folder, dtype=torch.float32, low_cpu_mem_usage=True, attn_implementation="eager"
+    )
     model.eval()
     t = {k: torch.from_numpy(np.asarray(x)) for k, x in inputs.items()}
     has_images = len(inputs["image_grid_thw"]) > 0
@@ -124,10 +140,14 @@ def torch_reference(folder: str, inputs: dict[str, np.ndarray], layers: Sequence
         if has_images:
             feats = model.model.get_image_features(t["pixel_values"], t["image_grid_thw"]).pooler_output
             out["vision"] = torch.cat(list(feats), dim=0).numpy()
-        result = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"],
-                       mm_token_type_ids=t["mm_token_type_ids"],
-                       pixel_values=t["pixel_values"] if has_images else None,
-                       image_grid_thw=t["image_grid_thw"] if has_images else None, output_hidden_states=True)
+        result = model(
+            input_ids=t["input_ids"],
+            attention_mask=t["attention_mask"],
+            mm_token_type_ids=t["mm_token_type_ids"],
+            pixel_values=t["pixel_values"] if has_images else None,
+            image_grid_thw=t["image_grid_thw"] if has_images else None,
+            output_hidden_states=True,
+        )
         out["hidden"] = {i: result.hidden_states[i].numpy() for i in [0, *layers]}
         out["logits"] = result.logits.numpy()
     del model, result
@@ -152,20 +172,36 @@ def jax_outputs(folder: str, inputs: dict[str, np.ndarray]) -> dict[str, Any]:
     pixels = inputs["pixel_values"] if grid is not None else None
     out: dict[str, Any] = {}
     if grid is not None:
-        out["vision"] = np.asarray(jax.jit(lambda v, p, pl: model.apply(v, p, pl, method=model.vision))(
-            variables, pixels, plan))
+        out["vision"] = np.asarray(
+            jax.jit(lambda v, p, pl: model.apply(v, p, pl, method=model.vision))(variables, pixels, plan)
+        )
     forward = jax.jit(lambda v, ids, pos, m, p, pl: model.apply(v, ids, pos, m, p, pl, output_hidden_states=True))
-    result = forward(variables, inputs["input_ids"].astype(np.int32), host["position_ids"],
-                     inputs["attention_mask"].astype(np.int32), pixels, plan)
+    result = forward(
+        variables,
+        inputs["input_ids"].astype(np.int32),
+        host["position_ids"],
+        inputs["attention_mask"].astype(np.int32),
+        pixels,
+        plan,
+    )
     out["hidden"] = np.asarray(result["hidden_states"])
     out["logits"] = np.asarray(result["logits"])
     out["config"] = cfg
     return out
 
 
-def run(checkpoint: str, image_sizes: Sequence[tuple[int, int]] = ((56, 56), (112, 84)), prompt_tokens: int = 600,
-        batch_size: int = 2, padding: str = "left", rtol: float = 1e-4, atol: float = 0.0, every_n_layers: int = 1,
-        seed: int = 0, stream=None) -> int:
+def run(
+    checkpoint: str,
+    image_sizes: Sequence[tuple[int, int]] = ((56, 56), (112, 84)),
+    prompt_tokens: int = 600,
+    batch_size: int = 2,
+    padding: str = "left",
+    rtol: float = 1e-4,
+    atol: float = 0.0,
+    every_n_layers: int = 1,
+    seed: int = 0,
+    stream=None,
+) -> int:
     """The whole comparison; prints the table and verdict, returns the exit status."""
     from qk_jax.convert.qwen2_5_vl import read_config
 
@@ -183,7 +219,9 @@ def run(checkpoint: str, image_sizes: Sequence[tuple[int, int]] = ((56, 56), (11
         f"Qwen2.5-VL parity: {checkpoint}\n  {len(image_sizes)} image(s) {list(image_sizes)} per row, "
         f"{batch_size} rows of <= {prompt_tokens} tokens ({padding} padding), text {n_layers} layers x "
         f"{cfg.text.hidden_size}, vision {cfg.vision.depth} blocks x {cfg.vision.hidden_size}; "
-        f"torch {t1 - t0:.1f}s, jax {t2 - t1:.1f}s", stream=stream)
+        f"torch {t1 - t0:.1f}s, jax {t2 - t1:.1f}s",
+        stream=stream,
+    )
 
     def add(stage, a, b):
         row = report.add(stage, a, b, rtol)
@@ -205,6 +243,15 @@ def main(argv: Sequence[str]) -> int:
         raise SystemExit(f"unexpected arguments {list(argv[1:])}; see --help")
     if not _CHECKPOINT.value:
         raise SystemExit("--checkpoint is required (a HF Qwen2.5-VL folder)")
-    code = run(_CHECKPOINT.value, parse_sizes(_IMAGE_SIZES.value), _PROMPT_TOKENS.value, _BATCH_SIZE.value,
-               _PADDING.value, _RTOL.value, _ATOL.value, _EVERY.value, _SEED.value)
+    code = run(
+        _CHECKPOINT.value,
+        parse_sizes(_IMAGE_SIZES.value),
+        _PROMPT_TOKENS.value,
+        _BATCH_SIZE.value,
+        _PADDING.value,
+        _RTOL.value,
+        _ATOL.value,
+        _EVERY.value,
+        _SEED.value,
+    )
     raise SystemExit(code)

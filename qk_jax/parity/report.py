@@ -50,8 +50,17 @@ class ParityReport:
 
     def table(self) -> str:
         header = ("stage", "shape", "max abs err", "max rel err", "tolerance", "")
-        rows = [(r.stage, "x".join(map(str, r.shape)), f"{r.max_abs:.3e}", f"{r.max_rel:.3e}", f"{r.tol:.0e}",
-                 "ok" if r.ok else "FAIL") for r in self.rows]
+        rows = [
+            (
+                r.stage,
+                "x".join(map(str, r.shape)),
+                f"{r.max_abs:.3e}",
+                f"{r.max_rel:.3e}",
+                f"{r.tol:.0e}",
+                "ok" if r.ok else "FAIL",
+            )
+            for r in self.rows
+        ]
         widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
         fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
         return "\n".join([self.title, fmt(header), fmt(tuple("-" * w for w in widths))] + [fmt(r) for r in rows])
@@ -61,11 +70,15 @@ class ParityReport:
             return "PARITY FAIL: nothing was compared"
         worst = max(self.rows, key=lambda r: r.max_rel / r.tol)
         if self.ok:
-            return (f"PARITY OK: {len(self.rows)} stages within tolerance "
-                    f"(worst {worst.stage}: rel {worst.max_rel:.2e} <= {worst.tol:.0e})")
+            return (
+                f"PARITY OK: {len(self.rows)} stages within tolerance "
+                f"(worst {worst.stage}: rel {worst.max_rel:.2e} <= {worst.tol:.0e})"
+            )
         failed = [r.stage for r in self.rows if not r.ok]
-        return (f"PARITY FAIL: {len(failed)} of {len(self.rows)} stages above tolerance, first {failed[0]} "
-                f"(worst {worst.stage}: rel {worst.max_rel:.2e} > {worst.tol:.0e})")
+        return (
+            f"PARITY FAIL: {len(failed)} of {len(self.rows)} stages above tolerance, first {failed[0]} "
+            f"(worst {worst.stage}: rel {worst.max_rel:.2e} > {worst.tol:.0e})"
+        )
 
     def print(self) -> int:
         print(self.table(), file=self.stream)

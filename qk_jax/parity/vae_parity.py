@@ -42,8 +42,10 @@ def _torch_stages(model, store: dict) -> list:
         blocks = mod.down_blocks if part == "encoder" else mod.up_blocks
         named += [(f"{part}/{'down' if part == 'encoder' else 'up'}_blocks_{i}", b) for i, b in enumerate(blocks)]
         for name, m in named:
+
             def hook(_m, _i, out, name=name):
                 store[name] = _nhwc(out)
+
             handles.append(m.register_forward_hook(hook))
     return handles
 
@@ -69,10 +71,16 @@ def _run_ours(config, params, images: np.ndarray, ref_mean: np.ndarray):
     """Our posterior, normalised latents, decoder stages on diffusers' mean, and round trip."""
     vae = build_vae(config)
     capture = lambda mdl, method: bool(_STAGE.match(mdl.name or ""))
-    enc = jax.jit(lambda p, im: vae.apply({"params": p}, im, method=vae.encode_moments,
-                                          capture_intermediates=capture, mutable=["intermediates"]))
-    dec = jax.jit(lambda p, z: vae.apply({"params": p}, z, method=vae.decode_raw,
-                                         capture_intermediates=capture, mutable=["intermediates"]))
+    enc = jax.jit(
+        lambda p, im: vae.apply(
+            {"params": p}, im, method=vae.encode_moments, capture_intermediates=capture, mutable=["intermediates"]
+        )
+    )
+    dec = jax.jit(
+        lambda p, z: vae.apply(
+            {"params": p}, z, method=vae.decode_raw, capture_intermediates=capture, mutable=["intermediates"]
+        )
+    )
     normalised = jax.jit(lambda p, im: vae.apply({"params": p}, im, method=vae.encode))(params, jnp.asarray(images))
     (mean, logvar), enc_state = enc(params, jnp.asarray(images))
     image, dec_state = dec(params, jnp.asarray(ref_mean))
@@ -81,14 +89,24 @@ def _run_ours(config, params, images: np.ndarray, ref_mean: np.ndarray):
     return mean, logvar, normalised, image, round_trip, stages
 
 
-def vae_parity(checkpoint, kind: str, *, batch: int = 1, height: int = 64, width: int = 64, seed: int = 0,
-               tolerance: float = 1e-4, stream=None) -> ParityReport:
+def vae_parity(
+    checkpoint,
+    kind: str,
+    *,
+    batch: int = 1,
+    height: int = 64,
+    width: int = 64,
+    seed: int = 0,
+    tolerance: float = 1e-4,
+    stream=None,
+) -> ParityReport:
     """`kind`: "kl" (AutoencoderKL) or "qwen_image" (AutoencoderKLQwenImage). Returns the filled report."""
     import torch
     from diffusers import AutoencoderKL as TorchKL
     from diffusers import AutoencoderKLQwenImage as TorchQwen
 
     from qk_jax.convert import vae_kl, vae_qwen_image
+
     folder = diffusers_io.model_folder(checkpoint, "vae")
     raw = diffusers_io.read_config(folder)
     if kind == "kl":
@@ -128,8 +146,10 @@ def vae_parity(checkpoint, kind: str, *, batch: int = 1, height: int = 64, width
         mean, logvar, normalised, image, round_trip, ours = _run_ours(config, params, images, ref_mean)
     ref_norm = np.asarray(config.normalize(jnp.asarray(ref_mean)))
 
-    title = (f"{cls.__name__} parity: {folder} ({type(config).__name__}); batch {batch}, {height}x{width} images, "
-             f"{f}x downsampling")
+    title = (
+        f"{cls.__name__} parity: {folder} ({type(config).__name__}); batch {batch}, {height}x{width} images, "
+        f"{f}x downsampling"
+    )
     report = ParityReport(title, stream=stream)
     for name in sorted(set(ref) - {"image"}, key=_order):
         if name.startswith("encoder"):

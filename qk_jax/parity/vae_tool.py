@@ -23,8 +23,15 @@ def main_for(kind: str):
         del argv
         if not _CHECKPOINT.value:
             raise SystemExit("--checkpoint is required")
-        report = vae_parity.vae_parity(_CHECKPOINT.value, kind, batch=_BATCH.value, height=_HEIGHT.value,
-                                       width=_WIDTH.value, seed=_SEED.value, tolerance=_TOL.value)
+        report = vae_parity.vae_parity(
+            _CHECKPOINT.value,
+            kind,
+            batch=_BATCH.value,
+            height=_HEIGHT.value,
+            width=_WIDTH.value,
+            seed=_SEED.value,
+            tolerance=_TOL.value,
+        )
         return report.print()
 
     return main

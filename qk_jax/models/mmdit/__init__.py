@@ -11,6 +11,15 @@ from qk_jax.models.mmdit.model import MMDiT, abstract_params, dummy_inputs, init
 from qk_jax.models.mmdit.positions import patchify, unpatchify
 
 __all__ = [
-    "FAMILIES", "SIZES", "MMDiTConfig", "mmdit_config", "MMDiT", "abstract_params",
-    "dummy_inputs", "init_params", "param_count", "patchify", "unpatchify",
+    "FAMILIES",
+    "SIZES",
+    "MMDiTConfig",
+    "mmdit_config",
+    "MMDiT",
+    "abstract_params",
+    "dummy_inputs",
+    "init_params",
+    "param_count",
+    "patchify",
+    "unpatchify",
 ]

@@ -182,10 +182,12 @@ class JointAttention(nn.Module):
         t_len = txt.shape[1]
         iq, ik, iv = qkv_heads(cfg, img, "img_")
         tq, tk, tv = qkv_heads(cfg, txt, "txt_")
-        q = jnp.concatenate([apply_rope(tq, cos[:, :t_len], sin[:, :t_len]),
-                             apply_rope(iq, cos[:, t_len:], sin[:, t_len:])], axis=1)
-        k = jnp.concatenate([apply_rope(tk, cos[:, :t_len], sin[:, :t_len]),
-                             apply_rope(ik, cos[:, t_len:], sin[:, t_len:])], axis=1)
+        q = jnp.concatenate(
+            [apply_rope(tq, cos[:, :t_len], sin[:, :t_len]), apply_rope(iq, cos[:, t_len:], sin[:, t_len:])], axis=1
+        )
+        k = jnp.concatenate(
+            [apply_rope(tk, cos[:, :t_len], sin[:, :t_len]), apply_rope(ik, cos[:, t_len:], sin[:, t_len:])], axis=1
+        )
         v = jnp.concatenate([tv, iv], axis=1)
         out = attention(cfg, q, k, v, mask)
         txt_out = layers.Dense(cfg.inner_dim, axes=("heads", "embed"), name="txt_out", **kw)(out[:, :t_len])
@@ -200,8 +202,12 @@ def qkv_heads(cfg: MMDiTConfig, x: Array, prefix: str) -> tuple[Array, Array, Ar
     `{prefix}{q,k}_norm` land directly in the calling module (attn/img_q/kernel)."""
     kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
     b, s, _ = x.shape
-    q, k, v = (layers.Dense(cfg.inner_dim, axes=("embed", "heads"), name=f"{prefix}{n}", **kw)(x)
-               .reshape(b, s, cfg.num_heads, cfg.head_dim) for n in ("q", "k", "v"))
+    q, k, v = (
+        layers.Dense(cfg.inner_dim, axes=("embed", "heads"), name=f"{prefix}{n}", **kw)(x).reshape(
+            b, s, cfg.num_heads, cfg.head_dim
+        )
+        for n in ("q", "k", "v")
+    )
     q = layers.RMSNorm(eps=cfg.eps, axis_name="head_dim", name=f"{prefix}q_norm", **kw)(q)
     k = layers.RMSNorm(eps=cfg.eps, axis_name="head_dim", name=f"{prefix}k_norm", **kw)(k)
     return q, k, v
@@ -229,6 +235,7 @@ class SingleStreamBlock(nn.Module):
         q, k, v = qkv_heads(cfg, h, "")
         attn = attention(cfg, apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, mask)
         out = layers.Dense(cfg.inner_dim, axes=("mlp", "embed"), name="out", **kw)(
-            jnp.concatenate([attn, mlp], axis=-1))
+            jnp.concatenate([attn, mlp], axis=-1)
+        )
         x = _constrain(x + gate(g) * out)
         return x, (x if self.emit else None)

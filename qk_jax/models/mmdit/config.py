@@ -67,16 +67,22 @@ class MMDiTConfig:
         if len(self.axes_dims_rope) != 3 or any(d % 2 for d in self.axes_dims_rope):
             raise ValueError(f"MMDiTConfig.axes_dims_rope={self.axes_dims_rope}: need three even sizes")
         if sum(self.axes_dims_rope) != self.head_dim:
-            raise ValueError(f"MMDiTConfig.axes_dims_rope={self.axes_dims_rope} sums to {sum(self.axes_dims_rope)}, "
-                             f"but head_dim={self.head_dim}: RoPE must cover the whole head")
+            raise ValueError(
+                f"MMDiTConfig.axes_dims_rope={self.axes_dims_rope} sums to {sum(self.axes_dims_rope)}, "
+                f"but head_dim={self.head_dim}: RoPE must cover the whole head"
+            )
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"MMDiTConfig.remat={self.remat!r}; expected one of {REMAT_POLICIES}")
         if self.num_layers < 0 or self.num_single_layers < 0 or self.num_layers + self.num_single_layers == 0:
-            raise ValueError(f"MMDiTConfig: num_layers={self.num_layers}, num_single_layers="
-                             f"{self.num_single_layers}: need at least one block")
+            raise ValueError(
+                f"MMDiTConfig: num_layers={self.num_layers}, num_single_layers="
+                f"{self.num_single_layers}: need at least one block"
+            )
         if self.family == "qwen_image" and self.guidance_embeds:
-            raise ValueError("MMDiTConfig.guidance_embeds=True with family='qwen_image': diffusers' "
-                             "QwenImageTransformer2DModel builds no guidance embedder, so no checkpoint has one")
+            raise ValueError(
+                "MMDiTConfig.guidance_embeds=True with family='qwen_image': diffusers' "
+                "QwenImageTransformer2DModel builds no guidance embedder, so no checkpoint has one"
+            )
         object.__setattr__(self, "axes_dims_rope", tuple(int(d) for d in self.axes_dims_rope))
 
     # ------------------------------------------------------------------ derived
@@ -92,10 +98,11 @@ class MMDiTConfig:
     @property
     def out_features(self) -> int:
         """Features per output token: patch_size**2 * out_channels (64 for both FLUX and Qwen-Image)."""
-        return self.patch_size ** 2 * (self.out_channels or self.in_channels)
+        return self.patch_size**2 * (self.out_channels or self.in_channels)
 
     def replace(self, **changes) -> MMDiTConfig:
         return dataclasses.replace(self, **changes)
+
 
 # Named sizes. `head_870m` and `dit_10b` use the Qwen-Image layout (double-stream blocks,
 # 3584-d condition tokens = Qwen2.5-VL-7B's width), so the kontext connector output can feed
@@ -106,17 +113,47 @@ class MMDiTConfig:
 #   60 blocks) -> ~10.2B, the paper's in-house scale; same width means Qwen-Image weights seed
 #   it: `qk-jax surgery --dit QWEN_IMAGE_DIR --dit-layers every_other` (see qk_jax/dit_seeding.py).
 SIZES: dict[str, MMDiTConfig] = {
-    "tiny": MMDiTConfig(family="qwen_image", patch_size=2, in_channels=16, out_channels=4, num_layers=2,
-                        num_heads=2, head_dim=16, joint_attention_dim=24, axes_dims_rope=(4, 6, 6)),
-    "tiny_flux": MMDiTConfig(family="flux", patch_size=1, in_channels=16, out_channels=None, num_layers=1,
-                             num_single_layers=2, num_heads=2, head_dim=16, joint_attention_dim=24,
-                             pooled_projection_dim=8, guidance_embeds=True, axes_dims_rope=(4, 6, 6)),
+    "tiny": MMDiTConfig(
+        family="qwen_image",
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=2,
+        num_heads=2,
+        head_dim=16,
+        joint_attention_dim=24,
+        axes_dims_rope=(4, 6, 6),
+    ),
+    "tiny_flux": MMDiTConfig(
+        family="flux",
+        patch_size=1,
+        in_channels=16,
+        out_channels=None,
+        num_layers=1,
+        num_single_layers=2,
+        num_heads=2,
+        head_dim=16,
+        joint_attention_dim=24,
+        pooled_projection_dim=8,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    ),
     "head_870m": MMDiTConfig(family="qwen_image", num_layers=10, num_heads=12, head_dim=128),
     "dit_10b": MMDiTConfig(family="qwen_image", num_layers=30, num_heads=24, head_dim=128),
     "qwen_image_20b": MMDiTConfig(family="qwen_image"),
-    "flux_12b": MMDiTConfig(family="flux", patch_size=1, in_channels=64, out_channels=None, num_layers=19,
-                            num_single_layers=38, num_heads=24, head_dim=128, joint_attention_dim=4096,
-                            pooled_projection_dim=768, guidance_embeds=True),
+    "flux_12b": MMDiTConfig(
+        family="flux",
+        patch_size=1,
+        in_channels=64,
+        out_channels=None,
+        num_layers=19,
+        num_single_layers=38,
+        num_heads=24,
+        head_dim=128,
+        joint_attention_dim=4096,
+        pooled_projection_dim=768,
+        guidance_embeds=True,
+    ),
 }
 
 

@@ -44,17 +44,28 @@ class MMDiT(nn.Module):
     config: MMDiTConfig
 
     @nn.compact
-    def __call__(self, img: Array, img_ids: Array, txt: Array, txt_mask: Array | None, timestep: Array,
-                 guidance: Array | None = None, pooled: Array | None = None, txt_ids: Array | None = None,
-                 num_target_tokens: int | None = None, additional_t_cond: Array | None = None,
-                 return_intermediates: bool = False):
+    def __call__(
+        self,
+        img: Array,
+        img_ids: Array,
+        txt: Array,
+        txt_mask: Array | None,
+        timestep: Array,
+        guidance: Array | None = None,
+        pooled: Array | None = None,
+        txt_ids: Array | None = None,
+        num_target_tokens: int | None = None,
+        additional_t_cond: Array | None = None,
+        return_intermediates: bool = False,
+    ):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         kw = dict(dtype=dtype, param_dtype=jnp.dtype(cfg.param_dtype))
         b, n, c_in = img.shape
         t_len = txt.shape[1]
-        self._check_inputs(img, img_ids, txt, txt_mask, timestep, guidance, pooled, txt_ids, num_target_tokens,
-                           additional_t_cond)
+        self._check_inputs(
+            img, img_ids, txt, txt_mask, timestep, guidance, pooled, txt_ids, num_target_tokens, additional_t_cond
+        )
         n_target = n if num_target_tokens is None else int(num_target_tokens)
 
         # ---- embeddings
@@ -70,12 +81,17 @@ class MMDiT(nn.Module):
         extra = jnp.zeros((b, cfg.inner_dim), dtype)
         if cfg.guidance_embeds:
             extra = extra + MLPEmbedder(cfg.inner_dim, name="guidance_embed", **kw)(
-                timestep_sinusoid(guidance, cfg.family).astype(dtype))
+                timestep_sinusoid(guidance, cfg.family).astype(dtype)
+            )
         if cfg.pooled_projection_dim:
             extra = extra + MLPEmbedder(cfg.inner_dim, name="pooled_embed", **kw)(pooled.astype(dtype))
         if cfg.use_additional_t_cond:
-            table = self.param("addition_t_embed", layers.logical(nn.initializers.normal(1.0), (None, "embed")),
-                               (2, cfg.inner_dim), jnp.dtype(cfg.param_dtype))
+            table = self.param(
+                "addition_t_embed",
+                layers.logical(nn.initializers.normal(1.0), (None, "embed")),
+                (2, cfg.inner_dim),
+                jnp.dtype(cfg.param_dtype),
+            )
             extra = extra + jnp.take(table, additional_t_cond.astype(jnp.int32), axis=0).astype(dtype)
         vec = time_embed(timestep_sinusoid(timestep, cfg.family).astype(dtype)) + extra
 
@@ -100,12 +116,14 @@ class MMDiT(nn.Module):
         inter: dict[str, Any] = {}
         if cfg.num_layers:
             (x, c), ys = layers.scan_layers(DoubleStreamBlock, cfg.num_layers, cfg.remat, in_axes=(nn.broadcast,))(
-                cfg, emit=return_intermediates, name="double_blocks")((x, c), ctx)
+                cfg, emit=return_intermediates, name="double_blocks"
+            )((x, c), ctx)
             if return_intermediates:
                 inter["double_img"], inter["double_txt"] = ys
         if cfg.num_single_layers:
             h, ys = layers.scan_layers(SingleStreamBlock, cfg.num_single_layers, cfg.remat, in_axes=(nn.broadcast,))(
-                cfg, emit=return_intermediates, name="single_blocks")(jnp.concatenate([c, x], axis=1), ctx)
+                cfg, emit=return_intermediates, name="single_blocks"
+            )(jnp.concatenate([c, x], axis=1), ctx)
             if return_intermediates:
                 inter["single"] = ys
             x = h[:, t_len:]
@@ -113,14 +131,16 @@ class MMDiT(nn.Module):
         # ---- output: target tokens only
         x = x[:, :n_target]
         scale, shift = jnp.split(
-            layers.Dense(2 * cfg.inner_dim, axes=("embed", "modulation"), name="norm_out", **kw)(nn.silu(vec)), 2, -1)
+            layers.Dense(2 * cfg.inner_dim, axes=("embed", "modulation"), name="norm_out", **kw)(nn.silu(vec)), 2, -1
+        )
         x = layers.LayerNorm(eps=1e-6, use_scale=False, use_bias=False, dtype=dtype)(x)
         x = x * (1 + scale[:, None]) + shift[:, None]
         out = layers.Dense(cfg.out_features, axes=("embed", "out_channels"), name="proj_out", **kw)(x)
         return (out, inter) if return_intermediates else out
 
-    def _check_inputs(self, img, img_ids, txt, txt_mask, timestep, guidance, pooled, txt_ids, num_target_tokens,
-                      additional_t_cond):
+    def _check_inputs(
+        self, img, img_ids, txt, txt_mask, timestep, guidance, pooled, txt_ids, num_target_tokens, additional_t_cond
+    ):
         cfg = self.config
         b, n, c_in = img.shape
         if c_in != cfg.in_channels:
@@ -128,8 +148,9 @@ class MMDiT(nn.Module):
         if img_ids.shape != (b, n, 3):
             raise ValueError(f"MMDiT: img_ids shape {img_ids.shape}, expected {(b, n, 3)}")
         if txt.ndim != 3 or txt.shape[0] != b or txt.shape[2] != cfg.joint_attention_dim:
-            raise ValueError(f"MMDiT: txt shape {txt.shape}, expected (B={b}, T, "
-                             f"joint_attention_dim={cfg.joint_attention_dim})")
+            raise ValueError(
+                f"MMDiT: txt shape {txt.shape}, expected (B={b}, T, joint_attention_dim={cfg.joint_attention_dim})"
+            )
         if txt_mask is not None and txt_mask.shape != txt.shape[:2]:
             raise ValueError(f"MMDiT: txt_mask shape {txt_mask.shape}, expected {txt.shape[:2]}")
         if txt_ids is not None and txt_ids.shape != (b, txt.shape[1], 3):
@@ -141,8 +162,10 @@ class MMDiT(nn.Module):
         if not cfg.guidance_embeds and guidance is not None:
             raise ValueError("MMDiT: guidance was passed but config.guidance_embeds=False")
         if cfg.pooled_projection_dim and (pooled is None or pooled.shape != (b, cfg.pooled_projection_dim)):
-            raise ValueError(f"MMDiT: config.pooled_projection_dim={cfg.pooled_projection_dim} needs pooled of shape "
-                             f"({b}, {cfg.pooled_projection_dim}), got {None if pooled is None else pooled.shape}")
+            raise ValueError(
+                f"MMDiT: config.pooled_projection_dim={cfg.pooled_projection_dim} needs pooled of shape "
+                f"({b}, {cfg.pooled_projection_dim}), got {None if pooled is None else pooled.shape}"
+            )
         if not cfg.pooled_projection_dim and pooled is not None:
             raise ValueError("MMDiT: pooled was passed but config.pooled_projection_dim is unset")
         if cfg.use_additional_t_cond and (additional_t_cond is None or additional_t_cond.shape != (b,)):
@@ -153,9 +176,13 @@ class MMDiT(nn.Module):
 
 def dummy_inputs(config: MMDiTConfig, batch: int = 1, n: int = 4, t: int = 3) -> dict[str, Array]:
     """Smallest valid inputs (for `init` / `jax.eval_shape`); parameter shapes do not depend on them."""
-    out = dict(img=jnp.zeros((batch, n, config.in_channels)), img_ids=jnp.zeros((batch, n, 3)),
-               txt=jnp.zeros((batch, t, config.joint_attention_dim)), txt_mask=jnp.ones((batch, t), bool),
-               timestep=jnp.full((batch,), 0.5))
+    out = dict(
+        img=jnp.zeros((batch, n, config.in_channels)),
+        img_ids=jnp.zeros((batch, n, 3)),
+        txt=jnp.zeros((batch, t, config.joint_attention_dim)),
+        txt_mask=jnp.ones((batch, t), bool),
+        timestep=jnp.full((batch,), 0.5),
+    )
     if config.guidance_embeds:
         out["guidance"] = jnp.full((batch,), 3.5)
     if config.pooled_projection_dim:

@@ -57,8 +57,9 @@ def unpatchify(tokens: jax.Array, height: int, width: int, p: int = 2) -> jax.Ar
 # ----------------------------------------------------------------- ids (host side)
 
 
-def grid_ids(h: int, w: int, *, frame: float = 0, centred: bool = False,
-             offset: tuple[float, float] = (0, 0)) -> np.ndarray:
+def grid_ids(
+    h: int, w: int, *, frame: float = 0, centred: bool = False, offset: tuple[float, float] = (0, 0)
+) -> np.ndarray:
     """(h*w, 3) float32 ids `(frame, row, col)` of an h x w token grid, row-major.
 
     `centred` uses Qwen-Image's MSRoPE rows `-(h - h//2) .. h//2 - 1` (same for columns);
@@ -79,8 +80,9 @@ def diagonal_txt_ids(txt_len: int, start: float) -> np.ndarray:
     return np.repeat(pos[:, None], 3, axis=1)
 
 
-def qwen_image_ids(img_shapes: Sequence[tuple[int, int, int]], txt_len: int, *,
-                   layer3d: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def qwen_image_ids(
+    img_shapes: Sequence[tuple[int, int, int]], txt_len: int, *, layer3d: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """Exactly diffusers' `QwenEmbedRope` (or `QwenEmbedLayer3DRope` with `layer3d`) as ids.
 
     Args:
@@ -111,8 +113,13 @@ def flux_ids(img_shapes: Sequence[tuple[int, int]], txt_len: int) -> tuple[np.nd
     return img, np.zeros((txt_len, 3), np.float32)
 
 
-def segment_ids(shapes: Sequence[tuple[int, int]], *, scheme: str = "frame", centred: bool = True,
-                offsets: Sequence[tuple[float, float]] | None = None) -> np.ndarray:
+def segment_ids(
+    shapes: Sequence[tuple[int, int]],
+    *,
+    scheme: str = "frame",
+    centred: bool = True,
+    offsets: Sequence[tuple[float, float]] | None = None,
+) -> np.ndarray:
     """(sum h*w, 3) ids for several segments: the noisy target first, then condition images.
 
     Args:
@@ -171,5 +178,5 @@ def rope_angles(ids: jax.Array, axes_dims: Sequence[int], theta: float) -> jax.A
     out = []
     for a, dim in enumerate(axes_dims):
         inv = layers.rope_frequencies(dim, theta)
-        out.append(ids[..., a:a + 1].astype(jnp.float32) * inv)
+        out.append(ids[..., a : a + 1].astype(jnp.float32) * inv)
     return jnp.concatenate(out, axis=-1)

@@ -47,8 +47,9 @@ class GatedMLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        dense = lambda n, axes, name: layers.Dense(n, axes=axes, use_bias=self.use_bias, dtype=self.dtype,
-                                                   param_dtype=self.param_dtype, name=name)
+        dense = lambda n, axes, name: layers.Dense(
+            n, axes=axes, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+        )
         gate = dense(self.mlp_dim, (self.embed_axis, "mlp"), "gate_proj")(x)
         up = dense(self.mlp_dim, (self.embed_axis, "mlp"), "up_proj")(x)
         h = activation(self.act)(gate) * up

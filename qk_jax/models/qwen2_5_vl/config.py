@@ -54,12 +54,12 @@ class VisionConfig:
     @property
     def merge_unit(self) -> int:
         """Patches merged into one LM token (`spatial_merge_size ** 2`)."""
-        return self.spatial_merge_size ** 2
+        return self.spatial_merge_size**2
 
     @property
     def patch_dim(self) -> int:
         """Flattened pixels of one patch: C * temporal_patch * patch * patch."""
-        return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
 
     @property
     def merger_window(self) -> int:
@@ -118,12 +118,20 @@ class Qwen25VLConfig:
         `ids` maps token strings to ids, e.g. the dict `qk_jax.data.tokenizer.build_tokenizer`
         returns (`{"<|image_pad|>": 474, ...}`).
         """
-        text = dataclasses.replace(self.text, eos_token_id=ids.get("<|im_end|>", self.text.eos_token_id),
-                                   bos_token_id=ids.get("<|endoftext|>", self.text.bos_token_id),
-                                   pad_token_id=ids.get("<|endoftext|>", self.text.pad_token_id))
+        text = dataclasses.replace(
+            self.text,
+            eos_token_id=ids.get("<|im_end|>", self.text.eos_token_id),
+            bos_token_id=ids.get("<|endoftext|>", self.text.bos_token_id),
+            pad_token_id=ids.get("<|endoftext|>", self.text.pad_token_id),
+        )
         return dataclasses.replace(
-            self, text=text, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+            self,
+            text=text,
+            image_token_id=ids["<|image_pad|>"],
+            video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"],
+            vision_end_token_id=ids["<|vision_end|>"],
+        )
 
     def replace(self, **changes) -> Qwen25VLConfig:
         return dataclasses.replace(self, **changes)
@@ -139,17 +147,24 @@ def validate(cfg: Qwen25VLConfig) -> None:
     if bad := [i for i in v.fullatt_block_indexes if not 0 <= i < v.depth]:
         raise ConfigError(f"vision_config.fullatt_block_indexes {bad} are outside 0..depth-1={v.depth - 1}")
     if v.merger_window < 1:
-        raise ConfigError(f"vision_config.window_size={v.window_size} is smaller than one merged token "
-                          f"(spatial_merge_size * patch_size = {v.spatial_merge_size * v.patch_size} px)")
+        raise ConfigError(
+            f"vision_config.window_size={v.window_size} is smaller than one merged token "
+            f"(spatial_merge_size * patch_size = {v.spatial_merge_size * v.patch_size} px)"
+        )
     if t.hidden_size % t.num_attention_heads:
-        raise ConfigError(f"text_config.hidden_size={t.hidden_size} is not divisible by "
-                          f"num_attention_heads={t.num_attention_heads}")
+        raise ConfigError(
+            f"text_config.hidden_size={t.hidden_size} is not divisible by num_attention_heads={t.num_attention_heads}"
+        )
     if t.num_attention_heads % t.num_key_value_heads:
-        raise ConfigError(f"text_config.num_attention_heads={t.num_attention_heads} is not a multiple of "
-                          f"num_key_value_heads={t.num_key_value_heads}")
+        raise ConfigError(
+            f"text_config.num_attention_heads={t.num_attention_heads} is not a multiple of "
+            f"num_key_value_heads={t.num_key_value_heads}"
+        )
     if len(t.mrope_section) != 3 or sum(t.mrope_section) != t.head_dim // 2:
-        raise ConfigError(f"text_config mrope_section={list(t.mrope_section)} must have 3 entries summing to "
-                          f"head_dim / 2 = {t.head_dim // 2}")
+        raise ConfigError(
+            f"text_config mrope_section={list(t.mrope_section)} must have 3 entries summing to "
+            f"head_dim / 2 = {t.head_dim // 2}"
+        )
     for name, act in (("vision_config.hidden_act", v.hidden_act), ("text_config.hidden_act", t.hidden_act)):
         if act not in SUPPORTED_ACTS:
             raise ConfigError(f"{name}={act!r} is not supported; use one of {SUPPORTED_ACTS}")
@@ -171,22 +186,61 @@ _SMALL_TOKENS = dict(image_token_id=474, video_token_id=475, vision_start_token_
 
 def _tiny() -> Qwen25VLConfig:
     return Qwen25VLConfig(
-        vision=VisionConfig(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                            window_size=56, fullatt_block_indexes=(1,)),
-        text=TextConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0, mrope_section=(2, 3, 3),
-                        max_position_embeddings=4096, bos_token_id=462, eos_token_id=464, pad_token_id=462),
-        **_SMALL_TOKENS)
+        vision=VisionConfig(
+            depth=3,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=64,
+            window_size=56,
+            fullatt_block_indexes=(1,),
+        ),
+        text=TextConfig(
+            vocab_size=1000,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_theta=10000.0,
+            mrope_section=(2, 3, 3),
+            max_position_embeddings=4096,
+            bos_token_id=462,
+            eos_token_id=464,
+            pad_token_id=462,
+        ),
+        **_SMALL_TOKENS,
+    )
 
 
 def _demo() -> Qwen25VLConfig:
     return Qwen25VLConfig(
-        vision=VisionConfig(depth=4, hidden_size=128, intermediate_size=256, num_heads=4, out_hidden_size=256,
-                            window_size=56, fullatt_block_indexes=(1, 3)),
-        text=TextConfig(vocab_size=1000, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
-                        num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0, mrope_section=(8, 12, 12),
-                        max_position_embeddings=8192, bos_token_id=462, eos_token_id=464, pad_token_id=462),
-        tie_word_embeddings=True, **_SMALL_TOKENS)
+        vision=VisionConfig(
+            depth=4,
+            hidden_size=128,
+            intermediate_size=256,
+            num_heads=4,
+            out_hidden_size=256,
+            window_size=56,
+            fullatt_block_indexes=(1, 3),
+        ),
+        text=TextConfig(
+            vocab_size=1000,
+            hidden_size=256,
+            intermediate_size=704,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_theta=10000.0,
+            mrope_section=(8, 12, 12),
+            max_position_embeddings=8192,
+            bos_token_id=462,
+            eos_token_id=464,
+            pad_token_id=462,
+        ),
+        tie_word_embeddings=True,
+        **_SMALL_TOKENS,
+    )
 
 
 def _qwen_7b() -> Qwen25VLConfig:
@@ -196,9 +250,16 @@ def _qwen_7b() -> Qwen25VLConfig:
 def _qwen_3b() -> Qwen25VLConfig:
     return Qwen25VLConfig(
         vision=VisionConfig(out_hidden_size=2048),
-        text=TextConfig(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                        num_attention_heads=16, num_key_value_heads=2),
-        tie_word_embeddings=True)
+        text=TextConfig(
+            vocab_size=151936,
+            hidden_size=2048,
+            intermediate_size=11008,
+            num_hidden_layers=36,
+            num_attention_heads=16,
+            num_key_value_heads=2,
+        ),
+        tie_word_embeddings=True,
+    )
 
 
 SIZES = {"tiny": _tiny, "demo": _demo, "3b": _qwen_3b, "7b": _qwen_7b}

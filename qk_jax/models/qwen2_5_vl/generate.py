@@ -77,10 +77,19 @@ class Generator:
         logits = m.apply(v, hidden, method=m.logits)[:, 0]
         return sample_logits(logits, rng, self.sampling), cache
 
-    def __call__(self, params, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
-                 pixel_values: np.ndarray | None = None, image_grid_thw: np.ndarray | None = None, *,
-                 max_new_tokens: int, eos_token_id: int | None = None, pad_token_id: int | None = None,
-                 rng: jax.Array | None = None) -> np.ndarray:
+    def __call__(
+        self,
+        params,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray | None = None,
+        pixel_values: np.ndarray | None = None,
+        image_grid_thw: np.ndarray | None = None,
+        *,
+        max_new_tokens: int,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+        rng: jax.Array | None = None,
+    ) -> np.ndarray:
         """Generates up to `max_new_tokens` per row: (B, n) int32 with n <= max_new_tokens
         (shorter when every row has produced `eos_token_id`); after its EOS a row holds
         `pad_token_id`, as HF's `generate` returns it."""
@@ -97,9 +106,16 @@ class Generator:
         positions = extend_position_ids(host["position_ids"], mask, max_new_tokens)
         rng = jax.random.key(0) if rng is None else rng
         rng, sub = jax.random.split(rng)
-        token, cache = self._prefill(params, input_ids, host["position_ids"], mask,
-                                     None if image_grid_thw is None else np.asarray(pixel_values, np.float32),
-                                     host.get("vision_plan"), cache, sub)
+        token, cache = self._prefill(
+            params,
+            input_ids,
+            host["position_ids"],
+            mask,
+            None if image_grid_thw is None else np.asarray(pixel_values, np.float32),
+            host.get("vision_plan"),
+            cache,
+            sub,
+        )
         out = []
         done = np.zeros((b,), bool)
         for k in range(max_new_tokens):
@@ -111,14 +127,33 @@ class Generator:
             if done.all() or k == max_new_tokens - 1:
                 break
             rng, sub = jax.random.split(rng)
-            token, cache = self._step(params, tok.astype(np.int32), positions[:, :, k:k + 1], cache, sub)
+            token, cache = self._step(params, tok.astype(np.int32), positions[:, :, k : k + 1], cache, sub)
         return np.stack(out, axis=1).astype(np.int32)
 
 
-def generate(model: Qwen25VL, params, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, *,
-             max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(), eos_token_id: int | None = None,
-             pad_token_id: int | None = None, rng: jax.Array | None = None) -> np.ndarray:
+def generate(
+    model: Qwen25VL,
+    params,
+    input_ids,
+    attention_mask=None,
+    pixel_values=None,
+    image_grid_thw=None,
+    *,
+    max_new_tokens: int,
+    sampling: SamplingConfig = SamplingConfig(),
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    rng: jax.Array | None = None,
+) -> np.ndarray:
     """One-shot `Generator(model, sampling)(...)`; see `Generator.__call__`."""
-    return Generator(model, sampling)(params, input_ids, attention_mask, pixel_values, image_grid_thw,
-                                      max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-                                      pad_token_id=pad_token_id, rng=rng)
+    return Generator(model, sampling)(
+        params,
+        input_ids,
+        attention_mask,
+        pixel_values,
+        image_grid_thw,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        rng=rng,
+    )

@@ -58,8 +58,13 @@ class Qwen25VL(nn.Module):
         (I, P / merge_unit, D) (see `vision.py`)."""
         return self.visual(pixel_values, vision_plan)
 
-    def embed(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
-              vision_plan: VisionPlan | None = None, rows_own_images: bool = False) -> jax.Array:
+    def embed(
+        self,
+        input_ids: jax.Array,
+        pixel_values: jax.Array | None = None,
+        vision_plan: VisionPlan | None = None,
+        rows_own_images: bool = False,
+    ) -> jax.Array:
         """Token embeddings with the image embeddings placed at the image-pad tokens.
 
         input_ids (B, T) -> (B, T, D). The k-th image-pad token of the batch (row-major)
@@ -91,8 +96,13 @@ class Qwen25VL(nn.Module):
             gathered = jnp.take(images, jnp.clip(slot, 0, images.shape[0] - 1), axis=0).reshape(x.shape)
         return jnp.where(is_image[..., None], gathered, x)
 
-    def decode(self, inputs_embeds: jax.Array, position_ids: jax.Array, attention_mask: jax.Array,
-               output_hidden_states: bool = False):
+    def decode(
+        self,
+        inputs_embeds: jax.Array,
+        position_ids: jax.Array,
+        attention_mask: jax.Array,
+        output_hidden_states: bool = False,
+    ):
         """The decoder over a whole sequence (causal + padding mask).
 
         Args:
@@ -106,14 +116,16 @@ class Qwen25VL(nn.Module):
         cos, sin = mrope_cos_sin(position_ids, c.head_dim, c.rope_theta, c.mrope_section)
         x = layers.constrain(inputs_embeds.astype(self.dtype), ("act_batch", "act_length", "act_embed"))
         out, per_layer, _ = self.language_model.run_layers(
-            x, cos, sin, causal_padding_mask(attention_mask), collect_hidden=output_hidden_states)
+            x, cos, sin, causal_padding_mask(attention_mask), collect_hidden=output_hidden_states
+        )
         hidden = self.language_model.final_norm(out)
         if not output_hidden_states:
             return hidden
         return hidden, jnp.concatenate([x[None], per_layer[:-1], hidden[None]], axis=0)
 
-    def decode_step(self, inputs_embeds: jax.Array, position_ids: jax.Array, cache: dict,
-                    attention_mask: jax.Array | None = None):
+    def decode_step(
+        self, inputs_embeds: jax.Array, position_ids: jax.Array, cache: dict, attention_mask: jax.Array | None = None
+    ):
         """The decoder on new tokens with a KV cache (prefill or one generation step).
 
         Args:
@@ -133,7 +145,8 @@ class Qwen25VL(nn.Module):
         mask = (slots <= query_slots)[None, None] & valid[:, None, None, :]  # (B, 1, T, S)
         cos, sin = mrope_cos_sin(position_ids, c.head_dim, c.rope_theta, c.mrope_section)
         out, _, new_cache = self.language_model.run_layers(
-            inputs_embeds.astype(self.dtype), cos, sin, mask, cache=cache)
+            inputs_embeds.astype(self.dtype), cos, sin, mask, cache=cache
+        )
         new_cache = dict(new_cache, valid=valid, index=cache["index"] + t)
         return self.language_model.final_norm(out), new_cache
 
@@ -143,9 +156,15 @@ class Qwen25VL(nn.Module):
             return self.language_model.attend(hidden)
         return self.lm_head(hidden).astype(jnp.float32)
 
-    def __call__(self, input_ids: jax.Array, position_ids: jax.Array, attention_mask: jax.Array,
-                 pixel_values: jax.Array | None = None, vision_plan: VisionPlan | None = None,
-                 output_hidden_states: bool = False) -> dict[str, jax.Array]:
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        position_ids: jax.Array,
+        attention_mask: jax.Array,
+        pixel_values: jax.Array | None = None,
+        vision_plan: VisionPlan | None = None,
+        output_hidden_states: bool = False,
+    ) -> dict[str, jax.Array]:
         """The full forward, as HF's: {"logits" (B, T, V), ["hidden_states" (L+1, B, T, D)]}."""
         embeds = self.embed(input_ids, pixel_values, vision_plan)
         out = self.decode(embeds, position_ids, attention_mask, output_hidden_states)
@@ -158,9 +177,14 @@ class Qwen25VL(nn.Module):
 # ----------------------------------------------------------------- host-side helpers
 
 
-def prepare_inputs(cfg: Qwen25VLConfig, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
-                   image_grid_thw: np.ndarray | None = None, pad_patches_to: int | None = None,
-                   batched_images: bool = False) -> dict[str, Any]:
+def prepare_inputs(
+    cfg: Qwen25VLConfig,
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray | None = None,
+    image_grid_thw: np.ndarray | None = None,
+    pad_patches_to: int | None = None,
+    batched_images: bool = False,
+) -> dict[str, Any]:
     """Host-side inputs of the jitted model: position ids (3, B, T), rope deltas (B,) and,
     with images, the vision plan. Checks that image tokens and grids agree.
 
@@ -173,14 +197,20 @@ def prepare_inputs(cfg: Qwen25VLConfig, input_ids: np.ndarray, attention_mask: n
     if attention_mask is None:
         attention_mask = np.ones_like(input_ids)
     n_tokens = int(((input_ids == cfg.image_token_id) & (np.asarray(attention_mask) > 0)).sum())
-    n_expected = 0 if image_grid_thw is None else int(num_merged_tokens(image_grid_thw,
-                                                                        cfg.vision.spatial_merge_size).sum())
+    n_expected = (
+        0 if image_grid_thw is None else int(num_merged_tokens(image_grid_thw, cfg.vision.spatial_merge_size).sum())
+    )
     if n_tokens != n_expected:
-        raise ValueError(f"input_ids hold {n_tokens} image tokens (id {cfg.image_token_id}) but image_grid_thw "
-                         f"implies {n_expected}")
-    position_ids, deltas = get_rope_index(input_ids, image_grid_thw, attention_mask,
-                                          image_token_id=cfg.image_token_id,
-                                          spatial_merge_size=cfg.vision.spatial_merge_size)
+        raise ValueError(
+            f"input_ids hold {n_tokens} image tokens (id {cfg.image_token_id}) but image_grid_thw implies {n_expected}"
+        )
+    position_ids, deltas = get_rope_index(
+        input_ids,
+        image_grid_thw,
+        attention_mask,
+        image_token_id=cfg.image_token_id,
+        spatial_merge_size=cfg.vision.spatial_merge_size,
+    )
     out = {"position_ids": position_ids, "rope_deltas": deltas, "attention_mask": np.asarray(attention_mask, np.int32)}
     if image_grid_thw is not None and len(image_grid_thw):
         if batched_images:
@@ -198,8 +228,13 @@ def dummy_inputs(cfg: Qwen25VLConfig) -> dict[str, Any]:
     grid = np.array([[1, m, m]])
     ids = np.array([[cfg.vision_start_token_id, cfg.image_token_id, cfg.vision_end_token_id, 0]], np.int32)
     host = prepare_inputs(cfg, ids, None, grid)
-    return dict(input_ids=ids, position_ids=host["position_ids"], attention_mask=host["attention_mask"],
-                pixel_values=np.zeros((m * m, cfg.vision.patch_dim), np.float32), vision_plan=host["vision_plan"])
+    return dict(
+        input_ids=ids,
+        position_ids=host["position_ids"],
+        attention_mask=host["attention_mask"],
+        pixel_values=np.zeros((m * m, cfg.vision.patch_dim), np.float32),
+        vision_plan=host["vision_plan"],
+    )
 
 
 def init_params(model: Qwen25VL, rng: jax.Array) -> Any:

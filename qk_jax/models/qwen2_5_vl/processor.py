@@ -64,8 +64,15 @@ class QwenVLProcessor:
             if os.path.exists(config_path):
                 with open(config_path) as f:
                     vision = json.load(f).get("vision_config", {})
-                kwargs = {k: vision[src] for k, src in (("patch_size", "patch_size"), ("merge_size", "spatial_merge_size"),
-                                                       ("temporal_patch_size", "temporal_patch_size")) if src in vision}
+                kwargs = {
+                    k: vision[src]
+                    for k, src in (
+                        ("patch_size", "patch_size"),
+                        ("merge_size", "spatial_merge_size"),
+                        ("temporal_patch_size", "temporal_patch_size"),
+                    )
+                    if src in vision
+                }
             image_processor = Qwen2VLImageProcessorPil(**{**kwargs, **image_kwargs})
         return cls(tokenizer, image_processor)
 
@@ -73,16 +80,23 @@ class QwenVLProcessor:
 
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
         """Messages (HF chat format, `{"type": "image"}` entries for images) -> prompt text."""
-        return self.tokenizer.apply_chat_template(list(messages), tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+        )
 
     def decode(self, token_ids, skip_special_tokens: bool = True) -> list[str]:
         return self.tokenizer.batch_decode(np.asarray(token_ids).tolist(), skip_special_tokens=skip_special_tokens)
 
     # ------------------------------------------------------------------ batch
 
-    def __call__(self, text: str | Sequence[str], images: Any = None, *, max_length: int | None = None,
-                 padding_side: str = "left") -> dict[str, np.ndarray]:
+    def __call__(
+        self,
+        text: str | Sequence[str],
+        images: Any = None,
+        *,
+        max_length: int | None = None,
+        padding_side: str = "left",
+    ) -> dict[str, np.ndarray]:
         """Tokenises a batch of prompts with their images.
 
         Args:
@@ -98,14 +112,15 @@ class QwenVLProcessor:
         flat = _flatten_images(images)
         n_placeholders = sum(t.count(self.image_token) for t in texts)
         if n_placeholders != len(flat):
-            raise ValueError(f"the prompts hold {n_placeholders} {self.image_token} placeholders but "
-                             f"{len(flat)} images were given")
+            raise ValueError(
+                f"the prompts hold {n_placeholders} {self.image_token} placeholders but {len(flat)} images were given"
+            )
         out: dict[str, np.ndarray] = {}
         if flat:
             processed = self.image_processor(images=flat, return_tensors="np")
             out["pixel_values"] = np.asarray(processed["pixel_values"], np.float32)
             out["image_grid_thw"] = np.asarray(processed["image_grid_thw"], np.int32)
-            merge = self.image_processor.merge_size ** 2
+            merge = self.image_processor.merge_size**2
             counts = iter(np.prod(out["image_grid_thw"], axis=-1) // merge)
             texts = [self._expand(t, counts) for t in texts]
         rows = self.tokenizer(texts)["input_ids"]
@@ -120,8 +135,11 @@ class QwenVLProcessor:
             sl = slice(length - len(r), length) if padding_side == "left" else slice(0, len(r))
             ids[i, sl] = r
             mask[i, sl] = 1
-        out.update(input_ids=ids, attention_mask=mask,
-                   mm_token_type_ids=((ids == self.image_token_id) & (mask > 0)).astype(np.int32))
+        out.update(
+            input_ids=ids,
+            attention_mask=mask,
+            mm_token_type_ids=((ids == self.image_token_id) & (mask > 0)).astype(np.int32),
+        )
         return out
 
     def _expand(self, text: str, counts) -> str:

@@ -27,8 +27,9 @@ import numpy as np
 # ---------------------------------------------------------------------- text M-RoPE
 
 
-def mrope_cos_sin(position_ids: jax.Array, head_dim: int, theta: float,
-                  mrope_section: Sequence[int]) -> tuple[jax.Array, jax.Array]:
+def mrope_cos_sin(
+    position_ids: jax.Array, head_dim: int, theta: float, mrope_section: Sequence[int]
+) -> tuple[jax.Array, jax.Array]:
     """cos/sin tables for the decoder.
 
     Args:
@@ -39,7 +40,7 @@ def mrope_cos_sin(position_ids: jax.Array, head_dim: int, theta: float,
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))  # (hd/2,)
     freqs = position_ids.astype(jnp.float32)[..., None] * inv_freq  # (3, B, T, hd/2)
     bounds = np.cumsum([0, *mrope_section])
-    chunks = [freqs[i % 3, ..., bounds[i]:bounds[i + 1]] for i in range(len(mrope_section))]
+    chunks = [freqs[i % 3, ..., bounds[i] : bounds[i + 1]] for i in range(len(mrope_section))]
     freqs = jnp.concatenate(chunks, axis=-1)  # (B, T, hd/2)
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
@@ -65,8 +66,14 @@ def vision_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[j
 # ------------------------------------------------------------- host position logic
 
 
-def get_rope_index(input_ids: np.ndarray, image_grid_thw: np.ndarray | None, attention_mask: np.ndarray | None,
-                   *, image_token_id: int, spatial_merge_size: int) -> tuple[np.ndarray, np.ndarray]:
+def get_rope_index(
+    input_ids: np.ndarray,
+    image_grid_thw: np.ndarray | None,
+    attention_mask: np.ndarray | None,
+    *,
+    image_token_id: int,
+    spatial_merge_size: int,
+) -> tuple[np.ndarray, np.ndarray]:
     """3D position ids for a batch of interleaved text/image sequences (HF `get_rope_index`).
 
     Args:
@@ -112,9 +119,11 @@ def get_rope_index(input_ids: np.ndarray, image_grid_thw: np.ndarray | None, att
             next_grid += 1
             lh, lw = gh // spatial_merge_size, gw // spatial_merge_size
             n = gt * lh * lw
-            if i + n > len(ids) or not is_image[i:i + n].all():
-                raise ValueError(f"row {row}: image {next_grid - 1} with grid {grids[next_grid - 1]} needs {n} "
-                                 f"consecutive image tokens (id {image_token_id}) at token {i}")
+            if i + n > len(ids) or not is_image[i : i + n].all():
+                raise ValueError(
+                    f"row {row}: image {next_grid - 1} with grid {grids[next_grid - 1]} needs {n} "
+                    f"consecutive image tokens (id {image_token_id}) at token {i}"
+                )
             tt, hh, ww = np.meshgrid(np.arange(gt), np.arange(lh), np.arange(lw), indexing="ij")
             pieces.append(np.stack([tt.ravel() + pos, hh.ravel() + pos, ww.ravel() + pos]))
             pos += max(lh, lw)

@@ -25,8 +25,12 @@ Dtype = Any
 def init_cache(cfg: TextConfig, batch: int, max_len: int, dtype: Dtype = jnp.float32) -> dict[str, jax.Array]:
     """An empty KV cache for `batch` rows of up to `max_len` tokens (prompt + generated)."""
     shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-            "valid": jnp.zeros((batch, max_len), bool), "index": jnp.zeros((), jnp.int32)}
+    return {
+        "k": jnp.zeros(shape, dtype),
+        "v": jnp.zeros(shape, dtype),
+        "valid": jnp.zeros((batch, max_len), bool),
+        "index": jnp.zeros((), jnp.int32),
+    }
 
 
 def causal_padding_mask(attention_mask: jax.Array) -> jax.Array:
@@ -89,7 +93,8 @@ class DecoderLayer(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         y = layers.RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)(x)
         attn, cache_k, cache_v = Attention(c, self.attention_impl, name="self_attn", **kw)(
-            y, cos, sin, mask, cache_index, cache_k, cache_v)
+            y, cos, sin, mask, cache_index, cache_k, cache_v
+        )
         x = x + attn
         y = layers.RMSNorm(c.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
         x = x + GatedMLP(c.intermediate_size, c.hidden_act, use_bias=False, name="mlp", **kw)(y)
@@ -110,8 +115,11 @@ class TextModel(nn.Module):
         c = self.cfg
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.embed_tokens = nn.Embed(
-            c.vocab_size, c.hidden_size, embedding_init=layers.logical(nn.initializers.normal(0.02), ("vocab", "embed")),
-            **kw)
+            c.vocab_size,
+            c.hidden_size,
+            embedding_init=layers.logical(nn.initializers.normal(0.02), ("vocab", "embed")),
+            **kw,
+        )
         self.norm = layers.RMSNorm(c.rms_norm_eps, **kw)
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
@@ -130,14 +138,18 @@ class TextModel(nn.Module):
                  per-layer outputs (L, B, T, D) or None, new cache or None).
         """
         c = self.cfg
-        stack = layers.scan_layers(DecoderLayer, c.num_hidden_layers, self.remat,
-                                   in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, 0))
+        stack = layers.scan_layers(
+            DecoderLayer,
+            c.num_hidden_layers,
+            self.remat,
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, 0),
+        )
         index = None if cache is None else cache["index"]
         ck = None if cache is None else cache["k"]
         cv = None if cache is None else cache["v"]
-        x, (per_layer, new_k, new_v) = stack(c, self.attention_impl, collect_hidden, dtype=self.dtype,
-                                             param_dtype=self.param_dtype, name="layers")(
-            x, cos, sin, mask, index, ck, cv)
+        x, (per_layer, new_k, new_v) = stack(
+            c, self.attention_impl, collect_hidden, dtype=self.dtype, param_dtype=self.param_dtype, name="layers"
+        )(x, cos, sin, mask, index, ck, cv)
         new_cache = None if cache is None else dict(cache, k=new_k, v=new_v)
         return x, per_layer, new_cache
 

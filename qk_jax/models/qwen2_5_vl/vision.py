@@ -49,10 +49,15 @@ class FusedQKV(nn.Module):
     @nn.compact
     def __call__(self, x):
         d = x.shape[-1]
-        kernel = self.param("kernel", layers.logical(layers.default_kernel_init, ("vision_embed", "qkv", "heads")),
-                            (d, 3, d), self.param_dtype)
-        bias = self.param("bias", layers.logical(nn.initializers.zeros_init(), ("qkv", "heads")), (3, d),
-                          self.param_dtype)
+        kernel = self.param(
+            "kernel",
+            layers.logical(layers.default_kernel_init, ("vision_embed", "qkv", "heads")),
+            (d, 3, d),
+            self.param_dtype,
+        )
+        bias = self.param(
+            "bias", layers.logical(nn.initializers.zeros_init(), ("qkv", "heads")), (3, d), self.param_dtype
+        )
         return jnp.einsum("...d,dke->...ke", x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
 
 
@@ -95,8 +100,9 @@ class VisionBlock(nn.Module):
         h = layers.RMSNorm(self.cfg.rms_norm_eps, name="norm1", **kw)(x)
         x = x + VisionAttention(self.cfg, self.attention_impl, name="attn", **kw)(h, cos, sin, segments)
         h = layers.RMSNorm(self.cfg.rms_norm_eps, name="norm2", **kw)(x)
-        x = x + GatedMLP(self.cfg.intermediate_size, self.cfg.hidden_act, use_bias=True, embed_axis="vision_embed",
-                         name="mlp", **kw)(h)
+        x = x + GatedMLP(
+            self.cfg.intermediate_size, self.cfg.hidden_act, use_bias=True, embed_axis="vision_embed", name="mlp", **kw
+        )(h)
         return layers.constrain(x, (_images_axis(x), "act_length", "act_embed")), None
 
 
@@ -131,15 +137,20 @@ class PatchEmbed(nn.Module):
     def __call__(self, pixel_values):
         c = self.cfg
         if pixel_values.shape[-1] != c.patch_dim:
-            raise ValueError(f"pixel_values has shape {pixel_values.shape}; the vision config expects "
-                             f"(..., in_channels*temporal_patch_size*patch_size**2 = {c.patch_dim})")
+            raise ValueError(
+                f"pixel_values has shape {pixel_values.shape}; the vision config expects "
+                f"(..., in_channels*temporal_patch_size*patch_size**2 = {c.patch_dim})"
+            )
         # (logical names must be unique per array: the patch width axis is left unnamed)
         kernel = self.param(
-            "kernel", layers.logical(layers.default_kernel_init,
-                                     ("conv_kernel", "patch", None, "in_channels", "vision_embed")),
-            (c.temporal_patch_size, c.patch_size, c.patch_size, c.in_channels, c.hidden_size), self.param_dtype)
-        patches = pixel_values.reshape(*pixel_values.shape[:-1], c.in_channels, c.temporal_patch_size, c.patch_size,
-                                       c.patch_size)
+            "kernel",
+            layers.logical(layers.default_kernel_init, ("conv_kernel", "patch", None, "in_channels", "vision_embed")),
+            (c.temporal_patch_size, c.patch_size, c.patch_size, c.in_channels, c.hidden_size),
+            self.param_dtype,
+        )
+        patches = pixel_values.reshape(
+            *pixel_values.shape[:-1], c.in_channels, c.temporal_patch_size, c.patch_size, c.patch_size
+        )
         return jnp.einsum("...ctpq,tpqcd->...d", patches.astype(self.dtype), kernel.astype(self.dtype))
 
 
@@ -163,23 +174,29 @@ class VisionTower(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         batched = pixel_values.ndim == 3
         if pixel_values.ndim not in (2, 3):
-            raise ValueError(f"pixel_values has shape {pixel_values.shape}; expected (num_patches, patch_dim) or "
-                             "(num_images, patches_per_image, patch_dim)")
+            raise ValueError(
+                f"pixel_values has shape {pixel_values.shape}; expected (num_patches, patch_dim) or "
+                "(num_images, patches_per_image, patch_dim)"
+            )
         x = pixel_values if batched else pixel_values[None]
         i, n = x.shape[:2]
         if plan.window_segments.shape[-1] != n:
-            raise ValueError(f"the vision plan covers {plan.window_segments.shape[-1]} patches but pixel_values has "
-                             f"{n} per sequence (shape {pixel_values.shape}); batched pixel_values (I, P, D) take the "
-                             "plan of one image (build_image_plan)")
+            raise ValueError(
+                f"the vision plan covers {plan.window_segments.shape[-1]} patches but pixel_values has "
+                f"{n} per sequence (shape {pixel_values.shape}); batched pixel_values (I, P, D) take the "
+                "plan of one image (build_image_plan)"
+            )
         x = PatchEmbed(c, name="patch_embed", **kw)(x)  # (I, N, D)
         # Window order: permute whole merge units.
         x = x.reshape(i, n // c.merge_unit, c.merge_unit, -1)[:, plan.window_index].reshape(i, n, -1)
         x = layers.constrain(x, (_images_axis(x), "act_length", "act_embed"))
         cos, sin = vision_cos_sin(plan.positions, c.head_dim, c.rope_theta)
         is_full = jnp.asarray([j in c.fullatt_block_indexes for j in range(c.depth)])
-        blocks = layers.scan_layers(VisionBlock, c.depth, self.remat,
-                                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0))
+        blocks = layers.scan_layers(
+            VisionBlock, c.depth, self.remat, in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0)
+        )
         x, _ = blocks(c, self.attention_impl, name="blocks", **kw)(
-            x, cos, sin, plan.window_segments, plan.full_segments, is_full)
+            x, cos, sin, plan.window_segments, plan.full_segments, is_full
+        )
         merged = PatchMerger(c, name="merger", **kw)(x)[:, plan.reverse_index]  # (I, U, D_out)
         return merged if batched else merged[0]

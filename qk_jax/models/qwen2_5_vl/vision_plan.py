@@ -49,8 +49,9 @@ def _check_grid(grid_thw: np.ndarray, cfg: VisionConfig) -> np.ndarray:
     m = cfg.spatial_merge_size
     bad = [tuple(g) for g in grid if g[1] % m or g[2] % m or min(g) < 1]
     if bad:
-        raise ValueError(f"image_grid_thw rows {bad}: height and width must be positive multiples of "
-                         f"spatial_merge_size={m}")
+        raise ValueError(
+            f"image_grid_thw rows {bad}: height and width must be positive multiples of spatial_merge_size={m}"
+        )
     return grid
 
 
@@ -61,7 +62,7 @@ def num_patches(grid_thw: np.ndarray) -> int:
 
 def num_merged_tokens(grid_thw: np.ndarray, spatial_merge_size: int) -> np.ndarray:
     """LM tokens (image-pad tokens) of each image: (N_img,)."""
-    return np.prod(np.asarray(grid_thw, dtype=np.int64), axis=-1) // spatial_merge_size ** 2
+    return np.prod(np.asarray(grid_thw, dtype=np.int64), axis=-1) // spatial_merge_size**2
 
 
 def patch_positions(grid: np.ndarray, m: int) -> np.ndarray:
@@ -113,8 +114,10 @@ def build_vision_plan(grid_thw: np.ndarray, cfg: VisionConfig, pad_to: int | Non
     n = num_patches(grid)
     n_pad = n if pad_to is None else int(pad_to)
     if n_pad < n or n_pad % unit:
-        raise ValueError(f"pad_to={pad_to} must be >= the {n} patches of image_grid_thw and a multiple of "
-                         f"spatial_merge_size**2={unit}")
+        raise ValueError(
+            f"pad_to={pad_to} must be >= the {n} patches of image_grid_thw and a multiple of "
+            f"spatial_merge_size**2={unit}"
+        )
     win_index, cu_window = window_index(grid, m, cfg.merger_window)
     frame_lengths = np.repeat(grid[:, 1] * grid[:, 2], grid[:, 0])
     cu_full = np.concatenate([[0], np.cumsum(frame_lengths)])
@@ -126,11 +129,13 @@ def build_vision_plan(grid_thw: np.ndarray, cfg: VisionConfig, pad_to: int | Non
     window_segments = np.concatenate([_segments(cu_window, n), np.full(n_pad - n, -1)])
     full_segments = np.concatenate([_segments(cu_full, n), np.full(n_pad - n, -1)])
     positions = np.concatenate([positions, np.zeros((n_pad - n, 2), positions.dtype)])
-    return VisionPlan(window_index=win_index.astype(np.int32),
-                      reverse_index=np.argsort(win_index).astype(np.int32),
-                      window_segments=window_segments.astype(np.int32),
-                      full_segments=full_segments.astype(np.int32),
-                      positions=positions.astype(np.int32))
+    return VisionPlan(
+        window_index=win_index.astype(np.int32),
+        reverse_index=np.argsort(win_index).astype(np.int32),
+        window_segments=window_segments.astype(np.int32),
+        full_segments=full_segments.astype(np.int32),
+        positions=positions.astype(np.int32),
+    )
 
 
 def pad_patches(pixel_values: np.ndarray, pad_to: int) -> np.ndarray:
@@ -139,8 +144,9 @@ def pad_patches(pixel_values: np.ndarray, pad_to: int) -> np.ndarray:
     pixel_values = np.asarray(pixel_values)
     if pad_to < pixel_values.shape[0]:
         raise ValueError(f"pad_to={pad_to} is smaller than the {pixel_values.shape[0]} patches")
-    return np.concatenate([pixel_values, np.zeros((pad_to - pixel_values.shape[0], pixel_values.shape[1]),
-                                                  pixel_values.dtype)])
+    return np.concatenate(
+        [pixel_values, np.zeros((pad_to - pixel_values.shape[0], pixel_values.shape[1]), pixel_values.dtype)]
+    )
 
 
 def shares_one_grid(grid_thw: np.ndarray) -> bool:
@@ -155,7 +161,9 @@ def build_image_plan(grid_thw: np.ndarray, cfg: VisionConfig) -> VisionPlan:
     `pixel_values` go to the tower as (N_img, P, patch_dim)."""
     grid = _check_grid(grid_thw, cfg)
     if not shares_one_grid(grid):
-        raise ValueError(f"build_image_plan: the images have different grids {sorted({tuple(g) for g in grid})}; "
-                         "the batched vision layout needs one grid per batch (use build_vision_plan and flat "
-                         "pixel_values for mixed grids)")
+        raise ValueError(
+            f"build_image_plan: the images have different grids {sorted({tuple(g) for g in grid})}; "
+            "the batched vision layout needs one grid per batch (use build_vision_plan and flat "
+            "pixel_values for mixed grids)"
+        )
     return build_vision_plan(grid[:1], cfg)

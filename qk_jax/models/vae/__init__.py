@@ -13,7 +13,17 @@ from qk_jax.models.vae.pixel import PixelSpaceAutoencoder, PixelSpaceConfig
 from qk_jax.models.vae.wan import QWEN_VAE_SIZES, AutoencoderKLQwenImage, QwenImageVAEConfig
 
 __all__ = [
-    "VAEConfig", "abstract_vae_params", "build_vae", "vae_config", "vae_param_count", "KL_SIZES", "AutoencoderKL",
-    "AutoencoderKLConfig", "PixelSpaceAutoencoder", "PixelSpaceConfig", "QWEN_VAE_SIZES", "AutoencoderKLQwenImage",
+    "VAEConfig",
+    "abstract_vae_params",
+    "build_vae",
+    "vae_config",
+    "vae_param_count",
+    "KL_SIZES",
+    "AutoencoderKL",
+    "AutoencoderKLConfig",
+    "PixelSpaceAutoencoder",
+    "PixelSpaceConfig",
+    "QWEN_VAE_SIZES",
+    "AutoencoderKLQwenImage",
     "QwenImageVAEConfig",
 ]

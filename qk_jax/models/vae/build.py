@@ -28,8 +28,10 @@ VAEConfig = AutoencoderKLConfig | QwenImageVAEConfig
 
 def vae_config(name: str, **overrides) -> VAEConfig:
     """`tiny`, `flux` (AutoencoderKL) or `qwen_image_tiny`, `qwen_image` (AutoencoderKLQwenImage)."""
-    table = {**KL_SIZES, **{("qwen_image" if k == "qwen_image" else f"qwen_image_{k}"): v
-                            for k, v in QWEN_VAE_SIZES.items()}}
+    table = {
+        **KL_SIZES,
+        **{("qwen_image" if k == "qwen_image" else f"qwen_image_{k}"): v for k, v in QWEN_VAE_SIZES.items()},
+    }
     if name not in table:
         raise ValueError(f"unknown VAE size {name!r}; known: {sorted(table)}")
     return dataclasses.replace(table[name], **overrides)

@@ -23,6 +23,7 @@ from qk_jax.models.vae.layers import Conv, GroupNorm, MidBlock2D, ResnetBlock2D,
 
 Array = jax.Array
 
+
 @dataclasses.dataclass(frozen=True)
 class AutoencoderKLConfig:
     """diffusers `AutoencoderKL` config (DownEncoderBlock2D / UpDecoderBlock2D layout, SiLU)."""
@@ -49,8 +50,10 @@ class AutoencoderKLConfig:
     def __post_init__(self):
         for c in self.block_out_channels:
             if c % self.norm_num_groups:
-                raise ValueError(f"AutoencoderKLConfig.block_out_channels={self.block_out_channels}: {c} is not "
-                                 f"divisible by norm_num_groups={self.norm_num_groups}")
+                raise ValueError(
+                    f"AutoencoderKLConfig.block_out_channels={self.block_out_channels}: {c} is not "
+                    f"divisible by norm_num_groups={self.norm_num_groups}"
+                )
         object.__setattr__(self, "block_out_channels", tuple(int(c) for c in self.block_out_channels))
 
     @property
@@ -63,9 +66,11 @@ class AutoencoderKLConfig:
     def denormalize(self, z: Array) -> Array:
         return z / self.scaling_factor + (self.shift_factor or 0.0)
 
+
 KL_SIZES: dict[str, AutoencoderKLConfig] = {
-    "tiny": AutoencoderKLConfig(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
-                                sample_size=32),
+    "tiny": AutoencoderKLConfig(
+        block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=32
+    ),
     "flux": AutoencoderKLConfig(),
 }
 

@@ -49,15 +49,24 @@ class Conv(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         ks = tuple(self.kernel_size)
-        kernel = self.param("kernel", layers.logical(_CONV_INIT, _conv_axes(len(ks))), ks + (x.shape[-1], self.features),
-                            self.param_dtype)
-        bias = self.param("bias", layers.logical(nn.initializers.zeros_init(), ("conv_out",)), (self.features,),
-                          self.param_dtype)
+        kernel = self.param(
+            "kernel",
+            layers.logical(_CONV_INIT, _conv_axes(len(ks))),
+            ks + (x.shape[-1], self.features),
+            self.param_dtype,
+        )
+        bias = self.param(
+            "bias", layers.logical(nn.initializers.zeros_init(), ("conv_out",)), (self.features,), self.param_dtype
+        )
         if len(ks) == 3:
             kernel = kernel[-1]  # causal time padding of 2 zero frames: only the last tap sees the frame
-        y = jax.lax.conv_general_dilated(x.astype(self.dtype), kernel.astype(self.dtype), tuple(self.strides),
-                                         tuple(tuple(p) for p in self.padding),
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = jax.lax.conv_general_dilated(
+            x.astype(self.dtype),
+            kernel.astype(self.dtype),
+            tuple(self.strides),
+            tuple(tuple(p) for p in self.padding),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
         return y + bias.astype(self.dtype)
 
 
@@ -72,10 +81,15 @@ class ConvParams(nn.Module):
     @nn.compact
     def __call__(self) -> None:
         ks = tuple(self.kernel_size)
-        self.param("kernel", layers.logical(_CONV_INIT, _conv_axes(len(ks))), ks + (self.in_features, self.features),
-                   self.param_dtype)
-        self.param("bias", layers.logical(nn.initializers.zeros_init(), ("conv_out",)), (self.features,),
-                   self.param_dtype)
+        self.param(
+            "kernel",
+            layers.logical(_CONV_INIT, _conv_axes(len(ks))),
+            ks + (self.in_features, self.features),
+            self.param_dtype,
+        )
+        self.param(
+            "bias", layers.logical(nn.initializers.zeros_init(), ("conv_out",)), (self.features,), self.param_dtype
+        )
 
 
 class GroupNorm(nn.Module):
@@ -113,7 +127,7 @@ class ChannelRMSNorm(nn.Module):
         f32 = jnp.promote_types(x.dtype, jnp.float32)
         x32 = x.astype(f32)
         norm = jnp.sqrt(jnp.sum(jnp.square(x32), axis=-1, keepdims=True))
-        y = x32 / jnp.maximum(norm, 1e-12) * (c ** 0.5)
+        y = x32 / jnp.maximum(norm, 1e-12) * (c**0.5)
         gamma = self.param("gamma", layers.logical(nn.initializers.ones_init(), ("norm",)), (c,), self.param_dtype)
         return (y * gamma.astype(f32)).astype(self.dtype)
 

@@ -23,10 +23,42 @@ from qk_jax.models.vae.layers import ChannelRMSNorm, Conv, WanAttentionBlock, Wa
 
 Array = jax.Array
 
-_QWEN_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134, -0.0715, 0.5517,
-              -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
-_QWEN_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526, 2.8652, 1.5579,
-             1.6382, 1.1253, 2.8251, 1.9160)
+_QWEN_MEAN = (
+    -0.7571,
+    -0.7089,
+    -0.9113,
+    0.1075,
+    -0.1745,
+    0.9653,
+    -0.1517,
+    1.5508,
+    0.4134,
+    -0.0715,
+    0.5517,
+    -0.3632,
+    -0.1922,
+    -0.9497,
+    0.2503,
+    -0.2921,
+)
+_QWEN_STD = (
+    2.8184,
+    1.4541,
+    2.3275,
+    2.6558,
+    1.2196,
+    1.7708,
+    2.6052,
+    2.0743,
+    3.2687,
+    2.1526,
+    2.8652,
+    1.5579,
+    1.6382,
+    1.1253,
+    2.8251,
+    1.9160,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,11 +80,15 @@ class QwenImageVAEConfig:
 
     def __post_init__(self):
         if len(self.temperal_downsample) != len(self.dim_mult) - 1:
-            raise ValueError(f"QwenImageVAEConfig.temperal_downsample={self.temperal_downsample} needs "
-                             f"len(dim_mult) - 1 = {len(self.dim_mult) - 1} entries")
+            raise ValueError(
+                f"QwenImageVAEConfig.temperal_downsample={self.temperal_downsample} needs "
+                f"len(dim_mult) - 1 = {len(self.dim_mult) - 1} entries"
+            )
         for name in ("latents_mean", "latents_std"):
             if len(getattr(self, name)) != self.z_dim:
-                raise ValueError(f"QwenImageVAEConfig.{name} has {len(getattr(self, name))} entries, z_dim={self.z_dim}")
+                raise ValueError(
+                    f"QwenImageVAEConfig.{name} has {len(getattr(self, name))} entries, z_dim={self.z_dim}"
+                )
         for name in ("dim_mult", "attn_scales", "temperal_downsample", "latents_mean", "latents_std"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
 
@@ -66,10 +102,17 @@ class QwenImageVAEConfig:
     def denormalize(self, z: Array) -> Array:
         return z * jnp.asarray(self.latents_std, z.dtype) + jnp.asarray(self.latents_mean, z.dtype)
 
+
 QWEN_VAE_SIZES: dict[str, QwenImageVAEConfig] = {
-    "tiny": QwenImageVAEConfig(base_dim=8, z_dim=4, dim_mult=(1, 2, 2), num_res_blocks=1,
-                               temperal_downsample=(False, True), latents_mean=(0.1, -0.2, 0.3, 0.0),
-                               latents_std=(1.5, 0.8, 2.0, 1.0)),
+    "tiny": QwenImageVAEConfig(
+        base_dim=8,
+        z_dim=4,
+        dim_mult=(1, 2, 2),
+        num_res_blocks=1,
+        temperal_downsample=(False, True),
+        latents_mean=(0.1, -0.2, 0.3, 0.0),
+        latents_std=(1.5, 0.8, 2.0, 1.0),
+    ),
     "qwen_image": QwenImageVAEConfig(),
 }
 
