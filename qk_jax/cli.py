@@ -14,6 +14,7 @@ import os
 import re
 import sys
 import threading
+import warnings
 
 from qk_jax import logs, platforms
 
@@ -167,7 +168,10 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:  # every failure ends in one line unless --debug
         if debug:
             raise
-        py_logging.disable(py_logging.CRITICAL)  # background threads winding down must not bury the cause
+        # Background threads and objects finalised at exit (Orbax's event loops) must not bury the
+        # cause: no more log records, and no warnings (e.g. a coroutine never awaited) after it.
+        py_logging.disable(py_logging.CRITICAL)
+        warnings.simplefilter("ignore")
         print(error_line(prog, e), file=sys.stderr, flush=True)
         raise SystemExit(1) from None
 

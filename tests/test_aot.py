@@ -85,16 +85,16 @@ def test_doubling_fsdp_halves_each_devices_train_state():
     are nearly all of the state."""
     import jax
 
-    from qk_jax import kontext_config, optim
+    from qk_jax import model_config, optim
     from qk_jax.models.kontext import QueryKontext
 
     per_leaf = {}
     for fsdp in (1, 2, 4):
         config = load_config("configs/stage2.py:tiny")
-        mesh, _ = aot.topology_mesh(TOPOLOGY, aot.parse_mesh(f"data={4 // fsdp},fsdp={fsdp}"))
+        mesh, _ = aot.topology_mesh(TOPOLOGY, sharding.parse_mesh(f"data={4 // fsdp},fsdp={fsdp}"))
         with config.unlocked():
             config.mesh = dict(mesh.shape)
-        params = aot.abstract_params(QueryKontext(kontext_config.validate(config, 4)), mesh)
+        params = aot.abstract_params(QueryKontext(model_config.validate(config, 4)), mesh)
         state = aot.abstract_train_state(
             params, config.train.trainable, optim.make_optimizer(config.train), config.train.ema_decay > 0, mesh
         )

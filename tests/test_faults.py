@@ -370,7 +370,7 @@ def test_a_failed_save_ends_the_cli_output_with_one_line(reference, shapes_dir, 
     last = run.stderr.strip().splitlines()[-1]
     assert last.startswith(
         f"qk-jax train: error: CheckpointSaveError: saving checkpoint {workdir}/checkpoints/6 failed: "
-    ), last
+    ), run.stderr[-3000:]
     assert "File too large" in last and len(lines) < 60, lines
     assert steps_of(workdir) == [2, 4]
 
@@ -652,5 +652,6 @@ def test_two_processes_agree_on_a_corrupt_newest_step(tmp_path, fault):
         assert "unreadable on process(es) [1]" in outs[0], outs[0][-3000:]
     assert [(r["process"], r["step"], r["sum"]) for r in results] == [(0, 2, step_2_sum), (1, 2, step_2_sum)]
     assert sorted(os.listdir(directory)) == ["2", "4.corrupt"]  # moved aside once, by the primary process
-    for out in outs:
-        assert len([line for line in out.splitlines() if "moved aside to" in line and "step 4" in line]) == 1, out
+    # Logged on the primary process only (every process takes the same decision).
+    moved = [[line for line in out.splitlines() if "moved aside to" in line and "step 4" in line] for out in outs]
+    assert [len(m) for m in moved] == [1, 0], outs

@@ -19,7 +19,8 @@ PACKAGE = "qk_jax"
 # Layer of each top-level unit of qk_jax (a module or a subpackage), bottom first. A module
 # may import its own layer and the layers below, never one above.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("tree", "flow", "flow_solvers", "guidance", "platforms"),  # 0 foundations: paths, flow math, solvers, CFG
+    # 0 foundations: paths, flow math, solvers, CFG, platform choice, test pause points, logging
+    ("tree", "flow", "flow_solvers", "guidance", "platforms", "fault_points", "logs"),
     ("models",),  # 1 Flax modules and their config dataclasses
     ("data", "flops", "sharding", "distributed", "optim", "dit_seeding"),  # 2 inputs, FLOPs, mesh rules, optax
     ("config", "checkpoint", "train_step"),  # 3 config files and checks, Orbax, the jitted step

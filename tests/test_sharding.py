@@ -146,14 +146,14 @@ def test_config_rules_reach_the_train_state(devices, tmp_path):
     `fsdp` (and its embedding replicated) changes the kernel's PartitionSpec in the state
     `train.build_state` makes; the default config gives today's rules."""
     from qk_jax import checkpoint as ckpt_lib
-    from qk_jax import kontext_config, optim, train
+    from qk_jax import model_config, optim, train
     from qk_jax.config import load_config
     from qk_jax.models.kontext import QueryKontext
 
     def state_for(overrides):
         config = load_config("configs/stage2.py:tiny", ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", *overrides])
         assert sharding.rules_from_config(config)["vlm"] == sharding.VLM_RULES
-        kcfg = kontext_config.build_kontext_config(config)
+        kcfg = model_config.build_kontext_config(config)
         mesh = sharding.make_mesh(config.mesh)
         checkpointer = ckpt_lib.Checkpointer(str(tmp_path / f"ck{len(overrides)}"))
         with jax.set_mesh(mesh), sharding.activation_rules_context():
