@@ -183,6 +183,7 @@ def stage_config(stage: int, size: str) -> ml_collections.ConfigDict:
     m.attention_impl = "xla"  # "xla" | "dot_product" | "cudnn"
     m.prediction = s.get("prediction", "velocity")  # "velocity" | "x0" | "preconditioned" (see models/kontext.py)
     m.sigma_data = 0.5  # "preconditioned": standard deviation of the clean latents
+    m.loss_weighting = s.get("loss_weighting", "velocity")  # "velocity" | "x0" (see models/kontext.py)
     m.timesteps = dict(method="logit_normal", logit_mean=0.0, logit_std=1.0, shift="dynamic")
     m.dropout = dict(uncond=0.1, no_text=0.05, no_images=0.05, text=0.0, kontext=0.0)  # for CFG
 

@@ -37,16 +37,28 @@ def proc(tmp_path_factory):
     return ku.processor_dir(tmp_path_factory)
 
 
-@pytest.mark.parametrize("prediction", ["x0", "preconditioned"])
-def test_prediction_field_reaches_the_training_loss(prediction, shapes_dir, proc):
+@pytest.mark.parametrize(
+    "prediction, weighting, timesteps",
+    [("x0", "velocity", "logit_normal"), ("preconditioned", "velocity", "logit_normal"), ("x0", "x0", "uniform")],
+)
+def test_prediction_field_reaches_the_training_loss(prediction, weighting, timesteps, shapes_dir, proc):
     """With the generator's output layer zeroed, its raw output F is 0 and the loss the train
     step differentiates has a closed form per parameterisation: x0-prediction's velocity is
-    x_t / t, the preconditioned one ((t - a s^2) / d) x_t."""
+    x_t / t, the preconditioned one ((t - a s^2) / d) x_t. With `model.loss_weighting="x0"`
+    the per-sample loss is the clean-latent error itself: F = 0 predicts x0_hat = 0, so it is
+    mean(x0^2) whatever t is (t >= min_t)."""
     config = ku.stage_config(
-        2, shapes_dir, f"model.prediction={prediction}", "model.sigma_data=0.7", "data.mixture={'t2i': 1.0}"
+        2,
+        shapes_dir,
+        f"model.prediction={prediction}",
+        "model.sigma_data=0.7",
+        f"model.loss_weighting={weighting}",
+        f"model.timesteps.method={timesteps}",
+        "data.mixture={'t2i': 1.0}",
     )
     kcfg = ku.model_config(config, proc)
     assert kcfg.prediction == prediction and kcfg.sigma_data == 0.7
+    assert kcfg.loss_weighting == weighting and kcfg.timesteps.method == timesteps
     model = QueryKontext(kcfg)
     params = jax.jit(lambda r: sharding.unbox_abstract(model.init(r)))(jax.random.key(0))
     params["dit"]["proj_out"] = jax.tree.map(jnp.zeros_like, params["dit"]["proj_out"])
@@ -67,6 +79,10 @@ def test_prediction_field_reaches_the_training_loss(prediction, shapes_dir, proc
         a, s2 = 1 - tb, 0.7**2
         v = (tb - a * s2) / (a * a * s2 + tb * tb) * x_t
     want = jnp.mean(jnp.square(v - (noise - x0)), axis=(1, 2))
+    if weighting == "x0":  # below min_t the clip keeps a residual of the noise: weight t_clip^2 there
+        assert int(jnp.sum(t >= kcfg.min_t)) >= 2
+        clipped = want * jnp.square(jnp.maximum(t, kcfg.min_t))
+        want = jnp.where(t >= kcfg.min_t, jnp.mean(jnp.square(x0), axis=(1, 2)), clipped)
     np.testing.assert_allclose(aux["per_sample"], want, rtol=1e-4)
     np.testing.assert_allclose(loss, jnp.mean(want), rtol=1e-4)
 

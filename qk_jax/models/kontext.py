@@ -55,6 +55,7 @@ from qk_jax.models.vae.pixel import PixelSpaceAutoencoder, PixelSpaceConfig
 Array = jax.Array
 POSITION_SCHEMES = ("shifted_2d", "frame")
 PREDICTIONS = ("velocity", "x0", "preconditioned")
+LOSS_WEIGHTINGS = ("velocity", "x0")
 GENERATOR_KEYS = ("head", "dit")
 
 
@@ -131,6 +132,10 @@ class KontextConfig:
     prediction: str = "velocity"
     min_t: float = 0.05  # x0-prediction: t is clipped below at this value in (x_t - x0) / t
     sigma_data: float = 0.5  # "preconditioned": the standard deviation of the clean latents
+    # Per-sample weight of the velocity loss: "velocity" (1; for an x0 generator that is its
+    # clean-latent error times 1 / t^2, which puts the weight on the nearly clean samples) or
+    # "x0" (t^2, t clipped at `min_t`: the plain clean-latent error, every noise level alike).
+    loss_weighting: str = "velocity"
     dtype: str = "float32"  # VLM compute dtype (the other parts carry theirs in their configs)
     param_dtype: str = "float32"
 
@@ -141,6 +146,8 @@ class KontextConfig:
             raise ValueError(f"model.generator.key={self.generator_key!r}; expected one of {GENERATOR_KEYS}")
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"model.prediction={self.prediction!r}; expected one of {PREDICTIONS}")
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"model.loss_weighting={self.loss_weighting!r}; expected one of {LOSS_WEIGHTINGS}")
         if self.sigma_data <= 0:
             raise ValueError(f"model.sigma_data={self.sigma_data} must be positive")
         if self.position_scheme not in POSITION_SCHEMES:
@@ -372,6 +379,8 @@ class QueryKontext:
         xt = flow.noise_latents(x0, noise, t)
         v = self.velocity(params, xt, cond_tokens, batch["img_ids"], cond, cond_mask, t)
         per_sample = jnp.mean(jnp.square(v.astype(jnp.float32) - flow.velocity_target(x0, noise)), axis=(1, 2))
+        if c.loss_weighting == "x0":
+            per_sample = per_sample * jnp.square(jnp.maximum(t, c.min_t))
         valid = batch["valid"].astype(jnp.float32) if "valid" in batch else jnp.ones_like(per_sample)
         loss = jnp.sum(per_sample * valid) / jnp.maximum(jnp.sum(valid), 1.0)
         return loss, {"per_sample": per_sample, "t": t}

@@ -1,0 +1,132 @@
+"""Can the train -> sample path reproduce images it has memorised? A check of the whole recipe.
+
+    PYTHONPATH=. python benchmarks/memorisation.py --workdir DIR [--steps 600] [--records 8]
+        [--config configs/stage2.py:demo] [--override model.timesteps.method=uniform ...]
+
+Builds a Kontext-Shapes set of `--records` text-to-image and reconstruction records (the stage's
+image size, plain backgrounds) under DIR/data, trains the stage from scratch on it for `--steps` steps (DIR/run;
+a finished run is reused), then, on the training text-to-image records themselves:
+
+- the clean-latent error of one prediction from the image noised to t, with the record's own
+  condition, with none (masked out) and with another record's (the batch rolled by one),
+  against the latents' variance: a memorising model predicts its image from its prompt alone at
+  t = 1, where sampling starts;
+- the PSNR of samples drawn from pure noise (Euler, 20 and 50 steps, guidance 1 and 4) against
+  the record's own target. A healthy recipe reproduces memorised images; one whose prediction
+  is poor where sampling starts does not, however low its training loss.
+
+Writes DIR/grid_g<guidance>.png (prompt | sample | target). Numbers: BENCHMARKS.md, "Learning".
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qk_jax.config import load_config
+from qk_jax.data import builders
+from qk_jax.data import records as records_lib
+
+TIMESTEPS = (0.3, 0.6, 0.8, 0.9, 0.95, 1.0)
+
+
+def build_data(data_dir: str, records: int, side: int) -> None:
+    builders.build_shapes(
+        data_dir, tasks=("t2i", "reconstruction"), num=records, num_eval=2, height=side, plain_background=1.0
+    )
+
+
+def train_run(config_arg: str, data_dir: str, run_dir: str, steps: int, overrides: list[str]) -> None:
+    from qk_jax.train import train
+
+    fields = [o for o in overrides if not o.startswith("model.generator.overrides.")]
+    config = load_config(
+        config_arg,
+        [
+            f"data.data_dir={data_dir}",
+            f"train.steps={steps}",
+            f"train.log_every={max(1, steps // 10)}",
+            f"train.checkpoint_every={steps}",
+            f"train.warmup_steps={max(1, min(20, steps // 10))}",
+            "train.sample_images=0",
+            "train.signal.samples=0",
+            *fields,
+        ],
+    )
+    with config.unlocked():  # generator overrides are a free-form dict: set them one by one
+        for o in overrides:
+            if o.startswith("model.generator.overrides."):
+                key, value = o[len("model.generator.overrides.") :].split("=", 1)
+                config.model.generator.overrides[key] = ast.literal_eval(value)
+    train(config, run_dir)
+
+
+def prediction_errors(sampler, batch) -> list[tuple[float, float, float, float]]:
+    """(t, error own, error none, error other) of one clean-latent prediction per timestep."""
+    model, params = sampler.model, sampler.params
+    cond, mask, _ = sampler._condition(params, batch)
+    x0 = model.encode(params, batch["target"])
+    noise = jax.random.normal(jax.random.key(1), x0.shape)
+    rows = []
+    for t in TIMESTEPS:
+        tt = jnp.full((x0.shape[0],), t)
+        xt = (1 - t) * x0 + t * noise
+        errs = []
+        for c, m in ((cond, mask), (cond, jnp.zeros_like(mask)), (jnp.roll(cond, 1, 0), jnp.roll(mask, 1, 0))):
+            v = model.velocity(params, xt, None, batch["img_ids"], c, m, tt)
+            errs.append(float(jnp.mean(jnp.square(xt - t * v - x0))))
+        rows.append((t, *errs))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--config", default="configs/stage2.py:demo")
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--records", type=int, default=8)
+    parser.add_argument("--override", action="append", default=[], help="a config override FIELD=VALUE")
+    args = parser.parse_args()
+
+    from qk_jax.demo import write_grid
+    from qk_jax.eval import score
+    from qk_jax.sample import Sampler
+
+    data_dir, run_dir = os.path.join(args.workdir, "data"), os.path.join(args.workdir, "run")
+    side = int(round(load_config(args.config).data.area ** 0.5))  # the stage's target size
+    build_data(data_dir, args.records, side)
+    if not os.path.isdir(os.path.join(run_dir, "checkpoints", str(args.steps))):
+        train_run(args.config, data_dir, run_dir, args.steps, args.override)
+    sampler = Sampler.from_checkpoint(run_dir)
+    source = builders.load_source(data_dir, builders.SHAPES_NAME, "t2i", "train")
+    recs = [records_lib.normalize(source[i]) for i in range(args.records)]
+    targets = [records_lib.decode_image(r["target"]) for r in recs]
+    batch = sampler.model_batch(recs)
+    with jax.set_mesh(sampler.mesh):
+        x0_var = float(jnp.var(sampler.model.encode(sampler.params, batch["target"])))
+        rows = prediction_errors(sampler, batch)
+    print(f"clean-latent error of one prediction (latents' variance {x0_var:.4f})")
+    print("| t | own condition | none | another record's |\n|---|---|---|---|")
+    for t, own, none, other in rows:
+        print(f"| {t} | {own:.4f} | {none:.4f} | {other:.4f} |")
+    print("\nsamples from pure noise, PSNR to the record's own target (mean / min, dB)")
+    print("| guidance | 20 steps | 50 steps |\n|---|---|---|")
+    for guidance in (1.0, 4.0):
+        cells = []
+        for steps in (20, 50):
+            images = sampler.generate(recs, steps=steps, seed=0, guidance=guidance)
+            psnrs = [score.psnr(a, b) for a, b in zip(images, targets)]
+            cells.append(f"{np.mean(psnrs):.1f} / {np.min(psnrs):.1f}")
+            if steps == 20:
+                rows_out = [("t2i", r, im, p) for r, im, p in zip(recs, images, psnrs)]
+                write_grid(rows_out, os.path.join(args.workdir, f"grid_g{guidance:g}.png"))
+        print(f"| {guidance:g} | {cells[0]} | {cells[1]} |")
+
+
+if __name__ == "__main__":
+    main()
