@@ -88,13 +88,18 @@ class Timing:
 
 
 def _sync(out: Any) -> Any:
-    """Waits for JAX results (a no-op for torch / numpy values)."""
+    """Waits for JAX results and for queued CUDA work of PyTorch (a no-op for CPU tensors / numpy)."""
     if "jax" in sys.modules:
         import jax
 
         leaves = [x for x in jax.tree.leaves(out) if isinstance(x, jax.Array)]
         if leaves:
             jax.block_until_ready(leaves)
+    if "torch" in sys.modules:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
     return out
 
 

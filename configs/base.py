@@ -163,7 +163,7 @@ def stage_config(stage: int, size: str) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.stage = stage
     c.size = size
-    c.mesh = dict(s["mesh"])
+    c.mesh = dict(s["mesh"], num_slices=1)  # num_slices > 1: `data` spans TPU slices over DCN
 
     m = c.model = ml_collections.ConfigDict()
     m.vlm = dict(size=s["vlm"], checkpoint="", overrides=dict(s.get("vlm_overrides", {})))
@@ -179,8 +179,8 @@ def stage_config(stage: int, size: str) -> ml_collections.ConfigDict:
     m.lora_vlm = dict(s["lora_vlm"], targets=VLM_LORA_TARGETS) if stage == 1 else dict(rank=0, alpha=0.0, targets=())
     m.lora_dit = dict(s["lora_dit"], targets=DIT_LORA_TARGETS) if stage == 3 else dict(rank=0, alpha=0.0, targets=())
     m.dtype = "float32"  # compute dtype ("bfloat16" on accelerators); parameters stay float32
-    m.remat = "none"  # "none" | "full" | "dots"
-    m.attention_impl = "xla"  # "xla" | "dot_product" | "cudnn"
+    m.remat = "none"  # "none" | "full" | "dots" | "save_attn_proj" | "offload_attn_proj" (models/layers.py)
+    m.attention_impl = "xla"  # "xla" | "dot_product" | "cudnn" | "splash" (Pallas TPU)
     m.prediction = s.get("prediction", "velocity")  # "velocity" | "x0" | "preconditioned" (see models/kontext.py)
     m.sigma_data = 0.5  # "preconditioned": standard deviation of the clean latents
     m.loss_weighting = s.get("loss_weighting", "velocity")  # "velocity" | "x0" (see models/kontext.py)

@@ -77,11 +77,15 @@ def chip_of(topology: str) -> str:
 
 
 def topology_mesh(topology: str, mesh_cfg: Mapping[str, int]):
-    """(mesh over the topology's compile-only devices, device kind). The mesh must use every chip."""
+    """(mesh over the topology's compile-only devices, device kind). The mesh must use every chip.
+
+    `mesh_cfg["num_slices"] > 1` compiles for that many copies of `topology` joined over DCN
+    (a multi-slice job), the `data` axis spanning them (`sharding.make_mesh`)."""
     from jax.experimental import topologies
 
+    slices = sharding.num_slices(dict(mesh_cfg))
     try:
-        topo = topologies.get_topology_desc(topology_name=topology, platform="tpu")
+        topo = topologies.get_topology_desc(topology_name=topology, platform="tpu", num_slices=slices)
     except Exception as e:  # noqa: BLE001 - libtpu raises several types
         raise ValueError(
             f"--topology {topology!r} is not a TPU topology libtpu knows ({e}); "
@@ -94,7 +98,8 @@ def topology_mesh(topology: str, mesh_cfg: Mapping[str, int]):
             f"--mesh {dict(zip(sharding.MESH_AXES, shape))} uses {math.prod(shape)} of the "
             f"{len(devices)} chips of {topology}: the mesh must cover the topology"
         )
-    return sharding.make_mesh(shape, devices), devices[0].device_kind
+    mesh = sharding.make_mesh({**dict(zip(sharding.MESH_AXES, shape)), "num_slices": slices}, devices)
+    return mesh, devices[0].device_kind
 
 
 # ----------------------------------------------------------------------------- abstract inputs
@@ -381,7 +386,10 @@ def run(
     mesh, device_kind = topology_mesh(topology, mesh_cfg)
     n_dev = mesh.devices.size
     with config.unlocked():
-        config.mesh = {a: int(mesh.shape[a]) for a in sharding.MESH_AXES}
+        config.mesh = {
+            **{a: int(mesh.shape[a]) for a in sharding.MESH_AXES},
+            "num_slices": sharding.num_slices(mesh_cfg),
+        }
         if batch is not None:
             config.train.batch_size = int(batch)
     kcfg = model_config.validate(config, n_dev)

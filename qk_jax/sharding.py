@@ -29,6 +29,9 @@ from jax.sharding import PartitionSpec as P
 from qk_jax.tree import path_keys, path_str
 
 MESH_AXES = ("data", "fsdp", "tensor")
+# `config.mesh` fields that are not axes: the number of TPU slices (DCN-connected groups of
+# chips) the `data` axis spans, 1 = a single slice.
+MESH_OPTIONS = ("num_slices",)
 
 Rules = tuple[tuple[str, Any], ...]
 
@@ -169,9 +172,9 @@ def mesh_shape_from_config(mesh_cfg: Mapping[str, int], num_devices: int) -> tup
         if value == 0 or value < -1:
             raise ValueError(f"config field mesh.{axis}={value}: must be a positive int or -1")
         sizes[axis] = value
-    unknown = set(mesh_cfg) - set(MESH_AXES)
+    unknown = set(mesh_cfg) - set(MESH_AXES) - set(MESH_OPTIONS)
     if unknown:
-        raise ValueError(f"config field mesh has unknown axes {sorted(unknown)}; known: {MESH_AXES}")
+        raise ValueError(f"config field mesh has unknown axes {sorted(unknown)}; known: {MESH_AXES + MESH_OPTIONS}")
     rest = [a for a, v in sizes.items() if v == -1]
     if len(rest) > 1:
         raise ValueError(f"config field mesh: only one axis may be -1, got {rest}")
@@ -200,8 +203,10 @@ def parse_mesh(text: str) -> dict[str, int]:
     out = {a: 1 for a in MESH_AXES}
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, eq, value = (x.strip() for x in part.partition("="))
-        if not eq or name not in MESH_AXES:
-            raise ValueError(f"--mesh {text!r}: expected comma-separated AXIS=SIZE with AXIS in {MESH_AXES}")
+        if not eq or name not in MESH_AXES + MESH_OPTIONS:
+            raise ValueError(
+                f"--mesh {text!r}: expected comma-separated AXIS=SIZE with AXIS in {MESH_AXES + MESH_OPTIONS}"
+            )
         try:
             out[name] = int(value)
         except ValueError:
@@ -209,14 +214,27 @@ def parse_mesh(text: str) -> dict[str, int]:
     return out
 
 
+def num_slices(mesh_cfg: Mapping[str, int]) -> int:
+    """`mesh.num_slices` (default 1), ValueError naming the field when it is not a positive int."""
+    n = mesh_cfg.get("num_slices", 1)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"config field mesh.num_slices={n!r}: must be a positive int")
+    return n
+
+
 def make_mesh(mesh_cfg: Mapping[str, int] | Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A `('data', 'fsdp', 'tensor')` mesh with Auto axis types.
 
     `mesh_cfg` is a mapping axis -> size (-1: the rest) or a shape tuple. With fewer mesh
-    positions than devices, the first devices are used.
+    positions than devices, the first devices are used. With `mesh_cfg["num_slices"] > 1`
+    the `data` axis spans the slices (data parallelism over DCN, `fsdp` and `tensor` inside
+    each slice over ICI): `mesh_utils.create_hybrid_device_mesh`, which reads each device's
+    `slice_index`.
     """
     devices = list(jax.devices() if devices is None else devices)
+    slices = 1
     if isinstance(mesh_cfg, Mapping) or hasattr(mesh_cfg, "keys"):
+        slices = num_slices(dict(mesh_cfg))
         shape = mesh_shape_from_config(dict(mesh_cfg), len(devices))
     else:
         shape = tuple(int(s) for s in mesh_cfg)
@@ -224,6 +242,15 @@ def make_mesh(mesh_cfg: Mapping[str, int] | Sequence[int], devices: Sequence[jax
             raise ValueError(f"mesh shape {shape} must have {len(MESH_AXES)} entries {MESH_AXES}")
         shape = mesh_shape_from_config(dict(zip(MESH_AXES, shape)), len(devices))
     n = math.prod(shape)
+    if slices > 1:
+        if shape[0] % slices or n != len(devices):
+            raise ValueError(
+                f"config field mesh.num_slices={slices}: the data axis ({shape[0]}) must be a multiple of it "
+                f"and the mesh {dict(zip(MESH_AXES, shape))} must use all {len(devices)} devices"
+            )
+        ici = (shape[0] // slices, *shape[1:])
+        device_array = mesh_utils.create_hybrid_device_mesh(ici, (slices, 1, 1), devices)
+        return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
     try:
         # Topology-aware device order when the whole device set is used (TPU ICI rings).
         if n == len(devices):

@@ -61,3 +61,32 @@ def test_quick_run_writes_records(tmp_path):
     assert machine["jax"] and machine["torch"] and machine["transformers"]
     # Each benchmark printed its table.
     assert "| vlm/forward" in proc.stdout and "| mmdit/forward" in proc.stdout and "Compile time" in proc.stdout
+
+
+@pytest.mark.slow  # two frameworks, a train step and a sampler each
+def test_gpu_benchmark_tiny_on_cpu(tmp_path):
+    """`benchmarks/gpu.py --size tiny` runs here: both implementations have a train-step and a
+    sampler row with positive numbers, and they hold the same weights (one float32 forward)."""
+    out = tmp_path / "gpu.json"
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    env["PYTHONPATH"] = ROOT
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "gpu.py"), "--size", "tiny", "--repeat", "1"]
+        + ["--json", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=str(tmp_path),
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert report["size"] == "tiny" and report["forward_max_rel_err"] < 1e-4
+    rows = {(r["name"], r["impl"]) for r in report["rows"]}
+    programs = {"train_step", f"sample_{report['steps']}_steps"}
+    assert rows == {(p, i) for p in programs for i in ("ours (JAX)", "diffusers (torch SDPA)")}
+    for r in report["rows"]:
+        assert r["step_s"] > 0 and r["samples_per_s"] > 0 and r["tflops"] > 0 and r["mfu"] > 0, r
+        assert math.isclose(r["samples_per_s"], report["batch"] / r["step_s"], rel_tol=1e-9)
+    assert "| train_step" in proc.stdout and "diffusers (torch SDPA)" in proc.stdout

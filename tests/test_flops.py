@@ -482,10 +482,11 @@ def test_traced_count_equals_a_hand_count_of_a_tiny_model():
         assert flops.traced_matmul_flops(loop, x, 5) == 2 * b * s * d * d
 
 
-@pytest.mark.parametrize("remat", ["dots", "full"])
+@pytest.mark.parametrize("remat", ["dots", "full", "save_attn_proj"])
 def test_remat_recompute(remat):
-    """`dots` recomputes exactly the attention products; `full` is an upper bound (JAX
-    does not recompute products whose outputs the backward never reads)."""
+    """`dots` recomputes exactly the attention products, `save_attn_proj` exactly the scores
+    QK^T, the output projection and the MLP's gate / up matmuls; `full` is an upper bound
+    (JAX does not recompute products whose outputs the backward never reads)."""
     cfg = get_config("tiny").replace(remat=remat)
     b, t = 2, 32
     model = Qwen25VL(cfg)
@@ -501,5 +502,8 @@ def test_remat_recompute(remat):
     assert step["total"] == 3 * fwd.total
     if remat == "dots":
         assert traced == step["hardware_total"] == step["total"] + fwd.pair_total
+    elif remat == "save_attn_proj":
+        again = fwd.select(["gate_proj/kernel$", "up_proj/kernel$", "o_proj/kernel$"])
+        assert again > 0 and traced == step["hardware_total"] == step["total"] + fwd.pair_total // 2 + again
     else:
         assert step["total"] + fwd.pair_total < traced < step["hardware_total"] == 4 * fwd.total

@@ -15,6 +15,15 @@ import jax.numpy as jnp
 from qk_jax.flops.count import MatmulFlops, _positive
 from qk_jax.models.layers import REMAT_POLICIES
 
+# Kernels run again under the policies that keep only the attention projections: the MLP's
+# input matmuls (its backward needs their outputs), the attention output projection (it
+# rebuilds the residual stream the MLP reads) and the MMDiT's AdaLN modulation.
+RECOMPUTED_KEEPING_ATTENTION_PROJECTIONS = (
+    r"(_mlp/fc1|gate_proj|up_proj|mlp_in)/kernel$",
+    r"(o_proj|attn/proj|attn/img_out|attn/txt_out)/kernel$",
+    r"(_mod|single_blocks/mod)/kernel$",
+)
+
 # -------------------------------------------------------------------- a training step
 
 
@@ -29,7 +38,7 @@ class Part:
       trainable / LoRA-adapted kernels (`MatmulFlops.select`).
     backward_through: activation gradients flow through the part; None = when it has
       trainable weights. Set True for a frozen part with something trainable upstream.
-    remat: the part's remat policy ("none" | "full" | "dots"), for `recompute`.
+    remat: the part's remat policy (`layers.REMAT_POLICIES`), for `recompute`.
     """
 
     name: str
@@ -52,7 +61,7 @@ def train_step_flops(parts: Iterable[Part]) -> dict[str, Any]:
         if p.name in out["parts"]:
             raise ValueError(f"train_step_flops: part {p.name!r} given twice")
         if p.remat not in REMAT_POLICIES:
-            raise ValueError(f"train_step_flops: part {p.name!r} remat={p.remat!r}; use 'none', 'full' or 'dots'")
+            raise ValueError(f"train_step_flops: part {p.name!r} remat={p.remat!r}; use one of {REMAT_POLICIES}")
         f = p.forward
         if isinstance(f, (int, float)):
             f = MatmulFlops({p.name: int(f)})
@@ -77,6 +86,10 @@ def train_step_flops(parts: Iterable[Part]) -> dict[str, Any]:
             recompute = f.total
         elif backward and p.remat == "dots":  # dots with batch dims (attention) are not saved
             recompute = f.pair_total
+        elif backward and p.remat in ("save_attn_proj", "offload_attn_proj"):
+            # The attention scores QK^T run again (the backward needs their softmax; the attention
+            # output AV is kept, named), and the kernels listed above.
+            recompute = f.pair_total // 2 + f.select(RECOMPUTED_KEEPING_ATTENTION_PROJECTIONS)
         out["parts"][p.name] = dict(
             forward=f.total,
             backward_activation=activation,

@@ -14,6 +14,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import struct
+from jax.ad_checkpoint import checkpoint_name  # noqa: F401 - the tag the remat policies read
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -123,11 +125,47 @@ class LayerNorm(nn.Module):
 # ----------------------------------------------------------------------- attention
 
 
+ATTENTION_IMPLS = ("xla", "dot_product", "cudnn", "splash")
+
+
+@struct.dataclass
+class SegmentMask:
+    """An attention mask given by per-token segment ids: query t attends key s iff
+    `q_ids[b, t] == kv_ids[b, s]` (and s <= t when `causal`).
+
+    `q_ids=None` is key padding: every query attends the keys whose id is 1 (real) and
+    none whose id is 0 (padding). This is the form the splash kernel takes (one compiled
+    kernel for every batch row); `dense()` gives the boolean mask the other backends take.
+
+    q_ids: (B, T) int or None; kv_ids: (B, S) int; causal: static.
+    """
+
+    q_ids: jax.Array | None
+    kv_ids: jax.Array
+    causal: bool = struct.field(pytree_node=False, default=False)
+
+    @classmethod
+    def key_padding(cls, kv_valid: jax.Array) -> SegmentMask:
+        """From a (B, S) bool mask of real keys."""
+        return cls(None, kv_valid.astype(jnp.int32))
+
+    def dense(self, q_len: int) -> jax.Array:
+        """The boolean mask, (B, 1, 1, S) for key padding, else (B, 1, T, S); True = attend."""
+        if self.q_ids is None:
+            mask = (self.kv_ids == 1)[:, None, None, :]
+        else:
+            mask = (self.q_ids[:, :, None] == self.kv_ids[:, None, :])[:, None]
+        if self.causal:
+            s = self.kv_ids.shape[-1]
+            mask = mask & jnp.tril(jnp.ones((q_len, s), bool))
+        return mask
+
+
 def dot_product_attention(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
-    mask: jax.Array | None = None,
+    mask: jax.Array | SegmentMask | None = None,
     *,
     impl: str = "xla",
     scale: float | None = None,
@@ -137,9 +175,11 @@ def dot_product_attention(
     Args:
       q: (B, T, H, D) queries.
       k, v: (B, S, KV, D) keys / values; H must be a multiple of KV (GQA).
-      mask: boolean, broadcastable to (B, H, T, S); True = attend.
+      mask: boolean, broadcastable to (B, H, T, S), True = attend; or a `SegmentMask`.
       impl: "xla" — explicit softmax(QK^T)V with float32 logits (fastest on CPU, exact);
-        "cudnn" / "dot_product" — `jax.nn.dot_product_attention` (fused kernels on GPU/TPU).
+        "cudnn" / "dot_product" — `jax.nn.dot_product_attention` (cuDNN's fused kernel on GPU);
+        "splash" — the Pallas TPU flash kernel (`models/splash.py`; interpret mode off TPU),
+        which takes a `SegmentMask` or no mask.
       scale: logit scale, default 1/sqrt(D).
     Returns:
       (B, T, H, D) in q's dtype.
@@ -149,6 +189,17 @@ def dot_product_attention(
     if h % kv:
         raise ValueError(f"{h} query heads are not a multiple of {kv} key/value heads")
     scale = d**-0.5 if scale is None else scale
+    if impl == "splash":
+        from qk_jax.models.splash import splash_attention
+
+        if mask is None:
+            mask = SegmentMask(None, jnp.ones((b, k.shape[1]), jnp.int32))
+        if not isinstance(mask, SegmentMask):
+            raise ValueError("attention_impl='splash' takes a SegmentMask (segment ids), not a dense boolean mask")
+        q_ids = jnp.ones((b, t), jnp.int32) if mask.q_ids is None else mask.q_ids
+        return splash_attention(q, k, v, q_ids, mask.kv_ids, causal=mask.causal, scale=scale)
+    if isinstance(mask, SegmentMask):
+        mask = mask.dense(t)
     if impl in ("cudnn", "dot_product"):
         return jax.nn.dot_product_attention(
             q,
@@ -159,7 +210,7 @@ def dot_product_attention(
             implementation="cudnn" if impl == "cudnn" else None,
         )
     if impl != "xla":
-        raise ValueError(f"unknown attention implementation {impl!r}; use 'xla', 'dot_product' or 'cudnn'")
+        raise ValueError(f"unknown attention implementation {impl!r}; use one of {ATTENTION_IMPLS}")
     groups = h // kv
     s = k.shape[1]
     # Heads-first layouts, (B, KV, G, T, D) x (B, KV, S, D): the batch dimensions of both
@@ -226,19 +277,37 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
 
 # ------------------------------------------------------------------ layer stacks
 
-# `remat` settings of every model config: no rematerialisation, recompute everything, or
-# keep the matmul outputs without a batch dimension (`checkpoint_dots_with_no_batch_dims`).
-REMAT_POLICIES = ("none", "full", "dots")
+# Names (`jax.ad_checkpoint.checkpoint_name`) of the activations a remat policy may keep:
+# the attention projections' outputs (q, k, v before norm / RoPE, the attention output
+# before its output projection) and the MLP's hidden activation (before the nonlinearity),
+# in the MMDiT blocks and both VLM towers.
+ATTENTION_PROJECTION_NAMES = ("attn_q", "attn_k", "attn_v", "attn_out")
+MLP_HIDDEN_NAME = "mlp_hidden"
+
+# `remat` settings of every model config: no rematerialisation; recompute everything; keep
+# the matmul outputs without a batch dimension (`checkpoint_dots_with_no_batch_dims`);
+# keep the attention projections and recompute the rest (the MLP, norms, attention core);
+# the same with those projections offloaded to host memory instead of kept on device.
+REMAT_POLICIES = ("none", "full", "dots", "save_attn_proj", "offload_attn_proj")
 
 
-def remat_policy(name: str):
-    """`"none" | "full" | "dots"` -> the `jax.checkpoint` policy (None = save nothing = full remat;
-    "none" means no `nn.remat` at all, which `scan_layers` decides)."""
-    if name == "dots":
+def remat_policy(remat: str):
+    """A `REMAT_POLICIES` entry -> the `jax.checkpoint` policy (None = save nothing = full
+    remat; "none" means no `nn.remat` at all, which `scan_layers` decides)."""
+    if remat == "dots":
         return jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
-    if name in ("full", "none"):
+    if remat == "save_attn_proj":
+        return jax.checkpoint_policies.save_only_these_names(*ATTENTION_PROJECTION_NAMES)
+    if remat == "offload_attn_proj":
+        return jax.checkpoint_policies.save_and_offload_only_these_names(
+            names_which_can_be_saved=[],
+            names_which_can_be_offloaded=list(ATTENTION_PROJECTION_NAMES),
+            offload_src="device",
+            offload_dst="pinned_host",
+        )
+    if remat in ("full", "none"):
         return None
-    raise ValueError(f"unknown remat policy {name!r}; use 'none', 'full' or 'dots'")
+    raise ValueError(f"unknown remat policy {remat!r}; use one of {REMAT_POLICIES}")
 
 
 def scan_layers(block_cls: type[nn.Module], length: int, remat: str, in_axes: Any = 0, out_axes: Any = 0):

@@ -113,7 +113,9 @@ class FeedForward(nn.Module):
     def __call__(self, x: Array) -> Array:
         cfg = self.config
         kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
-        h = layers.Dense(cfg.mlp_dim, axes=("embed", "mlp"), name="fc1", **kw)(x)
+        h = layers.checkpoint_name(
+            layers.Dense(cfg.mlp_dim, axes=("embed", "mlp"), name="fc1", **kw)(x), layers.MLP_HIDDEN_NAME
+        )
         h = jax.nn.gelu(h, approximate=True)
         return layers.Dense(cfg.inner_dim, axes=("mlp", "embed"), name="fc2", **kw)(h)
 
@@ -122,7 +124,7 @@ def attention(cfg: MMDiTConfig, q: Array, k: Array, v: Array, mask: Array | None
     """Joint attention over the whole sequence: (B, S, H, Dh) x3 -> (B, S, H*Dh)."""
     q = layers.constrain(q, ("act_batch", "act_length", "act_heads", None))
     out = layers.dot_product_attention(q, k, v, mask, impl=cfg.attention_impl)
-    return out.reshape(*out.shape[:2], cfg.inner_dim)
+    return layers.checkpoint_name(out.reshape(*out.shape[:2], cfg.inner_dim), "attn_out")
 
 
 def _constrain(x: Array) -> Array:
@@ -203,9 +205,9 @@ def qkv_heads(cfg: MMDiTConfig, x: Array, prefix: str) -> tuple[Array, Array, Ar
     kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
     b, s, _ = x.shape
     q, k, v = (
-        layers.Dense(cfg.inner_dim, axes=("embed", "heads"), name=f"{prefix}{n}", **kw)(x).reshape(
-            b, s, cfg.num_heads, cfg.head_dim
-        )
+        layers.checkpoint_name(
+            layers.Dense(cfg.inner_dim, axes=("embed", "heads"), name=f"{prefix}{n}", **kw)(x), f"attn_{n}"
+        ).reshape(b, s, cfg.num_heads, cfg.head_dim)
         for n in ("q", "k", "v")
     )
     q = layers.RMSNorm(eps=cfg.eps, axis_name="head_dim", name=f"{prefix}q_norm", **kw)(q)
@@ -231,7 +233,10 @@ class SingleStreamBlock(nn.Module):
         mod = layers.Dense(3 * cfg.inner_dim, axes=("embed", "modulation"), name="mod", **kw)
         shift, scale, g = mod_params(mod, ctx["vec"], 3, ctx.get("vec0"), ctx.get("is_cond_joint"))
         h = modulate(layer_norm(x, cfg.eps, dtype), shift, scale)
-        mlp = jax.nn.gelu(layers.Dense(cfg.mlp_dim, axes=("embed", "mlp"), name="mlp_in", **kw)(h), approximate=True)
+        mlp = layers.checkpoint_name(
+            layers.Dense(cfg.mlp_dim, axes=("embed", "mlp"), name="mlp_in", **kw)(h), layers.MLP_HIDDEN_NAME
+        )
+        mlp = jax.nn.gelu(mlp, approximate=True)
         q, k, v = qkv_heads(cfg, h, "")
         attn = attention(cfg, apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, mask)
         out = layers.Dense(cfg.inner_dim, axes=("mlp", "embed"), name="out", **kw)(

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from qk_jax.models.layers import REMAT_POLICIES
+from qk_jax.models.layers import ATTENTION_IMPLS, REMAT_POLICIES
 
 FAMILIES = ("qwen_image", "flux")
 
@@ -73,6 +73,8 @@ class MMDiTConfig:
             )
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"MMDiTConfig.remat={self.remat!r}; expected one of {REMAT_POLICIES}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"MMDiTConfig.attention_impl={self.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
         if self.num_layers < 0 or self.num_single_layers < 0 or self.num_layers + self.num_single_layers == 0:
             raise ValueError(
                 f"MMDiTConfig: num_layers={self.num_layers}, num_single_layers="

@@ -111,7 +111,7 @@ class MMDiT(nn.Module):
         ctx["cos"], ctx["sin"] = jnp.cos(angles), jnp.sin(angles)
         if txt_mask is not None:
             keys = jnp.concatenate([txt_mask.astype(bool), jnp.ones((b, n), bool)], axis=1)
-            ctx["mask"] = keys[:, None, None, :]
+            ctx["mask"] = layers.SegmentMask.key_padding(keys)
 
         inter: dict[str, Any] = {}
         if cfg.num_layers:

@@ -50,8 +50,10 @@ class GatedMLP(nn.Module):
         dense = lambda n, axes, name: layers.Dense(
             n, axes=axes, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name
         )
-        gate = dense(self.mlp_dim, (self.embed_axis, "mlp"), "gate_proj")(x)
-        up = dense(self.mlp_dim, (self.embed_axis, "mlp"), "up_proj")(x)
+        gate = layers.checkpoint_name(
+            dense(self.mlp_dim, (self.embed_axis, "mlp"), "gate_proj")(x), layers.MLP_HIDDEN_NAME
+        )
+        up = layers.checkpoint_name(dense(self.mlp_dim, (self.embed_axis, "mlp"), "up_proj")(x), layers.MLP_HIDDEN_NAME)
         h = activation(self.act)(gate) * up
         # Only the MLP axis is constrained: a None on the leading (batch, length) axes would
         # force them replicated, gathering the whole global batch's (B, T, mlp) on every

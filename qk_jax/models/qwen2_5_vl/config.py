@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
-from qk_jax.models.layers import REMAT_POLICIES
+from qk_jax.models.layers import ATTENTION_IMPLS, REMAT_POLICIES
 
 # Activations of the HF `ACT2FN` table that the MLPs may name.
 SUPPORTED_ACTS = ("silu", "gelu", "gelu_pytorch_tanh", "gelu_new", "relu", "quick_gelu")
@@ -104,8 +104,8 @@ class Qwen25VLConfig:
     vision_end_token_id: int = 151653
     tie_word_embeddings: bool = False
     # Run-time switches (not part of the HF config): `layers.dot_product_attention` impl
-    # ("xla" | "dot_product" | "cudnn") and the remat policy of both layer scans
-    # ("none" | "full" | "dots").
+    # ("xla" | "dot_product" | "cudnn" | "splash") and the remat policy of both layer scans
+    # (`layers.REMAT_POLICIES`).
     attention_impl: str = "xla"
     remat: str = "none"
 
@@ -168,10 +168,10 @@ def validate(cfg: Qwen25VLConfig) -> None:
     for name, act in (("vision_config.hidden_act", v.hidden_act), ("text_config.hidden_act", t.hidden_act)):
         if act not in SUPPORTED_ACTS:
             raise ConfigError(f"{name}={act!r} is not supported; use one of {SUPPORTED_ACTS}")
-    if cfg.attention_impl not in ("xla", "dot_product", "cudnn"):
-        raise ConfigError(f"attention_impl={cfg.attention_impl!r}: use 'xla', 'dot_product' or 'cudnn'")
+    if cfg.attention_impl not in ATTENTION_IMPLS:
+        raise ConfigError(f"attention_impl={cfg.attention_impl!r}: use one of {ATTENTION_IMPLS}")
     if cfg.remat not in REMAT_POLICIES:
-        raise ConfigError(f"remat={cfg.remat!r}: use 'none', 'full' or 'dots'")
+        raise ConfigError(f"remat={cfg.remat!r}: use one of {REMAT_POLICIES}")
     for name in ("image_token_id", "vision_start_token_id", "vision_end_token_id"):
         if not 0 <= getattr(cfg, name) < t.vocab_size:
             raise ConfigError(f"{name}={getattr(cfg, name)} is outside the vocabulary (vocab_size={t.vocab_size})")

@@ -115,9 +115,13 @@ class Qwen25VL(nn.Module):
         c = self.config.text
         cos, sin = mrope_cos_sin(position_ids, c.head_dim, c.rope_theta, c.mrope_section)
         x = layers.constrain(inputs_embeds.astype(self.dtype), ("act_batch", "act_length", "act_embed"))
-        out, per_layer, _ = self.language_model.run_layers(
-            x, cos, sin, causal_padding_mask(attention_mask), collect_hidden=output_hidden_states
-        )
+        if self.config.attention_impl == "splash":
+            # Segment ids for the kernel: real tokens see real tokens (padding sees padding).
+            ids = attention_mask.astype(jnp.int32)
+            mask = layers.SegmentMask(ids, ids, causal=True)
+        else:
+            mask = causal_padding_mask(attention_mask)
+        out, per_layer, _ = self.language_model.run_layers(x, cos, sin, mask, collect_hidden=output_hidden_states)
         hidden = self.language_model.final_norm(out)
         if not output_hidden_states:
             return hidden

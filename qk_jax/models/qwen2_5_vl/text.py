@@ -58,9 +58,10 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         h, kv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        q = layers.Dense(h * hd, axes=("embed", "heads"), name="q_proj", **kw)(x).reshape(b, t, h, hd)
-        k = layers.Dense(kv * hd, axes=("embed", "kv_heads"), name="k_proj", **kw)(x).reshape(b, t, kv, hd)
-        v = layers.Dense(kv * hd, axes=("embed", "kv_heads"), name="v_proj", **kw)(x).reshape(b, t, kv, hd)
+        q = layers.checkpoint_name(layers.Dense(h * hd, axes=("embed", "heads"), name="q_proj", **kw)(x), "attn_q")
+        k = layers.checkpoint_name(layers.Dense(kv * hd, axes=("embed", "kv_heads"), name="k_proj", **kw)(x), "attn_k")
+        v = layers.checkpoint_name(layers.Dense(kv * hd, axes=("embed", "kv_heads"), name="v_proj", **kw)(x), "attn_v")
+        q, k, v = q.reshape(b, t, h, hd), k.reshape(b, t, kv, hd), v.reshape(b, t, kv, hd)
         q = layers.apply_rotary_half(q, cos[:, :, None, :], sin[:, :, None, :])
         k = layers.apply_rotary_half(k, cos[:, :, None, :], sin[:, :, None, :])
         q = layers.constrain(q, ("act_batch", "act_length", "act_heads", None))
@@ -69,6 +70,7 @@ class Attention(nn.Module):
             cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, cache_index, 0, 0))
             k, v = cache_k.astype(self.dtype), cache_v.astype(self.dtype)
         out = layers.dot_product_attention(q, k, v, mask, impl=self.attention_impl).reshape(b, t, h * hd)
+        out = layers.checkpoint_name(out, "attn_out")
         out = layers.Dense(c.hidden_size, axes=("heads", "embed"), use_bias=False, name="o_proj", **kw)(out)
         return out, cache_k, cache_v
 
@@ -132,7 +134,7 @@ class TextModel(nn.Module):
 
     @nn.compact
     def run_layers(self, x, cos, sin, mask, cache=None, collect_hidden=False):
-        """The decoder layers. x (B, T, D); cos/sin (B, T, hd); mask (B, 1, T, S).
+        """The decoder layers. x (B, T, D); cos/sin (B, T, hd); mask (B, 1, T, S) or a `layers.SegmentMask`.
 
         Returns (last layer output (B, T, D) before the final norm,
                  per-layer outputs (L, B, T, D) or None, new cache or None).
@@ -144,11 +146,14 @@ class TextModel(nn.Module):
             self.remat,
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, 0),
         )
+        # The splash kernel has no KV-cache form: decoding through a cache (generation, a few
+        # tokens per step against a dense slot mask) runs the XLA attention.
+        impl = "xla" if cache is not None and self.attention_impl == "splash" else self.attention_impl
         index = None if cache is None else cache["index"]
         ck = None if cache is None else cache["k"]
         cv = None if cache is None else cache["v"]
         x, (per_layer, new_k, new_v) = stack(
-            c, self.attention_impl, collect_hidden, dtype=self.dtype, param_dtype=self.param_dtype, name="layers"
+            c, impl, collect_hidden, dtype=self.dtype, param_dtype=self.param_dtype, name="layers"
         )(x, cos, sin, mask, index, ck, cv)
         new_cache = None if cache is None else dict(cache, k=new_k, v=new_v)
         return x, per_layer, new_cache

@@ -76,13 +76,18 @@ class VisionAttention(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h, hd = self.cfg.num_heads, self.cfg.head_dim
         qkv = FusedQKV(name="qkv", **kw)(x)
-        q, k, v = (qkv[:, :, j].reshape(i, n, h, hd) for j in range(3))
+        q, k, v = (layers.checkpoint_name(qkv[:, :, j], f"attn_{c}").reshape(i, n, h, hd) for j, c in enumerate("qkv"))
         q = layers.apply_rotary_half(q, cos[None, :, None, :], sin[None, :, None, :])
         k = layers.apply_rotary_half(k, cos[None, :, None, :], sin[None, :, None, :])
         q = layers.constrain(q, (_images_axis(q), "act_length", "act_heads", None))
-        mask = (segments[:, None] == segments[None, :])[None, None]  # (1, 1, N, N)
+        if self.attention_impl == "splash":
+            ids = jnp.broadcast_to(segments.astype(jnp.int32), (i, n))
+            mask = layers.SegmentMask(ids, ids)
+        else:
+            mask = (segments[:, None] == segments[None, :])[None, None]  # (1, 1, N, N)
         out = layers.dot_product_attention(q, k, v, mask, impl=self.attention_impl)
-        return layers.Dense(d, axes=("heads", "vision_embed"), name="proj", **kw)(out.reshape(i, n, d))
+        out = layers.checkpoint_name(out.reshape(i, n, d), "attn_out")
+        return layers.Dense(d, axes=("heads", "vision_embed"), name="proj", **kw)(out)
 
 
 class VisionBlock(nn.Module):
