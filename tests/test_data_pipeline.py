@@ -234,3 +234,12 @@ def test_clear_errors(env):
     )
     with pytest.raises(ValueError, match="raise data.max_text_len"):
         next(it)
+
+
+def test_process_rows_keep_micro_batches_global():
+    # 2 processes x 4 rows, 2 micro-batches: micro-batch 0 is global rows 0-3 (2 from each process)
+    assert pipeline.process_rows(4, 0, 2) == [0, 1, 2, 3] and pipeline.process_rows(4, 1, 2) == [4, 5, 6, 7]
+    assert pipeline.process_rows(4, 0, 2, micro_batches=2) == [0, 1, 4, 5]
+    assert pipeline.process_rows(4, 1, 2, micro_batches=2) == [2, 3, 6, 7]
+    with pytest.raises(ValueError, match="not divisible by 3 micro-batches"):
+        pipeline.process_rows(4, 0, 2, micro_batches=3)

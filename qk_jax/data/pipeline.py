@@ -12,7 +12,8 @@
 
 Hosts agree: every process computes the same plan, so at each step all of them build the
 same group (the same batch shapes), and a process feeds rows [i * B, (i + 1) * B) of the
-global batch, B = `data.batch_size` per process. The global batch of a step, in order, is
+global batch, B = `data.batch_size` per process (with gradient accumulation, its share of
+each micro-batch: `process_rows`). The global batch of a step, in order, is
 therefore the same for any number of processes (1 x 8 devices and 2 x 4 train alike).
 Any process may read any record (ArrayRecord is random access); the records a process
 reads at a step are its rows of that step. The header pass reads every record once per
@@ -287,10 +288,9 @@ class StepBatches(grain.MapDataset):
     every process and valid for any process count. Padding rows (finite plans) repeat the
     step's last valid sample with `padding` set."""
 
-    def __init__(self, plan: StepPlan, parts: list, prepare: Prepare, batch_size: int, process_index: int):
+    def __init__(self, plan: StepPlan, parts: list, prepare: Prepare, rows: list[int]):
         super().__init__()
-        self.plan, self.parts, self.prepare = plan, parts, prepare
-        self.rows = range(process_index * batch_size, (process_index + 1) * batch_size)
+        self.plan, self.parts, self.prepare, self.rows = plan, parts, prepare, list(rows)
 
     def __len__(self) -> int:
         return self.plan.length
@@ -318,7 +318,19 @@ class StepBatches(grain.MapDataset):
         return sample
 
     def __str__(self) -> str:
-        return f"StepBatches(global_batch={self.plan.global_batch}, rows={self.rows.start}:{self.rows.stop})"
+        return f"StepBatches(global_batch={self.plan.global_batch}, rows={self.rows[0]}..{self.rows[-1]})"
+
+
+def process_rows(batch_size: int, process_index: int, process_count: int, micro_batches: int = 1) -> list[int]:
+    """The rows of the global batch (`batch_size * process_count` rows) that process
+    `process_index` feeds, in its order: [i * B, (i + 1) * B) with B = `batch_size`; with
+    gradient accumulation, its share of each micro-batch in turn, so that the micro-batch m
+    a step assembles from every process's m-th chunk is rows [m * G / A, (m + 1) * G / A) of
+    the global batch (G rows, A micro-batches), as on one process."""
+    if batch_size % micro_batches:
+        raise ValueError(f"{batch_size} rows per process are not divisible by {micro_batches} micro-batches")
+    chunk, per_micro = batch_size // micro_batches, batch_size * process_count // micro_batches
+    return [m * per_micro + process_index * chunk + r for m in range(micro_batches) for r in range(chunk)]
 
 
 class Collate(grain.transforms.Map):
@@ -415,13 +427,19 @@ def make_plan(config: ml_collections.ConfigDict, process_count: int = 1) -> tupl
 
 
 def make_dataset(
-    config: ml_collections.ConfigDict, processor, *, process_index: int | None = None, process_count: int | None = None
+    config: ml_collections.ConfigDict,
+    processor,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    micro_batches: int = 1,
 ) -> grain.IterDataset:
     """The pipeline of the module docstring as a grain IterDataset (iterate it, checkpoint its iterator).
 
     `config` is the `data` section (`default_config()`); `processor` follows
     `qk_jax.data.vlm_inputs.VLMProcessor` (e.g. `vlm_inputs.load_processor(folder)`).
-    Process index / count default to JAX's.
+    Process index / count default to JAX's. `micro_batches` (gradient accumulation) orders a
+    process's rows by micro-batch (`process_rows`).
     """
     if process_index is None or process_count is None:
         import jax
@@ -451,7 +469,7 @@ def make_dataset(
     plan, parts = make_plan(config, process_count)
     prepare = Prepare(table, vlm_table, config.image_slots)
     batched = (
-        StepBatches(plan, parts, prepare, config.batch_size, process_index)
+        StepBatches(plan, parts, prepare, process_rows(config.batch_size, process_index, process_count, micro_batches))
         .map(
             Collate(
                 processor,
