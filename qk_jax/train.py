@@ -11,7 +11,8 @@
 A run resumes from the newest readable checkpoint in its workdir, exactly: the data
 iterator, optimizer, EMA and the per-step random key continue where they stopped, so the
 loss curve is the one an uninterrupted run draws. SIGTERM (a pre-empted VM) writes a
-checkpoint after the current step and exits. `train.init_from` starts a fresh run from
+checkpoint after the current step and exits; on several hosts a SIGTERM to any one of them
+is agreed (`Stop`), so every host saves the same step and exits 0. `train.init_from` starts a fresh run from
 another checkpoint (the output of `qk-jax surgery`, or a run workdir).
 """
 
