@@ -47,7 +47,9 @@ def main() -> int:
         )
         if args.cpu:
             env["JAX_PLATFORMS"] = "cpu"
-            env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices_per_process}"
+            # other XLA flags of the caller stay (e.g. --xla_backend_optimization_level=0 in the tests)
+            kept = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform")]
+            env["XLA_FLAGS"] = " ".join([*kept, f"--xla_force_host_platform_device_count={args.devices_per_process}"])
         cmd = [sys.executable, "-m", "qk_jax.cli", *tool]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
 

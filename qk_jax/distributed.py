@@ -53,3 +53,35 @@ def barrier(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def is_initialized() -> bool:
+    """Whether `maybe_initialize` joined this process to others (jax.distributed)."""
+    return _initialized
+
+
+def preemption_agreed(step: int) -> bool:
+    """JAX's preemption sync point (`jax.distributed` only): True on every process at the same
+    `step` once any process received SIGTERM (JAX's preemption notifier catches it and tells
+    the coordination service). Call it with increasing steps, on every process, every step;
+    without a notice it reads a local flag (well under a microsecond)."""
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.reached_preemption_sync_point(int(step)))
+
+
+def check_same_on_all_processes(text: str, what: str) -> None:
+    """Raises RuntimeError naming `what` unless `text` is the same on every process (a CRC32
+    gathered over processes; no-op with one)."""
+    if jax.process_count() == 1:
+        return
+    import zlib
+
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    crc = np.asarray([zlib.crc32(text.encode()) & 0x7FFFFFFF], np.int32)
+    crcs = np.asarray(multihost_utils.process_allgather(crc)).ravel()
+    differ = [i for i, c in enumerate(crcs) if c != crcs[0]]
+    if differ:
+        raise RuntimeError(f"the {what} differs between process 0 and process(es) {differ}")

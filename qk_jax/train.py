@@ -11,7 +11,8 @@
 A run resumes from the newest readable checkpoint in its workdir, exactly: the data
 iterator, optimizer, EMA and the per-step random key continue where they stopped, so the
 loss curve is the one an uninterrupted run draws. SIGTERM (a pre-empted VM) writes a
-checkpoint after the current step and exits. `train.init_from` starts a fresh run from
+checkpoint after the current step and exits; on several hosts a SIGTERM to any one of them
+is agreed (`Stop`), so every host saves the same step and exits 0. `train.init_from` starts a fresh run from
 another checkpoint (the output of `qk-jax surgery`, or a run workdir).
 """
 
@@ -31,7 +32,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from qk_jax import checkpoint as ckpt_lib
-from qk_jax import distributed, flops, logs, model_config, optim, pretrained, sharding, surgery
+from qk_jax import distributed, fault_points, flops, logs, model_config, optim, pretrained, sharding, surgery
 from qk_jax.config import ConfigError
 from qk_jax.data import pipeline as data_pipeline
 from qk_jax.data import vlm_inputs
@@ -49,19 +50,40 @@ def define_flags() -> None:
 
 
 class Stop:
-    """Set by SIGTERM / SIGINT: the loop checkpoints after the current step and exits."""
+    """SIGTERM / SIGINT: the loop checkpoints after the current step and exits.
+
+    One process: a Python handler sets the flag. Several processes (`jax.distributed`): a
+    SIGTERM on any one of them is caught by JAX's preemption notifier and agreed through its
+    sync point, so every process stops after the same step and saves it; SIGINT is turned into
+    a SIGTERM to join that agreement. `after(step)` is asked by every process at every step."""
 
     def __init__(self):
         self.requested = False
         self.signal = None
+        self.shared = False
 
     def install(self):
+        self.shared = distributed.is_initialized()
+
         def handler(signum, _frame):
             self.requested, self.signal = True, signum
 
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, handler)
+        def forward(signum, _frame):  # to JAX's preemption notifier, which owns SIGTERM
+            self.signal = signum
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        if self.shared:
+            signal.signal(signal.SIGINT, forward)
+        else:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, handler)
         return self
+
+    def after(self, step: int) -> bool:
+        """Whether to checkpoint `step` and exit (the same answer on every process)."""
+        if self.shared and not self.requested and distributed.preemption_agreed(step):
+            self.requested, self.signal = True, self.signal or signal.SIGTERM
+        return self.requested
 
 
 # VLM sizes the offline tokenizer (`data/tokenizer.py`, 1000 tokens) fits; a published-size VLM
@@ -122,20 +144,31 @@ def check_workdir(workdir: str) -> None:
 def ensure_processor(config, workdir: str) -> str:
     """The run's processor folder inside the workdir: the tokenizer / processor files (never
     weights) copied from `processor_source`, or the offline tokenizer built there (tests, the
-    demo)."""
+    demo). Every process writes it itself when missing (hosts of a pod need not share a
+    filesystem; on a shared one, the first complete copy to land stays)."""
     dst = os.path.join(workdir, "processor")
     if os.path.exists(os.path.join(dst, "tokenizer_config.json")):
         return dst
     source = processor_source(config)
-    if jax.process_index() == 0:
-        shutil.rmtree(dst + ".tmp", ignore_errors=True)
-        if source:
-            vlm_inputs.copy_processor(source[0], dst + ".tmp", source[1])
-        else:
-            build_tokenizer(dst + ".tmp")
-        os.replace(dst + ".tmp", dst)
-    distributed.barrier("processor")
+    tmp = f"{dst}.tmp.{jax.process_index()}.{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if source:
+        vlm_inputs.copy_processor(source[0], tmp, source[1])
+    else:
+        build_tokenizer(tmp)
+    publish_folder(tmp, dst)
     return dst
+
+
+def publish_folder(tmp: str, dst: str) -> None:
+    """Moves the complete folder `tmp` to `dst` in one rename; when another process placed
+    `dst` first (a shared workdir), drops `tmp` and keeps that one."""
+    try:
+        os.replace(tmp, dst)
+    except OSError:
+        if not os.path.isdir(dst):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def from_training_run(path: str, root: str) -> bool:
@@ -258,7 +291,7 @@ def train(config, workdir: str) -> dict[str, Any]:
     data_cfg = config.data
     with data_cfg.unlocked():
         data_cfg.batch_size = distributed.local_batch_size(config.train.batch_size)
-    dataset = data_pipeline.make_dataset(data_cfg, processor)
+    dataset = data_pipeline.make_dataset(data_cfg, processor, micro_batches=config.train.grad_accum)
     iterator = iter(dataset)
     if data_state is not None:
         iterator.set_state(data_state)
@@ -291,6 +324,7 @@ def train(config, workdir: str) -> dict[str, Any]:
     step = start
     try:
         for step in range(start, config.train.steps):
+            fault_points.pause_point(f"train.step_{step}", jax.process_index())  # inert unless a test sets it
             host = next(iterator)
             batch = prepare_batch(kcfg, host, accum=config.train.grad_accum, processes=jax.process_count())
             shape_key = tuple((k, np.shape(v)) for k, v in batch.items() if k != "vision_plan")
@@ -306,7 +340,8 @@ def train(config, workdir: str) -> dict[str, Any]:
             steps_since += 1
             window = _accumulate(window, metrics)
             last = step + 1 == config.train.steps
-            if (step + 1) % config.train.log_every == 0 or last or stop.requested or step == start:
+            stopping = stop.after(step + 1)  # agreed by all processes: they save the same step
+            if (step + 1) % config.train.log_every == 0 or last or stopping or step == start:
                 guard.settle()
                 m = jax.device_get(window)
                 now = time.perf_counter()
@@ -317,20 +352,24 @@ def train(config, workdir: str) -> dict[str, Any]:
                 losses.append(record["loss"])
                 if main:
                     _log(record, metrics_path, writer)
-            if (step + 1) % config.train.checkpoint_every == 0 or last or stop.requested:
+            if (step + 1) % config.train.checkpoint_every == 0 or last or stopping:
                 guard.settle()  # nothing non-finite is ever saved
+                position = iterator.get_state()  # the next step: the same on every process (one copy is saved)
+                distributed.check_same_on_all_processes(json.dumps(position, sort_keys=True), "data-iterator state")
                 checkpointer.save(
                     step + 1,
                     **state_for_checkpoint(state),
-                    data=iterator.get_state(),
+                    data=position,
                     config=config,
                     meta={"nonfinite_skips": guard.skips},
                     force=True,
                 )
                 guard.last_saved = step + 1
-            if stop.requested:
+            if stopping:
                 checkpointer.wait()
                 logs.info(f"signal {stop.signal}: checkpoint written at step {step + 1}; exiting")
+                # every host's own exit report (logs are process 0's): all stop after the same step
+                print(f"process {jax.process_index()}: stopped after saving step {step + 1}", flush=True)
                 break
             # Optional extras run after the step's checkpoint is saved, so they cannot lose it; at the
             # end of the run, after the final save has landed.

@@ -111,27 +111,72 @@ def test_aspect_ratio_buckets_group_real_images(env):
 
 
 def test_mixture_proportions(env):
+    # The plan alone (no decoding): 3000 steps of 2 samples; steps draw their group at random,
+    # so the share of t2i samples is 0.75 within a few standard deviations (0.008).
     c = _config(env, mixture={"t2i": 0.75, "edit": 0.25}, batch_size=2)
-    counts = collections.Counter()
-    for batch in _take(iter(pipeline.make_dataset(c, env["processor"], process_index=0, process_count=1)), 40):
-        counts.update(vocab.TASKS[t] for t in batch["task_id"])
-    frac = counts["t2i"] / sum(counts.values())
-    assert abs(frac - 0.75) < 0.05, counts
+    plan, parts = pipeline.make_plan(c)
+    task = [records.normalize(part[0])["task"] for part in parts]
+    counts = collections.Counter(task[part] for step in range(3000) for part, _ in plan.records(step))
+    assert abs(counts["t2i"] / sum(counts.values()) - 0.75) < 0.03, counts
+    # every step's records share one group; each part's records are all used, in reshuffled epochs
+    used = collections.defaultdict(list)
+    for step in range(60):
+        picks = plan.records(step)
+        assert len({pipeline.record_group(parts[p][i], _table(c)) for p, i in picks}) == 1
+        for p, i in picks:
+            used[p].append(i)
+    assert sorted(used[task.index("edit")][:24]) == list(range(24))  # the first 24 edit records: all 24
 
 
-def test_process_sharding_splits_one_epoch(env):
+def _table(c):
+    return buckets.paired_tables(c.area, c.multiple, c.vlm_area, c.vlm_multiple, c.ratios)[0]
+
+
+def test_global_batch_does_not_depend_on_the_process_count(env):
+    # 1 process x 4 rows vs 2 processes x 2 rows: the union of the shares of each step is the
+    # single-process batch, in order (several groups: 0, 1 and 2-3 input images, and real
+    # images of three aspect buckets)
+    mix = {"t2i": 0.3, "edit": 0.3, "multi_subject": 0.2, "real/t2i": 0.2}
+    one = _take(
+        iter(pipeline.make_dataset(_config(env, mixture=mix), env["processor"], process_index=0, process_count=1)), 8
+    )
+    its = [
+        iter(
+            pipeline.make_dataset(
+                _config(env, mixture=mix, batch_size=2), env["processor"], process_index=i, process_count=2
+            )
+        )
+        for i in range(2)
+    ]
+    shapes = set()
+    for batch in one:
+        a, b = next(its[0]), next(its[1])
+        assert a["target"].shape == b["target"].shape == (2, *batch["target"].shape[1:])
+        assert list(a["id"]) + list(b["id"]) == list(batch["id"])
+        for key in ("target", "cond_images", "input_ids", "pixel_values"):
+            np.testing.assert_array_equal(np.concatenate([a[key], b[key]]), batch[key], err_msg=key)
+        shapes.add((batch["target"].shape, int(batch["num_inputs"][0])))
+    assert len(shapes) >= 3, shapes
+    # the iterator state is the same on both processes and that of the single process
+    assert its[0].get_state() == its[1].get_state() == {"next_index": 8}
+
+
+def test_process_shares_cover_one_epoch(env):
+    # one epoch of 24 edit records, global batches of 10: two full steps, then 4 valid rows and
+    # 6 padding rows; process 0 feeds rows 0-4 of each step, process 1 rows 5-9
     c = _config(env, mixture={"edit": 1.0}, batch_size=5, num_epochs=1)
-    shards = []
+    shares = []
     for index in range(2):
-        ids, pad = [], 0
+        ids, valid = [], []
         for batch in pipeline.make_dataset(c, env["processor"], process_index=index, process_count=2):
             ids += list(batch["id"][batch["valid"]])
-            pad += int((~batch["valid"]).sum())
+            valid.append(int(batch["valid"].sum()))
             assert batch["target"].shape == (5, 64, 64, 3)
-        assert pad > 0 and len(ids) == len(set(ids)) == 12
-        shards.append(set(ids))
-    assert not shards[0] & shards[1]
-    assert shards[0] | shards[1] == {f"edit-train-{i:07d}" for i in range(24)}
+        assert len(ids) == len(set(ids))
+        shares.append((set(ids), valid))
+    assert shares[0][1] == [5, 5, 4] and shares[1][1] == [5, 5, 0]
+    assert not shares[0][0] & shares[1][0]
+    assert shares[0][0] | shares[1][0] == {f"edit-train-{i:07d}" for i in range(24)}
 
 
 def _same(a, b):
@@ -189,3 +234,12 @@ def test_clear_errors(env):
     )
     with pytest.raises(ValueError, match="raise data.max_text_len"):
         next(it)
+
+
+def test_process_rows_keep_micro_batches_global():
+    # 2 processes x 4 rows, 2 micro-batches: micro-batch 0 is global rows 0-3 (2 from each process)
+    assert pipeline.process_rows(4, 0, 2) == [0, 1, 2, 3] and pipeline.process_rows(4, 1, 2) == [4, 5, 6, 7]
+    assert pipeline.process_rows(4, 0, 2, micro_batches=2) == [0, 1, 4, 5]
+    assert pipeline.process_rows(4, 1, 2, micro_batches=2) == [2, 3, 6, 7]
+    with pytest.raises(ValueError, match="not divisible by 3 micro-batches"):
+        pipeline.process_rows(4, 0, 2, micro_batches=3)

@@ -77,3 +77,27 @@ def test_init_from_takes_a_run_workdir_or_a_checkpoint_root(tmp_path):
     for path in (run, run / "checkpoints"):
         assert ckpt_lib.resolve_run(str(path)) == (str(run / "checkpoints"), str(run / "processor"))
         assert processor_source(_config(train__init_from=str(path))) == (str(run / "processor"), "train.init_from")
+
+
+def test_every_process_writes_its_own_processor_copy(hf_folder, tmp_path, monkeypatch):
+    # a host other than process 0, with no shared filesystem: nobody else writes its workdir and
+    # it waits for nobody (a barrier or a read of process 0's copy would fail here)
+    import jax
+
+    from qk_jax import distributed, train
+
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(distributed, "barrier", lambda name: pytest.fail(f"waited at barrier {name}"))
+    run = tmp_path / "host1"
+    dst = ensure_processor(_config(model__vlm__checkpoint=str(hf_folder)), str(run))
+    assert os.path.isfile(os.path.join(dst, "tokenizer_config.json"))
+    assert sorted(os.listdir(run)) == ["processor"]  # no temporary folder left
+    # a shared workdir where another process placed its (identical) copy first: that one stays
+    theirs = tmp_path / "shared" / "processor"
+    shutil.copytree(dst, theirs)
+    (theirs / "marker").write_text("first")
+    mine = tmp_path / "shared" / "processor.tmp.1.123"
+    shutil.copytree(dst, mine)
+    train.publish_folder(str(mine), str(theirs))
+    assert (theirs / "marker").read_text() == "first" and not mine.exists()

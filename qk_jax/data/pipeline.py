@@ -1,14 +1,23 @@
 """The grain input pipeline: records -> static-shape, tokenized, checkpointable batches.
 
-    per mixture entry (dataset/task):  tfds ArrayRecord source -> this process's shard
-        (`[process_index::process_count]`) -> shuffle (its own seed) -> repeat
-    -> MapDataset.mix(weights from `data.mixture`)       deterministic interleave by weight
-    -> map(Prepare)          decode PNGs; choose the aspect-ratio bucket of the target;
-                             resize + centre-crop target and input images to it; VLM-size copies
-    -> BucketBatch           group by (bucket, number of input images), emit a batch when a
-                             group holds `batch_size` samples (static shapes)
-    -> map(Collate)          pad to image slots, run the VLM processor, stack to numpy
-    -> mp_prefetch(workers)  optional worker processes
+    per mixture entry (dataset/task): tfds ArrayRecord source; one pass over the record
+        headers gives each record's group (aspect bucket of the target, number of input images)
+    -> StepPlan        the global batch of every step, from (seed, step) alone: its group, drawn
+                       by the groups' shares of the mixture, and the records filling it (each
+                       part's records of the group, reshuffled every epoch)
+    -> StepBatches     step s -> this process's rows of that batch; decode PNGs and resize +
+                       centre-crop target and input images to the bucket; VLM-size copies
+    -> map(Collate)    pad to image slots, run the VLM processor, stack to numpy
+    -> mp_prefetch(workers)  optional worker processes (each takes every W-th step)
+
+Hosts agree: every process computes the same plan, so at each step all of them build the
+same group (the same batch shapes), and a process feeds rows [i * B, (i + 1) * B) of the
+global batch, B = `data.batch_size` per process (with gradient accumulation, its share of
+each micro-batch: `process_rows`). The global batch of a step, in order, is
+therefore the same for any number of processes (1 x 8 devices and 2 x 4 train alike).
+Any process may read any record (ArrayRecord is random access); the records a process
+reads at a step are its rows of that step. The header pass reads every record once per
+process at start-up.
 
 Batch layout (B = `data.batch_size` per process, S = `data.image_slots`, T =
 `data.max_text_len`, (H, W) = the batch's bucket, P = patches of one VLM image at the
@@ -37,14 +46,15 @@ Augmentation is deliberately absent: flips or crops would break the prompts' rel
 and grid cells. Resizing is deterministic (cover, then centre crop).
 
 The iterator is checkpointable: `it.get_state()` is a JSON-serialisable dict (the next
-index of each worker's slice and the indices, not the pixels, of samples waiting in a
-group), and `it.set_state(state)` on a freshly built pipeline continues the exact sequence.
+step, per worker with `data.num_workers`), and `it.set_state(state)` on a freshly built
+pipeline continues the exact sequence. The state is the same on every process and does not
+depend on the number of processes, so a run may resume on another process count (same
+`train.batch_size`, seed and data).
 """
 
 from __future__ import annotations
 
 import zlib
-from typing import Any
 
 import grain
 import ml_collections
@@ -136,66 +146,191 @@ class Prepare(grain.transforms.Map):
         }
 
 
-class BucketBatch(grain.IterDataset):
-    """Groups samples of a MapDataset by `key` into batches of `batch_size`.
+# Categorical draws come in blocks of this many, each from its own generator (seed, ..., block):
+# any draw is reachable without drawing the whole stream again (see `_Draws`).
+_BLOCK = 4096
+# The length of an endless plan (grain needs one).
+_ENDLESS = 2**62
 
-    It reads the MapDataset by index itself (start, start + step, ...), so grain's worker
-    sharding (`set_slice`) gives each worker its own indices and the state holds only
-    integers: the position and the indices buffered per group, re-read on `set_state`.
+
+class _Draws:
+    """An endless stream of categorical draws c_0, c_1, ... with probabilities `probs`, each
+    block of `_BLOCK` drawn from `np.random.default_rng((*seed, block))`. `at(q)` gives
+    (c_q, rank), rank = #{q' < q : c_q' = c_q}: the position of draw q among the draws of its
+    category. The running counts at block starts are kept (a few ints per block), the draws
+    of the last few blocks too."""
+
+    def __init__(self, probs, seed: tuple[int, ...]):
+        self.probs = np.asarray(probs, np.float64) / np.sum(probs)
+        self.seed = tuple(int(x) for x in seed)
+        self._starts = [np.zeros(len(self.probs), np.int64)]  # counts per category before block b
+        self._blocks: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+        if b not in self._blocks:
+            k = len(self.probs)
+            if k == 1:
+                draws = np.zeros(_BLOCK, np.int64)
+            else:
+                draws = np.random.default_rng((*self.seed, b)).choice(k, size=_BLOCK, p=self.probs)
+            ranks = np.zeros(_BLOCK, np.int64)
+            for c in range(k):
+                hit = draws == c
+                ranks[hit] = np.arange(int(hit.sum()))
+            if len(self._blocks) >= 4:
+                self._blocks.pop(next(iter(self._blocks)))
+            self._blocks[b] = (draws, ranks)
+        return self._blocks[b]
+
+    def at(self, q: int) -> tuple[int, int]:
+        b, i = divmod(int(q), _BLOCK)
+        while len(self._starts) <= b:
+            n = len(self._starts) - 1
+            self._starts.append(self._starts[n] + np.bincount(self._block(n)[0], minlength=len(self.probs)))
+        draws, ranks = self._block(b)
+        c = int(draws[i])
+        return c, int(self._starts[b][c] + ranks[i])
+
+
+def record_group(raw: dict, table) -> tuple[int, int]:
+    """(aspect bucket of the target, number of input images) of a record; reads image headers only."""
+    rec = records.normalize(raw)
+    h, w = records.image_size(rec["target"])
+    return buckets.choose_bucket(h, w, table), records.num_inputs(rec)
+
+
+class StepPlan:
+    """Which records make the global batch of each step: the same on every process, and
+    independent of the number of processes.
+
+    A group is an (aspect bucket, number of input images) pair; one batch holds one group, so
+    its shapes are static. The group of step s is drawn from (seed, s) with each group's
+    share of the mixture (sum over the mixture's parts of part weight x fraction of the
+    part's records in the group). Within a group, each sample position draws its part from
+    (seed, group, position), weighted likewise, and takes that part's next record of the
+    group, in an order reshuffled every epoch from (seed, part, group, epoch). So the global
+    batch of step s is `records(s)`: `global_batch` (part, record index) pairs; a process
+    feeds rows [process_index * B, (process_index + 1) * B) of it.
+
+    With `num_epochs`, a part's records of a group are used at most that often: the plan ends
+    at the first step that needs more, whose batch keeps the rows before that point (`length`,
+    `valid_rows` of the last step); otherwise it is endless.
     """
 
-    def __init__(self, parent: grain.MapDataset, batch_size: int):
-        super().__init__(parent)
-        self.batch_size = batch_size
-        self.start, self.step = 0, 1
+    def __init__(
+        self,
+        members: list[dict[int, np.ndarray]],
+        part_weights,
+        part_seeds,
+        groups,
+        global_batch: int,
+        seed: int,
+        num_epochs: int | None,
+    ):
+        # members[p][g]: record indices of part p in group g (groups index `self.groups`)
+        self.groups, self.members, self.global_batch = list(groups), members, int(global_batch)
+        self.part_seeds, self.seed, self.num_epochs = list(part_seeds), int(seed), num_epochs
+        share = np.zeros((len(members), len(self.groups)))
+        for p, by_group in enumerate(members):
+            total = sum(len(v) for v in by_group.values())
+            for g, idx in by_group.items():
+                share[p, g] = part_weights[p] * len(idx) / total
+        self.group_parts = [np.flatnonzero(share[:, g] > 0) for g in range(len(self.groups))]
+        self.steps = _Draws(share.sum(0), (self.seed, 0))
+        self.within = [_Draws(share[self.group_parts[g], g], (self.seed, 1, g)) for g in range(len(self.groups))]
+        self._orders: dict[tuple[int, int, int], np.ndarray] = {}
+        self.length, self.valid_rows = _ENDLESS, self.global_batch
+        if num_epochs is not None:
+            self.length, self.valid_rows = self._finite_end()
 
-    def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
-        if sequential_slice:
-            raise ValueError("BucketBatch supports strided worker slices only")
-        start, step = sl.start or 0, sl.step or 1
-        self.start, self.step = self.start + start * self.step, self.step * step
+    def group(self, step: int) -> int:
+        return self.steps.at(step)[0]
 
-    def __iter__(self):
-        return _BucketBatchIterator(self)
+    def _record(self, g: int, q: int) -> tuple[int, int] | None:
+        """(part, record index) at position q of group g's stream; None past the epochs."""
+        j, k = self.within[g].at(q)
+        p = int(self.group_parts[g][j])
+        idx = self.members[p][g]
+        epoch, i = divmod(k, len(idx))
+        if self.num_epochs is not None and epoch >= self.num_epochs:
+            return None
+        key = (p, g, epoch)
+        if key not in self._orders:
+            if len(self._orders) >= 64:
+                self._orders.pop(next(iter(self._orders)))
+            self._orders[key] = np.random.default_rng((self.seed, 2, self.part_seeds[p], g, epoch)).permutation(idx)
+        return p, int(self._orders[key][i])
+
+    def records(self, step: int, rows: range | None = None) -> list[tuple[int, int] | None]:
+        """The (part, record) pairs of the given rows (default all) of step `step`'s global
+        batch; None for a padding row of the last step of a finite plan."""
+        g, j = self.steps.at(step)
+        rows = range(self.global_batch) if rows is None else rows
+        valid = self.valid_rows if step == self.length - 1 else self.global_batch
+        return [self._record(g, j * self.global_batch + r) if r < valid else None for r in rows]
+
+    def _finite_end(self) -> tuple[int, int]:
+        step = 0
+        while True:
+            g, j = self.steps.at(step)
+            for r in range(self.global_batch):
+                if self._record(g, j * self.global_batch + r) is None:
+                    if r == 0:
+                        raise ValueError("data.num_epochs: the plan ends before its first full batch")
+                    return step + 1, r
+            step += 1
+
+
+class StepBatches(grain.MapDataset):
+    """Step s -> this process's rows of the global batch of s (prepared samples, one group).
+
+    A MapDataset indexed by step, so the iterator's state is the next step only: the same on
+    every process and valid for any process count. Padding rows (finite plans) repeat the
+    step's last valid sample with `padding` set."""
+
+    def __init__(self, plan: StepPlan, parts: list, prepare: Prepare, rows: list[int]):
+        super().__init__()
+        self.plan, self.parts, self.prepare, self.rows = plan, parts, prepare, list(rows)
+
+    def __len__(self) -> int:
+        return self.plan.length
+
+    def __getitem__(self, step):
+        if isinstance(step, slice):
+            return self.slice(step)
+        step = int(step)
+        picks = self.plan.records(step, self.rows)
+        samples = [None if pick is None else self._sample(pick, step) for pick in picks]
+        if any(s is None for s in samples):
+            last = [pick for pick in self.plan.records(step) if pick is not None][-1]
+            filler = dict(self._sample(last, step), padding=True)
+            samples = [filler if s is None else s for s in samples]
+        return samples
+
+    def _sample(self, pick: tuple[int, int], step: int) -> dict:
+        part, index = pick
+        sample = self.prepare.map(self.parts[part][index])
+        bucket, n = self.plan.groups[self.plan.group(step)]
+        if sample["key"] != f"b{bucket}_n{n}":
+            raise ValueError(
+                f"record {sample['id']} changed: planned in bucket {bucket} with {n} inputs, read as {sample['key']}"
+            )
+        return sample
 
     def __str__(self) -> str:
-        return f"BucketBatch(batch_size={self.batch_size}, start={self.start}, step={self.step})"
+        return f"StepBatches(global_batch={self.plan.global_batch}, rows={self.rows[0]}..{self.rows[-1]})"
 
 
-class _BucketBatchIterator(grain.DatasetIterator):
-    def __init__(self, ds: BucketBatch):
-        super().__init__()
-        self._ds, self._source = ds, ds._parent
-        self._length = len(self._source)
-        self._pos = 0  # next position k: index start + k * step
-        self._buffers: dict[str, list[tuple[int, Any]]] = {}
-
-    def __next__(self):
-        bs = self._ds.batch_size
-        while True:
-            index = self._ds.start + self._pos * self._ds.step
-            if index >= self._length:
-                break
-            self._pos += 1
-            sample = self._source[index]
-            buf = self._buffers.setdefault(sample["key"], [])
-            buf.append((index, sample))
-            if len(buf) == bs:
-                del self._buffers[sample["key"]]
-                return [s for _, s in buf]
-        for key in sorted(self._buffers):  # end of a finite dataset: partial batches, padded
-            buf = self._buffers.pop(key)
-            if buf:
-                samples = [s for _, s in buf]
-                return samples + [dict(samples[-1], padding=True)] * (bs - len(samples))
-        raise StopIteration
-
-    def get_state(self) -> dict:
-        return {"pos": int(self._pos), "buffers": {k: [int(i) for i, _ in v] for k, v in sorted(self._buffers.items())}}
-
-    def set_state(self, state: dict) -> None:
-        self._pos = int(state["pos"])
-        self._buffers = {k: [(int(i), self._source[int(i)]) for i in v] for k, v in state["buffers"].items()}
+def process_rows(batch_size: int, process_index: int, process_count: int, micro_batches: int = 1) -> list[int]:
+    """The rows of the global batch (`batch_size * process_count` rows) that process
+    `process_index` feeds, in its order: [i * B, (i + 1) * B) with B = `batch_size`; with
+    gradient accumulation, its share of each micro-batch in turn, so that the micro-batch m
+    a step assembles from every process's m-th chunk is rows [m * G / A, (m + 1) * G / A) of
+    the global batch (G rows, A micro-batches), as on one process."""
+    if batch_size % micro_batches:
+        raise ValueError(f"{batch_size} rows per process are not divisible by {micro_batches} micro-batches")
+    chunk, per_micro = batch_size // micro_batches, batch_size * process_count // micro_batches
+    return [m * per_micro + process_index * chunk + r for m in range(micro_batches) for r in range(chunk)]
 
 
 class Collate(grain.transforms.Map):
@@ -262,14 +397,49 @@ class Collate(grain.transforms.Map):
         }
 
 
+def make_plan(config: ml_collections.ConfigDict, process_count: int = 1) -> tuple[StepPlan, list]:
+    """The `StepPlan` of the `data` config for `process_count` processes of `data.batch_size`
+    rows each, and the sources of its parts (in mixture order)."""
+    table, _ = buckets.paired_tables(config.area, config.multiple, config.vlm_area, config.vlm_multiple, config.ratios)
+    parts, members, weights, seeds = [], [], [], []
+    groups: dict[tuple[int, int], int] = {}
+    for name, task, weight in parse_mixture(config.mixture, config.dataset):
+        source = builders.load_source(config.data_dir, name, task, config.split)
+        if len(source) == 0:
+            raise ValueError(f"{name}/{task} split {config.split} has no records")
+        by_group: dict[tuple[int, int], list[int]] = {}
+        for i in range(len(source)):  # one pass over the record headers: the group of every record
+            by_group.setdefault(record_group(source[i], table), []).append(i)
+        parts.append(source)
+        members.append({groups.setdefault(k, len(groups)): np.asarray(v) for k, v in sorted(by_group.items())})
+        weights.append(weight)
+        seeds.append(zlib.crc32(f"{name}/{task}".encode()))
+    plan = StepPlan(
+        members,
+        weights,
+        seeds,
+        sorted(groups, key=groups.get),
+        config.batch_size * process_count,
+        config.seed,
+        config.num_epochs,
+    )
+    return plan, parts
+
+
 def make_dataset(
-    config: ml_collections.ConfigDict, processor, *, process_index: int | None = None, process_count: int | None = None
+    config: ml_collections.ConfigDict,
+    processor,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    micro_batches: int = 1,
 ) -> grain.IterDataset:
     """The pipeline of the module docstring as a grain IterDataset (iterate it, checkpoint its iterator).
 
     `config` is the `data` section (`default_config()`); `processor` follows
     `qk_jax.data.vlm_inputs.VLMProcessor` (e.g. `vlm_inputs.load_processor(folder)`).
-    Process index / count default to JAX's.
+    Process index / count default to JAX's. `micro_batches` (gradient accumulation) orders a
+    process's rows by micro-batch (`process_rows`).
     """
     if process_index is None or process_count is None:
         import jax
@@ -296,30 +466,22 @@ def make_dataset(
                 f"data.vlm_area={config.vlm_area} gives a {vh}x{vw} VLM image outside the processor's "
                 f"[{geo['min_pixels']}, {geo['max_pixels']}] pixels; change data.vlm_area"
             )
-    parts, weights = [], []
-    for name, task, weight in parse_mixture(config.mixture, config.dataset):
-        source = builders.load_source(config.data_dir, name, task, config.split)
-        ds = grain.MapDataset.source(source)[process_index::process_count]
-        if len(ds) == 0:
-            raise ValueError(
-                f"{name}/{task} split {config.split} has {len(source)} records: "
-                f"none for process {process_index} of {process_count}"
+    plan, parts = make_plan(config, process_count)
+    prepare = Prepare(table, vlm_table, config.image_slots)
+    batched = (
+        StepBatches(plan, parts, prepare, process_rows(config.batch_size, process_index, process_count, micro_batches))
+        .map(
+            Collate(
+                processor,
+                config.image_slots,
+                config.max_text_len,
+                config.padding_side,
+                geo["patch_size"],
+                geo["patch_dim"],
+                vlm_table,
             )
-        ds = ds.shuffle(seed=(config.seed * 1_000_003 + zlib.crc32(f"{name}/{task}".encode())) % 2**31)
-        parts.append(ds.repeat(config.num_epochs))
-        weights.append(weight)
-    mixed = grain.MapDataset.mix(parts, weights) if len(parts) > 1 else parts[0]
-    prepared = mixed.map(Prepare(table, vlm_table, config.image_slots))
-    batched = BucketBatch(prepared, config.batch_size).map(
-        Collate(
-            processor,
-            config.image_slots,
-            config.max_text_len,
-            config.padding_side,
-            geo["patch_size"],
-            geo["patch_dim"],
-            vlm_table,
         )
+        .to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     )
     if config.num_workers > 0:
         batched = batched.mp_prefetch(
