@@ -33,13 +33,13 @@ from qk_jax import optim, sharding
 from qk_jax.train_step import make_train_step
 
 
-def _replicated(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
-    """The replicated sharding on `sharding`'s devices (a single device's sharding is its own)."""
-    if isinstance(sharding, NamedSharding):
-        return NamedSharding(sharding.mesh, P())
-    if len(sharding.device_set) == 1:
-        return sharding
-    raise ValueError(f"parameters placed with {sharding!r}: expected NamedShardings (sharding.tree_shardings)")
+def _replicated(like: jax.sharding.Sharding) -> jax.sharding.Sharding:
+    """The replicated sharding on `like`'s devices (a single device's sharding is its own)."""
+    if isinstance(like, NamedSharding):
+        return NamedSharding(like.mesh, P())
+    if len(like.device_set) == 1:
+        return like
+    raise ValueError(f"parameters placed with {like!r}: expected NamedShardings (sharding.tree_shardings)")
 
 
 def _struct(shape, dtype, sharding) -> jax.ShapeDtypeStruct:
