@@ -125,6 +125,10 @@ SIZES = {
         steps=72000,
         learning_rate=1e-4,
         mesh=dict(data=1, fsdp=-1, tensor=4),
+        # What a pod run computes with: bf16 activations (fp32 master weights, Adam moments
+        # and EMA) and every layer of the scanned stacks rematerialised in the backward pass.
+        dtype="bfloat16",
+        remat="full",
     ),
 }
 
@@ -178,8 +182,8 @@ def stage_config(stage: int, size: str) -> ml_collections.ConfigDict:
     m.position_scheme = "shifted_2d"  # or "frame" (FLUX.1-Kontext)
     m.lora_vlm = dict(s["lora_vlm"], targets=VLM_LORA_TARGETS) if stage == 1 else dict(rank=0, alpha=0.0, targets=())
     m.lora_dit = dict(s["lora_dit"], targets=DIT_LORA_TARGETS) if stage == 3 else dict(rank=0, alpha=0.0, targets=())
-    m.dtype = "float32"  # compute dtype ("bfloat16" on accelerators); parameters stay float32
-    m.remat = "none"  # "none" | "full" | "dots" | "save_attn_proj" | "offload_attn_proj" (models/layers.py)
+    m.dtype = s.get("dtype", "float32")  # compute dtype ("bfloat16" on accelerators); parameters stay float32
+    m.remat = s.get("remat", "none")  # none | full | dots | save_attn_proj | offload_attn_proj (layers.py)
     m.attention_impl = "xla"  # "xla" | "dot_product" | "cudnn" | "splash" (Pallas TPU)
     m.prediction = s.get("prediction", "velocity")  # "velocity" | "x0" | "preconditioned" (see models/kontext.py)
     m.sigma_data = 0.5  # "preconditioned": standard deviation of the clean latents

@@ -2,20 +2,20 @@
 of time, on a CPU machine (libtpu), and say whether they fit the chip's memory.
 
     qk-jax aot --config configs/stage2.py:paper --topology v5p:4x4x4 \\
-        --mesh data=1,fsdp=64,tensor=1 --batch 512 \\
-        --config.model.dtype=bfloat16 --config.model.remat=full --json aot.json
+        --mesh data=1,fsdp=64,tensor=1 --batch 512 --json aot.json
 
 What is compiled (with `jax.jit(...).lower(...).compile()` against the topology's
 compile-only devices, every argument an abstract `jax.ShapeDtypeStruct` carrying the
 NamedSharding the real run gives it):
 
-- train: `train_step.make_train_step` with the stage's trainable set, optimizer (AdamW,
-  clipping, schedule), EMA and gradient accumulation, on the state `train.py` builds
-  (trainable / frozen parameters sharded by the logical-axis rules of `sharding.py`,
-  optimizer state and EMA sharded like their parameters), the state donated as in
-  `train.py`, and a batch with the shapes `model_inputs.prepare_batch` gives for the
-  config (square bucket of `data.area`, its VLM image at `data.vlm_area`, `data.max_text_len`
-  tokens, K queries, `--inputs` input images per sample, default `data.image_slots`);
+- train: the jitted step `train.py` runs (`train_state.jit_train_step`: the stage's
+  trainable set, optimizer (AdamW, clipping, schedule), EMA, gradient accumulation, the
+  state's in/out shardings and its donation), lowered with the abstract train state
+  (`train_state.abstract_state`: parameters sharded by the logical-axis rules of
+  `sharding.py`, optimizer state and EMA sharded like their parameters) and a batch with
+  the shapes `model_inputs.prepare_batch` gives for the config (square bucket of
+  `data.area`, its VLM image at `data.vlm_area`, `data.max_text_len` tokens, K queries,
+  `--inputs` input images per sample, default `data.image_slots`);
 - sample: `sample.sample_loop`, the whole sampling loop (`sample.steps` steps of one
   batched, guided DiT call: text CFG, and dual guidance when the stage has the low-level
   path), on the inference parameters (LoRA merged) and the condition stream that
@@ -25,8 +25,10 @@ Per program it prints the per-device memory from `compiled.memory_analysis()`
 (arguments, outputs, temporaries, aliased bytes, generated code; peak = arguments +
 outputs - aliases + temporaries + code), the analytic FLOPs (`qk_jax.flops`; XLA's own
 count is shown for reference only: it counts a scanned layer stack's body once), the
-compile time, and whether the peak fits the chip's HBM with `--headroom` left free. The
-last line is the verdict: `FITS` or `DOES NOT FIT`.
+compile time, and whether the peak fits the chip's HBM with `--headroom` left free. A
+program XLA refuses to compile for lack of memory (`RESOURCE_EXHAUSTED`) does not fit, with
+the per-device bytes XLA says it asks for. The last line is the verdict: `FITS` or
+`DOES NOT FIT` (exit code 0 / 1).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -44,7 +47,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from qk_jax import flops, logs, model_config, optim, sharding
+from qk_jax import flops, logs, model_config, optim, sharding, train_state
 from qk_jax.config import ConfigError
 from qk_jax.data import buckets
 from qk_jax.data.model_inputs import prepare_batch
@@ -52,7 +55,6 @@ from qk_jax.data.vocab import TASKS
 from qk_jax.models.kontext import QueryKontext
 from qk_jax.models.lora import LORA_KEY
 from qk_jax.sharding import format_bytes
-from qk_jax.train_step import make_train_step
 
 GIB = 1024**3
 # HBM per chip (GiB).
@@ -188,42 +190,6 @@ def _replicated(mesh):
     return NamedSharding(mesh, P())
 
 
-def abstract_params(model: QueryKontext, mesh, rules_by_submodel=None):
-    """ShapeDtypeStructs of the whole parameter tree with their NamedShardings (the rule
-    tables `rules_by_submodel`, default `sharding.RULES_BY_SUBMODEL`)."""
-    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)  # a real key would need a device
-    abstract, specs = sharding.abstract_init(model.init, key)
-    return sharding.abstract_with_shardings(abstract, sharding.tree_shardings(abstract, specs, mesh, rules_by_submodel))
-
-
-def _like(tree):
-    return jax.tree.map(lambda a: a.sharding, tree)
-
-
-def abstract_train_state(params, trainable_prefixes, tx, ema: bool, mesh) -> dict[str, Any]:
-    """The abstract `train_step.init_state(...)`: optimizer state and EMA sharded like their parameters."""
-    import optax
-
-    trainable, frozen = optim.partition(params, trainable_prefixes)
-    opt = jax.eval_shape(tx.init, trainable)
-    shardings = _like(trainable)
-    replicated = _replicated(mesh)
-    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, opt, shardings, transform_non_params=lambda _: replicated)
-    opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), opt, opt_shardings)
-    state = {
-        "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
-        "trainable": trainable,
-        "frozen": frozen,
-        "opt_state": opt_state,
-        "ema": (
-            jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=a.sharding), trainable)
-            if ema
-            else None
-        ),
-    }
-    return state
-
-
 # ----------------------------------------------------------------------------- compiling
 
 
@@ -242,43 +208,88 @@ def memory_of(compiled) -> dict[str, int]:
     return out
 
 
-def _compile(fn, args, mesh, **jit_kwargs) -> tuple[Any, float, float]:
+# XLA's compile-time verdict on a program larger than the chip (libtpu), e.g. "RESOURCE_EXHAUSTED: Ran out of
+# memory on HBM, the total memory required for HLO temporaries (136.79G) exceeds available HBM (15.75G)."
+_OOM = re.compile(r"required for HLO temporaries \(([\d.]+)([KMGTP]?)\) exceeds available HBM \(([\d.]+)([KMGTP]?)\)")
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4, "P": 1024**5}  # XLA's sizes are binary
+
+
+def out_of_memory(error: BaseException) -> dict[str, Any] | None:
+    """For XLA's RESOURCE_EXHAUSTED at compile time: {"requested_bytes", "available_bytes"
+    (per device; None when the message does not say), "message" (its first line)}; else None."""
+    text = str(error)
+    if "RESOURCE_EXHAUSTED" not in text:
+        return None
+    line = text.strip().splitlines()[0]
+    m = _OOM.search(text)
+    size = lambda number, unit: int(float(number) * _UNITS[unit])
+    return {
+        "requested_bytes": size(m.group(1), m.group(2)) if m else None,
+        "available_bytes": size(m.group(3), m.group(4)) if m else None,
+        "message": line,
+    }
+
+
+def _compile_lowered(lowered, mesh) -> tuple[Any, float, dict[str, Any] | None]:
+    """(compiled or None, seconds, `out_of_memory` or None): a program larger than the chip
+    is a verdict, not an error."""
+    with jax.set_mesh(mesh), sharding.activation_rules_context():
+        t0 = time.perf_counter()
+        try:
+            compiled = lowered.compile()
+        except jax.errors.JaxRuntimeError as e:
+            oom = out_of_memory(e)
+            if oom is None:
+                raise
+            return None, time.perf_counter() - t0, oom
+    return compiled, time.perf_counter() - t0, None
+
+
+def _lower(fn, args, mesh, **jit_kwargs) -> tuple[Any, float]:
     with jax.set_mesh(mesh), sharding.activation_rules_context():
         t0 = time.perf_counter()
         lowered = jax.jit(fn, **jit_kwargs).lower(*args)
-        t1 = time.perf_counter()
-        compiled = lowered.compile()
-        t2 = time.perf_counter()
-    return compiled, t1 - t0, t2 - t1
+    return lowered, time.perf_counter() - t0
+
+
+def _compiled_entry(compiled, oom, lower_s: float, compile_s: float) -> dict[str, Any]:
+    """The report entry's memory / timing fields of a compiled program, or of one XLA found
+    too large (`out_of_memory` set, `memory` None)."""
+    return {
+        "memory": memory_of(compiled) if compiled is not None else None,
+        "out_of_memory": oom,
+        "lower_seconds": lower_s,
+        "compile_seconds": compile_s,
+    }
+
+
+def lower_train(model, config, mesh, params, batch) -> tuple[Any, dict[str, Any], float]:
+    """The train step `train.py` runs (`train_state.jit_train_step`: the same in/out shardings
+    and donation) lowered with the abstract train state of `params` and the abstract `batch`.
+    Returns (lowered, abstract state, seconds)."""
+    t = config.train
+    tx = optim.make_optimizer(t)
+    state = train_state.abstract_state(params, t.trainable, tx, t.ema_decay > 0)
+    step = train_state.jit_train_step(model, tx, t, train_state.state_shardings(state))
+    with jax.set_mesh(mesh), sharding.activation_rules_context():
+        t0 = time.perf_counter()
+        lowered = step.lower(state, batch)
+    return lowered, state, time.perf_counter() - t0
 
 
 def compile_train(model, config, mesh, params, batch) -> dict[str, Any]:
     """Compiles the train step; returns its report entry."""
-    t = config.train
-    tx = optim.make_optimizer(t)
-    state = abstract_train_state(params, t.trainable, tx, t.ema_decay > 0, mesh)
-    step = make_train_step(
-        model,
-        tx,
-        seed=t.seed,
-        grad_accum=int(t.grad_accum),
-        ema_decay=t.ema_decay,
-        lr_schedule=optim.learning_rate_schedule(t),
-    )
-    state_shardings = jax.tree.map(lambda a: a.sharding, state)
-    compiled, lower_s, compile_s = _compile(
-        step, (state, batch), mesh, donate_argnums=(0,), out_shardings=(state_shardings, _replicated(mesh))
-    )
-    counted = flops.kontext_train_step_flops(model.config, batch, t.trainable, state["trainable"].get(LORA_KEY))
+    lowered, state, lower_s = lower_train(model, config, mesh, params, batch)
+    compiled, compile_s, oom = _compile_lowered(lowered, mesh)
+    trainable = config.train.trainable
+    counted = flops.kontext_train_step_flops(model.config, batch, trainable, state["trainable"].get(LORA_KEY))
     return {
-        "memory": memory_of(compiled),
-        "lower_seconds": lower_s,
-        "compile_seconds": compile_s,
+        **_compiled_entry(compiled, oom, lower_s, compile_s),
         "flops": {
             "analytic": counted["total"],
             "analytic_with_remat": counted["hardware_total"],
             "parts": {k: v["total"] for k, v in counted["parts"].items()},
-            "xla_per_device": flops.xla_flops_per_device(compiled),
+            "xla_per_device": flops.xla_flops_per_device(compiled) if compiled is not None else None,
         },
         "state_bytes_per_device": _tree_bytes(state),
         "params": {"trainable": _count(state["trainable"]), "frozen": _count(state["frozen"])},
@@ -328,19 +339,18 @@ def compile_sample(model, config, mesh, params, batch, sample_batch: int) -> dic
         f32(()),
     )
     loop = sample_loop(model, s.method, text_cfg, dual, s.get("guidance_mode", "cfg"))
-    compiled, lower_s, compile_s = _compile(loop, args, mesh)
+    lowered, lower_s = _lower(loop, args, mesh)
+    compiled, compile_s, oom = _compile_lowered(lowered, mesh)
     branches = 3 if dual else (2 if text_cfg else 1)
     evals = steps * (2 if s.method == "heun" else 1)
     n_total = one_batch["img_ids"].shape[1]
     per_eval = flops.mmdit_flops(kcfg.generator, branches * sample_batch, n_total, cond.shape[1], n_target).total
     return {
-        "memory": memory_of(compiled),
-        "lower_seconds": lower_s,
-        "compile_seconds": compile_s,
+        **_compiled_entry(compiled, oom, lower_s, compile_s),
         "flops": {
             "analytic": per_eval * evals,
             "per_dit_call": per_eval,
-            "xla_per_device": flops.xla_flops_per_device(compiled),
+            "xla_per_device": flops.xla_flops_per_device(compiled) if compiled is not None else None,
         },
         "sample_batch": sample_batch,
         "steps": steps,
@@ -404,7 +414,7 @@ def run(
         f"remat {config.model.remat}\n{model_config.describe(kcfg)}"
     )
     # Traced outside the topology's mesh: nothing here may touch its (compile-only) devices.
-    params = abstract_params(model, mesh, sharding.rules_from_config(config))
+    params = train_state.params_target(model, mesh, sharding.rules_from_config(config))
     batch_abs = abstract_batch(
         kcfg, config.data, mesh, int(config.train.batch_size), n_inputs, int(config.train.grad_accum)
     )
@@ -437,13 +447,11 @@ def run(
             entry = compile_train(model, config, mesh, params, batch_abs)
         else:
             entry = compile_sample(model, config, mesh, params, batch_abs, sample_batch)
-        entry["flops"]["xla_total"] = entry["flops"]["xla_per_device"] * n_dev
+        xla = entry["flops"]["xla_per_device"]
+        entry["flops"]["xla_total"] = None if xla is None else xla * n_dev
         entry["seconds_at_peak"] = _seconds_at_peak(entry["flops"]["analytic"], n_dev, device_kind)
         report["programs"][name] = entry
-        log(
-            f"aot: {name} compiled in {entry['compile_seconds']:.0f} s; peak "
-            f"{format_bytes(entry['memory']['peak'])} per device"
-        )
+        log(f"aot: {name} compiled in {entry['compile_seconds']:.0f} s; {_memory_words(entry)} per device")
     return judge(report)
 
 
@@ -456,7 +464,7 @@ def judge(report: dict[str, Any], headroom: float | None = None) -> dict[str, An
         raise ValueError(f"headroom={report['headroom']}: a fraction of HBM in [0, 1)")
     budget = (1.0 - report["headroom"]) * report["hbm_bytes"]
     for entry in report["programs"].values():
-        entry["fits"] = entry["memory"]["peak"] <= budget
+        entry["fits"] = entry["out_of_memory"] is None and entry["memory"]["peak"] <= budget
     report["fits"] = all(e["fits"] for e in report["programs"].values())
     report["verdict"] = verdict_line(report)
     return report
@@ -467,11 +475,33 @@ def _seconds_at_peak(total_flops: float, n_dev: int, device_kind: str) -> float 
     return None if key is None else float(total_flops) / (n_dev * flops.PEAK_FLOPS[key])
 
 
+def peak_bytes(entry: Mapping[str, Any]) -> float:
+    """A program's per-device peak: the compiled program's, or the bytes XLA said a program
+    too large for the chip asks for (infinite when its message does not say)."""
+    oom = entry.get("out_of_memory")
+    if oom is None:
+        return entry["memory"]["peak"]
+    return math.inf if oom["requested_bytes"] is None else oom["requested_bytes"]
+
+
+def _memory_words(entry: Mapping[str, Any]) -> str:
+    """ "peak 12.3 GiB", or for a program XLA found too large "out of memory: asks for 136.8 GiB of 15.8 GiB"."""
+    oom = entry.get("out_of_memory")
+    if oom is None:
+        return f"peak {format_bytes(entry['memory']['peak'])}"
+    if oom["requested_bytes"] is None:
+        return f"out of memory ({oom['message']})"
+    return f"out of memory: asks for {format_bytes(oom['requested_bytes'])} of {format_bytes(oom['available_bytes'])}"
+
+
 def verdict_line(report: Mapping[str, Any]) -> str:
-    worst = max(report["programs"].items(), key=lambda kv: kv[1]["memory"]["peak"])
+    worst = max(report["programs"].items(), key=lambda kv: peak_bytes(kv[1]))
     hbm = report["hbm_bytes"] / GIB
     word = "FITS" if report["fits"] else "DOES NOT FIT"
-    parts = ", ".join(f"{n} {format_bytes(e['memory']['peak'])}" for n, e in report["programs"].items())
+    parts = ", ".join(
+        f"{n} {format_bytes(e['memory']['peak'])}" if e.get("out_of_memory") is None else f"{n} {_memory_words(e)}"
+        for n, e in report["programs"].items()
+    )
     return (
         f"{word}: {parts} per device (peak: {worst[0]}) on {report['topology']} "
         f"({report['chip']}, {hbm:.0f} GiB HBM, {100 * report['headroom']:.0f}% headroom), mesh "
@@ -501,6 +531,9 @@ def format_report(report: Mapping[str, Any]) -> str:
     lines.append("")
     lines.append(f"{'per device':<18}" + "".join(f"{f:>15}" for f in fields) + f"{'fits':>7}")
     for name, e in report["programs"].items():
+        if e.get("out_of_memory") is not None:  # XLA refused to compile it: no breakdown
+            lines.append(f"{name:<18}{'XLA: ' + _memory_words(e):>{15 * len(fields)}}{'NO':>7}")
+            continue
         m = e["memory"]
         cells = "".join(f"{format_bytes(m[f]):>15}" for f in fields)
         lines.append(f"{name:<18}{cells}{'yes' if e['fits'] else 'NO':>7}")
@@ -516,7 +549,12 @@ def format_report(report: Mapping[str, Any]) -> str:
             f"{name}: analytic {_flops(f['analytic'])} per {'step' if name == 'train' else 'sampling run'}"
             + (f" ({_flops(f['analytic_with_remat'])} with remat)" if "analytic_with_remat" in f else "")
             + (f", {at_peak:.3g} s at 100% of the chips' peak" if at_peak else "")
-            + f"; XLA cost analysis {_flops(f['xla_total'])} (counts scan bodies once); "
+            + (
+                f"; XLA cost analysis {_flops(f['xla_total'])} (counts scan bodies once)"
+                if f["xla_total"] is not None
+                else ""
+            )
+            + "; "
             f"lowered in {e['lower_seconds']:.0f} s, compiled in {e['compile_seconds']:.0f} s"
         )
         if name == "train":
@@ -533,6 +571,14 @@ def format_report(report: Mapping[str, Any]) -> str:
             )
     lines.append(report["verdict"])
     return "\n".join(lines)
+
+
+def _table_gib(entry: Mapping[str, Any]) -> str:
+    """Per-device peak in GiB for the table; "> HBM" style for a program XLA found too large."""
+    peak = peak_bytes(entry)
+    if entry.get("out_of_memory") is None:
+        return f"{peak / GIB:.1f}"
+    return "out of memory" if math.isinf(peak) else f"{peak / GIB:.1f} (out of memory)"
 
 
 def markdown_table(reports) -> str:
@@ -566,8 +612,8 @@ def markdown_table(reports) -> str:
                     str(c["global_batch"]) + (f" ({c['grad_accum']} micro)" if c["grad_accum"] > 1 else ""),
                     c["dtype"],
                     c["remat"],
-                    f"{train['memory']['peak'] / GIB:.1f}" if train else "-",
-                    f"{sample['memory']['peak'] / GIB:.1f} ({sample['sample_batch']} prompts)" if sample else "-",
+                    _table_gib(train) if train else "-",
+                    f"{_table_gib(sample)} ({sample['sample_batch']} prompts)" if sample else "-",
                     f"{train['flops']['analytic'] / 1e15:.1f}" if train else "-",
                     " / ".join(f"{progs[n]['compile_seconds']:.0f}" if n in progs else "-" for n in PROGRAMS),
                     "yes" if r["fits"] else "**no**",

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from qk_jax.tree import flatten_tree, unflatten_tree
+from qk_jax.tree import flatten_tree, path_str, unflatten_tree
 
 
 def _matches(path: str, prefixes: Iterable[str]) -> bool:
@@ -63,12 +63,40 @@ def learning_rate_schedule(cfg) -> optax.Schedule:
     )
 
 
+# Weight decay by a parameter's role, read from its path (never from its rank: scanned layer
+# stacks give biases and norm scales a leading layer axis). Decayed: the kernels of Dense /
+# Conv layers, and the LoRA factors of a kernel (`lora/.../kernel/a`, `.../kernel/b`).
+# Not decayed: biases, norm scales (RMSNorm / LayerNorm `scale`, `weight`, GroupNorm `gamma`),
+# embeddings (token embeddings, the kontext query embedding, positional tables).
+DECAYED_LEAVES = ("kernel",)
+LORA_FACTORS = ("a", "b")
+NOT_DECAYED_LEAVES = ("bias", "scale", "weight", "gamma", "beta", "embedding")
+
+
+def decays(path: str) -> bool:
+    """Whether AdamW's weight decay applies to the parameter at `path` ("dit/.../attn/img_q/kernel").
+    ValueError naming a leaf whose role the rules above do not know."""
+    parts = path.split("/")
+    name = parts[-1]
+    if name in DECAYED_LEAVES:
+        return True
+    if name in LORA_FACTORS and len(parts) >= 2 and parts[-2] in DECAYED_LEAVES:
+        return True
+    if name in NOT_DECAYED_LEAVES:
+        return False
+    raise ValueError(
+        f"parameter {path!r}: no weight-decay role for a leaf named {name!r} (decayed: {DECAYED_LEAVES} and the "
+        f"LoRA factors {LORA_FACTORS} of a kernel; not decayed: {NOT_DECAYED_LEAVES}); name it by its role"
+    )
+
+
+def decay_mask(tree: Any) -> Any:
+    """`tree`'s structure with True where weight decay applies (`decays`)."""
+    return jax.tree_util.tree_map_with_path(lambda p, _: decays(path_str(p)), tree)
+
+
 def make_optimizer(cfg) -> optax.GradientTransformation:
-    """AdamW (decoupled weight decay, not on norms/biases/1-D params) after global-norm clipping."""
-
-    def decay_mask(tree):
-        return jax.tree.map(lambda x: x.ndim >= 2, tree)
-
+    """AdamW (decoupled weight decay on kernels only, see `decays`) after global-norm clipping."""
     parts = []
     if cfg.grad_clip_norm and cfg.grad_clip_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))

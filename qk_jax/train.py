@@ -32,7 +32,18 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from qk_jax import checkpoint as ckpt_lib
-from qk_jax import distributed, fault_points, flops, logs, model_config, optim, pretrained, sharding, surgery
+from qk_jax import (
+    distributed,
+    fault_points,
+    flops,
+    logs,
+    model_config,
+    optim,
+    pretrained,
+    sharding,
+    surgery,
+    train_state,
+)
 from qk_jax.config import ConfigError
 from qk_jax.data import pipeline as data_pipeline
 from qk_jax.data import vlm_inputs
@@ -40,7 +51,6 @@ from qk_jax.data.model_inputs import place_batch, prepare_batch
 from qk_jax.data.tokenizer import build_tokenizer
 from qk_jax.data.vocab import TASKS
 from qk_jax.models.kontext import QueryKontext
-from qk_jax.train_step import init_state, make_train_step
 
 
 def define_flags() -> None:
@@ -179,18 +189,17 @@ def from_training_run(path: str, root: str) -> bool:
     return root != os.path.normpath(path) or os.path.basename(root) == "checkpoints"
 
 
-def build_state(model: QueryKontext, config, mesh, tx, checkpointer):
+def build_state(model: QueryKontext, config, mesh, tx, checkpointer, abstract=None):
     """Fresh (random, plus any pretrained weights the config names), resumed, or initialised
-    from another stage's checkpoint. Returns (state, data_state, step)."""
+    from another stage's checkpoint, every leaf with the sharding of `abstract` (default:
+    `train_state.state_target` of the config). Returns (state, data_state, step)."""
     kcfg = model.config
-    abstract, specs = sharding.abstract_init(model.init, jax.random.key(0))
-    rules = sharding.rules_from_config(config)
-    shardings = sharding.tree_shardings(abstract, specs, mesh, rules)
-    target = sharding.abstract_with_shardings(abstract, shardings)
-    ema = config.train.ema_decay > 0
+    if abstract is None:
+        abstract = train_state.state_target(model, config, mesh, tx)
+    target = optim.combine(abstract["trainable"], abstract["frozen"])
     if checkpointer.latest_step() is not None:
         try:
-            return _restore_run(checkpointer, target, tx, config, ema)
+            return _restore_run(checkpointer, abstract, config.train.trainable)
         except ckpt_lib.NoGoodCheckpointError as e:  # every step was moved aside (each named in a warning)
             logs.warning(f"{e}; all were moved aside, starting this run from the beginning")
     if config.train.init_from:
@@ -203,30 +212,27 @@ def build_state(model: QueryKontext, config, mesh, tx, checkpointer):
         logs.info(f"initialised from {root} step {restored['step']}")
     else:
         params, shardings_tree, _ = sharding.init_sharded(
-            model.init, mesh, jax.random.key(config.train.seed), rules_by_submodel=rules
+            model.init, mesh, jax.random.key(config.train.seed), rules_by_submodel=sharding.rules_from_config(config)
         )
         params, loaded = pretrained.load_pretrained(params, config, kcfg, shardings_tree)
         for key, folder in loaded.items():
             logs.info(f"{key}: pretrained weights from {folder}")
-    return init_state(params, config.train.trainable, tx, ema), None, 0
+    shardings = train_state.state_shardings(abstract)
+    return train_state.init_state(params, config.train.trainable, tx, abstract["ema"] is not None, shardings), None, 0
 
 
-def _restore_run(checkpointer, params_target, tx, config, ema: bool):
-    trainable_t, frozen_t = optim.partition(params_target, config.train.trainable)
-    opt_abstract = jax.eval_shape(tx.init, trainable_t)
-    # The optimizer state follows its parameters' shardings; scalars are replicated.
-    opt_target = _opt_state_target(opt_abstract, trainable_t)
+def _restore_run(checkpointer, abstract, trainable_prefixes) -> tuple[dict[str, Any], Any, int]:
+    """The newest readable checkpoint restored into the abstract train state (every leaf
+    with the sharding a fresh start gives it); returns (state, data state, step)."""
     restored = checkpointer.restore(
-        params=params_target,
-        opt_state=opt_target,
-        ema=jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=a.sharding), trainable_t)
-        if ema
-        else None,
+        params=optim.combine(abstract["trainable"], abstract["frozen"]),
+        opt_state=abstract["opt_state"],
+        ema=abstract["ema"],
         quarantine=True,
     )
-    trainable, frozen = optim.partition(restored["params"], config.train.trainable)
+    trainable, frozen = optim.partition(restored["params"], trainable_prefixes)
     state = {
-        "step": jnp.asarray(restored["step"], jnp.int32),
+        "step": jax.device_put(jnp.asarray(restored["step"], jnp.int32), abstract["step"].sharding),
         "trainable": trainable,
         "frozen": frozen,
         "opt_state": restored["opt_state"],
@@ -234,21 +240,6 @@ def _restore_run(checkpointer, params_target, tx, config, ema: bool):
     }
     logs.info(f"resumed from step {restored['step']}")
     return state, restored.get("data"), int(restored["step"])
-
-
-def _opt_state_target(opt_abstract, trainable_target):
-    """Shardings for an optax state: leaves shaped like a parameter take its sharding."""
-    by_shape = {}
-    for leaf in jax.tree.leaves(trainable_target):
-        by_shape.setdefault((tuple(leaf.shape), leaf.dtype), leaf.sharding)
-    any_sharding = jax.tree.leaves(trainable_target)[0].sharding
-    replicated = jax.sharding.NamedSharding(any_sharding.mesh, jax.sharding.PartitionSpec())
-
-    def one(a):
-        s = by_shape.get((tuple(a.shape), a.dtype)) if a.ndim else None
-        return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s or replicated)
-
-    return jax.tree.map(one, opt_abstract)
 
 
 def state_for_checkpoint(state) -> dict[str, Any]:
@@ -280,8 +271,9 @@ def train(config, workdir: str) -> dict[str, Any]:
         max_to_keep=config.train.keep_checkpoints,
         keep_period=int(config.train.get("keep_period", 0)),
     )
+    abstract = train_state.state_target(model, config, mesh, tx)
     with jax.set_mesh(mesh), sharding.activation_rules_context():
-        state, data_state, start = build_state(model, config, mesh, tx, checkpointer)
+        state, data_state, start = build_state(model, config, mesh, tx, checkpointer, abstract=abstract)
     if start == 0:
         n_train = sum(x.size for x in jax.tree.leaves(state["trainable"]))
         n_frozen = sum(x.size for x in jax.tree.leaves(state["frozen"]))
@@ -296,19 +288,8 @@ def train(config, workdir: str) -> dict[str, Any]:
     if data_state is not None:
         iterator.set_state(data_state)
 
-    nonfinite_mode = config.train.get("nonfinite", "stop")
-    step_fn = jax.jit(
-        make_train_step(
-            model,
-            tx,
-            seed=config.train.seed,
-            grad_accum=config.train.grad_accum,
-            ema_decay=config.train.ema_decay,
-            lr_schedule=optim.learning_rate_schedule(config.train),
-            skip_nonfinite=nonfinite_mode == "skip_step",
-        ),
-        donate_argnums=(0,),
-    )
+    nonfinite_mode = config.train.get("nonfinite", "stop")  # "skip_step" is applied inside the step
+    step_fn = train_state.jit_train_step(model, tx, config.train, train_state.state_shardings(abstract))
     guard = NonFiniteGuard(nonfinite_mode, skips=_skips_before(checkpointer, start), last_saved=start or None)
     peak = peak_flops_per_device(config.train.peak_tflops_per_device)
     metrics_path = os.path.join(workdir, "metrics.jsonl")

@@ -8,6 +8,7 @@
   only, so frozen parameters carry no optimizer state;
 - LoRA adapters (`params["lora"]`) run unmerged (`x W + x a (s b)`), so only the small
   factors are differentiated;
+- the state's shardings and the jitted step over them are `train_state.py`'s;
 - gradient accumulation scans over micro-batches stacked on a leading axis;
 - the step's randomness is `fold_in(seed, step)`, so a resumed run draws the same noise,
   timesteps and condition dropout as an uninterrupted one;
@@ -19,7 +20,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -124,19 +125,3 @@ def make_train_step(
         return new_state, metrics
 
     return step
-
-
-def init_state(
-    params: Mapping[str, Any], trainable_prefixes, tx: optax.GradientTransformation, ema: bool
-) -> dict[str, Any]:
-    """The train state of a parameter tree (opt state and EMA follow the params' shardings)."""
-    trainable, frozen = optim.partition(params, trainable_prefixes)
-    opt_state = jax.jit(tx.init)(trainable)
-    state = {
-        "step": jnp.zeros((), jnp.int32),
-        "trainable": trainable,
-        "frozen": frozen,
-        "opt_state": opt_state,
-        "ema": jax.jit(lambda t: jax.tree.map(lambda x: x.astype(jnp.float32), t))(trainable) if ema else None,
-    }
-    return state

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from cli_env import tpu_init_errors, user_env
-from qk_jax import aot, sharding
+from qk_jax import aot, sharding, train_state
 from qk_jax.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,7 +73,7 @@ def test_fsdp_shards_the_state():
 
     with config.unlocked():
         config.mesh = dict(mesh.shape)
-    params = aot.abstract_params(QueryKontext(model_config.validate(config, 4)), mesh)
+    params = train_state.params_target(QueryKontext(model_config.validate(config, 4)), mesh)
     per_device, total = aot._tree_bytes(params), sum(x.size * x.dtype.itemsize for x in _leaves(params))
     assert per_device < 0.5 * total, (per_device, total)
 
@@ -94,9 +94,9 @@ def test_doubling_fsdp_halves_each_devices_train_state():
         mesh, _ = aot.topology_mesh(TOPOLOGY, sharding.parse_mesh(f"data={4 // fsdp},fsdp={fsdp}"))
         with config.unlocked():
             config.mesh = dict(mesh.shape)
-        params = aot.abstract_params(QueryKontext(model_config.validate(config, 4)), mesh)
-        state = aot.abstract_train_state(
-            params, config.train.trainable, optim.make_optimizer(config.train), config.train.ema_decay > 0, mesh
+        params = train_state.params_target(QueryKontext(model_config.validate(config, 4)), mesh)
+        state = train_state.abstract_state(
+            params, config.train.trainable, optim.make_optimizer(config.train), config.train.ema_decay > 0
         )
         leaves = jax.tree_util.tree_flatten_with_path(state)[0]
         per_leaf[fsdp] = {jax.tree_util.keystr(p): aot._tree_bytes(leaf) for p, leaf in leaves}
@@ -192,3 +192,38 @@ def test_two_slice_topology_mesh_and_compile():
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.activation_rules()):
         compiled = jax.jit(jax.grad(loss)).lower(params, x).compile()
     assert compiled.memory_analysis().temp_size_in_bytes > 0
+
+
+def test_xla_out_of_memory_message_gives_the_bytes_asked_for():
+    # libtpu's words for a program larger than the chip (v5e:2x2, seen compiling the case below)
+    error = RuntimeError(
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+        "(136.79G) exceeds available HBM (15.75G).\nmore detail"
+    )
+    oom = aot.out_of_memory(error)
+    assert oom["requested_bytes"] == int(136.79 * aot.GIB) and oom["available_bytes"] == int(15.75 * aot.GIB)
+    assert oom["message"].startswith("RESOURCE_EXHAUSTED: Ran out of memory") and "\n" not in oom["message"]
+    assert aot.out_of_memory(RuntimeError("INVALID_ARGUMENT: bad shape")) is None
+    unparsed = aot.out_of_memory(RuntimeError("RESOURCE_EXHAUSTED: something new"))
+    assert unparsed["requested_bytes"] is None and unparsed["message"] == "RESOURCE_EXHAUSTED: something new"
+
+
+@pytest.mark.slow
+def test_a_program_larger_than_the_chip_is_a_verdict_not_an_error():
+    """The tiny stage-2 train step at a global batch of 65 536 on v5e:2x2 (16 GiB chips): XLA
+    refuses it at compile time; the report says DOES NOT FIT with the memory it asked for."""
+    config = load_config("configs/stage2.py:tiny")
+    report = aot.run(
+        config, TOPOLOGY, sharding.parse_mesh("data=4"), batch=65536, programs=("train",), log=lambda *a, **k: None
+    )
+    train = report["programs"]["train"]
+    assert not report["fits"] and not train["fits"] and train["memory"] is None
+    asked = train["out_of_memory"]["requested_bytes"]
+    assert asked > report["hbm_bytes"] > train["out_of_memory"]["available_bytes"] > 0.9 * report["hbm_bytes"]
+    assert train["flops"]["analytic"] > 0  # the analytic count needs no compiled program
+    text = aot.format_report(report)
+    last = text.splitlines()[-1]
+    assert last == report["verdict"] and last.startswith("DOES NOT FIT: train out of memory: asks for ")
+    assert sharding.format_bytes(asked) in last and "v5e:2x2" in last
+    assert "(out of memory)" in aot.markdown_table([report])
+    json.dumps(report)

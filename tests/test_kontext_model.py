@@ -10,7 +10,8 @@ import kontext_util as ku
 from qk_jax import flops, optim, sharding
 from qk_jax.data.model_inputs import place_batch
 from qk_jax.models.kontext import QueryKontext
-from qk_jax.train_step import init_state, make_loss_fn, make_train_step
+from qk_jax.train_state import init_state
+from qk_jax.train_step import make_loss_fn, make_train_step
 
 EXPECTED_TRAINABLE = {
     1: ({"queries", "connector", "head", "lora/vlm"}, {"vlm"}),
