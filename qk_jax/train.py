@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
+import tempfile
 import time
 from typing import Any
 
@@ -31,7 +31,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from qk_jax import checkpoint as ckpt_lib
-from qk_jax import distributed, flops, logs, model_config, optim, pretrained, sharding, surgery
+from qk_jax import distributed, flops, logs, model_config, optim, paths, pretrained, sharding, surgery
 from qk_jax.config import ConfigError
 from qk_jax.data import pipeline as data_pipeline
 from qk_jax.data import vlm_inputs
@@ -77,7 +77,7 @@ def processor_source(config) -> tuple[str, str] | None:
     if config.data.processor:
         return config.data.processor, "data.processor"
     vlm_ckpt = config.model.vlm.get("checkpoint", "")
-    if vlm_ckpt and os.path.isfile(os.path.join(vlm_ckpt, "tokenizer_config.json")):
+    if vlm_ckpt and paths.isfile(paths.join(vlm_ckpt, "tokenizer_config.json")):
         return vlm_ckpt, "model.vlm.checkpoint"
     if config.train.init_from:  # the previous stage's tokenizer travels with its checkpoint
         _, processor = ckpt_lib.resolve_run(config.train.init_from)
@@ -102,19 +102,16 @@ class WorkdirError(OSError):
 
 
 def check_workdir(workdir: str) -> None:
-    """Creates the workdir and proves it writable, or raises WorkdirError naming it. Local
-    paths only (a gs:// workdir is checked by its first write)."""
-    if "://" in workdir:
-        return
+    """Creates the workdir (a local path or a URL, `paths`) and proves it writable, or raises
+    WorkdirError naming it."""
     try:
-        os.makedirs(workdir, exist_ok=True)
+        paths.makedirs(workdir)
     except OSError as e:
         raise WorkdirError(f"workdir {workdir} cannot be created: {e.strerror or e}") from None
-    probe = os.path.join(workdir, f".write_test_{os.getpid()}")
+    probe = paths.join(workdir, f".write_test_{os.getpid()}_{jax.process_index()}")
     try:
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
+        paths.write_text(probe, "ok")
+        paths.remove(probe)
     except OSError as e:
         raise WorkdirError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
 
@@ -122,28 +119,33 @@ def check_workdir(workdir: str) -> None:
 def ensure_processor(config, workdir: str) -> str:
     """The run's processor folder inside the workdir: the tokenizer / processor files (never
     weights) copied from `processor_source`, or the offline tokenizer built there (tests, the
-    demo)."""
-    dst = os.path.join(workdir, "processor")
-    if os.path.exists(os.path.join(dst, "tokenizer_config.json")):
-        return dst
+    demo). Returns a local folder: the workdir's processor/ itself, or for a URL workdir a
+    local copy of it (the tokenizer reads local files)."""
+    dst = paths.join(workdir, "processor")
+    if paths.exists(paths.join(dst, "tokenizer_config.json")):
+        return paths.local_folder(dst)
     source = processor_source(config)
     if jax.process_index() == 0:
-        shutil.rmtree(dst + ".tmp", ignore_errors=True)
+        paths.rmtree(dst + ".tmp")
         if source:
             vlm_inputs.copy_processor(source[0], dst + ".tmp", source[1])
+        elif paths.is_url(dst):  # built locally, then copied in
+            with tempfile.TemporaryDirectory() as local:
+                build_tokenizer(local)
+                paths.upload_folder(local, dst + ".tmp")
         else:
             build_tokenizer(dst + ".tmp")
-        os.replace(dst + ".tmp", dst)
+        paths.move_folder(dst + ".tmp", dst, last=("tokenizer_config.json",))
     distributed.barrier("processor")
-    return dst
+    return paths.local_folder(dst)
 
 
 def from_training_run(path: str, root: str) -> bool:
     """Whether `train.init_from` names a training run (a workdir holding `checkpoints/`, or
     that `checkpoints/` folder itself) rather than the output of `qk-jax surgery`, which is
     only taken when complete (`surgery.require_complete`)."""
-    root = os.path.normpath(root)
-    return root != os.path.normpath(path) or os.path.basename(root) == "checkpoints"
+    root = paths.normalize(root)
+    return root != paths.normalize(path) or paths.basename(root) == "checkpoints"
 
 
 def build_state(model: QueryKontext, config, mesh, tx, checkpointer):
@@ -243,7 +245,7 @@ def train(config, workdir: str) -> dict[str, Any]:
     model = QueryKontext(kcfg)
     tx = optim.make_optimizer(config.train)
     checkpointer = ckpt_lib.Checkpointer(
-        os.path.join(workdir, "checkpoints"),
+        paths.join(workdir, "checkpoints"),
         max_to_keep=config.train.keep_checkpoints,
         keep_period=int(config.train.get("keep_period", 0)),
     )
@@ -278,7 +280,7 @@ def train(config, workdir: str) -> dict[str, Any]:
     )
     guard = NonFiniteGuard(nonfinite_mode, skips=_skips_before(checkpointer, start), last_saved=start or None)
     peak = peak_flops_per_device(config.train.peak_tflops_per_device)
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    metrics_path = paths.join(workdir, "metrics.jsonl")
     if main:  # a resumed run retrains the steps after its checkpoint: their old records go
         drop_metrics_after(metrics_path, start)
     writer = _writer(workdir, purge_step=start + 1 if start else None) if main else None
@@ -396,8 +398,7 @@ def measure_signal(
     values = signal.measure(sampler)
     flat = signal_lib.flatten(values)
     logs.info(f"signal @ step {step}: {signal_lib.summary_line(values)}")
-    with open(metrics_path, "a") as f:
-        f.write(json.dumps({"step": step, "signal": flat}) + "\n")
+    paths.append_text(metrics_path, json.dumps({"step": step, "signal": flat}) + "\n")
     if writer is not None:
         for key, value in flat.items():
             writer.add_scalar(f"signal/{key}", value, step)
@@ -487,12 +488,10 @@ def write_samples(config, kcfg, state, processor, mesh, step: int, workdir: str,
     n = min(int(config.train.sample_images), len(source))
     prompts = [records_lib.normalize(source[i])["prompt"] for i in range(n)]
     images = sampler.generate(sampler.records(prompts), seed=0)
-    path = os.path.join(workdir, "samples", f"step_{step}.png")
-    save_grid(images, path)
+    path = paths.join(workdir, "samples", f"step_{step}.png")
+    grid = save_grid(images, path)
     if writer is not None:
-        from PIL import Image
-
-        writer.add_image("samples/t2i", np.asarray(Image.open(path)), step, dataformats="HWC")
+        writer.add_image("samples/t2i", grid, step, dataformats="HWC")
         writer.add_text("samples/prompts", "\n".join(f"{i}: {p}" for i, p in enumerate(prompts)), step)
         writer.flush()
     return path
@@ -510,11 +509,11 @@ def peak_flops_per_device(override_tflops: float) -> float | None:
 
 
 def _writer(workdir: str, purge_step: int | None = None):
-    """TensorBoard writer; `purge_step` makes TensorBoard drop the earlier events of steps
-    >= purge_step (those a resumed run writes again)."""
-    from tensorboardX import SummaryWriter
+    """TensorBoard writer (`tb_writer`: a URL workdir too); `purge_step` makes TensorBoard drop
+    the earlier events of steps >= purge_step (those a resumed run writes again)."""
+    from qk_jax import tb_writer
 
-    return SummaryWriter(os.path.join(workdir, "tb"), purge_step=purge_step)
+    return tb_writer.summary_writer(paths.join(workdir, "tb"), purge_step=purge_step)
 
 
 def _record_step(line: str) -> int | None:
@@ -528,17 +527,18 @@ def _record_step(line: str) -> int | None:
 def drop_metrics_after(path: str, step: int) -> int:
     """Removes the records of steps after `step` (and any line cut short by a kill) from
     metrics.jsonl, rewritten atomically; returns how many lines were dropped."""
-    if not os.path.exists(path):
+    if not paths.exists(path):
         return 0
-    with open(path) as f:
-        lines = f.readlines()
+    lines = paths.read_text(path).splitlines(keepends=True)
     steps = [_record_step(line) for line in lines]
     keep = [line for line, s in zip(lines, steps) if s is not None and s <= step]
     if len(keep) == len(lines):
         return 0
-    with open(path + ".tmp", "w") as f:
-        f.writelines(keep)
-    os.replace(path + ".tmp", path)
+    if paths.is_url(path):  # one object write replaces the object whole
+        paths.write_text(path, "".join(keep))
+    else:
+        paths.write_text(path + ".tmp", "".join(keep))
+        paths.replace(path + ".tmp", path)
     return len(lines) - len(keep)
 
 
@@ -582,8 +582,7 @@ def _log(record: dict, path: str, writer) -> None:
         f"{record['step_seconds']:.3f}s/step  {record['tokens_per_second']:.0f} tok/s  "
         f"{record['tflops_per_device']:.3f} TFLOP/s/dev  MFU {100 * record['mfu']:.1f}%"
     )
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    paths.append_text(path, json.dumps(record) + "\n")
     if writer is not None:
         s = record["step"]
         for key in (

@@ -19,8 +19,9 @@ PACKAGE = "qk_jax"
 # Layer of each top-level unit of qk_jax (a module or a subpackage), bottom first. A module
 # may import its own layer and the layers below, never one above.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    # 0 foundations: paths, flow math, solvers, CFG, platform choice, test pause points, logging
-    ("tree", "flow", "flow_solvers", "guidance", "platforms", "fault_points", "logs"),
+    # 0 foundations: tree paths, flow math, solvers, CFG, platform choice, test pause points, logging,
+    # run folders (local or URL) and their TensorBoard writer
+    ("tree", "flow", "flow_solvers", "guidance", "platforms", "fault_points", "logs", "paths", "tb_writer"),
     ("models",),  # 1 Flax modules and their config dataclasses
     ("data", "flops", "sharding", "distributed", "optim", "dit_seeding"),  # 2 inputs, FLOPs, mesh rules, optax
     ("config", "checkpoint", "train_step"),  # 3 config files and checks, Orbax, the jitted step
