@@ -31,7 +31,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from qk_jax import checkpoint as ckpt_lib
-from qk_jax import distributed, flops, logs, model_config, optim, paths, pretrained, sharding, surgery
+from qk_jax import distributed, flops, logs, model_config, optim, paths, pretrained, profiling, sharding, surgery
 from qk_jax.config import ConfigError
 from qk_jax.data import pipeline as data_pipeline
 from qk_jax.data import vlm_inputs
@@ -238,6 +238,7 @@ def train(config, workdir: str) -> dict[str, Any]:
     kcfg = model_config.validate(config, jax.device_count(), model_config.build_kontext_config(config, special))
     mesh = sharding.make_mesh(config.mesh)
     main = distributed.is_main_process()
+    profiler = profiling.StepProfiler.for_run(config.train.get("profile_steps", ""), workdir)
     logs.info(
         f"stage {config.stage} ({config.size}) on {jax.device_count()} {jax.devices()[0].platform} devices, "
         f"mesh {dict(mesh.shape)}\n{model_config.describe(kcfg)}"
@@ -290,19 +291,31 @@ def train(config, workdir: str) -> dict[str, Any]:
     window = None  # step metrics summed over the logging window (device arrays, no host sync per step)
     signal = _learning_signal(config) if main else None
     flops_cache: dict = {}
+    useful_cache: dict = {}
+    times = profiling.StepTimes()  # compute / data / checkpoint seconds of the logging window
+    window_flops = window_padded_flops = 0  # useful and padded model FLOPs of the window's steps
     step = start
     try:
         for step in range(start, config.train.steps):
-            host = next(iterator)
-            batch = prepare_batch(kcfg, host, accum=config.train.grad_accum, processes=jax.process_count())
+            profiler.before(step)
+            with times.part("data"):
+                host = next(iterator)
+                batch = prepare_batch(kcfg, host, accum=config.train.grad_accum, processes=jax.process_count())
+                with jax.set_mesh(mesh), sharding.activation_rules_context():
+                    placed = place_batch(batch, mesh)
             shape_key = tuple((k, np.shape(v)) for k, v in batch.items() if k != "vision_plan")
             if shape_key not in flops_cache:  # batches differ in shape by bucket and input count
                 flops_cache[shape_key] = flops.kontext_train_step_flops(
                     kcfg, batch, config.train.trainable, state["trainable"].get("lora")
                 )["total"]
-            flops_per_step = flops_cache[shape_key]
+            window_padded_flops += flops_cache[shape_key]
+            # MFU counts the real work only: each row at its prompt's real length, no padding rows
+            window_flops += flops.kontext_useful_flops(
+                kcfg, batch, config.train.trainable, state["trainable"].get("lora"), cache=useful_cache
+            )
             with jax.set_mesh(mesh), sharding.activation_rules_context():
-                state, metrics = step_fn(state, place_batch(batch, mesh))
+                state, metrics = step_fn(state, placed)
+            profiler.after(step, metrics)
             checkpointer.check_save()  # a failed background save stops the run at the next step
             guard.push(step + 1, metrics)
             steps_since += 1
@@ -313,25 +326,30 @@ def train(config, workdir: str) -> dict[str, Any]:
                 m = jax.device_get(window)
                 now = time.perf_counter()
                 dt = (now - t_last) / steps_since
-                record = _record(step + 1, m, steps_since, dt, batch, flops_per_step, peak)
+                record = _record(step + 1, m, steps_since, dt, batch, window_flops / steps_since, peak)
+                record.update({f"{k}_seconds": v / steps_since for k, v in times.take(now).items()})
+                record["useful_flops_fraction"] = window_flops / window_padded_flops
                 record["nonfinite_skips"] = guard.skips
                 t_last, steps_since, window = now, 0, None
+                window_flops = window_padded_flops = 0
                 losses.append(record["loss"])
                 if main:
                     _log(record, metrics_path, writer)
             if (step + 1) % config.train.checkpoint_every == 0 or last or stop.requested:
                 guard.settle()  # nothing non-finite is ever saved
-                checkpointer.save(
-                    step + 1,
-                    **state_for_checkpoint(state),
-                    data=iterator.get_state(),
-                    config=config,
-                    meta={"nonfinite_skips": guard.skips},
-                    force=True,
-                )
+                with times.part("checkpoint"):
+                    checkpointer.save(
+                        step + 1,
+                        **state_for_checkpoint(state),
+                        data=iterator.get_state(),
+                        config=config,
+                        meta={"nonfinite_skips": guard.skips},
+                        force=True,
+                    )
                 guard.last_saved = step + 1
             if stop.requested:
-                checkpointer.wait()
+                with times.part("checkpoint"):
+                    checkpointer.wait()
                 logs.info(f"signal {stop.signal}: checkpoint written at step {step + 1}; exiting")
                 break
             # Optional extras run after the step's checkpoint is saved, so they cannot lose it; at the
@@ -341,7 +359,8 @@ def train(config, workdir: str) -> dict[str, Any]:
             every = config.train.signal.every
             signal_due = signal is not None and (last or (every and (step + 1) % every == 0))
             if last and (samples_due or signal_due):
-                checkpointer.wait()
+                with times.part("checkpoint"):
+                    checkpointer.wait()
             if samples_due:
                 optional_samples(config, kcfg, state, processor, mesh, step + 1, workdir, writer)
             if signal_due:
@@ -352,6 +371,7 @@ def train(config, workdir: str) -> dict[str, Any]:
         checkpointer.close(report=False)  # a pending good save still lands; the first error is the one raised
         raise
     finally:
+        profiler.close()
         if writer is not None:
             writer.close()
     checkpointer.close()
@@ -580,7 +600,9 @@ def _log(record: dict, path: str, writer) -> None:
     logs.info(
         f"step {record['step']:6d}  loss {record['loss']:.4f}  [{tasks}]  |g| {record['grad_norm']:.3f}  "
         f"{record['step_seconds']:.3f}s/step  {record['tokens_per_second']:.0f} tok/s  "
-        f"{record['tflops_per_device']:.3f} TFLOP/s/dev  MFU {100 * record['mfu']:.1f}%"
+        f"{record['tflops_per_device']:.3f} TFLOP/s/dev  MFU {100 * record['mfu']:.1f}%  "
+        f"(compute {record['compute_seconds']:.3f}s, data {record['data_seconds']:.3f}s, "
+        f"checkpoint {record['checkpoint_seconds']:.3f}s per step)"
     )
     paths.append_text(path, json.dumps(record) + "\n")
     if writer is not None:
@@ -593,6 +615,9 @@ def _log(record: dict, path: str, writer) -> None:
             "tokens_per_second",
             "tflops_per_device",
             "mfu",
+            "compute_seconds",
+            "data_seconds",
+            "checkpoint_seconds",
         ):
             writer.add_scalar(f"train/{key}", record[key], s)
         for task, value in record["task_loss"].items():

@@ -24,7 +24,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("tree", "flow", "flow_solvers", "guidance", "platforms", "fault_points", "logs", "paths", "tb_writer"),
     ("models",),  # 1 Flax modules and their config dataclasses
     ("data", "flops", "sharding", "distributed", "optim", "dit_seeding"),  # 2 inputs, FLOPs, mesh rules, optax
-    ("config", "checkpoint", "train_step"),  # 3 config files and checks, Orbax, the jitted step
+    ("config", "checkpoint", "train_step", "profiling"),  # 3 config, Orbax, the jitted step, step timing
     ("model_config",),  # 4 a loaded config -> the model's KontextConfig
     ("run_params",),  # 5 a run's weights, as sampling and export read them
     ("convert", "eval"),  # 6 HF / diffusers <-> ours; the judge and the learning signal
