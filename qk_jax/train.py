@@ -5,8 +5,12 @@
       processor/            the tokenizer / image processor files the run uses (copied, never weights,
                             from data.processor / model.vlm.checkpoint / train.init_from, or built)
       metrics.jsonl         one JSON line per logged step
-      tb/                   TensorBoard scalars (loss per task, grad norm, step time, tokens/s,
-                            TFLOP/s per device, MFU) and sample images
+      tb/                   TensorBoard scalars (loss per task, grad norm, step time and its compute /
+                            data / checkpoint parts, tokens/s, TFLOP/s per device, MFU) and sample images
+      profile/              a jax.profiler trace of `train.profile_steps` (qk_jax/profiling.py)
+
+The workdir is a local folder or a URL (gs://bucket/run): every read and write of it goes
+through `qk_jax/paths.py`.
 
 A run resumes from the newest readable checkpoint in its workdir, exactly: the data
 iterator, optimizer, EMA and the per-step random key continue where they stopped, so the

@@ -55,8 +55,11 @@ def test_train_resume_surgery_and_sample_on_a_gs_workdir(bucket, shapes_dir):
             1, shapes_dir, f"train.steps={steps}", "train.checkpoint_every=2", "data.mixture={'t2i': 1.0}"
         )
 
-    assert train(config(2), run)["end_step"] == 2
+    first = config(2)
+    first.train.profile_steps = "0:1"  # traced locally, then copied to the URL
+    assert train(first, run)["end_step"] == 2
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["2"]
+    assert list((run_dir / "profile").rglob("*.xplane.pb"))
     assert (run_dir / "processor/tokenizer_config.json").is_file()
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(run_dir / "tb"))
     # a resume reads the processor and the metrics back from the URL and appends to them
