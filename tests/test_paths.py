@@ -45,7 +45,7 @@ def test_paths_on_a_url(bucket):
     assert backend.calls > 0
 
 
-@pytest.mark.slow  # two short tiny stage-1 runs, a surgery and one sample: ~1 min on 2 CPU cores
+@pytest.mark.slow  # two short tiny stage-1 runs, a surgery and one sample: minutes on 2 shared CPU cores
 def test_train_resume_surgery_and_sample_on_a_gs_workdir(bucket, shapes_dir):
     backend, root = bucket
     run, run_dir = "gs://bkt/runs/stage1", root / "bkt/runs/stage1"

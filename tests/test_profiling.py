@@ -69,7 +69,7 @@ def test_profile_steps_field():
             profiling.parse_steps(bad)
 
 
-@pytest.mark.slow  # a tiny stage-1 run of 3 steps: ~1 min on 2 CPU cores
+@pytest.mark.slow  # a tiny stage-1 run of 3 steps: minutes on 2 shared CPU cores
 def test_trace_and_time_split_of_a_training_run(shapes_dir, tmp_path):
     workdir = str(tmp_path / "run")
     config = ku.stage_config(1, shapes_dir, "train.steps=3", "train.checkpoint_every=2", "train.profile_steps=1:2")
