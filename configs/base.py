@@ -215,6 +215,9 @@ def stage_config(stage: int, size: str) -> ml_collections.ConfigDict:
     # completions from partly noised images, judge scores of full samples.
     t.signal = dict(every=0, samples=s.get("signal_samples", 8), noise_seeds=2, completion_steps=10, judge_samples=8)
     t.peak_tflops_per_device = 0.0  # 0: from the device kind (measured on CPU)
+    # "START:STOP": a jax.profiler trace of the steps after the first START up to STOP in
+    # <workdir>/profile/ (TensorBoard's profile plugin, xprof); "": off
+    t.profile_steps = ""
     t.init_from = ""  # an Orbax checkpoint of this stage to start from (written by `qk-jax surgery`)
     t.nonfinite = "stop"  # a non-finite loss / gradient / update: "stop" (exit, nothing saved) or "skip_step"
 

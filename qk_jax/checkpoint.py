@@ -44,7 +44,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from qk_jax import logs
+from qk_jax import logs, paths
 from qk_jax.tree import path_str
 
 ARRAY_ITEMS = ("params", "opt_state", "ema")
@@ -705,11 +705,11 @@ def resolve_run(path: str | os.PathLike) -> tuple[str, str | None]:
     Every option that takes a run (`train.init_from`, `qk-jax sample --checkpoint`,
     `qk-jax surgery --src`) goes through here, so each accepts both.
     """
-    path = os.fspath(path)
-    root = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
-    if not os.path.isdir(root):
+    path = os.fspath(path)  # a local path or a URL (`paths`)
+    root = paths.join(path, "checkpoints") if paths.isdir(paths.join(path, "checkpoints")) else path
+    if not paths.isdir(root):
         raise FileNotFoundError(f"checkpoint folder {path} does not exist")
-    for cand in (os.path.join(path, "processor"), os.path.join(os.path.dirname(root), "processor")):
-        if os.path.exists(os.path.join(cand, "tokenizer_config.json")):
+    for cand in (paths.join(path, "processor"), paths.join(paths.dirname(root), "processor")):
+        if paths.exists(paths.join(cand, "tokenizer_config.json")):
             return root, cand
     return root, None

@@ -25,15 +25,15 @@ what the DiT drew.
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import time
 from typing import Any
 
 import jax
 import numpy as np
 
-from qk_jax import logs
+from qk_jax import logs, paths
 from qk_jax.config import load_config
 
 # Steps per stage and data sizes: the default fits ~15 minutes on 2 CPU cores.
@@ -62,8 +62,8 @@ class Phases:
     """Times each phase, logs banners, remembers what finished (DIR/phases.json)."""
 
     def __init__(self, workdir: str):
-        self.path = os.path.join(workdir, "phases.json")
-        self.done: dict[str, float] = json.load(open(self.path)) if os.path.exists(self.path) else {}
+        self.path = paths.join(workdir, "phases.json")
+        self.done: dict[str, float] = json.loads(paths.read_text(self.path)) if paths.exists(self.path) else {}
         self.t0 = time.perf_counter()
 
     def run(self, name: str, fn, *, always: bool = False):
@@ -74,15 +74,14 @@ class Phases:
         start = time.perf_counter()
         out = fn()
         self.done[name] = time.perf_counter() - start
-        with open(self.path, "w") as f:
-            json.dump(self.done, f, indent=1)
+        paths.write_text(self.path, json.dumps(self.done, indent=1))
         logs.info(f"== {name}: {self.done[name]:.0f}s")
         return out
 
 
 def stage_config(stage: int, size: str, workdir: str, steps: int, init_from: str = "", signal: dict | None = None):
     overrides = [
-        f"data.data_dir={os.path.join(workdir, 'data')}",
+        f"data.data_dir={paths.join(workdir, 'data')}",
         f"train.steps={steps}",
         f"train.log_every={max(1, steps // 20)}",
         f"train.checkpoint_every={max(steps // 2, 1)}",
@@ -103,11 +102,13 @@ def run_demo(workdir: str, mode: str = "default", size: str = "demo", ablation: 
     from qk_jax.train import train
 
     s = SETTINGS[mode]
-    os.makedirs(workdir, exist_ok=True)
+    if paths.is_url(workdir):  # the data builders write local folders
+        raise ValueError(f"--workdir {workdir}: the demo builds its data set in the workdir, give a local folder")
+    paths.makedirs(workdir)
     phases = Phases(workdir)
-    data_dir = os.path.join(workdir, "data")
-    runs = {i: os.path.join(workdir, f"stage{i}") for i in (1, 2, 3)}
-    ckpts = {i: os.path.join(workdir, f"surgery_{i - 1}to{i}") for i in (2, 3)}
+    data_dir = paths.join(workdir, "data")
+    runs = {i: paths.join(workdir, f"stage{i}") for i in (1, 2, 3)}
+    ckpts = {i: paths.join(workdir, f"surgery_{i - 1}to{i}") for i in (2, 3)}
     configs = {}
 
     phases.run(
@@ -155,12 +156,11 @@ def run_demo(workdir: str, mode: str = "default", size: str = "demo", ablation: 
     }
     if ablation_report is not None:
         report["ablation"] = ablation_report
-    with open(os.path.join(workdir, "report.json"), "w") as f:
-        json.dump(report, f, indent=1, default=str)
-    write_markdown(report, os.path.join(workdir, "report.md"))
+    paths.write_text(paths.join(workdir, "report.json"), json.dumps(report, indent=1, default=str))
+    write_markdown(report, paths.join(workdir, "report.md"))
     print(f"\nscores (held-out test split): {json.dumps(report['scores'])}")
     print(
-        f"report: {os.path.join(workdir, 'report.md')}; grid: {os.path.join(workdir, 'grid.png')}; "
+        f"report: {paths.join(workdir, 'report.md')}; grid: {paths.join(workdir, 'grid.png')}; "
         f"total {report['total_wall_seconds']:.0f}s",
         flush=True,
     )
@@ -174,12 +174,12 @@ def run_ablation(
     source / references in the DiT's image stream), same steps and data, against the main run."""
     from qk_jax.train import train
 
-    run = os.path.join(workdir, ABLATION, "stage3")
+    run = paths.join(workdir, ABLATION, "stage3")
     config = stage_config(3, size, workdir, s["steps"][2], surgery_ckpt, s.get("signal"))
     with config.unlocked():
         config.model.low_level = False
     phases.run(f"{ABLATION}_stage3", lambda: train(config, run))
-    data_dir = os.path.join(workdir, "data")
+    data_dir = paths.join(workdir, "data")
     other = phases.run(
         f"{ABLATION}_evaluate",
         lambda: evaluate(run, data_dir, workdir, s, tasks=("edit",), grid=f"grid_{ABLATION}.png"),
@@ -199,21 +199,21 @@ def run_ablation(
 
 
 def _last_loss(run: str) -> float | None:
-    path = os.path.join(run, "metrics.jsonl")
-    if not os.path.exists(path):
+    path = paths.join(run, "metrics.jsonl")
+    if not paths.exists(path):
         return None
-    records = [json.loads(line) for line in open(path).read().splitlines() if line.strip()]
+    records = [json.loads(line) for line in paths.read_text(path).splitlines() if line.strip()]
     losses = [r["loss"] for r in records if "loss" in r]  # signal lines carry no loss
     return losses[-1] if losses else None
 
 
 def _last_signal(run: str) -> dict[str, float] | None:
     """The learning signal the stage measured last (`qk_jax.eval.signal`), from its metrics.jsonl."""
-    path = os.path.join(run, "metrics.jsonl")
-    if not os.path.exists(path):
+    path = paths.join(run, "metrics.jsonl")
+    if not paths.exists(path):
         return None
     signals = [
-        r for r in (json.loads(line) for line in open(path).read().splitlines() if line.strip()) if "signal" in r
+        r for r in (json.loads(line) for line in paths.read_text(path).splitlines() if line.strip()) if "signal" in r
     ]
     return dict(signals[-1]["signal"], step=signals[-1]["step"]) if signals else None
 
@@ -253,7 +253,7 @@ def evaluate(
                 if sum(1 for r in rows if r[0] == task) < 4:
                     rows.append((task, rec, image, float(result["score"])))
         logs.info(f"{task}: {np.mean(per_task[task]):.3f} over {len(per_task[task])} held-out samples")
-    write_grid(rows, os.path.join(workdir, grid))
+    write_grid(rows, paths.join(workdir, grid))
     scores = {t: round(float(np.mean(v)), 4) for t, v in per_task.items()}
     scores["overall"] = round(float(np.mean(list(scores.values()))), 4)
     return {
@@ -284,7 +284,9 @@ def write_grid(rows, path: str) -> None:
             if t is not None:
                 grid.paste(Image.fromarray(np.asarray(t)).resize((tile, tile)), (c * tile, y + 12))
         draw.text((2, y), f"{task} score {score:.2f}: {rec['prompt'][:48]}", fill="black")
-    grid.save(path)
+    png = io.BytesIO()
+    grid.save(png, format="PNG")
+    paths.write_bytes(path, png.getvalue())
 
 
 def write_markdown(report: dict, path: str) -> None:
@@ -337,8 +339,7 @@ def write_markdown(report: dict, path: str) -> None:
     lines += ["", "## Final training loss", "", "| stage | loss |", "|---|---|"]
     lines += [f"| {k} | {v:.4f} |" if v is not None else f"| {k} | - |" for k, v in report["final_losses"].items()]
     lines += ["", "![grid](grid.png)", ""]
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
+    paths.write_text(path, "\n".join(lines))
 
 
 def signal_markdown(signals: dict[str, dict | None]) -> list[str]:

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Mapping
 from typing import Any
 
-from qk_jax import flow
+from qk_jax import flow, paths
 from qk_jax.config import ConfigError, check_divisible, require
 from qk_jax.models.connector import ConnectorConfig
 from qk_jax.models.kontext import CondDropout, KontextConfig, LoraConfig
@@ -159,11 +158,10 @@ def validate(config, num_devices: int, kcfg: KontextConfig | None = None) -> Kon
 
 def read_special_token_ids(processor_dir: str) -> dict[str, int] | None:
     """`special_token_ids.json` of an offline tokenizer folder (see data/tokenizer.py), if present."""
-    path = os.path.join(processor_dir, "special_token_ids.json")
-    if not os.path.exists(path):
+    path = paths.join(processor_dir, "special_token_ids.json")
+    if not paths.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(paths.read_text(path))
 
 
 def describe(kcfg: KontextConfig) -> str:

@@ -19,6 +19,7 @@ Several prompts and `--batch` samples per prompt run as one batch; a seed fixes 
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from collections.abc import Sequence
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from qk_jax import flow_solvers, run_params, sharding
+from qk_jax import flow_solvers, paths, run_params, sharding
 from qk_jax import guidance as guidance_lib
 from qk_jax.config import ConfigError
 from qk_jax.convert import diffusers_configs
@@ -43,10 +44,10 @@ from qk_jax.models.lora import apply_lora
 
 def load_image(path: str) -> np.ndarray:
     """(H, W, 3) uint8; FileNotFoundError / ValueError naming the file."""
-    if not os.path.exists(path):
+    if not paths.exists(path):
         raise FileNotFoundError(f"input image {path} does not exist")
     try:
-        with Image.open(path) as im:
+        with paths.path(path).open("rb") as f, Image.open(f) as im:
             return np.asarray(im.convert("RGB"))
     except Exception as e:  # noqa: BLE001 - PIL raises many types
         raise ValueError(f"input image {path} cannot be decoded: {e}") from None
@@ -84,7 +85,7 @@ class Sampler:
             run.config,
             run.kcfg,
             run.params,
-            vlm_inputs.load_processor(run.processor_dir),
+            vlm_inputs.load_processor(paths.local_folder(run.processor_dir)),
             run.mesh,
             step=run.step,
             used_ema=run.used_ema,
@@ -277,8 +278,9 @@ def sample_loop(model: QueryKontext, method: str, text_cfg: bool, dual: bool, gu
     return loop
 
 
-def save_grid(images: np.ndarray, path: str, columns: int | None = None) -> None:
-    """Writes one image, or a grid of several (row-major), as PNG."""
+def save_grid(images: np.ndarray, path: str, columns: int | None = None) -> np.ndarray:
+    """Writes one image, or a grid of several (row-major), as PNG (a local path or a URL,
+    `paths`); returns the grid (H, W, 3) uint8."""
     n, h, w, _ = images.shape
     cols = columns or min(n, 8)
     rows = math.ceil(n / cols)
@@ -286,8 +288,10 @@ def save_grid(images: np.ndarray, path: str, columns: int | None = None) -> None
     for i, im in enumerate(images):
         r, c = divmod(i, cols)
         grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = im
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(grid).save(path)
+    png = io.BytesIO()
+    Image.fromarray(grid).save(png, format="PNG")
+    paths.write_bytes(path, png.getvalue())
+    return grid
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -300,13 +304,12 @@ class OutputError(OSError):
 def check_output(path: str) -> None:
     """Creates the folder of `path` and proves it writable before any sampling, or raises
     OutputError naming it (a read-only or full location fails now, not after the work)."""
-    folder = os.path.dirname(os.path.abspath(path))
+    folder = paths.dirname(path if paths.is_url(path) else os.path.abspath(path))
     try:
-        os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, f".write_test_{os.getpid()}")
-        with open(probe, "w") as fh:
-            fh.write("ok")
-        os.remove(probe)
+        paths.makedirs(folder)
+        probe = paths.join(folder, f".write_test_{os.getpid()}")
+        paths.write_text(probe, "ok")
+        paths.remove(probe)
     except OSError as e:
         raise OutputError(f"--out {path} cannot be written: {e.strerror or e}") from None
 

@@ -30,8 +30,6 @@ naming the parameter path.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -41,7 +39,7 @@ import ml_collections
 import numpy as np
 
 from qk_jax import checkpoint as ckpt_lib
-from qk_jax import distributed, dit_seeding, fault_points, logs, model_config, sharding
+from qk_jax import distributed, dit_seeding, fault_points, logs, model_config, paths, sharding
 from qk_jax.checkpoint import resolve_run
 from qk_jax.config import ConfigError, get_field, load_config, set_field
 from qk_jax.models.kontext import QueryKontext
@@ -246,7 +244,7 @@ def run(
     )
     writer.close()
     if processor and jax.process_index() == 0:
-        shutil.copytree(processor, os.path.join(staging, "processor"), dirs_exist_ok=True)
+        paths.copy_folder(processor, paths.join(staging, "processor"))
     fault_points.pause_point("surgery.written")  # inert unless a fault test sets QK_JAX_PAUSE_AT
     report = _report(src_params, params, status, from_stage, to_stage, src_root, step, dst, dit)
     report["dit_blocks"] = dit_map
@@ -255,22 +253,23 @@ def run(
         raise SurgeryError(f"kept tensors differ after writing {staging}: {report['bit_identical']['mismatched'][:5]}")
     if jax.process_index() == 0:
         _write_report(staging, report)
-        os.rename(staging, dst)  # the destination appears complete, or not at all
+        # the destination appears complete, or not at all (for a URL: the report, which
+        # `require_complete` checks, is moved last)
+        paths.move_folder(staging, dst, last=("surgery_report.md", REPORT))
     distributed.barrier("surgery_done")
     return report
 
 
 def staging_path(dst: str) -> str:
     """Where surgery writes before renaming into place: `DST.partial`."""
-    return os.path.normpath(dst) + PARTIAL_SUFFIX
+    return paths.normalize(dst) + PARTIAL_SUFFIX
 
 
 def read_complete_report(folder: str) -> dict | None:
     """The surgery report of a finished output folder, or None when it has none, or an
     unreadable one, or one whose bit check failed."""
     try:
-        with open(os.path.join(folder, REPORT)) as f:
-            report = json.load(f)
+        report = json.loads(paths.read_text(paths.join(folder, REPORT)))
     except (OSError, ValueError):
         return None
     ok = isinstance(report, dict) and report.get("bit_identical", {}).get("ok") is True
@@ -291,19 +290,21 @@ def require_complete(folder: str) -> dict:
 def prepare_destination(dst: str) -> str:
     """The empty staging folder for `dst` (a leftover of an interrupted surgery is removed);
     SurgeryError when `dst` already holds anything."""
-    if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
+    if paths.exists(dst) and (not paths.isdir(dst) or paths.listdir(dst)):
         done = " (a finished surgery)" if read_complete_report(dst) else ""
         raise SurgeryError(f"destination {dst} already exists and is not empty{done}; choose a new folder")
     staging = staging_path(dst)
     if jax.process_index() == 0:
         try:
-            if os.path.exists(dst):
-                os.rmdir(dst)  # an empty folder: renaming replaces it
-            if os.path.exists(staging):
+            if paths.exists(dst):
+                paths.rmtree(dst)  # an empty folder: renaming replaces it
+            if paths.exists(staging):
                 logs.warning(f"removing {staging}, the unfinished output of an interrupted surgery")
-                shutil.rmtree(staging)
-            os.makedirs(staging)  # proves the destination writable before any work
-            os.rmdir(staging)
+                paths.rmtree(staging)
+            paths.makedirs(staging)  # proves the destination writable before any work
+            probe = paths.join(staging, ".write_test")
+            paths.write_text(probe, "ok")  # an object store has no folders: only a write proves it
+            paths.rmtree(staging)
         except OSError as e:
             raise SurgeryError(f"destination {dst} cannot be written: {e.strerror or e}") from None
     distributed.barrier("surgery_staging")
@@ -385,8 +386,7 @@ def _report(src_params, params, status, a, b, src_root, step, dst, dit) -> dict[
 
 
 def _write_report(dst: str, report: dict) -> None:
-    with open(os.path.join(dst, REPORT), "w") as f:
-        json.dump(report, f, indent=1)
+    report_json = json.dumps(report, indent=1)
     lines = [
         f"# Surgery {report['transition']}",
         "",
@@ -409,8 +409,8 @@ def _write_report(dst: str, report: dict) -> None:
         "|---|---|---|---|",
     ]
     lines += [f"| {r['path']} | {r['status']} | {tuple(r['shape'])} | {r['dtype']} |" for r in report["paths"]]
-    with open(os.path.join(dst, "surgery_report.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    paths.write_text(paths.join(dst, "surgery_report.md"), "\n".join(lines) + "\n")
+    paths.write_text(paths.join(dst, REPORT), report_json)  # last: its presence marks a finished folder
 
 
 def summary(report: Mapping[str, Any]) -> str:
@@ -418,7 +418,7 @@ def summary(report: Mapping[str, Any]) -> str:
     bi = report["bit_identical"]
     return (
         f"surgery {report['transition']}: {counts}; {bi['checked']} kept tensors bit-identical: {bi['ok']}; "
-        f"report: {os.path.join(report['destination'], 'surgery_report.md')}"
+        f"report: {paths.join(report['destination'], 'surgery_report.md')}"
     )
 
 

@@ -5,8 +5,12 @@
       processor/            the tokenizer / image processor files the run uses (copied, never weights,
                             from data.processor / model.vlm.checkpoint / train.init_from, or built)
       metrics.jsonl         one JSON line per logged step
-      tb/                   TensorBoard scalars (loss per task, grad norm, step time, tokens/s,
-                            TFLOP/s per device, MFU) and sample images
+      tb/                   TensorBoard scalars (loss per task, grad norm, step time and its compute /
+                            data / checkpoint parts, tokens/s, TFLOP/s per device, MFU) and sample images
+      profile/              a jax.profiler trace of `train.profile_steps` (qk_jax/profiling.py)
+
+The workdir is a local folder or a URL (gs://bucket/run): every read and write of it goes
+through `qk_jax/paths.py`.
 
 A run resumes from the newest readable checkpoint in its workdir, exactly: the data
 iterator, optimizer, EMA and the per-step random key continue where they stopped, so the
@@ -20,8 +24,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
+import tempfile
 import time
 from typing import Any
 
@@ -39,7 +43,9 @@ from qk_jax import (
     logs,
     model_config,
     optim,
+    paths,
     pretrained,
+    profiling,
     sharding,
     surgery,
     train_state,
@@ -109,7 +115,7 @@ def processor_source(config) -> tuple[str, str] | None:
     if config.data.processor:
         return config.data.processor, "data.processor"
     vlm_ckpt = config.model.vlm.get("checkpoint", "")
-    if vlm_ckpt and os.path.isfile(os.path.join(vlm_ckpt, "tokenizer_config.json")):
+    if vlm_ckpt and paths.isfile(paths.join(vlm_ckpt, "tokenizer_config.json")):
         return vlm_ckpt, "model.vlm.checkpoint"
     if config.train.init_from:  # the previous stage's tokenizer travels with its checkpoint
         _, processor = ckpt_lib.resolve_run(config.train.init_from)
@@ -134,19 +140,16 @@ class WorkdirError(OSError):
 
 
 def check_workdir(workdir: str) -> None:
-    """Creates the workdir and proves it writable, or raises WorkdirError naming it. Local
-    paths only (a gs:// workdir is checked by its first write)."""
-    if "://" in workdir:
-        return
+    """Creates the workdir (a local path or a URL, `paths`) and proves it writable, or raises
+    WorkdirError naming it."""
     try:
-        os.makedirs(workdir, exist_ok=True)
+        paths.makedirs(workdir)
     except OSError as e:
         raise WorkdirError(f"workdir {workdir} cannot be created: {e.strerror or e}") from None
-    probe = os.path.join(workdir, f".write_test_{os.getpid()}")
+    probe = paths.join(workdir, f".write_test_{os.getpid()}_{jax.process_index()}")
     try:
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
+        paths.write_text(probe, "ok")
+        paths.remove(probe)
     except OSError as e:
         raise WorkdirError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
 
@@ -155,38 +158,47 @@ def ensure_processor(config, workdir: str) -> str:
     """The run's processor folder inside the workdir: the tokenizer / processor files (never
     weights) copied from `processor_source`, or the offline tokenizer built there (tests, the
     demo). Every process writes it itself when missing (hosts of a pod need not share a
-    filesystem; on a shared one, the first complete copy to land stays)."""
-    dst = os.path.join(workdir, "processor")
-    if os.path.exists(os.path.join(dst, "tokenizer_config.json")):
-        return dst
+    filesystem; on a shared one, the first complete copy to land stays). Returns a local
+    folder: the workdir's processor/ itself, or for a URL workdir a local copy of it (the
+    tokenizer reads local files)."""
+    dst = paths.join(workdir, "processor")
+    if paths.exists(paths.join(dst, "tokenizer_config.json")):
+        return paths.local_folder(dst)
     source = processor_source(config)
     tmp = f"{dst}.tmp.{jax.process_index()}.{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    paths.rmtree(tmp)
     if source:
         vlm_inputs.copy_processor(source[0], tmp, source[1])
+    elif paths.is_url(dst):  # built locally, then copied in
+        with tempfile.TemporaryDirectory() as local:
+            build_tokenizer(local)
+            paths.upload_folder(local, tmp)
     else:
         build_tokenizer(tmp)
     publish_folder(tmp, dst)
-    return dst
+    return paths.local_folder(dst)
 
 
 def publish_folder(tmp: str, dst: str) -> None:
     """Moves the complete folder `tmp` to `dst` in one rename; when another process placed
     `dst` first (a shared workdir), drops `tmp` and keeps that one."""
+    if paths.exists(paths.join(dst, "tokenizer_config.json")):  # another process placed it first
+        paths.rmtree(tmp)
+        return
     try:
-        os.replace(tmp, dst)
+        paths.move_folder(tmp, dst, last=("tokenizer_config.json",))
     except OSError:
-        if not os.path.isdir(dst):
+        if not paths.isdir(dst):
             raise
-        shutil.rmtree(tmp, ignore_errors=True)
+        paths.rmtree(tmp)
 
 
 def from_training_run(path: str, root: str) -> bool:
     """Whether `train.init_from` names a training run (a workdir holding `checkpoints/`, or
     that `checkpoints/` folder itself) rather than the output of `qk-jax surgery`, which is
     only taken when complete (`surgery.require_complete`)."""
-    root = os.path.normpath(root)
-    return root != os.path.normpath(path) or os.path.basename(root) == "checkpoints"
+    root = paths.normalize(root)
+    return root != paths.normalize(path) or paths.basename(root) == "checkpoints"
 
 
 def build_state(model: QueryKontext, config, mesh, tx, checkpointer, abstract=None):
@@ -260,6 +272,7 @@ def train(config, workdir: str) -> dict[str, Any]:
     kcfg = model_config.validate(config, jax.device_count(), model_config.build_kontext_config(config, special))
     mesh = sharding.make_mesh(config.mesh)
     main = distributed.is_main_process()
+    profiler = profiling.StepProfiler.for_run(config.train.get("profile_steps", ""), workdir)
     logs.info(
         f"stage {config.stage} ({config.size}) on {jax.device_count()} {jax.devices()[0].platform} devices, "
         f"mesh {dict(mesh.shape)}\n{model_config.describe(kcfg)}"
@@ -267,7 +280,7 @@ def train(config, workdir: str) -> dict[str, Any]:
     model = QueryKontext(kcfg)
     tx = optim.make_optimizer(config.train)
     checkpointer = ckpt_lib.Checkpointer(
-        os.path.join(workdir, "checkpoints"),
+        paths.join(workdir, "checkpoints"),
         max_to_keep=config.train.keep_checkpoints,
         keep_period=int(config.train.get("keep_period", 0)),
     )
@@ -292,7 +305,7 @@ def train(config, workdir: str) -> dict[str, Any]:
     step_fn = train_state.jit_train_step(model, tx, config.train, train_state.state_shardings(abstract))
     guard = NonFiniteGuard(nonfinite_mode, skips=_skips_before(checkpointer, start), last_saved=start or None)
     peak = peak_flops_per_device(config.train.peak_tflops_per_device)
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    metrics_path = paths.join(workdir, "metrics.jsonl")
     if main:  # a resumed run retrains the steps after its checkpoint: their old records go
         drop_metrics_after(metrics_path, start)
     writer = _writer(workdir, purge_step=start + 1 if start else None) if main else None
@@ -302,20 +315,32 @@ def train(config, workdir: str) -> dict[str, Any]:
     window = None  # step metrics summed over the logging window (device arrays, no host sync per step)
     signal = _learning_signal(config) if main else None
     flops_cache: dict = {}
+    useful_cache: dict = {}
+    times = profiling.StepTimes()  # compute / data / checkpoint seconds of the logging window
+    window_flops = window_padded_flops = 0  # useful and padded model FLOPs of the window's steps
     step = start
     try:
         for step in range(start, config.train.steps):
             fault_points.pause_point(f"train.step_{step}", jax.process_index())  # inert unless a test sets it
-            host = next(iterator)
-            batch = prepare_batch(kcfg, host, accum=config.train.grad_accum, processes=jax.process_count())
+            profiler.before(step)
+            with times.part("data"):
+                host = next(iterator)
+                batch = prepare_batch(kcfg, host, accum=config.train.grad_accum, processes=jax.process_count())
+                with jax.set_mesh(mesh), sharding.activation_rules_context():
+                    placed = place_batch(batch, mesh)
             shape_key = tuple((k, np.shape(v)) for k, v in batch.items() if k != "vision_plan")
             if shape_key not in flops_cache:  # batches differ in shape by bucket and input count
                 flops_cache[shape_key] = flops.kontext_train_step_flops(
                     kcfg, batch, config.train.trainable, state["trainable"].get("lora")
                 )["total"]
-            flops_per_step = flops_cache[shape_key]
+            window_padded_flops += flops_cache[shape_key]
+            # MFU counts the real work only: each row at its prompt's real length, no padding rows
+            window_flops += flops.kontext_useful_flops(
+                kcfg, batch, config.train.trainable, state["trainable"].get("lora"), cache=useful_cache
+            )
             with jax.set_mesh(mesh), sharding.activation_rules_context():
-                state, metrics = step_fn(state, place_batch(batch, mesh))
+                state, metrics = step_fn(state, placed)
+            profiler.after(step, metrics)
             checkpointer.check_save()  # a failed background save stops the run at the next step
             guard.push(step + 1, metrics)
             steps_since += 1
@@ -327,9 +352,12 @@ def train(config, workdir: str) -> dict[str, Any]:
                 m = jax.device_get(window)
                 now = time.perf_counter()
                 dt = (now - t_last) / steps_since
-                record = _record(step + 1, m, steps_since, dt, batch, flops_per_step, peak)
+                record = _record(step + 1, m, steps_since, dt, batch, window_flops / steps_since, peak)
+                record.update({f"{k}_seconds": v / steps_since for k, v in times.take(now).items()})
+                record["useful_flops_fraction"] = window_flops / window_padded_flops
                 record["nonfinite_skips"] = guard.skips
                 t_last, steps_since, window = now, 0, None
+                window_flops = window_padded_flops = 0
                 losses.append(record["loss"])
                 if main:
                     _log(record, metrics_path, writer)
@@ -337,17 +365,19 @@ def train(config, workdir: str) -> dict[str, Any]:
                 guard.settle()  # nothing non-finite is ever saved
                 position = iterator.get_state()  # the next step: the same on every process (one copy is saved)
                 distributed.check_same_on_all_processes(json.dumps(position, sort_keys=True), "data-iterator state")
-                checkpointer.save(
-                    step + 1,
-                    **state_for_checkpoint(state),
-                    data=position,
-                    config=config,
-                    meta={"nonfinite_skips": guard.skips},
-                    force=True,
-                )
+                with times.part("checkpoint"):
+                    checkpointer.save(
+                        step + 1,
+                        **state_for_checkpoint(state),
+                        data=position,
+                        config=config,
+                        meta={"nonfinite_skips": guard.skips},
+                        force=True,
+                    )
                 guard.last_saved = step + 1
             if stopping:
-                checkpointer.wait()
+                with times.part("checkpoint"):
+                    checkpointer.wait()
                 logs.info(f"signal {stop.signal}: checkpoint written at step {step + 1}; exiting")
                 # every host's own exit report (logs are process 0's): all stop after the same step
                 print(f"process {jax.process_index()}: stopped after saving step {step + 1}", flush=True)
@@ -359,7 +389,8 @@ def train(config, workdir: str) -> dict[str, Any]:
             every = config.train.signal.every
             signal_due = signal is not None and (last or (every and (step + 1) % every == 0))
             if last and (samples_due or signal_due):
-                checkpointer.wait()
+                with times.part("checkpoint"):
+                    checkpointer.wait()
             if samples_due:
                 optional_samples(config, kcfg, state, processor, mesh, step + 1, workdir, writer)
             if signal_due:
@@ -370,6 +401,7 @@ def train(config, workdir: str) -> dict[str, Any]:
         checkpointer.close(report=False)  # a pending good save still lands; the first error is the one raised
         raise
     finally:
+        profiler.close()
         if writer is not None:
             writer.close()
     checkpointer.close()
@@ -416,8 +448,7 @@ def measure_signal(
     values = signal.measure(sampler)
     flat = signal_lib.flatten(values)
     logs.info(f"signal @ step {step}: {signal_lib.summary_line(values)}")
-    with open(metrics_path, "a") as f:
-        f.write(json.dumps({"step": step, "signal": flat}) + "\n")
+    paths.append_text(metrics_path, json.dumps({"step": step, "signal": flat}) + "\n")
     if writer is not None:
         for key, value in flat.items():
             writer.add_scalar(f"signal/{key}", value, step)
@@ -507,12 +538,10 @@ def write_samples(config, kcfg, state, processor, mesh, step: int, workdir: str,
     n = min(int(config.train.sample_images), len(source))
     prompts = [records_lib.normalize(source[i])["prompt"] for i in range(n)]
     images = sampler.generate(sampler.records(prompts), seed=0)
-    path = os.path.join(workdir, "samples", f"step_{step}.png")
-    save_grid(images, path)
+    path = paths.join(workdir, "samples", f"step_{step}.png")
+    grid = save_grid(images, path)
     if writer is not None:
-        from PIL import Image
-
-        writer.add_image("samples/t2i", np.asarray(Image.open(path)), step, dataformats="HWC")
+        writer.add_image("samples/t2i", grid, step, dataformats="HWC")
         writer.add_text("samples/prompts", "\n".join(f"{i}: {p}" for i, p in enumerate(prompts)), step)
         writer.flush()
     return path
@@ -530,11 +559,11 @@ def peak_flops_per_device(override_tflops: float) -> float | None:
 
 
 def _writer(workdir: str, purge_step: int | None = None):
-    """TensorBoard writer; `purge_step` makes TensorBoard drop the earlier events of steps
-    >= purge_step (those a resumed run writes again)."""
-    from tensorboardX import SummaryWriter
+    """TensorBoard writer (`tb_writer`: a URL workdir too); `purge_step` makes TensorBoard drop
+    the earlier events of steps >= purge_step (those a resumed run writes again)."""
+    from qk_jax import tb_writer
 
-    return SummaryWriter(os.path.join(workdir, "tb"), purge_step=purge_step)
+    return tb_writer.summary_writer(paths.join(workdir, "tb"), purge_step=purge_step)
 
 
 def _record_step(line: str) -> int | None:
@@ -548,17 +577,18 @@ def _record_step(line: str) -> int | None:
 def drop_metrics_after(path: str, step: int) -> int:
     """Removes the records of steps after `step` (and any line cut short by a kill) from
     metrics.jsonl, rewritten atomically; returns how many lines were dropped."""
-    if not os.path.exists(path):
+    if not paths.exists(path):
         return 0
-    with open(path) as f:
-        lines = f.readlines()
+    lines = paths.read_text(path).splitlines(keepends=True)
     steps = [_record_step(line) for line in lines]
     keep = [line for line, s in zip(lines, steps) if s is not None and s <= step]
     if len(keep) == len(lines):
         return 0
-    with open(path + ".tmp", "w") as f:
-        f.writelines(keep)
-    os.replace(path + ".tmp", path)
+    if paths.is_url(path):  # one object write replaces the object whole
+        paths.write_text(path, "".join(keep))
+    else:
+        paths.write_text(path + ".tmp", "".join(keep))
+        paths.replace(path + ".tmp", path)
     return len(lines) - len(keep)
 
 
@@ -600,10 +630,11 @@ def _log(record: dict, path: str, writer) -> None:
     logs.info(
         f"step {record['step']:6d}  loss {record['loss']:.4f}  [{tasks}]  |g| {record['grad_norm']:.3f}  "
         f"{record['step_seconds']:.3f}s/step  {record['tokens_per_second']:.0f} tok/s  "
-        f"{record['tflops_per_device']:.3f} TFLOP/s/dev  MFU {100 * record['mfu']:.1f}%"
+        f"{record['tflops_per_device']:.3f} TFLOP/s/dev  MFU {100 * record['mfu']:.1f}%  "
+        f"(compute {record['compute_seconds']:.3f}s, data {record['data_seconds']:.3f}s, "
+        f"checkpoint {record['checkpoint_seconds']:.3f}s per step)"
     )
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    paths.append_text(path, json.dumps(record) + "\n")
     if writer is not None:
         s = record["step"]
         for key in (
@@ -614,6 +645,9 @@ def _log(record: dict, path: str, writer) -> None:
             "tokens_per_second",
             "tflops_per_device",
             "mfu",
+            "compute_seconds",
+            "data_seconds",
+            "checkpoint_seconds",
         ):
             writer.add_scalar(f"train/{key}", record[key], s)
         for task, value in record["task_loss"].items():

@@ -19,11 +19,12 @@ PACKAGE = "qk_jax"
 # Layer of each top-level unit of qk_jax (a module or a subpackage), bottom first. A module
 # may import its own layer and the layers below, never one above.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    # 0 foundations: paths, flow math, solvers, CFG, platform choice, test pause points, logging
-    ("tree", "flow", "flow_solvers", "guidance", "platforms", "fault_points", "logs"),
+    # 0 foundations: tree paths, flow math, solvers, CFG, platform choice, test pause points, logging,
+    # run folders (local or URL) and their TensorBoard writer
+    ("tree", "flow", "flow_solvers", "guidance", "platforms", "fault_points", "logs", "paths", "tb_writer"),
     ("models",),  # 1 Flax modules and their config dataclasses
     ("data", "flops", "sharding", "distributed", "optim", "dit_seeding"),  # 2 inputs, FLOPs, mesh rules, optax
-    ("config", "checkpoint", "train_step", "train_state"),  # 3 config files and checks, Orbax, the step and its state
+    ("config", "checkpoint", "train_step", "train_state", "profiling"),  # 3 config, Orbax, the step, its state, timing
     ("model_config",),  # 4 a loaded config -> the model's KontextConfig
     ("run_params",),  # 5 a run's weights, as sampling and export read them
     ("convert", "eval"),  # 6 HF / diffusers <-> ours; the judge and the learning signal

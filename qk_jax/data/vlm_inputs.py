@@ -18,12 +18,12 @@ the flat `pixel_values` / `image_grid_thw` the VLM's `prepare_inputs` takes.
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
+
+from qk_jax import paths
 
 
 class VLMProcessor(Protocol):
@@ -58,17 +58,17 @@ def copy_processor(src: str, dst: str, field: str) -> list[str]:
     """Copies the tokenizer / processor files of `src` (a HF checkpoint or tokenizer folder) to
     `dst`; returns their names. Weights and everything else stay behind. `field` (the config
     field that named `src`) appears in the errors."""
-    if not os.path.isdir(src):
+    if not paths.isdir(src):
         raise FileNotFoundError(f"config field {field}: folder {src} does not exist")
-    names = [n for n in PROCESSOR_FILES if os.path.isfile(os.path.join(src, n))]
+    names = [n for n in PROCESSOR_FILES if paths.isfile(paths.join(src, n))]
     if "tokenizer_config.json" not in names:
         raise FileNotFoundError(
             f"config field {field}: {src} holds no tokenizer (no tokenizer_config.json); name a "
             "HF Qwen2.5-VL folder or a tokenizer folder"
         )
-    os.makedirs(dst, exist_ok=True)
-    for name in names:
-        shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+    paths.makedirs(dst)
+    for name in names:  # local paths or URLs on either side (`paths`)
+        paths.path(paths.join(src, name)).copy(paths.join(dst, name), overwrite=True)
     return names
 
 

@@ -86,7 +86,7 @@ Typical use (stage 2: frozen VLM with trainable queries upstream, trained DiT)::
 """
 
 from qk_jax.flops.count import MatmulFlops, traced_matmul_flops
-from qk_jax.flops.kontext import kontext_train_step_flops
+from qk_jax.flops.kontext import kontext_train_step_flops, kontext_useful_flops
 from qk_jax.flops.models import connector_flops, decoder_flops, lora_flops, mmdit_flops, vision_tower_flops
 from qk_jax.flops.step import (
     PEAK_FLOPS,
@@ -104,6 +104,7 @@ from qk_jax.flops.vae import vae_decode_flops, vae_encode_flops
 
 __all__ = [
     "kontext_train_step_flops",
+    "kontext_useful_flops",
     "MatmulFlops",
     "traced_matmul_flops",
     "vision_tower_flops",

@@ -52,23 +52,82 @@ def kontext_train_step_flops(
     kcfg, batch: Mapping[str, Any], trainable: Iterable[str], lora_tree: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """`train_step_flops` for one optimizer step on `batch` (a prepared model batch; with
-    gradient accumulation its leaves carry a leading micro-batch axis)."""
-    trainable = list(trainable)
+    gradient accumulation its leaves carry a leading micro-batch axis), at its padded
+    shapes: what the step computes (`kontext_useful_flops`: what of it is real work)."""
     ids = np.shape(batch["input_ids"])
     accum, (b, t) = (ids[0], ids[1:]) if len(ids) == 3 else (1, ids)
-    k = kcfg.num_queries
+    step = _step_flops(kcfg, _shapes(kcfg, batch), b, t, list(trainable), lora_tree)
+    if accum > 1:
+        step = jax.tree.map(lambda x: x * accum if isinstance(x, (int, float)) else x, step)
+    return step
+
+
+def kontext_useful_flops(
+    kcfg,
+    batch: Mapping[str, Any],
+    trainable: Iterable[str],
+    lora_tree: Mapping[str, Any] | None = None,
+    cache: dict | None = None,
+) -> int:
+    """The model FLOPs of the real work in one optimizer step on `batch` (the MFU numerator,
+    as MaxText counts it): the step's `total` summed over the valid rows (`valid`), each at
+    its prompt's real length (`attention_mask`) plus the kontext queries; padded text
+    tokens and padding rows are not counted. Image tokens carry no padding inside a valid
+    row (a batch shares one target size and input-image count; the flat vision layout cuts
+    each image's real patches), so every valid row counts its image tokens in full. In the
+    flat vision layout the ViT attention spans all patches of the batch; a row counts its
+    share of the patches as one sequence. A batch without padding (in the batched vision
+    layout) counts as `kontext_train_step_flops(...)["total"]`. `cache`: a dict kept across
+    calls with the same `kcfg`, `trainable` and LoRA tree (a row's count by shapes and length)."""
+    trainable = list(trainable)
+    shapes = _shapes(kcfg, batch)
+    t_padded = np.shape(batch["input_ids"])[-1]
+    mask = np.asarray(batch["attention_mask"]).reshape(-1, t_padded)
+    valid = np.asarray(batch["valid"], bool).reshape(-1) if "valid" in batch else np.ones(len(mask), bool)
+    rows_per_micro = np.shape(batch["input_ids"])[-2]
+    if shapes["vit"] is not None:  # one row's images: the micro-batch's images shared by its rows
+        patches, images = shapes["vit"]
+        shapes["vit"] = (patches, images // rows_per_micro) if shapes["vit_batched"] else (patches // rows_per_micro, 1)
+    lengths = (mask > 0).sum(axis=-1)[valid]
+    cache = {} if cache is None else cache
+    total = 0
+    for length, count in zip(*np.unique(lengths, return_counts=True)):
+        key = (tuple(sorted(shapes.items())), int(length))
+        if key not in cache:
+            cache[key] = _step_flops(kcfg, shapes, 1, int(length), trainable, lora_tree)["total"]
+        total += int(count) * cache[key]
+    return total
+
+
+def _shapes(kcfg, batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The sizes of a prepared batch the count needs besides its rows and text length."""
     target = np.shape(batch["target"])
     h, w = target[-3], target[-2]
-    img_ids = np.shape(batch["img_ids"])
-    n_total = img_ids[-2]
-    n_target = (h // kcfg.downsample) * (w // kcfg.downsample)
-    n_inputs = np.shape(batch["cond_images"])[-4] if "cond_images" in batch else 0
-    parts = []
+    out = {
+        "h": h,
+        "w": w,
+        "n_total": np.shape(batch["img_ids"])[-2],
+        "n_target": (h // kcfg.downsample) * (w // kcfg.downsample),
+        "n_inputs": np.shape(batch["cond_images"])[-4] if "cond_images" in batch else 0,
+        "vit": None,
+        "vit_batched": False,
+    }
     if "pixel_values" in batch:
         pixels = np.shape(batch["pixel_values"])
         # Batched layout (..., I, P, D) with a one-image plan (..., P); flat (..., N, D) with a plan (..., N).
         batched = len(pixels) - np.ndim(batch["vision_plan"].window_segments) == 2
-        images, patches = (pixels[-3], pixels[-2]) if batched else (1, pixels[-2])
+        out["vit"] = (pixels[-2], pixels[-3]) if batched else (pixels[-2], 1)
+        out["vit_batched"] = batched
+    return out
+
+
+def _step_flops(kcfg, shapes: Mapping[str, Any], b: int, t: int, trainable: list[str], lora_tree) -> dict[str, Any]:
+    """`train_step_flops` of one micro-batch of `b` rows of `t` text tokens."""
+    k = kcfg.num_queries
+    h, w, n_total, n_target, n_inputs = (shapes[x] for x in ("h", "w", "n_total", "n_target", "n_inputs"))
+    parts = []
+    if shapes["vit"] is not None:
+        patches, images = shapes["vit"]
         parts.append(Part("vit", vision_tower_flops(kcfg.vlm, patches, images)))
     parts.append(
         Part(
@@ -108,7 +167,4 @@ def kontext_train_step_flops(
             return b * ((t + k) if "/txt_" in path else n_total)  # double blocks: text or image stream
 
         parts.append(Part("lora", lora_adapter_flops(lora_tree, tokens_for), weight_grads=True, backward_through=True))
-    step = train_step_flops(parts)
-    if accum > 1:
-        step = jax.tree.map(lambda x: x * accum if isinstance(x, (int, float)) else x, step)
-    return step
+    return train_step_flops(parts)
