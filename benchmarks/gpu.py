@@ -30,8 +30,10 @@ import time
 
 try:
     from benchmarks import common
+    from benchmarks import mmdit as mmdit_bench
 except ImportError:  # run as a script
     import common  # type: ignore[no-redef]
+    import mmdit as mmdit_bench  # type: ignore[no-redef]
 
 import numpy as np
 
@@ -70,40 +72,7 @@ def build(size: str, batch: int, seed: int = 0):
 
 def velocity_fns(cfg, ref, inputs, device):
     """(ours(params, img, t), diffusers(img, t)) on the fixed text condition."""
-    import jax.numpy as jnp
-    import torch
-
-    from qk_jax.models.mmdit import MMDiT
-
-    model = MMDiT(cfg)
-    fixed = {k: jnp.asarray(inputs[k]) for k in ("img_ids", "txt", "txt_mask", "txt_ids")}
-
-    def ours(params, img, t):
-        return model.apply(
-            {"params": params},
-            img,
-            fixed["img_ids"],
-            fixed["txt"],
-            fixed["txt_mask"],
-            t,
-            txt_ids=fixed["txt_ids"],
-            num_target_tokens=inputs["n_target"],
-        )
-
-    txt = torch.from_numpy(inputs["txt"]).to(device)
-    mask = torch.from_numpy(inputs["txt_mask"]).to(device)
-
-    def reference(img, t):
-        return ref(
-            hidden_states=img,
-            encoder_hidden_states=txt,
-            encoder_hidden_states_mask=mask,
-            timestep=t,
-            img_shapes=inputs["img_shapes"],
-            return_dict=False,
-        )[0]
-
-    return ours, reference
+    return mmdit_bench.our_velocity(cfg, inputs), mmdit_bench.reference_velocity(ref, inputs, device)
 
 
 def same_weights_error(cfg, ref, params, inputs, device) -> float:

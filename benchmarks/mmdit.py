@@ -105,7 +105,7 @@ def build(s: Setup, seed: int = 0):
     return cfg, ref, params, inputs
 
 
-def _ours(cfg, inputs):
+def our_velocity(cfg, inputs):
     """`velocity(params, img, timestep)` of our MMDiT on the fixed text condition."""
     import jax.numpy as jnp
 
@@ -129,11 +129,14 @@ def _ours(cfg, inputs):
     return velocity
 
 
-def _reference(ref, inputs):
-    """`velocity(img, timestep)` of the diffusers transformer on the same condition (torch tensors)."""
+def reference_velocity(ref, inputs, device=None):
+    """`velocity(img, timestep)` of the diffusers transformer on the same condition (torch
+    tensors, on `device` when given)."""
     import torch
 
     txt, mask = torch.from_numpy(inputs["txt"]), torch.from_numpy(inputs["txt_mask"])
+    if device is not None:
+        txt, mask = txt.to(device), mask.to(device)
 
     def velocity(img, timestep):
         return ref(
@@ -152,7 +155,7 @@ def bench_forward(cfg, ref, params, inputs, s: Setup, peak: dict) -> dict:
     import jax
     import torch
 
-    ours_v, ref_v = _ours(cfg, inputs), _reference(ref, inputs)
+    ours_v, ref_v = our_velocity(cfg, inputs), reference_velocity(ref, inputs)
     img, t = inputs["img"], inputs["timestep"]
     t0 = time.perf_counter()
     compiled = jax.jit(ours_v).lower(params, img, t).compile()
@@ -174,7 +177,7 @@ def bench_train_step(cfg, ref, params, inputs, s: Setup, peak: dict, lr: float =
     import jax.numpy as jnp
     import torch
 
-    ours_v, ref_v = _ours(cfg, inputs), _reference(ref, inputs)
+    ours_v, ref_v = our_velocity(cfg, inputs), reference_velocity(ref, inputs)
     rng = np.random.default_rng(1)
     x0 = rng.standard_normal(inputs["img"].shape).astype(np.float32)
     noise = rng.standard_normal(x0.shape).astype(np.float32)
@@ -218,7 +221,7 @@ def bench_sample(cfg, ref, params, inputs, s: Setup, peak: dict) -> dict:
 
     from qk_jax.flow_solvers import euler_sample, flow_schedule, pipeline_sigmas
 
-    ours_v, ref_v = _ours(cfg, inputs), _reference(ref, inputs)
+    ours_v, ref_v = our_velocity(cfg, inputs), reference_velocity(ref, inputs)
     noise = np.random.default_rng(2).standard_normal(inputs["img"].shape).astype(np.float32)
     sigmas, timesteps = flow_schedule(s.steps, sigmas=pipeline_sigmas(s.steps))
     b = s.batch

@@ -15,22 +15,29 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = {"name", "ours_s", "reference_s", "ratio", "flops", "ours_tflops", "extra"}
 
 
-@pytest.mark.slow  # ~50 s: three benchmarks, two frameworks, a dozen compilations
-def test_quick_run_writes_records(tmp_path):
-    out = tmp_path / "bench.jsonl"
+def run_script(tmp_path, timeout: int, script: str, *args: str) -> str:
+    """Runs `benchmarks/<script> args` as a user does (one CPU device, no compilation cache:
+    compile times are part of the output), checks it exits 0 and returns its stdout."""
     env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # one CPU device, as a user runs it
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # compile times are part of the output
+    env.pop("XLA_FLAGS", None)
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
     env["PYTHONPATH"] = ROOT
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--quick", "--json", str(out)],
+        [sys.executable, os.path.join(ROOT, "benchmarks", script), *args],
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
         cwd=str(tmp_path),
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout
+
+
+@pytest.mark.slow  # ~50 s: three benchmarks, two frameworks, a dozen compilations
+def test_quick_run_writes_records(tmp_path):
+    out = tmp_path / "bench.jsonl"
+    stdout = run_script(tmp_path, 300, "run.py", "--quick", "--json", str(out))
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     records, machine = lines[:-1], lines[-1]["machine"]
     names = [r["name"] for r in records]
@@ -60,7 +67,7 @@ def test_quick_run_writes_records(tmp_path):
     assert machine["matmul_peak"]["jax_flops_per_s"] > 0 and machine["matmul_peak"]["torch_flops_per_s"] > 0
     assert machine["jax"] and machine["torch"] and machine["transformers"]
     # Each benchmark printed its table.
-    assert "| vlm/forward" in proc.stdout and "| mmdit/forward" in proc.stdout and "Compile time" in proc.stdout
+    assert "| vlm/forward" in stdout and "| mmdit/forward" in stdout and "Compile time" in stdout
 
 
 @pytest.mark.slow  # two frameworks, a train step and a sampler each
@@ -68,19 +75,7 @@ def test_gpu_benchmark_tiny_on_cpu(tmp_path):
     """`benchmarks/gpu.py --size tiny` runs here: both implementations have a train-step and a
     sampler row with positive numbers, and they hold the same weights (one float32 forward)."""
     out = tmp_path / "gpu.json"
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
-    env["PYTHONPATH"] = ROOT
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "gpu.py"), "--size", "tiny", "--repeat", "1"]
-        + ["--json", str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=str(tmp_path),
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    stdout = run_script(tmp_path, 600, "gpu.py", "--size", "tiny", "--repeat", "1", "--json", str(out))
     report = json.loads(out.read_text())
     assert report["size"] == "tiny" and report["forward_max_rel_err"] < 1e-4
     rows = {(r["name"], r["impl"]) for r in report["rows"]}
@@ -89,4 +84,4 @@ def test_gpu_benchmark_tiny_on_cpu(tmp_path):
     for r in report["rows"]:
         assert r["step_s"] > 0 and r["samples_per_s"] > 0 and r["tflops"] > 0 and r["mfu"] > 0, r
         assert math.isclose(r["samples_per_s"], report["batch"] / r["step_s"], rel_tol=1e-9)
-    assert "| train_step" in proc.stdout and "diffusers (torch SDPA)" in proc.stdout
+    assert "| train_step" in stdout and "diffusers (torch SDPA)" in stdout

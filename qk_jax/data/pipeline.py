@@ -470,17 +470,7 @@ def make_dataset(
     prepare = Prepare(table, vlm_table, config.image_slots)
     batched = (
         StepBatches(plan, parts, prepare, process_rows(config.batch_size, process_index, process_count, micro_batches))
-        .map(
-            Collate(
-                processor,
-                config.image_slots,
-                config.max_text_len,
-                config.padding_side,
-                geo["patch_size"],
-                geo["patch_dim"],
-                vlm_table,
-            )
-        )
+        .map(collator(config, processor, geo, vlm_table))
         .to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     )
     if config.num_workers > 0:
@@ -508,6 +498,11 @@ def collate_records(recs: list[dict], config: ml_collections.ConfigDict, process
             f"collate_records: records fall into several groups {keys} (size / input count); "
             "collate each group separately"
         )
+    return collator(config, processor, geo, vlm_table).map(samples)
+
+
+def collator(config: ml_collections.ConfigDict, processor, geo: dict, vlm_table) -> Collate:
+    """The `Collate` of a data config (training and `collate_records` alike)."""
     return Collate(
         processor,
         config.image_slots,
@@ -516,4 +511,4 @@ def collate_records(recs: list[dict], config: ml_collections.ConfigDict, process
         geo["patch_size"],
         geo["patch_dim"],
         vlm_table,
-    ).map(samples)
+    )
