@@ -76,7 +76,9 @@ def test_static_shapes_and_vlm_inputs(env):
     c = _config(env)
     ds = pipeline.make_dataset(c, env["processor"], process_index=0, process_count=1)
     pad_id = env["processor"].image_token_id
-    seen = set()
+    prefix = vlm_inputs.template_prefix(env["processor"])
+    assert len(prefix) > 3  # system prompt + user-turn header
+    seen, lengths = set(), set()
     for batch in _take(iter(ds), 12):
         n = int(batch["num_inputs"][0])
         seen.add(n)
@@ -85,7 +87,18 @@ def test_static_shapes_and_vlm_inputs(env):
         assert batch["cond_images"].shape == (4, 3, 64, 64, 3)
         assert (batch["cond_mask"] == (np.arange(3) < n)).all() and (batch["num_inputs"] == n).all()
         assert not batch["cond_images"][:, n:].any()
-        assert batch["input_ids"].shape == batch["attention_mask"].shape == (4, 160)
+        # padded to the group's text length: the shortest of the buckets that holds every row
+        t = batch["input_ids"].shape[1]
+        assert batch["attention_mask"].shape == (4, t) and t in (40, 80, 160)
+        real = batch["attention_mask"].sum(1)
+        shorter = [x for x in (40, 80, 160) if x < t]
+        assert (real <= t).all() and (not shorter or (real > shorter[-1]).all()), (t, real)
+        lengths.add(t)
+        # the DiT's stream starts after the chat-template prefix every prompt shares
+        first = t - real
+        assert (batch["prompt_start"] == first + len(prefix)).all()
+        for row, start in zip(batch["input_ids"], first):
+            assert row[start : start + len(prefix)].tolist() == prefix
         assert batch["pixel_values"].shape == (4, 3, 36, 3 * 2 * 14 * 14)  # 84x84 VLM images: 6x6 patches
         assert batch["image_grid_thw"].shape == (4, 3, 3)
         assert (batch["image_grid_thw"][:, :n] == [1, 6, 6]).all() and not batch["image_grid_thw"][:, n:].any()
@@ -98,6 +111,33 @@ def test_static_shapes_and_vlm_inputs(env):
         assert len({records.TASK_INPUTS[t][0] + records.TASK_INPUTS[t][1] > 0 for t in tasks}) == 1
         assert batch["valid"].all() and len(batch["prompt"]) == 4
     assert {0, 1} <= seen and seen & {2, 3}
+    assert len(lengths) >= 2  # t2i prompts and prompts with input images fall in different buckets
+
+
+def test_text_lengths():
+    assert pipeline.text_lengths(64, 3) == [16, 32, 64]
+    assert pipeline.text_lengths(160, 3) == [40, 80, 160]
+    assert pipeline.text_lengths(1024, 1) == [1024]
+    assert pipeline.text_lengths(12, 4) == [8, 12]  # multiples of 8, at least 8, deduplicated
+    assert pipeline.text_length(33, [16, 32, 64]) == 64
+    with pytest.raises(ValueError, match="data.max_text_len=64"):
+        pipeline.text_length(65, [16, 32, 64])
+    with pytest.raises(ValueError, match="data.text_buckets"):
+        pipeline.text_lengths(64, 0)
+
+
+def test_row_lengths_count_what_the_processor_gives(env):
+    # The plan groups records by `row_lengths` without processing their images: the count must
+    # be the real length of each row the processor encodes (images expanded to their tokens).
+    proc = env["processor"]
+    prompts = ["a red circle", "two blue squares at the top left of the picture", "x"]
+    for n, side in ((0, 84), (1, 84), (2, 112)):
+        images = [[np.zeros((side, side, 3), np.uint8)] * n for _ in prompts]
+        enc = vlm_inputs.encode(proc, prompts, images, 200)
+        geo = vlm_inputs.vision_geometry(proc)
+        per_image = vlm_inputs.tokens_per_image(geo, side, side)
+        counted = vlm_inputs.row_lengths(proc, prompts, [n] * 3, [per_image] * 3)
+        assert counted.tolist() == enc["attention_mask"].sum(1).tolist()
 
 
 def test_aspect_ratio_buckets_group_real_images(env):
@@ -114,18 +154,24 @@ def test_mixture_proportions(env):
     # The plan alone (no decoding): 3000 steps of 2 samples; steps draw their group at random,
     # so the share of t2i samples is 0.75 within a few standard deviations (0.008).
     c = _config(env, mixture={"t2i": 0.75, "edit": 0.25}, batch_size=2)
-    plan, parts = pipeline.make_plan(c)
+    plan, parts = pipeline.make_plan(c, env["processor"])
     task = [records.normalize(part[0])["task"] for part in parts]
     counts = collections.Counter(task[part] for step in range(3000) for part, _ in plan.records(step))
     assert abs(counts["t2i"] / sum(counts.values()) - 0.75) < 0.03, counts
     # every step's records share one group; each part's records are all used, in reshuffled epochs
     used = collections.defaultdict(list)
-    for step in range(60):
+    for step in range(300):
         picks = plan.records(step)
         assert len({pipeline.record_group(parts[p][i], _table(c)) for p, i in picks}) == 1
         for p, i in picks:
-            used[p].append(i)
-    assert sorted(used[task.index("edit")][:24]) == list(range(24))  # the first 24 edit records: all 24
+            used[p, plan.group(step)].append(i)
+    # a group's first len(group) records of a part: each of them once (an epoch, reshuffled)
+    edit = task.index("edit")
+    groups = [g for g, members in plan.members[edit].items() if len(members)]
+    assert sum(len(plan.members[edit][g]) for g in groups) == 24 and len(groups) >= 1
+    for g in groups:
+        members = sorted(plan.members[edit][g].tolist())
+        assert sorted(used[edit, g][: len(members)]) == members
 
 
 def _table(c):
@@ -162,9 +208,10 @@ def test_global_batch_does_not_depend_on_the_process_count(env):
 
 
 def test_process_shares_cover_one_epoch(env):
-    # one epoch of 24 edit records, global batches of 10: two full steps, then 4 valid rows and
-    # 6 padding rows; process 0 feeds rows 0-4 of each step, process 1 rows 5-9
-    c = _config(env, mixture={"edit": 1.0}, batch_size=5, num_epochs=1)
+    # one epoch of 24 edit records (one group: one size, one input, one text length), global
+    # batches of 10: two full steps, then 4 valid rows and 6 padding rows; process 0 feeds rows
+    # 0-4 of each step, process 1 rows 5-9
+    c = _config(env, mixture={"edit": 1.0}, batch_size=5, num_epochs=1, text_buckets=1)
     shares = []
     for index in range(2):
         ids, valid = [], []
@@ -224,16 +271,14 @@ def test_clear_errors(env):
         pipeline.make_dataset(
             _config(env, mixture={"customization": 1.0}), env["processor"], process_index=0, process_count=1
         )
-    it = iter(
+    # a prompt that cannot fit is refused when the plan is made, naming the record, not mid-run
+    with pytest.raises(ValueError, match=r"multi_subject record \S+: \d+ prompt tokens .* exceed data.max_text_len=40"):
         pipeline.make_dataset(
             _config(env, mixture={"multi_subject": 1.0}, max_text_len=40),
             env["processor"],
             process_index=0,
             process_count=1,
         )
-    )
-    with pytest.raises(ValueError, match="raise data.max_text_len"):
-        next(it)
 
 
 def test_process_rows_keep_micro_batches_global():

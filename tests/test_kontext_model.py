@@ -8,7 +8,7 @@ import pytest
 
 import kontext_util as ku
 from qk_jax import flops, optim, sharding
-from qk_jax.data.model_inputs import place_batch
+from qk_jax.data.model_inputs import condition_index, place_batch
 from qk_jax.models.kontext import QueryKontext
 from qk_jax.train_state import init_state
 from qk_jax.train_step import make_loss_fn, make_train_step
@@ -148,3 +148,53 @@ def test_flop_count_matches_xla_cost_analysis(stage, mixture, shapes_dir, proc):
     xla = flops.xla_flops_per_device(jax.jit(make_train_step(model, tx, seed=0)).lower(state, batch).compile())
     ours = flops.kontext_train_step_flops(kcfg, batch, config.train.trainable, state["trainable"].get("lora"))["total"]
     assert 0.85 <= ours / xla <= 1.05, (ours, xla, ours / xla)
+
+
+def test_condition_index_packs_each_rows_prompt_then_its_queries():
+    # left padding, 2 queries; row 0 has 3 real tokens, row 1 five; both skip a 1-token prefix
+    mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    index = condition_index(mask, 2, prompt_start=np.array([3, 1]))
+    # prompt (T = 5) then queries at 5, 6; W = 5 - 1 = 4, so 6 columns; -1 = padding
+    assert index.tolist() == [[3, 4, 5, 6, -1, -1], [1, 2, 3, 4, 5, 6]]
+    assert condition_index(mask, 1).tolist() == [[2, 3, 4, 5, -1, -1], [0, 1, 2, 3, 4, 5]]
+    with pytest.raises(ValueError, match="same template prefix"):
+        condition_index(mask, 2, prompt_start=np.array([3, 2]))
+
+
+def test_the_dit_sees_the_same_condition_whatever_the_padding(shapes_dir, proc):
+    # The same edit records padded to max_text_len (one text bucket) and to their bucket's
+    # shorter length: the VLM input and the DiT's condition stream are shorter, the velocity
+    # is the same (padding and the shared template prefix never reach the DiT).
+    from qk_jax.data import builders, pipeline, records, vlm_inputs
+
+    config = ku.stage_config(3, shapes_dir)
+    kcfg = ku.model_config(config, proc)
+    model = QueryKontext(kcfg)
+    processor = vlm_inputs.load_processor(proc)
+    source = builders.load_source(shapes_dir, builders.SHAPES_NAME, "edit", "train")
+    recs = [records.normalize(source[i]) for i in range(3)]
+    batches = {}
+    for buckets in (1, 3):
+        config.data.text_buckets = buckets
+        batches[buckets] = ku.prepared(kcfg, pipeline.collate_records(recs, config.data, processor))
+    full, packed = batches[1], batches[3]
+    prefix = len(vlm_inputs.template_prefix(processor))
+    assert full["input_ids"].shape[1] == config.data.max_text_len > packed["input_ids"].shape[1]
+    for b in (full, packed):
+        assert b["cond_index"].shape[1] == b["input_ids"].shape[1] - prefix + kcfg.num_queries
+    params = jax.jit(lambda r: sharding.unbox_abstract(model.init(r)))(jax.random.key(0))
+    out = []
+    for b in (full, packed):
+        cond, mask, _ = model.condition(params, b)
+        x0 = model.encode(params, b["target"])
+        t = jax.numpy.full((x0.shape[0],), 0.7)
+        xt = 0.3 * x0 + 0.7 * jax.random.normal(jax.random.key(1), x0.shape)
+        tokens = model.encode_conditions(params, b["cond_images"])
+        out.append(np.asarray(model.velocity(params, xt, tokens, b["img_ids"], cond, mask, t)))
+    np.testing.assert_allclose(out[0], out[1], rtol=1e-5, atol=1e-5)
+    # data.drop_template_prefix=False: the stream starts at each row's first token
+    config.data.drop_template_prefix = False
+    whole = ku.prepared(kcfg, pipeline.collate_records(recs, config.data, processor))
+    first = np.argmax(whole["attention_mask"] > 0, axis=1)
+    assert whole["cond_index"].shape[1] == whole["input_ids"].shape[1] + kcfg.num_queries
+    assert (whole["cond_index"][:, 0] == first).all()

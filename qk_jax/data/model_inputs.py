@@ -10,6 +10,10 @@ docstring). `prepare_batch` turns one into the arrays the jitted step takes:
   the flat layout (single process only);
 - the 3-axis M-RoPE position ids of the prompt *followed by the K kontext queries*
   (queries continue after each row's last prompt position);
+- the DiT's condition stream, packed: `cond_index` (B, W + K) picks from the VLM sequence
+  each row's prompt tokens from its `prompt_start` (after the chat-template prefix every
+  prompt shares) to its last token, then its K queries, then -1 (padding); W = T minus the
+  prefix, so neither padding nor the shared prefix sits among a row's condition tokens;
 - the image-stream position ids `img_ids` (B, N_target + n * N_cond, 3) of the DiT: the
   target first, then (stage 3) each input image's segment, placed by the configured scheme:
     shifted_2d  the paper's shifted 2D RoPE: target at (i, j), an edit *source* at
@@ -127,6 +131,7 @@ def prepare_batch(cfg: KontextConfig, batch: Mapping[str, Any], accum: int = 1, 
     queries = extend_position_ids(host["position_ids"], mask, cfg.num_queries)
     out["position_ids"] = np.concatenate([host["position_ids"], queries], axis=2).astype(np.int32)
     out["attention_mask"] = mask
+    out["cond_index"] = condition_index(mask, cfg.num_queries, batch.get("prompt_start"))
     if "vision_plan" in host:
         out["vision_plan"] = host["vision_plan"]
     target = np.asarray(batch["target"], np.float32)
@@ -138,6 +143,35 @@ def prepare_batch(cfg: KontextConfig, batch: Mapping[str, Any], accum: int = 1, 
         out["cond_images"] = np.asarray(batch["cond_images"], np.float32)[:, :n]
     out["img_ids"] = image_ids(cfg, task_ids, target.shape[1], target.shape[2], n)
     return out
+
+
+def condition_index(mask: np.ndarray, num_queries: int, prompt_start: np.ndarray | None = None) -> np.ndarray:
+    """(B, W + K) int32: the positions in the VLM sequence [prompt (T) ; K queries] that form
+    each row's condition stream for the DiT, packed: its prompt tokens from `prompt_start`
+    to its last real token, then its K kontext queries, then -1 (padding) to the width.
+
+    `prompt_start` (B,) defaults to each row's first real token; the number of tokens it skips
+    past the first real one (the template prefix every prompt shares) must be the same in
+    every row, so W = T - that number is static. A row's stream does not depend on how much
+    padding the batch has: its tokens come first, at the same places, whatever T is."""
+    mask = np.asarray(mask) > 0
+    b, t = mask.shape
+    real = mask.sum(axis=1)
+    if (real == 0).any():
+        raise ValueError(f"rows {np.flatnonzero(real == 0).tolist()} of the batch have no prompt tokens")
+    first = np.argmax(mask, axis=1)
+    start = first if prompt_start is None else np.asarray(prompt_start, np.int64)
+    skipped = start - first
+    if len(set(skipped.tolist())) > 1 or skipped[0] < 0 or (skipped >= real).any():
+        raise ValueError(
+            f"prompt_start {start.tolist()} skips {skipped.tolist()} tokens of rows of {real.tolist()} tokens; "
+            "every row must skip the same template prefix and keep at least one token"
+        )
+    width = t - int(skipped[0])
+    count = (real - skipped)[:, None]
+    j = np.arange(width + num_queries)[None]
+    index = np.where(j < count, start[:, None] + j, np.where(j < count + num_queries, t + j - count, -1))
+    return index.astype(np.int32)
 
 
 def _is_rows(value, rows: int) -> bool:

@@ -1,7 +1,8 @@
 """The grain input pipeline: records -> static-shape, tokenized, checkpointable batches.
 
     per mixture entry (dataset/task): tfds ArrayRecord source; one pass over the record
-        headers gives each record's group (aspect bucket of the target, number of input images)
+        headers gives each record's group (aspect bucket of the target, number of input
+        images, text length: the shortest of `text_lengths` that holds its tokenized prompt)
     -> StepPlan        the global batch of every step, from (seed, step) alone: its group, drawn
                        by the groups' shares of the mixture, and the records filling it (each
                        part's records of the group, reshuffled every epoch)
@@ -19,9 +20,10 @@ Any process may read any record (ArrayRecord is random access); the records a pr
 reads at a step are its rows of that step. The header pass reads every record once per
 process at start-up.
 
-Batch layout (B = `data.batch_size` per process, S = `data.image_slots`, T =
-`data.max_text_len`, (H, W) = the batch's bucket, P = patches of one VLM image at the
-bucket's VLM size, D = 3 * 2 * 14 * 14 for Qwen2.5-VL):
+Batch layout (B = `data.batch_size` per process, S = `data.image_slots`, T = the
+batch's text length (one of `text_lengths(data.max_text_len, data.text_buckets)`: a batch
+is padded to its group's length, not always to `data.max_text_len`), (H, W) = the batch's
+bucket, P = patches of one VLM image at the bucket's VLM size, D = 3 * 2 * 14 * 14 for Qwen2.5-VL):
 
     target          (B, H, W, 3) float32 in [-1, 1]
     cond_images     (B, S, H, W, 3) float32 in [-1, 1]; source first, then references; zeros in empty slots
@@ -32,6 +34,9 @@ bucket's VLM size, D = 3 * 2 * 14 * 14 for Qwen2.5-VL):
     input_ids       (B, T) int32, chat template + expanded image-pad tokens, padded on
                     `data.padding_side` (left by default: the kontext queries follow the prompt)
     attention_mask  (B, T) int32
+    prompt_start    (B,) int32, where each row's prompt begins after the template prefix that
+                    every prompt shares (`data.drop_template_prefix`; else its first token):
+                    the DiT's condition stream starts there (`model_inputs.condition_index`)
     pixel_values    (B, S, P, D) float32, the VLM patches of each slot (zeros in empty slots)
     image_grid_thw  (B, S, 3) int32, zeros in empty slots
     prompt, id      (B,) object arrays of str (drop them before `jax.device_put`)
@@ -92,6 +97,14 @@ def default_config(stage: int | None = None) -> ml_collections.ConfigDict:
     c.vlm_multiple = 28  # Qwen2.5-VL: 14px patches merged 2x2
     c.image_slots = vocab.MAX_REFERENCES  # static number of input-image slots
     c.max_text_len = 128
+    # Text-length buckets: a batch is padded to the shortest of `text_buckets` lengths
+    # (max_text_len, halved each time; `text_lengths`) that holds its group's prompts instead
+    # of always to max_text_len, so the VLM and the DiT's condition stream do not carry the
+    # padding. 1: every batch at max_text_len.
+    c.text_buckets = 3
+    # The DiT's condition stream starts after the chat-template prefix every prompt shares
+    # (system prompt, user-turn header): the VLM reads it, the DiT gets nothing from it.
+    c.drop_template_prefix = True
     c.padding_side = "left"  # kontext queries are appended after the prompt: pad on the left
     c.seed = 0
     # None: repeat forever. A number: each component repeats that often and the mixture ends
@@ -151,6 +164,8 @@ class Prepare(grain.transforms.Map):
 _BLOCK = 4096
 # The length of an endless plan (grain needs one).
 _ENDLESS = 2**62
+# Records read (and prompts tokenized) at a time by the header pass.
+_HEADER_CHUNK = 4096
 
 
 class _Draws:
@@ -199,12 +214,41 @@ def record_group(raw: dict, table) -> tuple[int, int]:
     return buckets.choose_bucket(h, w, table), records.num_inputs(rec)
 
 
+def text_lengths(max_text_len: int, num_buckets: int) -> list[int]:
+    """The padded text lengths a batch may take, ascending: `max_text_len` halved
+    `num_buckets - 1` times, each rounded up to a multiple of 8 (at least 8)."""
+    if num_buckets < 1:
+        raise ValueError(f"data.text_buckets={num_buckets} must be >= 1")
+    if max_text_len < 1:
+        raise ValueError(f"data.max_text_len={max_text_len} must be >= 1")
+    out = {int(max_text_len)}
+    for k in range(1, num_buckets):
+        out.add(min(int(max_text_len), max(8, -(-max_text_len // 2**k // 8) * 8)))
+    return sorted(out)
+
+
+def text_length(length: int, lengths) -> int:
+    """The shortest of `lengths` (ascending) that holds `length` tokens."""
+    for candidate in lengths:
+        if length <= candidate:
+            return candidate
+    raise ValueError(f"{length} tokens exceed data.max_text_len={lengths[-1]}")
+
+
+def record_text_lengths(recs: list[dict], processor, geometry: dict, vlm_sizes) -> np.ndarray:
+    """(R,) the unpadded VLM token count of each (normalized) record: its templated prompt plus
+    the tokens of its input images at `vlm_sizes[i]` (the VLM size of its bucket)."""
+    per_image = [vlm_inputs.tokens_per_image(geometry, vh, vw) for vh, vw in vlm_sizes]
+    counts = [records.num_inputs(r) for r in recs]
+    return vlm_inputs.row_lengths(processor, [r["prompt"] for r in recs], counts, per_image)
+
+
 class StepPlan:
     """Which records make the global batch of each step: the same on every process, and
     independent of the number of processes.
 
-    A group is an (aspect bucket, number of input images) pair; one batch holds one group, so
-    its shapes are static. The group of step s is drawn from (seed, s) with each group's
+    A group is an (aspect bucket, number of input images, text length) triple; one batch holds
+    one group, so its shapes are static. The group of step s is drawn from (seed, s) with each group's
     share of the mixture (sum over the mixture's parts of part weight x fraction of the
     part's records in the group). Within a group, each sample position draws its part from
     (seed, group, position), weighted likewise, and takes that part's next record of the
@@ -310,12 +354,12 @@ class StepBatches(grain.MapDataset):
     def _sample(self, pick: tuple[int, int], step: int) -> dict:
         part, index = pick
         sample = self.prepare.map(self.parts[part][index])
-        bucket, n = self.plan.groups[self.plan.group(step)]
+        bucket, n, text_len = self.plan.groups[self.plan.group(step)]
         if sample["key"] != f"b{bucket}_n{n}":
             raise ValueError(
                 f"record {sample['id']} changed: planned in bucket {bucket} with {n} inputs, read as {sample['key']}"
             )
-        return sample
+        return dict(sample, text_len=text_len)
 
     def __str__(self) -> str:
         return f"StepBatches(global_batch={self.plan.global_batch}, rows={self.rows[0]}..{self.rows[-1]})"
@@ -334,21 +378,49 @@ def process_rows(batch_size: int, process_index: int, process_count: int, micro_
 
 
 class Collate(grain.transforms.Map):
-    """A list of prepared samples (one group) -> the static-shape numpy batch."""
+    """A list of prepared samples (one group) -> the static-shape numpy batch.
+
+    The text length is the samples' planned `text_len` (training), else the shortest of
+    `text_lengths` that holds their longest prompt (`collate_records`)."""
 
     def __init__(
         self,
         processor,
         image_slots: int,
-        max_text_len: int,
+        text_lengths: list[int],
         padding_side: str,
-        patch_size: int,
-        patch_dim: int,
+        geometry: dict,
         vlm_table,
+        drop_template_prefix: bool,
     ):
-        self.processor, self.image_slots, self.max_text_len = processor, image_slots, max_text_len
-        self.padding_side, self.patch_size, self.patch_dim = padding_side, patch_size, patch_dim
+        self.processor, self.image_slots, self.text_lengths = processor, image_slots, list(text_lengths)
+        self.padding_side, self.geometry = padding_side, geometry
+        self.patch_size, self.patch_dim = geometry["patch_size"], geometry["patch_dim"]
         self.vlm_table = list(vlm_table)
+        self.prefix = np.asarray(vlm_inputs.template_prefix(processor) if drop_template_prefix else [], np.int64)
+
+    def _text_len(self, samples: list[dict]) -> int:
+        if "text_len" in samples[0]:
+            return int(samples[0]["text_len"])
+        vh, vw = self.vlm_table[samples[0]["bucket"]]
+        per_image = vlm_inputs.tokens_per_image(self.geometry, vh, vw)
+        n = len(samples[0]["cond"])
+        lengths = vlm_inputs.row_lengths(
+            self.processor, [smp["prompt"] for smp in samples], [n] * len(samples), [per_image] * len(samples)
+        )
+        return text_length(int(lengths.max()), self.text_lengths)
+
+    def _prompt_start(self, ids: np.ndarray, mask: np.ndarray, samples: list[dict]) -> np.ndarray:
+        """(B,) the index of each row's first token after the shared template prefix."""
+        first = np.argmax(mask > 0, axis=1) if self.padding_side == "left" else np.zeros(len(ids), np.int64)
+        p = len(self.prefix)
+        for i, start in enumerate(first):
+            if not np.array_equal(ids[i, start : start + p], self.prefix):
+                raise ValueError(
+                    f"record {samples[i]['id']}: its tokens do not start with the chat template's prefix "
+                    f"{self.prefix.tolist()}; set data.drop_template_prefix=False for this processor"
+                )
+        return (first + p).astype(np.int32)
 
     def map(self, samples: list[dict]) -> dict[str, np.ndarray]:
         b, s = len(samples), self.image_slots
@@ -359,11 +431,12 @@ class Collate(grain.transforms.Map):
         for i, smp in enumerate(samples):
             for j, im in enumerate(smp["cond"]):
                 cond[i, j] = to_unit(im)
+        text_len = self._text_len(samples)
         vlm = vlm_inputs.encode(
             self.processor,
             [smp["prompt"] for smp in samples],
             [smp["vlm"] for smp in samples],
-            self.max_text_len,
+            text_len,
             self.padding_side,
         )
         vh, vw = self.vlm_table[samples[0]["bucket"]]
@@ -379,8 +452,9 @@ class Collate(grain.transforms.Map):
             pixel_values[:, :n] = np.asarray(vlm["pixel_values"], np.float32).reshape(b, n, patches, -1)
             grid[:, :n] = np.asarray(vlm["image_grid_thw"]).reshape(b, n, 3)
         ids = np.asarray(vlm["input_ids"], np.int32)
-        if ids.shape != (b, self.max_text_len):
-            raise ValueError(f"processor returned input_ids {ids.shape}, expected {(b, self.max_text_len)}")
+        if ids.shape != (b, text_len):
+            raise ValueError(f"processor returned input_ids {ids.shape}, expected {(b, text_len)}")
+        mask = np.asarray(vlm["attention_mask"], np.int32)
         return {
             "target": np.stack([to_unit(smp["target"]) for smp in samples]),
             "cond_images": cond,
@@ -389,7 +463,8 @@ class Collate(grain.transforms.Map):
             "task_id": np.asarray([smp["task_id"] for smp in samples], np.int32),
             "valid": np.asarray([not smp.get("padding", False) for smp in samples]),
             "input_ids": ids,
-            "attention_mask": np.asarray(vlm["attention_mask"], np.int32),
+            "attention_mask": mask,
+            "prompt_start": self._prompt_start(ids, mask, samples),
             "pixel_values": pixel_values,
             "image_grid_thw": grid,
             "prompt": np.asarray([smp["prompt"] for smp in samples], dtype=object),
@@ -397,19 +472,35 @@ class Collate(grain.transforms.Map):
         }
 
 
-def make_plan(config: ml_collections.ConfigDict, process_count: int = 1) -> tuple[StepPlan, list]:
+def make_plan(config: ml_collections.ConfigDict, processor, process_count: int = 1) -> tuple[StepPlan, list]:
     """The `StepPlan` of the `data` config for `process_count` processes of `data.batch_size`
-    rows each, and the sources of its parts (in mixture order)."""
-    table, _ = buckets.paired_tables(config.area, config.multiple, config.vlm_area, config.vlm_multiple, config.ratios)
+    rows each, and the sources of its parts (in mixture order). `processor` counts each
+    record's prompt tokens (its text length)."""
+    table, vlm_table = buckets.paired_tables(
+        config.area, config.multiple, config.vlm_area, config.vlm_multiple, config.ratios
+    )
+    geometry = vlm_inputs.vision_geometry(processor)
+    lengths = text_lengths(config.max_text_len, config.text_buckets)
     parts, members, weights, seeds = [], [], [], []
-    groups: dict[tuple[int, int], int] = {}
+    groups: dict[tuple[int, int, int], int] = {}
     for name, task, weight in parse_mixture(config.mixture, config.dataset):
         source = builders.load_source(config.data_dir, name, task, config.split)
         if len(source) == 0:
             raise ValueError(f"{name}/{task} split {config.split} has no records")
-        by_group: dict[tuple[int, int], list[int]] = {}
-        for i in range(len(source)):  # one pass over the record headers: the group of every record
-            by_group.setdefault(record_group(source[i], table), []).append(i)
+        # one pass over the record headers and prompts (in chunks): the group of every record
+        by_group: dict[tuple[int, int, int], list[int]] = {}
+        for first in range(0, len(source), _HEADER_CHUNK):
+            index = range(first, min(first + _HEADER_CHUNK, len(source)))
+            recs = [records.normalize(source[i]) for i in index]
+            image_groups = [record_group(rec, table) for rec in recs]
+            tokens = record_text_lengths(recs, processor, geometry, [vlm_table[g[0]] for g in image_groups])
+            for i, rec, (bucket, n), count in zip(index, recs, image_groups, tokens):
+                if count > lengths[-1]:
+                    raise ValueError(
+                        f"{name}/{task} record {rec['id']}: {count} prompt tokens (image tokens count too) "
+                        f"exceed data.max_text_len={lengths[-1]}; raise data.max_text_len"
+                    )
+                by_group.setdefault((bucket, n, text_length(int(count), lengths)), []).append(i)
         parts.append(source)
         members.append({groups.setdefault(k, len(groups)): np.asarray(v) for k, v in sorted(by_group.items())})
         weights.append(weight)
@@ -466,7 +557,7 @@ def make_dataset(
                 f"data.vlm_area={config.vlm_area} gives a {vh}x{vw} VLM image outside the processor's "
                 f"[{geo['min_pixels']}, {geo['max_pixels']}] pixels; change data.vlm_area"
             )
-    plan, parts = make_plan(config, process_count)
+    plan, parts = make_plan(config, processor, process_count)
     prepare = Prepare(table, vlm_table, config.image_slots)
     batched = (
         StepBatches(plan, parts, prepare, process_rows(config.batch_size, process_index, process_count, micro_batches))
@@ -506,9 +597,9 @@ def collator(config: ml_collections.ConfigDict, processor, geo: dict, vlm_table)
     return Collate(
         processor,
         config.image_slots,
-        config.max_text_len,
+        text_lengths(config.max_text_len, config.text_buckets),
         config.padding_side,
-        geo["patch_size"],
-        geo["patch_dim"],
+        geo,
         vlm_table,
+        config.drop_template_prefix,
     )

@@ -10,10 +10,13 @@ The pipeline takes the VLM processor as an injected object following the interfa
             "pixel_values": (N_patches, D) float32, "image_grid_thw": (N_images, 3) int}
         (images sample by sample, in order; a row longer than T raises ValueError)
     processor.image_processor.patch_size / merge_size / temporal_patch_size / size
+    processor.tokenizer(texts)["input_ids"] -> token ids per text (no padding)
 
 `encode` builds one user message per sample (its images first, then the prompt) and
-calls the processor; `flat_vlm_inputs` turns the pipeline's per-slot layout back into
-the flat `pixel_values` / `image_grid_thw` the VLM's `prepare_inputs` takes.
+calls the processor; `row_lengths` counts the tokens a row will take without processing
+its images (the pipeline's plan groups records by it); `template_prefix` gives the tokens
+every templated prompt starts with; `flat_vlm_inputs` turns the pipeline's per-slot layout
+back into the flat `pixel_values` / `image_grid_thw` the VLM's `prepare_inputs` takes.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from qk_jax import paths
 
 class VLMProcessor(Protocol):
     image_processor: object
+    tokenizer: object
 
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str: ...
 
@@ -95,6 +99,16 @@ def vision_geometry(processor: VLMProcessor) -> dict[str, int]:
     }
 
 
+def templated_texts(processor: VLMProcessor, prompts: Sequence[str], image_counts: Sequence[int]) -> list[str]:
+    """One chat-templated user message per sample: its `image_counts[i]` images first, then the prompt."""
+    return [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"} for _ in range(n)] + [{"type": "text", "text": p}]}]
+        )
+        for p, n in zip(prompts, image_counts)
+    ]
+
+
 def encode(
     processor: VLMProcessor,
     prompts: Sequence[str],
@@ -105,12 +119,7 @@ def encode(
     """Chat-templated, tokenized, image-processed batch padded to `max_length` (see module docstring)."""
     if len(prompts) != len(images_per_sample):
         raise ValueError(f"{len(prompts)} prompts but {len(images_per_sample)} image lists")
-    texts = [
-        processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"} for _ in ims] + [{"type": "text", "text": p}]}]
-        )
-        for p, ims in zip(prompts, images_per_sample)
-    ]
+    texts = templated_texts(processor, prompts, [len(ims) for ims in images_per_sample])
     images = [list(ims) for ims in images_per_sample]
     try:
         out = processor(texts, images=images if any(images) else None, max_length=max_length, padding_side=padding_side)
@@ -119,6 +128,33 @@ def encode(
             raise ValueError(f"{e}; raise data.max_text_len (image tokens count too)") from None
         raise
     return out
+
+
+def row_lengths(
+    processor: VLMProcessor, prompts: Sequence[str], image_counts: Sequence[int], tokens_per_image: Sequence[int]
+) -> np.ndarray:
+    """(B,) the unpadded token count `encode` gives each row, without processing any image:
+    the templated text with one image-pad token per image, each expanded to that image's
+    `tokens_per_image[i]` tokens (its patches / merge^2 at the VLM size)."""
+    ids = processor.tokenizer(templated_texts(processor, prompts, image_counts))["input_ids"]
+    return np.asarray([len(row) + n * (k - 1) for row, n, k in zip(ids, image_counts, tokens_per_image)], np.int64)
+
+
+def template_prefix(processor: VLMProcessor) -> list[int]:
+    """The token ids every templated prompt starts with (system prompt, user-turn header):
+    the common prefix of two templated prompts that share no first token. Under the VLM's
+    causal attention their hidden states are the same for every prompt."""
+    a, b = processor.tokenizer(templated_texts(processor, ["red", "7"], [0, 0]))["input_ids"]
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return list(a[:n])
+
+
+def tokens_per_image(geometry: dict[str, int], height: int, width: int) -> int:
+    """VLM tokens of one (height, width) input image: its patches / merge^2."""
+    p, m = geometry["patch_size"], geometry["merge_size"]
+    return (height // p) * (width // p) // (m * m)
 
 
 def flat_vlm_inputs(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

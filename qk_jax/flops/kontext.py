@@ -56,7 +56,8 @@ def kontext_train_step_flops(
     shapes: what the step computes (`kontext_useful_flops`: what of it is real work)."""
     ids = np.shape(batch["input_ids"])
     accum, (b, t) = (ids[0], ids[1:]) if len(ids) == 3 else (1, ids)
-    step = _step_flops(kcfg, _shapes(kcfg, batch), b, t, list(trainable), lora_tree)
+    stream = np.shape(batch["cond_index"])[-1] if "cond_index" in batch else t + kcfg.num_queries
+    step = _step_flops(kcfg, _shapes(kcfg, batch), b, t, stream, list(trainable), lora_tree)
     if accum > 1:
         step = jax.tree.map(lambda x: x * accum if isinstance(x, (int, float)) else x, step)
     return step
@@ -71,8 +72,9 @@ def kontext_useful_flops(
 ) -> int:
     """The model FLOPs of the real work in one optimizer step on `batch` (the MFU numerator,
     as MaxText counts it): the step's `total` summed over the valid rows (`valid`), each at
-    its prompt's real length (`attention_mask`) plus the kontext queries; padded text
-    tokens and padding rows are not counted. Image tokens carry no padding inside a valid
+    its prompt's real length (`attention_mask`) plus the kontext queries in the VLM, and at
+    its condition stream's real length (`cond_index`) in the connector and the DiT; padded
+    text tokens and padding rows are not counted. Image tokens carry no padding inside a valid
     row (a batch shares one target size and input-image count; the flat vision layout cuts
     each image's real patches), so every valid row counts its image tokens in full. In the
     flat vision layout the ViT attention spans all patches of the batch; a row counts its
@@ -89,12 +91,17 @@ def kontext_useful_flops(
         patches, images = shapes["vit"]
         shapes["vit"] = (patches, images // rows_per_micro) if shapes["vit_batched"] else (patches // rows_per_micro, 1)
     lengths = (mask > 0).sum(axis=-1)[valid]
+    if "cond_index" in batch:
+        index = np.asarray(batch["cond_index"])
+        streams = (index.reshape(-1, index.shape[-1]) >= 0).sum(axis=-1)[valid]
+    else:
+        streams = lengths + kcfg.num_queries
     cache = {} if cache is None else cache
     total = 0
-    for length, count in zip(*np.unique(lengths, return_counts=True)):
-        key = (tuple(sorted(shapes.items())), int(length))
+    for (length, stream), count in zip(*np.unique(np.stack([lengths, streams], 1), axis=0, return_counts=True)):
+        key = (tuple(sorted(shapes.items())), int(length), int(stream))
         if key not in cache:
-            cache[key] = _step_flops(kcfg, shapes, 1, int(length), trainable, lora_tree)["total"]
+            cache[key] = _step_flops(kcfg, shapes, 1, int(length), int(stream), trainable, lora_tree)["total"]
         total += int(count) * cache[key]
     return total
 
@@ -121,8 +128,11 @@ def _shapes(kcfg, batch: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _step_flops(kcfg, shapes: Mapping[str, Any], b: int, t: int, trainable: list[str], lora_tree) -> dict[str, Any]:
-    """`train_step_flops` of one micro-batch of `b` rows of `t` text tokens."""
+def _step_flops(
+    kcfg, shapes: Mapping[str, Any], b: int, t: int, stream: int, trainable: list[str], lora_tree
+) -> dict[str, Any]:
+    """`train_step_flops` of one micro-batch of `b` rows of `t` text tokens in the VLM (plus the
+    K queries) and `stream` condition tokens in the connector and the DiT."""
     k = kcfg.num_queries
     h, w, n_total, n_target, n_inputs = (shapes[x] for x in ("h", "w", "n_total", "n_target", "n_inputs"))
     parts = []
@@ -141,7 +151,7 @@ def _step_flops(kcfg, shapes: Mapping[str, Any], b: int, t: int, trainable: list
     parts.append(
         Part(
             "connector",
-            connector_flops(kcfg.connector, b, t + k),
+            connector_flops(kcfg.connector, b, stream),
             weight_grads=_trained(trainable, "connector"),
             backward_through=True,
         )
@@ -150,7 +160,7 @@ def _step_flops(kcfg, shapes: Mapping[str, Any], b: int, t: int, trainable: list
     parts.append(
         Part(
             key,
-            mmdit_flops(kcfg.generator, b, n_total, t + k, n_target),
+            mmdit_flops(kcfg.generator, b, n_total, stream, n_target),
             weight_grads=_trained(trainable, key),
             backward_through=True,
             remat=kcfg.generator.remat,
@@ -163,8 +173,8 @@ def _step_flops(kcfg, shapes: Mapping[str, Any], b: int, t: int, trainable: list
             if path.startswith("vlm/"):
                 return b * (t + k)
             if "/single_blocks/" in path:
-                return b * (t + k + n_total)
-            return b * ((t + k) if "/txt_" in path else n_total)  # double blocks: text or image stream
+                return b * (stream + n_total)
+            return b * (stream if "/txt_" in path else n_total)  # double blocks: text or image stream
 
         parts.append(Part("lora", lora_adapter_flops(lora_tree, tokens_for), weight_grads=True, backward_through=True))
     return train_step_flops(parts)

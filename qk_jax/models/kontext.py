@@ -3,8 +3,10 @@
     prompt + input images ──► VLM (Qwen2.5-VL) ──► final-norm hidden states
                               [prompt tokens ; K learnable kontext queries]
                                         │
+                              packed: the prompt's own tokens (no padding, no shared
+                                        │  chat-template prefix), then the K queries
                               Connector (MLP or transformer)
-                                        │  condition tokens [text ; kontext]  (B, T + K, D_cond)
+                                        │  condition tokens [text ; kontext]  (B, W + K, D_cond)
                                         ▼
     noisy target latents ─┐
     source / reference    ├─► MMDiT (image stream: target first, then condition segments)
@@ -197,6 +199,7 @@ class QueryKontext:
 
     Batch fields used (all arrays; built by `model_inputs.prepare_batch`):
       input_ids (B, T), attention_mask (B, T), position_ids (3, B, T + K) (prompt + queries),
+      cond_index (B, W + K) (the packed condition stream's positions in [prompt ; queries], -1 = none),
       pixel_values (B * n, P, D) + vision_plan of one image (the batched vision layout;
       flat (N, D) + a plan of all images when a batch mixes grids; absent without input images),
       target (B, H, W, 3) in [-1, 1], cond_images (B, n, H, W, 3) (stage 3),
@@ -254,12 +257,13 @@ class QueryKontext:
     # ------------------------------------------------------------------ conditioning
 
     def condition(self, params: Mapping[str, Any], batch: Mapping[str, Array]) -> tuple[Array, Array, Array]:
-        """The VLM + connector: (cond tokens (B, T+K, D_cond), cond mask (B, T+K) bool, kontext (B, K, D_vlm)).
+        """The VLM + connector: (cond tokens (B, W+K, D_cond), cond mask (B, W+K) bool, kontext (B, K, D_vlm)).
 
         The K kontext queries are appended after the (left-padded) prompt; with causal
         attention they read the whole prompt, images included. The prompt's hidden states
-        form the text stream and the queries' the kontext tokens; both go through the
-        connector.
+        form the text stream and the queries' the kontext tokens; `cond_index` packs them
+        (each row's prompt tokens after the shared template prefix, then its queries, then
+        padding) and both go through the connector.
         """
         c = self.config
         ids = batch["input_ids"]
@@ -280,12 +284,16 @@ class QueryKontext:
             mask.astype(jnp.int32),
             method=Qwen25VL.decode,
         )
-        cond = self.connector.apply({"params": params["connector"]}, hidden, mask)
-        return cond, mask, hidden[:, t:]
+        index = batch["cond_index"]
+        stream = jnp.take_along_axis(hidden, jnp.maximum(index, 0)[..., None], axis=1)
+        cond_mask = index >= 0
+        cond = self.connector.apply({"params": params["connector"]}, stream, cond_mask)
+        return cond, cond_mask, hidden[:, t:]
 
     @staticmethod
-    def drop_conditions(rng: Array, cond_mask: Array, prompt_len: int, dropout: CondDropout) -> tuple[Array, Array]:
-        """Per-sample condition dropout (see `CondDropout`): (new cond mask, drop_images (B,))."""
+    def drop_conditions(rng: Array, cond_mask: Array, is_text: Array, dropout: CondDropout) -> tuple[Array, Array]:
+        """Per-sample condition dropout (see `CondDropout`): (new cond mask, drop_images (B,)).
+        `is_text` (B, W+K): which condition tokens are the prompt's (the others: kontext)."""
         k_case, k_t, k_k = jax.random.split(rng, 3)
         b = cond_mask.shape[0]
         u = jax.random.uniform(k_case, (b,))
@@ -294,8 +302,7 @@ class QueryKontext:
         no_images = (u >= dropout.uncond + dropout.no_text) & (u < dropout.uncond + dropout.no_text + dropout.no_images)
         drop_t = uncond | no_text | jax.random.bernoulli(k_t, dropout.text, (b,))
         drop_k = uncond | no_text | jax.random.bernoulli(k_k, dropout.kontext, (b,))
-        is_text = jnp.arange(cond_mask.shape[1]) < prompt_len
-        keep = jnp.where(is_text[None], ~drop_t[:, None], ~drop_k[:, None])
+        keep = jnp.where(is_text, ~drop_t[:, None], ~drop_k[:, None])
         return cond_mask & keep, uncond | no_images
 
     # ------------------------------------------------------------------ latents
@@ -367,7 +374,8 @@ class QueryKontext:
         cond, cond_mask, _ = self.condition(params, batch)
         drop_img = None
         if train:
-            cond_mask, drop_img = self.drop_conditions(k_drop, cond_mask, batch["input_ids"].shape[1], c.dropout)
+            is_text = batch["cond_index"] < batch["input_ids"].shape[1]
+            cond_mask, drop_img = self.drop_conditions(k_drop, cond_mask, is_text, c.dropout)
         x0 = self.encode(params, batch["target"])
         cond_tokens = None
         if c.low_level and "cond_images" in batch and batch["cond_images"].shape[1]:
