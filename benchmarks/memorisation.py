@@ -1,11 +1,13 @@
-"""Can the train -> sample path reproduce images it has memorised? A check of the whole recipe.
+"""Can the train -> sample path reproduce images it has memorised, and does it read unseen prompts?
 
     PYTHONPATH=. python benchmarks/memorisation.py --workdir DIR [--steps 600] [--records 8]
-        [--config configs/stage2.py:demo] [--override model.timesteps.method=uniform ...]
+        [--heldout 32] [--config configs/stage2.py:demo] [--override model.timesteps.method=uniform ...]
 
 Builds a Kontext-Shapes set of `--records` text-to-image and reconstruction records (the stage's
-image size, plain backgrounds) under DIR/data, trains the stage from scratch on it for `--steps` steps (DIR/run;
-a finished run is reused), then, on the training text-to-image records themselves:
+image size, plain backgrounds) under DIR/data, and `--heldout` validation records per task (the
+builder's validation split: other random draws of the same distribution), trains the stage from
+scratch on the training records for `--steps` steps (DIR/run; a finished run is reused), then, on
+the first `--eval-records` (32) training text-to-image records:
 
 - the clean-latent error of one prediction from the image noised to t, with the record's own
   condition, with none (masked out) and with another record's (the batch rolled by one),
@@ -13,9 +15,14 @@ a finished run is reused), then, on the training text-to-image records themselve
   t = 1, where sampling starts;
 - the PSNR of samples drawn from pure noise (Euler, 20 and 50 steps, guidance 1 and 4) against
   the record's own target. A healthy recipe reproduces memorised images; one whose prediction
-  is poor where sampling starts does not, however low its training loss.
+  is poor where sampling starts does not, however low its training loss;
+- the judge (`qk_jax.eval.score`) on the 20-step, guidance-1 samples.
 
-Writes DIR/grid_g<guidance>.png (prompt | sample | target). Numbers: BENCHMARKS.md, "Learning".
+and on the held-out text-to-image records (less any whose prompt is a training prompt) the same
+prediction errors (content gain: 1 - own / none) and the judge on samples from pure noise (20
+steps, guidance 1): where memorising a prompt -> image table turns into reading the prompt.
+Ends with a one-row markdown summary. Writes DIR/grid_g<guidance>.png (prompt | sample | target,
+training records) and DIR/grid_heldout.png. Numbers: BENCHMARKS.md, "Memorised images".
 """
 
 from __future__ import annotations
@@ -35,9 +42,10 @@ from qk_jax.data import records as records_lib
 TIMESTEPS = (0.3, 0.6, 0.8, 0.9, 0.95, 1.0)
 
 
-def build_data(data_dir: str, records: int, side: int) -> None:
+def build_data(data_dir: str, records: int, heldout: int, side: int) -> None:
+    """`records` train and `heldout` validation records per task (validation: other random draws)."""
     builders.build_shapes(
-        data_dir, tasks=("t2i", "reconstruction"), num=records, num_eval=2, height=side, plain_background=1.0
+        data_dir, tasks=("t2i", "reconstruction"), num=records, num_eval=heldout, height=side, plain_background=1.0
     )
 
 
@@ -84,14 +92,46 @@ def prediction_errors(sampler, batch) -> list[tuple[float, float, float, float]]
     return rows
 
 
+def generate(sampler, recs: list[dict], steps: int, guidance: float) -> list[np.ndarray]:
+    """Samples from pure noise for `recs` in their order (`Sampler.generate` takes one input count at a time)."""
+    groups: dict[int, list[int]] = {}
+    for i, r in enumerate(recs):
+        groups.setdefault(records_lib.num_inputs(r), []).append(i)
+    images: list = [None] * len(recs)
+    for idx in groups.values():
+        for i, image in zip(idx, sampler.generate([recs[i] for i in idx], steps=steps, seed=0, guidance=guidance)):
+            images[i] = image
+    return images
+
+
+def judge(recs: list[dict], images: list[np.ndarray]) -> list[float]:
+    from qk_jax.eval import score
+
+    return [float(score.score_sample(r, im)["score"]) for r, im in zip(recs, images)]
+
+
+def print_errors(title: str, rows, x0_var: float) -> dict[float, float]:
+    """Prints the error table; returns {t: own / none}."""
+    print(f"{title}: clean-latent error of one prediction (latents' variance {x0_var:.4f})")
+    print("| t | own condition | none | another record's | content gain 1 - own/none |\n|---|---|---|---|---|")
+    for t, own, none, other in rows:
+        print(f"| {t} | {own:.4f} | {none:.4f} | {other:.4f} | {1 - own / none:+.1%} |")
+    return {t: own / none for t, own, none, _ in rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--config", default="configs/stage2.py:demo")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--records", type=int, default=8)
+    parser.add_argument("--heldout", type=int, default=32, help="validation t2i records to measure unseen prompts on")
+    parser.add_argument("--eval-records", type=int, default=32, help="training t2i records measured (the first ones)")
     parser.add_argument("--override", action="append", default=[], help="a config override FIELD=VALUE")
     args = parser.parse_args()
+    for name in ("steps", "records", "heldout", "eval_records"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
 
     from qk_jax.demo import write_grid
     from qk_jax.eval import score
@@ -99,33 +139,62 @@ def main() -> None:
 
     data_dir, run_dir = os.path.join(args.workdir, "data"), os.path.join(args.workdir, "run")
     side = int(round(load_config(args.config).data.area ** 0.5))  # the stage's target size
-    build_data(data_dir, args.records, side)
+    build_data(data_dir, args.records, args.heldout, side)
     if not os.path.isdir(os.path.join(run_dir, "checkpoints", str(args.steps))):
         train_run(args.config, data_dir, run_dir, args.steps, args.override)
     sampler = Sampler.from_checkpoint(run_dir)
-    source = builders.load_source(data_dir, builders.SHAPES_NAME, "t2i", "train")
-    recs = [records_lib.normalize(source[i]) for i in range(args.records)]
+
+    def load(split: str) -> list[dict]:
+        source = builders.load_source(data_dir, builders.SHAPES_NAME, "t2i", split)
+        return [records_lib.normalize(source[i]) for i in range(len(source))]
+
+    train_all = load("train")
+    recs = train_all[: args.eval_records]
+    seen = {r["prompt"] for r in train_all}
+    validation = load("validation")
+    heldout = [r for r in validation if r["prompt"] not in seen]  # the same prompt drawn again is not unseen
+    if not heldout:
+        raise SystemExit(f"all {len(validation)} validation prompts are training prompts: raise --heldout")
     targets = [records_lib.decode_image(r["target"]) for r in recs]
-    batch = sampler.model_batch(recs)
+    batch, heldout_batch = sampler.model_batch(recs), sampler.model_batch(heldout)
     with jax.set_mesh(sampler.mesh):
         x0_var = float(jnp.var(sampler.model.encode(sampler.params, batch["target"])))
         rows = prediction_errors(sampler, batch)
-    print(f"clean-latent error of one prediction (latents' variance {x0_var:.4f})")
-    print("| t | own condition | none | another record's |\n|---|---|---|---|")
-    for t, own, none, other in rows:
-        print(f"| {t} | {own:.4f} | {none:.4f} | {other:.4f} |")
+        heldout_rows = prediction_errors(sampler, heldout_batch)
+    print(f"{args.records} training records per task, {args.steps} steps")
+    train_ratio = print_errors(f"the first {len(recs)} training t2i records", rows, x0_var)
+    print(f"\n{len(heldout)} validation t2i records ({len(validation) - len(heldout)} left out: a training prompt)")
+    heldout_ratio = print_errors("held out", heldout_rows, x0_var)
     print("\nsamples from pure noise, PSNR to the record's own target (mean / min, dB)")
     print("| guidance | 20 steps | 50 steps |\n|---|---|---|")
     for guidance in (1.0, 4.0):
         cells = []
         for steps in (20, 50):
-            images = sampler.generate(recs, steps=steps, seed=0, guidance=guidance)
+            images = generate(sampler, recs, steps, guidance)
             psnrs = [score.psnr(a, b) for a, b in zip(images, targets)]
             cells.append(f"{np.mean(psnrs):.1f} / {np.min(psnrs):.1f}")
             if steps == 20:
                 rows_out = [("t2i", r, im, p) for r, im, p in zip(recs, images, psnrs)]
-                write_grid(rows_out, os.path.join(args.workdir, f"grid_g{guidance:g}.png"))
+                write_grid(rows_out[:12], os.path.join(args.workdir, f"grid_g{guidance:g}.png"))
+                if guidance == 1.0:
+                    train_psnr, train_judge = np.mean(psnrs), np.mean(judge(recs, images))
         print(f"| {guidance:g} | {cells[0]} | {cells[1]} |")
+    heldout_images = generate(sampler, heldout, 20, 1.0)
+    heldout_scores = judge(heldout, heldout_images)
+    rows_out = [("t2i", r, im, s) for r, im, s in zip(heldout, heldout_images, heldout_scores)]
+    write_grid(rows_out[:12], os.path.join(args.workdir, "grid_heldout.png"))
+
+    print("\nsummary (20 Euler steps, CFG 1; judge: fraction of samples passing `qk_jax.eval.score`)")
+    print(
+        "| records | steps | train PSNR | train own/none t = 1.0 | t = 0.8 | train judge "
+        "| held-out own/none t = 1.0 | t = 0.8 | held-out judge |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    print(
+        f"| {args.records} | {args.steps} | {train_psnr:.1f} dB | {train_ratio[1.0]:.3f} | {train_ratio[0.8]:.3f} "
+        f"| {train_judge:.2f} ({len(recs)}) | {heldout_ratio[1.0]:.3f} | {heldout_ratio[0.8]:.3f} "
+        f"| {np.mean(heldout_scores):.2f} ({len(heldout)}) |"
+    )
 
 
 if __name__ == "__main__":
