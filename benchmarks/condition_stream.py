@@ -1,117 +1,146 @@
 """What packing the condition stream saves: text-length buckets and the template prefix.
 
-    PYTHONPATH=. python benchmarks/condition_stream.py --workdir DIR [--config configs/stage2.py:demo]
-        [--steps 60] [--records 300]
+    PYTHONPATH=. python benchmarks/condition_stream.py [--config configs/stage2.py:demo]
+        [--records 16] [--repeats 5] [--workdir DIR]
 
-Builds a Kontext-Shapes set of `--records` records per task of the stage's mixture under
-DIR/data (the stage's image size), then trains the stage from scratch for `--steps` steps twice:
+Builds a Kontext-Shapes set of `--records` records per task of the stage's mixture (the
+stage's image size; under DIR, default a temporary folder), groups each task's records as the
+step plan does (input-image count, text length under the default buckets) and collates each
+group into a batch three ways:
 
 - padded: every batch at `data.max_text_len` and the whole prompt, chat-template prefix
   included, in the DiT's condition stream (`data.text_buckets=1 data.drop_template_prefix=False`,
   what the trainer did before text buckets);
 - no prefix: every batch at `data.max_text_len`, the stream from the prompt's own first token
   (`data.text_buckets=1`);
-- packed: the defaults (`data.text_buckets` lengths and no prefix).
+- packed: the defaults (a batch at the shortest `data.text_buckets` length that holds its
+  prompts, no prefix).
 
-and prints, per variant, the number of groups of the step plan (each one compiled shape of the
-train step), the text length the VLM runs at and the condition-stream width the DiT gets (mean
-over the first 200 batches of the pipeline), and from the trainer's `metrics.jsonl` (a record
-per step) the median step time (steps that compiled a new shape are a few outliers), the sum of
-all step times (compiles included), the useful share of the FLOPs executed
-(`useful_flops_fraction`) and the MFU. Numbers:
-BENCHMARKS.md, "Query-Kontext training throughput".
+The same records in the same batches for all three, so the comparison is the padding alone.
+For each variant it times the stage's jitted train step (one device; the first call of each
+shape, the compile, left out; the median of `--repeats` calls) on every batch and prints the
+text length the VLM runs at, the condition-stream width the DiT gets (both averaged over the
+batches), the summed step time, the analytic FLOPs executed and the useful share of them
+(`flops.kontext_useful_flops`: no padding). Numbers: BENCHMARKS.md, "Query-Kontext training
+throughput".
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import sys
+import tempfile
+import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
 import numpy as np
 
+from qk_jax import flops, optim, sharding
 from qk_jax.config import load_config
-from qk_jax.data import builders, pipeline, vlm_inputs
-from qk_jax.data.model_inputs import prepare_batch
+from qk_jax.data import buckets, builders, pipeline, records, tokenizer, vlm_inputs
+from qk_jax.data.model_inputs import place_batch, prepare_batch
+from qk_jax.model_config import build_kontext_config, read_special_token_ids
+from qk_jax.models.kontext import QueryKontext
+from qk_jax.train_state import init_state
+from qk_jax.train_step import make_train_step
 
 VARIANTS = {
-    "padded": ["data.text_buckets=1", "data.drop_template_prefix=False"],
-    "no prefix": ["data.text_buckets=1"],
-    "packed": [],
+    "padded": {"text_buckets": 1, "drop_template_prefix": False},
+    "no prefix": {"text_buckets": 1, "drop_template_prefix": True},
+    "packed": {},
 }
 
 
-def stream_widths(config, kcfg, processor, batches: int) -> tuple[int, float, float]:
-    """(groups of the plan, mean VLM text length, mean DiT condition-stream width incl. queries)
-    over `batches` batches."""
-    plan, _ = pipeline.make_plan(config.data, processor)
-    it = iter(pipeline.make_dataset(config.data, processor, process_index=0, process_count=1))
-    text, stream = [], []
-    for _ in range(batches):
-        batch = prepare_batch(kcfg, next(it))
-        text.append(batch["input_ids"].shape[1])
-        stream.append(batch["cond_index"].shape[1])
-    return len(plan.groups), float(np.mean(text)), float(np.mean(stream))
+def record_groups(data_dir: str, tasks, count: int, data_cfg, processor) -> list[list[dict]]:
+    """The first `count` training records of each task, grouped as the step plan groups them
+    under the default text buckets: by input-image count and text length."""
+    table, vlm_table = buckets.paired_tables(
+        data_cfg.area, data_cfg.multiple, data_cfg.vlm_area, data_cfg.vlm_multiple, data_cfg.ratios
+    )
+    geometry = vlm_inputs.vision_geometry(processor)
+    lengths = pipeline.text_lengths(data_cfg.max_text_len, data_cfg.text_buckets)
+    groups = []
+    for task in tasks:
+        source = builders.load_source(data_dir, builders.SHAPES_NAME, task, "train")
+        recs = [records.normalize(source[i]) for i in range(min(count, len(source)))]
+        image_groups = [pipeline.record_group(r, table) for r in recs]
+        tokens = pipeline.record_text_lengths(recs, processor, geometry, [vlm_table[g[0]] for g in image_groups])
+        by_group: dict[tuple, list[dict]] = {}
+        for rec, group, n_tokens in zip(recs, image_groups, tokens):
+            by_group.setdefault((*group, pipeline.text_length(int(n_tokens), lengths)), []).append(rec)
+        groups += [by_group[k] for k in sorted(by_group)]
+    return groups
 
 
-def train_metrics(run_dir: str) -> dict[str, float]:
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        logs = [r for r in map(json.loads, f) if "step_seconds" in r]
+def time_variant(config, model, state, step, mesh, groups, processor, repeats: int) -> dict[str, float]:
+    batches = [prepare_batch(model.config, pipeline.collate_records(g, config.data, processor)) for g in groups]
+    seconds, executed, useful = 0.0, 0, 0
+    trainable = config.train.trainable
+    for batch in batches:
+        placed = place_batch({k: v for k, v in batch.items() if k not in ("prompt", "id")}, mesh)
+        jax.block_until_ready(step(state, placed))  # compile
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(step(state, placed))
+            times.append(time.perf_counter() - start)
+        seconds += float(np.median(times))
+        executed += flops.kontext_train_step_flops(model.config, batch, trainable)["total"]
+        useful += flops.kontext_useful_flops(model.config, batch, trainable)
     return {
-        "step_seconds": float(np.median([r["step_seconds"] for r in logs])),
-        "total_seconds": float(np.sum([r["step_seconds"] for r in logs])),
-        "useful": float(np.median([r.get("useful_flops_fraction", np.nan) for r in logs])),
-        "mfu": float(np.median([r["mfu"] for r in logs])),
+        "text": float(np.mean([b["input_ids"].shape[1] for b in batches])),
+        "stream": float(np.mean([b["cond_index"].shape[1] for b in batches])),
+        "seconds": seconds,
+        "gflop": executed / 1e9,
+        "useful": useful / executed,
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", required=True)
     parser.add_argument("--config", default="configs/stage2.py:demo")
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--records", type=int, default=300)
+    parser.add_argument("--records", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--workdir", default="")
     args = parser.parse_args()
+    if args.records < 1 or args.repeats < 1:
+        parser.error("--records and --repeats must be >= 1")
 
-    from qk_jax.model_config import build_kontext_config, read_special_token_ids
-    from qk_jax.train import train
+    workdir = args.workdir or tempfile.mkdtemp(prefix="condition_stream_")
+    config = load_config(args.config)
+    data_dir, processor_dir = os.path.join(workdir, "data"), os.path.join(workdir, "processor")
+    tasks = [key.rpartition("/")[2] for key in config.data.mixture]
+    side = int(round(config.data.area**0.5))
+    builders.build_shapes(data_dir, tasks=tasks, num=args.records, num_eval=1, height=side)
+    tokenizer.build_tokenizer(processor_dir)
+    processor = vlm_inputs.load_processor(processor_dir)
+    groups = record_groups(data_dir, tasks, args.records, config.data, processor)
 
-    data_dir = os.path.join(args.workdir, "data")
-    base = load_config(args.config)
-    side = int(round(base.data.area**0.5))
-    tasks = [key.rpartition("/")[2] for key in base.data.mixture]
-    builders.build_shapes(data_dir, tasks=tasks, num=args.records, num_eval=2, height=side)
-    rows = []
-    for name, overrides in VARIANTS.items():
-        run_dir = os.path.join(args.workdir, name)
-        config = load_config(
-            args.config,
-            [
-                f"data.data_dir={data_dir}",
-                f"train.steps={args.steps}",
-                "train.log_every=1",
-                f"train.checkpoint_every={args.steps}",
-                "train.sample_images=0",
-                "train.signal.samples=0",
-                *overrides,
-            ],
-        )
-        if not os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
-            train(config, run_dir)
-        processor_dir = os.path.join(run_dir, "processor")
-        kcfg = build_kontext_config(config, read_special_token_ids(processor_dir))
-        groups, text, stream = stream_widths(config, kcfg, vlm_inputs.load_processor(processor_dir), 200)
-        rows.append((name, groups, text, stream, train_metrics(run_dir)))
-    print(f"{args.config}, {args.steps} steps, global batch {base.train.batch_size}")
-    print(
-        "| variant | groups | VLM text tokens | DiT condition tokens (with K) | s / step (median) "
-        "| all steps (s) | useful FLOPs | MFU |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
-    for name, groups, text, stream, m in rows:
+    model = QueryKontext(build_kontext_config(config, read_special_token_ids(processor_dir)))
+    mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    tx = optim.make_optimizer(config.train)
+    with jax.set_mesh(mesh), sharding.activation_rules_context():
+        params = jax.jit(lambda r: sharding.unbox_abstract(model.init(r)))(jax.random.key(0))
+        state = init_state(params, config.train.trainable, tx, ema=config.train.ema_decay > 0)
+        step = jax.jit(make_train_step(model, tx, seed=0, ema_decay=config.train.ema_decay))
+        rows = {}
+        for name, fields in VARIANTS.items():
+            with config.unlocked():
+                for key, value in fields.items():
+                    config.data[key] = value
+            rows[name] = time_variant(config, model, state, step, mesh, groups, processor, args.repeats)
+            config = load_config(args.config)
+    n = sum(len(g) for g in groups)
+    print(f"{args.config}: {n} records in {len(groups)} batches ({', '.join(tasks)}), one device")
+    print("| variant | VLM text tokens | DiT condition tokens (with K) | train steps (s) | GFLOP executed | useful |")
+    print("|---|---|---|---|---|---|")
+    for name, r in rows.items():
         print(
-            f"| {name} | {groups} | {text:.1f} | {stream:.1f} | {m['step_seconds']:.3f} | {m['total_seconds']:.0f} "
-            f"| {100 * m['useful']:.0f}% | {100 * m['mfu']:.2f}% |"
+            f"| {name} | {r['text']:.1f} | {r['stream']:.1f} | {r['seconds']:.3f} | {r['gflop']:.1f} "
+            f"| {100 * r['useful']:.0f}% |"
         )
 
 

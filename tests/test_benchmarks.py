@@ -87,32 +87,36 @@ def test_gpu_benchmark_tiny_on_cpu(tmp_path):
     assert "| train_step" in stdout and "diffusers (torch SDPA)" in stdout
 
 
-@pytest.mark.slow  # ~90 s: three 4-step stage-2 runs at tiny size, each with its compiles
+@pytest.mark.slow  # ~60 s: the tiny stage-2 train step compiled for a few batch shapes
 def test_condition_stream_benchmark_tiny(tmp_path):
-    """`benchmarks/condition_stream.py` trains the three variants and prints its table: without
-    the template prefix the DiT's stream is narrower; with text buckets the VLM also runs on
-    shorter text, over more groups of the plan."""
+    """`benchmarks/condition_stream.py` times the three variants on the same batches: without
+    the template prefix the DiT's stream is narrower, with text buckets the VLM's text too, and
+    the analytic FLOPs executed fall with them (times are printed, never compared)."""
     config = os.path.join(ROOT, "configs", "stage2.py") + ":tiny"
     stdout = run_script(
         tmp_path,
-        900,
+        600,
         "condition_stream.py",
-        "--workdir",
-        str(tmp_path / "w"),
         "--config",
         config,
-        "--steps",
-        "4",
         "--records",
-        "8",
+        "6",
+        "--repeats",
+        "1",
+        "--workdir",
+        str(tmp_path / "w"),
     )
     rows = {}
     for line in stdout.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
         if cells[0] in ("padded", "no prefix", "packed"):
             rows[cells[0]] = [float(c.rstrip("%")) for c in cells[1:]]
-    (g0, t0, s0, *m0), (g1, t1, s1, *m1), (g2, t2, s2, *m2) = rows["padded"], rows["no prefix"], rows["packed"]
+    (t0, s0, sec0, f0, _), (t1, s1, sec1, f1, u1), (t2, s2, sec2, f2, u2) = (
+        rows["padded"],
+        rows["no prefix"],
+        rows["packed"],
+    )
     assert t0 == t1 == 64 > t2  # VLM text tokens: max_text_len (tiny stage 2), then the buckets
     assert s0 == 64 + 4 > s1 > s2  # DiT condition tokens with K = 4 queries
-    assert g0 == g1 < g2  # text buckets split the plan's groups
-    assert all(m[0] > 0 and m[1] > 0 and 0 < m[2] <= 100 and m[3] > 0 for m in (m0, m1, m2))
+    assert f0 > f1 > f2 > 0 and u2 > u1  # FLOPs executed; the useful share grows without padding
+    assert min(sec0, sec1, sec2) > 0
