@@ -32,6 +32,8 @@ def padded(batch: dict, columns: int) -> dict:
         v = np.asarray(v)
         if key in ("input_ids", "attention_mask"):
             v = np.concatenate([np.zeros((rows, columns), v.dtype), v], axis=1)
+        if key == "cond_index":  # the stream's tokens move right with the text
+            v = np.where(v >= 0, v + columns, v)
         if key == "position_ids":  # (3, B, T + K): the padding goes before the text
             v = np.concatenate([np.zeros(v.shape[:2] + (columns,), v.dtype), v], axis=2)
             out[key] = np.concatenate([v, v[:, :1]], axis=1)
@@ -47,12 +49,18 @@ def test_useful_flops_do_not_count_padding(shapes_dir, proc):
     config = ku.stage_config(3, shapes_dir)
     kcfg = ku.model_config(config, proc)
     real = ku.prepared(kcfg, ku.first_batch(config, proc, {"edit": 1.0}))  # input images: the ViT runs
-    plain = dict(real, attention_mask=np.ones_like(real["attention_mask"]), valid=np.ones_like(real["valid"]))
+    # every row's whole text is prompt and its condition stream is as wide as the batch's:
+    # the last W + K tokens of the VLM's sequence (W prompt tokens, then the K queries)
+    rows, width = real["cond_index"].shape
+    text = real["input_ids"].shape[1]
+    stream = np.broadcast_to(np.arange(text + kcfg.num_queries - width, text + kcfg.num_queries), (rows, width))
+    ones = {k: np.ones_like(real[k]) for k in ("attention_mask", "valid")}
+    plain = dict(real, **ones, cond_index=stream.astype(real["cond_index"].dtype))
     with_padding = padded(plain, columns=24)
     assert with_padding["input_ids"].shape == (9, plain["input_ids"].shape[1] + 24)
     trainable = config.train.trainable
     useful = flops.kontext_useful_flops(kcfg, plain, trainable)
-    assert useful <= flops.kontext_train_step_flops(kcfg, plain, trainable)["total"]  # packed stream: see issue 13 note
+    assert useful == flops.kontext_train_step_flops(kcfg, plain, trainable)["total"]
     assert flops.kontext_useful_flops(kcfg, with_padding, trainable) == useful
     assert flops.kontext_train_step_flops(kcfg, with_padding, trainable)["total"] > useful
     # the pipeline's own batch pads its prompts to the longest: less than its padded count
