@@ -40,7 +40,7 @@ import numpy as np
 
 from qk_jax import flops, optim, sharding
 from qk_jax.config import load_config
-from qk_jax.data import buckets, builders, pipeline, records, tokenizer, vlm_inputs
+from qk_jax.data import buckets, builders, grouping, pipeline, records, tokenizer, vlm_inputs
 from qk_jax.data.model_inputs import place_batch, prepare_batch
 from qk_jax.model_config import build_kontext_config, read_special_token_ids
 from qk_jax.models.kontext import QueryKontext
@@ -61,16 +61,15 @@ def record_groups(data_dir: str, tasks, count: int, data_cfg, processor) -> list
         data_cfg.area, data_cfg.multiple, data_cfg.vlm_area, data_cfg.vlm_multiple, data_cfg.ratios
     )
     geometry = vlm_inputs.vision_geometry(processor)
-    lengths = pipeline.text_lengths(data_cfg.max_text_len, data_cfg.text_buckets)
+    lengths = grouping.text_lengths(data_cfg.max_text_len, data_cfg.text_buckets)
     groups = []
     for task in tasks:
         source = builders.load_source(data_dir, builders.SHAPES_NAME, task, "train")
         recs = [records.normalize(source[i]) for i in range(min(count, len(source)))]
-        image_groups = [pipeline.record_group(r, table) for r in recs]
-        tokens = pipeline.record_text_lengths(recs, processor, geometry, [vlm_table[g[0]] for g in image_groups])
+        keys = grouping.record_groups(recs, table, vlm_table, lengths, processor, geometry, task)
         by_group: dict[tuple, list[dict]] = {}
-        for rec, group, n_tokens in zip(recs, image_groups, tokens):
-            by_group.setdefault((*group, pipeline.text_length(int(n_tokens), lengths)), []).append(rec)
+        for rec, key in zip(recs, keys):
+            by_group.setdefault(key, []).append(rec)
         groups += [by_group[k] for k in sorted(by_group)]
     return groups
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from absl import flags
 
-from qk_jax.data import buckets, builders, importer, pipeline, records, tokenizer, vlm_inputs, vocab
+from qk_jax.data import buckets, builders, grouping, importer, pipeline, records, tokenizer, vlm_inputs, vocab
 
 flags.FLAGS.mark_as_parsed()  # grain worker processes need parsed absl flags
 
@@ -115,15 +115,15 @@ def test_static_shapes_and_vlm_inputs(env):
 
 
 def test_text_lengths():
-    assert pipeline.text_lengths(64, 3) == [16, 32, 64]
-    assert pipeline.text_lengths(160, 3) == [40, 80, 160]
-    assert pipeline.text_lengths(1024, 1) == [1024]
-    assert pipeline.text_lengths(12, 4) == [8, 12]  # multiples of 8, at least 8, deduplicated
-    assert pipeline.text_length(33, [16, 32, 64]) == 64
+    assert grouping.text_lengths(64, 3) == [16, 32, 64]
+    assert grouping.text_lengths(160, 3) == [40, 80, 160]
+    assert grouping.text_lengths(1024, 1) == [1024]
+    assert grouping.text_lengths(12, 4) == [8, 12]  # multiples of 8, at least 8, deduplicated
+    assert grouping.text_length(33, [16, 32, 64]) == 64
     with pytest.raises(ValueError, match="data.max_text_len=64"):
-        pipeline.text_length(65, [16, 32, 64])
+        grouping.text_length(65, [16, 32, 64])
     with pytest.raises(ValueError, match="data.text_buckets"):
-        pipeline.text_lengths(64, 0)
+        grouping.text_lengths(64, 0)
 
 
 def test_row_lengths_count_what_the_processor_gives(env):
@@ -162,7 +162,7 @@ def test_mixture_proportions(env):
     used = collections.defaultdict(list)
     for step in range(300):
         picks = plan.records(step)
-        assert len({pipeline.record_group(parts[p][i], _table(c)) for p, i in picks}) == 1
+        assert len({grouping.image_group(records.normalize(parts[p][i]), _table(c)) for p, i in picks}) == 1
         for p, i in picks:
             used[p, plan.group(step)].append(i)
     # a group's first len(group) records of a part: each of them once (an epoch, reshuffled)

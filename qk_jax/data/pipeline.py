@@ -1,8 +1,8 @@
 """The grain input pipeline: records -> static-shape, tokenized, checkpointable batches.
 
     per mixture entry (dataset/task): tfds ArrayRecord source; one pass over the record
-        headers gives each record's group (aspect bucket of the target, number of input
-        images, text length: the shortest of `text_lengths` that holds its tokenized prompt)
+        headers gives each record's group (`grouping`: aspect bucket of the target, number of
+        input images, text length: the shortest text bucket that holds its tokenized prompt)
     -> StepPlan        the global batch of every step, from (seed, step) alone: its group, drawn
                        by the groups' shares of the mixture, and the records filling it (each
                        part's records of the group, reshuffled every epoch)
@@ -21,7 +21,7 @@ reads at a step are its rows of that step. The header pass reads every record on
 process at start-up.
 
 Batch layout (B = `data.batch_size` per process, S = `data.image_slots`, T = the
-batch's text length (one of `text_lengths(data.max_text_len, data.text_buckets)`: a batch
+batch's text length (one of `grouping.text_lengths(data.max_text_len, data.text_buckets)`: a batch
 is padded to its group's length, not always to `data.max_text_len`), (H, W) = the batch's
 bucket, P = patches of one VLM image at the bucket's VLM size, D = 3 * 2 * 14 * 14 for Qwen2.5-VL):
 
@@ -65,7 +65,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from qk_jax.data import buckets, builders, records, vlm_inputs, vocab
+from qk_jax.data import buckets, builders, grouping, records, vlm_inputs, vocab
 
 # Task weights per training stage (docs/design.md, "The three stages"); a config may override any of them.
 STAGE_MIXTURES = {
@@ -98,7 +98,7 @@ def default_config(stage: int | None = None) -> ml_collections.ConfigDict:
     c.image_slots = vocab.MAX_REFERENCES  # static number of input-image slots
     c.max_text_len = 128
     # Text-length buckets: a batch is padded to the shortest of `text_buckets` lengths
-    # (max_text_len, halved each time; `text_lengths`) that holds its group's prompts instead
+    # (max_text_len, halved each time; `grouping.text_lengths`) that holds its group's prompts instead
     # of always to max_text_len, so the VLM and the DiT's condition stream do not carry the
     # padding. 1: every batch at max_text_len.
     c.text_buckets = 3
@@ -205,42 +205,6 @@ class _Draws:
         draws, ranks = self._block(b)
         c = int(draws[i])
         return c, int(self._starts[b][c] + ranks[i])
-
-
-def record_group(raw: dict, table) -> tuple[int, int]:
-    """(aspect bucket of the target, number of input images) of a record; reads image headers only."""
-    rec = records.normalize(raw)
-    h, w = records.image_size(rec["target"])
-    return buckets.choose_bucket(h, w, table), records.num_inputs(rec)
-
-
-def text_lengths(max_text_len: int, num_buckets: int) -> list[int]:
-    """The padded text lengths a batch may take, ascending: `max_text_len` halved
-    `num_buckets - 1` times, each rounded up to a multiple of 8 (at least 8)."""
-    if num_buckets < 1:
-        raise ValueError(f"data.text_buckets={num_buckets} must be >= 1")
-    if max_text_len < 1:
-        raise ValueError(f"data.max_text_len={max_text_len} must be >= 1")
-    out = {int(max_text_len)}
-    for k in range(1, num_buckets):
-        out.add(min(int(max_text_len), max(8, -(-max_text_len // 2**k // 8) * 8)))
-    return sorted(out)
-
-
-def text_length(length: int, lengths) -> int:
-    """The shortest of `lengths` (ascending) that holds `length` tokens."""
-    for candidate in lengths:
-        if length <= candidate:
-            return candidate
-    raise ValueError(f"{length} tokens exceed data.max_text_len={lengths[-1]}")
-
-
-def record_text_lengths(recs: list[dict], processor, geometry: dict, vlm_sizes) -> np.ndarray:
-    """(R,) the unpadded VLM token count of each (normalized) record: its templated prompt plus
-    the tokens of its input images at `vlm_sizes[i]` (the VLM size of its bucket)."""
-    per_image = [vlm_inputs.tokens_per_image(geometry, vh, vw) for vh, vw in vlm_sizes]
-    counts = [records.num_inputs(r) for r in recs]
-    return vlm_inputs.row_lengths(processor, [r["prompt"] for r in recs], counts, per_image)
 
 
 class StepPlan:
@@ -402,13 +366,15 @@ class Collate(grain.transforms.Map):
     def _text_len(self, samples: list[dict]) -> int:
         if "text_len" in samples[0]:
             return int(samples[0]["text_len"])
-        vh, vw = self.vlm_table[samples[0]["bucket"]]
-        per_image = vlm_inputs.tokens_per_image(self.geometry, vh, vw)
-        n = len(samples[0]["cond"])
-        lengths = vlm_inputs.row_lengths(
-            self.processor, [smp["prompt"] for smp in samples], [n] * len(samples), [per_image] * len(samples)
+        rows = len(samples)
+        counts = grouping.token_counts(
+            self.processor,
+            self.geometry,
+            [smp["prompt"] for smp in samples],
+            [len(samples[0]["cond"])] * rows,
+            [self.vlm_table[samples[0]["bucket"]]] * rows,
         )
-        return text_length(int(lengths.max()), self.text_lengths)
+        return grouping.text_length(int(counts.max()), self.text_lengths)
 
     def _prompt_start(self, ids: np.ndarray, mask: np.ndarray, samples: list[dict]) -> np.ndarray:
         """(B,) the index of each row's first token after the shared template prefix."""
@@ -480,7 +446,7 @@ def make_plan(config: ml_collections.ConfigDict, processor, process_count: int =
         config.area, config.multiple, config.vlm_area, config.vlm_multiple, config.ratios
     )
     geometry = vlm_inputs.vision_geometry(processor)
-    lengths = text_lengths(config.max_text_len, config.text_buckets)
+    lengths = grouping.text_lengths(config.max_text_len, config.text_buckets)
     parts, members, weights, seeds = [], [], [], []
     groups: dict[tuple[int, int, int], int] = {}
     for name, task, weight in parse_mixture(config.mixture, config.dataset):
@@ -492,15 +458,10 @@ def make_plan(config: ml_collections.ConfigDict, processor, process_count: int =
         for first in range(0, len(source), _HEADER_CHUNK):
             index = range(first, min(first + _HEADER_CHUNK, len(source)))
             recs = [records.normalize(source[i]) for i in index]
-            image_groups = [record_group(rec, table) for rec in recs]
-            tokens = record_text_lengths(recs, processor, geometry, [vlm_table[g[0]] for g in image_groups])
-            for i, rec, (bucket, n), count in zip(index, recs, image_groups, tokens):
-                if count > lengths[-1]:
-                    raise ValueError(
-                        f"{name}/{task} record {rec['id']}: {count} prompt tokens (image tokens count too) "
-                        f"exceed data.max_text_len={lengths[-1]}; raise data.max_text_len"
-                    )
-                by_group.setdefault((bucket, n, text_length(int(count), lengths)), []).append(i)
+            for i, key in zip(
+                index, grouping.record_groups(recs, table, vlm_table, lengths, processor, geometry, f"{name}/{task}")
+            ):
+                by_group.setdefault(key, []).append(i)
         parts.append(source)
         members.append({groups.setdefault(k, len(groups)): np.asarray(v) for k, v in sorted(by_group.items())})
         weights.append(weight)
@@ -597,7 +558,7 @@ def collator(config: ml_collections.ConfigDict, processor, geo: dict, vlm_table)
     return Collate(
         processor,
         config.image_slots,
-        text_lengths(config.max_text_len, config.text_buckets),
+        grouping.text_lengths(config.max_text_len, config.text_buckets),
         config.padding_side,
         geo,
         vlm_table,
