@@ -42,12 +42,14 @@ from qk_jax import (
     flops,
     logs,
     model_config,
+    nonfinite,
     optim,
     paths,
     pretrained,
     profiling,
     sharding,
     surgery,
+    train_metrics,
     train_state,
 )
 from qk_jax.config import ConfigError
@@ -55,7 +57,6 @@ from qk_jax.data import pipeline as data_pipeline
 from qk_jax.data import vlm_inputs
 from qk_jax.data.model_inputs import place_batch, prepare_batch
 from qk_jax.data.tokenizer import build_tokenizer
-from qk_jax.data.vocab import TASKS
 from qk_jax.models.kontext import QueryKontext
 
 
@@ -303,12 +304,14 @@ def train(config, workdir: str) -> dict[str, Any]:
 
     nonfinite_mode = config.train.get("nonfinite", "stop")  # "skip_step" is applied inside the step
     step_fn = train_state.jit_train_step(model, tx, config.train, train_state.state_shardings(abstract))
-    guard = NonFiniteGuard(nonfinite_mode, skips=_skips_before(checkpointer, start), last_saved=start or None)
-    peak = peak_flops_per_device(config.train.peak_tflops_per_device)
+    guard = nonfinite.NonFiniteGuard(
+        nonfinite_mode, skips=nonfinite.skips_before(checkpointer, start), last_saved=start or None
+    )
+    peak = train_metrics.peak_flops_per_device(config.train.peak_tflops_per_device)
     metrics_path = paths.join(workdir, "metrics.jsonl")
     if main:  # a resumed run retrains the steps after its checkpoint: their old records go
-        drop_metrics_after(metrics_path, start)
-    writer = _writer(workdir, purge_step=start + 1 if start else None) if main else None
+        train_metrics.drop_metrics_after(metrics_path, start)
+    writer = train_metrics.summary_writer(workdir, purge_step=start + 1 if start else None) if main else None
     losses: list[float] = []
     t_last = time.perf_counter()
     steps_since = 0
@@ -344,7 +347,7 @@ def train(config, workdir: str) -> dict[str, Any]:
             checkpointer.check_save()  # a failed background save stops the run at the next step
             guard.push(step + 1, metrics)
             steps_since += 1
-            window = _accumulate(window, metrics)
+            window = train_metrics.accumulate(window, metrics)
             last = step + 1 == config.train.steps
             stopping = stop.after(step + 1)  # agreed by all processes: they save the same step
             if (step + 1) % config.train.log_every == 0 or last or stopping or step == start:
@@ -352,7 +355,9 @@ def train(config, workdir: str) -> dict[str, Any]:
                 m = jax.device_get(window)
                 now = time.perf_counter()
                 dt = (now - t_last) / steps_since
-                record = _record(step + 1, m, steps_since, dt, batch, window_flops / steps_since, peak)
+                record = train_metrics.window_record(
+                    step + 1, m, steps_since, dt, batch, window_flops / steps_since, peak
+                )
                 record.update({f"{k}_seconds": v / steps_since for k, v in times.take(now).items()})
                 record["useful_flops_fraction"] = window_flops / window_padded_flops
                 record["nonfinite_skips"] = guard.skips
@@ -360,7 +365,7 @@ def train(config, workdir: str) -> dict[str, Any]:
                 window_flops = window_padded_flops = 0
                 losses.append(record["loss"])
                 if main:
-                    _log(record, metrics_path, writer)
+                    train_metrics.log_record(record, metrics_path, writer)
             if (step + 1) % config.train.checkpoint_every == 0 or last or stopping:
                 guard.settle()  # nothing non-finite is ever saved
                 position = iterator.get_state()  # the next step: the same on every process (one copy is saved)
@@ -456,63 +461,6 @@ def measure_signal(
     return flat
 
 
-class NonFiniteError(RuntimeError):
-    """A non-finite loss, gradient norm or update under `train.nonfinite = "stop"` (names the step)."""
-
-
-class NonFiniteGuard:
-    """Reads each step's `nonfinite` flag one step late (the host does not wait for every
-    step: the next one is already dispatched), and at once before a log line or a save.
-    "stop": NonFiniteError naming the step; "skip_step": the step (already left unchanged
-    inside the jitted step) is counted and reported in one line."""
-
-    def __init__(self, mode: str, skips: int = 0, last_saved: int | None = None):
-        self.mode, self.skips, self.last_saved = mode, skips, last_saved
-        self._pending: tuple[int, Any] | None = None
-
-    def push(self, step: int, metrics) -> None:
-        """After dispatching `step`: settles the previous step and keeps this one pending."""
-        self.settle()
-        self._pending = (step, metrics)
-
-    def settle(self) -> None:
-        """Checks the pending step (waits for it)."""
-        if self._pending is None:
-            return
-        step, metrics = self._pending
-        self._pending = None
-        if not bool(jax.device_get(metrics["nonfinite"])):
-            return
-        if self.mode == "stop":
-            raise NonFiniteError(_nonfinite_message(step, metrics, self.last_saved))
-        self.skips += 1
-        logs.warning(
-            f"step {step}: {_nonfinite_what(metrics)} not finite; update skipped ({self.skips} skipped so far)"
-        )
-
-
-def _nonfinite_what(metrics) -> str:
-    loss, grad_norm = (float(jax.device_get(metrics[k])) for k in ("loss", "grad_norm"))
-    if np.isfinite(loss) and np.isfinite(grad_norm):
-        return "the updated parameters are"
-    return f"loss {loss:.4g} / gradient norm {grad_norm:.4g}"
-
-
-def _nonfinite_message(step: int, metrics, last_saved: int | None) -> str:
-    kept = f"checkpoints up to step {last_saved} are kept" if last_saved else "no checkpoint was written"
-    return (
-        f"step {step}: {_nonfinite_what(metrics)} not finite; stopped without saving it ({kept}; config field "
-        f"train.nonfinite='skip_step' skips such steps instead)"
-    )
-
-
-def _skips_before(checkpointer, start: int) -> int:
-    """Non-finite steps skipped before `start` (saved in the step's meta)."""
-    if not start:
-        return 0
-    return int(ckpt_lib.read_json_item(checkpointer.directory, start, "meta").get("nonfinite_skips", 0))
-
-
 def optional_samples(config, kcfg, state, processor, mesh, step: int, workdir: str, writer) -> str | None:
     """`write_samples`, whose failure (e.g. a dataset without a validation split) costs only
     the images: it is reported in one line and training goes on."""
@@ -545,114 +493,6 @@ def write_samples(config, kcfg, state, processor, mesh, step: int, workdir: str,
         writer.add_text("samples/prompts", "\n".join(f"{i}: {p}" for i, p in enumerate(prompts)), step)
         writer.flush()
     return path
-
-
-def peak_flops_per_device(override_tflops: float) -> float | None:
-    """Peak FLOP/s of one device: the config's value, the chip's table entry, or on CPU the
-    measured matmul peak shared by the simulated devices."""
-    if override_tflops:
-        return override_tflops * 1e12
-    peak = flops.peak_flops_for()
-    if peak and jax.devices()[0].platform == "cpu":
-        peak /= jax.local_device_count()  # simulated devices share the host's cores
-    return peak
-
-
-def _writer(workdir: str, purge_step: int | None = None):
-    """TensorBoard writer (`tb_writer`: a URL workdir too); `purge_step` makes TensorBoard drop
-    the earlier events of steps >= purge_step (those a resumed run writes again)."""
-    from qk_jax import tb_writer
-
-    return tb_writer.summary_writer(paths.join(workdir, "tb"), purge_step=purge_step)
-
-
-def _record_step(line: str) -> int | None:
-    """The step of a metrics.jsonl line; None for a line cut short by a kill."""
-    try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
-def drop_metrics_after(path: str, step: int) -> int:
-    """Removes the records of steps after `step` (and any line cut short by a kill) from
-    metrics.jsonl, rewritten atomically; returns how many lines were dropped."""
-    if not paths.exists(path):
-        return 0
-    lines = paths.read_text(path).splitlines(keepends=True)
-    steps = [_record_step(line) for line in lines]
-    keep = [line for line, s in zip(lines, steps) if s is not None and s <= step]
-    if len(keep) == len(lines):
-        return 0
-    if paths.is_url(path):  # one object write replaces the object whole
-        paths.write_text(path, "".join(keep))
-    else:
-        paths.write_text(path + ".tmp", "".join(keep))
-        paths.replace(path + ".tmp", path)
-    return len(lines) - len(keep)
-
-
-def _accumulate(window, metrics):
-    """Adds one step's metrics to the logging window's sums (on device; `None` starts a window)."""
-    return metrics if window is None else jax.tree.map(jnp.add, window, metrics)
-
-
-def _record(
-    step: int, m: dict, n_steps: int, step_seconds: float, batch: dict, flops_per_step: float, peak: float
-) -> dict:
-    """One log record from metrics summed over the window's `n_steps` steps: the loss, gradient
-    norm and learning rate are window means; per-task losses are means over every sample of
-    each task in the window (batches are grouped by input count, so one step rarely holds
-    every task)."""
-    sums, counts = np.asarray(m["task_loss_sum"]), np.asarray(m["task_count"])
-    per_task = {TASKS[i]: float(sums[i] / counts[i]) for i in range(len(TASKS)) if counts[i] > 0}
-    tokens = int(np.prod(batch["position_ids"].shape[-2:])) + int(np.prod(batch["img_ids"].shape[-3:-1]))
-    if "img_ids" in batch and batch["img_ids"].ndim == 4:  # grad accumulation: (A, B, N, 3)
-        tokens *= batch["img_ids"].shape[0]
-    n_dev = jax.device_count()
-    achieved = flops_per_step / step_seconds / n_dev if step_seconds > 0 else 0.0
-    return {
-        "step": step,
-        "loss": float(m["loss"]) / n_steps,
-        "task_loss": per_task,
-        "steps_averaged": n_steps,
-        "grad_norm": float(m["grad_norm"]) / n_steps,
-        "learning_rate": float(m.get("learning_rate", 0.0)) / n_steps,
-        "step_seconds": step_seconds,
-        "tokens_per_second": tokens / step_seconds if step_seconds > 0 else 0.0,
-        "tflops_per_device": achieved / 1e12,
-        "mfu": achieved / peak if peak else 0.0,
-    }
-
-
-def _log(record: dict, path: str, writer) -> None:
-    tasks = " ".join(f"{k}={v:.4f}" for k, v in record["task_loss"].items())
-    logs.info(
-        f"step {record['step']:6d}  loss {record['loss']:.4f}  [{tasks}]  |g| {record['grad_norm']:.3f}  "
-        f"{record['step_seconds']:.3f}s/step  {record['tokens_per_second']:.0f} tok/s  "
-        f"{record['tflops_per_device']:.3f} TFLOP/s/dev  MFU {100 * record['mfu']:.1f}%  "
-        f"(compute {record['compute_seconds']:.3f}s, data {record['data_seconds']:.3f}s, "
-        f"checkpoint {record['checkpoint_seconds']:.3f}s per step)"
-    )
-    paths.append_text(path, json.dumps(record) + "\n")
-    if writer is not None:
-        s = record["step"]
-        for key in (
-            "loss",
-            "grad_norm",
-            "learning_rate",
-            "step_seconds",
-            "tokens_per_second",
-            "tflops_per_device",
-            "mfu",
-            "compute_seconds",
-            "data_seconds",
-            "checkpoint_seconds",
-        ):
-            writer.add_scalar(f"train/{key}", record[key], s)
-        for task, value in record["task_loss"].items():
-            writer.add_scalar(f"loss/{task}", value, s)
-        writer.flush()
 
 
 def main(argv):

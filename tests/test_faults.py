@@ -157,7 +157,7 @@ INF_LR = ("train.steps=8", "train.learning_rate=1e39", "train.keep_checkpoints=2
 
 @pytest.mark.parametrize("log_every", [1, 10])  # 10: the flag is read one step late, as in a long run
 def test_nonfinite_update_stops_naming_the_step_and_keeps_good_checkpoints(reference, shapes_dir, tmp_path, log_every):
-    from qk_jax.train import NonFiniteError
+    from qk_jax.nonfinite import NonFiniteError
 
     workdir = copy_run(reference, tmp_path)
     with pytest.raises(

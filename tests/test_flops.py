@@ -419,13 +419,13 @@ def test_mfu_of_a_logged_step_from_a_known_timing(kind, datasheet_peak):
     record's TFLOP/s per device is FLOPs / time / devices and its MFU that over the chip's
     datasheet bf16 peak (v5e 197, v5p 459, H100 SXM 989 TFLOP/s). A kind resolved to the
     wrong chip (e.g. "TPU v5 lite" taken for v5p) or a peak per host instead of per chip fails."""
-    from qk_jax import train
+    from qk_jax import train_metrics
 
     n_dev, seconds = jax.device_count(), 0.5
     flops_per_step = 0.4 * datasheet_peak * n_dev * seconds  # 40% of the chips' peak
     m = {"loss": 1.0, "grad_norm": 1.0, "task_loss_sum": np.ones(6), "task_count": np.ones(6)}
     batch = {"position_ids": np.zeros((3, 2, 16)), "img_ids": np.zeros((2, 64, 3))}
-    record = train._record(1, m, 1, seconds, batch, flops_per_step, flops.peak_flops_for(_device(kind)))
+    record = train_metrics.window_record(1, m, 1, seconds, batch, flops_per_step, flops.peak_flops_for(_device(kind)))
     assert record["tflops_per_device"] == pytest.approx(0.4 * datasheet_peak / 1e12)
     assert record["mfu"] == pytest.approx(0.4)
     assert flops.mfu(flops_per_step, seconds, n_dev, flops.peak_flops_for(_device(kind))) == pytest.approx(0.4)

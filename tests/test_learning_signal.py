@@ -11,7 +11,7 @@ import kontext_util as ku
 from qk_jax import flow, optim, sharding
 from qk_jax.eval import signal as signal_lib
 from qk_jax.models.kontext import QueryKontext, preconditioned_velocity, preconditioning
-from qk_jax.train import _accumulate, _record
+from qk_jax.train_metrics import accumulate, window_record
 from qk_jax.train_step import make_loss_fn
 
 
@@ -115,9 +115,9 @@ def test_log_record_averages_the_window():
     ]
     window = None
     for m in steps:
-        window = _accumulate(window, {k: jnp.asarray(v) for k, v in m.items()})
+        window = accumulate(window, {k: jnp.asarray(v) for k, v in m.items()})
     batch = {"position_ids": np.zeros((3, 4, 8)), "img_ids": np.zeros((4, 16, 3))}
-    rec = _record(3, jax.device_get(window), 3, 0.5, batch, 1e9, 1e12)
+    rec = window_record(3, jax.device_get(window), 3, 0.5, batch, 1e9, 1e12)
     assert rec["loss"] == pytest.approx(2.0) and rec["grad_norm"] == pytest.approx(2.0)
     assert rec["learning_rate"] == pytest.approx(0.2) and rec["steps_averaged"] == 3
     assert rec["task_loss"] == {"t2i": pytest.approx(1.0), "reconstruction": pytest.approx(14.0 / 6.0)}
