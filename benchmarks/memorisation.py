@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
 import os
 
 import jax
@@ -104,10 +105,21 @@ def generate(sampler, recs: list[dict], steps: int, guidance: float) -> list[np.
     return images
 
 
-def judge(recs: list[dict], images: list[np.ndarray]) -> list[float]:
+def judge(recs: list[dict], images: list[np.ndarray]) -> dict[str, float]:
+    """The judge's pass rate, and what it saw on the way: shapes detected per sample against the
+    objects the prompts ask for, and the share of samples holding every asked shape in its
+    asked colour wherever it is (the judge's `present` check): whether the model draws shapes
+    at all, then the right ones, then in the right places and sizes."""
     from qk_jax.eval import score
 
-    return [float(score.score_sample(r, im)["score"]) for r, im in zip(recs, images)]
+    results = [score.score_sample(r, im) for r, im in zip(recs, images)]
+    asked = [len(json.loads(r["scene"])["spec"]["objects"]) for r in recs]
+    return {
+        "judge": float(np.mean([x["score"] for x in results])),
+        "drawn": float(np.mean([len(x["detections"]) for x in results])),
+        "asked": float(np.mean(asked)),
+        "present": float(np.mean([x["checks"]["present"] for x in results])),
+    }
 
 
 def print_errors(title: str, rows, x0_var: float) -> dict[float, float]:
@@ -177,11 +189,11 @@ def main() -> None:
                 rows_out = [("t2i", r, im, p) for r, im, p in zip(recs, images, psnrs)]
                 write_grid(rows_out[:12], os.path.join(args.workdir, f"grid_g{guidance:g}.png"))
                 if guidance == 1.0:
-                    train_psnr, train_judge = np.mean(psnrs), np.mean(judge(recs, images))
+                    train_psnr, train_judge = np.mean(psnrs), judge(recs, images)
         print(f"| {guidance:g} | {cells[0]} | {cells[1]} |")
     heldout_images = generate(sampler, heldout, 20, 1.0)
-    heldout_scores = judge(heldout, heldout_images)
-    rows_out = [("t2i", r, im, s) for r, im, s in zip(heldout, heldout_images, heldout_scores)]
+    heldout_judge = judge(heldout, heldout_images)
+    rows_out = [("t2i", r, im, score.score_sample(r, im)["score"]) for r, im in zip(heldout, heldout_images)]
     write_grid(rows_out[:12], os.path.join(args.workdir, "grid_heldout.png"))
 
     print("\nsummary (20 Euler steps, CFG 1; judge: fraction of samples passing `qk_jax.eval.score`)")
@@ -192,9 +204,13 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     print(
         f"| {args.records} | {args.steps} | {train_psnr:.1f} dB | {train_ratio[1.0]:.3f} | {train_ratio[0.8]:.3f} "
-        f"| {train_judge:.2f} ({len(recs)}) | {heldout_ratio[1.0]:.3f} | {heldout_ratio[0.8]:.3f} "
-        f"| {np.mean(heldout_scores):.2f} ({len(heldout)}) |"
+        f"| {train_judge['judge']:.2f} ({len(recs)}) | {heldout_ratio[1.0]:.3f} | {heldout_ratio[0.8]:.3f} "
+        f"| {heldout_judge['judge']:.2f} ({len(heldout)}) |"
     )
+    print("\nwhat the judge saw: shapes detected per sample / objects asked, share with every asked shape and colour")
+    print("| samples | shapes drawn / asked | asked shapes present | judge |\n|---|---|---|---|")
+    for name, j in (("training prompts", train_judge), ("held-out prompts", heldout_judge)):
+        print(f"| {name} | {j['drawn']:.2f} / {j['asked']:.2f} | {j['present']:.2f} | {j['judge']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -47,20 +47,19 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from qk_jax import flops, logs, model_config, optim, sharding, train_state
+from qk_jax import aot_report, flops, logs, model_config, optim, sharding, train_state
 from qk_jax.config import ConfigError
 from qk_jax.data import buckets
 from qk_jax.data.model_inputs import prepare_batch
 from qk_jax.data.vocab import TASKS
 from qk_jax.models.kontext import QueryKontext
 from qk_jax.models.lora import LORA_KEY
-from qk_jax.sharding import format_bytes
 
-GIB = 1024**3
+GIB = aot_report.GIB
 # HBM per chip (GiB).
 HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
 _CHIP_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6lite": "v6e"}
-PROGRAMS = ("train", "sample")
+PROGRAMS = aot_report.PROGRAMS
 
 
 # ----------------------------------------------------------------------------- topology and mesh
@@ -363,15 +362,8 @@ def _tree_bytes(tree) -> int:
     return int(sum(sharding.bytes_per_device(x) for x in jax.tree.leaves(tree)))
 
 
-def _params(n: int) -> str:
-    return f"{n / 1e9:.3f} B" if n >= 1e8 else f"{n / 1e6:.3f} M"
-
-
 def _count(tree) -> int:
     return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))
-
-
-# ----------------------------------------------------------------------------- the report
 
 
 def run(
@@ -385,7 +377,7 @@ def run(
     headroom: float = 0.1,
     log=None,
 ) -> dict[str, Any]:
-    """Compiles `programs` of `config` for `topology`; returns the report (see `format_report`).
+    """Compiles `programs` of `config` for `topology`; returns the report (see `aot_report.format_report`).
     Progress goes to `log` (default: `qk_jax.logs.info`)."""
     log = log or logs.info
     unknown = set(programs) - set(PROGRAMS)
@@ -449,179 +441,10 @@ def run(
             entry = compile_sample(model, config, mesh, params, batch_abs, sample_batch)
         xla = entry["flops"]["xla_per_device"]
         entry["flops"]["xla_total"] = None if xla is None else xla * n_dev
-        entry["seconds_at_peak"] = _seconds_at_peak(entry["flops"]["analytic"], n_dev, device_kind)
+        entry["seconds_at_peak"] = aot_report.seconds_at_peak(entry["flops"]["analytic"], n_dev, device_kind)
         report["programs"][name] = entry
-        log(f"aot: {name} compiled in {entry['compile_seconds']:.0f} s; {_memory_words(entry)} per device")
-    return judge(report)
-
-
-def judge(report: dict[str, Any], headroom: float | None = None) -> dict[str, Any]:
-    """Sets `fits` per program and overall and the `verdict` line: a program fits when its
-    peak per-device memory leaves `headroom` (a fraction) of the chip's HBM free."""
-    if headroom is not None:
-        report["headroom"] = float(headroom)
-    if not 0.0 <= report["headroom"] < 1.0:
-        raise ValueError(f"headroom={report['headroom']}: a fraction of HBM in [0, 1)")
-    budget = (1.0 - report["headroom"]) * report["hbm_bytes"]
-    for entry in report["programs"].values():
-        entry["fits"] = entry["out_of_memory"] is None and entry["memory"]["peak"] <= budget
-    report["fits"] = all(e["fits"] for e in report["programs"].values())
-    report["verdict"] = verdict_line(report)
-    return report
-
-
-def _seconds_at_peak(total_flops: float, n_dev: int, device_kind: str) -> float | None:
-    key = flops.peak_key(device_kind)
-    return None if key is None else float(total_flops) / (n_dev * flops.PEAK_FLOPS[key])
-
-
-def peak_bytes(entry: Mapping[str, Any]) -> float:
-    """A program's per-device peak: the compiled program's, or the bytes XLA said a program
-    too large for the chip asks for (infinite when its message does not say)."""
-    oom = entry.get("out_of_memory")
-    if oom is None:
-        return entry["memory"]["peak"]
-    return math.inf if oom["requested_bytes"] is None else oom["requested_bytes"]
-
-
-def _memory_words(entry: Mapping[str, Any]) -> str:
-    """ "peak 12.3 GiB", or for a program XLA found too large "out of memory: asks for 136.8 GiB of 15.8 GiB"."""
-    oom = entry.get("out_of_memory")
-    if oom is None:
-        return f"peak {format_bytes(entry['memory']['peak'])}"
-    if oom["requested_bytes"] is None:
-        return f"out of memory ({oom['message']})"
-    return f"out of memory: asks for {format_bytes(oom['requested_bytes'])} of {format_bytes(oom['available_bytes'])}"
-
-
-def verdict_line(report: Mapping[str, Any]) -> str:
-    worst = max(report["programs"].items(), key=lambda kv: peak_bytes(kv[1]))
-    hbm = report["hbm_bytes"] / GIB
-    word = "FITS" if report["fits"] else "DOES NOT FIT"
-    parts = ", ".join(
-        f"{n} {format_bytes(e['memory']['peak'])}" if e.get("out_of_memory") is None else f"{n} {_memory_words(e)}"
-        for n, e in report["programs"].items()
-    )
-    return (
-        f"{word}: {parts} per device (peak: {worst[0]}) on {report['topology']} "
-        f"({report['chip']}, {hbm:.0f} GiB HBM, {100 * report['headroom']:.0f}% headroom), mesh "
-        f"data={report['mesh']['data']},fsdp={report['mesh']['fsdp']},tensor={report['mesh']['tensor']}, "
-        f"global batch {report['config']['global_batch']}"
-    )
-
-
-def _flops(x: float) -> str:
-    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
-        if abs(x) >= scale:
-            return f"{x / scale:.3f} {unit}"
-    return f"{x:.0f} FLOP"
-
-
-def format_report(report: Mapping[str, Any]) -> str:
-    """The printed report: per program memory and FLOPs, then the verdict as the last line."""
-    lines = []
-    c = report["config"]
-    lines.append(
-        f"topology {report['topology']} ({report['num_devices']} x {report['device_kind']}), mesh "
-        f"{report['mesh']}, global batch {c['global_batch']} (grad_accum {c['grad_accum']}), dtype "
-        f"{c['dtype']}, remat {c['remat']}, K = {c['num_queries']}, {c['input_images']} input image(s); "
-        f"{_params(report['params_total'])} parameters"
-    )
-    fields = ("arguments", "outputs", "temporaries", "aliases", "generated_code", "peak")
-    lines.append("")
-    lines.append(f"{'per device':<18}" + "".join(f"{f:>15}" for f in fields) + f"{'fits':>7}")
-    for name, e in report["programs"].items():
-        if e.get("out_of_memory") is not None:  # XLA refused to compile it: no breakdown
-            lines.append(f"{name:<18}{'XLA: ' + _memory_words(e):>{15 * len(fields)}}{'NO':>7}")
-            continue
-        m = e["memory"]
-        cells = "".join(f"{format_bytes(m[f]):>15}" for f in fields)
-        lines.append(f"{name:<18}{cells}{'yes' if e['fits'] else 'NO':>7}")
-    lines.append(
-        f"{'HBM':<18}{format_bytes(report['hbm_bytes']):>15}  (budget {(1 - report['headroom']) * 100:.0f}%: "
-        f"{format_bytes((1 - report['headroom']) * report['hbm_bytes'])})"
-    )
-    lines.append("")
-    for name, e in report["programs"].items():
-        f = e["flops"]
-        at_peak = e.get("seconds_at_peak")
-        lines.append(
-            f"{name}: analytic {_flops(f['analytic'])} per {'step' if name == 'train' else 'sampling run'}"
-            + (f" ({_flops(f['analytic_with_remat'])} with remat)" if "analytic_with_remat" in f else "")
-            + (f", {at_peak:.3g} s at 100% of the chips' peak" if at_peak else "")
-            + (
-                f"; XLA cost analysis {_flops(f['xla_total'])} (counts scan bodies once)"
-                if f["xla_total"] is not None
-                else ""
-            )
-            + "; "
-            f"lowered in {e['lower_seconds']:.0f} s, compiled in {e['compile_seconds']:.0f} s"
-        )
-        if name == "train":
-            lines.append(
-                "  parts: "
-                + ", ".join(f"{k} {_flops(v)}" for k, v in f["parts"].items())
-                + f"; train state {format_bytes(e['state_bytes_per_device'])} per device; "
-                f"{_params(e['params']['trainable'])} trainable, {_params(e['params']['frozen'])} frozen"
-            )
-        else:
-            lines.append(
-                f"  {e['sample_batch']} prompts, {e['steps']} {e['method']} steps, {e['branches']} "
-                f"guidance branch(es) per DiT call"
-            )
-    lines.append(report["verdict"])
-    return "\n".join(lines)
-
-
-def _table_gib(entry: Mapping[str, Any]) -> str:
-    """Per-device peak in GiB for the table; "> HBM" style for a program XLA found too large."""
-    peak = peak_bytes(entry)
-    if entry.get("out_of_memory") is None:
-        return f"{peak / GIB:.1f}"
-    return "out of memory" if math.isinf(peak) else f"{peak / GIB:.1f} (out of memory)"
-
-
-def markdown_table(reports) -> str:
-    """One Markdown row per report (for the README): topology, mesh, batch, dtype, remat,
-    per-device peak of each program, analytic FLOPs per train step, compile times, verdict."""
-    head = (
-        "config",
-        "topology",
-        "mesh (d,f,t)",
-        "global batch",
-        "dtype",
-        "remat",
-        "train GiB/dev",
-        "sample GiB/dev",
-        "train PFLOP/step",
-        "compile train / sample (s)",
-        "fits",
-    )
-    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in reports:
-        c, progs = r["config"], r["programs"]
-        train, sample = progs.get("train"), progs.get("sample")
-        mesh = r["mesh"]
-        rows.append(
-            "| "
-            + " | ".join(
-                [
-                    f"stage{c['stage']}.py:{c['size']}",
-                    f"{r['topology']} ({r['num_devices']})",
-                    f"{mesh['data']},{mesh['fsdp']},{mesh['tensor']}",
-                    str(c["global_batch"]) + (f" ({c['grad_accum']} micro)" if c["grad_accum"] > 1 else ""),
-                    c["dtype"],
-                    c["remat"],
-                    _table_gib(train) if train else "-",
-                    f"{_table_gib(sample)} ({sample['sample_batch']} prompts)" if sample else "-",
-                    f"{train['flops']['analytic'] / 1e15:.1f}" if train else "-",
-                    " / ".join(f"{progs[n]['compile_seconds']:.0f}" if n in progs else "-" for n in PROGRAMS),
-                    "yes" if r["fits"] else "**no**",
-                ]
-            )
-            + " |"
-        )
-    return "\n".join(rows)
+        log(f"aot: {name} compiled in {entry['compile_seconds']:.0f} s; {aot_report.memory_words(entry)} per device")
+    return aot_report.judge(report)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -664,7 +487,7 @@ def main(argv):
         os.makedirs(os.path.dirname(os.path.abspath(f.json)), exist_ok=True)
         with open(f.json, "w") as out:
             json.dump(report, out, indent=1)
-    print(format_report(report), flush=True)
+    print(aot_report.format_report(report), flush=True)
     return 0 if report["fits"] else 1
 
 

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from cli_env import tpu_init_errors, user_env
-from qk_jax import aot, sharding, train_state
+from qk_jax import aot, aot_report, sharding, train_state
 from qk_jax.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,7 +48,7 @@ def test_train_and_sample_compile_and_report(report):
     assert params == report["params_total"]
     assert train["flops"]["parts"]["dit"] > 0 and set(train["flops"]["parts"]) >= {"vit", "llm", "connector", "dit"}
     assert sample["steps"] == 20 and sample["branches"] == 2
-    text = aot.format_report(report)
+    text = aot_report.format_report(report)
     last = text.splitlines()[-1]
     assert last.startswith("FITS: ") and "v5e:2x2" in last and "global batch 8" in last
     assert "arguments" in text and "temporaries" in text and "aliases" in text
@@ -59,9 +59,9 @@ def test_train_and_sample_compile_and_report(report):
 def test_verdict_says_does_not_fit_without_room(report):
     tight = json.loads(json.dumps(report))
     tight["hbm_bytes"] = tight["programs"]["train"]["memory"]["peak"]  # exactly full: no headroom left
-    aot.judge(tight, headroom=0.1)
+    aot_report.judge(tight, headroom=0.1)
     assert not tight["fits"] and not tight["programs"]["train"]["fits"]
-    assert aot.format_report(tight).splitlines()[-1].startswith("DOES NOT FIT: ")
+    assert aot_report.format_report(tight).splitlines()[-1].startswith("DOES NOT FIT: ")
 
 
 def test_fsdp_shards_the_state():
@@ -221,9 +221,9 @@ def test_a_program_larger_than_the_chip_is_a_verdict_not_an_error():
     asked = train["out_of_memory"]["requested_bytes"]
     assert asked > report["hbm_bytes"] > train["out_of_memory"]["available_bytes"] > 0.9 * report["hbm_bytes"]
     assert train["flops"]["analytic"] > 0  # the analytic count needs no compiled program
-    text = aot.format_report(report)
+    text = aot_report.format_report(report)
     last = text.splitlines()[-1]
     assert last == report["verdict"] and last.startswith("DOES NOT FIT: train out of memory: asks for ")
     assert sharding.format_bytes(asked) in last and "v5e:2x2" in last
-    assert "(out of memory)" in aot.markdown_table([report])
+    assert "(out of memory)" in aot_report.markdown_table([report])
     json.dumps(report)

@@ -30,7 +30,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("run_params",),  # 5 a run's weights, as sampling and export read them
     ("convert", "eval"),  # 6 HF / diffusers <-> ours; the judge and the learning signal
     ("pretrained", "sample", "surgery", "smoke"),  # 7 tools built on the above
-    ("train", "aot"),  # 8 the training loop; AOT compilation of its step and the sampler
+    ("train", "aot", "aot_report"),  # 8 the training loop; AOT compilation of its step and the sampler, its report
     ("demo", "cli", "parity"),  # 9 entry points (parity's dispatcher reuses cli's flag spelling)
 )
 # What `qk_jax.models.*` may import besides itself (a model must build without converters,
