@@ -108,6 +108,28 @@ def set_field(config: ml_collections.ConfigDict, path: str, value: Any) -> None:
         node[parts[-1]] = value
 
 
+# Fields added to the run config after runs were first saved, each with the value under which
+# the code that wrote such a run's checkpoint behaved. A saved config that lacks one gets that
+# value, never today's default, which may change what the model was trained to see.
+ADDED_FIELDS = {
+    "data.text_buckets": 1,  # every batch padded to data.max_text_len
+    "data.drop_template_prefix": False,  # the chat template's prefix in the DiT's condition stream
+}
+
+
+def saved_run_config(item: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """The config a checkpoint step saved (its `config` item), with any of `ADDED_FIELDS` it
+    predates set to the value it was written under."""
+    config = ml_collections.ConfigDict(item)
+    for path, value in ADDED_FIELDS.items():
+        section, name = path.rsplit(".", 1)
+        if has_field(config, section) and not has_field(config, path):
+            node = get_field(config, section)
+            with node.unlocked() if hasattr(node, "unlocked") else _null():
+                node[name] = value
+    return config
+
+
 class _null:
     def __enter__(self):
         return self

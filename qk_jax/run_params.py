@@ -21,6 +21,7 @@ import ml_collections
 
 from qk_jax import checkpoint as ckpt_lib
 from qk_jax import model_config, optim, sharding
+from qk_jax.config import saved_run_config
 from qk_jax.models.kontext import KontextConfig, QueryKontext
 
 
@@ -55,7 +56,7 @@ def restore(
 
     def targets_for(s: int, items: dict) -> dict[str, Any]:
         """The step's own config decides the model, mesh and targets."""
-        config = ml_collections.ConfigDict(items["config"])
+        config = saved_run_config(items["config"])
         if mesh_spec:
             config.mesh = dict(mesh_spec)
         kcfg = model_config.build_kontext_config(config, special)

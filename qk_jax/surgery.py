@@ -41,7 +41,7 @@ import numpy as np
 from qk_jax import checkpoint as ckpt_lib
 from qk_jax import distributed, dit_seeding, fault_points, logs, model_config, paths, sharding
 from qk_jax.checkpoint import resolve_run
-from qk_jax.config import ConfigError, get_field, load_config, set_field
+from qk_jax.config import ConfigError, get_field, load_config, saved_run_config, set_field
 from qk_jax.models.kontext import QueryKontext
 from qk_jax.models.lora import merge_lora
 from qk_jax.tree import flatten_tree, unflatten_tree
@@ -202,7 +202,7 @@ def run(
 
     def targets_for(s: int, items: dict) -> dict[str, Any]:
         """The source step's own config decides both models, the mesh and the source target."""
-        src_config = ml_collections.ConfigDict(items["config"])
+        src_config = saved_run_config(items["config"])
         if int(src_config.stage) != from_stage:
             raise SurgeryError(f"{src_root} step {s} is a stage-{src_config.stage} checkpoint, not stage {from_stage}")
         dst_config = target_config(src_config, to_stage, config_spec)

@@ -173,6 +173,29 @@ def _kcfg(path):
     return cfg, model_config.build_kontext_config(cfg, model_config.read_special_token_ids(proc))
 
 
+def test_a_run_saved_before_the_text_buckets_samples_as_it_was_trained(stage2, tmp_path):
+    """A checkpoint whose saved config predates `data.text_buckets` / `data.drop_template_prefix`
+    (runs saved before the condition stream was packed) is read with the values it was trained
+    under (one text length, the template prefix in the stream), not today's defaults, and samples."""
+    import shutil
+
+    old = str(tmp_path / "old_run")
+    shutil.copytree(stage2["run"], old)
+    step_dir = os.path.join(old, "checkpoints", max(os.listdir(os.path.join(old, "checkpoints")), key=int))
+    meta = os.path.join(step_dir, "config", "metadata")
+    saved = json.load(open(meta))
+    assert saved["data"]["text_buckets"] == 3 and saved["data"]["drop_template_prefix"] is True
+    del saved["data"]["text_buckets"], saved["data"]["drop_template_prefix"]
+    json.dump(saved, open(meta, "w"))
+    sampler = Sampler.from_checkpoint(old)
+    assert sampler.config.data.text_buckets == 1 and sampler.config.data.drop_template_prefix is False
+    batch = sampler.model_batch(sampler.records(["a red circle"]))
+    assert batch["input_ids"].shape[1] == sampler.config.data.max_text_len  # one text length: the longest
+    assert sampler.generate(sampler.records(["a red circle"]), steps=1).shape[0] == 1
+    now = Sampler.from_checkpoint(stage2["run"]).config.data
+    assert now.text_buckets == 3 and now.drop_template_prefix is True
+
+
 def test_surgery_1_to_2_report_and_lora_merge(stage1, stage2):
     assert "bit-identical: True" in stage2["stdout"]
     report = json.load(open(os.path.join(stage2["ckpt"], "surgery_report.json")))
