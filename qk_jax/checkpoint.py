@@ -32,134 +32,33 @@ one mesh restores onto any other mesh or a single device.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from qk_jax import logs, paths
+from qk_jax import distributed, logs, paths
+from qk_jax.checkpoint_integrity import (
+    CheckpointError,
+    CheckpointMismatchError,
+    CheckpointSaveError,
+    CorruptCheckpointError,
+    NoGoodCheckpointError,
+    first_line,
+    is_checkpoint_fault,
+    tree_checksums,
+)
 from qk_jax.tree import path_str
 
 ARRAY_ITEMS = ("params", "opt_state", "ema")
 JSON_ITEMS = ("data", "config", "meta", "checksums")
 ITEMS = ARRAY_ITEMS + JSON_ITEMS
 CORRUPT_SUFFIX = ".corrupt"
-
-# Errors that say nothing about the checkpoint's bytes: the machine or the storage is
-# (perhaps only for now) unable to read it. They stop the run instead of discarding a step.
-ENVIRONMENT_ERRNOS = frozenset(
-    {
-        errno.EACCES,
-        errno.EPERM,
-        errno.EIO,
-        errno.EAGAIN,
-        errno.ETIMEDOUT,
-        errno.ENOMEM,
-        errno.EMFILE,
-        errno.ENFILE,
-        errno.ECONNRESET,
-        errno.ENOSPC,
-    }
-)
-ENVIRONMENT_MARKERS = (
-    "RESOURCE_EXHAUSTED",
-    "UNAVAILABLE",
-    "DEADLINE_EXCEEDED",
-    "PERMISSION_DENIED",
-    "Out of memory",
-    "out of memory",
-    "Permission denied",
-)
-# Exception types a damaged file raises on the way through Orbax / TensorStore / json.
-FAULT_TYPES = (OSError, ValueError, KeyError, IndexError, TypeError, EOFError)
-
-
-class CheckpointError(RuntimeError):
-    """No usable checkpoint, or a tree that does not fit its target (named in the message)."""
-
-
-class CorruptCheckpointError(CheckpointError):
-    """A step that is incomplete or unreadable, or whose arrays do not match their checksums."""
-
-
-class NoGoodCheckpointError(CheckpointError):
-    """Every step of a directory is incomplete or corrupt."""
-
-
-class CheckpointMismatchError(CheckpointError):
-    """A stored tree whose paths or shapes do not fit the restore target (named in the message)."""
-
-
-class CheckpointSaveError(CheckpointError):
-    """An (asynchronous) save that failed; the message names the step's path and the cause."""
-
-
-def is_checkpoint_fault(error: BaseException) -> bool:
-    """Whether a restore failure is a fault of the checkpoint itself (incomplete, truncated,
-    undecodable, wrong checksum) rather than of the machine (out of memory, transient I/O)."""
-    if isinstance(error, CorruptCheckpointError):
-        return True
-    if isinstance(error, MemoryError):
-        return False
-    if isinstance(error, OSError) and error.errno in ENVIRONMENT_ERRNOS:
-        return False
-    if any(marker in str(error) for marker in ENVIRONMENT_MARKERS):
-        return False
-    return isinstance(error, FAULT_TYPES)
-
-
-def first_line(error: BaseException, limit: int | None = 300) -> str:
-    """'ValueError: DATA_LOSS: ...': an exception in one line (cut at `limit` characters)."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return f"{type(error).__name__}: {text[:limit]}" if text else type(error).__name__
-
-
-# ----------------------------------------------------------------------------- checksums
-
-_HASH_MULTIPLIER = np.uint32(2654435761)  # Knuth's multiplicative constant
-_HASH_OFFSET = np.uint32(0x9E3779B9)
-_HASH_MIX = np.uint32(0x85EBCA6B)
-
-
-def _as_uint32(x: jax.Array) -> jax.Array:
-    """The array's bits as uint32 words (1- and 2-byte types widened, 8-byte types split)."""
-    if x.dtype == jnp.bool_:
-        return x.astype(jnp.uint32)
-    size = x.dtype.itemsize
-    if size == 4:
-        return jax.lax.bitcast_convert_type(x, jnp.uint32)
-    if size < 4:
-        return jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16}[size]).astype(jnp.uint32)
-    return jax.lax.bitcast_convert_type(x, jnp.uint32)  # adds a trailing axis of itemsize // 4 words
-
-
-def _leaf_checksum(x: jax.Array) -> jax.Array:
-    """A position-weighted 32-bit hash of an array's bits: any changed word or any swap of
-    two words changes it (with probability 1 - 2^-32). Integer sums wrap, so the result
-    does not depend on how the array is sharded."""
-    words = _as_uint32(jnp.asarray(x)).reshape(-1)
-    index = jax.lax.iota(jnp.uint32, words.shape[0])
-    mixed = (words ^ (words >> 15)) * _HASH_MIX
-    return jnp.sum(mixed * (index * _HASH_MULTIPLIER + _HASH_OFFSET), dtype=jnp.uint32)
-
-
-_tree_checksums_jit = jax.jit(lambda tree: jax.tree.map(_leaf_checksum, tree))
-
-
-def tree_checksums(tree) -> dict[str, int]:
-    """{'a/b/kernel': hash} of every array leaf, computed where the arrays live."""
-    flat = {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-    if not flat:
-        return {}
-    sums = jax.device_get(_tree_checksums_jit(flat))
-    return {k: int(v) for k, v in sums.items()}
 
 
 def _to_json(obj: Any) -> Any:
@@ -403,7 +302,9 @@ class Checkpointer:
         # outcome of each read is agreed across processes (`_agree`) before anything collective
         # (the checksums) runs, so a step unreadable on any process is skipped by all of them
         # and only the primary process moves it aside.
-        candidates = [int(step)] if step is not None else _same_on_all_processes(list(reversed(self.steps())))
+        candidates = (
+            [int(step)] if step is not None else distributed.same_on_all_processes(list(reversed(self.steps())))
+        )
         if not candidates:
             raise CheckpointError(f"no checkpoint steps in {self.directory}")
         json_items, required = tuple(json_items), tuple(required)
@@ -460,7 +361,7 @@ class Checkpointer:
         for a reason outside the checkpoint stops them all (raised); else any process that
         found a fault makes the step faulty for all. One process: `outcome` unchanged (or raised)."""
         code = 0 if outcome is None else 1 if self._is_fault(outcome) else 2
-        codes = _gather_ints(code)
+        codes = distributed.gather_ints(code)
         if max(codes) == 2:
             if code == 2:
                 raise outcome
@@ -494,10 +395,12 @@ class Checkpointer:
         while dest.exists():
             n += 1
             dest = self.directory / f"{step}{CORRUPT_SUFFIX}.{n}"
-        _barrier(f"qk_checkpoint_set_aside_named_{step}")  # every process has named `dest` before it is taken
+        distributed.barrier(
+            f"qk_checkpoint_set_aside_named_{step}"
+        )  # every process has named `dest` before it is taken
         if jax.process_index() == 0:
             source.rename(dest)
-        _barrier(f"qk_checkpoint_set_aside_{step}")
+        distributed.barrier(f"qk_checkpoint_set_aside_{step}")
         self._manager.reload()
         logs.warning(
             "checkpoint step %d in %s is incomplete or corrupt (%s); moved aside to %s, trying an older step",
@@ -644,38 +547,6 @@ class Checkpointer:
         if sums is not None:
             self._verify(step, item, tree, stored, sums.get(item, {}))
         return tree
-
-
-def _gather_ints(value: int) -> list[int]:
-    """`value` of every process, in process order ([value] with one process)."""
-    if jax.process_count() == 1:
-        return [int(value)]
-    from jax.experimental import multihost_utils
-
-    return [int(v) for v in np.asarray(multihost_utils.process_allgather(np.int32(value))).reshape(-1)]
-
-
-def _same_on_all_processes(values: list[int]) -> list[int]:
-    """The primary process's list of ints on every process (listings of a shared folder can
-    differ for a moment between hosts; all must walk the same steps)."""
-    if jax.process_count() == 1:
-        return values
-    from jax.experimental import multihost_utils
-
-    n = int(multihost_utils.broadcast_one_to_all(np.int32(len(values))))
-    if n == 0:
-        return []
-    padded = np.zeros(n, np.int32)
-    padded[: min(n, len(values))] = values[:n]
-    return [int(v) for v in np.asarray(multihost_utils.broadcast_one_to_all(padded))]
-
-
-def _barrier(name: str) -> None:
-    """Waits for every process (no-op with one)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 def replace_shardings(abstract_tree, shardings) -> Any:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
 
 _initialized = False
 
@@ -85,3 +86,27 @@ def check_same_on_all_processes(text: str, what: str) -> None:
     differ = [i for i, c in enumerate(crcs) if c != crcs[0]]
     if differ:
         raise RuntimeError(f"the {what} differs between process 0 and process(es) {differ}")
+
+
+def gather_ints(value: int) -> list[int]:
+    """`value` of every process, in process order ([value] with one process)."""
+    if jax.process_count() == 1:
+        return [int(value)]
+    from jax.experimental import multihost_utils
+
+    return [int(v) for v in np.asarray(multihost_utils.process_allgather(np.int32(value))).reshape(-1)]
+
+
+def same_on_all_processes(values: list[int]) -> list[int]:
+    """The primary process's list of ints on every process (listings of a shared folder can
+    differ for a moment between hosts; all must walk the same steps)."""
+    if jax.process_count() == 1:
+        return values
+    from jax.experimental import multihost_utils
+
+    n = int(multihost_utils.broadcast_one_to_all(np.int32(len(values))))
+    if n == 0:
+        return []
+    padded = np.zeros(n, np.int32)
+    padded[: min(n, len(values))] = values[:n]
+    return [int(v) for v in np.asarray(multihost_utils.broadcast_one_to_all(padded))]

@@ -25,7 +25,16 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("models",),  # 1 Flax modules and their config dataclasses
     ("data", "flops", "sharding", "distributed", "optim", "dit_seeding"),  # 2 inputs, FLOPs, mesh rules, optax
     # 3 config, Orbax, the step, its state, timing, a run's metrics records, non-finite steps
-    ("config", "checkpoint", "train_step", "train_state", "profiling", "train_metrics", "nonfinite"),
+    (
+        "config",
+        "checkpoint",
+        "checkpoint_integrity",
+        "train_step",
+        "train_state",
+        "profiling",
+        "train_metrics",
+        "nonfinite",
+    ),
     ("model_config",),  # 4 a loaded config -> the model's KontextConfig
     ("run_params",),  # 5 a run's weights, as sampling and export read them
     ("convert", "eval"),  # 6 HF / diffusers <-> ours; the judge and the learning signal
