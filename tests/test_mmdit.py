@@ -1,6 +1,8 @@
 """MMDiT against diffusers' QwenImageTransformer2DModel / FluxTransformer2DModel (tiny, float32),
 plus configs, sizes, packing, position ids, remat and sharding."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -260,6 +262,47 @@ def test_config_round_trip_and_errors():
         MMDiT(cfg).init(
             jax.random.key(0), jnp.zeros((1, 4, 16)), jnp.zeros((1, 4, 3)), jnp.zeros((1, 2, 7)), None, jnp.zeros((1,))
         )
+
+
+def test_absolute_positions_tell_identical_tokens_apart():
+    """RoPE is relative: identical image tokens get identical outputs wherever they sit. With
+    `absolute_positions` each token also carries a code of its (row, col); the option adds no
+    parameters and cannot be exported to diffusers."""
+    plain = dataclasses.replace(mmdit_config("tiny"), num_layers=1)
+    placed = dataclasses.replace(plain, absolute_positions=True)
+    img = jnp.ones((1, 4, plain.in_channels))
+    ids = jnp.asarray(pos.batch_ids(pos.qwen_image_ids([(1, 2, 2)], 3)[0], 1))
+    txt, mask, t = jnp.ones((1, 3, plain.joint_attention_dim)), jnp.zeros((1, 3), bool), jnp.full((1,), 0.5)
+    params = MMDiT(plain).init(jax.random.key(0), img, ids, txt, mask, t)
+    placed_params = MMDiT(placed).init(jax.random.key(0), img, ids, txt, mask, t)
+    assert jax.tree.structure(params) == jax.tree.structure(placed_params)
+    same = MMDiT(plain).apply(params, img, ids, txt, mask, t)[0]
+    differ = MMDiT(placed).apply(params, img, ids, txt, mask, t)[0]
+    assert float(jnp.abs(same - same[:1]).max()) < 1e-5
+    assert bool((jnp.abs(differ[1:] - differ[:1]).max(axis=-1) > 1e-3).all())
+    with pytest.raises(ValueError, match="absolute_positions"):
+        to_diffusers(placed)
+
+
+def test_zero_text_positions_put_every_condition_token_at_the_origin():
+    """`txt_positions="zeros"` on a Qwen-Image DiT: the condition tokens' RoPE ids are zeros (as
+    FLUX's), so the output equals passing zero `txt_ids` and differs from the diagonal default."""
+    diagonal = dataclasses.replace(mmdit_config("tiny"), num_layers=1)
+    zeros = dataclasses.replace(diagonal, txt_positions="zeros")
+    rng = np.random.default_rng(0)
+    img = jnp.asarray(rng.normal(size=(1, 4, diagonal.in_channels)), jnp.float32)
+    ids = jnp.asarray(pos.batch_ids(pos.qwen_image_ids([(1, 2, 2)], 3)[0], 1))
+    txt = jnp.asarray(rng.normal(size=(1, 3, diagonal.joint_attention_dim)), jnp.float32)
+    mask, t = jnp.ones((1, 3), bool), jnp.full((1,), 0.5)
+    params = MMDiT(diagonal).init(jax.random.key(0), img, ids, txt, mask, t)
+    out = MMDiT(zeros).apply(params, img, ids, txt, mask, t)
+    explicit = MMDiT(diagonal).apply(params, img, ids, txt, mask, t, txt_ids=jnp.zeros((1, 3, 3)))
+    np.testing.assert_allclose(out, explicit, atol=1e-6)
+    assert float(jnp.abs(out - MMDiT(diagonal).apply(params, img, ids, txt, mask, t)).max()) > 1e-4
+    with pytest.raises(ValueError, match="txt_positions"):
+        to_diffusers(zeros)
+    with pytest.raises(ValueError, match="txt_positions"):
+        dataclasses.replace(diagonal, txt_positions="diagonal")
 
 
 def test_param_counts_equal_diffusers():

@@ -54,6 +54,15 @@ class MMDiTConfig:
     eps: float = 1e-6
     zero_cond_t: bool = False  # Qwen-Image-Edit-2511: condition segments modulated with t = 0
     use_additional_t_cond: bool = False  # Qwen-Image-Layered: a 2-entry embedding added to temb
+    # Not in Qwen-Image or FLUX (RoPE only): a fixed 2-D sin-cos embedding of each image token's
+    # (row, col) added after img_in, so a token knows where it is before any attention (see
+    # `positions.absolute_embedding`). For models trained from scratch; off for converted ones.
+    absolute_positions: bool = False
+    # The condition tokens' RoPE ids: "family" (Qwen-Image: a diagonal after the image grid, so
+    # a word's rotation depends on its place in the prompt; FLUX: zeros) or "zeros" (every
+    # condition token at the origin, as FLUX: a word is matched by content alone, and each
+    # image token's offset to the stream is its own place in the image).
+    txt_positions: str = "family"
     use_layer3d_rope: bool = False  # Qwen-Image-Layered position scheme (affects only the id helpers)
     # runtime (not part of the diffusers config)
     dtype: str = "float32"
@@ -64,6 +73,8 @@ class MMDiTConfig:
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise ValueError(f"MMDiTConfig.family={self.family!r}; expected one of {FAMILIES}")
+        if self.txt_positions not in ("family", "zeros"):
+            raise ValueError(f"MMDiTConfig.txt_positions={self.txt_positions!r}; expected 'family' or 'zeros'")
         if len(self.axes_dims_rope) != 3 or any(d % 2 for d in self.axes_dims_rope):
             raise ValueError(f"MMDiTConfig.axes_dims_rope={self.axes_dims_rope}: need three even sizes")
         if sum(self.axes_dims_rope) != self.head_dim:

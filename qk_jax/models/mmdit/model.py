@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from qk_jax.models import layers
 from qk_jax.models.mmdit.blocks import DoubleStreamBlock, MLPEmbedder, SingleStreamBlock, timestep_sinusoid
 from qk_jax.models.mmdit.config import MMDiTConfig
-from qk_jax.models.mmdit.positions import default_txt_ids, rope_angles
+from qk_jax.models.mmdit.positions import absolute_embedding, default_txt_ids, rope_angles
 
 Array = jax.Array
 
@@ -70,6 +70,8 @@ class MMDiT(nn.Module):
 
         # ---- embeddings
         x = layers.Dense(cfg.inner_dim, axes=("in_channels", "embed"), name="img_in", **kw)(img)
+        if cfg.absolute_positions:
+            x = x + absolute_embedding(img_ids, cfg.inner_dim).astype(dtype)
         c = txt
         if cfg.family == "qwen_image":
             c = layers.RMSNorm(eps=1e-6, axis_name="cond_embed", name="txt_norm", **kw)(c)
@@ -105,7 +107,7 @@ class MMDiT(nn.Module):
 
         # ---- positions and mask over the joint [txt ; img] sequence
         if txt_ids is None:
-            txt_ids = default_txt_ids(img_ids, t_len, cfg.family)
+            txt_ids = default_txt_ids(img_ids, t_len, "flux" if cfg.txt_positions == "zeros" else cfg.family)
         ids = jnp.concatenate([txt_ids.astype(jnp.float32), img_ids.astype(jnp.float32)], axis=1)
         angles = rope_angles(ids, cfg.axes_dims_rope, cfg.rope_theta)
         ctx["cos"], ctx["sin"] = jnp.cos(angles), jnp.sin(angles)

@@ -180,3 +180,19 @@ def rope_angles(ids: jax.Array, axes_dims: Sequence[int], theta: float) -> jax.A
         inv = layers.rope_frequencies(dim, theta)
         out.append(ids[..., a : a + 1].astype(jnp.float32) * inv)
     return jnp.concatenate(out, axis=-1)
+
+
+def absolute_embedding(img_ids: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+    """(B, N, 3) position ids -> (B, N, dim) float32: half the features a sin-cos code of the
+    row, half of the column (DiT's fixed 2-D embedding, on our ids: centred for Qwen-Image).
+    A token at the same (row, col) in another segment gets the same code; RoPE's frame axis and
+    the segment offsets still tell segments apart."""
+    if dim % 4:
+        raise ValueError(f"absolute position embedding: width {dim} must be a multiple of 4")
+    quarter = dim // 4
+    freqs = jnp.exp(-jnp.log(max_period) * jnp.arange(quarter, dtype=jnp.float32) / quarter)
+    parts = []
+    for axis in (1, 2):  # row, col
+        arg = img_ids[..., axis].astype(jnp.float32)[..., None] * freqs
+        parts += [jnp.sin(arg), jnp.cos(arg)]
+    return jnp.concatenate(parts, axis=-1)
