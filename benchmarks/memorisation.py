@@ -21,8 +21,10 @@ the first `--eval-records` (32) training text-to-image records:
 and on the held-out text-to-image records (less any whose prompt is a training prompt) the same
 prediction errors (content gain: 1 - own / none) and the judge on samples from pure noise (20
 steps, guidance 1): where memorising a prompt -> image table turns into reading the prompt.
-Ends with a one-row markdown summary. Writes DIR/grid_g<guidance>.png (prompt | sample | target,
-training records) and DIR/grid_heldout.png. Numbers: BENCHMARKS.md, "Memorised images".
+Ends with a one-row markdown summary and what the judge saw (shapes detected per sample against
+those asked, the share holding every asked shape and colour). Writes DIR/grid_g<guidance>.png
+(prompt | sample | target, training records) and DIR/grid_heldout.png. Numbers: BENCHMARKS.md,
+"Memorised images".
 """
 
 from __future__ import annotations
