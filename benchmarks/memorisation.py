@@ -107,7 +107,7 @@ def generate(sampler, recs: list[dict], steps: int, guidance: float) -> list[np.
     return images
 
 
-def judge(recs: list[dict], images: list[np.ndarray]) -> dict[str, float]:
+def judge(recs: list[dict], images: list[np.ndarray]) -> dict:
     """The judge's pass rate, and what it saw on the way: shapes detected per sample against the
     objects the prompts ask for, and the share of samples holding every asked shape in its
     asked colour wherever it is (the judge's `present` check): whether the model draws shapes
@@ -117,6 +117,7 @@ def judge(recs: list[dict], images: list[np.ndarray]) -> dict[str, float]:
     results = [score.score_sample(r, im) for r, im in zip(recs, images)]
     asked = [len(json.loads(r["scene"])["spec"]["objects"]) for r in recs]
     return {
+        "scores": [x["score"] for x in results],
         "judge": float(np.mean([x["score"] for x in results])),
         "drawn": float(np.mean([len(x["detections"]) for x in results])),
         "asked": float(np.mean(asked)),
@@ -195,7 +196,7 @@ def main() -> None:
         print(f"| {guidance:g} | {cells[0]} | {cells[1]} |")
     heldout_images = generate(sampler, heldout, 20, 1.0)
     heldout_judge = judge(heldout, heldout_images)
-    rows_out = [("t2i", r, im, score.score_sample(r, im)["score"]) for r, im in zip(heldout, heldout_images)]
+    rows_out = [("t2i", r, im, s) for r, im, s in zip(heldout, heldout_images, heldout_judge["scores"])]
     write_grid(rows_out[:12], os.path.join(args.workdir, "grid_heldout.png"))
 
     print("\nsummary (20 Euler steps, CFG 1; judge: fraction of samples passing `qk_jax.eval.score`)")

@@ -124,9 +124,7 @@ def saved_run_config(item: Mapping[str, Any]) -> ml_collections.ConfigDict:
     for path, value in ADDED_FIELDS.items():
         section, name = path.rsplit(".", 1)
         if has_field(config, section) and not has_field(config, path):
-            node = get_field(config, section)
-            with node.unlocked() if hasattr(node, "unlocked") else _null():
-                node[name] = value
+            get_field(config, section)[name] = value  # a fresh ConfigDict: not locked
     return config
 
 

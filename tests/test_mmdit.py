@@ -236,7 +236,7 @@ def test_position_id_schemes():
     img, txt = pos.qwen_image_ids([(1, 4, 6)], 2)
     np.testing.assert_array_equal(np.unique(img[:, 1]), [-2, -1, 0, 1])
     np.testing.assert_array_equal(txt, [[3, 3, 3], [4, 4, 4]])  # diagonal after max(h//2, w//2) = 3
-    default = pos.default_txt_ids(jnp.asarray(img)[None], 2, "qwen_image")
+    default = pos.default_txt_ids(jnp.asarray(img)[None], 2, "diagonal")
     np.testing.assert_array_equal(np.asarray(default)[0], txt)
     with pytest.raises(ValueError, match="scheme"):
         pos.segment_ids([(2, 2)], scheme="diagonal")

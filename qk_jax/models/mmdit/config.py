@@ -113,6 +113,12 @@ class MMDiTConfig:
         """Features per output token: patch_size**2 * out_channels (64 for both FLUX and Qwen-Image)."""
         return self.patch_size**2 * (self.out_channels or self.in_channels)
 
+    @property
+    def txt_id_scheme(self) -> str:
+        """The condition tokens' RoPE ids when none are passed (`positions.default_txt_ids`):
+        "zeros" for FLUX or `txt_positions="zeros"`, else Qwen-Image's "diagonal"."""
+        return "zeros" if self.txt_positions == "zeros" or self.family == "flux" else "diagonal"
+
     def replace(self, **changes) -> MMDiTConfig:
         return dataclasses.replace(self, **changes)
 

@@ -107,7 +107,7 @@ class MMDiT(nn.Module):
 
         # ---- positions and mask over the joint [txt ; img] sequence
         if txt_ids is None:
-            txt_ids = default_txt_ids(img_ids, t_len, "flux" if cfg.txt_positions == "zeros" else cfg.family)
+            txt_ids = default_txt_ids(img_ids, t_len, cfg.txt_id_scheme)
         ids = jnp.concatenate([txt_ids.astype(jnp.float32), img_ids.astype(jnp.float32)], axis=1)
         angles = rope_angles(ids, cfg.axes_dims_rope, cfg.rope_theta)
         ctx["cos"], ctx["sin"] = jnp.cos(angles), jnp.sin(angles)

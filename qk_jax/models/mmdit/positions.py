@@ -155,14 +155,14 @@ def batch_ids(ids: np.ndarray, batch: int) -> np.ndarray:
 # ----------------------------------------------------------------- in-model (jnp)
 
 
-def default_txt_ids(img_ids: jax.Array, txt_len: int, family: str) -> jax.Array:
+def default_txt_ids(img_ids: jax.Array, txt_len: int, scheme: str) -> jax.Array:
     """Text ids when the caller passes none: (B, T, 3) float32.
 
-    qwen_image: the diagonal starting one past the largest image row/col id, which equals
-    diffusers' `max(h//2, w//2)` for centred grids; flux: zeros.
+    "diagonal" (Qwen-Image): the diagonal starting one past the largest image row/col id, which
+    equals diffusers' `max(h//2, w//2)` for centred grids; "zeros" (FLUX): all at the origin.
     """
     b = img_ids.shape[0]
-    if family == "flux":
+    if scheme == "zeros":
         return jnp.zeros((b, txt_len, 3), jnp.float32)
     start = jnp.max(img_ids[..., 1:].astype(jnp.float32), axis=(1, 2)) + 1.0  # (B,)
     pos = start[:, None] + jnp.arange(txt_len, dtype=jnp.float32)[None]
