@@ -16,7 +16,10 @@ the first `--eval-records` (32) training text-to-image records:
 - the PSNR of samples drawn from pure noise (Euler, 20 and 50 steps, guidance 1 and 4) against
   the record's own target. A healthy recipe reproduces memorised images; one whose prediction
   is poor where sampling starts does not, however low its training loss;
-- the judge (`qk_jax.eval.score`) on the 20-step, guidance-1 samples.
+- the judge (`qk_jax.eval.score`) on the 20-step, guidance-1 samples;
+- along a sampled trajectory (20 steps, guidance 1), the error of the prediction the sampler
+  steps with against the one from the point a perfect sampler would be at: whether the later
+  steps correct the first ones.
 
 and on the held-out text-to-image records (less any whose prompt is a training prompt) the same
 prediction errors (content gain: 1 - own / none) and the judge on samples from pure noise (20
@@ -95,6 +98,35 @@ def prediction_errors(sampler, batch) -> list[tuple[float, float, float, float]]
     return rows
 
 
+def trajectory_errors(sampler, batch, steps: int) -> list[tuple[int, float, float, float]]:
+    """(step, t, error along the sampled trajectory, error from the ideal x_t) per Euler step.
+
+    Samples from pure noise with the record's own condition (guidance 1) and, at every step,
+    compares the clean-latent prediction the sampler acts on with the one from the point a
+    perfect sampler would have reached with the same noise, (1 - t) x0 + t noise: where the first
+    stays at its value from t = 1 while the second falls, the later steps do not correct what
+    the first ones committed to."""
+    from qk_jax import flow_solvers
+
+    model, params = sampler.model, sampler.params
+    cond, mask, _ = sampler._condition(params, batch)
+    x0 = model.encode(params, batch["target"])
+    sigmas, timesteps = flow_solvers.flow_schedule(
+        steps, sampler.schedule(), sigmas=flow_solvers.pipeline_sigmas(steps), image_seq_len=x0.shape[1]
+    )
+    velocity = jax.jit(lambda x, t: model.velocity(params, x, None, batch["img_ids"], cond, mask, t))
+    noise = jax.random.normal(jax.random.key(0), x0.shape)
+    x, rows = noise, []
+    for i, t in enumerate(np.asarray(timesteps, np.float64)):
+        tt = jnp.full((x0.shape[0],), t, jnp.float32)
+        v = velocity(x, tt)
+        ideal = (1 - t) * x0 + t * noise
+        ideal_error = float(jnp.mean(jnp.square(ideal - t * velocity(ideal, tt) - x0)))
+        rows.append((i, float(t), float(jnp.mean(jnp.square(x - t * v - x0))), ideal_error))
+        x = x + (sigmas[i + 1] - sigmas[i]) * v
+    return rows
+
+
 def generate(sampler, recs: list[dict], steps: int, guidance: float) -> list[np.ndarray]:
     """Samples from pure noise for `recs` in their order (`Sampler.generate` takes one input count at a time)."""
     groups: dict[int, list[int]] = {}
@@ -143,6 +175,9 @@ def main() -> None:
     parser.add_argument("--heldout", type=int, default=32, help="validation t2i records to measure unseen prompts on")
     parser.add_argument("--eval-records", type=int, default=32, help="training t2i records measured (the first ones)")
     parser.add_argument("--override", action="append", default=[], help="a config override FIELD=VALUE")
+    parser.add_argument(
+        "--weights", choices=("ema", "raw"), default="ema", help="measure the EMA weights or the optimiser's own"
+    )
     args = parser.parse_args()
     for name in ("steps", "records", "heldout", "eval_records"):
         if getattr(args, name) < 1:
@@ -157,7 +192,8 @@ def main() -> None:
     build_data(data_dir, args.records, args.heldout, side)
     if not os.path.isdir(os.path.join(run_dir, "checkpoints", str(args.steps))):
         train_run(args.config, data_dir, run_dir, args.steps, args.override)
-    sampler = Sampler.from_checkpoint(run_dir)
+    sampler = Sampler.from_checkpoint(run_dir, use_ema=args.weights == "ema")
+    tag = "" if args.weights == "ema" else "_raw"
 
     def load(split: str) -> list[dict]:
         source = builders.load_source(data_dir, builders.SHAPES_NAME, "t2i", split)
@@ -176,10 +212,18 @@ def main() -> None:
         x0_var = float(jnp.var(sampler.model.encode(sampler.params, batch["target"])))
         rows = prediction_errors(sampler, batch)
         heldout_rows = prediction_errors(sampler, heldout_batch)
-    print(f"{args.records} training records per task, {args.steps} steps")
+    print(f"{args.records} training records per task, {args.steps} steps, {args.weights} weights")
     train_ratio = print_errors(f"the first {len(recs)} training t2i records", rows, x0_var)
     print(f"\n{len(heldout)} validation t2i records ({len(validation) - len(heldout)} left out: a training prompt)")
     heldout_ratio = print_errors("held out", heldout_rows, x0_var)
+    with jax.set_mesh(sampler.mesh):
+        trajectory = trajectory_errors(sampler, batch, 20)
+    print("\nalong a sampled trajectory (20 Euler steps, own condition, guidance 1): clean-latent error of")
+    print("the prediction the sampler steps with, and of the one from the ideal point (1 - t) x0 + t noise")
+    print("| step | t | sampled | ideal |\n|---|---|---|---|")
+    for i, t, sampled, ideal in trajectory:
+        if i % 3 == 0 or i == len(trajectory) - 1:
+            print(f"| {i} | {t:.3f} | {sampled:.4f} | {ideal:.4f} |")
     print("\nsamples from pure noise, PSNR to the record's own target (mean / min, dB)")
     print("| guidance | 20 steps | 50 steps |\n|---|---|---|")
     for guidance in (1.0, 4.0):
@@ -190,14 +234,14 @@ def main() -> None:
             cells.append(f"{np.mean(psnrs):.1f} / {np.min(psnrs):.1f}")
             if steps == 20:
                 rows_out = [("t2i", r, im, p) for r, im, p in zip(recs, images, psnrs)]
-                write_grid(rows_out[:12], os.path.join(args.workdir, f"grid_g{guidance:g}.png"))
+                write_grid(rows_out[:12], os.path.join(args.workdir, f"grid{tag}_g{guidance:g}.png"))
                 if guidance == 1.0:
                     train_psnr, train_judge = np.mean(psnrs), judge(recs, images)
         print(f"| {guidance:g} | {cells[0]} | {cells[1]} |")
     heldout_images = generate(sampler, heldout, 20, 1.0)
     heldout_judge = judge(heldout, heldout_images)
     rows_out = [("t2i", r, im, s) for r, im, s in zip(heldout, heldout_images, heldout_judge["scores"])]
-    write_grid(rows_out[:12], os.path.join(args.workdir, "grid_heldout.png"))
+    write_grid(rows_out[:12], os.path.join(args.workdir, f"grid{tag}_heldout.png"))
 
     print("\nsummary (20 Euler steps, CFG 1; judge: fraction of samples passing `qk_jax.eval.score`)")
     print(

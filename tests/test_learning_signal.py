@@ -38,15 +38,21 @@ def proc(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "prediction, weighting, timesteps",
-    [("x0", "velocity", "logit_normal"), ("preconditioned", "velocity", "logit_normal"), ("x0", "x0", "uniform")],
+    "prediction, weighting, timesteps, shift",
+    [
+        ("x0", "velocity", "logit_normal", "dynamic"),
+        ("preconditioned", "velocity", "logit_normal", "dynamic"),
+        ("x0", "x0", "uniform", "dynamic"),
+        ("x0", "velocity", "logit_normal", "static"),
+    ],
 )
-def test_prediction_field_reaches_the_training_loss(prediction, weighting, timesteps, shapes_dir, proc):
+def test_prediction_field_reaches_the_training_loss(prediction, weighting, timesteps, shift, shapes_dir, proc):
     """With the generator's output layer zeroed, its raw output F is 0 and the loss the train
     step differentiates has a closed form per parameterisation: x0-prediction's velocity is
     x_t / t, the preconditioned one ((t - a s^2) / d) x_t. With `model.loss_weighting="x0"`
     the per-sample loss is the clean-latent error itself: F = 0 predicts x0_hat = 0, so it is
-    mean(x0^2) whatever t is (t >= min_t)."""
+    mean(x0^2) whatever t is (t >= min_t). Under x0-prediction the loss depends on t, so it
+    also shows the step draws its timesteps with the configured shift."""
     config = ku.stage_config(
         2,
         shapes_dir,
@@ -54,11 +60,14 @@ def test_prediction_field_reaches_the_training_loss(prediction, weighting, times
         "model.sigma_data=0.7",
         f"model.loss_weighting={weighting}",
         f"model.timesteps.method={timesteps}",
+        f"model.timesteps.shift={shift}",
+        "model.timesteps.static_shift=8.0",
         "data.mixture={'t2i': 1.0}",
     )
     kcfg = ku.model_config(config, proc)
     assert kcfg.prediction == prediction and kcfg.sigma_data == 0.7
     assert kcfg.loss_weighting == weighting and kcfg.timesteps.method == timesteps
+    assert kcfg.timesteps.shift == shift and kcfg.timesteps.static_shift == 8.0
     model = QueryKontext(kcfg)
     params = jax.jit(lambda r: sharding.unbox_abstract(model.init(r)))(jax.random.key(0))
     params["dit"]["proj_out"] = jax.tree.map(jnp.zeros_like, params["dit"]["proj_out"])
@@ -85,6 +94,9 @@ def test_prediction_field_reaches_the_training_loss(prediction, weighting, times
         want = jnp.where(t >= kcfg.min_t, jnp.mean(jnp.square(x0), axis=(1, 2)), clipped)
     np.testing.assert_allclose(aux["per_sample"], want, rtol=1e-4)
     np.testing.assert_allclose(loss, jnp.mean(want), rtol=1e-4)
+    if shift == "static":  # the default (dynamic) shift draws other t, so another loss
+        t_default = flow.sample_timesteps(k_time, x0.shape[0], flow.TimestepConfig(), image_seq_len=x0.shape[1])
+        assert bool(jnp.all(t >= t_default)) and float(jnp.max(t - t_default)) > 0.05
 
 
 def test_log_record_averages_the_window():
