@@ -1,0 +1,186 @@
+"""Does the condition stream say what the prompt says? Linear probes of the prompt's attributes.
+
+    PYTHONPATH=. python benchmarks/condition_probe.py --checkpoint RUN [--step N] [--data_dir DIR]
+        [--fit 3000] [--init]
+
+The DiT can only draw what its condition tokens make readable. On text-to-image records of the
+run's data, a ridge-regression probe (one-vs-all on standardised features, the ridge chosen on a
+held-out fifth of the fit records) is fit on training records and scored on the next training
+records it has not seen and on the validation split, for each attribute a prompt states:
+
+- one object: its colour, shape, size, grid cell;
+- two objects (`a red circle and a blue square`, relations included): the first and the second
+  object's colour and shape, which only a reader of word order can tell apart.
+
+Features of each record:
+
+- words: the counts of the prompt's token ids, the template's shared prefix excluded. What the
+  words say to a reader that ignores their order: the ceiling for one object, a guess for two;
+- kontext (VLM): the K kontext query states the VLM returns, concatenated;
+- kontext (stream): the same K tokens after the connector, as the DiT receives them;
+- prompt (stream): the connector's prompt tokens, mean-pooled over the prompt.
+
+With `--init` the run's config is probed with freshly initialised weights instead (the random
+VLM the demo starts from, before stage 1 adapts it). Prints one table of accuracies with the
+majority-class rate beside them. Numbers: BENCHMARKS.md, "Learning".
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qk_jax import sharding
+from qk_jax.data import builders
+from qk_jax.data import records as records_lib
+from qk_jax.sample import Sampler
+
+ONE = ("colour", "shape", "size", "cell")
+TWO = ("colour", "shape")
+FEATURES = ("words", "kontext (VLM)", "kontext (stream)", "prompt (stream)")
+CHUNK = 64
+
+
+def attribute_labels(rec: dict) -> dict[str, str]:
+    """{'1 colour': 'red', ..., '2a shape': 'circle', '2b colour': ...}: what the prompt states."""
+    spec = json.loads(rec["scene"])["spec"] if rec.get("scene") else {}
+    objs = spec.get("objects") or []
+    if spec.get("exact"):  # counting prompts name one kind of object n times
+        return {}
+    if len(objs) == 1:
+        return {f"1 {a}": objs[0][a] for a in ONE if objs[0].get(a)}
+    if len(objs) == 2:
+        return {f"2{side} {a}": o[a] for side, o in zip("ab", objs) for a in TWO if o.get(a)}
+    return {}
+
+
+def record_features(sampler: Sampler, recs: list[dict]) -> dict[str, np.ndarray]:
+    """Each feature of `FEATURES` for `recs` (text-to-image records, one group): name -> (N, D);
+    "words" as (N, T) token ids of the prompt part of the stream, -1 elsewhere."""
+    condition = jax.jit(sampler.model.condition)
+    k = sampler.kcfg.num_queries
+    out: dict[str, list[np.ndarray]] = collections.defaultdict(list)
+    for i in range(0, len(recs), CHUNK):
+        batch = sampler.model_batch(recs[i : i + CHUNK])
+        with jax.set_mesh(sampler.mesh), sharding.activation_rules_context():
+            cond, mask, kontext = condition(sampler.params, batch)
+        index = np.asarray(batch["cond_index"])
+        ids = np.asarray(batch["input_ids"])
+        cond, mask, kontext = (np.asarray(jax.device_get(a), np.float64) for a in (cond, mask, kontext))
+        is_prompt = mask.astype(bool) & (index < ids.shape[1])
+        prompt_ids = np.take_along_axis(ids, np.clip(index, 0, ids.shape[1] - 1), axis=1)
+        out["words"].append(np.where(is_prompt, prompt_ids, -1))
+        out["kontext (VLM)"].append(kontext.reshape(len(ids), -1))
+        is_query = index >= ids.shape[1]
+        if not np.all(is_query.sum(1) == k):
+            raise ValueError(f"a packed condition row does not hold the {k} kontext tokens")
+        out["kontext (stream)"].append(cond[is_query].reshape(len(ids), -1))
+        pooled = (cond * is_prompt[..., None]).sum(1) / np.maximum(is_prompt.sum(1, keepdims=True), 1)
+        out["prompt (stream)"].append(pooled)
+    width = max(w.shape[1] for w in out["words"])  # the packed stream's length varies by chunk
+    out["words"] = [np.pad(w, ((0, 0), (0, width - w.shape[1])), constant_values=-1) for w in out["words"]]
+    return {name: np.concatenate(parts) for name, parts in out.items()}
+
+
+def bag_of_words(token_ids: np.ndarray, vocabulary: np.ndarray) -> np.ndarray:
+    """(N, T) token ids (-1: none) -> (N, V) counts of each id of `vocabulary` (ids elsewhere dropped)."""
+    return (token_ids[..., None] == vocabulary[None, None]).sum(1).astype(np.float64)
+
+
+def ridge_probe(x_fit: np.ndarray, y_fit: np.ndarray, tests: list[tuple[np.ndarray, np.ndarray]]) -> list[float]:
+    """Accuracy on each (x, y) of `tests` of a ridge one-vs-all classifier fit on (x_fit, y_fit)."""
+    classes = np.unique(y_fit)
+    mu, sd = x_fit.mean(0), x_fit.std(0) + 1e-6
+    z = (x_fit - mu) / sd
+    onehot = (y_fit[:, None] == classes[None]).astype(np.float64)
+    n_tune = max(len(z) // 5, 1)
+
+    def fit(zz, yy, lam):
+        # Dual form (N x N) when features outnumber records: the same solution, a smaller solve.
+        if zz.shape[1] > zz.shape[0]:
+            return zz.T @ np.linalg.solve(zz @ zz.T + lam * np.eye(len(zz)), yy)
+        return np.linalg.solve(zz.T @ zz + lam * np.eye(zz.shape[1]), zz.T @ yy)
+
+    def accuracy(w, zz, labels):
+        return float(np.mean(classes[np.argmax(zz @ w, axis=1)] == labels))
+
+    lams = [1e-2 * len(z), 1e-1 * len(z), len(z), 10.0 * len(z)]
+    tune = [accuracy(fit(z[n_tune:], onehot[n_tune:], lam), z[:n_tune], y_fit[:n_tune]) for lam in lams]
+    w = fit(z, onehot, lams[int(np.argmax(tune))])
+    return [accuracy(w, (x - mu) / sd, y) for x, y in tests]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a run workdir or checkpoint folder")
+    parser.add_argument("--step", type=int, default=None)
+    parser.add_argument("--data_dir", default=None, help="default: the run's data.data_dir")
+    parser.add_argument("--fit", type=int, default=3000, help="training records the probes are fit on")
+    parser.add_argument("--init", action="store_true", help="probe freshly initialised weights of the run's config")
+    args = parser.parse_args()
+
+    sampler = Sampler.from_checkpoint(args.checkpoint, step=args.step)
+    if args.init:
+        fresh = sampler.model.init(jax.random.key(int(sampler.config.train.seed)))
+        sampler = Sampler(
+            sampler.config, sampler.kcfg, jax.tree.map(jnp.asarray, _unbox(fresh)), sampler.processor, sampler.mesh
+        )
+    data_dir = args.data_dir or sampler.config.data.data_dir
+    dataset = sampler.config.data.dataset
+
+    def load(split: str) -> list[dict]:
+        source = builders.load_source(data_dir, dataset, "t2i", split)
+        recs = [records_lib.normalize(source[i]) for i in range(len(source))]
+        return [r for r in recs if attribute_labels(r) and records_lib.num_inputs(r) == 0]
+
+    train, validation = load("train"), load("validation")
+    fit_recs, unseen = train[: args.fit], train[args.fit : args.fit + 1000]
+    if len(fit_recs) < 100 or not unseen:
+        raise SystemExit(f"{len(train)} usable training t2i records in {data_dir}: need more than --fit {args.fit}")
+    feats = {name: record_features(sampler, rs) for name, rs in (("fit", fit_recs), ("unseen", unseen))}
+    feats["validation"] = record_features(sampler, validation)
+    vocabulary = np.unique(feats["fit"]["words"][feats["fit"]["words"] >= 0])
+    for f in feats.values():
+        f["words"] = bag_of_words(f["words"], vocabulary)
+    labels = {
+        name: [attribute_labels(r) for r in rs]
+        for name, rs in (("fit", fit_recs), ("unseen", unseen), ("validation", validation))
+    }
+
+    what = "initialised" if args.init else f"step {sampler.step} ({'EMA' if sampler.used_ema else 'raw'})"
+    print(f"linear probes of the condition stream, {args.checkpoint} {what}; {len(fit_recs)} records fit,")
+    print(f"scored on {len(unseen)} other training records / {len(validation)} validation records")
+    print("| attribute | records fit | majority | " + " | ".join(FEATURES) + " |")
+    print("|---|---|---|" + "---|" * len(FEATURES))
+    attributes = sorted({a for ls in labels["fit"] for a in ls})
+    for attr in attributes:
+        rows = {s: [i for i, ls in enumerate(labels[s]) if attr in ls] for s in labels}
+        if min(len(rows["fit"]), len(rows["unseen"])) < 20:
+            continue
+        ys = {s: np.array([labels[s][i][attr] for i in rows[s]]) for s in labels}
+        majority = collections.Counter(ys["fit"]).most_common(1)[0][0]
+        cells = []
+        for name in FEATURES:
+            xs = {s: feats[s][name][rows[s]] for s in labels}
+            tests = [(xs["unseen"], ys["unseen"])] + (
+                [(xs["validation"], ys["validation"])] if rows["validation"] else []
+            )
+            acc = ridge_probe(xs["fit"], ys["fit"], tests)
+            cells.append(" / ".join(f"{a:.2f}" for a in acc))
+        base = np.mean(ys["unseen"] == majority)
+        print(f"| {attr} | {len(rows['fit'])} | {base:.2f} | " + " | ".join(cells) + " |")
+
+
+def _unbox(tree):
+    import flax.linen as nn
+
+    return nn.unbox(tree)
+
+
+if __name__ == "__main__":
+    main()
