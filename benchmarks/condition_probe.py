@@ -1,7 +1,7 @@
 """Does the condition stream say what the prompt says? Linear probes of the prompt's attributes.
 
     PYTHONPATH=. python benchmarks/condition_probe.py --checkpoint RUN [--step N] [--data_dir DIR]
-        [--fit 3000] [--init]
+        [--fit 3000] [--init] [--min-records 20]
 
 The DiT can only draw what its condition tokens make readable. On text-to-image records of the
 run's data, a ridge-regression probe (one-vs-all on standardised features, the ridge chosen on a
@@ -122,6 +122,7 @@ def main() -> None:
     parser.add_argument("--data_dir", default=None, help="default: the run's data.data_dir")
     parser.add_argument("--fit", type=int, default=3000, help="training records the probes are fit on")
     parser.add_argument("--init", action="store_true", help="probe freshly initialised weights of the run's config")
+    parser.add_argument("--min-records", type=int, default=20, help="attributes stated in fewer records are left out")
     args = parser.parse_args()
 
     sampler = Sampler.from_checkpoint(args.checkpoint, step=args.step)
@@ -140,7 +141,7 @@ def main() -> None:
 
     train, validation = load("train"), load("validation")
     fit_recs, unseen = train[: args.fit], train[args.fit : args.fit + 1000]
-    if len(fit_recs) < 100 or not unseen:
+    if len(fit_recs) < 2 * args.min_records or not unseen:
         raise SystemExit(f"{len(train)} usable training t2i records in {data_dir}: need more than --fit {args.fit}")
     feats = {name: record_features(sampler, rs) for name, rs in (("fit", fit_recs), ("unseen", unseen))}
     feats["validation"] = record_features(sampler, validation)
@@ -160,7 +161,7 @@ def main() -> None:
     attributes = sorted({a for ls in labels["fit"] for a in ls})
     for attr in attributes:
         rows = {s: [i for i, ls in enumerate(labels[s]) if attr in ls] for s in labels}
-        if min(len(rows["fit"]), len(rows["unseen"])) < 20:
+        if min(len(rows["fit"]), len(rows["unseen"])) < args.min_records:
             continue
         ys = {s: np.array([labels[s][i][attr] for i in rows[s]]) for s in labels}
         majority = collections.Counter(ys["fit"]).most_common(1)[0][0]

@@ -28,6 +28,7 @@ import numpy as np
 
 from qk_jax import flow, sharding
 from qk_jax.eval import signal
+from qk_jax.models import layers
 from qk_jax.models.mmdit import blocks
 from qk_jax.sample import Sampler
 
@@ -47,7 +48,8 @@ def recorded_attention(masses: list[np.ndarray]):
     def attention(cfg, q, k, v, mask):
         logits = jnp.einsum("bthd,bshd->bhts", q.astype(jnp.float32), k.astype(jnp.float32)) * q.shape[-1] ** -0.5
         if mask is not None:
-            logits = jnp.where(mask, logits, -jnp.inf)
+            dense = mask.dense(q.shape[1]) if isinstance(mask, layers.SegmentMask) else mask
+            logits = jnp.where(dense, logits, -jnp.inf)
         jax.debug.callback(lambda p: masses.append(np.asarray(p)), jax.nn.softmax(logits, axis=-1))
         return plain(cfg, q, k, v, mask)
 
@@ -79,6 +81,10 @@ def main() -> None:
         x0 = model.encode(params, batch["target"])
         noise = jax.random.normal(jax.random.key(0), x0.shape, x0.dtype)
         t_len = cond.shape[1]
+        # The packed stream: each row's prompt tokens, then its K queries, then padding (`cond_index` -1).
+        index = np.asarray(batch["cond_index"])
+        is_kontext = index >= batch["input_ids"].shape[1]
+        is_prompt = (index >= 0) & ~is_kontext
 
         def x0_hat(xt, t, c, m):
             tb = jnp.full((xt.shape[0],), t, jnp.float32)
@@ -98,7 +104,8 @@ def main() -> None:
                 blocks.attention = plain
             for i, p in enumerate(masses):
                 rows = p[:, :, t_len:, :]  # the image stream's queries
-                prompt, kontext = rows[..., : t_len - k].sum(-1).mean(), rows[..., t_len - k : t_len].sum(-1).mean()
+                prompt = (rows[..., :t_len] * is_prompt[:, None, None]).sum(-1).mean()
+                kontext = (rows[..., :t_len] * is_kontext[:, None, None]).sum(-1).mean()
                 print(f"{t:>4} {i:>5} {prompt:>10.3f} {kontext:>11.3f} {rows[..., t_len:].sum(-1).mean():>9.3f}")
             swapped = x0_hat(xt, t, jnp.roll(cond, 1, 0), jnp.roll(mask, 1, 0))
             uncond = x0_hat(xt, t, cond, jnp.zeros_like(mask))
@@ -109,8 +116,9 @@ def main() -> None:
     for t, sw, un, err in changes:
         print(f"{t:>4} {sw:>21.4f} {un:>22.4f} {err:>19.4f}")
     cond, mask = np.asarray(cond), np.asarray(mask)
-    kontext_cos = np.mean([mean_pairwise_cos(cond[:, t_len - k + i]) for i in range(k)])
-    within = np.mean([mean_pairwise_cos(cond[b, : t_len - k][mask[b, : t_len - k]]) for b in range(len(recs))])
+    kontext = cond[is_kontext].reshape(len(recs), k, -1)
+    kontext_cos = np.mean([mean_pairwise_cos(kontext[:, i]) for i in range(k)])
+    within = np.mean([mean_pairwise_cos(cond[b][is_prompt[b]]) for b in range(len(recs))])
     print(
         f"\ncondition tokens: kontext across records cos {kontext_cos:.3f}; prompt tokens within a record cos "
         f"{within:.3f}"

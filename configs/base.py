@@ -188,6 +188,7 @@ def stage_config(stage: int, size: str) -> ml_collections.ConfigDict:
     m.prediction = s.get("prediction", "velocity")  # "velocity" | "x0" | "preconditioned" (see models/kontext.py)
     m.sigma_data = 0.5  # "preconditioned": standard deviation of the clean latents
     m.loss_weighting = s.get("loss_weighting", "velocity")  # "velocity" | "x0" (see models/kontext.py)
+    m.foreground_weight = 0.0  # extra loss weight of the tokens off the target's background (models/kontext.py)
     # shift: "dynamic" (FLUX, by token count) | "static" (by static_shift) | "sd3" | "none" (qk_jax/flow.py)
     m.timesteps = dict(method="logit_normal", logit_mean=0.0, logit_std=1.0, shift="dynamic", static_shift=3.0)
     m.dropout = dict(uncond=0.1, no_text=0.05, no_images=0.05, text=0.0, kontext=0.0)  # for CFG

@@ -109,6 +109,7 @@ def build_kontext_config(config, special_token_ids: Mapping[str, int] | None = N
             prediction=m.get("prediction", "velocity"),
             sigma_data=float(m.get("sigma_data", 0.5)),
             loss_weighting=m.get("loss_weighting", "velocity"),
+            foreground_weight=float(m.get("foreground_weight", 0.0)),
             dtype=m.dtype,
         )
     except (ValueError, TypeError) as e:

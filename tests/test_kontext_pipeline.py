@@ -109,6 +109,41 @@ def stage2(stage1, shapes_dir, tmp_path_factory):
     return {"ckpt": dst, "run": workdir, "stdout": run.stdout}
 
 
+def test_condition_diagnostics_run_on_a_trained_run(stage2):
+    """`benchmarks/condition_use.py` and `benchmarks/condition_probe.py` as a user runs them on a
+    stage-2 run: the attention shares, prediction changes and probe accuracies they print."""
+    env = dict(os.environ, PYTHONPATH=REPO)
+
+    def run(script, *args):
+        proc = subprocess.run(
+            [sys.executable, os.path.join(REPO, "benchmarks", script), "--checkpoint", stage2["run"], *args],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout.splitlines()
+
+    out = run("condition_use.py", "--records", "4", "--timesteps", "1.0")
+    shares = [list(map(float, line.split()[2:])) for line in out if line.startswith(" 1.0 ") and len(line.split()) == 5]
+    assert len(shares) == 3  # one row per DiT block of the tiny model
+    for prompt, kontext, image in shares:  # the image tokens' attention, all of it accounted for
+        assert prompt > 0 and kontext > 0 and abs(prompt + kontext + image - 1) < 1e-3
+    changes = next(line for line in out if line.startswith(" 1.0 ") and len(line.split()) == 4)
+    assert all(np.isfinite(float(v)) for v in changes.split()[1:])
+    assert any(line.startswith("condition tokens: kontext across records cos") for line in out)
+
+    rows = [line for line in run("condition_probe.py", "--fit", "24", "--min-records", "3") if line.startswith("| 1 ")]
+    assert rows, "no attribute probed"
+    for row in rows:
+        cells = row.strip("| ").split(" | ")
+        assert 0 <= float(cells[2]) <= 1 and len(cells) == 7
+        for cell in cells[3:]:
+            assert all(0 <= float(a) <= 1 for a in cell.split(" / "))
+
+
 def test_learning_signal_of_a_trained_run(stage2, tmp_path):
     """The learning signal as training logs it: per-timestep errors with and without the
     condition, completions, judge scores; to metrics.jsonl and TensorBoard."""

@@ -99,6 +99,55 @@ def test_prediction_field_reaches_the_training_loss(prediction, weighting, times
         assert bool(jnp.all(t >= t_default)) and float(jnp.max(t - t_default)) > 0.05
 
 
+def _token_weights(images: np.ndarray, block: int, weight: float) -> np.ndarray:
+    """The foreground weights written out pixel by pixel: 1 + weight x the share of each token's
+    pixels off the image's background (per-channel median) by more than 0.1 in a channel."""
+    b, h, w, _ = images.shape
+    out = np.ones((b, (h // block) * (w // block)))
+    for i in range(b):
+        bg = np.median(images[i].reshape(-1, 3), axis=0)
+        off = np.abs(images[i] - bg).max(-1) > 0.1
+        for r in range(h // block):
+            for c in range(w // block):
+                out[i, r * (w // block) + c] += (
+                    weight * off[r * block : (r + 1) * block, c * block : (c + 1) * block].mean()
+                )
+    return out
+
+
+def test_foreground_weight_reaches_the_training_loss(shapes_dir, proc):
+    """`model.foreground_weight` weights each target token's error by 1 + w x its share of pixels
+    off the background, as a weighted mean per sample: with the generator's output zeroed the x0
+    generator's velocity is x_t / t, so the loss the train step differentiates has a closed form."""
+    config = ku.stage_config(
+        2, shapes_dir, "model.prediction=x0", "model.foreground_weight=3.0", "data.mixture={'t2i': 1.0}"
+    )
+    kcfg = ku.model_config(config, proc)
+    assert kcfg.foreground_weight == 3.0
+    model = QueryKontext(kcfg)
+    params = jax.jit(lambda r: sharding.unbox_abstract(model.init(r)))(jax.random.key(0))
+    params["dit"]["proj_out"] = jax.tree.map(jnp.zeros_like, params["dit"]["proj_out"])
+    trainable, frozen = optim.partition(params, config.train.trainable)
+    batch = ku.prepared(kcfg, ku.first_batch(config, proc))
+    rng = jax.random.key(3)
+    loss, aux = jax.jit(make_loss_fn(model))(trainable, frozen, batch, rng)
+
+    _, k_time, k_noise = jax.random.split(rng, 3)
+    x0 = model.encode(params, batch["target"])
+    t = flow.sample_timesteps(k_time, x0.shape[0], kcfg.timesteps, image_seq_len=x0.shape[1])
+    noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
+    x_t = flow.noise_latents(x0, noise, t)
+    per_token = np.asarray(jnp.mean(jnp.square(x_t / jnp.maximum(t, kcfg.min_t)[:, None, None] - (noise - x0)), axis=2))
+    weights = _token_weights(np.asarray(batch["target"], np.float64), kcfg.downsample, 3.0)
+    assert weights.shape == per_token.shape and (weights > 1).any() and (weights == 1).any()  # objects and background
+    want = (per_token * weights).sum(1) / weights.sum(1)
+    np.testing.assert_allclose(aux["per_sample"], want, rtol=1e-4)
+    assert not np.allclose(want, per_token.mean(1), rtol=1e-3)  # the weighting changed the loss
+    np.testing.assert_allclose(loss, want.mean(), rtol=1e-4)
+    with pytest.raises(Exception, match="foreground_weight"):
+        ku.model_config(ku.stage_config(2, shapes_dir, "model.foreground_weight=-1.0"), proc)
+
+
 def test_log_record_averages_the_window():
     """Batches are grouped by input count, so one step holds one task: a log line must average
     every step of its window, per task over that task's samples."""

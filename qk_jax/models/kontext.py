@@ -138,6 +138,13 @@ class KontextConfig:
     # clean-latent error times 1 / t^2, which puts the weight on the nearly clean samples) or
     # "x0" (t^2, t clipped at `min_t`: the plain clean-latent error, every noise level alike).
     loss_weighting: str = "velocity"
+    # Per-token weight of the loss inside each sample: 1 + foreground_weight x the share of the
+    # token's pixels that differ from the target's background (`foreground_token_weights`),
+    # normalised to a weighted mean. 0 = every token alike. A text prompt says nothing of a plain
+    # background's colour and little of where an object goes, so read against the whole image
+    # it explains ~1% of the error even from pure noise; the weight moves the loss to the
+    # objects, which the prompt does describe.
+    foreground_weight: float = 0.0
     dtype: str = "float32"  # VLM compute dtype (the other parts carry theirs in their configs)
     param_dtype: str = "float32"
 
@@ -150,6 +157,8 @@ class KontextConfig:
             raise ValueError(f"model.prediction={self.prediction!r}; expected one of {PREDICTIONS}")
         if self.loss_weighting not in LOSS_WEIGHTINGS:
             raise ValueError(f"model.loss_weighting={self.loss_weighting!r}; expected one of {LOSS_WEIGHTINGS}")
+        if not self.foreground_weight >= 0:
+            raise ValueError(f"model.foreground_weight={self.foreground_weight} must be 0 (off) or positive")
         if self.sigma_data <= 0:
             raise ValueError(f"model.sigma_data={self.sigma_data} must be positive")
         if self.position_scheme not in POSITION_SCHEMES:
@@ -386,7 +395,12 @@ class QueryKontext:
         noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
         xt = flow.noise_latents(x0, noise, t)
         v = self.velocity(params, xt, cond_tokens, batch["img_ids"], cond, cond_mask, t)
-        per_sample = jnp.mean(jnp.square(v.astype(jnp.float32) - flow.velocity_target(x0, noise)), axis=(1, 2))
+        per_token = jnp.mean(jnp.square(v.astype(jnp.float32) - flow.velocity_target(x0, noise)), axis=2)
+        if c.foreground_weight:
+            w = foreground_token_weights(batch["target"], c.downsample, c.foreground_weight)
+            per_sample = jnp.sum(per_token * w, axis=1) / jnp.sum(w, axis=1)
+        else:
+            per_sample = jnp.mean(per_token, axis=1)
         if c.loss_weighting == "x0":
             per_sample = per_sample * jnp.square(jnp.maximum(t, c.min_t))
         valid = batch["valid"].astype(jnp.float32) if "valid" in batch else jnp.ones_like(per_sample)
@@ -398,6 +412,19 @@ class QueryKontext:
         b, n = images.shape[:2]
         tokens = self.encode(params, images.reshape((b * n,) + images.shape[2:]))
         return tokens.reshape(b, n * tokens.shape[1], tokens.shape[2])
+
+
+def foreground_token_weights(images: Array, block: int, weight: float, threshold: float = 0.1) -> Array:
+    """(B, H, W, 3) targets in [-1, 1] -> (B, H/block * W/block) loss weights of their tokens
+    (row-major, as `patchify`): 1 + weight x the share of the token's block x block pixels that
+    differ from the image's background colour (its per-channel median: the colour of most pixels
+    of a plain background) by more than `threshold` in some channel."""
+    b, h, w, _ = images.shape
+    images = images.astype(jnp.float32)
+    background = jnp.median(images.reshape(b, h * w, -1), axis=1)
+    foreground = jnp.max(jnp.abs(images - background[:, None, None]), axis=-1) > threshold
+    share = foreground.reshape(b, h // block, block, w // block, block).mean(axis=(2, 4), dtype=jnp.float32)
+    return 1.0 + weight * share.reshape(b, -1)
 
 
 def preconditioning(t: Array, sigma_data: float) -> tuple[Array, Array]:
