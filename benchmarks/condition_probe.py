@@ -20,6 +20,13 @@ Features of each record:
 - kontext (stream): the same K tokens after the connector, as the DiT receives them;
 - prompt (stream): the connector's prompt tokens, mean-pooled over the prompt.
 
+Then what the prompt is worth to the loss at all: from pure noise (t = 1, where sampling starts)
+the best prediction of a target given its prompt is the mean image of the prompt's scene spec,
+and given nothing the mean of all images. Over the training records whose spec is drawn at least 3
+times, the table gives the ratio of the two mean-squared errors (the within-spec variance,
+unbiased, over the total variance) per kind of prompt: the ceiling of the t = 1 condition gain
+that the learning signal measures.
+
 With `--init` the run's config is probed with freshly initialised weights instead (the random
 VLM the demo starts from, before stage 1 adapts it). Prints one table of accuracies with the
 majority-class rate beside them. Numbers: BENCHMARKS.md, "Learning".
@@ -115,6 +122,43 @@ def ridge_probe(x_fit: np.ndarray, y_fit: np.ndarray, tests: list[tuple[np.ndarr
     return [accuracy(w, (x - mu) / sd, y) for x, y in tests]
 
 
+def spec_key(rec: dict) -> tuple[str, str]:
+    """(the prompt's scene spec as a canonical string, its kind: objects named, placed or not)."""
+    spec = json.loads(rec["scene"])["spec"]
+    objs = [{a: o.get(a) for a in ONE} for o in spec["objects"]]
+    placed = any(o["cell"] for o in objs) or bool(spec.get("relations"))
+    kind = f"{len(objs)} object{'s' if len(objs) > 1 else ''}" + (", placed" if placed else "")
+    key = json.dumps({"objects": objs, "relations": spec.get("relations"), "exact": spec.get("exact")}, sort_keys=True)
+    return key, kind
+
+
+def prompt_ceiling(recs: list[dict]) -> list[tuple[str, int, float]]:
+    """[(kind, images, within-spec / total mean-squared error)] over the records whose spec is
+    drawn at least 3 times, with the total row first: the best t = 1 prediction from the prompt
+    (the spec's mean image) against the best from nothing (the mean of all images)."""
+    groups: dict[str, list[int]] = collections.defaultdict(list)
+    kinds, images = {}, []
+    for rec in recs:
+        key, kinds[key] = spec_key(rec)
+        groups[key].append(len(images))
+        images.append(records_lib.decode_image(rec["target"]).astype(np.float32) / 127.5 - 1)
+    x = np.stack(images)
+    total_mean = x.mean(0)
+    sums: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0, 0])
+    for key, idx in groups.items():
+        if len(idx) < 3:
+            continue
+        g = x[idx]
+        # Squared deviations from the spec's own mean, times n / (n - 1): unbiased for its variance.
+        within = ((g - g.mean(0)) ** 2).mean(axis=(1, 2, 3)) * len(idx) / (len(idx) - 1)
+        total = ((g - total_mean) ** 2).mean(axis=(1, 2, 3))
+        for name in ("all", kinds[key]):
+            sums[name][0] += float(within.sum())
+            sums[name][1] += float(total.sum())
+            sums[name][2] += len(idx)
+    return [(k, int(v[2]), v[0] / v[1]) for k, v in sorted(sums.items(), key=lambda kv: (kv[0] != "all", kv[0]))]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a run workdir or checkpoint folder")
@@ -136,10 +180,13 @@ def main() -> None:
 
     def load(split: str) -> list[dict]:
         source = builders.load_source(data_dir, dataset, "t2i", split)
-        recs = [records_lib.normalize(source[i]) for i in range(len(source))]
+        return [records_lib.normalize(source[i]) for i in range(len(source))]
+
+    def probed(recs: list[dict]) -> list[dict]:
         return [r for r in recs if attribute_labels(r) and records_lib.num_inputs(r) == 0]
 
-    train, validation = load("train"), load("validation")
+    train_all = load("train")
+    train, validation = probed(train_all), probed(load("validation"))
     fit_recs, unseen = train[: args.fit], train[args.fit : args.fit + 1000]
     if len(fit_recs) < 2 * args.min_records or not unseen:
         raise SystemExit(f"{len(train)} usable training t2i records in {data_dir}: need more than --fit {args.fit}")
@@ -175,6 +222,11 @@ def main() -> None:
             cells.append(" / ".join(f"{a:.2f}" for a in acc))
         base = np.mean(ys["unseen"] == majority)
         print(f"| {attr} | {len(rows['fit'])} | {base:.2f} | " + " | ".join(cells) + " |")
+
+    print("\nwhat the prompt is worth to the loss at t = 1: error of the prompt's mean image / of the mean image")
+    print("| prompts | images | error ratio | ceiling of the t = 1 gain |\n|---|---|---|---|")
+    for kind, n, ratio in prompt_ceiling([r for r in train_all if r.get("scene")]):
+        print(f"| {kind} | {n} | {ratio:.3f} | {1 - ratio:.1%} |")
 
 
 def _unbox(tree):

@@ -9,6 +9,7 @@ import json
 import numpy as np
 
 from benchmarks import condition_probe
+from qk_jax.data import records as records_lib
 
 
 def _record(objects, **spec):
@@ -48,3 +49,23 @@ def test_ridge_probe_reads_a_linear_code_and_not_noise():
         wide[fit], labels[fit].astype(str), [(wide[test], labels[test].astype(str))]
     )
     assert acc_wide > 0.85
+
+
+def _image_record(objects, image):
+    return dict(_record(objects), target=records_lib.encode_png(image))
+
+
+def test_prompt_ceiling_is_the_share_of_the_variance_the_prompt_leaves():
+    red = [{"shape": "circle", "colour": "red", "size": None, "cell": None}]
+    blue = [{"shape": "square", "colour": "blue", "size": None, "cell": "top left"}]
+    # Each spec always drawn the same: the prompt's mean image is exact, nothing is left.
+    recs = [_image_record(red, np.full((8, 8, 3), 200, np.uint8)) for _ in range(3)]
+    recs += [_image_record(blue, np.full((8, 8, 3), 20, np.uint8)) for _ in range(4)]
+    recs.append(_image_record([{"shape": "star", "colour": "red"}], np.zeros((8, 8, 3), np.uint8)))  # drawn once
+    rows = {kind: (n, ratio) for kind, n, ratio in condition_probe.prompt_ceiling(recs)}
+    assert rows == {"all": (7, 0.0), "1 object": (3, 0.0), "1 object, placed": (4, 0.0)}
+    # Images that do not depend on the prompt: the ratio is 1 up to sampling noise (unbiased within-spec variance).
+    rng = np.random.default_rng(0)
+    noise = [_image_record(red if i % 2 else blue, rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)) for i in range(400)]
+    (_, n, ratio), *_ = condition_probe.prompt_ceiling(noise)
+    assert n == 400 and abs(ratio - 1) < 0.02
