@@ -113,6 +113,7 @@ def test_condition_diagnostics_run_on_a_trained_run(stage2):
     """`benchmarks/condition_use.py` and `benchmarks/condition_probe.py` as a user runs them on a
     stage-2 run: the attention shares, prediction changes and probe accuracies they print."""
     env = dict(os.environ, PYTHONPATH=REPO)
+    env.pop("XLA_FLAGS", None)  # one CPU device, as a user runs them (batches of any size)
 
     def run(script, *args):
         proc = subprocess.run(
