@@ -110,8 +110,8 @@ def stage2(stage1, shapes_dir, tmp_path_factory):
 
 
 def test_condition_diagnostics_run_on_a_trained_run(stage2):
-    """`benchmarks/condition_use.py` and `benchmarks/condition_probe.py` as a user runs them on a
-    stage-2 run: the attention shares, prediction changes and probe accuracies they print."""
+    """`benchmarks/condition_use.py`, `judge_run.py` and `condition_probe.py` as a user runs them on a
+    stage-2 run: the attention shares, prediction changes, judge score and probe accuracies they print."""
     env = dict(os.environ, PYTHONPATH=REPO)
     env.pop("XLA_FLAGS", None)  # one CPU device, as a user runs them (batches of any size)
 
@@ -135,6 +135,10 @@ def test_condition_diagnostics_run_on_a_trained_run(stage2):
     changes = next(line for line in out if line.startswith(" 1.0 ") and len(line.split()) == 4)
     assert all(np.isfinite(float(v)) for v in changes.split()[1:])
     assert any(line.startswith("condition tokens: kontext across records cos") for line in out)
+
+    judged = run("judge_run.py", "--limit", "8", "--steps", "2")[-1]  # "judge S; checks passed: present P, ..."
+    assert judged.startswith("judge ") and 0 <= float(judged.split()[1].rstrip(";")) <= 1
+    assert "present" in judged
 
     rows = [line for line in run("condition_probe.py", "--fit", "24", "--min-records", "3") if line.startswith("| 1 ")]
     assert rows, "no attribute probed"
