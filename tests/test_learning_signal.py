@@ -37,6 +37,25 @@ def proc(tmp_path_factory):
     return ku.processor_dir(tmp_path_factory)
 
 
+def _loss_with_zeroed_output(config, proc):
+    """The train step's loss (and aux) at a random init whose generator output layer is zeroed
+    (raw output F = 0), and what it was computed from: (kcfg, batch, loss, aux, x0, noise, t, x_t)
+    with the clean latents, noise and timesteps the loss drew."""
+    kcfg = ku.model_config(config, proc)
+    model = QueryKontext(kcfg)
+    params = jax.jit(lambda r: sharding.unbox_abstract(model.init(r)))(jax.random.key(0))
+    params["dit"]["proj_out"] = jax.tree.map(jnp.zeros_like, params["dit"]["proj_out"])
+    trainable, frozen = optim.partition(params, config.train.trainable)
+    batch = ku.prepared(kcfg, ku.first_batch(config, proc))
+    rng = jax.random.key(3)
+    loss, aux = jax.jit(make_loss_fn(model))(trainable, frozen, batch, rng)
+    _, k_time, k_noise = jax.random.split(rng, 3)
+    x0 = model.encode(params, batch["target"])
+    t = flow.sample_timesteps(k_time, x0.shape[0], kcfg.timesteps, image_seq_len=x0.shape[1])
+    noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
+    return kcfg, batch, loss, aux, x0, noise, t, flow.noise_latents(x0, noise, t)
+
+
 @pytest.mark.parametrize(
     "prediction, weighting, timesteps, shift",
     [
@@ -64,23 +83,10 @@ def test_prediction_field_reaches_the_training_loss(prediction, weighting, times
         "model.timesteps.static_shift=8.0",
         "data.mixture={'t2i': 1.0}",
     )
-    kcfg = ku.model_config(config, proc)
+    kcfg, _, loss, aux, x0, noise, t, x_t = _loss_with_zeroed_output(config, proc)
     assert kcfg.prediction == prediction and kcfg.sigma_data == 0.7
     assert kcfg.loss_weighting == weighting and kcfg.timesteps.method == timesteps
     assert kcfg.timesteps.shift == shift and kcfg.timesteps.static_shift == 8.0
-    model = QueryKontext(kcfg)
-    params = jax.jit(lambda r: sharding.unbox_abstract(model.init(r)))(jax.random.key(0))
-    params["dit"]["proj_out"] = jax.tree.map(jnp.zeros_like, params["dit"]["proj_out"])
-    trainable, frozen = optim.partition(params, config.train.trainable)
-    batch = ku.prepared(kcfg, ku.first_batch(config, proc))
-    rng = jax.random.key(3)
-    loss, aux = jax.jit(make_loss_fn(model))(trainable, frozen, batch, rng)
-
-    _, k_time, k_noise = jax.random.split(rng, 3)
-    x0 = model.encode(params, batch["target"])
-    t = flow.sample_timesteps(k_time, x0.shape[0], kcfg.timesteps, image_seq_len=x0.shape[1])
-    noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
-    x_t = flow.noise_latents(x0, noise, t)
     tb = t[:, None, None]
     if prediction == "x0":
         v = x_t / jnp.maximum(tb, kcfg.min_t)
@@ -95,6 +101,7 @@ def test_prediction_field_reaches_the_training_loss(prediction, weighting, times
     np.testing.assert_allclose(aux["per_sample"], want, rtol=1e-4)
     np.testing.assert_allclose(loss, jnp.mean(want), rtol=1e-4)
     if shift == "static":  # the default (dynamic) shift draws other t, so another loss
+        k_time = jax.random.split(jax.random.key(3), 3)[1]  # the draw `_loss_with_zeroed_output` made
         t_default = flow.sample_timesteps(k_time, x0.shape[0], flow.TimestepConfig(), image_seq_len=x0.shape[1])
         assert bool(jnp.all(t >= t_default)) and float(jnp.max(t - t_default)) > 0.05
 
@@ -122,21 +129,8 @@ def test_foreground_weight_reaches_the_training_loss(shapes_dir, proc):
     config = ku.stage_config(
         2, shapes_dir, "model.prediction=x0", "model.foreground_weight=3.0", "data.mixture={'t2i': 1.0}"
     )
-    kcfg = ku.model_config(config, proc)
+    kcfg, batch, loss, aux, x0, noise, t, x_t = _loss_with_zeroed_output(config, proc)
     assert kcfg.foreground_weight == 3.0
-    model = QueryKontext(kcfg)
-    params = jax.jit(lambda r: sharding.unbox_abstract(model.init(r)))(jax.random.key(0))
-    params["dit"]["proj_out"] = jax.tree.map(jnp.zeros_like, params["dit"]["proj_out"])
-    trainable, frozen = optim.partition(params, config.train.trainable)
-    batch = ku.prepared(kcfg, ku.first_batch(config, proc))
-    rng = jax.random.key(3)
-    loss, aux = jax.jit(make_loss_fn(model))(trainable, frozen, batch, rng)
-
-    _, k_time, k_noise = jax.random.split(rng, 3)
-    x0 = model.encode(params, batch["target"])
-    t = flow.sample_timesteps(k_time, x0.shape[0], kcfg.timesteps, image_seq_len=x0.shape[1])
-    noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
-    x_t = flow.noise_latents(x0, noise, t)
     per_token = np.asarray(jnp.mean(jnp.square(x_t / jnp.maximum(t, kcfg.min_t)[:, None, None] - (noise - x0)), axis=2))
     weights = _token_weights(np.asarray(batch["target"], np.float64), kcfg.downsample, 3.0)
     assert weights.shape == per_token.shape and (weights > 1).any() and (weights == 1).any()  # objects and background
