@@ -38,6 +38,7 @@ import argparse
 import collections
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,10 +67,10 @@ def attribute_labels(rec: dict) -> dict[str, str]:
     return {}
 
 
-def record_features(sampler: Sampler, recs: list[dict]) -> dict[str, np.ndarray]:
+def record_features(sampler: Sampler, condition, recs: list[dict]) -> dict[str, np.ndarray]:
     """Each feature of `FEATURES` for `recs` (text-to-image records, one group): name -> (N, D);
-    "words" as (N, T) token ids of the prompt part of the stream, -1 elsewhere."""
-    condition = jax.jit(sampler.model.condition)
+    "words" as (N, T) token ids of the prompt part of the stream, -1 elsewhere. `condition`:
+    the jitted `model.condition`, compiled once for every call."""
     k = sampler.kcfg.num_queries
     out: dict[str, list[np.ndarray]] = collections.defaultdict(list)
     for i in range(0, len(recs), CHUNK):
@@ -173,7 +174,7 @@ def main() -> None:
     if args.init:
         fresh = sampler.model.init(jax.random.key(int(sampler.config.train.seed)))
         sampler = Sampler(
-            sampler.config, sampler.kcfg, jax.tree.map(jnp.asarray, _unbox(fresh)), sampler.processor, sampler.mesh
+            sampler.config, sampler.kcfg, jax.tree.map(jnp.asarray, nn.unbox(fresh)), sampler.processor, sampler.mesh
         )
     data_dir = args.data_dir or sampler.config.data.data_dir
     dataset = sampler.config.data.dataset
@@ -190,8 +191,11 @@ def main() -> None:
     fit_recs, unseen = train[: args.fit], train[args.fit : args.fit + 1000]
     if len(fit_recs) < 2 * args.min_records or not unseen:
         raise SystemExit(f"{len(train)} usable training t2i records in {data_dir}: need more than --fit {args.fit}")
-    feats = {name: record_features(sampler, rs) for name, rs in (("fit", fit_recs), ("unseen", unseen))}
-    feats["validation"] = record_features(sampler, validation)
+    condition = jax.jit(sampler.model.condition)
+    feats = {
+        name: record_features(sampler, condition, rs)
+        for name, rs in (("fit", fit_recs), ("unseen", unseen), ("validation", validation))
+    }
     vocabulary = np.unique(feats["fit"]["words"][feats["fit"]["words"] >= 0])
     for f in feats.values():
         f["words"] = bag_of_words(f["words"], vocabulary)
@@ -227,12 +231,6 @@ def main() -> None:
     print("| prompts | images | error ratio | ceiling of the t = 1 gain |\n|---|---|---|---|")
     for kind, n, ratio in prompt_ceiling([r for r in train_all if r.get("scene")]):
         print(f"| {kind} | {n} | {ratio:.3f} | {1 - ratio:.1%} |")
-
-
-def _unbox(tree):
-    import flax.linen as nn
-
-    return nn.unbox(tree)
 
 
 if __name__ == "__main__":
