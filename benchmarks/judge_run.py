@@ -7,6 +7,11 @@ The learning signal judges a few validation prompts at the end of a run; this ju
 (one sample per record, the run's sampler and guidance unless given, EMA weights), so that two
 recipes can be told apart beyond the noise of 8 or 32 samples (one sample of 64 is 0.016). Prints
 the score and the share of samples passing each check of `qk_jax.eval.score`.
+
+It also scores every sample against the next record's prompt (its neighbour in the split, which
+asks for other objects): what the judge passes by chance on images that do not follow their prompt
+(scattered blocks of colour fit some shape now and then). The gap between the two scores is what
+the samples owe to their own prompt.
 """
 
 from __future__ import annotations
@@ -25,13 +30,15 @@ BATCH = 32
 
 
 def judge_split(sampler: Sampler, recs: list[dict], steps: int, guidance: float | None, seed: int) -> dict:
-    """{"score", "n", "checks": {check: share passing}} of one sample per record (records of one
-    input count, as a split of one task holds)."""
-    results = []
+    """{"score", "n", "checks": {check: share passing}, "other_prompt": score against the next
+    record's prompt} of one sample per record (records of one input count, as a split of one task
+    holds)."""
+    images = []
     for i in range(0, len(recs), BATCH):
-        chunk = recs[i : i + BATCH]
-        images = sampler.generate(chunk, steps=steps, guidance=guidance, seed=seed + i)
-        results.extend(score.score_sample(r, im) for r, im in zip(chunk, images))
+        images.extend(sampler.generate(recs[i : i + BATCH], steps=steps, guidance=guidance, seed=seed + i))
+    results = [score.score_sample(r, im) for r, im in zip(recs, images)]
+    neighbours = recs[1:] + recs[:1]
+    other = [score.score_sample(r, im)["score"] for r, im in zip(neighbours, images)]
     checks = collections.defaultdict(list)
     for r in results:
         for name, passed in r["checks"].items():
@@ -40,6 +47,7 @@ def judge_split(sampler: Sampler, recs: list[dict], steps: int, guidance: float 
         "score": float(np.mean([r["score"] for r in results])),
         "n": len(results),
         "checks": {name: float(np.mean(v)) for name, v in checks.items()},
+        "other_prompt": float(np.mean(other)),
     }
 
 
@@ -68,6 +76,7 @@ def main() -> None:
     out = judge_split(sampler, recs, args.steps, args.guidance, args.seed)
     checks = ", ".join(f"{k} {v:.3f}" for k, v in out["checks"].items())
     print(f"{args.checkpoint} step {sampler.step}: {args.task} / {args.split}, {out['n']} samples, {args.steps} steps")
+    print(f"against the next record's prompt (chance): judge {out['other_prompt']:.3f}")
     print(f"judge {out['score']:.3f}; checks passed: {checks}")
 
 

@@ -136,9 +136,11 @@ def test_condition_diagnostics_run_on_a_trained_run(stage2):
     assert all(np.isfinite(float(v)) for v in changes.split()[1:])
     assert any(line.startswith("condition tokens: kontext across records cos") for line in out)
 
-    judged = run("judge_run.py", "--limit", "8", "--steps", "2")[-1]  # "judge S; checks passed: present P, ..."
+    *_, chance, judged = run("judge_run.py", "--limit", "8", "--steps", "2")  # "judge S; checks passed: present P, ..."
     assert judged.startswith("judge ") and 0 <= float(judged.split()[1].rstrip(";")) <= 1
     assert "present" in judged
+    assert chance.startswith("against the next record's prompt (chance): judge ")
+    assert 0 <= float(chance.split()[-1]) <= 1
 
     rows = [line for line in run("condition_probe.py", "--fit", "24", "--min-records", "3") if line.startswith("| 1 ")]
     assert rows, "no attribute probed"
