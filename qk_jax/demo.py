@@ -36,9 +36,9 @@ import numpy as np
 from qk_jax import logs, paths
 from qk_jax.config import load_config
 
-# Steps per stage and data sizes: the default fits ~15 minutes on 2 CPU cores.
+# Steps per stage and data sizes: the default takes 16-19 minutes on 2 CPU cores (README).
 SETTINGS = {
-    "default": dict(train_per_task=1500, eval_per_task=32, score_per_task=16, steps=(200, 700, 250), sample_steps=20),
+    "default": dict(train_per_task=1500, eval_per_task=32, score_per_task=16, steps=(100, 700, 200), sample_steps=20),
     "full": dict(train_per_task=6000, eval_per_task=64, score_per_task=48, steps=(1500, 5000, 2500), sample_steps=30),
     # For tests: the whole path in a couple of minutes (numbers are meaningless).
     "smoke": dict(
