@@ -110,8 +110,9 @@ def stage2(stage1, shapes_dir, tmp_path_factory):
 
 
 def test_condition_diagnostics_run_on_a_trained_run(stage2):
-    """`benchmarks/condition_use.py`, `judge_run.py` and `condition_probe.py` as a user runs them on a
-    stage-2 run: the attention shares, prediction changes, judge score and probe accuracies they print."""
+    """`benchmarks/condition_use.py`, `judge_run.py`, `noise_dependence.py` and `condition_probe.py` as
+    a user runs them on a stage-2 run: the attention shares, prediction changes, judge scores, noise
+    share and probe accuracies they print."""
     env = dict(os.environ, PYTHONPATH=REPO)
     env.pop("XLA_FLAGS", None)  # one CPU device, as a user runs them (batches of any size)
 
@@ -141,6 +142,10 @@ def test_condition_diagnostics_run_on_a_trained_run(stage2):
     assert "present" in judged
     assert chance.startswith("against the next record's prompt (chance): judge ")
     assert 0 <= float(chance.split()[-1]) <= 1
+
+    *_, dependence = run("noise_dependence.py", "--records", "4", "--seeds", "2")
+    assert dependence.startswith("t = 1 prediction: variance across noises ")
+    assert 0 <= float(dependence.split()[-1]) <= 1
 
     rows = [line for line in run("condition_probe.py", "--fit", "24", "--min-records", "3") if line.startswith("| 1 ")]
     assert rows, "no attribute probed"

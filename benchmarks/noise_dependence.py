@@ -1,0 +1,77 @@
+"""How much a run's prediction from pure noise depends on the noise rather than on the prompt.
+
+    PYTHONPATH=. python benchmarks/noise_dependence.py --checkpoint RUN [--step N] [--split validation]
+        [--task t2i] [--records 32] [--seeds 4] [--guidance 1] [--data_dir DIR]
+
+At t = 1 the noisy image is the noise itself and says nothing of the picture, so the best
+clean-image prediction is the prompt's mean image, the same whatever the noise. One sampler step
+from sigma = 1 to 0 returns exactly that prediction (x0_hat = x1 - v(x1, 1)); this draws it for
+`--records` records with `--seeds` noises each (EMA weights, no guidance unless given) and prints
+its variance across the noises of one record, across records (of the mean over noises), and the
+share of the first: 0 for a generator that has learnt what pure noise is worth; a generator that
+takes the noise for a faint picture scatters objects from it, which the sampler's later steps only
+sharpen.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from qk_jax.data import builders
+from qk_jax.data import records as records_lib
+from qk_jax.sample import Sampler
+
+
+def noise_dependence(sampler: Sampler, recs: list[dict], seeds: int, guidance: float) -> dict:
+    """{"across_noise", "across_records", "noise_share"}: variances (pixel units in [-1, 1]) of the
+    t = 1 clean-image prediction of `recs` (one group), over `seeds` noises."""
+    preds = np.stack(
+        [sampler.generate(recs, steps=1, guidance=guidance, seed=seed).astype(np.float64) for seed in range(seeds)]
+    )  # (seeds, records, H, W, 3)
+    preds = preds / 127.5 - 1.0
+    across_noise = float(preds.var(axis=0).mean())
+    across_records = float(preds.mean(axis=0).var(axis=0).mean())
+    return {
+        "across_noise": across_noise,
+        "across_records": across_records,
+        "noise_share": across_noise / max(across_noise + across_records, 1e-12),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="a run workdir or checkpoint folder")
+    parser.add_argument("--step", type=int, default=None)
+    parser.add_argument("--data_dir", default=None, help="default: the run's data.data_dir")
+    parser.add_argument("--split", default="validation")
+    parser.add_argument("--task", default="t2i")
+    parser.add_argument("--records", type=int, default=32)
+    parser.add_argument("--seeds", type=int, default=4, help="noises per record (at least 2)")
+    parser.add_argument("--guidance", type=float, default=1.0)
+    args = parser.parse_args()
+    if args.seeds < 2:
+        parser.error("--seeds must be at least 2")
+
+    sampler = Sampler.from_checkpoint(args.checkpoint, step=args.step)
+    source = builders.load_source(
+        args.data_dir or sampler.config.data.data_dir, sampler.config.data.dataset, args.task, args.split
+    )
+    recs = [records_lib.normalize(source[i]) for i in range(min(args.records, len(source)))]
+    if len(recs) < 2:
+        raise SystemExit(f"need at least 2 {args.task} records in the {args.split} split, found {len(recs)}")
+    if len({records_lib.num_inputs(r) for r in recs}) > 1:
+        raise SystemExit(f"the {args.task} records of {args.split} mix input-image counts; pick one task")
+    out = noise_dependence(sampler, recs, args.seeds, args.guidance)
+    print(
+        f"{args.checkpoint} step {sampler.step}: {args.task} / {args.split}, {len(recs)} records x {args.seeds} noises"
+    )
+    print(
+        f"t = 1 prediction: variance across noises {out['across_noise']:.4f}, across records "
+        f"{out['across_records']:.4f}, share from the noise {out['noise_share']:.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
