@@ -194,7 +194,16 @@ def stage_config(stage: int, size: str) -> ml_collections.ConfigDict:
     # Extra loss weight of the tokens off the target's background (models/kontext.py); 0 = off.
     m.foreground_weight = s.get("foreground_weight", 0.0)
     # shift: "dynamic" (FLUX, by token count) | "static" (by static_shift) | "sd3" | "none" (qk_jax/flow.py)
-    m.timesteps = dict(method="logit_normal", logit_mean=0.0, logit_std=1.0, shift="dynamic", static_shift=3.0)
+    # high_noise_share: that share of the draws redrawn in [high_noise_min, 1] (qk_jax/flow.py)
+    m.timesteps = dict(
+        method="logit_normal",
+        logit_mean=0.0,
+        logit_std=1.0,
+        shift="dynamic",
+        static_shift=3.0,
+        high_noise_share=0.0,
+        high_noise_min=0.9,
+    )
     m.dropout = dict(uncond=0.1, no_text=0.05, no_images=0.05, text=0.0, kontext=0.0)  # for CFG
 
     t = c.train = ml_collections.ConfigDict()

@@ -125,6 +125,15 @@ def test_timestep_sampling_and_shift():
     np.testing.assert_allclose(np.asarray(sd3.apply_shift(jnp.asarray(ts), 4096)), 2 * ts / (1 + ts), rtol=1e-5)
     with pytest.raises(ValueError, match="image token count"):
         dyn.apply_shift(ts)
+    # high_noise_share: that share of the (shifted) draws redrawn uniformly in [high_noise_min, 1];
+    # 0 leaves the draws as they were
+    mixed = np.asarray(flow.sample_timesteps(key, 20000, flow.TimestepConfig(shift="none", high_noise_share=0.25)))
+    base_above = float((ts >= 0.9).mean())
+    assert float((mixed >= 0.9).mean()) == pytest.approx(0.25 + 0.75 * base_above, abs=0.015)
+    assert float((mixed >= 0.98).mean()) > 0.04 > 10 * float((ts >= 0.98).mean())
+    assert 0 < mixed.min() and mixed.max() <= 1
+    with pytest.raises(ValueError, match="high_noise_min"):
+        flow.TimestepConfig(high_noise_min=1.0)
     out = flow.training_inputs(key, jnp.ones((4, 16, 3)), dyn)
     np.testing.assert_allclose(np.asarray(out["target"]), np.asarray(out["noise"] - 1), atol=1e-6)
 

@@ -106,6 +106,29 @@ def test_prediction_field_reaches_the_training_loss(prediction, weighting, times
         assert bool(jnp.all(t >= t_default)) and float(jnp.max(t - t_default)) > 0.05
 
 
+def test_high_noise_share_reaches_the_training_loss(shapes_dir, proc):
+    """`model.timesteps.high_noise_share` = 1 redraws every timestep of the train step in
+    [high_noise_min, 1]: the drawn t (aux) lies there, and the loss is x0-prediction's closed form
+    (F = 0: velocity x_t / t) at those t."""
+    config = ku.stage_config(
+        2,
+        shapes_dir,
+        "model.prediction=x0",
+        "model.timesteps.high_noise_share=1.0",
+        "model.timesteps.high_noise_min=0.95",
+        "data.mixture={'t2i': 1.0}",
+    )
+    kcfg, _, loss, aux, x0, noise, t, x_t = _loss_with_zeroed_output(config, proc)
+    assert kcfg.timesteps.high_noise_share == 1.0 and kcfg.timesteps.high_noise_min == 0.95
+    np.testing.assert_allclose(aux["t"], t)
+    assert float(jnp.min(t)) >= 0.95 and float(jnp.max(t)) <= 1.0
+    want = jnp.mean(jnp.square(x_t / t[:, None, None] - (noise - x0)), axis=(1, 2))
+    np.testing.assert_allclose(aux["per_sample"], want, rtol=1e-4)
+    np.testing.assert_allclose(loss, jnp.mean(want), rtol=1e-4)
+    with pytest.raises(Exception, match="high_noise_share"):
+        ku.model_config(ku.stage_config(2, shapes_dir, "model.timesteps.high_noise_share=1.5"), proc)
+
+
 def _token_weights(images: np.ndarray, block: int, weight: float) -> np.ndarray:
     """The foreground weights written out pixel by pixel: 1 + weight x the share of each token's
     pixels off the image's background (per-channel median) by more than 0.1 in a channel."""
