@@ -51,13 +51,35 @@ def judge_split(sampler: Sampler, recs: list[dict], steps: int, guidance: float 
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_split_arguments(parser: argparse.ArgumentParser) -> None:
+    """The run and the records a split-wide measurement reads: --checkpoint, --step, --data_dir,
+    --split, --task (see `split_records`)."""
     parser.add_argument("--checkpoint", required=True, help="a run workdir or checkpoint folder")
     parser.add_argument("--step", type=int, default=None)
     parser.add_argument("--data_dir", default=None, help="default: the run's data.data_dir")
     parser.add_argument("--split", default="validation")
     parser.add_argument("--task", default="t2i")
+
+
+def split_records(sampler: Sampler, args: argparse.Namespace, limit: int | None) -> list[dict]:
+    """The first `limit` (None: all) records of `args.task` in `args.split` of the run's data (or
+    `args.data_dir`), normalised; exits when there are none or they mix input-image counts (one
+    sampler call takes one group)."""
+    source = builders.load_source(
+        args.data_dir or sampler.config.data.data_dir, sampler.config.data.dataset, args.task, args.split
+    )
+    count = len(source) if limit is None else min(limit, len(source))
+    recs = [records_lib.normalize(source[i]) for i in range(count)]
+    if not recs:
+        raise SystemExit(f"no {args.task} records in the {args.split} split")
+    if len({records_lib.num_inputs(r) for r in recs}) > 1:
+        raise SystemExit(f"the {args.task} records of {args.split} mix input-image counts; pick one task")
+    return recs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_split_arguments(parser)
     parser.add_argument("--limit", type=int, default=None, help="at most this many records")
     parser.add_argument("--steps", type=int, default=20, help="sampler steps")
     parser.add_argument("--guidance", type=float, default=None, help="default: the run's sample.guidance")
@@ -65,14 +87,7 @@ def main() -> None:
     args = parser.parse_args()
 
     sampler = Sampler.from_checkpoint(args.checkpoint, step=args.step)
-    source = builders.load_source(
-        args.data_dir or sampler.config.data.data_dir, sampler.config.data.dataset, args.task, args.split
-    )
-    recs = [records_lib.normalize(source[i]) for i in range(len(source))][: args.limit]
-    if not recs:
-        raise SystemExit(f"no {args.task} records in the {args.split} split")
-    if len({records_lib.num_inputs(r) for r in recs}) > 1:
-        raise SystemExit(f"the {args.task} records of {args.split} mix input-image counts; pick one task")
+    recs = split_records(sampler, args, args.limit)
     out = judge_split(sampler, recs, args.steps, args.guidance, args.seed)
     checks = ", ".join(f"{k} {v:.3f}" for k, v in out["checks"].items())
     print(f"{args.checkpoint} step {sampler.step}: {args.task} / {args.split}, {out['n']} samples, {args.steps} steps")

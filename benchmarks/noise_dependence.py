@@ -19,8 +19,7 @@ import argparse
 
 import numpy as np
 
-from qk_jax.data import builders
-from qk_jax.data import records as records_lib
+from benchmarks.judge_run import add_split_arguments, split_records
 from qk_jax.sample import Sampler
 
 
@@ -42,11 +41,7 @@ def noise_dependence(sampler: Sampler, recs: list[dict], seeds: int, guidance: f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="a run workdir or checkpoint folder")
-    parser.add_argument("--step", type=int, default=None)
-    parser.add_argument("--data_dir", default=None, help="default: the run's data.data_dir")
-    parser.add_argument("--split", default="validation")
-    parser.add_argument("--task", default="t2i")
+    add_split_arguments(parser)
     parser.add_argument("--records", type=int, default=32)
     parser.add_argument("--seeds", type=int, default=4, help="noises per record (at least 2)")
     parser.add_argument("--guidance", type=float, default=1.0)
@@ -55,14 +50,9 @@ def main() -> None:
         parser.error("--seeds must be at least 2")
 
     sampler = Sampler.from_checkpoint(args.checkpoint, step=args.step)
-    source = builders.load_source(
-        args.data_dir or sampler.config.data.data_dir, sampler.config.data.dataset, args.task, args.split
-    )
-    recs = [records_lib.normalize(source[i]) for i in range(min(args.records, len(source)))]
+    recs = split_records(sampler, args, args.records)
     if len(recs) < 2:
         raise SystemExit(f"need at least 2 {args.task} records in the {args.split} split, found {len(recs)}")
-    if len({records_lib.num_inputs(r) for r in recs}) > 1:
-        raise SystemExit(f"the {args.task} records of {args.split} mix input-image counts; pick one task")
     out = noise_dependence(sampler, recs, args.seeds, args.guidance)
     print(
         f"{args.checkpoint} step {sampler.step}: {args.task} / {args.split}, {len(recs)} records x {args.seeds} noises"
