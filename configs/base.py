@@ -36,7 +36,7 @@ SIZES = {
             size="tiny",
             overrides=dict(in_channels=48, out_channels=12, joint_attention_dim=32, num_layers=3, num_heads=4),
         ),
-        vae=dict(kind="pixel", size="", factor=2),
+        vae=dict(kind="pixel", size="", factor=2, keep=0),
         connector=dict(kind="mlp", hidden_dim=128, out_dim=32),
         lora_vlm=dict(rank=4, alpha=4.0),
         lora_dit=dict(rank=32, alpha=64.0),
@@ -98,7 +98,7 @@ SIZES = {
                 axes_dims_rope=(8, 12, 12),
             ),
         ),
-        vae=dict(kind="pixel", size="", factor=4),
+        vae=dict(kind="pixel", size="", factor=4, keep=0),
         prediction="x0",
         # The loss weighted towards the objects (models/kontext.py): after a 1400-step stage 2,
         # 34 of 128 validation samples pass the judge with 16 (4: 12, none: 4; BENCHMARKS.md).

@@ -73,7 +73,12 @@ def _generator(config):
 def _vae(config):
     v = config.model.vae
     if v.kind == "pixel":
-        return PixelSpaceConfig(factor=int(v.factor))
+        keep = int(v.get("keep", 0))
+        if not 0 <= keep <= int(v.factor):
+            raise ConfigError(
+                f"config field model.vae.keep={keep}: expected 0 (lossless) up to model.vae.factor={v.factor}"
+            )
+        return PixelSpaceConfig(factor=int(v.factor), keep=keep)
     if v.kind in ("kl", "qwen_image"):
         cfg = vae_config(v.size)
         if cfg.downsample_factor != v.factor:

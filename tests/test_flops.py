@@ -321,6 +321,20 @@ def test_pixel_space_autoencoder_is_free():
         flops.vae_encode_flops(cfg, 2, 18, 16)
 
 
+def test_pixel_space_dct_code_counts_as_xla():
+    """With `keep`, encode and decode are two products with the DCT basis per block."""
+    cfg = PixelSpaceConfig(factor=8, keep=4)
+    model = PixelSpaceAutoencoder(cfg)
+    images = jnp.zeros((2, 32, 16, 3))
+    latents = jnp.zeros((2, 4, 2, cfg.latent_channels))
+    for ours, fn, x in (
+        (flops.vae_encode_flops(cfg, 2, 32, 16), lambda x: model.apply({}, x, method=model.encode), images),
+        (flops.vae_decode_flops(cfg, 2, 32, 16), lambda z: model.apply({}, z, method=model.decode), latents),
+    ):
+        xla = flops.traced_matmul_flops(fn, x)
+        assert ours.total > 0 and abs(ours.total / xla - 1) < TOLERANCE, (ours.total, xla)
+
+
 def test_conv_taps_skip_padding_as_xla_does():
     conv = lambda x, k: jax.lax.conv_general_dilated(
         x, k, (2, 2), ((0, 1), (0, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")

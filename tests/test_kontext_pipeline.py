@@ -143,9 +143,15 @@ def test_condition_diagnostics_run_on_a_trained_run(stage2):
     assert chance.startswith("against the next record's prompt (chance): judge ")
     assert 0 <= float(chance.split()[-1]) <= 1
 
-    *_, dependence = run("noise_dependence.py", "--records", "4", "--seeds", "2")
+    *_, dependence, by_steps = run(
+        "noise_dependence.py", "--records", "4", "--seeds", "2", "--task", "reconstruction", "--steps", "1,2"
+    )
     assert dependence.startswith("t = 1 prediction: variance across noises ")
     assert 0 <= float(dependence.split()[-1]) <= 1
+    # "samples from noise, PSNR to the target: 1 steps X dB, 2 steps Y dB"
+    assert by_steps.startswith("samples from noise, PSNR to the target: 1 steps ")
+    psnrs = [float(part.split()[2]) for part in by_steps.split(": ")[1].split(", ")]
+    assert len(psnrs) == 2 and all(0 < p <= 60 for p in psnrs)
 
     rows = [line for line in run("condition_probe.py", "--fit", "24", "--min-records", "3") if line.startswith("| 1 ")]
     assert rows, "no attribute probed"

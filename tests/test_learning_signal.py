@@ -256,3 +256,29 @@ def test_content_gain_separates_reading_the_condition_from_using_it_as_a_flag(re
         assert float(jnp.max(with_c)) < 1e-10 and content == pytest.approx(1.0)
     else:
         assert content == pytest.approx(0.0, abs=1e-6)
+
+
+def test_pixel_autoencoder_keep_reaches_the_training_loss(shapes_dir, proc):
+    """`model.vae.keep` gives the train step the blocks' low DCT frequencies as latents: the loss
+    (x0-prediction, F = 0) is computed on them, and a keep above the factor is refused."""
+    config = ku.stage_config(
+        2,
+        shapes_dir,
+        "model.prediction=x0",
+        "model.vae.keep=1",
+        "model.generator.overrides.in_channels=12",
+        "model.generator.overrides.out_channels=3",
+        "data.mixture={'t2i': 1.0}",
+    )
+    kcfg, batch, loss, aux, x0, noise, t, x_t = _loss_with_zeroed_output(config, proc)
+    assert kcfg.vae.keep == 1 and kcfg.latent_channels == 3
+    images = np.asarray(batch["target"], np.float64)  # keep = 1: each 2x2 block's mean, times 2
+    b, h, w, _ = images.shape
+    means = images.reshape(b, h // 2, 2, w // 2, 2, 3).mean(axis=(2, 4)) * 2
+    tokens = means.reshape(b, h // 4, 2, w // 4, 2, 3).transpose(0, 1, 3, 5, 2, 4).reshape(b, -1, 12)
+    np.testing.assert_allclose(x0, tokens, atol=1e-5)
+    want = jnp.mean(jnp.square(x_t / t[:, None, None] - (noise - x0)), axis=(1, 2))
+    np.testing.assert_allclose(aux["per_sample"], want, rtol=1e-4)
+    np.testing.assert_allclose(loss, jnp.mean(want), rtol=1e-4)
+    with pytest.raises(Exception, match="model.vae.keep=3"):
+        ku.model_config(ku.stage_config(2, shapes_dir, "model.vae.keep=3"), proc)

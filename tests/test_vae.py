@@ -132,3 +132,47 @@ def test_logical_axes_covered_by_vae_rules():
             if a
         }
         assert used and used <= known, used - known
+
+
+# --------------------------------------------------------------- the pixel-space autoencoder
+
+
+def _blocks_dct(images: np.ndarray, f: int, k: int) -> np.ndarray:
+    """scipy's orthonormal 2-D DCT-II of every f x f block and colour, its k x k lowest
+    frequencies: (B, H/f, W/f, k, k, 3)."""
+    from scipy.fft import dctn
+
+    b, h, w, c = images.shape
+    blocks = images.reshape(b, h // f, f, w // f, f, c).transpose(0, 1, 3, 2, 4, 5)
+    return dctn(blocks, type=2, norm="ortho", axes=(3, 4))[:, :, :, :k, :k]
+
+
+def test_pixel_autoencoder_dct_code_matches_scipy():
+    """`keep` = k stores each block's k x k lowest DCT frequencies (scipy's orthonormal DCT-II),
+    ordered (ky, kx, colour); decode is scipy's inverse DCT with the others zero; k = f is lossless
+    and k = 0 the plain space-to-depth."""
+    from scipy.fft import idctn
+
+    from qk_jax.models.vae.pixel import PixelSpaceAutoencoder, PixelSpaceConfig
+
+    images = _images(b=2, h=16, w=24)
+    for f, k in [(8, 4), (4, 2), (8, 8)]:
+        model = PixelSpaceAutoencoder(PixelSpaceConfig(factor=f, keep=k))
+        code = np.asarray(model.apply({}, jnp.asarray(images), method=model.encode))
+        want = _blocks_dct(images, f, k)
+        assert code.shape == (2, 16 // f, 24 // f, 3 * k * k) == (*want.shape[:3], model.config.latent_channels)
+        np.testing.assert_allclose(code, want.reshape(code.shape), atol=2e-5)
+        decoded = np.asarray(model.apply({}, jnp.asarray(code), method=model.decode))
+        full = np.zeros((*want.shape[:3], f, f, 3), np.float32)
+        full[:, :, :, :k, :k] = want
+        blocks = idctn(full, type=2, norm="ortho", axes=(3, 4))  # (B, h, w, dy, dx, C)
+        low_passed = blocks.transpose(0, 1, 3, 2, 4, 5).reshape(images.shape)
+        np.testing.assert_allclose(decoded, low_passed, atol=2e-5)
+        if k == f:
+            np.testing.assert_allclose(decoded, images, atol=2e-5)
+    plain = PixelSpaceAutoencoder(PixelSpaceConfig(factor=4))
+    code = np.asarray(plain.apply({}, jnp.asarray(images), method=plain.encode))
+    want = images.reshape(2, 4, 4, 6, 4, 3).transpose(0, 1, 3, 2, 4, 5).reshape(2, 4, 6, 48)
+    np.testing.assert_array_equal(code, want)
+    with pytest.raises(ValueError, match="keep=5"):
+        PixelSpaceConfig(factor=4, keep=5)

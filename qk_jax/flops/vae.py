@@ -120,10 +120,20 @@ def _wan_decode(cfg: QwenImageVAEConfig, b: int, h: int, w: int) -> MatmulFlops:
     return c.result()
 
 
+def _pixel_dct(cfg: PixelSpaceConfig, batch: int, h: int, w: int) -> MatmulFlops:
+    """The pixel autoencoder on h x w blocks: a reshape (0) or, with `keep`, the separable DCT of
+    each block and colour (one product with the k x f basis per axis; either direction)."""
+    f, k = cfg.factor, cfg.keep
+    if not k:
+        return MatmulFlops()
+    per_block = 2 * 3 * (k * f * f + k * k * f)
+    return MatmulFlops(kernels={"dct_basis": batch * h * w * per_block})
+
+
 _VAE_COUNTS = {
     AutoencoderKLConfig: (_kl_encode, _kl_decode),
     QwenImageVAEConfig: (_wan_encode, _wan_decode),
-    PixelSpaceConfig: (lambda *_: MatmulFlops(), lambda *_: MatmulFlops()),
+    PixelSpaceConfig: (lambda c, b, h, w: _pixel_dct(c, b, h // c.factor, w // c.factor), _pixel_dct),
 }
 
 
@@ -146,7 +156,7 @@ def _vae_count(which: int, vae_cfg: Any, batch: int, height: int, width: int) ->
 def vae_encode_flops(vae_cfg: Any, batch: int, height: int, width: int) -> MatmulFlops:
     """Forward of `encode` on (batch, height, width, 3) images, for `AutoencoderKLConfig`,
     `QwenImageVAEConfig` (one frame: each causal 3D conv is the 2D conv of its last tap)
-    or `PixelSpaceConfig` (a reshape: 0)."""
+    or `PixelSpaceConfig` (a reshape: 0; with `keep`, the blocks' DCT)."""
     return _vae_count(0, vae_cfg, batch, height, width)
 
 
