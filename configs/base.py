@@ -91,6 +91,7 @@ SIZES = {
             overrides=dict(
                 in_channels=192,
                 out_channels=48,
+                patch_size=2,
                 joint_attention_dim=128,
                 num_layers=3,
                 num_heads=6,

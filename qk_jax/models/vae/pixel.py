@@ -28,6 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# The DCT is part of the data, not of the model: full float32 products on every backend.
+_EXACT = jax.lax.Precision.HIGHEST
+
 
 @dataclasses.dataclass(frozen=True)
 class PixelSpaceConfig:
@@ -69,7 +72,7 @@ class PixelSpaceAutoencoder(nn.Module):
         k = self.config.keep
         if k:  # (B, h, w, ky, kx, C): the low-frequency DCT coefficients of each block
             basis = jnp.asarray(dct_basis(f, k), images.dtype)
-            code = jnp.einsum("ky,bhywxc,lx->bhwklc", basis, blocks, basis)
+            code = jnp.einsum("ky,bhywxc,lx->bhwklc", basis, blocks, basis, precision=_EXACT)
         else:
             code = blocks.transpose(0, 1, 3, 2, 4, 5)  # (B, h, w, dy, dx, C)
         x = code.reshape(b, h // f, w // f, -1)
@@ -82,7 +85,7 @@ class PixelSpaceAutoencoder(nn.Module):
         code = (latents / self.config.scale + self.config.shift).reshape(b, hh, ww, side, side, -1)
         if k:
             basis = jnp.asarray(dct_basis(f, k), latents.dtype)
-            blocks = jnp.einsum("ky,bhwklc,lx->bhywxc", basis, code, basis)
+            blocks = jnp.einsum("ky,bhwklc,lx->bhywxc", basis, code, basis, precision=_EXACT)
         else:
             blocks = code.transpose(0, 1, 3, 2, 4, 5)
         return blocks.reshape(b, hh * f, ww * f, -1)
