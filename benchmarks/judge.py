@@ -12,10 +12,12 @@ import argparse
 import time
 import zlib
 
+import jax.numpy as jnp
 import numpy as np
 
 from qk_jax.data import records, vocab
 from qk_jax.eval import degrade, score
+from qk_jax.models.vae.pixel import PixelSpaceAutoencoder, PixelSpaceConfig
 
 
 def variants():
@@ -28,7 +30,18 @@ def variants():
         out[name] = (lambda f: lambda a, s: f(a, seed=s))(fn)
     out["jpeg q75 4:2:0"] = lambda a, s: degrade.jpeg(a, 75, subsampling=2)
     out["combined"] = lambda a, s: degrade.combined(a, seed=s)
+    for keep in (4, 3):  # the pixel autoencoder's DCT code (`model.vae.keep`) round trip
+        out[f"DCT 8/{keep} code"] = (lambda k: lambda a, s: dct_round_trip(a, 8, k))(keep)
     return out
+
+
+def dct_round_trip(img: np.ndarray, factor: int, keep: int) -> np.ndarray:
+    """(H, W, 3) uint8 through the pixel autoencoder keeping `keep` x `keep` DCT frequencies per
+    `factor` x `factor` block: what a generator on that code can draw at best."""
+    model = PixelSpaceAutoencoder(PixelSpaceConfig(factor=factor, keep=keep))
+    x = jnp.asarray(img, jnp.float32)[None] / 127.5 - 1.0
+    out = model.apply({}, model.apply({}, x, method=model.encode), method=model.decode)[0]
+    return np.clip(np.round((np.asarray(out) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
 def main() -> None:
