@@ -26,9 +26,8 @@ import argparse
 import numpy as np
 
 from benchmarks.judge_run import add_split_arguments, split_records
-from qk_jax.data import buckets
 from qk_jax.data import records as records_lib
-from qk_jax.eval import score
+from qk_jax.eval import score, signal
 from qk_jax.sample import Sampler
 
 
@@ -54,12 +53,8 @@ def psnr_by_steps(sampler: Sampler, recs: list[dict], steps: list[int], guidance
     out = {}
     for n in steps:
         images = sampler.generate(recs, steps=n, guidance=guidance, seed=0)
-        # a run trained at another size than its data's is compared at the data's size
-        psnrs = [
-            score.psnr(im if im.shape == tg.shape else buckets.resize_crop(im, tg.shape[:2]), tg)
-            for im, tg in zip(images, targets)
-        ]
-        out[n] = float(np.mean(np.minimum(psnrs, 60.0)))
+        psnrs = [min(score.psnr(signal.at_target_size(im, tg), tg), signal.PSNR_CAP) for im, tg in zip(images, targets)]
+        out[n] = float(np.mean(psnrs))
     return out
 
 

@@ -74,11 +74,10 @@ def _vae(config):
     v = config.model.vae
     if v.kind == "pixel":
         keep = int(v.get("keep", 0))
-        if not 0 <= keep <= int(v.factor):
-            raise ConfigError(
-                f"config field model.vae.keep={keep}: expected 0 (lossless) up to model.vae.factor={v.factor}"
-            )
-        return PixelSpaceConfig(factor=int(v.factor), keep=keep)
+        try:
+            return PixelSpaceConfig(factor=int(v.factor), keep=keep)
+        except ValueError as e:
+            raise ConfigError(f"config field model.vae.keep={keep}: {e}") from None
     if v.kind in ("kl", "qwen_image"):
         cfg = vae_config(v.size)
         if cfg.downsample_factor != v.factor:

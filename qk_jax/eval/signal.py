@@ -212,9 +212,8 @@ class LearningSignal:
                 scores, psnrs = [], []
                 for rec, im in zip(recs, images):
                     target = records_lib.decode_image(rec["target"])
-                    if im.shape[:2] != target.shape[:2]:  # trained at another size than the data's
-                        im = buckets.resize_crop(im, target.shape[:2])
-                    psnrs.append(min(score_lib.psnr(im, target), 60.0))
+                    im = at_target_size(im, target)
+                    psnrs.append(min(score_lib.psnr(im, target), PSNR_CAP))
                     scores.append(float(score_lib.score_sample(rec, im)["score"]))
                 out[f"{t0:g}"] = {"score": float(np.mean(scores)), "psnr": float(np.mean(psnrs))}
         return out
@@ -228,6 +227,15 @@ class LearningSignal:
             return model.velocity(params, x, tokens, batch["img_ids"], cond, mask, jnp.full((x.shape[0],), t))
 
         return flow_solvers.euler_sample(velocity, xt, sigmas, sigmas[:-1])
+
+
+PSNR_CAP = 60.0  # dB: an exact copy's infinite PSNR, capped so that a mean stays finite
+
+
+def at_target_size(image: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """A sample (H, W, 3) resized and cropped to its target's size, as the judge compares them
+    when a run was trained at another size than its data's; unchanged otherwise."""
+    return image if image.shape[:2] == target.shape[:2] else buckets.resize_crop(image, target.shape[:2])
 
 
 def _noised_inputs(model, params, batch, key, t):
