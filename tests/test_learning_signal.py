@@ -165,6 +165,27 @@ def test_foreground_weight_reaches_the_training_loss(shapes_dir, proc):
         ku.model_config(ku.stage_config(2, shapes_dir, "model.foreground_weight=-1.0"), proc)
 
 
+def test_foreground_max_t_reaches_the_training_loss(shapes_dir, proc):
+    """`model.foreground_max_t` keeps the foreground weight to the samples drawn at t <= it: the
+    others' loss is the plain mean over their tokens. The threshold is set between the batch's
+    drawn timesteps (the same draws with any threshold: the loss's random key is fixed)."""
+    overrides = ("model.prediction=x0", "model.foreground_weight=3.0", "data.mixture={'t2i': 1.0}")
+    *_, t_drawn, _ = _loss_with_zeroed_output(ku.stage_config(2, shapes_dir, *overrides), proc)
+    limit = float(np.median(np.asarray(t_drawn)))
+    config = ku.stage_config(2, shapes_dir, *overrides, f"model.foreground_max_t={limit}")
+    kcfg, batch, loss, aux, x0, noise, t, x_t = _loss_with_zeroed_output(config, proc)
+    assert kcfg.foreground_max_t == limit
+    per_token = np.asarray(jnp.mean(jnp.square(x_t / jnp.maximum(t, kcfg.min_t)[:, None, None] - (noise - x0)), axis=2))
+    weights = _token_weights(np.asarray(batch["target"], np.float64), kcfg.downsample, 3.0)
+    weighted = np.asarray(t) <= limit
+    assert weighted.any() and not weighted.all()
+    want = np.where(weighted, (per_token * weights).sum(1) / weights.sum(1), per_token.mean(1))
+    np.testing.assert_allclose(aux["per_sample"], want, rtol=1e-4)
+    np.testing.assert_allclose(loss, want.mean(), rtol=1e-4)
+    with pytest.raises(Exception, match="foreground_max_t"):
+        ku.model_config(ku.stage_config(2, shapes_dir, "model.foreground_max_t=0.0"), proc)
+
+
 def test_log_record_averages_the_window():
     """Batches are grouped by input count, so one step holds one task: a log line must average
     every step of its window, per task over that task's samples."""

@@ -145,6 +145,11 @@ class KontextConfig:
     # it explains ~1% of the error even from pure noise; the weight moves the loss to the
     # objects, which the prompt does describe.
     foreground_weight: float = 0.0
+    # The foreground weight applies to samples drawn at t <= foreground_max_t only (1 = all). Where
+    # the noise hides the objects, a weight that depends on the target biases the optimum towards
+    # object colours wherever an object might be (the weighted mean, not the mean), and a sampler
+    # starting from noise draws those colours everywhere; below it the objects show through x_t.
+    foreground_max_t: float = 1.0
     dtype: str = "float32"  # VLM compute dtype (the other parts carry theirs in their configs)
     param_dtype: str = "float32"
 
@@ -159,6 +164,8 @@ class KontextConfig:
             raise ValueError(f"model.loss_weighting={self.loss_weighting!r}; expected one of {LOSS_WEIGHTINGS}")
         if not self.foreground_weight >= 0:
             raise ValueError(f"model.foreground_weight={self.foreground_weight} must be 0 (off) or positive")
+        if not 0 < self.foreground_max_t <= 1:
+            raise ValueError(f"model.foreground_max_t={self.foreground_max_t} must be in (0, 1]")
         if self.sigma_data <= 0:
             raise ValueError(f"model.sigma_data={self.sigma_data} must be positive")
         if self.position_scheme not in POSITION_SCHEMES:
@@ -398,6 +405,7 @@ class QueryKontext:
         per_token = jnp.mean(jnp.square(v.astype(jnp.float32) - flow.velocity_target(x0, noise)), axis=2)
         if c.foreground_weight:
             w = foreground_token_weights(batch["target"], c.downsample, c.foreground_weight)
+            w = jnp.where(t[:, None] <= c.foreground_max_t, w, 1.0)
             per_sample = jnp.sum(per_token * w, axis=1) / jnp.sum(w, axis=1)
         else:
             per_sample = jnp.mean(per_token, axis=1)
