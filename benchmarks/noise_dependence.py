@@ -1,7 +1,7 @@
 """How much a run's prediction from pure noise depends on the noise rather than on the prompt.
 
     PYTHONPATH=. python benchmarks/noise_dependence.py --checkpoint RUN [--step N] [--split validation]
-        [--task t2i] [--records 32] [--seeds 4] [--guidance 1] [--data_dir DIR] [--steps 1,2,4,20]
+        [--task t2i] [--records 32] [--seeds 4] [--guidance 1] [--data_dir DIR] [--steps 1,2,4,20] [--plain]
 
 At t = 1 the noisy image is the noise itself and says nothing of the picture, so the best
 clean-image prediction is the prompt's mean image, the same whatever the noise. One sampler step
@@ -16,7 +16,14 @@ Then it samples the same records from noise with each of `--steps` sampler step 
 the PSNR of the samples to their targets. On a task whose condition holds the target
 (`--task reconstruction`, or `edit` in stage 3) a sound generator gets closer to the target with
 more steps; one whose denoiser fails along its own trajectory gets further from it than its one-step
-prediction.
+prediction. Beside them it prints what a picture of each target's background colour alone (the
+per-channel median, no objects) scores: a sample below that has drawn nothing of the objects that
+helps the PSNR.
+
+`--plain` replaces each record's target (and source) by such a plain picture of its background
+colour: the easiest target there is, whose condition says there is nothing to draw. It also prints
+the spread (standard deviation over the image, in 0-255 levels) of the samples' per-token block
+means: 0 for a plain picture, larger where the sampler has drawn blocks of its own.
 """
 
 from __future__ import annotations
@@ -47,15 +54,40 @@ def noise_dependence(sampler: Sampler, recs: list[dict], seeds: int, guidance: f
     }
 
 
-def psnr_by_steps(sampler: Sampler, recs: list[dict], steps: list[int], guidance: float) -> dict[int, float]:
-    """{sampler steps: mean PSNR (dB, capped at 60) of the samples of `recs` to their targets} (seed 0)."""
+def psnr_to_targets(images: np.ndarray, recs: list[dict]) -> float:
+    """Mean PSNR (dB, capped at 60) of `images` to the targets of `recs`."""
     targets = [records_lib.decode_image(r["target"]) for r in recs]
-    out = {}
-    for n in steps:
-        images = sampler.generate(recs, steps=n, guidance=guidance, seed=0)
-        psnrs = [min(score.psnr(signal.at_target_size(im, tg), tg), signal.PSNR_CAP) for im, tg in zip(images, targets)]
-        out[n] = float(np.mean(psnrs))
+    psnrs = [min(score.psnr(signal.at_target_size(im, tg), tg), signal.PSNR_CAP) for im, tg in zip(images, targets)]
+    return float(np.mean(psnrs))
+
+
+def background(image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 image -> the same size filled with its per-channel median colour (its
+    background, for a Kontext-Shapes picture)."""
+    colour = np.median(image.reshape(-1, 3), axis=0)
+    return np.broadcast_to(colour, image.shape).astype(np.uint8)
+
+
+def background_psnr(recs: list[dict]) -> float:
+    """Mean PSNR (dB, capped) of each record's target's background alone to the target."""
+    return psnr_to_targets(np.stack([background(records_lib.decode_image(r["target"])) for r in recs]), recs)
+
+
+def plain_records(recs: list[dict]) -> list[dict]:
+    """The records with target and source replaced by their target's background alone."""
+    out = []
+    for r in recs:
+        plain = records_lib.encode_png(background(records_lib.decode_image(r["target"])))
+        out.append(dict(r, target=plain, **({"source": plain} if r.get("source") else {})))
     return out
+
+
+def block_spread(images: np.ndarray, block: int) -> float:
+    """(B, H, W, 3) uint8 -> the mean over images of the standard deviation (over blocks and
+    channels) of the means of their block x block pixel blocks, in 0-255 levels."""
+    b, h, w, c = images.shape
+    means = images.astype(np.float64).reshape(b, h // block, block, w // block, block, c).mean(axis=(2, 4))
+    return float(means.std(axis=(1, 2)).mean())
 
 
 def main() -> None:
@@ -65,6 +97,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=4, help="noises per record (at least 2)")
     parser.add_argument("--guidance", type=float, default=1.0)
     parser.add_argument("--steps", default="1,2,4,20", help="sampler step counts for the PSNR to the targets")
+    parser.add_argument("--plain", action="store_true", help="targets and sources: their background colour alone")
     args = parser.parse_args()
     if args.seeds < 2:
         parser.error("--seeds must be at least 2")
@@ -79,16 +112,29 @@ def main() -> None:
     recs = split_records(sampler, args, args.records)
     if len(recs) < 2:
         raise SystemExit(f"need at least 2 {args.task} records in the {args.split} split, found {len(recs)}")
+    if args.plain:
+        recs = plain_records(recs)
     out = noise_dependence(sampler, recs, args.seeds, args.guidance)
     print(
-        f"{args.checkpoint} step {sampler.step}: {args.task} / {args.split}, {len(recs)} records x {args.seeds} noises"
+        f"{args.checkpoint} step {sampler.step}: {args.task} / {args.split}"
+        f"{' (plain pictures of their backgrounds)' if args.plain else ''}, {len(recs)} records x {args.seeds} noises"
     )
     print(
         f"t = 1 prediction: variance across noises {out['across_noise']:.4f}, across records "
         f"{out['across_records']:.4f}, share from the noise {out['noise_share']:.2f}"
     )
-    psnr = psnr_by_steps(sampler, recs, steps, args.guidance)
+    if not args.plain:
+        print(f"a picture of the target's background alone, PSNR to the target: {background_psnr(recs):.2f} dB")
+    samples = {n: sampler.generate(recs, steps=n, guidance=args.guidance, seed=0) for n in steps}
+    psnr = {n: psnr_to_targets(images, recs) for n, images in samples.items()}
     print("samples from noise, PSNR to the target: " + ", ".join(f"{n} steps {v:.2f} dB" for n, v in psnr.items()))
+    if args.plain:
+        block = sampler.model.config.downsample
+        spread = {n: block_spread(images, block) for n, images in samples.items()}
+        print(
+            f"samples from noise, spread of their {block}x{block}-pixel block means: "
+            + ", ".join(f"{n} steps {v:.1f}" for n, v in spread.items())
+        )
 
 
 if __name__ == "__main__":

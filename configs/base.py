@@ -195,6 +195,7 @@ def stage_config(stage: int, size: str) -> ml_collections.ConfigDict:
     # Extra loss weight of the tokens off the target's background (models/kontext.py); 0 = off.
     m.foreground_weight = s.get("foreground_weight", 0.0)
     m.foreground_max_t = s.get("foreground_max_t", 1.0)  # the weight applies at t <= this only
+    m.mean_error_weight = s.get("mean_error_weight", 1.0)  # the error's spatial mean (tone) vs the rest
     # shift: "dynamic" (FLUX, by token count) | "static" (by static_shift) | "sd3" | "none" (qk_jax/flow.py)
     # high_noise_share: that share of the draws redrawn in [high_noise_min, 1] (qk_jax/flow.py)
     m.timesteps = dict(

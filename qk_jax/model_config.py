@@ -115,6 +115,7 @@ def build_kontext_config(config, special_token_ids: Mapping[str, int] | None = N
             loss_weighting=m.get("loss_weighting", "velocity"),
             foreground_weight=float(m.get("foreground_weight", 0.0)),
             foreground_max_t=float(m.get("foreground_max_t", 1.0)),
+            mean_error_weight=float(m.get("mean_error_weight", 1.0)),
             dtype=m.dtype,
         )
     except (ValueError, TypeError) as e:

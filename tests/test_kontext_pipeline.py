@@ -143,15 +143,22 @@ def test_condition_diagnostics_run_on_a_trained_run(stage2):
     assert chance.startswith("against the next record's prompt (chance): judge ")
     assert 0 <= float(chance.split()[-1]) <= 1
 
-    *_, dependence, by_steps = run(
-        "noise_dependence.py", "--records", "4", "--seeds", "2", "--task", "reconstruction", "--steps", "1,2"
-    )
+    def by_steps(line, prefix):  # "PREFIX...: 1 steps X dB, 2 steps Y dB" -> [X, Y]
+        assert line.startswith(prefix) and ": 1 steps " in line, line
+        return [float(part.split()[2]) for part in line.split(": ")[1].split(", ")]
+
+    recon = ("--records", "4", "--seeds", "2", "--task", "reconstruction", "--steps", "1,2")
+    *_, dependence, alone, sampled = run("noise_dependence.py", *recon)
     assert dependence.startswith("t = 1 prediction: variance across noises ")
     assert 0 <= float(dependence.split()[-1]) <= 1
-    # "samples from noise, PSNR to the target: 1 steps X dB, 2 steps Y dB"
-    assert by_steps.startswith("samples from noise, PSNR to the target: 1 steps ")
-    psnrs = [float(part.split()[2]) for part in by_steps.split(": ")[1].split(", ")]
+    assert alone.startswith("a picture of the target's background alone, PSNR to the target: ")
+    assert 5 < float(alone.split()[-2]) < 60  # the targets hold objects: not their background alone
+    psnrs = by_steps(sampled, "samples from noise, PSNR to the target")
     assert len(psnrs) == 2 and all(0 < p <= 60 for p in psnrs)
+    *_, sampled, spread = run("noise_dependence.py", *recon, "--plain")
+    assert len(by_steps(sampled, "samples from noise, PSNR to the target")) == 2
+    spreads = by_steps(spread, "samples from noise, spread of their ")
+    assert len(spreads) == 2 and all(0 <= s < 128 for s in spreads)
 
     rows = [line for line in run("condition_probe.py", "--fit", "24", "--min-records", "3") if line.startswith("| 1 ")]
     assert rows, "no attribute probed"

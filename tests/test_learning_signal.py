@@ -186,6 +186,25 @@ def test_foreground_max_t_reaches_the_training_loss(shapes_dir, proc):
         ku.model_config(ku.stage_config(2, shapes_dir, "model.foreground_max_t=0.0"), proc)
 
 
+def test_mean_error_weight_reaches_the_training_loss(shapes_dir, proc):
+    """`model.mean_error_weight` g weights the square of the error's mean over the target tokens
+    (per sample and feature) by g and its deviations from that mean by 1: per sample, the mean
+    over tokens and features of (e - m)^2 plus g x the mean over features of m^2. Written out in
+    numpy from the zeroed generator's closed-form velocity (x_t / t)."""
+    overrides = ("model.prediction=x0", "data.mixture={'t2i': 1.0}")
+    config = ku.stage_config(2, shapes_dir, *overrides, "model.mean_error_weight=0.25")
+    kcfg, _, loss, aux, x0, noise, t, x_t = _loss_with_zeroed_output(config, proc)
+    assert kcfg.mean_error_weight == 0.25
+    error = np.asarray(x_t / jnp.maximum(t, kcfg.min_t)[:, None, None] - (noise - x0), np.float64)
+    mean = error.mean(axis=1, keepdims=True)
+    want = np.square(error - mean).mean(axis=(1, 2)) + 0.25 * np.square(mean[:, 0]).mean(axis=1)
+    np.testing.assert_allclose(aux["per_sample"], want, rtol=1e-4)
+    assert not np.allclose(want, np.square(error).mean(axis=(1, 2)), rtol=1e-3)  # the weight changed it
+    np.testing.assert_allclose(loss, want.mean(), rtol=1e-4)
+    with pytest.raises(Exception, match="mean_error_weight"):
+        ku.model_config(ku.stage_config(2, shapes_dir, "model.mean_error_weight=0.0"), proc)
+
+
 def test_log_record_averages_the_window():
     """Batches are grouped by input count, so one step holds one task: a log line must average
     every step of its window, per task over that task's samples."""

@@ -150,6 +150,12 @@ class KontextConfig:
     # object colours wherever an object might be (the weighted mean, not the mean), and a sampler
     # starting from noise draws those colours everywhere; below it the objects show through x_t.
     foreground_max_t: float = 1.0
+    # Weight of the error's spatial mean (per latent channel, over the target's tokens) against the
+    # rest of the error (1 = the plain squared error). The spatial mean is mostly the background's
+    # tone; below 1 the loss pays relatively more for where and what the objects are. Unlike a
+    # weight that depends on the target, any positive value keeps the optimum at the conditional
+    # mean (the loss stays a fixed positive-definite quadratic form of the error).
+    mean_error_weight: float = 1.0
     dtype: str = "float32"  # VLM compute dtype (the other parts carry theirs in their configs)
     param_dtype: str = "float32"
 
@@ -166,6 +172,8 @@ class KontextConfig:
             raise ValueError(f"model.foreground_weight={self.foreground_weight} must be 0 (off) or positive")
         if not 0 < self.foreground_max_t <= 1:
             raise ValueError(f"model.foreground_max_t={self.foreground_max_t} must be in (0, 1]")
+        if not self.mean_error_weight > 0:
+            raise ValueError(f"model.mean_error_weight={self.mean_error_weight} must be positive (1 = plain error)")
         if self.sigma_data <= 0:
             raise ValueError(f"model.sigma_data={self.sigma_data} must be positive")
         if self.position_scheme not in POSITION_SCHEMES:
@@ -402,7 +410,10 @@ class QueryKontext:
         noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
         xt = flow.noise_latents(x0, noise, t)
         v = self.velocity(params, xt, cond_tokens, batch["img_ids"], cond, cond_mask, t)
-        per_token = jnp.mean(jnp.square(v.astype(jnp.float32) - flow.velocity_target(x0, noise)), axis=2)
+        error = v.astype(jnp.float32) - flow.velocity_target(x0, noise)
+        if c.mean_error_weight != 1.0:
+            error = reweight_mean_error(error, c.mean_error_weight)
+        per_token = jnp.mean(jnp.square(error), axis=2)
         if c.foreground_weight:
             w = foreground_token_weights(batch["target"], c.downsample, c.foreground_weight)
             w = jnp.where(t[:, None] <= c.foreground_max_t, w, 1.0)
@@ -420,6 +431,14 @@ class QueryKontext:
         b, n = images.shape[:2]
         tokens = self.encode(params, images.reshape((b * n,) + images.shape[2:]))
         return tokens.reshape(b, n * tokens.shape[1], tokens.shape[2])
+
+
+def reweight_mean_error(error: Array, weight: float) -> Array:
+    """(B, N, C) errors -> the same with their mean over the N tokens (per sample and channel)
+    scaled by sqrt(weight): the mean of the squares then weights that mean's square by `weight`
+    and leaves the deviations from it as they were (the cross term sums to 0 over the tokens)."""
+    mean = jnp.mean(error, axis=1, keepdims=True)
+    return error + (jnp.sqrt(weight) - 1.0) * mean
 
 
 def foreground_token_weights(images: Array, block: int, weight: float, threshold: float = 0.1) -> Array:
