@@ -150,7 +150,7 @@ class KontextConfig:
     # object colours wherever an object might be (the weighted mean, not the mean), and a sampler
     # starting from noise draws those colours everywhere; below it the objects show through x_t.
     foreground_max_t: float = 1.0
-    # Weight of the error's spatial mean (per latent channel, over the target's tokens) against the
+    # Weight of the error's spatial mean (per token feature, over the target's tokens) against the
     # rest of the error (1 = the plain squared error). The spatial mean is mostly the background's
     # tone; below 1 the loss pays relatively more for where and what the objects are. Unlike a
     # weight that depends on the target, any positive value keeps the optimum at the conditional
