@@ -54,9 +54,8 @@ def noise_dependence(sampler: Sampler, recs: list[dict], seeds: int, guidance: f
     }
 
 
-def psnr_to_targets(images: np.ndarray, recs: list[dict]) -> float:
-    """Mean PSNR (dB, capped at 60) of `images` to the targets of `recs`."""
-    targets = [records_lib.decode_image(r["target"]) for r in recs]
+def psnr_to_targets(images: np.ndarray, targets: list[np.ndarray]) -> float:
+    """Mean PSNR (dB, capped at 60) of `images` to `targets` (decoded (H, W, 3) uint8)."""
     psnrs = [min(score.psnr(signal.at_target_size(im, tg), tg), signal.PSNR_CAP) for im, tg in zip(images, targets)]
     return float(np.mean(psnrs))
 
@@ -68,17 +67,12 @@ def background(image: np.ndarray) -> np.ndarray:
     return np.broadcast_to(colour, image.shape).astype(np.uint8)
 
 
-def background_psnr(recs: list[dict]) -> float:
-    """Mean PSNR (dB, capped) of each record's target's background alone to the target."""
-    return psnr_to_targets(np.stack([background(records_lib.decode_image(r["target"])) for r in recs]), recs)
-
-
 def plain_records(recs: list[dict]) -> list[dict]:
     """The records with target and source replaced by their target's background alone."""
     out = []
     for r in recs:
         plain = records_lib.encode_png(background(records_lib.decode_image(r["target"])))
-        out.append(dict(r, target=plain, **({"source": plain} if r.get("source") else {})))
+        out.append(dict(r, target=plain, source=plain) if r.get("source") else dict(r, target=plain))
     return out
 
 
@@ -123,10 +117,12 @@ def main() -> None:
         f"t = 1 prediction: variance across noises {out['across_noise']:.4f}, across records "
         f"{out['across_records']:.4f}, share from the noise {out['noise_share']:.2f}"
     )
+    targets = [records_lib.decode_image(r["target"]) for r in recs]
     if not args.plain:
-        print(f"a picture of the target's background alone, PSNR to the target: {background_psnr(recs):.2f} dB")
+        alone = psnr_to_targets(np.stack([background(tg) for tg in targets]), targets)
+        print(f"a picture of the target's background alone, PSNR to the target: {alone:.2f} dB")
     samples = {n: sampler.generate(recs, steps=n, guidance=args.guidance, seed=0) for n in steps}
-    psnr = {n: psnr_to_targets(images, recs) for n, images in samples.items()}
+    psnr = {n: psnr_to_targets(images, targets) for n, images in samples.items()}
     print("samples from noise, PSNR to the target: " + ", ".join(f"{n} steps {v:.2f} dB" for n, v in psnr.items()))
     if args.plain:
         block = sampler.model.config.downsample
