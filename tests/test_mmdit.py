@@ -17,6 +17,7 @@ from qk_jax.convert import flux, qwen_image
 from qk_jax.convert.diffusers_configs import from_diffusers, to_diffusers
 from qk_jax.models.mmdit import MMDiT, MMDiTConfig, init_params, mmdit_config, param_count
 from qk_jax.models.mmdit import positions as pos
+from qk_jax.models.mmdit.blocks import depthwise_grid_conv
 
 TOL = 1e-4
 
@@ -282,6 +283,66 @@ def test_absolute_positions_tell_identical_tokens_apart():
     assert bool((jnp.abs(differ[1:] - differ[:1]).max(axis=-1) > 1e-3).all())
     with pytest.raises(ValueError, match="absolute_positions"):
         to_diffusers(placed)
+
+
+@pytest.mark.parametrize("scheme", ["shifted_2d", "frame"])
+def test_local_mixing_is_a_depthwise_conv_over_the_target_grid(scheme):
+    """`local_mixing`'s convolution equals XLA's depthwise 3x3 convolution (zero-padded) of the
+    noisy target's token grid; the condition tokens get none, even where shifted 2-D ids put
+    their grid right next to the target's."""
+    h, w, f = 3, 4, 5
+    ids = jnp.asarray(pos.batch_ids(pos.segment_ids([(h, w), (h, w)], scheme=scheme), 2))
+    x = jax.random.normal(jax.random.key(0), (2, 2 * h * w, f))
+    kernel = jax.random.normal(jax.random.key(1), (9, f))
+    out = depthwise_grid_conv(x, *pos.grid_neighbours(ids, h * w), kernel)
+    want = jax.lax.conv_general_dilated(
+        x[:, : h * w].reshape(2, h, w, f),
+        kernel.reshape(3, 3, 1, f),
+        (1, 1),
+        "SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=f,
+    )
+    np.testing.assert_allclose(out[:, : h * w], want.reshape(2, h * w, f), atol=1e-5)
+    assert not bool(out[:, h * w :].any())
+
+
+def test_local_mixing_starts_as_the_plain_dit():
+    """The convolution's weight (one (9, mlp_dim) per double block) starts at zero, so a DiT
+    with `local_mixing` computes what the plain one does until it is trained; with a weight,
+    a token's output depends on its neighbours' inputs beyond attention. It cannot be exported."""
+    plain = dataclasses.replace(mmdit_config("tiny"), num_layers=2)
+    mixing = dataclasses.replace(plain, local_mixing=True)
+    rng = np.random.default_rng(0)
+    img = jnp.asarray(rng.normal(size=(1, 16, plain.in_channels)), jnp.float32)
+    ids = jnp.asarray(pos.batch_ids(pos.qwen_image_ids([(1, 4, 4)], 3)[0], 1))
+    txt = jnp.asarray(rng.normal(size=(1, 3, plain.joint_attention_dim)), jnp.float32)
+    mask, t = jnp.ones((1, 3), bool), jnp.full((1,), 0.5)
+    params = nn.meta.unbox(MMDiT(plain).init(jax.random.key(0), img, ids, txt, mask, t))
+    mixed = nn.meta.unbox(MMDiT(mixing).init(jax.random.key(0), img, ids, txt, mask, t))
+    weight = mixed["params"]["double_blocks"]["img_mlp"]["local_mix"]["weight"]
+    assert weight.shape == (2, 9, plain.mlp_dim) and not bool(weight.any())
+    del mixed["params"]["double_blocks"]["img_mlp"]["local_mix"]
+    assert jax.tree.structure(mixed) == jax.tree.structure(params)
+    mixed["params"]["double_blocks"]["img_mlp"]["local_mix"] = {"weight": weight}
+    np.testing.assert_allclose(
+        MMDiT(mixing).apply(mixed, img, ids, txt, mask, t),
+        MMDiT(plain).apply(params, img, ids, txt, mask, t),
+        atol=1e-6,
+    )
+    mixed["params"]["double_blocks"]["img_mlp"]["local_mix"]["weight"] = jnp.ones_like(weight)
+    assert (
+        float(
+            jnp.abs(
+                MMDiT(mixing).apply(mixed, img, ids, txt, mask, t) - MMDiT(plain).apply(params, img, ids, txt, mask, t)
+            ).max()
+        )
+        > 1e-3
+    )
+    with pytest.raises(ValueError, match="local_mixing"):
+        to_diffusers(mixing)
+    with pytest.raises(ValueError, match="local_mixing"):
+        dataclasses.replace(mixing, family="flux", num_layers=0, num_single_layers=1, out_channels=None)
 
 
 def test_zero_text_positions_put_every_condition_token_at_the_origin():

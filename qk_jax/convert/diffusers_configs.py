@@ -119,10 +119,15 @@ def mmdit_to_diffusers(config: MMDiTConfig) -> dict[str, Any]:
             "MMDiTConfig: diffusers fixes rope_theta=10000, mlp_ratio=4, eps=1e-6; this config "
             f"has {config.rope_theta}, {config.mlp_ratio}, {config.eps} and cannot be exported"
         )
-    if config.absolute_positions or (config.txt_positions == "zeros" and config.family == "qwen_image"):
+    if (
+        config.absolute_positions
+        or config.local_mixing
+        or (config.txt_positions == "zeros" and config.family == "qwen_image")
+    ):
         raise ValueError(
-            "MMDiTConfig: absolute_positions=True (a sin-cos embedding of each image token's place) and "
-            "txt_positions='zeros' on a Qwen-Image DiT have no diffusers counterpart; such a DiT cannot be exported"
+            "MMDiTConfig: absolute_positions=True (a sin-cos embedding of each image token's place), "
+            "local_mixing=True (a 3x3 convolution over the token grid) and txt_positions='zeros' on a "
+            "Qwen-Image DiT have no diffusers counterpart; such a DiT cannot be exported"
         )
     if config.family == "qwen_image":
         if config.num_single_layers or config.pooled_projection_dim:

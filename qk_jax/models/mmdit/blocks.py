@@ -105,19 +105,55 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 
 
 class FeedForward(nn.Module):
-    """Dense D -> mlp_dim -> tanh-GELU -> Dense -> D (diffusers `FeedForward(gelu-approximate)`)."""
+    """Dense D -> mlp_dim -> tanh-GELU -> Dense -> D (diffusers `FeedForward(gelu-approximate)`).
+
+    With `neighbours` (the image stream under `config.local_mixing`), the hidden features
+    (B, N, mlp_dim) also get a depthwise 3x3 convolution over the token grid added to them
+    (`local_mix/weight`, (9, mlp_dim), zero at init so the block starts as the plain feed-forward).
+    """
 
     config: MMDiTConfig
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, neighbours: tuple[Array, Array] | None = None) -> Array:
         cfg = self.config
         kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
         h = layers.checkpoint_name(
             layers.Dense(cfg.mlp_dim, axes=("embed", "mlp"), name="fc1", **kw)(x), layers.MLP_HIDDEN_NAME
         )
         h = jax.nn.gelu(h, approximate=True)
+        if neighbours is not None:
+            h = h + GridConv(kw["param_dtype"], name="local_mix")(h, *neighbours)
         return layers.Dense(cfg.inner_dim, axes=("mlp", "embed"), name="fc2", **kw)(h)
+
+
+class GridConv(nn.Module):
+    """Depthwise 3x3 convolution over the token grid, `weight` (9, F) zero-initialised.
+
+    Its own module so the weight is a `weight` (not decayed, and never taken for a Dense
+    kernel by LoRA's path patterns)."""
+
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, h: Array, index: Array, valid: Array) -> Array:
+        weight = self.param(
+            "weight", layers.logical(nn.initializers.zeros, (None, "mlp")), (9, h.shape[-1]), self.param_dtype
+        )
+        return depthwise_grid_conv(h, index, valid, weight.astype(h.dtype))
+
+
+def depthwise_grid_conv(h: Array, index: Array, valid: Array, kernel: Array) -> Array:
+    """Depthwise 3x3 convolution of token features over their grid, zero-padded at its edges.
+
+    h (B, N, F); index, valid (B, N, 9) from `positions.grid_neighbours`; kernel (9, F).
+    Returns (B, N, F): sum over k of kernel[k] * h[neighbour k] (0 off the grid).
+    """
+    out = jnp.zeros_like(h)
+    for k in range(9):
+        taken = jnp.take_along_axis(h, index[:, :, k : k + 1], axis=1)
+        out = out + jnp.where(valid[:, :, k : k + 1], taken, 0) * kernel[k]
+    return out
 
 
 def attention(cfg: MMDiTConfig, q: Array, k: Array, v: Array, mask: Array | None) -> Array:
@@ -165,7 +201,9 @@ class DoubleStreamBlock(nn.Module):
         img = img + gate(i_g1) * img_attn
         txt = txt + gate(t_g1) * txt_attn
 
-        img_ff = FeedForward(cfg, name="img_mlp")(modulate(layer_norm(img, cfg.eps, dtype), i_sh2, i_sc2))
+        img_ff = FeedForward(cfg, name="img_mlp")(
+            modulate(layer_norm(img, cfg.eps, dtype), i_sh2, i_sc2), ctx.get("neighbours")
+        )
         img = _constrain(img + gate(i_g2) * img_ff)
         txt_ff = FeedForward(cfg, name="txt_mlp")(modulate(layer_norm(txt, cfg.eps, dtype), t_sh2, t_sc2))
         txt = _constrain(txt + gate(t_g2) * txt_ff)

@@ -58,6 +58,12 @@ class MMDiTConfig:
     # (row, col) added after img_in, so a token knows where it is before any attention (see
     # `positions.absolute_embedding`). For models trained from scratch; off for converted ones.
     absolute_positions: bool = False
+    # Not in Qwen-Image or FLUX: a depthwise 3x3 convolution over the noisy target's token grid
+    # inside the image stream's feed-forward of every double-stream block (SANA's Mix-FFN, added
+    # residually and zero-initialised), so a token mixes with its eight neighbours in every block
+    # instead of only through attention (see `blocks.FeedForward`, `positions.grid_neighbours`).
+    # For models trained from scratch; off for converted ones.
+    local_mixing: bool = False
     # The condition tokens' RoPE ids: "family" (Qwen-Image: a diagonal after the image grid, so
     # a word's rotation depends on its place in the prompt; FLUX: zeros) or "zeros" (every
     # condition token at the origin, as FLUX: a word is matched by content alone, and each
@@ -90,6 +96,11 @@ class MMDiTConfig:
             raise ValueError(
                 f"MMDiTConfig: num_layers={self.num_layers}, num_single_layers="
                 f"{self.num_single_layers}: need at least one block"
+            )
+        if self.local_mixing and not self.num_layers:
+            raise ValueError(
+                "MMDiTConfig.local_mixing=True needs double-stream blocks (num_layers > 0): the "
+                "convolution lives in their image-stream feed-forward"
             )
         if self.family == "qwen_image" and self.guidance_embeds:
             raise ValueError(

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from qk_jax.models import layers
 from qk_jax.models.mmdit.blocks import DoubleStreamBlock, MLPEmbedder, SingleStreamBlock, timestep_sinusoid
 from qk_jax.models.mmdit.config import MMDiTConfig
-from qk_jax.models.mmdit.positions import absolute_embedding, default_txt_ids, rope_angles
+from qk_jax.models.mmdit.positions import absolute_embedding, default_txt_ids, grid_neighbours, rope_angles
 
 Array = jax.Array
 
@@ -114,6 +114,9 @@ class MMDiT(nn.Module):
         if txt_mask is not None:
             keys = jnp.concatenate([txt_mask.astype(bool), jnp.ones((b, n), bool)], axis=1)
             ctx["mask"] = layers.SegmentMask.key_padding(keys)
+
+        if cfg.local_mixing:
+            ctx["neighbours"] = grid_neighbours(img_ids, n_target)
 
         inter: dict[str, Any] = {}
         if cfg.num_layers:

@@ -196,3 +196,33 @@ def absolute_embedding(img_ids: jax.Array, dim: int, max_period: float = 10000.0
         arg = img_ids[..., axis].astype(jnp.float32)[..., None] * freqs
         parts += [jnp.sin(arg), jnp.cos(arg)]
     return jnp.concatenate(parts, axis=-1)
+
+
+def grid_neighbours(img_ids: jax.Array, num_target_tokens: int) -> tuple[jax.Array, jax.Array]:
+    """Each noisy-target token's 3x3 neighbourhood on the target's grid, from the position ids
+    (for `MMDiTConfig.local_mixing`).
+
+    Args:
+      img_ids: (B, N, 3) `(frame, row, col)` ids of the image stream (integer-valued).
+      num_target_tokens: the first that many tokens are the noisy target; the condition segments
+        after them get no neighbours (they are clean images, and side by side under shifted 2-D
+        positions their grids would touch).
+    Returns:
+      `(index (B, N, 9) int32, valid (B, N, 9) bool)`: for offset k = 3 * (dr + 1) + (dc + 1),
+      `index[b, i, k]` is the target token at (row + dr, col + dc) of target token i (k = 4:
+      itself), and `valid` is False where that place is off the grid and for condition tokens
+      (the index is then 0 and unused).
+    """
+    ids = img_ids.astype(jnp.float32)
+    target = ids[:, :num_target_tokens]
+    is_target = (jnp.arange(ids.shape[1]) < num_target_tokens)[None, :, None]  # (1, N, 1)
+    d_row = target[:, None, :, 1] - ids[:, :, None, 1]  # (B, N, N_target): row_j - row_i
+    d_col = target[:, None, :, 2] - ids[:, :, None, 2]
+    same_frame = target[:, None, :, 0] == ids[:, :, None, 0]
+    index, valid = [], []
+    for dr in (-1, 0, 1):
+        for dc in (-1, 0, 1):
+            hit = same_frame & (d_row == dr) & (d_col == dc) & is_target
+            index.append(jnp.argmax(hit, axis=-1))
+            valid.append(jnp.any(hit, axis=-1))
+    return jnp.stack(index, axis=-1).astype(jnp.int32), jnp.stack(valid, axis=-1)
