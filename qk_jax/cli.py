@@ -77,16 +77,43 @@ def config_override_message(error: AttributeError, args: list[str]) -> str:
     return f"config field {path} does not exist{hint}"
 
 
+def size_overrides(args: list[str]) -> tuple[list[str], list[str]]:
+    """(the other args, the `--config.<...>.overrides.<field>=<value>` ones as `path=value`).
+
+    A size's overrides (`model.generator.overrides`, `model.vlm.overrides`) hold only the fields
+    the size changes, so such an override may name a field they lack, which ml_collections'
+    flag parser refuses; these are applied after it (`config.set_field`), and the model config
+    checks the name when the model is built."""
+    rest, overrides = [], []
+    for arg in args:
+        path = arg[len("--config.") :].partition("=")[0] if arg.startswith("--config.") else ""
+        if ".overrides." in path and "=" in arg:
+            overrides.append(arg[len("--config.") :])
+        else:
+            rest.append(arg)
+    return rest, overrides
+
+
 def parse_flags(args: list[str]) -> list[str]:
-    """absl's flag parsing, with a mistyped `--config.<field>` reported as a ConfigError."""
-    from absl import app
+    """absl's flag parsing, with a mistyped `--config.<field>` reported as a ConfigError, and the
+    `size_overrides` applied to the parsed `--config`."""
+    from absl import app, flags
 
-    from qk_jax.config import ConfigError
+    from qk_jax.config import ConfigError, apply_overrides
 
+    args, overrides = size_overrides(args)
+    argv, sys.argv = sys.argv, list(args)  # ml_collections reads its `--config.*` flags from sys.argv
     try:
-        return app.parse_flags_with_usage(args)
+        rest = app.parse_flags_with_usage(args)
     except AttributeError as e:
         raise ConfigError(config_override_message(e, args)) from None
+    finally:
+        sys.argv = argv
+    if overrides:
+        if "config" not in flags.FLAGS or flags.FLAGS.config is None:
+            raise ConfigError(f"{overrides[0]}: a config override needs --config")
+        apply_overrides(flags.FLAGS.config, overrides)
+    return rest
 
 
 class OneLineLogs(py_logging.Filter):

@@ -45,6 +45,13 @@ def load_config(spec: str, overrides: Sequence[str] | Mapping[str, Any] = ()) ->
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     config = module.get_config(arg) if arg else module.get_config()
+    return apply_overrides(config, overrides)
+
+
+def apply_overrides(
+    config: ml_collections.ConfigDict, overrides: Sequence[str] | Mapping[str, Any]
+) -> ml_collections.ConfigDict:
+    """Sets each `field.path=value` (a Python literal, else the text) or mapping item on `config`."""
     items = overrides.items() if isinstance(overrides, Mapping) else (_split_override(o) for o in overrides)
     for key, value in items:
         set_field(config, key, value)
@@ -98,6 +105,12 @@ def set_field(config: ml_collections.ConfigDict, path: str, value: Any) -> None:
             raise ConfigError(f"config field {path}: {part!r} does not exist")
         node = node[part]
     if parts[-1] not in node:
+        if len(parts) > 1 and parts[-2] == "overrides":
+            # A size's overrides are partial: they may name any field of the model config they
+            # change, which `model_config.nested_replace` checks (and names when unknown).
+            with node.unlocked() if hasattr(node, "unlocked") else _null():
+                node[parts[-1]] = value
+            return
         raise ConfigError(f"config field {path} does not exist")
     old = node[parts[-1]]
     if isinstance(old, float) and isinstance(value, int):

@@ -16,6 +16,45 @@ def test_load_and_override():
         config_lib.load_config("configs/smoke.py:tiny", ["train.stepz=3"])
 
 
+def test_a_size_override_may_name_any_field_of_its_model_config():
+    """`model.generator.overrides` (and the VLM's) hold only the fields a size changes, so a
+    command-line override may add another field of the model config; a name that is not one is
+    refused when the model is built, naming it."""
+    from qk_jax.model_config import build_kontext_config
+
+    config = config_lib.load_config(
+        "configs/stage2.py:demo",
+        ["model.generator.overrides.absolute_positions=True", "model.generator.overrides.local_mixing=True"],
+    )
+    generator = build_kontext_config(config).generator
+    assert generator.absolute_positions and generator.local_mixing and generator.num_layers == 3
+    typo = config_lib.load_config("configs/stage2.py:paper", ["model.generator.overrides.local_mixin=True"])
+    with pytest.raises(config_lib.ConfigError, match=r"model\.generator\.overrides\.local_mixin does not exist"):
+        build_kontext_config(typo)
+    with pytest.raises(config_lib.ConfigError, match="model.generatr"):
+        config_lib.load_config("configs/stage2.py:demo", ["model.generatr.overrides.local_mixing=True"])
+
+
+def test_a_size_override_on_the_command_line():
+    """The tools' flag parser (`qk_jax.cli.parse_flags`) takes a `--config.<...>.overrides.<field>`
+    that the size's overrides lack (ml_collections' own parser refuses any new key), beside the
+    ordinary overrides; in a fresh process, as a tool parses its flags."""
+    code = (
+        "from absl import flags\n"
+        "from ml_collections import config_flags\n"
+        "from qk_jax import cli\n"
+        "from qk_jax.model_config import build_kontext_config\n"
+        "config_flags.DEFINE_config_file('config', None, '')\n"
+        "cli.parse_flags(['prog', '--config', 'configs/stage2.py:demo', '--config.train.steps=3',\n"
+        "    '--config.model.generator.overrides.local_mixing=True',\n"
+        "    '--config.model.generator.overrides.txt_positions=zeros'])\n"
+        "g = build_kontext_config(flags.FLAGS.config).generator\n"
+        "print(flags.FLAGS.config.train.steps, g.local_mixing, g.txt_positions, g.num_layers)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["3", "True", "zeros", "3"]
+
+
 def test_mesh_larger_than_device_count_names_field():
     config = config_lib.load_config("configs/smoke.py:tiny", ["mesh.data=4", "mesh.tensor=4"])
     with pytest.raises(config_lib.ConfigError, match=r"mesh\.(data|tensor).*16 devices.*8"):

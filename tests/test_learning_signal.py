@@ -205,6 +205,25 @@ def test_mean_error_weight_reaches_the_training_loss(shapes_dir, proc):
         ku.model_config(ku.stage_config(2, shapes_dir, "model.mean_error_weight=0.0"), proc)
 
 
+def test_local_mixing_reaches_the_training_step(shapes_dir, proc):
+    """`model.generator.overrides.local_mixing` builds the DiT with the convolution over the target
+    grid, and the train step's loss differentiates its weight (zero at init: a gradient that
+    is not zero is what moves it); the weight is trainable in stage 2 and not decayed."""
+    config = ku.stage_config(2, shapes_dir, "model.generator.overrides.local_mixing=True")
+    kcfg = ku.model_config(config, proc)
+    assert kcfg.generator.local_mixing
+    model = QueryKontext(kcfg)
+    params = jax.jit(lambda r: sharding.unbox_abstract(model.init(r)))(jax.random.key(0))
+    trainable, frozen = optim.partition(params, config.train.trainable)
+    batch = ku.prepared(kcfg, ku.first_batch(config, proc))
+    loss_fn = make_loss_fn(model)
+    grads = jax.jit(jax.grad(lambda tr: loss_fn(tr, frozen, batch, jax.random.key(3))[0]))(trainable)
+    weight_grad = grads["dit"]["double_blocks"]["img_mlp"]["local_mix"]["weight"]
+    assert weight_grad.shape == (kcfg.generator.num_layers, 9, kcfg.generator.mlp_dim)
+    assert float(jnp.abs(weight_grad).max()) > 0
+    assert not optim.decay_mask(trainable)["dit"]["double_blocks"]["img_mlp"]["local_mix"]["weight"]
+
+
 def test_log_record_averages_the_window():
     """Batches are grouped by input count, so one step holds one task: a log line must average
     every step of its window, per task over that task's samples."""
