@@ -1,7 +1,7 @@
 """Does the condition stream say what the prompt says? Linear probes of the prompt's attributes.
 
     PYTHONPATH=. python benchmarks/condition_probe.py --checkpoint RUN [--step N] [--data_dir DIR]
-        [--fit 3000] [--init] [--min-records 20]
+        [--fit 3000] [--init] [--min-records 20] [--task t2i|reconstruction]
 
 The DiT can only draw what its condition tokens make readable. On text-to-image records of the
 run's data, a ridge-regression probe (one-vs-all on standardised features, the ridge chosen on a
@@ -26,6 +26,13 @@ and given nothing the mean of all images. Over the training records whose spec i
 times, the table gives the ratio of the two mean-squared errors (the within-spec variance,
 unbiased, over the total variance) per kind of prompt: the ceiling of the t = 1 condition gain
 that the learning signal measures.
+
+With `--task reconstruction` the records are reconstructions instead, whose VLM sees the target
+picture itself (the prompt is always the same), and the probes ask where and what the picture's
+objects are: how many, and the largest one's colour, shape, 3 x 3 grid cell and 8 x 8 cell (the
+token of the demo's DiT holding its centre). A condition that holds the picture's layout answers
+the cells. Probed: the kontext tokens, and the picture's own vision tokens in the stream (the VLM's
+states at its merged patches, after the connector, concatenated in order), as the DiT receives them.
 
 With `--init` the run's config is probed with freshly initialised weights instead (the random
 VLM the demo starts from, before stage 1 adapts it). Prints one table of accuracies with the
@@ -67,6 +74,30 @@ def attribute_labels(rec: dict) -> dict[str, str]:
     return {}
 
 
+IMAGE_FEATURES = ("kontext (VLM)", "kontext (stream)", "vision tokens (stream)")
+
+
+def image_labels(rec: dict) -> dict[str, str]:
+    """{'objects': '2', 'largest colour': 'red', ...}: where and what a record's target objects are
+    (from its scene; centres and radii in [0, 1] of the picture's side)."""
+    objs = json.loads(rec["scene"])["target"]["objects"] if rec.get("scene") else []
+    if not objs:
+        return {}
+    big = max(objs, key=lambda o: o["r"])
+
+    def cell(n: int) -> str:
+        row, col = (min(int(v * n), n - 1) for v in (big["cy"], big["cx"]))
+        return f"{row},{col}"
+
+    return {
+        "objects": str(len(objs)),
+        "largest colour": big["colour"],
+        "largest shape": big["shape"],
+        "largest cell (3 x 3)": cell(3),
+        "largest cell (8 x 8)": cell(8),
+    }
+
+
 def record_features(sampler: Sampler, condition, recs: list[dict]) -> dict[str, np.ndarray]:
     """Each feature of `FEATURES` for `recs` (text-to-image records, one group): name -> (N, D);
     "words" as (N, T) token ids of the prompt part of the stream, -1 elsewhere. `condition`:
@@ -90,6 +121,12 @@ def record_features(sampler: Sampler, condition, recs: list[dict]) -> dict[str, 
         out["kontext (stream)"].append(cond[is_query].reshape(len(ids), -1))
         pooled = (cond * is_prompt[..., None]).sum(1) / np.maximum(is_prompt.sum(1, keepdims=True), 1)
         out["prompt (stream)"].append(pooled)
+        is_vision = is_prompt & (prompt_ids == sampler.kcfg.vlm.image_token_id)
+        if is_vision.any():  # records with an input picture: its vision tokens in the stream, in order
+            counts = is_vision.sum(1)
+            if not np.all(counts == counts[0]):
+                raise ValueError(f"records with {sorted(set(counts.tolist()))} vision tokens: probe one picture size")
+            out["vision tokens (stream)"].append(cond[is_vision].reshape(len(ids), -1))
     width = max(w.shape[1] for w in out["words"])  # the packed stream's length varies by chunk
     out["words"] = [np.pad(w, ((0, 0), (0, width - w.shape[1])), constant_values=-1) for w in out["words"]]
     return {name: np.concatenate(parts) for name, parts in out.items()}
@@ -168,7 +205,10 @@ def main() -> None:
     parser.add_argument("--fit", type=int, default=3000, help="training records the probes are fit on")
     parser.add_argument("--init", action="store_true", help="probe freshly initialised weights of the run's config")
     parser.add_argument("--min-records", type=int, default=20, help="attributes stated in fewer records are left out")
+    parser.add_argument("--task", default="t2i", choices=("t2i", "reconstruction"), help="the records probed")
     args = parser.parse_args()
+    image_task = args.task == "reconstruction"
+    labelled, features = (image_labels, IMAGE_FEATURES) if image_task else (attribute_labels, FEATURES)
 
     sampler = Sampler.from_checkpoint(args.checkpoint, step=args.step)
     if args.init:
@@ -180,17 +220,19 @@ def main() -> None:
     dataset = sampler.config.data.dataset
 
     def load(split: str) -> list[dict]:
-        source = builders.load_source(data_dir, dataset, "t2i", split)
+        source = builders.load_source(data_dir, dataset, args.task, split)
         return [records_lib.normalize(source[i]) for i in range(len(source))]
 
     def probed(recs: list[dict]) -> list[dict]:
-        return [r for r in recs if attribute_labels(r) and records_lib.num_inputs(r) == 0]
+        return [r for r in recs if labelled(r) and records_lib.num_inputs(r) == int(image_task)]
 
     train_all = load("train")
     train, validation = probed(train_all), probed(load("validation"))
     fit_recs, unseen = train[: args.fit], train[args.fit : args.fit + 1000]
     if len(fit_recs) < 2 * args.min_records or not unseen:
-        raise SystemExit(f"{len(train)} usable training t2i records in {data_dir}: need more than --fit {args.fit}")
+        raise SystemExit(
+            f"{len(train)} usable training {args.task} records in {data_dir}: need more than --fit {args.fit}"
+        )
     condition = jax.jit(sampler.model.condition)
     feats = {
         name: record_features(sampler, condition, rs)
@@ -200,15 +242,15 @@ def main() -> None:
     for f in feats.values():
         f["words"] = bag_of_words(f["words"], vocabulary)
     labels = {
-        name: [attribute_labels(r) for r in rs]
+        name: [labelled(r) for r in rs]
         for name, rs in (("fit", fit_recs), ("unseen", unseen), ("validation", validation))
     }
 
     what = "initialised" if args.init else f"step {sampler.step} ({'EMA' if sampler.used_ema else 'raw'})"
     print(f"linear probes of the condition stream, {args.checkpoint} {what}; {len(fit_recs)} records fit,")
-    print(f"scored on {len(unseen)} other training records / {len(validation)} validation records")
-    print("| attribute | records fit | majority | " + " | ".join(FEATURES) + " |")
-    print("|---|---|---|" + "---|" * len(FEATURES))
+    print(f"scored on {len(unseen)} other training records / {len(validation)} validation records ({args.task})")
+    print("| attribute | records fit | majority | " + " | ".join(features) + " |")
+    print("|---|---|---|" + "---|" * len(features))
     attributes = sorted({a for ls in labels["fit"] for a in ls})
     for attr in attributes:
         rows = {s: [i for i, ls in enumerate(labels[s]) if attr in ls] for s in labels}
@@ -217,7 +259,7 @@ def main() -> None:
         ys = {s: np.array([labels[s][i][attr] for i in rows[s]]) for s in labels}
         majority = collections.Counter(ys["fit"]).most_common(1)[0][0]
         cells = []
-        for name in FEATURES:
+        for name in features:
             xs = {s: feats[s][name][rows[s]] for s in labels}
             tests = [(xs["unseen"], ys["unseen"])] + (
                 [(xs["validation"], ys["validation"])] if rows["validation"] else []
@@ -227,6 +269,8 @@ def main() -> None:
         base = np.mean(ys["unseen"] == majority)
         print(f"| {attr} | {len(rows['fit'])} | {base:.2f} | " + " | ".join(cells) + " |")
 
+    if image_task:
+        return
     print("\nwhat the prompt is worth to the loss at t = 1: error of the prompt's mean image / of the mean image")
     print("| prompts | images | error ratio | ceiling of the t = 1 gain |\n|---|---|---|---|")
     for kind, n, ratio in prompt_ceiling([r for r in train_all if r.get("scene")]):

@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python benchmarks/noise_dependence.py --checkpoint RUN [--step N] [--split validation]
         [--task t2i] [--records 32] [--seeds 4] [--guidance 1] [--data_dir DIR] [--steps 1,2,4,20] [--plain]
+        [--grid PATH]
 
 At t = 1 the noisy image is the noise itself and says nothing of the picture, so the best
 clean-image prediction is the prompt's mean image, the same whatever the noise. One sampler step
@@ -20,6 +21,15 @@ prediction. Beside them it prints what a picture of each target's background col
 per-channel median, no objects) scores: a sample below that has drawn nothing of the objects that
 helps the PSNR.
 
+It also predicts the clean image in one step from each target noised to t = 1, 0.9, 0.8, 0.7 and
+0.5 (the training pairs, not the sampler's own trajectory) and prints their PSNR to the target:
+where that stays at the background-alone PSNR, the condition and the noisy picture have placed no
+object at that noise level. Beside them, what a fixed linear denoiser that is told the background
+colour makes of the same noisy targets (a Gaussian blur of x_t, its departure from the background
+scaled, the best blur and scale per t): the objects the noisy picture shows to a filter.
+`--grid PATH` writes those predictions as an image (a row of targets,
+then a row per t, top to bottom).
+
 `--plain` replaces each record's target (and source) by such a plain picture of its background
 colour: the easiest target there is, whose condition says there is nothing to draw. It also prints
 the spread (standard deviation over the image, in 0-255 levels) of the samples' per-token block
@@ -29,13 +39,20 @@ means: 0 for a plain picture, larger where the sampler has drawn blocks of its o
 from __future__ import annotations
 
 import argparse
+import functools
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from scipy import ndimage
 
 from benchmarks.judge_run import add_split_arguments, split_records
+from qk_jax import sharding
 from qk_jax.data import records as records_lib
 from qk_jax.eval import score, signal
-from qk_jax.sample import Sampler
+from qk_jax.sample import Sampler, save_grid
+
+PREDICTION_TIMESTEPS = (1.0, 0.9, 0.8, 0.7, 0.5)
 
 
 def noise_dependence(sampler: Sampler, recs: list[dict], seeds: int, guidance: float) -> dict:
@@ -52,6 +69,44 @@ def noise_dependence(sampler: Sampler, recs: list[dict], seeds: int, guidance: f
         "across_records": across_records,
         "noise_share": across_noise / max(across_noise + across_records, 1e-12),
     }
+
+
+def predictions_from_targets(sampler: Sampler, recs: list[dict], timesteps, seed: int = 0) -> dict[float, np.ndarray]:
+    """{t: (B, H, W, 3) uint8}: the clean-image prediction from each record's target noised to t."""
+    batch = sampler.model_batch(recs)
+    h, w = np.shape(batch["target"])[1:3]
+    predict = jax.jit(functools.partial(signal.complete_from_targets, sampler.model))
+    out = {}
+    with jax.set_mesh(sampler.mesh), sharding.activation_rules_context():
+        for t in timesteps:
+            tokens = predict(sampler.params, batch, jax.random.key(seed), jnp.asarray([t, 0.0], jnp.float32))
+            out[t] = sampler.decode_uint8(tokens, h, w)
+    return out
+
+
+def linear_reference(targets: list[np.ndarray], timesteps, seed: int = 0) -> dict[float, float]:
+    """{t: mean PSNR}: x0_hat = bg + a * (blur_s(x_t) - (1 - t) bg) / (1 - t) on the (H, W, 3) uint8
+    targets noised to t in [-1, 1] pixels, bg each target's background colour, the best of a grid
+    of blur widths s and gains a per t (0 and 0: the background alone)."""
+    rng = np.random.default_rng(seed)
+    clean = [tg.astype(np.float64) / 127.5 - 1.0 for tg in targets]
+    out = {}
+    for t in timesteps:
+        if t >= 1.0:
+            continue  # nothing of the target is left to filter
+        noisy = [(1 - t) * x0 + t * rng.normal(size=x0.shape) for x0 in clean]
+        best = -np.inf
+        for width in (0, 1, 2, 3, 4, 6):
+            blurred = [ndimage.gaussian_filter(x, (width, width, 0)) if width else x for x in noisy]
+            for gain in (0.0, 0.25, 0.5, 0.75, 1.0):
+                psnrs = []
+                for x0, b in zip(clean, blurred):
+                    bg = np.median(x0.reshape(-1, 3), axis=0)
+                    est = np.clip(bg + gain * (b - (1 - t) * bg) / (1 - t), -1, 1)
+                    psnrs.append(min(10 * np.log10(4.0 / max(np.mean((est - x0) ** 2), 1e-12)), signal.PSNR_CAP))
+                best = max(best, float(np.mean(psnrs)))
+        out[t] = best
+    return out
 
 
 def psnr_to_targets(images: np.ndarray, targets: list[np.ndarray]) -> float:
@@ -92,9 +147,12 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=1.0)
     parser.add_argument("--steps", default="1,2,4,20", help="sampler step counts for the PSNR to the targets")
     parser.add_argument("--plain", action="store_true", help="targets and sources: their background colour alone")
+    parser.add_argument("--grid", default="", help="write the predictions from the noised targets here (PNG)")
     args = parser.parse_args()
     if args.seeds < 2:
         parser.error("--seeds must be at least 2")
+    if args.plain and args.grid:
+        parser.error("--grid draws the predictions from the records' own targets; it does not go with --plain")
     try:
         steps = [int(n) for n in args.steps.split(",") if n.strip()]
     except ValueError:
@@ -121,6 +179,25 @@ def main() -> None:
     if not args.plain:
         alone = psnr_to_targets(np.stack([background(tg) for tg in targets]), targets)
         print(f"a picture of the target's background alone, PSNR to the target: {alone:.2f} dB")
+        predictions = predictions_from_targets(sampler, recs, PREDICTION_TIMESTEPS)
+        print(
+            "predictions from the target noised to t, PSNR to the target: "
+            + ", ".join(f"t = {t:g} {psnr_to_targets(images, targets):.2f} dB" for t, images in predictions.items())
+        )
+        reference = linear_reference(targets, PREDICTION_TIMESTEPS)
+        print(
+            "a linear filter of the same, told the background colour: "
+            + ", ".join(f"t = {t:g} {v:.2f} dB" for t, v in reference.items())
+        )
+        if args.grid:
+            rows = [np.stack(targets)]
+            rows += [
+                np.stack([signal.at_target_size(im, tg) for im, tg in zip(images, targets)])
+                for images in predictions.values()
+            ]
+            save_grid(np.concatenate(rows), args.grid, columns=len(targets))
+            ts = ", ".join(f"{t:g}" for t in predictions)
+            print(f"wrote {args.grid}: the targets, then the predictions at t = {ts}")
     samples = {n: sampler.generate(recs, steps=n, guidance=args.guidance, seed=0) for n in steps}
     psnr = {n: psnr_to_targets(images, targets) for n, images in samples.items()}
     print("samples from noise, PSNR to the target: " + ", ".join(f"{n} steps {v:.2f} dB" for n, v in psnr.items()))

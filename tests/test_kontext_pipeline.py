@@ -109,7 +109,7 @@ def stage2(stage1, shapes_dir, tmp_path_factory):
     return {"ckpt": dst, "run": workdir, "stdout": run.stdout}
 
 
-def test_condition_diagnostics_run_on_a_trained_run(stage2):
+def test_condition_diagnostics_run_on_a_trained_run(stage2, tmp_path):
     """`benchmarks/condition_use.py`, `judge_run.py`, `noise_dependence.py` and `condition_probe.py` as
     a user runs them on a stage-2 run: the attention shares, prediction changes, judge scores, noise
     share and probe accuracies they print."""
@@ -148,11 +148,29 @@ def test_condition_diagnostics_run_on_a_trained_run(stage2):
         return [float(part.split()[2]) for part in line.split(": ")[1].split(", ")]
 
     recon = ("--records", "4", "--seeds", "2", "--task", "reconstruction", "--steps", "1,2")
-    *_, dependence, alone, sampled = run("noise_dependence.py", *recon)
-    assert dependence.startswith("t = 1 prediction: variance across noises ")
+    grid = tmp_path / "predictions.png"
+    out = run("noise_dependence.py", *recon, "--grid", str(grid))
+
+    def printed(prefix):  # the one line of `out` that starts with `prefix`
+        found = [text for text in out if text.startswith(prefix)]
+        assert len(found) == 1, (prefix, out)
+        return found[0]
+
+    dependence = printed("t = 1 prediction: variance across noises ")
+    alone = printed("a picture of the target's background alone, PSNR to the target: ")
+    predicted = printed("predictions from the target noised to t, PSNR to the target: t = 1 ")
+    filtered = printed("a linear filter of the same, told the background colour: t = 0.9 ")
+    wrote = printed(f"wrote {grid}")
+    sampled = printed("samples from noise, PSNR to the target")
     assert 0 <= float(dependence.split()[-1]) <= 1
-    assert alone.startswith("a picture of the target's background alone, PSNR to the target: ")
     assert 5 < float(alone.split()[-2]) < 60  # the targets hold objects: not their background alone
+    per_t = [float(part.split()[-2]) for part in predicted.split(": ", 1)[1].split(", ")]
+    assert len(per_t) == 5 and all(0 < p <= 60 for p in per_t)
+    per_t = [float(part.split()[-2]) for part in filtered.split(": ", 1)[1].split(", ")]
+    assert len(per_t) == 4 and all(float(alone.split()[-2]) - 0.5 <= p <= 60 for p in per_t)  # never below it
+    assert wrote.endswith("then the predictions at t = 1, 0.9, 0.8, 0.7, 0.5")
+    side = np.asarray(Image.open(grid)).shape
+    assert side[0] * 4 == 6 * side[1]  # a row of the 4 records' targets, then one per t
     psnrs = by_steps(sampled, "samples from noise, PSNR to the target")
     assert len(psnrs) == 2 and all(0 < p <= 60 for p in psnrs)
     *_, sampled, spread = run("noise_dependence.py", *recon, "--plain")
@@ -165,6 +183,13 @@ def test_condition_diagnostics_run_on_a_trained_run(stage2):
     for row in rows:
         cells = row.strip("| ").split(" | ")
         assert 0 <= float(cells[2]) <= 1 and len(cells) == 7
+        for cell in cells[3:]:
+            assert all(0 <= float(a) <= 1 for a in cell.split(" / "))
+    probed = run("condition_probe.py", "--fit", "24", "--min-records", "3", "--task", "reconstruction")
+    rows = {row.split(" | ")[0].strip("| "): row.strip("| ").split(" | ") for row in probed if row.startswith("| ")}
+    assert {"largest cell (3 x 3)", "largest cell (8 x 8)", "largest colour", "objects"} <= set(rows)
+    for cells in (rows[a] for a in rows if a != "attribute" and not a.startswith("-")):
+        assert 0 <= float(cells[2]) <= 1 and len(cells) == 6  # majority, then the three features
         for cell in cells[3:]:
             assert all(0 <= float(a) <= 1 for a in cell.split(" / "))
 

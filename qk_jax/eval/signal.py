@@ -97,6 +97,17 @@ def validation_records(data_dir: str, dataset: str, task: str, n: int, *, fixing
     return [r for r in recs if records_lib.num_inputs(r) == n_inputs][:n]
 
 
+def complete_from_targets(model, params, batch, key, sigmas):
+    """The batch's targets noised to sigmas[0] and integrated down to 0 by Euler without guidance:
+    (B, N, C) target tokens. With `sigmas = [t, 0]` it is the clean-image prediction from x_t."""
+    cond, mask, tokens, _, xt = _noised_inputs(model, params, batch, key, sigmas[0])
+
+    def velocity(x, t):
+        return model.velocity(params, x, tokens, batch["img_ids"], cond, mask, jnp.full((x.shape[0],), t))
+
+    return flow_solvers.euler_sample(velocity, xt, sigmas, sigmas[:-1])
+
+
 class LearningSignal:
     """Fixed validation records per task and the measurements of the module docstring."""
 
@@ -218,15 +229,7 @@ class LearningSignal:
                 out[f"{t0:g}"] = {"score": float(np.mean(scores)), "psnr": float(np.mean(psnrs))}
         return out
 
-    @staticmethod
-    def _complete_impl(model, params, batch, key, sigmas):
-        """Targets noised to sigmas[0] and integrated down to 0 by Euler without guidance."""
-        cond, mask, tokens, _, xt = _noised_inputs(model, params, batch, key, sigmas[0])
-
-        def velocity(x, t):
-            return model.velocity(params, x, tokens, batch["img_ids"], cond, mask, jnp.full((x.shape[0],), t))
-
-        return flow_solvers.euler_sample(velocity, xt, sigmas, sigmas[:-1])
+    _complete_impl = staticmethod(complete_from_targets)
 
 
 PSNR_CAP = 60.0  # dB: an exact copy's infinite PSNR, capped so that a mean stays finite
