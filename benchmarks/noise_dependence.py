@@ -90,6 +90,7 @@ def linear_reference(targets: list[np.ndarray], timesteps, seed: int = 0) -> dic
     of blur widths s and gains a per t (0 and 0: the background alone)."""
     rng = np.random.default_rng(seed)
     clean = [tg.astype(np.float64) / 127.5 - 1.0 for tg in targets]
+    backgrounds = [np.median(x0.reshape(-1, 3), axis=0) for x0 in clean]
     out = {}
     for t in timesteps:
         if t >= 1.0:
@@ -100,8 +101,7 @@ def linear_reference(targets: list[np.ndarray], timesteps, seed: int = 0) -> dic
             blurred = [ndimage.gaussian_filter(x, (width, width, 0)) if width else x for x in noisy]
             for gain in (0.0, 0.25, 0.5, 0.75, 1.0):
                 psnrs = []
-                for x0, b in zip(clean, blurred):
-                    bg = np.median(x0.reshape(-1, 3), axis=0)
+                for x0, bg, b in zip(clean, backgrounds, blurred):
                     est = np.clip(bg + gain * (b - (1 - t) * bg) / (1 - t), -1, 1)
                     psnrs.append(min(10 * np.log10(4.0 / max(np.mean((est - x0) ** 2), 1e-12)), signal.PSNR_CAP))
                 best = max(best, float(np.mean(psnrs)))
