@@ -372,7 +372,7 @@ def define_flags() -> None:
     from absl import flags
 
     flags.DEFINE_string("workdir", "runs/demo", "Where the data, runs and report go.")
-    flags.DEFINE_bool("full", False, "Train about 8x longer (under an hour on 2 cores) for better scores.")
+    flags.DEFINE_bool("full", False, "Train about 8x longer (sized to about 50 minutes on 2 cores) for better scores.")
     flags.DEFINE_enum("mode", None, list(SETTINGS), "Override the schedule (smoke: the path only, for tests).")
     flags.DEFINE_string("size", "demo", "Model size of configs/stage*.py (demo; tiny for a quick check).")
     flags.DEFINE_bool(
