@@ -36,8 +36,8 @@ import numpy as np
 from qk_jax import logs, paths
 from qk_jax.config import load_config
 
-# Steps per stage and data sizes, sized for 2 CPU cores: the default within 15 minutes, `full`
-# within an hour, compilation and the learning signals included (README, measured times).
+# Steps per stage and data sizes for 2 CPU cores, compilation and the learning signals included:
+# the default measured within 15 minutes, `full` sized from its step times to about 50 (README).
 SETTINGS = {
     "default": dict(train_per_task=1500, eval_per_task=32, score_per_task=16, steps=(30, 450, 100), sample_steps=20),
     "full": dict(train_per_task=6000, eval_per_task=64, score_per_task=48, steps=(200, 3600, 750), sample_steps=30),
