@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qk_jax import flow, sharding
+from qk_jax import sharding
 from qk_jax.eval import signal
 from qk_jax.models import layers
 from qk_jax.models.mmdit import blocks
@@ -94,7 +94,7 @@ def main() -> None:
         print(f"{'t':>4} {'block':>5} {'-> prompt':>10} {'-> kontext':>11} {'-> image':>9}")
         changes = []
         for t in (float(v) for v in args.timesteps.split(",")):
-            xt = flow.noise_latents(x0, noise, jnp.full((x0.shape[0],), t, jnp.float32))
+            xt = model.noised(params, x0, noise, jnp.full((x0.shape[0],), t, jnp.float32), *batch["target"].shape[1:3])
             masses.clear()
             blocks.attention = recording
             try:

@@ -86,10 +86,11 @@ def prediction_errors(sampler, batch) -> list[tuple[float, float, float, float]]
     cond, mask, _ = sampler._condition(params, batch)
     x0 = model.encode(params, batch["target"])
     noise = jax.random.normal(jax.random.key(1), x0.shape)
+    hw = batch["target"].shape[1:3]
     rows = []
     for t in TIMESTEPS:
         tt = jnp.full((x0.shape[0],), t)
-        xt = (1 - t) * x0 + t * noise
+        xt = model.noised(params, x0, noise, tt, *hw)
         errs = []
         for c, m in ((cond, mask), (cond, jnp.zeros_like(mask)), (jnp.roll(cond, 1, 0), jnp.roll(mask, 1, 0))):
             v = model.velocity(params, xt, None, batch["img_ids"], c, m, tt)
@@ -103,7 +104,8 @@ def trajectory_errors(sampler, batch, steps: int) -> list[tuple[int, float, floa
 
     Samples from pure noise with the record's own condition (guidance 1) and, at every step,
     compares the clean-latent prediction the sampler acts on with the one from the point a
-    perfect sampler would have reached with the same noise, (1 - t) x0 + t noise: where the first
+    perfect sampler would have reached with the same noise, (1 - t) x0 + t noise (with `model.blur`,
+    (1 - t) B_t x0 + t noise, stepped by DDIM): where the first
     stays at its value from t = 1 while the second falls, the later steps do not correct what
     the first ones committed to."""
     from qk_jax import flow_solvers
@@ -116,14 +118,26 @@ def trajectory_errors(sampler, batch, steps: int) -> list[tuple[int, float, floa
     )
     velocity = jax.jit(lambda x, t: model.velocity(params, x, None, batch["img_ids"], cond, mask, t))
     noise = jax.random.normal(jax.random.key(0), x0.shape)
+    hw = batch["target"].shape[1:3]
+    degrade = None
+    if model.config.blur.enabled:
+
+        def degrade(z, s):
+            return model.degrade(params, z, jnp.full((z.shape[0],), s), *hw)
+
     x, rows = noise, []
     for i, t in enumerate(np.asarray(timesteps, np.float64)):
         tt = jnp.full((x0.shape[0],), t, jnp.float32)
         v = velocity(x, tt)
-        ideal = (1 - t) * x0 + t * noise
+        ideal = model.noised(params, x0, noise, tt, *hw)
         ideal_error = float(jnp.mean(jnp.square(ideal - t * velocity(ideal, tt) - x0)))
         rows.append((i, float(t), float(jnp.mean(jnp.square(x - t * v - x0))), ideal_error))
-        x = x + (sigmas[i + 1] - sigmas[i]) * v
+        s = float(sigmas[i + 1])
+        if degrade is None:
+            x = x + (s - t) * v
+        else:  # DDIM for the blurred process (flow_solvers.euler_sample)
+            x0_hat = x - max(t, model.config.min_t) * v
+            x = (1 - s) * degrade(x0_hat, s) + s * (x - (1 - t) * degrade(x0_hat, t)) / t
     return rows
 
 

@@ -184,11 +184,14 @@ def main() -> None:
             "predictions from the target noised to t, PSNR to the target: "
             + ", ".join(f"t = {t:g} {psnr_to_targets(images, targets):.2f} dB" for t, images in predictions.items())
         )
-        reference = linear_reference(targets, PREDICTION_TIMESTEPS)
-        print(
-            "a linear filter of the same, told the background colour: "
-            + ", ".join(f"t = {t:g} {v:.2f} dB" for t, v in reference.items())
-        )
+        if sampler.kcfg.blur.enabled:
+            print("(no linear-filter reference: it models the unblurred process, and model.blur is on)")
+        else:
+            reference = linear_reference(targets, PREDICTION_TIMESTEPS)
+            print(
+                "a linear filter of the same, told the background colour: "
+                + ", ".join(f"t = {t:g} {v:.2f} dB" for t, v in reference.items())
+            )
         if args.grid:
             rows = [np.stack(targets)]
             rows += [

@@ -337,7 +337,8 @@ def compile_sample(model, config, mesh, params, batch, sample_batch: int) -> dic
         f32(()),
         f32(()),
     )
-    loop = sample_loop(model, s.method, text_cfg, dual, s.get("guidance_mode", "cfg"))
+    image_size = tuple(one_batch["target"].shape[1:3])
+    loop = sample_loop(model, s.method, text_cfg, dual, s.get("guidance_mode", "cfg"), image_size)
     lowered, lower_s = _lower(loop, args, mesh)
     compiled, compile_s, oom = _compile_lowered(lowered, mesh)
     branches = 3 if dual else (2 if text_cfg else 1)

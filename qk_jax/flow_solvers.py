@@ -123,11 +123,24 @@ def flow_schedule(
 # ------------------------------------------------------------------ loops
 
 
-def euler_sample(velocity_fn: VelocityFn, x: Array, sigmas: Array, timesteps: Array) -> Array:
+def euler_sample(
+    velocity_fn: VelocityFn,
+    x: Array,
+    sigmas: Array,
+    timesteps: Array,
+    degrade: Callable[[Array, Array], Array] | None = None,
+    min_t: float = 0.0,
+) -> Array:
     """Euler integration from sigmas[0] to sigmas[-1]: x <- x + (s_{i+1} - s_i) v(x, t_i).
 
     Identical to stepping diffusers' `FlowMatchEulerDiscreteScheduler` over the same
     schedule. x is float32 (B, ...); sigmas (S+1,), timesteps (S,).
+
+    With `degrade(x0, s)`, the B_s of a blurring process x_s = (1 - s) B_s x0 + s eps
+    (`qk_jax.blur`), each step is DDIM's for that process: the clean prediction
+    x0 = x - max(t, min_t) v (an x0 generator's own output) and the noise it implies,
+    eps = (x - (1 - t) B_t x0) / t, put together again at the next sigma s. With B the
+    identity that is the Euler step above.
     """
     sigmas = jnp.asarray(sigmas, jnp.float32)
     timesteps = jnp.asarray(timesteps, jnp.float32)
@@ -136,7 +149,14 @@ def euler_sample(velocity_fn: VelocityFn, x: Array, sigmas: Array, timesteps: Ar
         v = velocity_fn(x, timesteps[i])
         return (x.astype(jnp.float32) + (sigmas[i + 1] - sigmas[i]) * v).astype(x.dtype)
 
-    return jax.lax.fori_loop(0, timesteps.shape[0], body, x)
+    def blurred_body(i, x):
+        t, s = sigmas[i], sigmas[i + 1]
+        xf = x.astype(jnp.float32)
+        x0 = xf - jnp.maximum(t, min_t) * velocity_fn(x, timesteps[i]).astype(jnp.float32)
+        eps = (xf - (1.0 - t) * degrade(x0, t)) / t
+        return ((1.0 - s) * degrade(x0, s) + s * eps).astype(x.dtype)
+
+    return jax.lax.fori_loop(0, timesteps.shape[0], body if degrade is None else blurred_body, x)
 
 
 def heun_sample(velocity_fn: VelocityFn, x: Array, sigmas: Array, timesteps: Array) -> Array:
@@ -162,8 +182,21 @@ def heun_sample(velocity_fn: VelocityFn, x: Array, sigmas: Array, timesteps: Arr
 SAMPLERS: dict[str, Callable[..., Array]] = {"euler": euler_sample, "heun": heun_sample}
 
 
-def sample(velocity_fn: VelocityFn, noise: Array, sigmas: Array, timesteps: Array, method: str = "euler") -> Array:
-    """Runs the chosen sampler (`"euler"` or `"heun"`) from `noise` at sigmas[0]."""
+def sample(
+    velocity_fn: VelocityFn,
+    noise: Array,
+    sigmas: Array,
+    timesteps: Array,
+    method: str = "euler",
+    degrade: Callable[[Array, Array], Array] | None = None,
+    min_t: float = 0.0,
+) -> Array:
+    """Runs the chosen sampler (`"euler"` or `"heun"`) from `noise` at sigmas[0]; `degrade`: the
+    blurring process's B_s (see `euler_sample`; Euler only)."""
     if method not in SAMPLERS:
         raise ValueError(f"unknown sampler {method!r}; known: {sorted(SAMPLERS)}")
+    if degrade is not None:
+        if method != "euler":
+            raise ValueError(f"sampler {method!r} with a blurring process (model.blur): only 'euler' steps it")
+        return euler_sample(velocity_fn, noise, sigmas, timesteps, degrade, min_t)
     return SAMPLERS[method](velocity_fn, noise, sigmas, timesteps)

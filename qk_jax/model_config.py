@@ -9,6 +9,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from qk_jax import blur as blur_lib
 from qk_jax import flow, paths
 from qk_jax.config import ConfigError, check_divisible, require
 from qk_jax.models.connector import ConnectorConfig
@@ -109,6 +110,7 @@ def build_kontext_config(config, special_token_ids: Mapping[str, int] | None = N
             lora_vlm=lora(m.lora_vlm),
             lora_dit=lora(m.lora_dit),
             timesteps=flow.TimestepConfig(**_plain(m.timesteps)),
+            blur=blur_lib.BlurConfig(**_plain(m.get("blur", {}))),
             dropout=CondDropout(**_plain(m.dropout)),
             prediction=m.get("prediction", "velocity"),
             sigma_data=float(m.get("sigma_data", 0.5)),

@@ -170,6 +170,7 @@ class Sampler:
                 guidance != 1.0,
                 cond_tokens is not None and image_guidance != 1.0,
                 self.config.sample.get("guidance_mode", "cfg"),
+                (h, w),
             )
             if key not in self._loops:
                 self._loops[key] = jax.jit(self._loop(*key))
@@ -233,15 +234,22 @@ class Sampler:
             )
         return flow_solvers.FlowMatchSchedule(shift=t.static_shift if t.shift == "static" else 1.0)
 
-    def _loop(self, method: str, text_cfg: bool, dual: bool, guidance_mode: str):
-        """The sampling loop for one guidance layout (see `sample_loop`)."""
-        return sample_loop(self.model, method, text_cfg, dual, guidance_mode)
+    def _loop(self, method: str, text_cfg: bool, dual: bool, guidance_mode: str, image_size: tuple[int, int]):
+        """The sampling loop for one guidance layout and target size (see `sample_loop`)."""
+        return sample_loop(self.model, method, text_cfg, dual, guidance_mode, image_size)
 
 
 GUIDANCE_MODES = ("cfg", "true_cfg")
 
 
-def sample_loop(model: QueryKontext, method: str, text_cfg: bool, dual: bool, guidance_mode: str = "cfg"):
+def sample_loop(
+    model: QueryKontext,
+    method: str,
+    text_cfg: bool,
+    dual: bool,
+    guidance_mode: str = "cfg",
+    image_size: tuple[int, int] | None = None,
+):
     """The sampling loop (jit it) for one guidance layout; the scales are traced arguments:
 
         loop(params, noise (B, N, C), sigmas (S+1,), timesteps (S,), cond (B, T+K, D_cond),
@@ -252,8 +260,11 @@ def sample_loop(model: QueryKontext, method: str, text_cfg: bool, dual: bool, gu
     [full, no text] (text CFG), or [full, no text, neither] (dual guidance with input images).
     `guidance_mode` (config `sample.guidance_mode`) combines the text-CFG branches as plain
     CFG or as Qwen-Image's "true CFG" (`guidance.true_cfg`: rescaled per token to the
-    conditional velocity's norm).
+    conditional velocity's norm). A blurring process (`model.blur`) steps with its B_s on the
+    target's `image_size` (height, width), which it then needs.
     """
+    if model.config.blur.enabled and image_size is None:
+        raise ValueError("sample_loop: a blurring process (model.blur) needs the target's image_size")
     if guidance_mode not in GUIDANCE_MODES:
         raise ConfigError(f"config field sample.guidance_mode={guidance_mode!r}; expected one of {GUIDANCE_MODES}")
     text_combine = guidance_lib.true_cfg if guidance_mode == "true_cfg" else guidance_lib.cfg
@@ -273,7 +284,13 @@ def sample_loop(model: QueryKontext, method: str, text_cfg: bool, dual: bool, gu
             vel = guidance_lib.guided_velocity(model_fn, [full, no_text], lambda c, u: text_combine(c, u, g))
         else:
             vel = guidance_lib.guided_velocity(model_fn, [full], lambda c: c)
-        return flow_solvers.sample(vel, noise, sigmas, timesteps, method)
+        degrade = None
+        if model.config.blur.enabled:
+
+            def degrade(x0, s):
+                return model.degrade(params, x0, jnp.full((x0.shape[0],), s), *image_size)
+
+        return flow_solvers.sample(vel, noise, sigmas, timesteps, method, degrade, model.config.min_t)
 
     return loop
 

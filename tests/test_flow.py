@@ -1,6 +1,8 @@
 """Rectified flow, schedules and samplers against diffusers' FlowMatch schedulers; guidance; a 4-step
 sampling loop of ours vs a loop over the diffusers transformer with the diffusers scheduler."""
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -223,10 +225,13 @@ def test_sample_loop_guidance_mode_true_cfg():
     """`sample.guidance_mode="true_cfg"` reaches the sampling loop: the text-CFG branches are
     combined by Qwen-Image's norm-rescaled CFG, every Euler step."""
     from qk_jax import flow_solvers
+    from qk_jax.blur import BlurConfig
     from qk_jax.config import ConfigError
     from qk_jax.sample import sample_loop
 
     class Model:  # a velocity that depends on whether the text is masked out
+        config = types.SimpleNamespace(blur=BlurConfig(), min_t=0.05)
+
         @staticmethod
         def velocity(params, x, tokens, img_ids, cond, mask, t):
             on = jnp.any(mask, axis=1).astype(x.dtype)[:, None, None]

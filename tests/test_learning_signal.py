@@ -13,6 +13,7 @@ from qk_jax.eval import signal as signal_lib
 from qk_jax.models.kontext import QueryKontext, preconditioned_velocity, preconditioning
 from qk_jax.train_metrics import accumulate, window_record
 from qk_jax.train_step import make_loss_fn
+from test_blur import scipy_heat_blur
 
 
 def test_preconditioned_velocity_is_the_velocity_of_its_clean_estimate():
@@ -205,6 +206,48 @@ def test_mean_error_weight_reaches_the_training_loss(shapes_dir, proc):
         ku.model_config(ku.stage_config(2, shapes_dir, "model.mean_error_weight=0.0"), proc)
 
 
+def test_blur_reaches_the_training_step(shapes_dir, proc):
+    """`model.blur.max_sigma` makes the DiT's noisy input (1 - t) B_t x0 + t eps, B_t a Gaussian blur
+    of the target picture (by scipy's DCT, on the decoded pixel-space latents) of max_sigma sin^2(pi t / 2)
+    pixels, and the loss the clean-picture error / t. Recorded from the train step's own call of
+    the DiT; the blurred process needs an x0 generator."""
+    overrides = ("model.prediction=x0", "model.blur.max_sigma=5.0", "data.mixture={'t2i': 1.0}")
+    config = ku.stage_config(2, shapes_dir, *overrides)
+    kcfg = ku.model_config(config, proc)
+    assert kcfg.blur.max_sigma == 5.0
+
+    seen = {}
+
+    class Recorded(QueryKontext):
+        def velocity(self, params, x_target, *args):
+            seen["xt"] = x_target
+            out = super().velocity(params, x_target, *args)
+            seen["x0_hat"] = x_target - jnp.maximum(args[-1], kcfg.min_t)[:, None, None] * out
+            return out
+
+    model = Recorded(kcfg)
+    params = jax.jit(lambda r: sharding.unbox_abstract(model.init(r)))(jax.random.key(0))
+    trainable, frozen = optim.partition(params, config.train.trainable)
+    batch = ku.prepared(kcfg, ku.first_batch(config, proc))
+    rng = jax.random.key(3)
+    loss, aux = make_loss_fn(model)(trainable, frozen, batch, rng)  # eager: the recorder keeps arrays
+    _, k_time, k_noise = jax.random.split(rng, 3)
+    x0 = model.encode(params, batch["target"])
+    t = np.asarray(flow.sample_timesteps(k_time, x0.shape[0], kcfg.timesteps, image_seq_len=x0.shape[1]))
+    noise = np.asarray(jax.random.normal(k_noise, x0.shape, x0.dtype))
+    images = np.asarray(batch["target"], np.float64)
+    sigmas = 5.0 * np.sin(np.pi * t / 2) ** 2
+    blurred = np.stack([scipy_heat_blur(im, s, kcfg.blur.min_scale) for im, s in zip(images, sigmas)])
+    bx0 = np.asarray(model.encode(params, jnp.asarray(blurred, jnp.float32)))
+    want_xt = (1 - t)[:, None, None] * bx0 + t[:, None, None] * noise
+    np.testing.assert_allclose(seen["xt"], want_xt, atol=2e-4)
+    assert not np.allclose(want_xt, (1 - t)[:, None, None] * np.asarray(x0) + t[:, None, None] * noise, atol=1e-2)
+    err = (np.asarray(seen["x0_hat"]) - np.asarray(x0)) / np.maximum(t, kcfg.min_t)[:, None, None]
+    np.testing.assert_allclose(aux["per_sample"], np.square(err).mean(axis=(1, 2)), rtol=1e-3)
+    with pytest.raises(Exception, match="model.blur.max_sigma"):
+        ku.model_config(ku.stage_config(2, shapes_dir, "model.blur.max_sigma=5.0"), proc)
+
+
 def test_local_mixing_reaches_the_training_step(shapes_dir, proc):
     """`model.generator.overrides.local_mixing` builds the DiT with the convolution over the target
     grid, and the train step's loss differentiates its weight (zero at init: a gradient that
@@ -291,6 +334,9 @@ class _ToyDenoiser:
 
     def encode(self, params, images):
         return images.reshape(images.shape[0], -1, 3)
+
+    def noised(self, params, x0, noise, t, height, width):  # plain rectified flow
+        return flow.noise_latents(x0, noise, t)
 
     def velocity(self, params, x, tokens, img_ids, cond, mask, t):
         told = cond.reshape(x.shape)

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qk_jax import flow, flow_solvers, sharding
+from qk_jax import flow_solvers, sharding
 from qk_jax.data import buckets, builders
 from qk_jax.data import records as records_lib
 from qk_jax.eval import score as score_lib
@@ -101,11 +101,18 @@ def complete_from_targets(model, params, batch, key, sigmas):
     """The batch's targets noised to sigmas[0] and integrated down to 0 by Euler without guidance:
     (B, N, C) target tokens. With `sigmas = [t, 0]` it is the clean-image prediction from x_t."""
     cond, mask, tokens, _, xt = _noised_inputs(model, params, batch, key, sigmas[0])
+    hw = batch["target"].shape[1:3]
 
     def velocity(x, t):
         return model.velocity(params, x, tokens, batch["img_ids"], cond, mask, jnp.full((x.shape[0],), t))
 
-    return flow_solvers.euler_sample(velocity, xt, sigmas, sigmas[:-1])
+    def degrade(x0, s):
+        return model.degrade(params, x0, jnp.full((x0.shape[0],), s), *hw)
+
+    blurred = model.config.blur.enabled
+    return flow_solvers.euler_sample(
+        velocity, xt, sigmas, sigmas[:-1], degrade if blurred else None, model.config.min_t
+    )
 
 
 class LearningSignal:
@@ -250,7 +257,7 @@ def _noised_inputs(model, params, batch, key, t):
     if model.config.low_level and "cond_images" in batch:
         tokens = model.encode_conditions(params, batch["cond_images"])
     noise = jax.random.normal(key, x0.shape, x0.dtype)
-    xt = flow.noise_latents(x0, noise, jnp.full((x0.shape[0],), t, jnp.float32))
+    xt = model.noised(params, x0, noise, jnp.full((x0.shape[0],), t, jnp.float32), *batch["target"].shape[1:3])
     return cond, mask, tokens, x0, xt
 
 

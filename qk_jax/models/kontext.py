@@ -42,6 +42,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from qk_jax import blur as blur_lib
 from qk_jax import flow
 from qk_jax.models.connector import Connector, ConnectorConfig
 from qk_jax.models.layers import LORA_COLLECTION
@@ -116,6 +117,9 @@ class KontextConfig:
     lora_vlm: LoraConfig = LoraConfig()
     lora_dit: LoraConfig = LoraConfig()
     timesteps: flow.TimestepConfig = flow.TimestepConfig()
+    # Blurring diffusion (qk_jax/blur.py): the target picture blurred as the noise grows; off by default.
+    # Needs prediction="x0": the generator predicts the sharp picture from the blurred, noisy one.
+    blur: blur_lib.BlurConfig = blur_lib.BlurConfig()
     dropout: CondDropout = CondDropout()
     guidance_scale: float = 1.0  # FLUX guidance-distilled generators: the embedded guidance value
     # What the generator's output means: "velocity" (v = noise - x0, as Qwen-Image / FLUX) or
@@ -166,6 +170,11 @@ class KontextConfig:
             raise ValueError(f"model.generator.key={self.generator_key!r}; expected one of {GENERATOR_KEYS}")
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"model.prediction={self.prediction!r}; expected one of {PREDICTIONS}")
+        if self.blur.enabled and self.prediction != "x0":
+            raise ValueError(
+                f"model.blur.max_sigma={self.blur.max_sigma} needs model.prediction='x0' (got {self.prediction!r}): "
+                "the blurred process's sampler steps from the clean-picture prediction"
+            )
         if self.loss_weighting not in LOSS_WEIGHTINGS:
             raise ValueError(f"model.loss_weighting={self.loss_weighting!r}; expected one of {LOSS_WEIGHTINGS}")
         if not self.foreground_weight >= 0:
@@ -344,6 +353,24 @@ class QueryKontext:
         variables = {"params": params["vae"]} if "vae" in params else {}
         return self.vae.apply(variables, latents, method="decode")
 
+    def degrade(self, params: Mapping[str, Any], tokens: Array, t: Array, height: int, width: int) -> Array:
+        """B_t of the blurring process (qk_jax/blur.py) on DiT tokens (B, N, C) of (height, width)
+        pictures, t (B,): the picture itself blurred for the pixel autoencoder (a linear, lossless
+        code), else each latent channel on the latent grid. The identity when blur is off."""
+        c = self.config
+        if not c.blur.enabled:
+            return tokens
+        if isinstance(c.vae, PixelSpaceConfig):
+            images = self.decode(params, tokens, height, width)
+            return self.encode(params, blur_lib.blur_grid(images, t, c.blur))
+        f = c.vae.downsample_factor
+        latents = unpatchify(tokens, height // f, width // f, c.generator.patch_size)
+        return patchify(blur_lib.blur_grid(latents, t, c.blur, pixel=f), c.generator.patch_size)
+
+    def noised(self, params: Mapping[str, Any], x0: Array, noise: Array, t: Array, height: int, width: int) -> Array:
+        """x_t = (1 - t) B_t x0 + t eps for target tokens x0 (B, N, C), t (B,)."""
+        return flow.noise_latents(self.degrade(params, x0, t, height, width), noise, t)
+
     # ------------------------------------------------------------------ denoising
 
     def velocity(
@@ -408,9 +435,13 @@ class QueryKontext:
                 cond_tokens = jnp.where(drop_img[:, None, None], 0.0, cond_tokens)
         t = flow.sample_timesteps(k_time, x0.shape[0], c.timesteps, image_seq_len=x0.shape[1])
         noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
-        xt = flow.noise_latents(x0, noise, t)
+        xt = self.noised(params, x0, noise, t, *batch["target"].shape[1:3])
         v = self.velocity(params, xt, cond_tokens, batch["img_ids"], cond, cond_mask, t)
-        error = v.astype(jnp.float32) - flow.velocity_target(x0, noise)
+        if c.blur.enabled:  # (x_t - x0) / t: the error is the clean-picture error / t, as unblurred
+            target = (xt.astype(jnp.float32) - x0.astype(jnp.float32)) / jnp.maximum(t, c.min_t)[:, None, None]
+        else:
+            target = flow.velocity_target(x0, noise)
+        error = v.astype(jnp.float32) - target
         if c.mean_error_weight != 1.0:
             error = reweight_mean_error(error, c.mean_error_weight)
         per_token = jnp.mean(jnp.square(error), axis=2)
