@@ -176,8 +176,14 @@ def stage_config(stage: int, size: str) -> ml_collections.ConfigDict:
     m = c.model = ml_collections.ConfigDict()
     m.vlm = dict(size=s["vlm"], checkpoint="", overrides=dict(s.get("vlm_overrides", {})))
     gen = s["head"] if stage == 1 else s["dit"]
+    # init: "default" | "adaln_zero" (DiT's: every block's modulation and the output layer zero at
+    # initialisation; for a generator trained from scratch; a checkpoint replaces either)
     m.generator = dict(
-        key="head" if stage == 1 else "dit", size=gen["size"], checkpoint="", overrides=dict(gen["overrides"])
+        key="head" if stage == 1 else "dit",
+        size=gen["size"],
+        checkpoint="",
+        overrides=dict(gen["overrides"]),
+        init=s.get("generator_init", "default"),
     )
     m.vae = dict(s["vae"], checkpoint="")
     m.connector = dict(s["connector"])

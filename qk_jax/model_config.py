@@ -105,6 +105,7 @@ def build_kontext_config(config, special_token_ids: Mapping[str, int] | None = N
             connector=conn,
             num_queries=int(m.num_queries),
             generator_key=m.generator.key,
+            generator_init=m.generator.get("init", "default"),
             low_level=bool(m.low_level),
             position_scheme=m.position_scheme,
             lora_vlm=lora(m.lora_vlm),

@@ -13,6 +13,7 @@ from qk_jax.eval import signal as signal_lib
 from qk_jax.models.kontext import QueryKontext, preconditioned_velocity, preconditioning
 from qk_jax.train_metrics import accumulate, window_record
 from qk_jax.train_step import make_loss_fn
+from qk_jax.tree import flatten_tree
 from test_blur import scipy_heat_blur
 
 
@@ -246,6 +247,46 @@ def test_blur_reaches_the_training_step(shapes_dir, proc):
     np.testing.assert_allclose(aux["per_sample"], np.square(err).mean(axis=(1, 2)), rtol=1e-3)
     with pytest.raises(Exception, match="model.blur.max_sigma"):
         ku.model_config(ku.stage_config(2, shapes_dir, "model.blur.max_sigma=5.0"), proc)
+
+
+def test_adaln_zero_init_reaches_the_training_step(shapes_dir, proc):
+    """`model.generator.init=adaln_zero` starts the generator with every block's modulation and the
+    output layer zero (the rest as by default): the x0 generator's output is 0, so the train step's
+    loss at initialisation is the closed form of a zero clean-latent estimate, and the first
+    gradient reaches the output layer."""
+    config = ku.stage_config(2, shapes_dir, "model.prediction=x0", "model.generator.init=adaln_zero")
+    kcfg = ku.model_config(config, proc)
+    assert kcfg.generator_init == "adaln_zero"
+    model = QueryKontext(kcfg)
+    params = jax.jit(lambda r: sharding.unbox_abstract(model.init(r)))(jax.random.key(0))
+    default = jax.jit(lambda r: sharding.unbox_abstract(QueryKontext(kcfg.replace(generator_init="default")).init(r)))(
+        jax.random.key(0)
+    )
+    for name, value in flatten_tree(params["dit"]).items():
+        zeroed = name.split("/")[:2] in (["double_blocks", "img_mod"], ["double_blocks", "txt_mod"]) or name.split("/")[
+            0
+        ] in ("norm_out", "proj_out")
+        if zeroed:
+            assert not np.asarray(value).any(), name
+        else:
+            np.testing.assert_array_equal(value, flatten_tree(default["dit"])[name])
+    assert np.asarray(flatten_tree(default["dit"])["proj_out/kernel"]).any()
+    trainable, frozen = optim.partition(params, config.train.trainable)
+    batch = ku.prepared(kcfg, ku.first_batch(config, proc))
+    rng = jax.random.key(3)
+    loss_fn = make_loss_fn(model)
+    loss, aux = jax.jit(loss_fn)(trainable, frozen, batch, rng)
+    _, k_time, k_noise = jax.random.split(rng, 3)
+    x0 = model.encode(params, batch["target"])
+    t = flow.sample_timesteps(k_time, x0.shape[0], kcfg.timesteps, image_seq_len=x0.shape[1])
+    noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
+    x_t = flow.noise_latents(x0, noise, t)
+    want = jnp.mean(jnp.square(x_t / jnp.maximum(t, kcfg.min_t)[:, None, None] - (noise - x0)), axis=(1, 2))
+    np.testing.assert_allclose(aux["per_sample"], want, rtol=1e-4)
+    grads = jax.jit(jax.grad(lambda tr: loss_fn(tr, frozen, batch, rng)[0]))(trainable)
+    assert float(jnp.abs(grads["dit"]["proj_out"]["kernel"]).max()) > 0
+    with pytest.raises(Exception, match="model.generator.init"):
+        ku.model_config(ku.stage_config(2, shapes_dir, "model.generator.init=zero"), proc)
 
 
 def test_local_mixing_reaches_the_training_step(shapes_dir, proc):

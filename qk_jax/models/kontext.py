@@ -60,6 +60,10 @@ POSITION_SCHEMES = ("shifted_2d", "frame")
 PREDICTIONS = ("velocity", "x0", "preconditioned")
 LOSS_WEIGHTINGS = ("velocity", "x0")
 GENERATOR_KEYS = ("head", "dit")
+GENERATOR_INITS = ("default", "adaln_zero")
+# adaLN-Zero (DiT, Peebles & Xie 2023): the parameters zeroed at initialisation, so that every block
+# starts as the identity (shift, scale and gate 0) and the output as 0.
+ADALN_ZERO_PARAMS = ("double_blocks/img_mod/", "double_blocks/txt_mod/", "single_blocks/mod/", "norm_out/", "proj_out/")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +116,11 @@ class KontextConfig:
     connector: ConnectorConfig
     num_queries: int = 128
     generator_key: str = "dit"  # "head" in stage 1
+    # How a generator trained from scratch starts: "default" (every Dense kernel LeCun-normal, as the
+    # published architectures are defined; their checkpoints replace it) or "adaln_zero" (the same,
+    # with every block's modulation and the output layer zero: each block starts as the identity,
+    # DiT's adaLN-Zero). A checkpoint or surgery that brings the generator's weights overrides both.
+    generator_init: str = "default"
     low_level: bool = False  # stage 3: VAE latents of source / references join the image stream
     position_scheme: str = "shifted_2d"
     lora_vlm: LoraConfig = LoraConfig()
@@ -168,6 +177,8 @@ class KontextConfig:
             raise ValueError(f"model.num_queries={self.num_queries}: need at least one kontext query")
         if self.generator_key not in GENERATOR_KEYS:
             raise ValueError(f"model.generator.key={self.generator_key!r}; expected one of {GENERATOR_KEYS}")
+        if self.generator_init not in GENERATOR_INITS:
+            raise ValueError(f"model.generator.init={self.generator_init!r}; expected one of {GENERATOR_INITS}")
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"model.prediction={self.prediction!r}; expected one of {PREDICTIONS}")
         if self.blur.enabled and self.prediction != "x0":
@@ -265,6 +276,8 @@ class QueryKontext:
             k_conn, jnp.zeros((1, 2, c.connector.in_dim)), jnp.ones((1, 2), bool)
         )["params"]
         params[c.generator_key] = init_mmdit_params(c.generator, k_gen)
+        if c.generator_init == "adaln_zero":
+            params[c.generator_key] = adaln_zero(params[c.generator_key])
         if not isinstance(c.vae, PixelSpaceConfig):
             size = max(16, c.vae.downsample_factor)
             params["vae"] = self.vae.init(k_vae, jnp.zeros((1, size, size, 3)))["params"]
@@ -462,6 +475,18 @@ class QueryKontext:
         b, n = images.shape[:2]
         tokens = self.encode(params, images.reshape((b * n,) + images.shape[2:]))
         return tokens.reshape(b, n * tokens.shape[1], tokens.shape[2])
+
+
+def adaln_zero(boxed_params: Any) -> Any:
+    """Generator parameters (boxed) with the `ADALN_ZERO_PARAMS` zeroed, their boxes kept."""
+
+    def zero(path, leaf):
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        if not any(name.startswith(p) for p in ADALN_ZERO_PARAMS):
+            return leaf
+        return leaf.replace_boxed(jnp.zeros_like(leaf.unbox())) if isinstance(leaf, nn.meta.AxisMetadata) else 0 * leaf
+
+    return jax.tree_util.tree_map_with_path(zero, boxed_params, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
 def reweight_mean_error(error: Array, weight: float) -> Array:
