@@ -119,12 +119,7 @@ def trajectory_errors(sampler, batch, steps: int) -> list[tuple[int, float, floa
     velocity = jax.jit(lambda x, t: model.velocity(params, x, None, batch["img_ids"], cond, mask, t))
     noise = jax.random.normal(jax.random.key(0), x0.shape)
     hw = batch["target"].shape[1:3]
-    degrade = None
-    if model.config.blur.enabled:
-
-        def degrade(z, s):
-            return model.degrade(params, z, jnp.full((z.shape[0],), s), *hw)
-
+    degrade = model.degrader(params, *hw)
     x, rows = noise, []
     for i, t in enumerate(np.asarray(timesteps, np.float64)):
         tt = jnp.full((x0.shape[0],), t, jnp.float32)
@@ -135,9 +130,8 @@ def trajectory_errors(sampler, batch, steps: int) -> list[tuple[int, float, floa
         s = float(sigmas[i + 1])
         if degrade is None:
             x = x + (s - t) * v
-        else:  # DDIM for the blurred process (flow_solvers.euler_sample)
-            x0_hat = x - max(t, model.config.min_t) * v
-            x = (1 - s) * degrade(x0_hat, s) + s * (x - (1 - t) * degrade(x0_hat, t)) / t
+        else:
+            x = flow_solvers.blurred_step(x, v, t, s, degrade, model.config.min_t)
     return rows
 
 

@@ -150,13 +150,18 @@ def euler_sample(
         return (x.astype(jnp.float32) + (sigmas[i + 1] - sigmas[i]) * v).astype(x.dtype)
 
     def blurred_body(i, x):
-        t, s = sigmas[i], sigmas[i + 1]
-        xf = x.astype(jnp.float32)
-        x0 = xf - jnp.maximum(t, min_t) * velocity_fn(x, timesteps[i]).astype(jnp.float32)
-        eps = (xf - (1.0 - t) * degrade(x0, t)) / t
-        return ((1.0 - s) * degrade(x0, s) + s * eps).astype(x.dtype)
+        v = velocity_fn(x, timesteps[i]).astype(jnp.float32)
+        return blurred_step(x.astype(jnp.float32), v, sigmas[i], sigmas[i + 1], degrade, min_t).astype(x.dtype)
 
     return jax.lax.fori_loop(0, timesteps.shape[0], body if degrade is None else blurred_body, x)
+
+
+def blurred_step(x: Array, v: Array, t, s, degrade: Callable[[Array, Array], Array], min_t: float = 0.0) -> Array:
+    """One DDIM step from t to s of the blurring process (see `euler_sample`), given the velocity v
+    of an x0 generator at (x, t)."""
+    x0 = x - jnp.maximum(t, min_t) * v
+    eps = (x - (1.0 - t) * degrade(x0, t)) / t
+    return (1.0 - s) * degrade(x0, s) + s * eps
 
 
 def heun_sample(velocity_fn: VelocityFn, x: Array, sigmas: Array, timesteps: Array) -> Array:

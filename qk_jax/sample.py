@@ -284,12 +284,7 @@ def sample_loop(
             vel = guidance_lib.guided_velocity(model_fn, [full, no_text], lambda c, u: text_combine(c, u, g))
         else:
             vel = guidance_lib.guided_velocity(model_fn, [full], lambda c: c)
-        degrade = None
-        if model.config.blur.enabled:
-
-            def degrade(x0, s):
-                return model.degrade(params, x0, jnp.full((x0.shape[0],), s), *image_size)
-
+        degrade = model.degrader(params, *image_size) if model.config.blur.enabled else None
         return flow_solvers.sample(vel, noise, sigmas, timesteps, method, degrade, model.config.min_t)
 
     return loop

@@ -116,6 +116,9 @@ def test_sampling_loop_steps_the_blurred_process():
             grid = x.reshape(x.shape[0], height, width, x.shape[-1])
             return blur_grid(grid, t, cfg).reshape(x.shape)
 
+        def degrader(self, params, height, width):
+            return lambda x, s: self.degrade(params, x, jnp.full((x.shape[0],), s), height, width)
+
     params = {"a": jnp.float32(-0.5), "b": jnp.float32(0.7)}
     noise = jax.random.normal(jax.random.key(2), (2, h * w, c))
     sigmas, timesteps = flow_solvers.flow_schedule(5, flow_solvers.FlowMatchSchedule(shift=1.0))

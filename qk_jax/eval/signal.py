@@ -101,18 +101,12 @@ def complete_from_targets(model, params, batch, key, sigmas):
     """The batch's targets noised to sigmas[0] and integrated down to 0 by Euler without guidance:
     (B, N, C) target tokens. With `sigmas = [t, 0]` it is the clean-image prediction from x_t."""
     cond, mask, tokens, _, xt = _noised_inputs(model, params, batch, key, sigmas[0])
-    hw = batch["target"].shape[1:3]
 
     def velocity(x, t):
         return model.velocity(params, x, tokens, batch["img_ids"], cond, mask, jnp.full((x.shape[0],), t))
 
-    def degrade(x0, s):
-        return model.degrade(params, x0, jnp.full((x0.shape[0],), s), *hw)
-
-    blurred = model.config.blur.enabled
-    return flow_solvers.euler_sample(
-        velocity, xt, sigmas, sigmas[:-1], degrade if blurred else None, model.config.min_t
-    )
+    degrade = model.degrader(params, *batch["target"].shape[1:3])
+    return flow_solvers.euler_sample(velocity, xt, sigmas, sigmas[:-1], degrade, model.config.min_t)
 
 
 class LearningSignal:

@@ -380,6 +380,13 @@ class QueryKontext:
         latents = unpatchify(tokens, height // f, width // f, c.generator.patch_size)
         return patchify(blur_lib.blur_grid(latents, t, c.blur, pixel=f), c.generator.patch_size)
 
+    def degrader(self, params: Mapping[str, Any], height: int, width: int):
+        """`degrade(tokens, s)` at a scalar noise level s for the samplers (`flow_solvers.euler_sample`),
+        or None when blur is off (the plain Euler step)."""
+        if not self.config.blur.enabled:
+            return None
+        return lambda tokens, s: self.degrade(params, tokens, jnp.full((tokens.shape[0],), s), height, width)
+
     def noised(self, params: Mapping[str, Any], x0: Array, noise: Array, t: Array, height: int, width: int) -> Array:
         """x_t = (1 - t) B_t x0 + t eps for target tokens x0 (B, N, C), t (B,)."""
         return flow.noise_latents(self.degrade(params, x0, t, height, width), noise, t)
