@@ -213,7 +213,7 @@ def stage_config(stage: int, size: str) -> ml_collections.ConfigDict:
         high_noise_share=0.0,
         high_noise_min=0.9,
     )
-    # Blurring diffusion (qk_jax/blur.py): the target blurred by a Gaussian of max_sigma * sin^2(pi t / 2)
+    # Blurring diffusion (qk_jax/models/blur.py): the target blurred by a Gaussian of max_sigma * sin^2(pi t / 2)
     # pixels as the noise grows (0 = plain rectified flow); needs prediction="x0".
     m.blur = dict(max_sigma=s.get("blur_max_sigma", 0.0), min_scale=0.001)
     m.dropout = dict(uncond=0.1, no_text=0.05, no_images=0.05, text=0.0, kontext=0.0)  # for CFG

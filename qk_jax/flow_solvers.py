@@ -137,7 +137,7 @@ def euler_sample(
     schedule. x is float32 (B, ...); sigmas (S+1,), timesteps (S,).
 
     With `degrade(x0, s)`, the B_s of a blurring process x_s = (1 - s) B_s x0 + s eps
-    (`qk_jax.blur`), each step is DDIM's for that process: the clean prediction
+    (`qk_jax.models.blur`), each step is DDIM's for that process: the clean prediction
     x0 = x - max(t, min_t) v (an x0 generator's own output) and the noise it implies,
     eps = (x - (1 - t) B_t x0) / t, put together again at the next sigma s. With B the
     identity that is the Euler step above.

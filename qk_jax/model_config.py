@@ -9,9 +9,9 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from qk_jax import blur as blur_lib
 from qk_jax import flow, paths
 from qk_jax.config import ConfigError, check_divisible, require
+from qk_jax.models import blur as blur_lib
 from qk_jax.models.connector import ConnectorConfig
 from qk_jax.models.kontext import CondDropout, KontextConfig, LoraConfig
 from qk_jax.models.mmdit import mmdit_config

@@ -1,4 +1,4 @@
-"""Blurring diffusion (`qk_jax/blur.py`): the blur against scipy's Gaussian filter, the sampler's
+"""Blurring diffusion (`qk_jax/models/blur.py`): the blur against scipy's Gaussian filter, the sampler's
 step for the blurred process (DDIM) against the plain Euler step and the process's closed form,
 and the sampling loop with `model.blur` against a loop written out here."""
 
@@ -12,7 +12,7 @@ import scipy.fft
 from scipy import ndimage
 
 from qk_jax import flow_solvers
-from qk_jax.blur import BlurConfig, blur_grid, frequency_scales
+from qk_jax.models.blur import BlurConfig, blur_grid, frequency_scales
 from qk_jax.sample import sample_loop
 
 TINY_FLOOR = 1e-9  # min_scale small enough that the blur is the Gaussian's to float32 precision

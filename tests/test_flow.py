@@ -225,8 +225,8 @@ def test_sample_loop_guidance_mode_true_cfg():
     """`sample.guidance_mode="true_cfg"` reaches the sampling loop: the text-CFG branches are
     combined by Qwen-Image's norm-rescaled CFG, every Euler step."""
     from qk_jax import flow_solvers
-    from qk_jax.blur import BlurConfig
     from qk_jax.config import ConfigError
+    from qk_jax.models.blur import BlurConfig
     from qk_jax.sample import sample_loop
 
     class Model:  # a velocity that depends on whether the text is masked out

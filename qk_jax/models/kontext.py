@@ -42,8 +42,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qk_jax import blur as blur_lib
 from qk_jax import flow
+from qk_jax.models import blur as blur_lib
 from qk_jax.models.connector import Connector, ConnectorConfig
 from qk_jax.models.layers import LORA_COLLECTION
 from qk_jax.models.lora import lora_collection
@@ -126,7 +126,7 @@ class KontextConfig:
     lora_vlm: LoraConfig = LoraConfig()
     lora_dit: LoraConfig = LoraConfig()
     timesteps: flow.TimestepConfig = flow.TimestepConfig()
-    # Blurring diffusion (qk_jax/blur.py): the target picture blurred as the noise grows; off by default.
+    # Blurring diffusion (qk_jax/models/blur.py): the target picture blurred as the noise grows; off by default.
     # Needs prediction="x0": the generator predicts the sharp picture from the blurred, noisy one.
     blur: blur_lib.BlurConfig = blur_lib.BlurConfig()
     dropout: CondDropout = CondDropout()
@@ -367,7 +367,7 @@ class QueryKontext:
         return self.vae.apply(variables, latents, method="decode")
 
     def degrade(self, params: Mapping[str, Any], tokens: Array, t: Array, height: int, width: int) -> Array:
-        """B_t of the blurring process (qk_jax/blur.py) on DiT tokens (B, N, C) of (height, width)
+        """B_t of the blurring process (qk_jax/models/blur.py) on DiT tokens (B, N, C) of (height, width)
         pictures, t (B,): the picture itself blurred for the pixel autoencoder (a linear, lossless
         code), else each latent channel on the latent grid. The identity when blur is off."""
         c = self.config
