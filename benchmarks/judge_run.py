@@ -1,12 +1,17 @@
 """Sample a run's checkpoint on every record of a split and score the samples with the judge.
 
     PYTHONPATH=. python benchmarks/judge_run.py --checkpoint RUN [--step N] [--split validation]
-        [--task t2i] [--limit N] [--steps 20] [--guidance G] [--seed 0] [--data_dir DIR]
+        [--task t2i] [--limit N] [--steps 20] [--guidance G] [--seed 0] [--data_dir DIR] [--from_t0 T]
 
 The learning signal judges a few validation prompts at the end of a run; this judges a whole split
 (one sample per record, the run's sampler and guidance unless given, EMA weights), so that two
 recipes can be told apart beyond the noise of 8 or 32 samples (one sample of 64 is 0.016). Prints
 the score and the share of samples passing each check of `qk_jax.eval.score`.
+
+With `--from_t0 T` the samples start instead from each record's own target noised to T (the learning
+signal's completions, over the whole split: Euler, no guidance). The noisy target fixes the layout
+the prompt leaves open, so this scores what the generator draws once where its objects go is given,
+a ceiling for the samples from noise at the same weights.
 
 It also scores every sample against the next record's prompt (its neighbour in the split, which
 asks for other objects): what the judge passes by chance on images that do not follow their prompt
@@ -19,23 +24,49 @@ from __future__ import annotations
 import argparse
 import collections
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from qk_jax import sharding
 from qk_jax.data import builders
 from qk_jax.data import records as records_lib
-from qk_jax.eval import score
+from qk_jax.eval import score, signal
 from qk_jax.sample import Sampler
 
 BATCH = 32
 
 
-def judge_split(sampler: Sampler, recs: list[dict], steps: int, guidance: float | None, seed: int) -> dict:
-    """{"score", "n", "checks": {check: share passing}, "other_prompt": score against the next
-    record's prompt} of one sample per record (records of one input count, as a split of one task
-    holds)."""
+def completions(sampler: Sampler, recs: list[dict], t0: float, steps: int, seed: int) -> list[np.ndarray]:
+    """(H, W, 3) uint8 pictures: each record's target noised to `t0` and finished by `steps` Euler
+    steps without guidance (`signal.complete_from_targets`)."""
+    sigmas = jnp.asarray(np.linspace(t0, 0.0, steps + 1).astype(np.float32))
+    complete = jax.jit(
+        lambda params, batch, key: signal.complete_from_targets(sampler.model, params, batch, key, sigmas)
+    )
     images = []
     for i in range(0, len(recs), BATCH):
-        images.extend(sampler.generate(recs[i : i + BATCH], steps=steps, guidance=guidance, seed=seed + i))
+        batch = sampler.model_batch(recs[i : i + BATCH])
+        with jax.set_mesh(sampler.mesh), sharding.activation_rules_context():
+            tokens = complete(sampler.params, batch, jax.random.key(seed + i))
+        h, w = np.shape(batch["target"])[1:3]
+        images.extend(sampler.decode_uint8(tokens, h, w))
+    return images
+
+
+def judge_split(
+    sampler: Sampler, recs: list[dict], steps: int, guidance: float | None, seed: int, from_t0: float | None = None
+) -> dict:
+    """{"score", "n", "checks": {check: share passing}, "other_prompt": score against the next
+    record's prompt} of one sample per record (records of one input count, as a split of one task
+    holds); from noise, or with `from_t0` from the records' targets noised to it (`completions`)."""
+    if from_t0 is not None:
+        images = completions(sampler, recs, from_t0, steps, seed)
+    else:
+        images = []
+        for i in range(0, len(recs), BATCH):
+            images.extend(sampler.generate(recs[i : i + BATCH], steps=steps, guidance=guidance, seed=seed + i))
+    images = [signal.at_target_size(im, records_lib.decode_image(r["target"])) for r, im in zip(recs, images)]
     results = [score.score_sample(r, im) for r, im in zip(recs, images)]
     neighbours = recs[1:] + recs[:1]
     other = [score.score_sample(r, im)["score"] for r, im in zip(neighbours, images)]
@@ -84,13 +115,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="sampler steps")
     parser.add_argument("--guidance", type=float, default=None, help="default: the run's sample.guidance")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--from_t0", type=float, default=None, help="start from the targets noised to this t (no guidance)"
+    )
     args = parser.parse_args()
+    if args.from_t0 is not None and not 0.0 < args.from_t0 <= 1.0:
+        parser.error(f"--from_t0 must lie in (0, 1], got {args.from_t0}")
 
     sampler = Sampler.from_checkpoint(args.checkpoint, step=args.step)
     recs = split_records(sampler, args, args.limit)
-    out = judge_split(sampler, recs, args.steps, args.guidance, args.seed)
+    out = judge_split(sampler, recs, args.steps, args.guidance, args.seed, args.from_t0)
     checks = ", ".join(f"{k} {v:.3f}" for k, v in out["checks"].items())
-    print(f"{args.checkpoint} step {sampler.step}: {args.task} / {args.split}, {out['n']} samples, {args.steps} steps")
+    start = "noise" if args.from_t0 is None else f"the targets noised to t = {args.from_t0:g}"
+    print(
+        f"{args.checkpoint} step {sampler.step}: {args.task} / {args.split}, {out['n']} samples, "
+        f"{args.steps} steps from {start}"
+    )
     print(f"against the next record's prompt (chance): judge {out['other_prompt']:.3f}")
     print(f"judge {out['score']:.3f}; checks passed: {checks}")
 
