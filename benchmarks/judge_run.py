@@ -39,7 +39,8 @@ BATCH = 32
 
 def completions(sampler: Sampler, recs: list[dict], t0: float, steps: int, seed: int) -> list[np.ndarray]:
     """(H, W, 3) uint8 pictures: each record's target noised to `t0` and finished by `steps` Euler
-    steps without guidance (`signal.complete_from_targets`)."""
+    steps without guidance (`signal.complete_from_targets`), at the target's size as the learning
+    signal's completions are."""
     sigmas = jnp.asarray(np.linspace(t0, 0.0, steps + 1).astype(np.float32))
     complete = jax.jit(
         lambda params, batch, key: signal.complete_from_targets(sampler.model, params, batch, key, sigmas)
@@ -51,7 +52,7 @@ def completions(sampler: Sampler, recs: list[dict], t0: float, steps: int, seed:
             tokens = complete(sampler.params, batch, jax.random.key(seed + i))
         h, w = np.shape(batch["target"])[1:3]
         images.extend(sampler.decode_uint8(tokens, h, w))
-    return images
+    return [signal.at_target_size(im, records_lib.decode_image(r["target"])) for r, im in zip(recs, images)]
 
 
 def judge_split(
@@ -66,7 +67,6 @@ def judge_split(
         images = []
         for i in range(0, len(recs), BATCH):
             images.extend(sampler.generate(recs[i : i + BATCH], steps=steps, guidance=guidance, seed=seed + i))
-    images = [signal.at_target_size(im, records_lib.decode_image(r["target"])) for r, im in zip(recs, images)]
     results = [score.score_sample(r, im) for r, im in zip(recs, images)]
     neighbours = recs[1:] + recs[:1]
     other = [score.score_sample(r, im)["score"] for r, im in zip(neighbours, images)]
