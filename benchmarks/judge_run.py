@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from qk_jax import sharding
@@ -39,20 +39,15 @@ BATCH = 32
 
 def completions(sampler: Sampler, recs: list[dict], t0: float, steps: int, seed: int) -> list[np.ndarray]:
     """(H, W, 3) uint8 pictures: each record's target noised to `t0` and finished by `steps` Euler
-    steps without guidance (`signal.complete_from_targets`), at the target's size as the learning
-    signal's completions are."""
-    sigmas = jnp.asarray(np.linspace(t0, 0.0, steps + 1).astype(np.float32))
-    complete = jax.jit(
-        lambda params, batch, key: signal.complete_from_targets(sampler.model, params, batch, key, sigmas)
-    )
+    steps without guidance, at the target's size (`signal.completed_pictures`)."""
+    complete = jax.jit(functools.partial(signal.complete_from_targets, sampler.model))
     images = []
     for i in range(0, len(recs), BATCH):
-        batch = sampler.model_batch(recs[i : i + BATCH])
+        chunk = recs[i : i + BATCH]
+        batch = sampler.model_batch(chunk)
         with jax.set_mesh(sampler.mesh), sharding.activation_rules_context():
-            tokens = complete(sampler.params, batch, jax.random.key(seed + i))
-        h, w = np.shape(batch["target"])[1:3]
-        images.extend(sampler.decode_uint8(tokens, h, w))
-    return [signal.at_target_size(im, records_lib.decode_image(r["target"])) for r, im in zip(recs, images)]
+            images.extend(signal.completed_pictures(sampler, complete, batch, chunk, t0, steps, seed + i))
+    return images
 
 
 def judge_split(

@@ -212,25 +212,30 @@ class LearningSignal:
 
     def _completions(self, sampler, batch, recs) -> dict[str, dict[str, float]]:
         out = {}
-        h, w = np.shape(batch["target"])[1:3]
         with jax.set_mesh(sampler.mesh), sharding.activation_rules_context():
             for t0 in self.cfg.completion_t0:
-                n = self.cfg.completion_steps
-                sigmas = np.linspace(t0, 0.0, n + 1).astype(np.float32)
-                tokens = self._fn(sampler, "complete")(
-                    sampler.params, batch, jax.random.key(self.seed), jnp.asarray(sigmas)
+                images = completed_pictures(
+                    sampler, self._fn(sampler, "complete"), batch, recs, t0, self.cfg.completion_steps, self.seed
                 )
-                images = sampler.decode_uint8(tokens, h, w)
                 scores, psnrs = [], []
                 for rec, im in zip(recs, images):
                     target = records_lib.decode_image(rec["target"])
-                    im = at_target_size(im, target)
                     psnrs.append(min(score_lib.psnr(im, target), PSNR_CAP))
                     scores.append(float(score_lib.score_sample(rec, im)["score"]))
                 out[f"{t0:g}"] = {"score": float(np.mean(scores)), "psnr": float(np.mean(psnrs))}
         return out
 
     _complete_impl = staticmethod(complete_from_targets)
+
+
+def completed_pictures(sampler, complete, batch, recs, t0: float, steps: int, seed: int) -> list[np.ndarray]:
+    """(H, W, 3) uint8 pictures of the batch's records (`recs`, in order), their targets noised to `t0`
+    and finished by `steps` Euler steps of `complete` (`complete_from_targets` bound to the sampler's
+    model and jitted), each at its target's size. Call within the sampler's mesh context."""
+    sigmas = jnp.asarray(np.linspace(t0, 0.0, steps + 1).astype(np.float32))
+    tokens = complete(sampler.params, batch, jax.random.key(seed), sigmas)
+    images = sampler.decode_uint8(tokens, *np.shape(batch["target"])[1:3])
+    return [at_target_size(im, records_lib.decode_image(r["target"])) for r, im in zip(recs, images)]
 
 
 PSNR_CAP = 60.0  # dB: an exact copy's infinite PSNR, capped so that a mean stays finite
