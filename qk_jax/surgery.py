@@ -323,7 +323,14 @@ def _load_dit(folder: str, dst_k, mesh, layers: str = "all", rules=None) -> tupl
     model = "qwen_image" if dst_k.generator.family == "qwen_image" else "flux"
     cfg = sources.read_config(model, folder)
     g = dst_k.generator
-    for field in ("num_single_layers", "num_heads", "head_dim", "in_channels", "joint_attention_dim"):
+    for field in (
+        "num_single_layers",
+        "num_heads",
+        "head_dim",
+        "in_channels",
+        "patch_bottleneck",
+        "joint_attention_dim",
+    ):
         if getattr(cfg, field) != getattr(g, field):
             raise SurgeryError(
                 f"--dit {folder}: {field}={getattr(cfg, field)} but the stage config's generator has "

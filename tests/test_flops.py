@@ -262,6 +262,14 @@ def test_mmdit_zero_cond_t_runs_modulation_twice():
     assert flops.mmdit_flops(cfg, 2, 64, 32, 64).total == flops.mmdit_flops(QWEN_DIT, 2, 64, 32, 64).total
 
 
+def test_mmdit_patch_bottleneck_counts_both_projections():
+    cfg = QWEN_DIT.replace(patch_bottleneck=8)
+    ours, fn, params, inputs = _mmdit_case(cfg)
+    assert_real_paths(ours, params)
+    assert ours.total == flops.traced_matmul_flops(fn, params, inputs)
+    assert ours.select("img_in_bottleneck") == 2 * 2 * 64 * cfg.in_channels * 8
+
+
 # ------------------------------------------------------------------ VAEs
 
 KL = AutoencoderKLConfig(

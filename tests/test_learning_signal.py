@@ -308,6 +308,23 @@ def test_local_mixing_reaches_the_training_step(shapes_dir, proc):
     assert not optim.decay_mask(trainable)["dit"]["double_blocks"]["img_mlp"]["local_mix"]["weight"]
 
 
+def test_patch_bottleneck_reaches_the_training_step(shapes_dir, proc):
+    """`model.generator.overrides.patch_bottleneck` builds the DiT with the narrow projection
+    before `img_in`, and the train step's loss differentiates it (trainable in stage 2)."""
+    config = ku.stage_config(2, shapes_dir, "model.generator.overrides.patch_bottleneck=16")
+    kcfg = ku.model_config(config, proc)
+    assert kcfg.generator.patch_bottleneck == 16
+    model = QueryKontext(kcfg)
+    params = jax.jit(lambda r: sharding.unbox_abstract(model.init(r)))(jax.random.key(0))
+    trainable, frozen = optim.partition(params, config.train.trainable)
+    batch = ku.prepared(kcfg, ku.first_batch(config, proc))
+    loss_fn = make_loss_fn(model)
+    grads = jax.jit(jax.grad(lambda tr: loss_fn(tr, frozen, batch, jax.random.key(3))[0]))(trainable)
+    assert grads["dit"]["img_in_bottleneck"]["kernel"].shape == (kcfg.generator.in_channels, 16)
+    assert grads["dit"]["img_in"]["kernel"].shape == (16, kcfg.generator.inner_dim)
+    assert float(jnp.abs(grads["dit"]["img_in_bottleneck"]["kernel"]).max()) > 0
+
+
 def test_log_record_averages_the_window():
     """Batches are grouped by input count, so one step holds one task: a log line must average
     every step of its window, per task over that task's samples."""

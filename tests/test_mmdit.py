@@ -345,6 +345,36 @@ def test_local_mixing_starts_as_the_plain_dit():
         dataclasses.replace(mixing, family="flux", num_layers=0, num_single_layers=1, out_channels=None)
 
 
+def test_patch_bottleneck_projects_each_token_through_a_narrow_layer():
+    """`patch_bottleneck=k` adds `img_in_bottleneck` (in_channels -> k) before `img_in` (k ->
+    width), so the image stream starts from a rank-k function of each token; with the two kernels
+    multiplied into one, the plain DiT computes the same. It cannot be exported, and k must be
+    narrower than a token."""
+    plain = dataclasses.replace(mmdit_config("tiny"), num_layers=2)
+    narrow = dataclasses.replace(plain, patch_bottleneck=4)
+    rng = np.random.default_rng(0)
+    img = jnp.asarray(rng.normal(size=(1, 16, plain.in_channels)), jnp.float32)
+    ids = jnp.asarray(pos.batch_ids(pos.qwen_image_ids([(1, 4, 4)], 3)[0], 1))
+    txt = jnp.asarray(rng.normal(size=(1, 3, plain.joint_attention_dim)), jnp.float32)
+    mask, t = jnp.ones((1, 3), bool), jnp.full((1,), 0.5)
+    p = nn.meta.unbox(MMDiT(narrow).init(jax.random.key(0), img, ids, txt, mask, t))["params"]
+    assert p["img_in_bottleneck"]["kernel"].shape == (plain.in_channels, 4)
+    assert p["img_in"]["kernel"].shape == (4, plain.inner_dim)
+    merged = {k: v for k, v in p.items() if k != "img_in_bottleneck"}
+    down, up = p["img_in_bottleneck"], p["img_in"]
+    merged["img_in"] = {"kernel": down["kernel"] @ up["kernel"], "bias": down["bias"] @ up["kernel"] + up["bias"]}
+    np.testing.assert_allclose(
+        MMDiT(narrow).apply({"params": p}, img, ids, txt, mask, t),
+        MMDiT(plain).apply({"params": merged}, img, ids, txt, mask, t),
+        atol=1e-5,
+    )
+    with pytest.raises(ValueError, match="patch_bottleneck"):
+        to_diffusers(narrow)
+    for k in (0, plain.in_channels):
+        with pytest.raises(ValueError, match="patch_bottleneck"):
+            dataclasses.replace(plain, patch_bottleneck=k)
+
+
 def test_zero_text_positions_put_every_condition_token_at_the_origin():
     """`txt_positions="zeros"` on a Qwen-Image DiT: the condition tokens' RoPE ids are zeros (as
     FLUX's), so the output equals passing zero `txt_ids` and differs from the diagonal default."""

@@ -122,12 +122,14 @@ def mmdit_to_diffusers(config: MMDiTConfig) -> dict[str, Any]:
     if (
         config.absolute_positions
         or config.local_mixing
+        or config.patch_bottleneck
         or (config.txt_positions == "zeros" and config.family == "qwen_image")
     ):
         raise ValueError(
             "MMDiTConfig: absolute_positions=True (a sin-cos embedding of each image token's place), "
-            "local_mixing=True (a 3x3 convolution over the token grid) and txt_positions='zeros' on a "
-            "Qwen-Image DiT have no diffusers counterpart; such a DiT cannot be exported"
+            "local_mixing=True (a 3x3 convolution over the token grid), patch_bottleneck (a narrow "
+            "projection before img_in) and txt_positions='zeros' on a Qwen-Image DiT have no "
+            "diffusers counterpart; such a DiT cannot be exported"
         )
     if config.family == "qwen_image":
         if config.num_single_layers or config.pooled_projection_dim:

@@ -125,7 +125,7 @@ def mmdit_flops(
     """Forward of the MMDiT on `img_tokens` image tokens (target + condition segments)
     and `txt_tokens` condition tokens; only the first `num_target_tokens` are projected out.
 
-    Embedders (img_in, txt_in, the timestep MLP and, per config, guidance and pooled MLPs),
+    Embedders (img_in and its bottleneck, txt_in, the timestep MLP and, per config, guidance and pooled MLPs),
     double-stream blocks (per-stream AdaLN modulation Dense D -> 6D on the time vector,
     q/k/v/out, joint attention over T + N, per-stream MLPs), single-stream blocks (D -> 3D
     modulation, q/k/v and the D -> 4D MLP on T + N tokens, attention, the fused
@@ -142,7 +142,11 @@ def mmdit_flops(
     d, mlp, s = c_.inner_dim, c_.mlp_dim, n + t
     vecs = 2 if c_.zero_cond_t and n_target < n else 1  # vec and vec0
     c = _Counter()
-    c.dense("img_in", b * n, c_.in_channels, d)
+    if c_.patch_bottleneck:
+        c.dense("img_in_bottleneck", b * n, c_.in_channels, c_.patch_bottleneck)
+        c.dense("img_in", b * n, c_.patch_bottleneck, d)
+    else:
+        c.dense("img_in", b * n, c_.in_channels, d)
     c.dense("txt_in", b * t, c_.joint_attention_dim, d)
     c.dense("time_embed/linear_1", vecs * b, _TIMESTEP_FEATURES, d)
     c.dense("time_embed/linear_2", vecs * b, d, d)

@@ -64,6 +64,13 @@ class MMDiTConfig:
     # instead of only through attention (see `blocks.FeedForward`, `positions.grid_neighbours`).
     # For models trained from scratch; off for converted ones.
     local_mixing: bool = False
+    # Not in Qwen-Image or FLUX: each image token is projected to this many features before
+    # `img_in` widens it to the stream (JiT's bottleneck patch embedding, Li & He 2025): the
+    # clean tokens a clean-image prediction must return span far fewer directions than the
+    # token's features, and the narrow projection leaves the stream width to spare for them
+    # instead of for the noise. None: `img_in` alone. For models trained from scratch; off for
+    # converted ones.
+    patch_bottleneck: int | None = None
     # The condition tokens' RoPE ids: "family" (Qwen-Image: a diagonal after the image grid, so
     # a word's rotation depends on its place in the prompt; FLUX: zeros) or "zeros" (every
     # condition token at the origin, as FLUX: a word is matched by content alone, and each
@@ -101,6 +108,11 @@ class MMDiTConfig:
             raise ValueError(
                 "MMDiTConfig.local_mixing=True needs double-stream blocks (num_layers > 0): the "
                 "convolution lives in their image-stream feed-forward"
+            )
+        if self.patch_bottleneck is not None and not 0 < self.patch_bottleneck < self.in_channels:
+            raise ValueError(
+                f"MMDiTConfig.patch_bottleneck={self.patch_bottleneck}: must be in [1, in_channels="
+                f"{self.in_channels}) (None: no bottleneck)"
             )
         if self.family == "qwen_image" and self.guidance_embeds:
             raise ValueError(

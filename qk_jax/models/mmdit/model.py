@@ -17,7 +17,8 @@
 Returns the predicted velocity (B, N_target, patch_size**2 * out_channels); with
 `return_intermediates=True` also a dict of per-block outputs (for parity tools).
 
-Parameters (under `dit/` or `head/` in the full model): img_in, txt_norm (qwen_image),
+Parameters (under `dit/` or `head/` in the full model): img_in (after img_in_bottleneck with
+`config.patch_bottleneck`), txt_norm (qwen_image),
 txt_in, time_embed, guidance_embed, pooled_embed, addition_t_embed, double_blocks,
 single_blocks (scanned, leading `layers` axis), norm_out, proj_out.
 """
@@ -69,7 +70,10 @@ class MMDiT(nn.Module):
         n_target = n if num_target_tokens is None else int(num_target_tokens)
 
         # ---- embeddings
-        x = layers.Dense(cfg.inner_dim, axes=("in_channels", "embed"), name="img_in", **kw)(img)
+        x = img
+        if cfg.patch_bottleneck:
+            x = layers.Dense(cfg.patch_bottleneck, axes=("in_channels", None), name="img_in_bottleneck", **kw)(x)
+        x = layers.Dense(cfg.inner_dim, axes=("in_channels", "embed"), name="img_in", **kw)(x)
         if cfg.absolute_positions:
             x = x + absolute_embedding(img_ids, cfg.inner_dim).astype(dtype)
         c = txt
