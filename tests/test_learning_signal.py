@@ -289,19 +289,26 @@ def test_adaln_zero_init_reaches_the_training_step(shapes_dir, proc):
         ku.model_config(ku.stage_config(2, shapes_dir, "model.generator.init=zero"), proc)
 
 
-def test_local_mixing_reaches_the_training_step(shapes_dir, proc):
-    """`model.generator.overrides.local_mixing` builds the DiT with the convolution over the target
-    grid, and the train step's loss differentiates its weight (zero at init: a gradient that
-    is not zero is what moves it); the weight is trainable in stage 2 and not decayed."""
-    config = ku.stage_config(2, shapes_dir, "model.generator.overrides.local_mixing=True")
+def _stage2_gradients(shapes_dir, proc, override: str):
+    """(model config, trainable tree, its gradient) of the stage-2 train step's loss on the first
+    batch, the model built from the stage config with `override`."""
+    config = ku.stage_config(2, shapes_dir, override)
     kcfg = ku.model_config(config, proc)
-    assert kcfg.generator.local_mixing
     model = QueryKontext(kcfg)
     params = jax.jit(lambda r: sharding.unbox_abstract(model.init(r)))(jax.random.key(0))
     trainable, frozen = optim.partition(params, config.train.trainable)
     batch = ku.prepared(kcfg, ku.first_batch(config, proc))
     loss_fn = make_loss_fn(model)
     grads = jax.jit(jax.grad(lambda tr: loss_fn(tr, frozen, batch, jax.random.key(3))[0]))(trainable)
+    return kcfg, trainable, grads
+
+
+def test_local_mixing_reaches_the_training_step(shapes_dir, proc):
+    """`model.generator.overrides.local_mixing` builds the DiT with the convolution over the target
+    grid, and the train step's loss differentiates its weight (zero at init: a gradient that
+    is not zero is what moves it); the weight is trainable in stage 2 and not decayed."""
+    kcfg, trainable, grads = _stage2_gradients(shapes_dir, proc, "model.generator.overrides.local_mixing=True")
+    assert kcfg.generator.local_mixing
     weight_grad = grads["dit"]["double_blocks"]["img_mlp"]["local_mix"]["weight"]
     assert weight_grad.shape == (kcfg.generator.num_layers, 9, kcfg.generator.mlp_dim)
     assert float(jnp.abs(weight_grad).max()) > 0
@@ -311,15 +318,8 @@ def test_local_mixing_reaches_the_training_step(shapes_dir, proc):
 def test_patch_bottleneck_reaches_the_training_step(shapes_dir, proc):
     """`model.generator.overrides.patch_bottleneck` builds the DiT with the narrow projection
     before `img_in`, and the train step's loss differentiates it (trainable in stage 2)."""
-    config = ku.stage_config(2, shapes_dir, "model.generator.overrides.patch_bottleneck=16")
-    kcfg = ku.model_config(config, proc)
+    kcfg, _, grads = _stage2_gradients(shapes_dir, proc, "model.generator.overrides.patch_bottleneck=16")
     assert kcfg.generator.patch_bottleneck == 16
-    model = QueryKontext(kcfg)
-    params = jax.jit(lambda r: sharding.unbox_abstract(model.init(r)))(jax.random.key(0))
-    trainable, frozen = optim.partition(params, config.train.trainable)
-    batch = ku.prepared(kcfg, ku.first_batch(config, proc))
-    loss_fn = make_loss_fn(model)
-    grads = jax.jit(jax.grad(lambda tr: loss_fn(tr, frozen, batch, jax.random.key(3))[0]))(trainable)
     assert grads["dit"]["img_in_bottleneck"]["kernel"].shape == (kcfg.generator.in_channels, 16)
     assert grads["dit"]["img_in"]["kernel"].shape == (16, kcfg.generator.inner_dim)
     assert float(jnp.abs(grads["dit"]["img_in_bottleneck"]["kernel"]).max()) > 0
