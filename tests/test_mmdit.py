@@ -307,17 +307,23 @@ def test_local_mixing_is_a_depthwise_conv_over_the_target_grid(scheme):
     assert not bool(out[:, h * w :].any())
 
 
+def _grid_inputs(cfg, side: int):
+    """One picture of side x side image tokens and 3 condition tokens (random, seed 0), t = 0.5:
+    (img, img_ids, txt, txt_mask, timestep) for `MMDiT(cfg)`."""
+    rng = np.random.default_rng(0)
+    img = jnp.asarray(rng.normal(size=(1, side * side, cfg.in_channels)), jnp.float32)
+    ids = jnp.asarray(pos.batch_ids(pos.qwen_image_ids([(1, side, side)], 3)[0], 1))
+    txt = jnp.asarray(rng.normal(size=(1, 3, cfg.joint_attention_dim)), jnp.float32)
+    return img, ids, txt, jnp.ones((1, 3), bool), jnp.full((1,), 0.5)
+
+
 def test_local_mixing_starts_as_the_plain_dit():
     """The convolution's weight (one (9, mlp_dim) per double block) starts at zero, so a DiT
     with `local_mixing` computes what the plain one does until it is trained; with a weight,
     a token's output depends on its neighbours' inputs beyond attention. It cannot be exported."""
     plain = dataclasses.replace(mmdit_config("tiny"), num_layers=2)
     mixing = dataclasses.replace(plain, local_mixing=True)
-    rng = np.random.default_rng(0)
-    img = jnp.asarray(rng.normal(size=(1, 16, plain.in_channels)), jnp.float32)
-    ids = jnp.asarray(pos.batch_ids(pos.qwen_image_ids([(1, 4, 4)], 3)[0], 1))
-    txt = jnp.asarray(rng.normal(size=(1, 3, plain.joint_attention_dim)), jnp.float32)
-    mask, t = jnp.ones((1, 3), bool), jnp.full((1,), 0.5)
+    img, ids, txt, mask, t = _grid_inputs(plain, 4)
     params = nn.meta.unbox(MMDiT(plain).init(jax.random.key(0), img, ids, txt, mask, t))
     mixed = nn.meta.unbox(MMDiT(mixing).init(jax.random.key(0), img, ids, txt, mask, t))
     weight = mixed["params"]["double_blocks"]["img_mlp"]["local_mix"]["weight"]
@@ -352,11 +358,7 @@ def test_patch_bottleneck_projects_each_token_through_a_narrow_layer():
     narrower than a token."""
     plain = dataclasses.replace(mmdit_config("tiny"), num_layers=2)
     narrow = dataclasses.replace(plain, patch_bottleneck=4)
-    rng = np.random.default_rng(0)
-    img = jnp.asarray(rng.normal(size=(1, 16, plain.in_channels)), jnp.float32)
-    ids = jnp.asarray(pos.batch_ids(pos.qwen_image_ids([(1, 4, 4)], 3)[0], 1))
-    txt = jnp.asarray(rng.normal(size=(1, 3, plain.joint_attention_dim)), jnp.float32)
-    mask, t = jnp.ones((1, 3), bool), jnp.full((1,), 0.5)
+    img, ids, txt, mask, t = _grid_inputs(plain, 4)
     p = nn.meta.unbox(MMDiT(narrow).init(jax.random.key(0), img, ids, txt, mask, t))["params"]
     assert p["img_in_bottleneck"]["kernel"].shape == (plain.in_channels, 4)
     assert p["img_in"]["kernel"].shape == (4, plain.inner_dim)
@@ -380,11 +382,7 @@ def test_zero_text_positions_put_every_condition_token_at_the_origin():
     FLUX's), so the output equals passing zero `txt_ids` and differs from the diagonal default."""
     diagonal = dataclasses.replace(mmdit_config("tiny"), num_layers=1)
     zeros = dataclasses.replace(diagonal, txt_positions="zeros")
-    rng = np.random.default_rng(0)
-    img = jnp.asarray(rng.normal(size=(1, 4, diagonal.in_channels)), jnp.float32)
-    ids = jnp.asarray(pos.batch_ids(pos.qwen_image_ids([(1, 2, 2)], 3)[0], 1))
-    txt = jnp.asarray(rng.normal(size=(1, 3, diagonal.joint_attention_dim)), jnp.float32)
-    mask, t = jnp.ones((1, 3), bool), jnp.full((1,), 0.5)
+    img, ids, txt, mask, t = _grid_inputs(diagonal, 2)
     params = MMDiT(diagonal).init(jax.random.key(0), img, ids, txt, mask, t)
     out = MMDiT(zeros).apply(params, img, ids, txt, mask, t)
     explicit = MMDiT(diagonal).apply(params, img, ids, txt, mask, t, txt_ids=jnp.zeros((1, 3, 3)))

@@ -66,9 +66,10 @@ class MMDiTConfig:
     local_mixing: bool = False
     # Not in Qwen-Image or FLUX: each image token is projected to this many features before
     # `img_in` widens it to the stream (JiT's bottleneck patch embedding, Li & He 2025), for
-    # pixel tokens wider than the stream: a clean-image prediction needs far fewer directions
-    # than a token has, and the stream keeps width to spare. None: `img_in` alone. For models
-    # trained from scratch; off for converted ones.
+    # pixel tokens wider than the stream, on the premise that a clean-image prediction needs
+    # far fewer directions than a token has (on the demo's 8x8-pixel tokens k = 64 loses the
+    # shapes' edges: BENCHMARKS.md). None: `img_in` alone. For models trained from scratch;
+    # off for converted ones.
     patch_bottleneck: int | None = None
     # The condition tokens' RoPE ids: "family" (Qwen-Image: a diagonal after the image grid, so
     # a word's rotation depends on its place in the prompt; FLUX: zeros) or "zeros" (every
