@@ -13,8 +13,9 @@ Adam with warm-up and cosine decay at the demo's learning rate and batch), then 
 noise (20 Euler steps on the same shifted schedule) and measures what the pictures hold with the
 judge's detector (`qk_jax.eval.detect`), no prompt needed:
 
-- objects: detected objects per picture (shapes the detector fits; a one-colour tile of a mosaic is
-  a square to it; the training targets hold 1-4);
+- objects: detected objects per picture (shapes the detector fits, at least three quarters of the
+  smallest size the data draws; a one-colour 8 x 8-pixel tile of a mosaic is a square to it, a 4 x 4
+  speck is too small; the training targets hold 1-4);
 - stray: the share of a picture's palette-coloured pixels outside every detected object's fitted
   outline (specks and tiles that are no shape; about 0 on the training targets);
 - clean: the share of pictures with 1-4 objects and at most 10% stray pixels.
@@ -40,7 +41,7 @@ import optax
 from PIL import Image
 
 from qk_jax import flow
-from qk_jax.data import builders, render
+from qk_jax.data import builders, render, vocab
 from qk_jax.data import records as records_lib
 from qk_jax.eval import detect
 from qk_jax.models.vae import pixel
@@ -97,11 +98,16 @@ def load_targets(data_dir: str, limit: int | None = None) -> np.ndarray:
     return np.stack([records_lib.decode_image(records_lib.normalize(source[i])["target"]) for i in range(n)])
 
 
+# Three quarters of the smallest circumradius the data draws (`vocab.SIZES`, jittered): a 4 x 4-pixel
+# speck of one colour (circumradius 0.044 of a 64-pixel side) is no object, its pixels are stray.
+MIN_OBJECT_R = 0.75 * min(vocab.SIZES.values()) * (1 - vocab.SIZE_JITTER)
+
+
 def picture_stats(images: list[np.ndarray]) -> dict[str, float]:
     """objects per picture, stray share, clean share (see the module docstring)."""
     counts, strays, clean = [], [], []
     for img in images:
-        dets = detect.detect(img)
+        dets = [d for d in detect.detect(img) if d.r >= MIN_OBJECT_R]
         labels, _ = detect.label_pixels(detect.as_float_image(img), detect.DetectParams())
         coloured = labels >= 0
         h, w = coloured.shape
