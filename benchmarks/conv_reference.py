@@ -51,6 +51,9 @@ AUTOENCODER = pixel.PixelSpaceAutoencoder(pixel.PixelSpaceConfig(factor=4))
 
 
 class ResBlock(nn.Module):
+    """(B, H, W, C_in), time embedding (B, E) -> (B, H, W, channels): two 3x3 convolutions, the time
+    added between them, the second zero-initialised so the block starts as its skip path."""
+
     channels: int
 
     @nn.compact
