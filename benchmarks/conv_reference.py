@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 
@@ -38,13 +37,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from PIL import Image
 
-from qk_jax import flow
+from qk_jax import flow, flow_solvers
 from qk_jax.data import builders, render, vocab
 from qk_jax.data import records as records_lib
 from qk_jax.eval import detect
+from qk_jax.models.mmdit.blocks import timestep_sinusoid
 from qk_jax.models.vae import pixel
+from qk_jax.sample import Sampler, save_grid
 
 # The demo's autoencoder: each 4 x 4-pixel cell folded into 48 channels, lossless.
 AUTOENCODER = pixel.PixelSpaceAutoencoder(pixel.PixelSpaceConfig(factor=4))
@@ -73,10 +73,7 @@ class UNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, t):
-        half = 64
-        freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half) / half)
-        emb = jnp.concatenate([jnp.sin(1000 * t[:, None] * freqs), jnp.cos(1000 * t[:, None] * freqs)], -1)
-        emb = nn.Dense(256)(nn.silu(nn.Dense(256)(emb)))
+        emb = nn.Dense(256)(nn.silu(nn.Dense(256)(timestep_sinusoid(t, "flux"))))
         h = nn.Conv(self.widths[0], (3, 3))(x)
         skips = []
         for i, ch in enumerate(self.widths):
@@ -147,10 +144,9 @@ def train_and_sample(targets: np.ndarray, args) -> tuple[list[np.ndarray], dict]
         k_t, k_n = jax.random.split(k)
         t = flow.sample_timesteps(k_t, x0.shape[0], tcfg, image_seq_len=seq_len)
         eps = jax.random.normal(k_n, x0.shape)
-        xt = (1 - t)[:, None, None, None] * x0 + t[:, None, None, None] * eps
-        x0_hat = model.apply(p, xt, t)
-        v_hat = (xt - x0_hat) / jnp.maximum(t, min_t)[:, None, None, None]
-        return jnp.mean(jnp.square(v_hat - (eps - x0)))
+        xt = flow.noise_latents(x0, eps, t)
+        v_hat = (xt - model.apply(p, xt, t)) / jnp.maximum(t, min_t)[:, None, None, None]
+        return jnp.mean(jnp.square(v_hat - flow.velocity_target(x0, eps)))
 
     @jax.jit
     def step(p, s, x0, k):
@@ -168,20 +164,25 @@ def train_and_sample(targets: np.ndarray, args) -> tuple[list[np.ndarray], dict]
             print(f"step {i + 1:5d}  loss {np.mean(losses[-100:]):.4f}  {(time.time() - start) / (i + 1):.3f} s/step")
     step_seconds = (time.time() - start) / args.steps
 
-    shift = math.exp(
-        flow.calculate_shift(seq_len, tcfg.base_seq_len, tcfg.max_seq_len, tcfg.base_shift, tcfg.max_shift)
+    # The schedule the demo's sampler takes from these timestep settings (`Sampler.schedule`).
+    schedule = flow_solvers.FlowMatchSchedule(
+        use_dynamic_shifting=True,
+        base_shift=tcfg.base_shift,
+        max_shift=tcfg.max_shift,
+        base_image_seq_len=tcfg.base_seq_len,
+        max_image_seq_len=tcfg.max_seq_len,
     )
-    sigmas = np.linspace(1.0, 1.0 / args.sample_steps, args.sample_steps)
-    sigmas = jnp.asarray(np.append(flow.shift_timesteps(sigmas, shift), 0.0), jnp.float32)
+    sigmas, timesteps = flow_solvers.flow_schedule(
+        args.sample_steps, schedule, sigmas=flow_solvers.pipeline_sigmas(args.sample_steps), image_seq_len=seq_len
+    )
+
+    def velocity(x, t):
+        return (x - model.apply(params, x, jnp.full((x.shape[0],), t))) / jnp.maximum(t, min_t)
 
     @jax.jit
     def sample(k):
-        def body(i, x):
-            x0_hat = model.apply(params, x, jnp.full((args.samples,), sigmas[i]))
-            v = (x - x0_hat) / jnp.maximum(sigmas[i], min_t)
-            return x + (sigmas[i + 1] - sigmas[i]) * v
-
-        return jax.lax.fori_loop(0, args.sample_steps, body, jax.random.normal(k, (args.samples,) + latents.shape[1:]))
+        noise = jax.random.normal(k, (args.samples,) + latents.shape[1:])
+        return flow_solvers.euler_sample(velocity, noise, sigmas, timesteps)
 
     pictures = to_uint8(np.asarray(AUTOENCODER.decode(sample(jax.random.key(args.seed + 1)))))
     info = {
@@ -195,24 +196,12 @@ def train_and_sample(targets: np.ndarray, args) -> tuple[list[np.ndarray], dict]
 def dit_pictures(run: str, n: int, seed: int) -> list[np.ndarray]:
     """A stage-2 run's unconditional samples from noise: its own sampler and schedule, EMA weights,
     guidance 0 (v = v_uncond + 0 (v_cond - v_uncond): the condition masked out, as trained for CFG)."""
-    from qk_jax.sample import Sampler
-
     sampler = Sampler.from_checkpoint(run)
     pics = []
     for i in range(0, n, 16):
         recs = sampler.records(["a picture"] * min(16, n - i))
         pics.extend(sampler.generate(recs, seed=seed + i, guidance=0.0))
     return pics
-
-
-def grid(images: list[np.ndarray], cols: int = 8) -> np.ndarray:
-    rows = math.ceil(len(images) / cols)
-    h, w, _ = images[0].shape
-    out = np.full((rows * (h + 2), cols * (w + 2), 3), 255, np.uint8)
-    for i, im in enumerate(images):
-        r, c = divmod(i, cols)
-        out[r * (h + 2) : r * (h + 2) + h, c * (w + 2) : c * (w + 2) + w] = im
-    return out
 
 
 def main() -> None:
@@ -234,11 +223,11 @@ def main() -> None:
     if args.steps:
         pictures, info = train_and_sample(targets, args)
         rows[f"U-Net, {args.steps} steps of {args.batch}"] = dict(picture_stats(pictures), **info)
-        Image.fromarray(grid(pictures)).save(os.path.join(args.out, "unet_samples.png"))
+        save_grid(np.stack(pictures), os.path.join(args.out, "unet_samples.png"))
     if args.dit:
         dit = dit_pictures(args.dit, args.samples, args.seed)
         rows[f"DiT run {args.dit}"] = picture_stats(dit)
-        Image.fromarray(grid(dit)).save(os.path.join(args.out, "dit_samples.png"))
+        save_grid(np.stack(dit), os.path.join(args.out, "dit_samples.png"))
     print(f"\n| pictures ({args.samples}) | objects | stray | clean | notes |\n|---|---|---|---|---|")
     for name, r in rows.items():
         extra = ", ".join(f"{k} {v}" for k, v in r.items() if k not in ("objects", "stray", "clean"))
