@@ -329,6 +329,7 @@ def _load_dit(folder: str, dst_k, mesh, layers: str = "all", rules=None) -> tupl
         "head_dim",
         "in_channels",
         "patch_bottleneck",
+        "cell_conv_width",
         "joint_attention_dim",
     ):
         if getattr(cfg, field) != getattr(g, field):

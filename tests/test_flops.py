@@ -270,6 +270,18 @@ def test_mmdit_patch_bottleneck_counts_both_projections():
     assert ours.select("img_in_bottleneck") == 2 * 2 * 64 * cfg.in_channels * 8
 
 
+def test_mmdit_cell_conv_counts_the_stem_and_head_convolutions():
+    """`cell_conv_width`: the stem's and head's 3x3 convolutions over the target's cells (each
+    token's p x p cells from 9 x the input width), the stem's projection into the stream and the
+    head's widening of it, as the traced program computes them."""
+    cfg = QWEN_DIT.replace(cell_conv_width=8)
+    ours, fn, params, inputs = _mmdit_case(cfg)
+    assert_real_paths(ours, params)
+    assert ours.total == flops.traced_matmul_flops(fn, params, inputs)
+    cells = 2 * 48 * cfg.patch_size**2
+    assert ours.select("cell_stem/convs/conv_0") == 2 * cells * 9 * (cfg.in_channels // cfg.patch_size**2) * 8
+
+
 # ------------------------------------------------------------------ VAEs
 
 KL = AutoencoderKLConfig(

@@ -325,6 +325,20 @@ def test_patch_bottleneck_reaches_the_training_step(shapes_dir, proc):
     assert float(jnp.abs(grads["dit"]["img_in_bottleneck"]["kernel"]).max()) > 0
 
 
+def test_cell_conv_reaches_the_training_step(shapes_dir, proc):
+    """`model.generator.overrides.cell_conv_width` builds the DiT with the convolutions over the
+    target's latent cells, and the train step's loss differentiates them: the zero-initialised
+    stem projection and head convolution get a gradient (trainable in stage 2)."""
+    kcfg, trainable, grads = _stage2_gradients(shapes_dir, proc, "model.generator.overrides.cell_conv_width=8")
+    assert kcfg.generator.cell_conv_width == 8
+    dit = grads["dit"]
+    assert set(trainable["dit"]) >= {"cell_stem", "cell_head"}
+    assert float(jnp.abs(dit["cell_stem"]["proj"]["kernel"]).max()) > 0
+    last = f"conv_{kcfg.generator.patch_size - 1}"
+    assert dit["cell_head"]["convs"][last]["kernel"].shape[-1] == kcfg.latent_channels
+    assert float(jnp.abs(dit["cell_head"]["convs"][last]["kernel"]).max()) > 0
+
+
 def test_log_record_averages_the_window():
     """Batches are grouped by input count, so one step holds one task: a log line must average
     every step of its window, per task over that task's samples."""

@@ -18,6 +18,7 @@ from qk_jax.convert.diffusers_configs import from_diffusers, to_diffusers
 from qk_jax.models.mmdit import MMDiT, MMDiTConfig, init_params, mmdit_config, param_count
 from qk_jax.models.mmdit import positions as pos
 from qk_jax.models.mmdit.blocks import depthwise_grid_conv
+from qk_jax.models.mmdit.cell_conv import GridCellConvs, cells_to_tokens, tokens_to_cells
 
 TOL = 1e-4
 
@@ -375,6 +376,57 @@ def test_patch_bottleneck_projects_each_token_through_a_narrow_layer():
     for k in (0, plain.in_channels):
         with pytest.raises(ValueError, match="patch_bottleneck"):
             dataclasses.replace(plain, patch_bottleneck=k)
+
+
+@pytest.mark.parametrize("scheme", ["shifted_2d", "frame"])
+def test_cell_convs_equal_zero_padded_convolutions_of_the_target_latent(scheme):
+    """`cell_conv_width`'s convolutions, computed token by token from the position ids, equal
+    XLA's 3x3 convolutions (zero-padded, SiLU between) of the whole target latent before patching,
+    even where shifted 2-D ids put a condition segment's grid right next to the target's."""
+    h, w, p, c = 3, 4, 2, 5
+    ids = jnp.asarray(pos.batch_ids(pos.segment_ids([(h, w), (h, w)], scheme=scheme), 2))
+    index, valid = (a[:, : h * w] for a in pos.grid_neighbours(ids, h * w))
+    latent = jax.random.normal(jax.random.key(0), (2, h * p, w * p, c))
+    cells = tokens_to_cells(pos.patchify(latent, p), p)
+    convs = GridCellConvs((7, 3))
+    params = convs.init(jax.random.key(1), cells, index, valid)["params"]
+    params = jax.tree.map(lambda a: a + 0.1, nn.meta.unbox(params))  # biases too
+    out = pos.unpatchify(cells_to_tokens(convs.apply({"params": params}, cells, index, valid)), h * p, w * p, p)
+
+    def conv(x, layer):
+        y = jax.lax.conv_general_dilated(x, layer["kernel"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y + layer["bias"]
+
+    want = conv(jax.nn.silu(conv(latent, params["conv_0"])), params["conv_1"])
+    np.testing.assert_allclose(out, want, atol=1e-5)
+
+
+def test_cell_conv_starts_as_the_plain_dit():
+    """The stem's projection into the stream and the head's last convolution start at zero, so a
+    DiT with `cell_conv_width` computes what the plain one does until it is trained, and not once
+    they are. It cannot be exported, and the width must be positive."""
+    plain = dataclasses.replace(mmdit_config("tiny"), num_layers=2)
+    conv = dataclasses.replace(plain, cell_conv_width=8)
+    img, ids, txt, mask, t = _grid_inputs(plain, 4)
+    params = nn.meta.unbox(MMDiT(plain).init(jax.random.key(0), img, ids, txt, mask, t))
+    convolved = nn.meta.unbox(MMDiT(conv).init(jax.random.key(0), img, ids, txt, mask, t))
+    stem, head = convolved["params"].pop("cell_stem"), convolved["params"].pop("cell_head")
+    assert jax.tree.structure(convolved) == jax.tree.structure(params)
+    assert not bool(stem["proj"]["kernel"].any()) and not bool(head["convs"]["conv_1"]["kernel"].any())
+    assert head["convs"]["conv_1"]["kernel"].shape == (3, 3, 8, plain.out_channels)
+    assert stem["convs"]["conv_0"]["kernel"].shape == (3, 3, plain.in_channels // 4, 8)
+    fresh = {"params": {**params["params"], "cell_stem": stem, "cell_head": head}}
+    np.testing.assert_allclose(
+        MMDiT(conv).apply(fresh, img, ids, txt, mask, t), MMDiT(plain).apply(params, img, ids, txt, mask, t), atol=1e-6
+    )
+    head["convs"]["conv_1"]["kernel"] = jnp.ones_like(head["convs"]["conv_1"]["kernel"])
+    trained = {"params": {**params["params"], "cell_stem": stem, "cell_head": head}}
+    out = MMDiT(conv).apply(trained, img, ids, txt, mask, t)
+    assert float(jnp.abs(out - MMDiT(plain).apply(params, img, ids, txt, mask, t)).max()) > 1e-3
+    with pytest.raises(ValueError, match="cell_conv_width"):
+        to_diffusers(conv)
+    with pytest.raises(ValueError, match="cell_conv_width"):
+        dataclasses.replace(plain, cell_conv_width=0)
 
 
 def test_zero_text_positions_put_every_condition_token_at_the_origin():

@@ -81,20 +81,19 @@ def test_a_dit_of_another_depth_is_refused_by_name(folders, tmp_path):
         surgery.run(1, 2, str(root / "stage1"), str(tmp_path / "dst"), dit=str(other))
 
 
-def test_a_dit_without_the_configs_bottleneck_is_refused_by_name(folders, tmp_path):
-    """A stage config whose generator has `patch_bottleneck` cannot take a published DiT (none has
-    one): refused by the field's name before any weight is read."""
+@pytest.mark.parametrize("field", ["patch_bottleneck", "cell_conv_width"])
+def test_a_dit_without_the_configs_extra_layers_is_refused_by_name(folders, tmp_path, field):
+    """A stage config whose generator has `patch_bottleneck` or `cell_conv_width` cannot take a
+    published DiT (none has either): refused by the field's name before any weight is read."""
     root, _ = folders
     stage2 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "stage2.py")
-    spec = tmp_path / "stage2_bottleneck.py"
+    spec = tmp_path / "stage2_extra.py"
     spec.write_text(
         "from qk_jax.config import load_config\n\n\n"
         "def get_config(size='tiny'):\n"
-        f"    return load_config({stage2!r} + ':' + size, ['model.generator.overrides.patch_bottleneck=8'])\n"
+        f"    return load_config({stage2!r} + ':' + size, ['model.generator.overrides.{field}=8'])\n"
     )
-    with pytest.raises(
-        surgery.SurgeryError, match=r"--dit .*patch_bottleneck=None but the stage config.s generator has 8"
-    ):
+    with pytest.raises(surgery.SurgeryError, match=rf"--dit .*{field}=None but the stage config.s generator has 8"):
         surgery.run(
             1, 2, str(root / "stage1"), str(tmp_path / "dst"), dit=str(root / "Qwen-Image"), config_spec=f"{spec}:tiny"
         )

@@ -123,12 +123,14 @@ def mmdit_to_diffusers(config: MMDiTConfig) -> dict[str, Any]:
         config.absolute_positions
         or config.local_mixing
         or config.patch_bottleneck
+        or config.cell_conv_width
         or (config.txt_positions == "zeros" and config.family == "qwen_image")
     ):
         raise ValueError(
             "MMDiTConfig: absolute_positions=True (a sin-cos embedding of each image token's place), "
             "local_mixing=True (a 3x3 convolution over the token grid), patch_bottleneck (a narrow "
-            "projection before img_in) and txt_positions='zeros' on a Qwen-Image DiT have no "
+            "projection before img_in), cell_conv_width (convolutions over the latent cells) and "
+            "txt_positions='zeros' on a Qwen-Image DiT have no "
             "diffusers counterpart; such a DiT cannot be exported"
         )
     if config.family == "qwen_image":

@@ -177,7 +177,26 @@ def mmdit_flops(
         c.dense("single_blocks/out", rows, d + mlp, d)
     c.dense("norm_out", b, d, 2 * d)
     c.dense("proj_out", b * n_target, d, c_.out_features)
+    if c_.cell_conv_width:
+        _cell_conv_flops(c, c_, b * n_target)
     return c.result()
+
+
+def _cell_conv_flops(c: _Counter, c_: MMDiTConfig, tokens: int) -> None:
+    """`cell_conv.py`'s stem and head on `tokens` target tokens: each 3x3 convolution computes a
+    token's p x p cells from 9 x its input width, the stem projects p x p x width to the stream
+    and the head widens the stream to p x p x width."""
+    p, w = c_.patch_size, c_.cell_conv_width
+    cells = tokens * p * p
+    c_in, c_out = c_.in_channels // (p * p), c_.out_features // (p * p)
+    widths = [c_in] + [w] * p
+    for i in range(p):
+        c.dense(f"cell_stem/convs/conv_{i}", cells, 9 * widths[i], widths[i + 1])
+    c.dense("cell_stem/proj", tokens, p * p * w, c_.inner_dim)
+    c.dense("cell_head/up", tokens, c_.inner_dim, p * p * w)
+    widths = [2 * w] + [w] * (p - 1) + [c_out]
+    for i in range(p):
+        c.dense(f"cell_head/convs/conv_{i}", cells, 9 * widths[i], widths[i + 1])
 
 
 # -------------------------------------------------------------------- LoRA

@@ -3,6 +3,7 @@
 - `config.py`: `MMDiTConfig` (one frozen config for both families) and the named sizes.
 - `blocks.py`: timestep embedding, modulation, double- and single-stream blocks, attention.
 - `positions.py`: patchify / unpatchify and the host-side RoPE position ids (MSRoPE, FLUX ids).
+- `cell_conv.py`: the optional convolutions at the latent-cell scale around the transformer.
 - `model.py`: the assembled `MMDiT` module, its scanned block stacks and parameter helpers.
 """
 

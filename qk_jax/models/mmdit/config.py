@@ -71,6 +71,13 @@ class MMDiTConfig:
     # shapes' edges: BENCHMARKS.md). None: `img_in` alone. For models trained from scratch;
     # off for converted ones.
     patch_bottleneck: int | None = None
+    # Not in Qwen-Image or FLUX: convolutions of this width at the latent-cell scale (before
+    # patching) around the transformer, as U-ViT and HDiT have: a stem of `patch_size` 3x3
+    # convolutions over the noisy target's cells added to `img_in`'s output, and a head of as
+    # many over the cells after the last block (fed by the stream and the stem's cells, a U-Net
+    # skip) added to `proj_out`'s output; both start at zero (see `cell_conv.py`). None: off.
+    # For models trained from scratch; off for converted ones.
+    cell_conv_width: int | None = None
     # The condition tokens' RoPE ids: "family" (Qwen-Image: a diagonal after the image grid, so
     # a word's rotation depends on its place in the prompt; FLUX: zeros) or "zeros" (every
     # condition token at the origin, as FLUX: a word is matched by content alone, and each
@@ -113,6 +120,13 @@ class MMDiTConfig:
             raise ValueError(
                 f"MMDiTConfig.patch_bottleneck={self.patch_bottleneck}: must be in [1, in_channels="
                 f"{self.in_channels}) (None: no bottleneck)"
+            )
+        if self.cell_conv_width is not None and self.cell_conv_width < 1:
+            raise ValueError(f"MMDiTConfig.cell_conv_width={self.cell_conv_width}: must be positive (None: off)")
+        if self.cell_conv_width and (self.in_channels % self.patch_size**2):
+            raise ValueError(
+                f"MMDiTConfig.cell_conv_width needs tokens of whole cells: in_channels={self.in_channels} is "
+                f"not a multiple of patch_size**2={self.patch_size**2}"
             )
         if self.family == "qwen_image" and self.guidance_embeds:
             raise ValueError(

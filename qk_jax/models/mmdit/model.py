@@ -20,7 +20,8 @@ Returns the predicted velocity (B, N_target, patch_size**2 * out_channels); with
 Parameters (under `dit/` or `head/` in the full model): img_in (after img_in_bottleneck with
 `config.patch_bottleneck`), txt_norm (qwen_image),
 txt_in, time_embed, guidance_embed, pooled_embed, addition_t_embed, double_blocks,
-single_blocks (scanned, leading `layers` axis), norm_out, proj_out.
+single_blocks (scanned, leading `layers` axis), norm_out, proj_out; cell_stem and cell_head
+with `config.cell_conv_width` (`cell_conv.py`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import jax.numpy as jnp
 
 from qk_jax.models import layers
 from qk_jax.models.mmdit.blocks import DoubleStreamBlock, MLPEmbedder, SingleStreamBlock, timestep_sinusoid
+from qk_jax.models.mmdit.cell_conv import CellHead, CellStem
 from qk_jax.models.mmdit.config import MMDiTConfig
 from qk_jax.models.mmdit.positions import absolute_embedding, default_txt_ids, grid_neighbours, rope_angles
 
@@ -74,6 +76,14 @@ class MMDiT(nn.Module):
         if cfg.patch_bottleneck:
             x = layers.Dense(cfg.patch_bottleneck, axes=("in_channels", None), name="img_in_bottleneck", **kw)(x)
         x = layers.Dense(cfg.inner_dim, axes=("in_channels", "embed"), name="img_in", **kw)(x)
+        if cfg.local_mixing or cfg.cell_conv_width:
+            neighbours = grid_neighbours(img_ids, n_target)
+        if cfg.cell_conv_width:
+            target_cells = tuple(a[:, :n_target] for a in neighbours)
+            stem, skip = CellStem(cfg.cell_conv_width, cfg.inner_dim, cfg.patch_size, name="cell_stem", **kw)(
+                img[:, :n_target], *target_cells
+            )
+            x = jnp.concatenate([x[:, :n_target] + stem, x[:, n_target:]], axis=1)
         if cfg.absolute_positions:
             x = x + absolute_embedding(img_ids, cfg.inner_dim).astype(dtype)
         c = txt
@@ -120,7 +130,7 @@ class MMDiT(nn.Module):
             ctx["mask"] = layers.SegmentMask.key_padding(keys)
 
         if cfg.local_mixing:
-            ctx["neighbours"] = grid_neighbours(img_ids, n_target)
+            ctx["neighbours"] = neighbours
 
         inter: dict[str, Any] = {}
         if cfg.num_layers:
@@ -145,6 +155,10 @@ class MMDiT(nn.Module):
         x = layers.LayerNorm(eps=1e-6, use_scale=False, use_bias=False, dtype=dtype)(x)
         x = x * (1 + scale[:, None]) + shift[:, None]
         out = layers.Dense(cfg.out_features, axes=("embed", "out_channels"), name="proj_out", **kw)(x)
+        if cfg.cell_conv_width:
+            out_channels = cfg.out_features // cfg.patch_size**2
+            head = CellHead(cfg.cell_conv_width, out_channels, cfg.patch_size, name="cell_head", **kw)
+            out = out + head(x, skip, *target_cells)
         return (out, inter) if return_intermediates else out
 
     def _check_inputs(
