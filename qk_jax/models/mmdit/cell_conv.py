@@ -4,7 +4,8 @@ An image token is a p x p patch of latent cells (`positions.patchify`). The tran
 tokens only through attention and maps each token to its p x p cells through one Dense
 (`proj_out`), so nothing ties a cell to the cells of the next token: at small budgets the
 demo's DiT draws per-token specks where a convolutional network of the same size lays out
-object-sized blobs (BENCHMARKS.md, "a convolutional reference"). U-ViT and HDiT put
+object-sized blobs (BENCHMARKS.md, "Three more levers at the demo's budget, and a convolutional
+reference"; what this option changes: "Convolutions at the cell scale"). U-ViT and HDiT put
 convolutions at the finest scale around the transformer for this; here:
 
 - `CellStem`: p 3x3 convolutions over the noisy target's latent cells (zero-padded at the
