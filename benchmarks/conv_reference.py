@@ -44,7 +44,7 @@ from qk_jax.data import records as records_lib
 from qk_jax.eval import detect
 from qk_jax.models.mmdit.blocks import timestep_sinusoid
 from qk_jax.models.vae import pixel
-from qk_jax.sample import Sampler, save_grid
+from qk_jax.sample import Sampler, save_grid, training_schedule
 
 # The demo's autoencoder: each 4 x 4-pixel cell folded into 48 channels, lossless.
 AUTOENCODER = pixel.PixelSpaceAutoencoder(pixel.PixelSpaceConfig(factor=4))
@@ -165,13 +165,7 @@ def train_and_sample(targets: np.ndarray, args) -> tuple[list[np.ndarray], dict]
     step_seconds = (time.time() - start) / args.steps
 
     # The schedule the demo's sampler takes from these timestep settings (`Sampler.schedule`).
-    schedule = flow_solvers.FlowMatchSchedule(
-        use_dynamic_shifting=True,
-        base_shift=tcfg.base_shift,
-        max_shift=tcfg.max_shift,
-        base_image_seq_len=tcfg.base_seq_len,
-        max_image_seq_len=tcfg.max_seq_len,
-    )
+    schedule = training_schedule(tcfg)
     sigmas, timesteps = flow_solvers.flow_schedule(
         args.sample_steps, schedule, sigmas=flow_solvers.pipeline_sigmas(args.sample_steps), image_seq_len=seq_len
     )

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from qk_jax import flow_solvers, paths, run_params, sharding
+from qk_jax import flow, flow_solvers, paths, run_params, sharding
 from qk_jax import guidance as guidance_lib
 from qk_jax.config import ConfigError
 from qk_jax.convert import diffusers_configs
@@ -57,6 +57,19 @@ def task_for(source: bool, references: int) -> str:
     if source:
         return "edit"
     return {0: "t2i", 1: "customization"}.get(references, "multi_subject")
+
+
+def training_schedule(t: flow.TimestepConfig) -> flow_solvers.FlowMatchSchedule:
+    """The sampling schedule that shifts like the training timesteps `t` (`model.timesteps`)."""
+    if t.shift == "dynamic":
+        return flow_solvers.FlowMatchSchedule(
+            use_dynamic_shifting=True,
+            base_shift=t.base_shift,
+            max_shift=t.max_shift,
+            base_image_seq_len=t.base_seq_len,
+            max_image_seq_len=t.max_seq_len,
+        )
+    return flow_solvers.FlowMatchSchedule(shift=t.static_shift if t.shift == "static" else 1.0)
 
 
 class Sampler:
@@ -223,16 +236,7 @@ class Sampler:
         found = diffusers_configs.find_scheduler_config(generator) if generator and os.path.isdir(generator) else None
         if found:
             return diffusers_configs.read_schedule(found)
-        t = self.kcfg.timesteps
-        if t.shift == "dynamic":
-            return flow_solvers.FlowMatchSchedule(
-                use_dynamic_shifting=True,
-                base_shift=t.base_shift,
-                max_shift=t.max_shift,
-                base_image_seq_len=t.base_seq_len,
-                max_image_seq_len=t.max_seq_len,
-            )
-        return flow_solvers.FlowMatchSchedule(shift=t.static_shift if t.shift == "static" else 1.0)
+        return training_schedule(self.kcfg.timesteps)
 
     def _loop(self, method: str, text_cfg: bool, dual: bool, guidance_mode: str, image_size: tuple[int, int]):
         """The sampling loop for one guidance layout and target size (see `sample_loop`)."""

@@ -447,6 +447,22 @@ class QueryKontext:
         if train:
             is_text = batch["cond_index"] < batch["input_ids"].shape[1]
             cond_mask, drop_img = self.drop_conditions(k_drop, cond_mask, is_text, c.dropout)
+        return self.denoising_loss(params, batch, cond, cond_mask, drop_img, k_time, k_noise)
+
+    def denoising_loss(
+        self,
+        params: Mapping[str, Any],
+        batch: Mapping[str, Array],
+        cond: Array,
+        cond_mask: Array,
+        drop_img: Array | None,
+        k_time: Array,
+        k_noise: Array,
+    ) -> tuple[Array, dict[str, Array]]:
+        """`loss` from the condition tokens on: cond (B, T, D_cond) and cond_mask (B, T) (after
+        dropout), drop_img (B,) bool or None (input images' latents zeroed), the timestep and noise
+        keys. Batch fields used: target, img_ids, cond_images (stage 3), valid."""
+        c = self.config
         x0 = self.encode(params, batch["target"])
         cond_tokens = None
         if c.low_level and "cond_images" in batch and batch["cond_images"].shape[1]:
