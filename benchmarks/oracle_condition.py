@@ -1,0 +1,248 @@
+"""The demo's DiT conditioned on what the prompt says exactly: is the generator or the condition the limit?
+
+    PYTHONPATH=. python benchmarks/oracle_condition.py --data_dir DATA --out DIR [--steps 1400]
+        [--config configs/stage2.py:demo] [--override FIELD=VALUE ...] [--samples 64] [--guidance 1,4]
+
+The demo's text-to-image samples do not follow their prompts (BENCHMARKS.md, "Learning"), and the
+prompt reaches the DiT through a VLM trained from scratch, K kontext queries and a connector. This
+script takes that path out: it trains the stage config's DiT (the same architecture, autoencoder,
+flow, loss and its weighting, optimiser, EMA, batch and condition dropout as the stage; the loss is
+`QueryKontext.denoising_loss` itself) on the text-to-image training records with condition tokens
+read off each record's scene graph instead, a learned embedding per fact the prompt states, one
+token per object (shape, colour, size and grid cell, each or "any", + its slot) and one per
+relation (the relation + the slots of its two objects), then samples the validation prompts from
+noise (Euler on the sampler's schedule, classifier-free guidance) and scores them with the judge,
+against their own prompts and against the next record's (chance), as `benchmarks/judge_run.py` does.
+
+This condition says exactly what the prompt says and nothing else, in a form no encoder has to
+learn; if the DiT does not bind it within a budget, no VLM path will at that budget. It is a
+diagnostic, not a recipe: the demo's DiT reads the prompt only through the VLM, as the paper does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qk_jax import flow_solvers, guidance, optim, sharding
+from qk_jax.config import load_config
+from qk_jax.data import builders, vocab
+from qk_jax.data import records as records_lib
+from qk_jax.data.model_inputs import image_ids
+from qk_jax.eval import score
+from qk_jax.model_config import build_kontext_config
+from qk_jax.models.kontext import QueryKontext
+from qk_jax.sample import save_grid, training_schedule
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAX_OBJECTS = 4  # Kontext-Shapes text-to-image prompts name one to four objects
+RELATION_NAMES = tuple(vocab.RELATIONS)
+# Each fact's vocabulary; index 0 of shape, colour, size and cell is "not stated".
+FACTS = {
+    "shape": ("any",) + vocab.SHAPES,
+    "colour": ("any",) + vocab.COLOUR_NAMES,
+    "size": ("any",) + vocab.SIZE_NAMES,
+    "cell": ("any",) + vocab.CELL_NAMES,
+    "slot": tuple(range(MAX_OBJECTS)),
+    "relation": RELATION_NAMES,
+}
+
+
+def spec_facts(record: dict) -> np.ndarray:
+    """(MAX_OBJECTS + 1, 8) int32 fact indices of a t2i record's prompt (-1: none): per object row
+    shape, colour, size, cell, slot; the last row the relation and its two slots (columns 5-7)."""
+    spec = json.loads(record["scene"])["spec"]
+    out = np.full((MAX_OBJECTS + 1, 8), -1, np.int32)
+    if len(spec["objects"]) > MAX_OBJECTS or len(spec["relations"]) > 1:
+        raise ValueError(f"record {record['id']}: more than {MAX_OBJECTS} objects or one relation")
+    for j, o in enumerate(spec["objects"]):
+        out[j, 0] = FACTS["shape"].index(o["shape"] or "any")
+        out[j, 1] = FACTS["colour"].index(o["colour"] or "any")
+        out[j, 2] = FACTS["size"].index(o["size"] or "any")
+        out[j, 3] = FACTS["cell"].index(o["cell"] or "any")
+        out[j, 4] = j
+    for a, rel, b in spec["relations"]:
+        out[MAX_OBJECTS, 5:8] = (RELATION_NAMES.index(rel), a, b)
+    return out
+
+
+class FactTokens(nn.Module):
+    """(B, MAX_OBJECTS + 1, 8) fact indices -> condition tokens (B, MAX_OBJECTS + 1, width) and
+    their mask (a row with no fact is masked out): each token the sum of its facts' embeddings."""
+
+    width: int
+
+    @nn.compact
+    def __call__(self, facts: jax.Array) -> tuple[jax.Array, jax.Array]:
+        def embed(name, column, rows):
+            table = nn.Embed(len(FACTS[name]), self.width, name=f"{name}_{column}")
+            return jnp.where(rows[..., None] >= 0, table(jnp.maximum(rows, 0)), 0.0)
+
+        obj = sum(embed(name, c, facts[..., c]) for c, name in enumerate(("shape", "colour", "size", "cell", "slot")))
+        rel = embed("relation", 5, facts[..., 5]) + embed("slot", 6, facts[..., 6]) + embed("slot", 7, facts[..., 7])
+        is_rel = jnp.arange(facts.shape[1]) == MAX_OBJECTS
+        tokens = jnp.where(is_rel[None, :, None], rel, obj)
+        mask = jnp.where(is_rel[None], facts[..., 5] >= 0, facts[..., 0] >= 0)
+        return tokens, mask
+
+
+def load_split(data_dir: str, split: str, limit: int | None = None) -> tuple[list[dict], np.ndarray, np.ndarray]:
+    """(records, targets (N, H, W, 3) float32 in [-1, 1], facts (N, MAX_OBJECTS + 1, 8))."""
+    source = builders.load_source(data_dir, builders.SHAPES_NAME, "t2i", split)
+    n = len(source) if limit is None else min(limit, len(source))
+    recs = [records_lib.normalize(source[i]) for i in range(n)]
+    targets = np.stack([records_lib.decode_image(r["target"]) for r in recs]).astype(np.float32) / 127.5 - 1.0
+    return recs, targets, np.stack([spec_facts(r) for r in recs])
+
+
+def run(args) -> dict:
+    config = load_config(
+        args.config, [f"train.steps={args.steps}", f"train.warmup_steps={args.warmup}"] + args.override
+    )
+    kcfg = build_kontext_config(config)
+    model = QueryKontext(kcfg)
+    recs, targets, facts = load_split(args.data_dir, "train", args.limit)
+    val_recs, _, val_facts = load_split(args.data_dir, "validation", args.samples)
+    h, w = targets.shape[1:3]
+    ids = jnp.asarray(image_ids(kcfg, np.zeros(1, np.int32), h, w, 0))  # t2i: the target's grid only
+
+    key = jax.random.key(args.seed)
+    k_dit, k_emb = jax.random.split(key)
+    params = {
+        kcfg.generator_key: sharding.unbox_abstract(model.init(k_dit))[kcfg.generator_key],
+        "facts": FactTokens(kcfg.generator.joint_attention_dim).init(k_emb, jnp.asarray(facts[:1]))["params"],
+    }
+    opt = optim.make_optimizer(config.train)
+    opt_state = opt.init(params)
+    ema = params
+    uncond = kcfg.dropout.uncond + kcfg.dropout.no_text  # without input images both drop text and kontext
+
+    def loss_fn(p, target, fact_rows, rng):
+        k_drop, k_time, k_noise = jax.random.split(rng, 3)
+        cond, mask = FactTokens(kcfg.generator.joint_attention_dim).apply({"params": p["facts"]}, fact_rows)
+        dropped = jax.random.uniform(k_drop, (target.shape[0],)) < uncond
+        mask = mask & ~dropped[:, None]
+        batch = {"target": target, "img_ids": jnp.broadcast_to(ids, (target.shape[0],) + ids.shape[1:])}
+        return model.denoising_loss(p, batch, cond, mask, None, k_time, k_noise)[0]
+
+    @jax.jit
+    def step(p, s, e, i, target, fact_rows, rng):
+        loss, g = jax.value_and_grad(loss_fn)(p, target, fact_rows, rng)
+        upd, s = opt.update(g, s, p)
+        p = jax.tree.map(lambda a, u: a + u, p, upd)
+        e = optim.ema_update(e, p, optim.ema_decay_at(i, config.train.ema_decay))
+        return p, s, e, loss
+
+    data_rng = np.random.default_rng(args.seed)
+    losses, start = [], time.time()
+    for i in range(args.steps):
+        idx = data_rng.integers(0, len(targets), config.train.batch_size)
+        params, opt_state, ema, loss = step(
+            params, opt_state, ema, i, jnp.asarray(targets[idx]), jnp.asarray(facts[idx]), jax.random.fold_in(key, i)
+        )
+        losses.append(float(loss))
+        if (i + 1) % 100 == 0:
+            print(f"step {i + 1:5d}  loss {np.mean(losses[-100:]):.4f}  {(time.time() - start) / (i + 1):.3f} s/step")
+    step_seconds = (time.time() - start) / max(args.steps, 1)
+
+    n_tokens = ids.shape[1]
+    sigmas, timesteps = flow_solvers.flow_schedule(
+        args.sample_steps,
+        training_schedule(kcfg.timesteps),
+        sigmas=flow_solvers.pipeline_sigmas(args.sample_steps),
+        image_seq_len=n_tokens,
+    )
+
+    @jax.jit
+    def sample(p, fact_rows, noise, scale):
+        cond, mask = FactTokens(kcfg.generator.joint_attention_dim).apply({"params": p["facts"]}, fact_rows)
+        b = fact_rows.shape[0]
+        img_ids = jnp.broadcast_to(ids, (b,) + ids.shape[1:])
+
+        def velocity(x, t):
+            tt = jnp.full((b,), t)
+            v_c = model.velocity(p, x, None, img_ids, cond, mask, tt)
+            v_u = model.velocity(p, x, None, img_ids, cond, jnp.zeros_like(mask), tt)
+            return guidance.cfg(v_c, v_u, scale)
+
+        tokens = flow_solvers.euler_sample(velocity, noise, sigmas, timesteps)
+        return model.decode(p, tokens, h, w)
+
+    result = {
+        "samples": len(val_recs),
+        "steps": args.steps,
+        "final_loss": float(np.mean(losses[-200:])) if losses else None,
+        "step_seconds": round(step_seconds, 3),
+        "guidance": {},
+    }
+    for scale in args.guidance:
+        pictures = []
+        for i in range(0, len(val_recs), 32):
+            rows = jnp.asarray(val_facts[i : i + 32])
+            shape = (rows.shape[0], n_tokens, kcfg.generator.in_channels)
+            noise = jax.random.normal(jax.random.key(args.seed + 1 + i), shape)
+            images = np.asarray(sample(ema, rows, noise, jnp.float32(scale)))
+            pictures.extend(np.clip(np.round((images + 1) * 127.5), 0, 255).astype(np.uint8))
+        save_grid(np.stack(pictures), os.path.join(args.out, f"samples_guidance_{scale:g}.png"))
+        result["guidance"][f"{scale:g}"] = judged(val_recs, pictures)
+    return result
+
+
+def judged(recs: list[dict], pictures: list[np.ndarray]) -> dict:
+    """{"judge", "chance" (each picture against the next record's prompt), "checks"} of one
+    picture per record."""
+    own = [score.score_sample(r, im) for r, im in zip(recs, pictures)]
+    other = [score.score_sample(recs[(k + 1) % len(recs)], im) for k, im in enumerate(pictures)]
+    checks = sorted({c for r in own for c in r["checks"]})
+    return {
+        "judge": float(np.mean([r["score"] for r in own])),
+        "chance": float(np.mean([r["score"] for r in other])),
+        # each check over the prompts that have it (counts only where a prompt states one)
+        "checks": {c: float(np.mean([r["checks"][c] for r in own if c in r["checks"]])) for c in checks},
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data_dir", required=True)
+    p.add_argument("--out", required=True, help="folder for samples_guidance_G.png and results.json")
+    p.add_argument(
+        "--config",
+        default=os.path.join(ROOT, "configs", "stage2.py") + ":demo",
+        help="the stage config whose DiT and recipe train (default: the demo's stage 2)",
+    )
+    p.add_argument("--override", action="append", default=[], help="FIELD=VALUE of that config (repeatable)")
+    p.add_argument("--steps", type=int, default=1400)
+    p.add_argument("--warmup", type=int, default=70)
+    p.add_argument("--samples", type=int, default=64, help="validation prompts sampled and judged")
+    p.add_argument("--sample_steps", type=int, default=20)
+    p.add_argument(
+        "--guidance",
+        type=lambda v: [float(x) for x in v.split(",")],
+        default=[4.0],
+        help="classifier-free guidance scales, comma-separated (the demo samples with 4; 1: none)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="at most this many training records")
+    args = p.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    result = run(args)
+    print(f"\n{args.steps} steps, final loss {result['final_loss']:.4f}, {result['step_seconds']} s/step")
+    for scale, r in result["guidance"].items():
+        print(
+            f"guidance {scale}: judge {r['judge']:.3f} against the next record's prompt (chance) "
+            f"{r['chance']:.3f}; checks passed: " + ", ".join(f"{k} {v:.3f}" for k, v in r["checks"].items())
+        )
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
