@@ -113,11 +113,12 @@ def run(args) -> dict:
     h, w = targets.shape[1:3]
     ids = jnp.asarray(image_ids(kcfg, np.zeros(1, np.int32), h, w, 0))  # t2i: the target's grid only
 
+    fact_tokens = FactTokens(kcfg.generator.joint_attention_dim)
     key = jax.random.key(args.seed)
     k_dit, k_emb = jax.random.split(key)
     params = {
         kcfg.generator_key: sharding.unbox_abstract(model.init(k_dit))[kcfg.generator_key],
-        "facts": FactTokens(kcfg.generator.joint_attention_dim).init(k_emb, jnp.asarray(facts[:1]))["params"],
+        "facts": fact_tokens.init(k_emb, jnp.asarray(facts[:1]))["params"],
     }
     opt = optim.make_optimizer(config.train)
     opt_state = opt.init(params)
@@ -126,7 +127,7 @@ def run(args) -> dict:
 
     def loss_fn(p, target, fact_rows, rng):
         k_drop, k_time, k_noise = jax.random.split(rng, 3)
-        cond, mask = FactTokens(kcfg.generator.joint_attention_dim).apply({"params": p["facts"]}, fact_rows)
+        cond, mask = fact_tokens.apply({"params": p["facts"]}, fact_rows)
         dropped = jax.random.uniform(k_drop, (target.shape[0],)) < uncond
         mask = mask & ~dropped[:, None]
         batch = {"target": target, "img_ids": jnp.broadcast_to(ids, (target.shape[0],) + ids.shape[1:])}
@@ -162,7 +163,7 @@ def run(args) -> dict:
 
     @jax.jit
     def sample(p, fact_rows, noise, scale):
-        cond, mask = FactTokens(kcfg.generator.joint_attention_dim).apply({"params": p["facts"]}, fact_rows)
+        cond, mask = fact_tokens.apply({"params": p["facts"]}, fact_rows)
         b = fact_rows.shape[0]
         img_ids = jnp.broadcast_to(ids, (b,) + ids.shape[1:])
 
