@@ -22,6 +22,7 @@ diagnostic, not a recipe: the demo's DiT reads the prompt only through the VLM, 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -31,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.conv_reference import picture_stats
 from qk_jax import flow_solvers, guidance, optim, sharding
 from qk_jax.config import load_config
 from qk_jax.data import builders, vocab
@@ -39,6 +41,7 @@ from qk_jax.data.model_inputs import image_ids
 from qk_jax.eval import score
 from qk_jax.model_config import build_kontext_config
 from qk_jax.models.kontext import QueryKontext
+from qk_jax.models.vae.kl import AutoencoderKLConfig
 from qk_jax.sample import save_grid, training_schedule
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -102,11 +105,19 @@ def load_split(data_dir: str, split: str, limit: int | None = None) -> tuple[lis
     return recs, targets, np.stack([spec_facts(r) for r in recs])
 
 
-def run(args) -> dict:
+def run(args, vae: tuple[AutoencoderKLConfig, dict] | None = None) -> dict:
+    """Train, sample and judge (see the module docstring). `vae`: (config, parameters) of a trained
+    autoencoder whose latents the DiT models instead of the stage config's, kept frozen; the DiT's
+    input and output channels follow its latent channels."""
     config = load_config(
         args.config, [f"train.steps={args.steps}", f"train.warmup_steps={args.warmup}"] + args.override
     )
     kcfg = build_kontext_config(config)
+    if vae is not None:  # the DiT's token channels follow the autoencoder's latent channels
+        c, patch = vae[0].latent_channels, kcfg.generator.patch_size
+        generator = dataclasses.replace(kcfg.generator, in_channels=c * patch**2, out_channels=c)
+        kcfg = dataclasses.replace(kcfg, vae=vae[0], generator=generator)
+    frozen = {"vae": vae[1]} if vae is not None else {}
     model = QueryKontext(kcfg)
     recs, targets, facts = load_split(args.data_dir, "train", args.limit)
     val_recs, _, val_facts = load_split(args.data_dir, "validation", args.samples)
@@ -131,7 +142,7 @@ def run(args) -> dict:
         dropped = jax.random.uniform(k_drop, (target.shape[0],)) < uncond
         mask = mask & ~dropped[:, None]
         batch = {"target": target, "img_ids": jnp.broadcast_to(ids, (target.shape[0],) + ids.shape[1:])}
-        return model.denoising_loss(p, batch, cond, mask, None, k_time, k_noise)[0]
+        return model.denoising_loss({**p, **frozen}, batch, cond, mask, None, k_time, k_noise)[0]
 
     @jax.jit
     def step(p, s, e, i, target, fact_rows, rng):
@@ -174,7 +185,7 @@ def run(args) -> dict:
             return guidance.cfg(v_c, v_u, scale)
 
         tokens = flow_solvers.euler_sample(velocity, noise, sigmas, timesteps)
-        return model.decode(p, tokens, h, w)
+        return model.decode({**p, **frozen}, tokens, h, w)
 
     result = {
         "samples": len(val_recs),
@@ -197,8 +208,9 @@ def run(args) -> dict:
 
 
 def judged(recs: list[dict], pictures: list[np.ndarray]) -> dict:
-    """{"judge", "chance" (each picture against the next record's prompt), "checks"} of one
-    picture per record."""
+    """{"judge", "chance" (each picture against the next record's prompt), "checks", "pictures"} of
+    one picture per record; "pictures": what the detector finds whatever the prompt (objects per
+    picture, stray palette pixels, clean share: `conv_reference.picture_stats`)."""
     own = [score.score_sample(r, im) for r, im in zip(recs, pictures)]
     other = [score.score_sample(recs[(k + 1) % len(recs)], im) for k, im in enumerate(pictures)]
     checks = sorted({c for r in own for c in r["checks"]})
@@ -207,11 +219,12 @@ def judged(recs: list[dict], pictures: list[np.ndarray]) -> dict:
         "chance": float(np.mean([r["score"] for r in other])),
         # each check over the prompts that have it (counts only where a prompt states one)
         "checks": {c: float(np.mean([r["checks"][c] for r in own if c in r["checks"]])) for c in checks},
+        "pictures": picture_stats(pictures),
     }
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser(description: str = __doc__) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", required=True)
     p.add_argument("--out", required=True, help="folder for samples_guidance_G.png and results.json")
     p.add_argument(
@@ -232,15 +245,24 @@ def main() -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="at most this many training records")
-    args = p.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    result = run(args)
-    print(f"\n{args.steps} steps, final loss {result['final_loss']:.4f}, {result['step_seconds']} s/step")
+    return p
+
+
+def report(result: dict) -> None:
+    print(f"\n{result['steps']} steps, final loss {result['final_loss']:.4f}, {result['step_seconds']} s/step")
     for scale, r in result["guidance"].items():
         print(
             f"guidance {scale}: judge {r['judge']:.3f} against the next record's prompt (chance) "
             f"{r['chance']:.3f}; checks passed: " + ", ".join(f"{k} {v:.3f}" for k, v in r["checks"].items())
         )
+        print("  pictures: " + ", ".join(f"{k} {v:.3f}" for k, v in r["pictures"].items()))
+
+
+def main() -> None:
+    args = parser().parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    result = run(args)
+    report(result)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(result, f, indent=1)
 

@@ -1,6 +1,7 @@
 """`benchmarks/oracle_condition.py`: the facts of a prompt become condition tokens that tell
 prompts apart, and the script trains the stage's DiT on them, samples and judges on a real
-Kontext-Shapes folder."""
+Kontext-Shapes folder; `benchmarks/latent_oracle.py` does the same in the latent space of an
+autoencoder it trains first."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks import latent_oracle  # noqa: E402
 from benchmarks import oracle_condition as oc  # noqa: E402
 from tests.test_benchmarks import run_script  # noqa: E402
 
@@ -97,4 +99,48 @@ def test_script_trains_samples_and_judges(tmp_path, shapes_dir):
     for scale, r in result["guidance"].items():
         assert 0.0 <= r["judge"] <= 1.0 and 0.0 <= r["chance"] <= 1.0
         assert {"present", "attributes"} <= set(r["checks"])
+        assert set(r["pictures"]) == {"objects", "stray", "clean"} and r["pictures"]["objects"] >= 0
         assert (out / f"samples_guidance_{scale}.png").exists() and f"guidance {scale}: judge" in stdout
+
+
+def test_latent_scale_makes_the_latents_unit_scale(shapes_dir):
+    """The measured shift / scaling put the normalised posterior means of the pictures at mean 0
+    and spread 1, and decoding undoes the normalisation (the same pictures as from raw latents)."""
+    from qk_jax.models.vae.kl import AutoencoderKL
+
+    _, images, _ = oc.load_split(shapes_dir, "train", 16)
+    cfg = latent_oracle.autoencoder_config((8, 16), 4)
+    model = AutoencoderKL(cfg)
+    params = model.init(jax.random.key(0), jnp.zeros((1,) + images.shape[1:]))["params"]
+    scaled = latent_oracle.with_latent_scale(cfg, params, images)
+    assert scaled.scaling_factor != 1.0 and scaled.shift_factor != 0.0
+    z = AutoencoderKL(scaled).apply({"params": params}, jnp.asarray(images), method="encode")
+    np.testing.assert_allclose([float(z.mean()), float(z.std())], [0.0, 1.0], atol=1e-4)
+    raw = model.apply(
+        {"params": params}, model.apply({"params": params}, jnp.asarray(images), method="encode"), method="decode"
+    )
+    pictures = latent_oracle.reconstructed(scaled, params, images)
+    expected = np.clip(np.round((np.asarray(raw) + 1) * 127.5), 0, 255)
+    # the same up to the last bit of float rounding (a level where a value sits at .5)
+    assert np.abs(pictures.astype(np.int16) - expected).max() <= 1 and pictures.dtype == np.uint8
+
+
+@pytest.mark.slow  # ~60 s: an autoencoder and the demo's DiT compiled for training and sampling
+def test_latent_script_trains_an_autoencoder_then_the_dit_on_its_latents(tmp_path, shapes_dir):
+    out = tmp_path / "out"
+    stdout = run_script(
+        tmp_path,
+        900,
+        "latent_oracle.py",
+        *("--data_dir", shapes_dir, "--out", str(out), "--steps", "3", "--warmup", "1", "--samples", "4"),
+        *("--limit", "16", "--guidance", "2", "--autoencoder_steps", "3", "--channels", "8,16"),
+        *("--latent_channels", "4"),
+    )
+    result = json.loads((out / "results.json").read_text())
+    ae = result["autoencoder"]
+    assert ae["steps"] == 3 and ae["downsample_factor"] == 2 and ae["latent_channels"] == 4
+    assert np.isfinite(ae["psnr_db"]) and 0.0 <= ae["reconstructions"]["judge"] <= 1.0
+    assert np.isfinite(result["final_loss"]) and set(result["guidance"]) == {"2"}
+    assert set(ae["reconstructions"]["pictures"]) == {"objects", "stray", "clean"}
+    assert (out / "reconstructions.png").exists() and (out / "samples_guidance_2.png").exists()
+    assert "validation reconstructions" in stdout and "guidance 2: judge" in stdout

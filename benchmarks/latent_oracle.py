@@ -1,0 +1,156 @@
+"""The oracle-conditioned DiT (`oracle_condition.py`) on the latents of an autoencoder trained on the
+pictures first: does a learned latent space, as the paper's generator has, lift the drawing from noise?
+
+    PYTHONPATH=. python benchmarks/latent_oracle.py --data_dir DATA --out DIR [--autoencoder_steps 1200]
+        [--channels 16,32,64] [--latent_channels 8] [--steps 1400] [--guidance 1,4]
+        [oracle_condition.py's flags]
+
+The demo's generator models pixels: its autoencoder is a lossless 4 x 4-pixel reshape
+(`model.vae.kind=pixel`), because no pretrained autoencoder of its size exists, where the paper's
+DiT (Qwen-Image) models the latents of a pretrained VAE. This script first trains a small
+`AutoencoderKL` (the FLUX / SD3 layout of `qk_jax/models/vae/kl.py`: `len(channels) - 1`
+downsamplings, no attention) on the text-to-image training pictures (L1 + L2 reconstruction of a
+posterior sample, a small KL term), measures its latents' mean and spread (the `shift_factor` and
+`scaling_factor` of its config, so the DiT sees unit-scale latents) and judges its reconstructions of
+the validation pictures: the ceiling of anything decoded from its latents. Then it runs the oracle
+(the stage config's DiT and recipe on condition tokens read off each prompt's scene graph) in that
+latent space, the autoencoder frozen, and judges the samples from noise as `oracle_condition.py`
+does. `results.json` holds both, under "autoencoder" and the oracle's keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from benchmarks import oracle_condition as oracle
+from qk_jax.models.vae.kl import AutoencoderKL, AutoencoderKLConfig
+from qk_jax.sample import save_grid
+
+
+def autoencoder_config(channels: tuple[int, ...], latent_channels: int) -> AutoencoderKLConfig:
+    """A small AutoencoderKL of the demo's pictures (no mid-block attention: the pictures' parts are
+    local), un-normalised until `with_latent_scale`."""
+    return AutoencoderKLConfig(
+        block_out_channels=channels,
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=min(8, min(channels)),
+        scaling_factor=1.0,
+        shift_factor=0.0,
+        mid_block_add_attention=False,
+        sample_size=64,
+    )
+
+
+def train_autoencoder(cfg: AutoencoderKLConfig, images: np.ndarray, args) -> tuple[dict, float]:
+    """(parameters, seconds) after `args.autoencoder_steps` Adam steps on batches of `images` (N, H, W, 3)
+    in [-1, 1]: mean |x - y| + mean (x - y)^2 of the decoded posterior sample y, + `args.kl_weight` x
+    the KL to N(0, 1) summed over channels, averaged over positions; the learning rate warms up over
+    50 steps and decays along a cosine to 5% of its peak."""
+    model = AutoencoderKL(cfg)
+    params = model.init(jax.random.key(args.seed), jnp.zeros((1,) + images.shape[1:]))["params"]
+    steps = args.autoencoder_steps
+    warmup = min(50, max(steps // 10, 1))
+    lr = args.autoencoder_lr
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), end_value=0.05 * lr)
+    opt = optax.adam(schedule)
+    opt_state = opt.init(params)
+
+    def loss_fn(p, x, rng):
+        mean, logvar = model.apply({"params": p}, x, method="encode_moments")
+        z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)
+        y = model.apply({"params": p}, z, method="decode_raw")
+        reconstruction = jnp.mean(jnp.abs(y - x)) + jnp.mean(jnp.square(y - x))
+        kl = 0.5 * jnp.mean(jnp.sum(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar, axis=-1))
+        return reconstruction + args.kl_weight * kl, reconstruction
+
+    @jax.jit
+    def step(p, s, x, rng):
+        (_, reconstruction), g = jax.value_and_grad(loss_fn, has_aux=True)(p, x, rng)
+        upd, s = opt.update(g, s, p)
+        return optax.apply_updates(p, upd), s, reconstruction
+
+    data_rng = np.random.default_rng(args.seed)
+    start, window = time.time(), []
+    for i in range(steps):
+        idx = data_rng.integers(0, len(images), args.autoencoder_batch)
+        params, opt_state, reconstruction = step(
+            params, opt_state, jnp.asarray(images[idx]), jax.random.key(args.seed + i)
+        )
+        window.append(float(reconstruction))
+        if (i + 1) % 100 == 0:
+            print(f"autoencoder step {i + 1:5d}  reconstruction loss {np.mean(window[-100:]):.4f}")
+    return params, time.time() - start
+
+
+def with_latent_scale(cfg: AutoencoderKLConfig, params: dict, images: np.ndarray) -> AutoencoderKLConfig:
+    """`cfg` with shift_factor / scaling_factor = the posterior means' mean and 1 / spread over `images`."""
+    model = AutoencoderKL(cfg)
+    means = jax.jit(lambda x: model.apply({"params": params}, x, method="encode_moments")[0])
+    z = np.concatenate([np.asarray(means(jnp.asarray(images[i : i + 64]))) for i in range(0, len(images), 64)])
+    return AutoencoderKLConfig(
+        **{**cfg.__dict__, "shift_factor": float(z.mean()), "scaling_factor": 1 / float(z.std())}
+    )
+
+
+def reconstructed(cfg: AutoencoderKLConfig, params: dict, images: np.ndarray) -> np.ndarray:
+    """(N, H, W, 3) uint8 decodings of the posterior means of `images` in [-1, 1]."""
+    model = AutoencoderKL(cfg)
+    fn = jax.jit(
+        lambda x: model.apply({"params": params}, model.apply({"params": params}, x, method="encode"), method="decode")
+    )
+    out = np.concatenate([np.asarray(fn(jnp.asarray(images[i : i + 32]))) for i in range(0, len(images), 32)])
+    return np.clip(np.round((out + 1) * 127.5), 0, 255).astype(np.uint8)
+
+
+def main() -> None:
+    p = oracle.parser(__doc__)
+    p.add_argument("--autoencoder_steps", type=int, default=1200)
+    p.add_argument("--autoencoder_batch", type=int, default=16)
+    p.add_argument("--autoencoder_lr", type=float, default=1e-3)
+    p.add_argument("--kl_weight", type=float, default=1e-6)
+    p.add_argument("--channels", type=lambda v: tuple(int(c) for c in v.split(",")), default=(16, 32, 64))
+    p.add_argument("--latent_channels", type=int, default=8)
+    args = p.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+
+    _, images, _ = oracle.load_split(args.data_dir, "train", args.limit)
+    val_recs, val_images, _ = oracle.load_split(args.data_dir, "validation", args.samples)
+    cfg = autoencoder_config(args.channels, args.latent_channels)
+    params, seconds = train_autoencoder(cfg, images, args)
+    cfg = with_latent_scale(cfg, params, images[:1024])
+    pictures = reconstructed(cfg, params, val_images)
+    save_grid(pictures, os.path.join(args.out, "reconstructions.png"))
+    errors = np.mean(np.square(pictures / 127.5 - 1.0 - val_images), axis=(1, 2, 3))
+    autoencoder = {
+        "steps": args.autoencoder_steps,
+        "seconds": round(seconds, 1),
+        "parameters": int(sum(x.size for x in jax.tree.leaves(params))),
+        "downsample_factor": cfg.downsample_factor,
+        "latent_channels": cfg.latent_channels,
+        "psnr_db": float(np.mean(10 * np.log10(4.0 / np.maximum(errors, 1e-10)))),
+        "reconstructions": oracle.judged(val_recs, list(pictures)),
+    }
+    r = autoencoder["reconstructions"]
+    print(
+        f"autoencoder: {autoencoder['parameters']} parameters, {seconds:.0f} s; validation reconstructions "
+        f"{autoencoder['psnr_db']:.1f} dB, judge {r['judge']:.3f} (chance {r['chance']:.3f}); pictures: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in r["pictures"].items())
+    )
+
+    result = oracle.run(args, vae=(cfg, params))
+    result["autoencoder"] = autoencoder
+    oracle.report(result)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
