@@ -20,6 +20,7 @@ does. `results.json` holds both, under "autoencoder" and the oracle's keys.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -30,6 +31,7 @@ import numpy as np
 import optax
 
 from benchmarks import oracle_condition as oracle
+from qk_jax.eval import score
 from qk_jax.models.vae.kl import AutoencoderKL, AutoencoderKLConfig
 from qk_jax.sample import save_grid
 
@@ -53,7 +55,7 @@ def train_autoencoder(cfg: AutoencoderKLConfig, images: np.ndarray, args) -> tup
     """(parameters, seconds) after `args.autoencoder_steps` Adam steps on batches of `images` (N, H, W, 3)
     in [-1, 1]: mean |x - y| + mean (x - y)^2 of the decoded posterior sample y, + `args.kl_weight` x
     the KL to N(0, 1) summed over channels, averaged over positions; the learning rate warms up over
-    50 steps and decays along a cosine to 5% of its peak."""
+    min(50, steps / 10) steps and decays along a cosine to 5% of its peak."""
     model = AutoencoderKL(cfg)
     params = model.init(jax.random.key(args.seed), jnp.zeros((1,) + images.shape[1:]))["params"]
     steps = args.autoencoder_steps
@@ -95,9 +97,7 @@ def with_latent_scale(cfg: AutoencoderKLConfig, params: dict, images: np.ndarray
     model = AutoencoderKL(cfg)
     means = jax.jit(lambda x: model.apply({"params": params}, x, method="encode_moments")[0])
     z = np.concatenate([np.asarray(means(jnp.asarray(images[i : i + 64]))) for i in range(0, len(images), 64)])
-    return AutoencoderKLConfig(
-        **{**cfg.__dict__, "shift_factor": float(z.mean()), "scaling_factor": 1 / float(z.std())}
-    )
+    return dataclasses.replace(cfg, shift_factor=float(z.mean()), scaling_factor=1 / float(z.std()))
 
 
 def reconstructed(cfg: AutoencoderKLConfig, params: dict, images: np.ndarray) -> np.ndarray:
@@ -128,14 +128,14 @@ def main() -> None:
     cfg = with_latent_scale(cfg, params, images[:1024])
     pictures = reconstructed(cfg, params, val_images)
     save_grid(pictures, os.path.join(args.out, "reconstructions.png"))
-    errors = np.mean(np.square(pictures / 127.5 - 1.0 - val_images), axis=(1, 2, 3))
+    targets = np.round((val_images + 1) * 127.5)
     autoencoder = {
         "steps": args.autoencoder_steps,
         "seconds": round(seconds, 1),
         "parameters": int(sum(x.size for x in jax.tree.leaves(params))),
         "downsample_factor": cfg.downsample_factor,
         "latent_channels": cfg.latent_channels,
-        "psnr_db": float(np.mean(10 * np.log10(4.0 / np.maximum(errors, 1e-10)))),
+        "psnr_db": float(np.mean([score.psnr(a, b) for a, b in zip(pictures, targets)])),
         "reconstructions": oracle.judged(val_recs, list(pictures)),
     }
     r = autoencoder["reconstructions"]
