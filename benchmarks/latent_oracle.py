@@ -2,7 +2,7 @@
 pictures first: does a learned latent space, as the paper's generator has, lift the drawing from noise?
 
     PYTHONPATH=. python benchmarks/latent_oracle.py --data_dir DATA --out DIR [--autoencoder_steps 1200]
-        [--channels 16,32,64] [--latent_channels 8] [--steps 1400] [--guidance 1,4]
+        [--channels 16,32,64] [--latent_channels 8] [--patch_size 2] [--steps 1400] [--guidance 1,4]
         [oracle_condition.py's flags]
 
 The demo's generator models pixels: its autoencoder is a lossless 4 x 4-pixel reshape
@@ -118,6 +118,7 @@ def main() -> None:
     p.add_argument("--kl_weight", type=float, default=1e-6)
     p.add_argument("--channels", type=lambda v: tuple(int(c) for c in v.split(",")), default=(16, 32, 64))
     p.add_argument("--latent_channels", type=int, default=8)
+    p.add_argument("--patch_size", type=int, default=2, help="the DiT's patch of latent cells per token")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
 
@@ -145,7 +146,7 @@ def main() -> None:
         + ", ".join(f"{k} {v:.3f}" for k, v in r["pictures"].items())
     )
 
-    result = oracle.run(args, vae=(cfg, params))
+    result = oracle.run(args, vae=(cfg, params, args.patch_size))
     result["autoencoder"] = autoencoder
     oracle.report(result)
     with open(os.path.join(args.out, "results.json"), "w") as f:

@@ -105,17 +105,17 @@ def load_split(data_dir: str, split: str, limit: int | None = None) -> tuple[lis
     return recs, targets, np.stack([spec_facts(r) for r in recs])
 
 
-def run(args, vae: tuple[AutoencoderKLConfig, dict] | None = None) -> dict:
-    """Train, sample and judge (see the module docstring). `vae`: (config, parameters) of a trained
-    autoencoder whose latents the DiT models instead of the stage config's, kept frozen; the DiT's
-    input and output channels follow its latent channels."""
+def run(args, vae: tuple[AutoencoderKLConfig, dict, int] | None = None) -> dict:
+    """Train, sample and judge (see the module docstring). `vae`: (config, parameters, DiT patch
+    size) of a trained autoencoder whose latents the DiT models instead of the stage config's, kept
+    frozen; the DiT's patch is that size and its input and output channels follow the latent's."""
     config = load_config(
         args.config, [f"train.steps={args.steps}", f"train.warmup_steps={args.warmup}"] + args.override
     )
     kcfg = build_kontext_config(config)
     if vae is not None:  # the DiT's token channels follow the autoencoder's latent channels
-        c, patch = vae[0].latent_channels, kcfg.generator.patch_size
-        generator = dataclasses.replace(kcfg.generator, in_channels=c * patch**2, out_channels=c)
+        c, patch = vae[0].latent_channels, vae[2]
+        generator = dataclasses.replace(kcfg.generator, patch_size=patch, in_channels=c * patch**2, out_channels=c)
         kcfg = dataclasses.replace(kcfg, vae=vae[0], generator=generator)
     frozen = {"vae": vae[1]} if vae is not None else {}
     model = QueryKontext(kcfg)

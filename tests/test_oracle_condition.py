@@ -134,7 +134,7 @@ def test_latent_script_trains_an_autoencoder_then_the_dit_on_its_latents(tmp_pat
         "latent_oracle.py",
         *("--data_dir", shapes_dir, "--out", str(out), "--steps", "3", "--warmup", "1", "--samples", "4"),
         *("--limit", "16", "--guidance", "2", "--autoencoder_steps", "3", "--channels", "8,16"),
-        *("--latent_channels", "4"),
+        *("--latent_channels", "4", "--patch_size", "4"),
     )
     result = json.loads((out / "results.json").read_text())
     ae = result["autoencoder"]
