@@ -146,7 +146,7 @@ def main() -> None:
         + ", ".join(f"{k} {v:.3f}" for k, v in r["pictures"].items())
     )
 
-    result = oracle.run(args, vae=(cfg, params, args.patch_size))
+    result = oracle.run(args, vae=oracle.TrainedAutoencoder(cfg, params, args.patch_size))
     result["autoencoder"] = autoencoder
     oracle.report(result)
     with open(os.path.join(args.out, "results.json"), "w") as f:

@@ -26,6 +26,7 @@ import dataclasses
 import json
 import os
 import time
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -105,19 +106,28 @@ def load_split(data_dir: str, split: str, limit: int | None = None) -> tuple[lis
     return recs, targets, np.stack([spec_facts(r) for r in recs])
 
 
-def run(args, vae: tuple[AutoencoderKLConfig, dict, int] | None = None) -> dict:
-    """Train, sample and judge (see the module docstring). `vae`: (config, parameters, DiT patch
-    size) of a trained autoencoder whose latents the DiT models instead of the stage config's, kept
-    frozen; the DiT's patch is that size and its input and output channels follow the latent's."""
+class TrainedAutoencoder(NamedTuple):
+    """An autoencoder whose latents the DiT models instead of the stage config's (kept frozen), and
+    the DiT's patch of latent cells per token."""
+
+    config: AutoencoderKLConfig
+    params: dict
+    patch_size: int
+
+
+def run(args, vae: TrainedAutoencoder | None = None) -> dict:
+    """Train, sample and judge (see the module docstring), on `vae`'s latents when given: the DiT's
+    patch is then `vae.patch_size` and its input and output channels follow the latent's."""
     config = load_config(
         args.config, [f"train.steps={args.steps}", f"train.warmup_steps={args.warmup}"] + args.override
     )
     kcfg = build_kontext_config(config)
-    if vae is not None:  # the DiT's token channels follow the autoencoder's latent channels
-        c, patch = vae[0].latent_channels, vae[2]
+    frozen = {}
+    if vae is not None:
+        c, patch = vae.config.latent_channels, vae.patch_size
         generator = dataclasses.replace(kcfg.generator, patch_size=patch, in_channels=c * patch**2, out_channels=c)
-        kcfg = dataclasses.replace(kcfg, vae=vae[0], generator=generator)
-    frozen = {"vae": vae[1]} if vae is not None else {}
+        kcfg = dataclasses.replace(kcfg, vae=vae.config, generator=generator)
+        frozen = {"vae": vae.params}
     model = QueryKontext(kcfg)
     recs, targets, facts = load_split(args.data_dir, "train", args.limit)
     val_recs, _, val_facts = load_split(args.data_dir, "validation", args.samples)
