@@ -125,20 +125,60 @@ def test_latent_scale_makes_the_latents_unit_scale(shapes_dir):
     assert np.abs(pictures.astype(np.int16) - expected).max() <= 1 and pictures.dtype == np.uint8
 
 
+def test_edge_mask_marks_both_sides_of_an_outline_and_nothing_else():
+    """A 4 x 4 red square on a plain grey picture: the mask covers the pixels within one of its
+    outline, inside and outside, and neither the square's middle nor the far background."""
+    image = np.full((1, 12, 12, 3), 0.5, np.float32)
+    image[0, 4:8, 4:8] = (1.0, -1.0, -1.0)
+    mask = np.asarray(latent_oracle.edge_mask(jnp.asarray(image)))[0, :, :, 0]
+    expected = np.zeros((12, 12))
+    expected[3:9, 3:9] = 1.0
+    expected[5:7, 5:7] = 0.0
+    np.testing.assert_array_equal(mask, expected)
+
+
+def test_saved_autoencoder_loads_with_its_config_and_parameters(tmp_path, shapes_dir):
+    from qk_jax.models.vae.kl import AutoencoderKL
+
+    _, images, _ = oc.load_split(shapes_dir, "train", 4)
+    cfg = latent_oracle.autoencoder_config((8, 16), 4)
+    params = AutoencoderKL(cfg).init(jax.random.key(1), jnp.zeros((1,) + images.shape[1:]))["params"]
+    cfg = latent_oracle.with_latent_scale(cfg, params, images)
+    latent_oracle.save_autoencoder(str(tmp_path), cfg, params, {"psnr_db": 1.0})
+    loaded_cfg, loaded, measured = latent_oracle.load_autoencoder(str(tmp_path))
+    assert loaded_cfg == cfg and measured == {"psnr_db": 1.0}
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), params, loaded))
+    (tmp_path / "autoencoder.msgpack").unlink()
+    with pytest.raises(FileNotFoundError, match="autoencoder.msgpack"):
+        latent_oracle.load_autoencoder(str(tmp_path))
+
+
 @pytest.mark.slow  # ~60 s: an autoencoder and the demo's DiT compiled for training and sampling
 def test_latent_script_trains_an_autoencoder_then_the_dit_on_its_latents(tmp_path, shapes_dir):
-    out = tmp_path / "out"
+    first, out = tmp_path / "autoencoder", tmp_path / "out"
+    stdout = run_script(
+        tmp_path,
+        600,
+        "latent_oracle.py",
+        *("--data_dir", shapes_dir, "--out", str(first), "--samples", "4", "--limit", "16"),
+        *("--autoencoder_steps", "3", "--channels", "8,16", "--latent_channels", "4", "--edge_weight", "2"),
+        "--autoencoder_only",
+    )
+    trained = json.loads((first / "results.json").read_text())
+    assert set(trained) == {"autoencoder"} and "validation reconstructions" in stdout
+    assert trained["autoencoder"]["edge_weight"] == 2.0 and trained["autoencoder"]["steps"] == 3
     stdout = run_script(
         tmp_path,
         900,
         "latent_oracle.py",
         *("--data_dir", shapes_dir, "--out", str(out), "--steps", "3", "--warmup", "1", "--samples", "4"),
-        *("--limit", "16", "--guidance", "2", "--autoencoder_steps", "3", "--channels", "8,16"),
-        *("--latent_channels", "4", "--patch_size", "4"),
+        *("--limit", "16", "--guidance", "2", "--autoencoder_from", str(first), "--patch_size", "4"),
     )
     result = json.loads((out / "results.json").read_text())
     ae = result["autoencoder"]
-    assert ae["steps"] == 3 and ae["downsample_factor"] == 2 and ae["latent_channels"] == 4
+    # the DiT ran on the saved autoencoder, whose reconstructions judge the same as when it was trained
+    assert ae["from"] == str(first) and ae["steps"] == 3 and ae["downsample_factor"] == 2
+    assert ae["latent_channels"] == 4 and ae["psnr_db"] == pytest.approx(trained["autoencoder"]["psnr_db"], abs=1e-4)
     assert np.isfinite(ae["psnr_db"]) and 0.0 <= ae["reconstructions"]["judge"] <= 1.0
     assert np.isfinite(result["final_loss"]) and set(result["guidance"]) == {"2"}
     assert set(ae["reconstructions"]["pictures"]) == {"objects", "stray", "clean"}
