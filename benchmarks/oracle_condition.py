@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python benchmarks/oracle_condition.py --data_dir DATA --out DIR [--steps 1400]
         [--config configs/stage2.py:demo] [--override FIELD=VALUE ...] [--samples 64] [--guidance 1,4]
+        [--judge_train]
 
 The demo's text-to-image samples do not follow their prompts (BENCHMARKS.md, "Learning"), and the
 prompt reaches the DiT through a VLM trained from scratch, K kontext queries and a connector. This
@@ -13,6 +14,9 @@ token per object (shape, colour, size and grid cell, each or "any", + its slot) 
 relation (the relation + the slots of its two objects), then samples the validation prompts from
 noise (Euler on the sampler's schedule, classifier-free guidance) and scores them with the judge,
 against their own prompts and against the next record's (chance), as `benchmarks/judge_run.py` does.
+`--judge_train` also samples and judges as many training prompts (under "train_prompts" in
+`results.json`, `train_samples_guidance_G.png`): whether the DiT fits what it trained on at all, or
+draws it and fails only on compositions it has not seen.
 
 This condition says exactly what the prompt says and nothing else, in a form no encoder has to
 learn; if the DiT does not bind it within a budget, no VLM path will at that budget. It is a
@@ -197,6 +201,17 @@ def run(args, vae: TrainedAutoencoder | None = None) -> dict:
         tokens = flow_solvers.euler_sample(velocity, noise, sigmas, timesteps)
         return model.decode({**p, **frozen}, tokens, h, w)
 
+    def sample_and_judge(recs, fact_rows, scale, grid):
+        pictures = []
+        for i in range(0, len(recs), 32):
+            rows = jnp.asarray(fact_rows[i : i + 32])
+            shape = (rows.shape[0], n_tokens, kcfg.generator.in_channels)
+            noise = jax.random.normal(jax.random.key(args.seed + 1 + i), shape)
+            images = np.asarray(sample(ema, rows, noise, jnp.float32(scale)))
+            pictures.extend(np.clip(np.round((images + 1) * 127.5), 0, 255).astype(np.uint8))
+        save_grid(np.stack(pictures), os.path.join(args.out, grid))
+        return judged(recs, pictures)
+
     result = {
         "samples": len(val_recs),
         "steps": args.steps,
@@ -204,16 +219,15 @@ def run(args, vae: TrainedAutoencoder | None = None) -> dict:
         "step_seconds": round(step_seconds, 3),
         "guidance": {},
     }
+    n_train = len(val_recs)  # as many training prompts as validation ones, the first of the split
     for scale in args.guidance:
-        pictures = []
-        for i in range(0, len(val_recs), 32):
-            rows = jnp.asarray(val_facts[i : i + 32])
-            shape = (rows.shape[0], n_tokens, kcfg.generator.in_channels)
-            noise = jax.random.normal(jax.random.key(args.seed + 1 + i), shape)
-            images = np.asarray(sample(ema, rows, noise, jnp.float32(scale)))
-            pictures.extend(np.clip(np.round((images + 1) * 127.5), 0, 255).astype(np.uint8))
-        save_grid(np.stack(pictures), os.path.join(args.out, f"samples_guidance_{scale:g}.png"))
-        result["guidance"][f"{scale:g}"] = judged(val_recs, pictures)
+        result["guidance"][f"{scale:g}"] = sample_and_judge(
+            val_recs, val_facts, scale, f"samples_guidance_{scale:g}.png"
+        )
+        if args.judge_train:
+            result.setdefault("train_prompts", {})[f"{scale:g}"] = sample_and_judge(
+                recs[:n_train], facts[:n_train], scale, f"train_samples_guidance_{scale:g}.png"
+            )
     return result
 
 
@@ -255,6 +269,11 @@ def parser(description: str = __doc__) -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="at most this many training records")
+    p.add_argument(
+        "--judge_train",
+        action="store_true",
+        help="also sample and judge as many training prompts as --samples (fit against held-out)",
+    )
     return p
 
 
@@ -266,6 +285,8 @@ def report(result: dict) -> None:
             f"{r['chance']:.3f}; checks passed: " + ", ".join(f"{k} {v:.3f}" for k, v in r["checks"].items())
         )
         print("  pictures: " + ", ".join(f"{k} {v:.3f}" for k, v in r["pictures"].items()))
+    for scale, r in result.get("train_prompts", {}).items():
+        print(f"guidance {scale}, training prompts: judge {r['judge']:.3f} (chance {r['chance']:.3f})")
 
 
 def main() -> None:

@@ -92,15 +92,21 @@ def test_script_trains_samples_and_judges(tmp_path, shapes_dir):
         "16",
         "--guidance",
         "1,4",
+        "--judge_train",
     )
     result = json.loads((out / "results.json").read_text())
     assert result["samples"] == 4 and result["steps"] == 3 and np.isfinite(result["final_loss"])
-    assert set(result["guidance"]) == {"1", "4"}
+    assert set(result["guidance"]) == set(result["train_prompts"]) == {"1", "4"}
     for scale, r in result["guidance"].items():
         assert 0.0 <= r["judge"] <= 1.0 and 0.0 <= r["chance"] <= 1.0
         assert {"present", "attributes"} <= set(r["checks"])
         assert set(r["pictures"]) == {"objects", "stray", "clean"} and r["pictures"]["objects"] >= 0
         assert (out / f"samples_guidance_{scale}.png").exists() and f"guidance {scale}: judge" in stdout
+        # the training prompts are judged apart, into their own grid
+        train = result["train_prompts"][scale]
+        assert 0.0 <= train["judge"] <= 1.0 and set(train["pictures"]) == {"objects", "stray", "clean"}
+        assert (out / f"train_samples_guidance_{scale}.png").exists()
+        assert f"guidance {scale}, training prompts: judge" in stdout
 
 
 def test_latent_scale_makes_the_latents_unit_scale(shapes_dir):
