@@ -180,12 +180,13 @@ def main() -> None:
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
 
-    _, images, _ = oracle.load_split(args.data_dir, "train", args.limit)
     val_recs, val_images, _ = oracle.load_split(args.data_dir, "validation", args.samples)
     if args.autoencoder_from:
         cfg, params, training = load_autoencoder(args.autoencoder_from)
         training = {**training, "from": args.autoencoder_from}
     else:
+        # the training pictures are decoded only to train on; the oracle loads its own records
+        _, images, _ = oracle.load_split(args.data_dir, "train", args.limit)
         cfg = autoencoder_config(args.channels, args.latent_channels)
         params, seconds = train_autoencoder(cfg, images, args)
         cfg = with_latent_scale(cfg, params, images[:1024])
