@@ -101,13 +101,75 @@ class FactTokens(nn.Module):
         return tokens, mask
 
 
-def load_split(data_dir: str, split: str, limit: int | None = None) -> tuple[list[dict], np.ndarray, np.ndarray]:
-    """(records, targets (N, H, W, 3) float32 in [-1, 1], facts (N, MAX_OBJECTS + 1, 8))."""
+def scene_rows(record: dict) -> np.ndarray:
+    """(MAX_OBJECTS + 1, 6) float32 of a t2i record's drawn scene, everything `render` needs: per
+    object row (present, shape index, colour index, cx, cy, r), the last row the plain background
+    (1, tone in [-1, 1], tint r, g, b / 10, 0). Only what the demo's data draws is accepted (plain
+    backgrounds, unrotated untextured objects, not inverted); anything else is refused by name."""
+    graph = json.loads(record["scene"])["target"]
+    bg, objects = graph["background"], graph["objects"]
+    if bg["kind"] != "plain" or graph.get("inverted") or len(objects) > MAX_OBJECTS:
+        raise ValueError(
+            f"record {record['id']}: scene tokens cover plain, non-inverted scenes of at most {MAX_OBJECTS} "
+            f"objects (background {bg['kind']!r}, inverted {graph.get('inverted')}, {len(objects)} objects)"
+        )
+    out = np.zeros((MAX_OBJECTS + 1, 6), np.float32)
+    for j, o in enumerate(objects):
+        if o.get("rotation") or o.get("pattern"):
+            raise ValueError(f"record {record['id']}: object {j} is rotated or textured; scene tokens cover neither")
+        out[j] = (1.0, vocab.SHAPES.index(o["shape"]), vocab.COLOUR_NAMES.index(o["colour"]), o["cx"], o["cy"], o["r"])
+    tint = np.asarray(bg.get("tint", (0, 0, 0)), np.float32) / 10.0
+    out[MAX_OBJECTS] = (1.0, bg["tones"][0] / 127.5 - 1.0, *tint, 0.0)
+    return out
+
+
+class SceneTokens(nn.Module):
+    """(B, MAX_OBJECTS + 1, 6) `scene_rows` -> condition tokens (B, MAX_OBJECTS + 1, width) and mask:
+    an object token is its shape's and colour's embeddings plus a projection of Fourier features
+    of its centre and radius; the background token a projection of its tone and tint."""
+
+    width: int
+    frequencies: int = 6
+
+    @nn.compact
+    def __call__(self, rows: jax.Array) -> tuple[jax.Array, jax.Array]:
+        present = rows[..., 0] > 0
+        geometry = rows[..., 3:6]  # cx, cy, r in [0, 1]
+        angles = geometry[..., None] * (jnp.pi * 2.0 ** jnp.arange(self.frequencies))
+        fourier = jnp.concatenate(
+            [
+                geometry,
+                jnp.sin(angles).reshape(*geometry.shape[:-1], -1),
+                jnp.cos(angles).reshape(*geometry.shape[:-1], -1),
+            ],
+            axis=-1,
+        )
+        obj = (
+            nn.Embed(len(vocab.SHAPES), self.width, name="shape")(rows[..., 1].astype(jnp.int32))
+            + nn.Embed(len(vocab.COLOUR_NAMES), self.width, name="colour")(rows[..., 2].astype(jnp.int32))
+            + nn.Dense(self.width, name="geometry")(fourier)
+        )
+        background = nn.Dense(self.width, name="background")(rows[..., 1:6])
+        is_bg = jnp.arange(rows.shape[1]) == MAX_OBJECTS
+        tokens = jnp.where(is_bg[None, :, None], background, obj)
+        return jnp.where(present[..., None], tokens, 0.0), present
+
+
+# What the DiT is told: the prompt's facts (what a VLM could read) or the drawn scene (everything).
+CONDITIONS = {"prompt": (spec_facts, FactTokens), "scene": (scene_rows, SceneTokens)}
+
+
+def load_split(
+    data_dir: str, split: str, limit: int | None = None, condition: str = "prompt"
+) -> tuple[list[dict], np.ndarray, np.ndarray]:
+    """(records, targets (N, H, W, 3) float32 in [-1, 1], condition rows (N, MAX_OBJECTS + 1, F):
+    `spec_facts` for `condition="prompt"`, `scene_rows` for "scene")."""
     source = builders.load_source(data_dir, builders.SHAPES_NAME, "t2i", split)
     n = len(source) if limit is None else min(limit, len(source))
     recs = [records_lib.normalize(source[i]) for i in range(n)]
     targets = np.stack([records_lib.decode_image(r["target"]) for r in recs]).astype(np.float32) / 127.5 - 1.0
-    return recs, targets, np.stack([spec_facts(r) for r in recs])
+    rows_of = CONDITIONS[condition][0]
+    return recs, targets, np.stack([rows_of(r) for r in recs])
 
 
 class TrainedAutoencoder(NamedTuple):
@@ -133,12 +195,12 @@ def run(args, vae: TrainedAutoencoder | None = None) -> dict:
         kcfg = dataclasses.replace(kcfg, vae=vae.config, generator=generator)
         frozen = {"vae": vae.params}
     model = QueryKontext(kcfg)
-    recs, targets, facts = load_split(args.data_dir, "train", args.limit)
-    val_recs, _, val_facts = load_split(args.data_dir, "validation", args.samples)
+    recs, targets, facts = load_split(args.data_dir, "train", args.limit, args.condition)
+    val_recs, _, val_facts = load_split(args.data_dir, "validation", args.samples, args.condition)
     h, w = targets.shape[1:3]
     ids = jnp.asarray(image_ids(kcfg, np.zeros(1, np.int32), h, w, 0))  # t2i: the target's grid only
 
-    fact_tokens = FactTokens(kcfg.generator.joint_attention_dim)
+    fact_tokens = CONDITIONS[args.condition][1](kcfg.generator.joint_attention_dim)
     key = jax.random.key(args.seed)
     k_dit, k_emb = jax.random.split(key)
     params = {
@@ -214,6 +276,7 @@ def run(args, vae: TrainedAutoencoder | None = None) -> dict:
 
     result = {
         "samples": len(val_recs),
+        "condition": args.condition,
         "steps": args.steps,
         "final_loss": float(np.mean(losses[-200:])) if losses else None,
         "step_seconds": round(step_seconds, 3),
@@ -266,6 +329,13 @@ def parser(description: str = __doc__) -> argparse.ArgumentParser:
         type=lambda v: [float(x) for x in v.split(",")],
         default=[4.0],
         help="classifier-free guidance scales, comma-separated (the demo samples with 4; 1: none)",
+    )
+    p.add_argument(
+        "--condition",
+        choices=sorted(CONDITIONS),
+        default="prompt",
+        help="prompt: the facts the prompt states (default); scene: the drawn scene's every object and "
+        "its exact place and radius, and the background (nothing left to guess)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="at most this many training records")

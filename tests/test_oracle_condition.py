@@ -71,6 +71,104 @@ def test_fact_tokens_mask_what_the_prompt_does_not_say_and_tell_slots_apart():
     assert float(jnp.abs(tokens[0, 0] - tokens[0, 1]).max()) > 1e-3
 
 
+def _plain_t2i_record(index: int) -> dict:
+    from qk_jax.data import records
+
+    return records.normalize(records.generate_record("t2i", index, height=64, plain_background=1.0))
+
+
+def test_scene_rows_hold_everything_the_renderer_draws():
+    """Redrawing a scene from its rows alone (shape, colour, centre, radius; the background's tone
+    and tint) gives the record's picture pixel for pixel; a textured background is refused by id."""
+    from qk_jax.data import records, scenes, vocab
+
+    for i in range(8):
+        record = _plain_t2i_record(i)
+        rows = oc.scene_rows(record)
+        drawn = [r for r in rows[: oc.MAX_OBJECTS] if r[0] > 0]
+        assert len(drawn) == len(json.loads(record["scene"])["target"]["objects"])
+        assert (rows[len(drawn) : oc.MAX_OBJECTS] == 0).all()
+        tone, *tint = rows[oc.MAX_OBJECTS, 1:5]
+        scene = scenes.Scene(
+            64,
+            64,
+            {"kind": "plain", "tones": [(tone + 1.0) * 127.5, 0.0], "tint": [float(x) * 10.0 for x in tint]},
+            [
+                scenes.Obj(vocab.SHAPES[int(s)], vocab.COLOUR_NAMES[int(c)], "small", float(r), float(x), float(y))
+                for _, s, c, x, y, r in drawn
+            ],
+        )
+        np.testing.assert_array_equal(scenes.render_scene(scene), records.decode_image(record["target"]))
+    textured = records.normalize(records.generate_record("t2i", 0, height=64, plain_background=0.0))
+    with pytest.raises(ValueError, match=f"record {textured['id']}.*background"):
+        oc.scene_rows(textured)
+
+
+def test_scene_tokens_mask_absent_objects_and_follow_an_objects_place():
+    rows = oc.scene_rows(_plain_t2i_record(0))[None]
+    module = oc.SceneTokens(16)
+    params = module.init(jax.random.key(0), jnp.asarray(rows))
+    tokens, mask = module.apply(params, jnp.asarray(rows))
+    n = int((rows[0, : oc.MAX_OBJECTS, 0] > 0).sum())
+    assert tokens.shape == (1, oc.MAX_OBJECTS + 1, 16)
+    assert mask.tolist() == [[True] * n + [False] * (oc.MAX_OBJECTS - n) + [True]]
+    assert float(jnp.abs(tokens[0, n : oc.MAX_OBJECTS]).max()) == 0.0
+    moved = rows.copy()
+    moved[0, 0, 3] += 0.1  # the first object 0.1 of the width to the right
+    moved_tokens, _ = module.apply(params, jnp.asarray(moved))
+    assert float(jnp.abs(moved_tokens[0, 0] - tokens[0, 0]).max()) > 1e-3
+    np.testing.assert_array_equal(moved_tokens[0, 1:], tokens[0, 1:])
+
+
+@pytest.fixture(scope="module")
+def plain_t2i_dir(tmp_path_factory):
+    """Text-to-image records on plain backgrounds (what scene tokens cover), 32 x 32."""
+    from qk_jax.data import builders
+
+    out = tmp_path_factory.mktemp("plain_t2i")
+    builders.build_shapes(str(out), tasks=("t2i",), num=16, num_eval=4, height=32, plain_background=1.0)
+    return str(out)
+
+
+@pytest.mark.slow  # ~60 s: the demo's DiT and a convolutional decoder compiled as renderers
+@pytest.mark.parametrize("generator", ["dit", "conv"])
+def test_renderer_bound_trains_renders_and_judges_along_its_curve(tmp_path, plain_t2i_dir, generator):
+    out = tmp_path / "out"
+    stdout = run_script(
+        tmp_path,
+        600,
+        "renderer_bound.py",
+        *("--data_dir", plain_t2i_dir, "--out", str(out), "--generator", generator),
+        *("--steps", "3", "--warmup", "1", "--eval_at", "2", "--samples", "4"),
+    )
+    result = json.loads((out / "results.json").read_text())
+    assert result["generator"] == generator and result["parameters"] > 10**5
+    assert [c["step"] for c in result["curve"]] == [2, 3]  # --eval_at and the last step
+    for point in result["curve"]:
+        assert point["samples_seen"] == point["step"] * 16 and np.isfinite(point["loss"])
+        for split in ("validation", "train"):
+            judged = point[split]
+            assert 0.0 <= judged["judge"] <= 1.0 and 0.0 <= judged["chance"] <= 1.0
+            assert 0.0 < judged["psnr"] < 60.0 and set(judged["pictures"]) == {"objects", "stray", "clean"}
+    assert (out / "validation_renders.png").exists() and (out / "train_renders.png").exists()
+    assert f"{generator}: {result['parameters']} parameters" in stdout
+
+
+@pytest.mark.slow  # ~40 s: the demo's DiT compiled for training and for a 20-step sampler
+def test_script_conditions_on_the_drawn_scene(tmp_path, plain_t2i_dir):
+    out = tmp_path / "out"
+    run_script(
+        tmp_path,
+        600,
+        "oracle_condition.py",
+        *("--data_dir", plain_t2i_dir, "--out", str(out), "--steps", "2", "--warmup", "1"),
+        *("--samples", "2", "--guidance", "1", "--condition", "scene"),
+    )
+    result = json.loads((out / "results.json").read_text())
+    assert result["condition"] == "scene" and np.isfinite(result["final_loss"])
+    assert 0.0 <= result["guidance"]["1"]["judge"] <= 1.0 and (out / "samples_guidance_1.png").exists()
+
+
 @pytest.mark.slow  # ~60 s: the demo's DiT compiled for training and for a guided 20-step sampler
 def test_script_trains_samples_and_judges(tmp_path, shapes_dir):
     out = tmp_path / "out"

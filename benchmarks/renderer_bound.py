@@ -1,0 +1,223 @@
+"""Drawing Kontext-Shapes from the exact scene by plain regression: how many samples does it take?
+
+    PYTHONPATH=. python benchmarks/renderer_bound.py --data_dir DATA --out DIR [--generator dit|conv]
+        [--steps 5600] [--eval_at 350,700,1400,2800,5600] [--config configs/stage2.py:demo]
+        [--override FIELD=VALUE ...] [--samples 64]
+
+The demo's generator, given the prompt's facts exactly, does not draw the shapes it is asked for,
+even on its training prompts (BENCHMARKS.md, "Learning"). This script asks the easiest question of
+that kind: learn a deterministic renderer, the drawn scene's every object (shape, colour, exact
+centre and radius) and its background in, the picture out, under the plain squared error. There is
+nothing to guess (no noise, no unstated attribute, no choice among pictures), so a generator that
+cannot learn this within a budget cannot learn to draw the same pictures from noise within it, and
+the samples this takes are a lower bound on what any recipe on that generator needs.
+
+`--generator dit`: the stage config's DiT (its architecture, autoencoder and `--override`s) as a
+one-step renderer: its clean-picture prediction at t = 1 from an all-zero input, conditioned on
+`oracle_condition.SceneTokens`. `--generator conv`: a convolutional decoder of about the same size
+(`ConvRenderer`), the reference for what a convolutional hierarchy learns from the same tokens.
+Both train with the stage's optimiser, learning rate, batch and EMA. At each `--eval_at` step the
+EMA weights render the first `--samples` validation scenes and as many training ones, which the
+judge scores against their prompts (and against the next record's: chance), with the mean PSNR
+against the true pictures: the curve of samples seen against the judge.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import oracle_condition as oracle
+from qk_jax import optim, sharding
+from qk_jax.config import load_config
+from qk_jax.data.model_inputs import image_ids
+from qk_jax.eval import score
+from qk_jax.model_config import build_kontext_config
+from qk_jax.models.kontext import QueryKontext
+from qk_jax.sample import save_grid
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class ConvRenderer(nn.Module):
+    """Scene tokens (B, T, D) -> pictures (B, H, W, 3) in [-1, 1]: the tokens, flattened, are projected
+    to an (H / 8, W / 8, seed_channels) grid, then two residual 3x3 blocks per scale at widths
+    `channels`, doubling the resolution between scales, and a 3x3 convolution to RGB."""
+
+    height: int
+    width: int
+    seed_channels: int = 32
+    channels: tuple[int, ...] = (128, 128, 64, 32)
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        b = tokens.shape[0]
+        h, w = self.height // 2 ** (len(self.channels) - 1), self.width // 2 ** (len(self.channels) - 1)
+        x = nn.Dense(h * w * self.seed_channels)(tokens.reshape(b, -1)).reshape(b, h, w, self.seed_channels)
+        for level, c in enumerate(self.channels):
+            if level:
+                x = jax.image.resize(x, (b, x.shape[1] * 2, x.shape[2] * 2, x.shape[3]), "nearest")
+            x = nn.Conv(c, (3, 3))(x)
+            for _ in range(2):
+                y = nn.Conv(c, (3, 3))(nn.silu(nn.GroupNorm(min(32, c // 4))(x)))
+                x = x + nn.Conv(c, (3, 3))(nn.silu(nn.GroupNorm(min(32, c // 4))(y)))
+        return nn.Conv(3, (3, 3))(nn.silu(nn.GroupNorm(8)(x)))
+
+
+def build_renderer(args, height: int, width: int, rows: np.ndarray):
+    """(init params, render(params, rows) -> pictures (B, H, W, 3) in [-1, 1], the stage config)."""
+    config = load_config(
+        args.config, [f"train.steps={args.steps}", f"train.warmup_steps={args.warmup}"] + args.override
+    )
+    kcfg = build_kontext_config(config)
+    scene_tokens = oracle.SceneTokens(kcfg.generator.joint_attention_dim)
+    k_gen, k_emb = jax.random.split(jax.random.key(args.seed))
+    params = {"scene": scene_tokens.init(k_emb, jnp.asarray(rows[:1]))["params"]}
+
+    if args.generator == "conv":
+        decoder = ConvRenderer(height, width)
+        params["conv"] = decoder.init(k_gen, jnp.zeros((1,) + rows.shape[1:2] + (scene_tokens.width,)))["params"]
+
+        def render(p, r):
+            cond, mask = scene_tokens.apply({"params": p["scene"]}, r)
+            return jnp.tanh(decoder.apply({"params": p["conv"]}, jnp.where(mask[..., None], cond, 0.0)))
+
+        return params, render, config
+
+    model = QueryKontext(kcfg)
+    params[kcfg.generator_key] = sharding.unbox_abstract(model.init(k_gen))[kcfg.generator_key]
+    ids = jnp.asarray(image_ids(kcfg, np.zeros(1, np.int32), height, width, 0))
+    n_tokens = ids.shape[1]
+
+    def render(p, r):
+        cond, mask = scene_tokens.apply({"params": p["scene"]}, r)
+        b = r.shape[0]
+        x = jnp.zeros((b, n_tokens, kcfg.generator.in_channels))
+        t = jnp.ones((b,))
+        v = model.velocity(p, x, None, jnp.broadcast_to(ids, (b,) + ids.shape[1:]), cond, mask, t)
+        return model.decode(p, x - v, height, width)  # x0 = x_t - t v, at t = 1
+
+    return params, render, config
+
+
+def run(args) -> dict:
+    recs, targets, rows = oracle.load_split(args.data_dir, "train", args.limit, "scene")
+    val_recs, val_targets, val_rows = oracle.load_split(args.data_dir, "validation", args.samples, "scene")
+    n_eval = len(val_recs)
+    h, w = targets.shape[1:3]
+    params, render, config = build_renderer(args, h, w, rows)
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    opt = optim.make_optimizer(config.train)
+    opt_state = opt.init(params)
+    ema = params
+
+    def loss_fn(p, r, target):
+        return jnp.mean(jnp.square(render(p, r).astype(jnp.float32) - target))
+
+    @jax.jit
+    def step(p, s, e, i, r, target):
+        loss, g = jax.value_and_grad(loss_fn)(p, r, target)
+        upd, s = opt.update(g, s, p)
+        p = jax.tree.map(lambda a, u: a + u, p, upd)
+        return p, s, optim.ema_update(e, p, optim.ema_decay_at(i, config.train.ema_decay)), loss
+
+    render_jit = jax.jit(render)
+
+    def pictures(p, r):
+        out = np.concatenate([np.asarray(render_jit(p, jnp.asarray(r[i : i + 32]))) for i in range(0, len(r), 32)])
+        return np.clip(np.round((out + 1) * 127.5), 0, 255).astype(np.uint8)
+
+    def evaluate(p, r, truth, rs, grid):
+        images = pictures(p, r)
+        truth = np.clip(np.round((truth + 1) * 127.5), 0, 255).astype(np.uint8)
+        save_grid(images, os.path.join(args.out, grid))
+        out = oracle.judged(rs, list(images))
+        out["psnr"] = float(np.mean([score.psnr(a, b) for a, b in zip(images, truth)]))
+        return out
+
+    data_rng = np.random.default_rng(args.seed)
+    losses, curve, start, train_seconds = [], [], time.time(), 0.0
+    for i in range(args.steps):
+        idx = data_rng.integers(0, len(targets), config.train.batch_size)
+        t0 = time.time()
+        params, opt_state, ema, loss = step(
+            params, opt_state, ema, i, jnp.asarray(rows[idx]), jnp.asarray(targets[idx])
+        )
+        losses.append(float(loss))
+        train_seconds += time.time() - t0
+        if (i + 1) % 100 == 0:
+            print(f"step {i + 1:5d}  loss {np.mean(losses[-100:]):.4f}  {train_seconds / (i + 1):.3f} s/step")
+        if i + 1 in args.eval_at or i + 1 == args.steps:
+            point = {
+                "step": i + 1,
+                "samples_seen": (i + 1) * config.train.batch_size,
+                "loss": float(np.mean(losses[-100:])),
+                "validation": evaluate(ema, val_rows, val_targets, val_recs, "validation_renders.png"),
+                "train": evaluate(ema, rows[:n_eval], targets[:n_eval], recs[:n_eval], "train_renders.png"),
+            }
+            curve.append(point)
+            print(
+                f"  step {point['step']}: validation judge {point['validation']['judge']:.3f} "
+                f"(chance {point['validation']['chance']:.3f}) {point['validation']['psnr']:.1f} dB; "
+                f"train judge {point['train']['judge']:.3f} {point['train']['psnr']:.1f} dB"
+            )
+    return {
+        "generator": args.generator,
+        "parameters": int(n_params),
+        "samples": n_eval,
+        "step_seconds": round(train_seconds / max(args.steps, 1), 3),
+        "wall_seconds": round(time.time() - start),
+        "curve": curve,
+    }
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data_dir", required=True)
+    p.add_argument("--out", required=True, help="folder for results.json and the render grids")
+    p.add_argument("--generator", choices=("dit", "conv"), default="dit")
+    p.add_argument(
+        "--config",
+        default=os.path.join(ROOT, "configs", "stage2.py") + ":demo",
+        help="the stage config whose DiT (for --generator dit) and optimiser train (default: the demo's stage 2)",
+    )
+    p.add_argument("--override", action="append", default=[], help="FIELD=VALUE of that config (repeatable)")
+    p.add_argument("--steps", type=int, default=5600)
+    p.add_argument("--warmup", type=int, default=70)
+    p.add_argument(
+        "--eval_at",
+        type=lambda v: {int(x) for x in v.split(",")},
+        default={350, 700, 1400, 2800, 5600},
+        help="steps at which to render and judge, comma-separated (the last step always is)",
+    )
+    p.add_argument("--samples", type=int, default=64, help="validation scenes (and as many training ones) judged")
+    p.add_argument("--limit", type=int, default=None, help="at most this many training records")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main() -> None:
+    args = parser().parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    result = run(args)
+    print(f"\n{result['generator']}: {result['parameters']} parameters, {result['step_seconds']} s/step")
+    print("| step | samples seen | loss | validation judge (chance) | PSNR | train judge | PSNR |")
+    for c in result["curve"]:
+        v, t = c["validation"], c["train"]
+        print(
+            f"| {c['step']} | {c['samples_seen']} | {c['loss']:.4f} | {v['judge']:.3f} ({v['chance']:.3f}) | "
+            f"{v['psnr']:.1f} dB | {t['judge']:.3f} | {t['psnr']:.1f} dB |"
+        )
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
