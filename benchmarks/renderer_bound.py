@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python benchmarks/renderer_bound.py --data_dir DATA --out DIR [--generator dit|conv]
         [--steps 5600] [--eval_at 350,700,1400,2800,5600] [--config configs/stage2.py:demo]
-        [--override FIELD=VALUE ...] [--samples 64]
+        [--override FIELD=VALUE ...] [--edge_weight 0] [--samples 64]
 
 The demo's generator, given the prompt's facts exactly, does not draw the shapes it is asked for,
 even on its training prompts (BENCHMARKS.md, "Learning"). This script asks the easiest question of
@@ -19,7 +19,8 @@ one-step renderer: its clean-picture prediction at t = 1 from an all-zero input,
 Both train with the stage's optimiser, learning rate, batch and EMA. At each `--eval_at` step the
 EMA weights render the first `--samples` validation scenes and as many training ones, which the
 judge scores against their prompts (and against the next record's: chance), with the mean PSNR
-against the true pictures: the curve of samples seen against the judge.
+against the true pictures: the curve of samples seen against the judge. `--edge_weight w` weighs
+the squared error 1 + w times at the pixels on an outline (what the judge reads a shape from).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import oracle_condition as oracle
+from benchmarks.latent_oracle import edge_mask
 from qk_jax import optim, sharding
 from qk_jax.config import load_config
 from qk_jax.data.model_inputs import image_ids
@@ -69,6 +71,13 @@ class ConvRenderer(nn.Module):
                 y = nn.Conv(c, (3, 3))(nn.silu(nn.GroupNorm(min(32, c // 4))(x)))
                 x = x + nn.Conv(c, (3, 3))(nn.silu(nn.GroupNorm(min(32, c // 4))(y)))
         return nn.Conv(3, (3, 3))(nn.silu(nn.GroupNorm(8)(x)))
+
+
+def edge_weighted_error(pictures: jax.Array, target: jax.Array, edge_weight: float) -> jax.Array:
+    """The squared error of pictures (B, H, W, 3) against target, averaged with weight 1 + edge_weight
+    at the target's outline pixels (`latent_oracle.edge_mask`) and 1 elsewhere."""
+    weight = 1.0 + edge_weight * edge_mask(target)
+    return jnp.mean(weight * jnp.square(pictures.astype(jnp.float32) - target)) / jnp.mean(weight)
 
 
 def build_renderer(args, height: int, width: int, rows: np.ndarray):
@@ -119,7 +128,7 @@ def run(args) -> dict:
     ema = params
 
     def loss_fn(p, r, target):
-        return jnp.mean(jnp.square(render(p, r).astype(jnp.float32) - target))
+        return edge_weighted_error(render(p, r), target, args.edge_weight)
 
     @jax.jit
     def step(p, s, e, i, r, target):
@@ -171,6 +180,7 @@ def run(args) -> dict:
     return {
         "generator": args.generator,
         "parameters": int(n_params),
+        "edge_weight": args.edge_weight,
         "samples": n_eval,
         "step_seconds": round(train_seconds / max(args.steps, 1), 3),
         "wall_seconds": round(time.time() - start),
@@ -196,6 +206,13 @@ def parser() -> argparse.ArgumentParser:
         type=lambda v: {int(x) for x in v.split(",")},
         default={350, 700, 1400, 2800, 5600},
         help="steps at which to render and judge, comma-separated (the last step always is)",
+    )
+    p.add_argument(
+        "--edge_weight",
+        type=float,
+        default=0.0,
+        help="extra weight of the pixels within one of a colour edge (`latent_oracle.edge_mask`): the "
+        "squared error is averaged with weight 1 + w there, 1 elsewhere (default 0: the plain squared error)",
     )
     p.add_argument("--samples", type=int, default=64, help="validation scenes (and as many training ones) judged")
     p.add_argument("--limit", type=int, default=None, help="at most this many training records")

@@ -120,6 +120,24 @@ def test_scene_tokens_mask_absent_objects_and_follow_an_objects_place():
     np.testing.assert_array_equal(moved_tokens[0, 1:], tokens[0, 1:])
 
 
+def test_edge_weighted_error_counts_outline_pixels_more():
+    """A 4 x 4 red square on grey: an error on the square's outline costs (1 + w) / mean weight times
+    the plain squared error, one in its middle 1 / mean weight times; w = 0 is the plain error."""
+    from benchmarks import renderer_bound
+
+    target = np.full((1, 12, 12, 3), 0.5, np.float32)
+    target[0, 4:8, 4:8] = (1.0, -1.0, -1.0)
+    target = jnp.asarray(target)
+    outline, middle = target.at[0, 4, 4, 0].add(0.3), target.at[0, 5, 5, 0].add(0.3)
+    plain = 0.09 / (12 * 12 * 3)
+    mean_weight = 1.0 + 3.0 * 32 / 144  # 32 of the 144 pixels are within one of the outline
+    np.testing.assert_allclose(renderer_bound.edge_weighted_error(outline, target, 0.0), plain, rtol=1e-5)
+    np.testing.assert_allclose(
+        renderer_bound.edge_weighted_error(outline, target, 3.0), 4 * plain / mean_weight, rtol=1e-5
+    )
+    np.testing.assert_allclose(renderer_bound.edge_weighted_error(middle, target, 3.0), plain / mean_weight, rtol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def plain_t2i_dir(tmp_path_factory):
     """Text-to-image records on plain backgrounds (what scene tokens cover), 32 x 32."""
@@ -139,10 +157,10 @@ def test_renderer_bound_trains_renders_and_judges_along_its_curve(tmp_path, plai
         600,
         "renderer_bound.py",
         *("--data_dir", plain_t2i_dir, "--out", str(out), "--generator", generator),
-        *("--steps", "3", "--warmup", "1", "--eval_at", "2", "--samples", "4"),
+        *("--steps", "3", "--warmup", "1", "--eval_at", "2", "--samples", "4", "--edge_weight", "2"),
     )
     result = json.loads((out / "results.json").read_text())
-    assert result["generator"] == generator and result["parameters"] > 10**5
+    assert result["generator"] == generator and result["parameters"] > 10**5 and result["edge_weight"] == 2.0
     assert [c["step"] for c in result["curve"]] == [2, 3]  # --eval_at and the last step
     for point in result["curve"]:
         assert point["samples_seen"] == point["step"] * 16 and np.isfinite(point["loss"])
