@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python benchmarks/oracle_condition.py --data_dir DATA --out DIR [--steps 1400]
         [--config configs/stage2.py:demo] [--override FIELD=VALUE ...] [--samples 64] [--guidance 1,4]
-        [--judge_train]
+        [--judge_train] [--condition prompt|scene]
 
 The demo's text-to-image samples do not follow their prompts (BENCHMARKS.md, "Learning"), and the
 prompt reaches the DiT through a VLM trained from scratch, K kontext queries and a connector. This
@@ -16,7 +16,10 @@ noise (Euler on the sampler's schedule, classifier-free guidance) and scores the
 against their own prompts and against the next record's (chance), as `benchmarks/judge_run.py` does.
 `--judge_train` also samples and judges as many training prompts (under "train_prompts" in
 `results.json`, `train_samples_guidance_G.png`): whether the DiT fits what it trained on at all, or
-draws it and fails only on compositions it has not seen.
+draws it and fails only on compositions it has not seen. `--condition scene` tells the DiT the drawn
+scene instead (`scene_rows`, `SceneTokens`: every object's shape, colour, exact centre and radius, and
+the background): nothing is left to guess, so what it still cannot draw it cannot draw, whatever the
+prompt says (`benchmarks/renderer_bound.py` learns the same scene -> picture map without the flow).
 
 This condition says exactly what the prompt says and nothing else, in a form no encoder has to
 learn; if the DiT does not bind it within a budget, no VLM path will at that budget. It is a
