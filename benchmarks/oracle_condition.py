@@ -184,6 +184,20 @@ class TrainedAutoencoder(NamedTuple):
     patch_size: int
 
 
+def train_step(loss_fn, opt, ema_decay: float):
+    """jit(step(params, opt_state, ema, i, *batch) -> (params, opt_state, ema, loss)): one step of
+    `opt` on loss_fn(params, *batch), then the EMA at step i (the stage's warm-up of the decay)."""
+
+    @jax.jit
+    def step(p, s, e, i, *batch):
+        loss, g = jax.value_and_grad(loss_fn)(p, *batch)
+        upd, s = opt.update(g, s, p)
+        p = jax.tree.map(lambda a, u: a + u, p, upd)
+        return p, s, optim.ema_update(e, p, optim.ema_decay_at(i, ema_decay)), loss
+
+    return step
+
+
 def run(args, vae: TrainedAutoencoder | None = None) -> dict:
     """Train, sample and judge (see the module docstring), on `vae`'s latents when given: the DiT's
     patch is then `vae.patch_size` and its input and output channels follow the latent's."""
@@ -223,13 +237,7 @@ def run(args, vae: TrainedAutoencoder | None = None) -> dict:
         batch = {"target": target, "img_ids": jnp.broadcast_to(ids, (target.shape[0],) + ids.shape[1:])}
         return model.denoising_loss({**p, **frozen}, batch, cond, mask, None, k_time, k_noise)[0]
 
-    @jax.jit
-    def step(p, s, e, i, target, fact_rows, rng):
-        loss, g = jax.value_and_grad(loss_fn)(p, target, fact_rows, rng)
-        upd, s = opt.update(g, s, p)
-        p = jax.tree.map(lambda a, u: a + u, p, upd)
-        e = optim.ema_update(e, p, optim.ema_decay_at(i, config.train.ema_decay))
-        return p, s, e, loss
+    step = train_step(loss_fn, opt, config.train.ema_decay)
 
     data_rng = np.random.default_rng(args.seed)
     losses, start = [], time.time()

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import oracle_condition as oracle
+from benchmarks.conv_reference import to_uint8
 from benchmarks.latent_oracle import edge_mask
 from qk_jax import optim, sharding
 from qk_jax.config import load_config
@@ -95,8 +96,8 @@ def build_renderer(args, height: int, width: int, rows: np.ndarray):
         params["conv"] = decoder.init(k_gen, jnp.zeros((1,) + rows.shape[1:2] + (scene_tokens.width,)))["params"]
 
         def render(p, r):
-            cond, mask = scene_tokens.apply({"params": p["scene"]}, r)
-            return jnp.tanh(decoder.apply({"params": p["conv"]}, jnp.where(mask[..., None], cond, 0.0)))
+            cond, _ = scene_tokens.apply({"params": p["scene"]}, r)
+            return jnp.tanh(decoder.apply({"params": p["conv"]}, cond))  # absent objects' tokens are zero
 
         return params, render, config
 
@@ -130,25 +131,15 @@ def run(args) -> dict:
     def loss_fn(p, r, target):
         return edge_weighted_error(render(p, r), target, args.edge_weight)
 
-    @jax.jit
-    def step(p, s, e, i, r, target):
-        loss, g = jax.value_and_grad(loss_fn)(p, r, target)
-        upd, s = opt.update(g, s, p)
-        p = jax.tree.map(lambda a, u: a + u, p, upd)
-        return p, s, optim.ema_update(e, p, optim.ema_decay_at(i, config.train.ema_decay)), loss
+    step = oracle.train_step(loss_fn, opt, config.train.ema_decay)
 
     render_jit = jax.jit(render)
 
-    def pictures(p, r):
-        out = np.concatenate([np.asarray(render_jit(p, jnp.asarray(r[i : i + 32]))) for i in range(0, len(r), 32)])
-        return np.clip(np.round((out + 1) * 127.5), 0, 255).astype(np.uint8)
-
     def evaluate(p, r, truth, rs, grid):
-        images = pictures(p, r)
-        truth = np.clip(np.round((truth + 1) * 127.5), 0, 255).astype(np.uint8)
-        save_grid(images, os.path.join(args.out, grid))
-        out = oracle.judged(rs, list(images))
-        out["psnr"] = float(np.mean([score.psnr(a, b) for a, b in zip(images, truth)]))
+        images = to_uint8(np.concatenate([render_jit(p, jnp.asarray(r[i : i + 32])) for i in range(0, len(r), 32)]))
+        save_grid(np.stack(images), os.path.join(args.out, grid))
+        out = oracle.judged(rs, images)
+        out["psnr"] = float(np.mean([score.psnr(a, b) for a, b in zip(images, to_uint8(truth))]))
         return out
 
     data_rng = np.random.default_rng(args.seed)
