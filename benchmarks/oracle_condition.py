@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python benchmarks/oracle_condition.py --data_dir DATA --out DIR [--steps 1400]
         [--config configs/stage2.py:demo] [--override FIELD=VALUE ...] [--samples 64] [--guidance 1,4]
-        [--judge_train] [--condition prompt|scene]
+        [--judge_train] [--condition prompt|scene] [--one_step_at 1,0.8,0.6,0.4,0.2]
 
 The demo's text-to-image samples do not follow their prompts (BENCHMARKS.md, "Learning"), and the
 prompt reaches the DiT through a VLM trained from scratch, K kontext queries and a connector. This
@@ -20,6 +20,10 @@ draws it and fails only on compositions it has not seen. `--condition scene` tel
 scene instead (`scene_rows`, `SceneTokens`: every object's shape, colour, exact centre and radius, and
 the background): nothing is left to guess, so what it still cannot draw it cannot draw, whatever the
 prompt says (`benchmarks/renderer_bound.py` learns the same scene -> picture map without the flow).
+Every sample is also compared with its drawn target (PSNR: the fidelity under `--condition scene`,
+which fixes the picture), and `--one_step_at` judges the clean picture the DiT predicts in one step
+from each validation picture noised to t (`one_step` in `results.json`, `one_step_tT.png`): at which
+noise level the outline is drawn, and at t = 1 the renderer's question asked of the flow model.
 
 This condition says exactly what the prompt says and nothing else, in a form no encoder has to
 learn; if the DiT does not bind it within a budget, no VLM path will at that budget. It is a
@@ -40,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.conv_reference import picture_stats
+from benchmarks.conv_reference import picture_stats, to_uint8
 from qk_jax import flow_solvers, guidance, optim, sharding
 from qk_jax.config import load_config
 from qk_jax.data import builders, vocab
@@ -213,7 +217,7 @@ def run(args, vae: TrainedAutoencoder | None = None) -> dict:
         frozen = {"vae": vae.params}
     model = QueryKontext(kcfg)
     recs, targets, facts = load_split(args.data_dir, "train", args.limit, args.condition)
-    val_recs, _, val_facts = load_split(args.data_dir, "validation", args.samples, args.condition)
+    val_recs, val_targets, val_facts = load_split(args.data_dir, "validation", args.samples, args.condition)
     h, w = targets.shape[1:3]
     ids = jnp.asarray(image_ids(kcfg, np.zeros(1, np.int32), h, w, 0))  # t2i: the target's grid only
 
@@ -274,16 +278,53 @@ def run(args, vae: TrainedAutoencoder | None = None) -> dict:
         tokens = flow_solvers.euler_sample(velocity, noise, sigmas, timesteps)
         return model.decode({**p, **frozen}, tokens, h, w)
 
-    def sample_and_judge(recs, fact_rows, scale, grid):
+    @jax.jit
+    def predict_clean(p, target, fact_rows, noise, t):
+        """The clean picture predicted in one step from `target` noised to t (the condition on)."""
+        cond, mask = fact_tokens.apply({"params": p["facts"]}, fact_rows)
+        b = target.shape[0]
+        tt = jnp.full((b,), t)
+        x_t = model.noised({**p, **frozen}, model.encode({**p, **frozen}, target), noise, tt, h, w)
+        v = model.velocity(p, x_t, None, jnp.broadcast_to(ids, (b,) + ids.shape[1:]), cond, mask, tt)
+        return model.decode({**p, **frozen}, x_t - tt[:, None, None] * v, h, w)
+
+    def noise_for(i, n):
+        return jax.random.normal(jax.random.key(args.seed + 1 + i), (n, n_tokens, kcfg.generator.in_channels))
+
+    def pictures_of(make, n):
+        """uint8 pictures of make(i, records i..i+32 as a slice) over records 0..n, 32 at a time."""
         pictures = []
-        for i in range(0, len(recs), 32):
-            rows = jnp.asarray(fact_rows[i : i + 32])
-            shape = (rows.shape[0], n_tokens, kcfg.generator.in_channels)
-            noise = jax.random.normal(jax.random.key(args.seed + 1 + i), shape)
-            images = np.asarray(sample(ema, rows, noise, jnp.float32(scale)))
-            pictures.extend(np.clip(np.round((images + 1) * 127.5), 0, 255).astype(np.uint8))
+        for i in range(0, n, 32):
+            pictures.extend(to_uint8(np.asarray(make(i, slice(i, min(i + 32, n))))))
+        return pictures
+
+    def judged_with_psnr(recs, pictures, targets, grid):
+        # The scene condition fixes the picture, so the distance to it is the fidelity; under the
+        # prompt's facts a faithful sample may still differ from the drawn target (place, size).
         save_grid(np.stack(pictures), os.path.join(args.out, grid))
-        return judged(recs, pictures)
+        out = judged(recs, pictures)
+        out["psnr"] = float(np.mean([score.psnr(a, b) for a, b in zip(pictures, to_uint8(targets))]))
+        return out
+
+    def sample_and_judge(recs, fact_rows, targets, scale, grid):
+        pictures = pictures_of(
+            lambda i, s: sample(ema, jnp.asarray(fact_rows[s]), noise_for(i, len(fact_rows[s])), jnp.float32(scale)),
+            len(recs),
+        )
+        return judged_with_psnr(recs, pictures, targets, grid)
+
+    def one_step_judged(t):
+        pictures = pictures_of(
+            lambda i, s: predict_clean(
+                ema,
+                jnp.asarray(val_targets[s]),
+                jnp.asarray(val_facts[s]),
+                noise_for(i, len(val_targets[s])),
+                jnp.float32(t),
+            ),
+            len(val_recs),
+        )
+        return judged_with_psnr(val_recs, pictures, val_targets, f"one_step_t{t:g}.png")
 
     result = {
         "samples": len(val_recs),
@@ -296,12 +337,13 @@ def run(args, vae: TrainedAutoencoder | None = None) -> dict:
     n_train = len(val_recs)  # as many training prompts as validation ones, the first of the split
     for scale in args.guidance:
         result["guidance"][f"{scale:g}"] = sample_and_judge(
-            val_recs, val_facts, scale, f"samples_guidance_{scale:g}.png"
+            val_recs, val_facts, val_targets, scale, f"samples_guidance_{scale:g}.png"
         )
         if args.judge_train:
             result.setdefault("train_prompts", {})[f"{scale:g}"] = sample_and_judge(
-                recs[:n_train], facts[:n_train], scale, f"train_samples_guidance_{scale:g}.png"
+                recs[:n_train], facts[:n_train], targets[:n_train], scale, f"train_samples_guidance_{scale:g}.png"
             )
+    result["one_step"] = {f"{t:g}": one_step_judged(t) for t in args.one_step_at}
     return result
 
 
@@ -348,6 +390,13 @@ def parser(description: str = __doc__) -> argparse.ArgumentParser:
         help="prompt: the facts the prompt states (default); scene: the drawn scene's every object and "
         "its exact place and radius, and the background (nothing left to guess)",
     )
+    p.add_argument(
+        "--one_step_at",
+        type=lambda v: [float(x) for x in v.split(",") if x],
+        default=[1.0, 0.8, 0.6, 0.4, 0.2],
+        help="noise levels t at which the validation pictures, noised, are predicted clean in one step "
+        "and judged (comma-separated; empty: none)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="at most this many training records")
     p.add_argument(
@@ -368,6 +417,8 @@ def report(result: dict) -> None:
         print("  pictures: " + ", ".join(f"{k} {v:.3f}" for k, v in r["pictures"].items()))
     for scale, r in result.get("train_prompts", {}).items():
         print(f"guidance {scale}, training prompts: judge {r['judge']:.3f} (chance {r['chance']:.3f})")
+    for t, r in result.get("one_step", {}).items():
+        print(f"one step from t = {t}: judge {r['judge']:.3f} (chance {r['chance']:.3f}), {r['psnr']:.1f} dB")
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ sys.path.insert(0, ROOT)
 
 from benchmarks import latent_oracle  # noqa: E402
 from benchmarks import oracle_condition as oc  # noqa: E402
+from benchmarks.conv_reference import to_uint8  # noqa: E402
 from tests.test_benchmarks import run_script  # noqa: E402
 
 
@@ -180,11 +181,18 @@ def test_script_conditions_on_the_drawn_scene(tmp_path, plain_t2i_dir):
         600,
         "oracle_condition.py",
         *("--data_dir", plain_t2i_dir, "--out", str(out), "--steps", "2", "--warmup", "1"),
-        *("--samples", "2", "--guidance", "1", "--condition", "scene"),
+        *("--samples", "2", "--guidance", "1", "--condition", "scene", "--one_step_at", "0,1"),
     )
     result = json.loads((out / "results.json").read_text())
     assert result["condition"] == "scene" and np.isfinite(result["final_loss"])
-    assert 0.0 <= result["guidance"]["1"]["judge"] <= 1.0 and (out / "samples_guidance_1.png").exists()
+    sampled = result["guidance"]["1"]
+    assert 0.0 <= sampled["judge"] <= 1.0 and np.isfinite(sampled["psnr"]) and (out / "samples_guidance_1.png").exists()
+    # One step from t = 0 returns the noised picture itself, the drawn target: judged as the truth is.
+    recs, targets, _ = oc.load_split(plain_t2i_dir, "validation", 2, "scene")
+    truth = oc.judged(recs, to_uint8(targets))
+    assert result["one_step"]["0"]["judge"] == truth["judge"] and result["one_step"]["0"]["psnr"] == float("inf")
+    assert np.isfinite(result["one_step"]["1"]["psnr"]) and 0.0 <= result["one_step"]["1"]["judge"] <= 1.0
+    assert (out / "one_step_t0.png").exists() and (out / "one_step_t1.png").exists()
 
 
 @pytest.mark.slow  # ~60 s: the demo's DiT compiled for training and for a guided 20-step sampler
