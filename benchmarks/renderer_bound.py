@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python benchmarks/renderer_bound.py --data_dir DATA --out DIR [--generator dit|conv]
         [--steps 5600] [--eval_at 350,700,1400,2800,5600] [--config configs/stage2.py:demo]
-        [--override FIELD=VALUE ...] [--edge_weight 0] [--samples 64]
+        [--override FIELD=VALUE ...] [--edge_weight 0] [--coordinate_head 0] [--samples 64]
 
 The demo's generator, given the prompt's facts exactly, does not draw the shapes it is asked for,
 even on its training prompts (BENCHMARKS.md, "Learning"). This script asks the easiest question of
@@ -21,6 +21,8 @@ EMA weights render the first `--samples` validation scenes and as many training 
 judge scores against their prompts (and against the next record's: chance), with the mean PSNR
 against the true pictures: the curve of samples seen against the judge. `--edge_weight w` weighs
 the squared error 1 + w times at the pixels on an outline (what the judge reads a shape from).
+`--coordinate_head H` adds a per-pixel head of H units to the DiT's output (`CoordinateHead`):
+whether drawing is limited by the one linear map from a token to its 8 x 8 pixels.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from qk_jax.data.model_inputs import image_ids
 from qk_jax.eval import score
 from qk_jax.model_config import build_kontext_config
 from qk_jax.models.kontext import QueryKontext
+from qk_jax.models.vae.pixel import PixelSpaceConfig
 from qk_jax.sample import save_grid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,6 +77,46 @@ class ConvRenderer(nn.Module):
         return nn.Conv(3, (3, 3))(nn.silu(nn.GroupNorm(8)(x)))
 
 
+def pixels_to_tokens(pixels: jax.Array, patch_size: int, factor: int) -> jax.Array:
+    """(B, N, (patch_size * factor)^2, C) per-pixel values of each token's pixels, row-major over the
+    token's square of pixels -> (B, N, C * factor^2 * patch_size^2) in the DiT's token packing of the
+    pixel autoencoder's latents: each latent cell holds its factor x factor pixels as (dy, dx, C)
+    (`PixelSpaceAutoencoder.encode`), and a token its patch_size^2 cells channel-major (`patchify`)."""
+    b, n, _, c = pixels.shape
+    p, f = patch_size, factor
+    cells = pixels.reshape(b, n, p, f, p, f, c)  # (py, dy, px, dx, C)
+    return cells.transpose(0, 1, 3, 5, 6, 2, 4).reshape(b, n, -1)  # (dy, dx, C, py, px)
+
+
+class CoordinateHead(nn.Module):
+    """A per-pixel head on the DiT's last image tokens (B, N, D) -> an addition to its output tokens
+    (B, N, 3 * factor^2 * patch_size^2), zero at init: each pixel of a token is
+    sum_k m_k gelu(a_k + g_k . u) over `hidden` units, with a_k, g_k (2-D) and m_k (RGB) read off the
+    token and u the pixel's place in the token in [-1, 1]^2. Each unit is a soft half-plane the token
+    places and orients, so a token can draw an edge through its pixels at any place and angle, where
+    the DiT's own head is one linear map from the token to its pixels."""
+
+    hidden: int
+    patch_size: int
+    factor: int
+    channels: int = 3
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, n, _ = x.shape
+        side = self.patch_size * self.factor
+        grid = (jnp.arange(side) + 0.5) / side * 2.0 - 1.0
+        u = jnp.stack(jnp.meshgrid(grid, grid, indexing="ij"), -1).reshape(side * side, 2)  # (row, col)
+        x = nn.LayerNorm()(x)
+        offset = nn.Dense(self.hidden)(x)
+        normal = nn.Dense(2 * self.hidden)(x).reshape(b, n, self.hidden, 2)
+        weight = nn.Dense(self.hidden * self.channels, kernel_init=nn.initializers.zeros)(x)
+        # 4: a unit's ramp spans about a quarter of the token at init (u spans 2)
+        units = nn.gelu(offset[:, :, None, :] + 4.0 * jnp.einsum("bnhk,sk->bnsh", normal, u))
+        pixels = jnp.einsum("bnsh,bnhc->bnsc", units, weight.reshape(b, n, self.hidden, self.channels))
+        return pixels_to_tokens(pixels, self.patch_size, self.factor)
+
+
 def edge_weighted_error(pictures: jax.Array, target: jax.Array, edge_weight: float) -> jax.Array:
     """The squared error of pictures (B, H, W, 3) against target, averaged with weight 1 + edge_weight
     at the target's outline pixels (`latent_oracle.edge_mask`) and 1 elsewhere."""
@@ -92,6 +135,8 @@ def build_renderer(args, height: int, width: int, rows: np.ndarray):
     params = {"scene": scene_tokens.init(k_emb, jnp.asarray(rows[:1]))["params"]}
 
     if args.generator == "conv":
+        if args.coordinate_head:
+            raise ValueError("--coordinate_head is a head on the DiT's tokens: it needs --generator dit")
         decoder = ConvRenderer(height, width)
         params["conv"] = decoder.init(k_gen, jnp.zeros((1,) + rows.shape[1:2] + (scene_tokens.width,)))["params"]
 
@@ -105,6 +150,41 @@ def build_renderer(args, height: int, width: int, rows: np.ndarray):
     params[kcfg.generator_key] = sharding.unbox_abstract(model.init(k_gen))[kcfg.generator_key]
     ids = jnp.asarray(image_ids(kcfg, np.zeros(1, np.int32), height, width, 0))
     n_tokens = ids.shape[1]
+
+    if args.coordinate_head:
+        vae = kcfg.vae
+        if (
+            not isinstance(vae, PixelSpaceConfig)
+            or vae.keep
+            or kcfg.prediction != "x0"
+            or kcfg.generator.num_single_layers
+        ):
+            raise ValueError(
+                "--coordinate_head draws pixels from the last double-stream block: it needs the lossless pixel "
+                "autoencoder (model.vae.kind=pixel, keep=0), prediction='x0' and no single-stream blocks, as the "
+                f"demo's; the config has {vae}, prediction={kcfg.prediction!r}, "
+                f"num_single_layers={kcfg.generator.num_single_layers}"
+            )
+        head = CoordinateHead(args.coordinate_head, kcfg.generator.patch_size, vae.factor)
+        params["coordinate_head"] = head.init(k_emb, jnp.zeros((1, 1, kcfg.generator.inner_dim)))["params"]
+
+        def render_with_head(p, r):
+            cond, mask = scene_tokens.apply({"params": p["scene"]}, r)
+            b = r.shape[0]
+            x0, inter = model.generator.apply(  # prediction "x0": the DiT's output is the clean picture
+                model.variables(p, kcfg.generator_key),
+                jnp.zeros((b, n_tokens, kcfg.generator.in_channels)),
+                jnp.broadcast_to(ids, (b,) + ids.shape[1:]),
+                cond,
+                mask,
+                jnp.ones((b,)),
+                num_target_tokens=n_tokens,
+                return_intermediates=True,
+            )
+            x0 = x0 + head.apply({"params": p["coordinate_head"]}, inter["double_img"][-1])
+            return model.decode(p, x0, height, width)
+
+        return params, render_with_head, config
 
     def render(p, r):
         cond, mask = scene_tokens.apply({"params": p["scene"]}, r)
@@ -172,6 +252,7 @@ def run(args) -> dict:
         "generator": args.generator,
         "parameters": int(n_params),
         "edge_weight": args.edge_weight,
+        "coordinate_head": args.coordinate_head,
         "samples": n_eval,
         "step_seconds": round(train_seconds / max(args.steps, 1), 3),
         "wall_seconds": round(time.time() - start),
@@ -204,6 +285,13 @@ def parser() -> argparse.ArgumentParser:
         default=0.0,
         help="extra weight of the pixels within one of a colour edge (`latent_oracle.edge_mask`): the "
         "squared error is averaged with weight 1 + w there, 1 elsewhere (default 0: the plain squared error)",
+    )
+    p.add_argument(
+        "--coordinate_head",
+        type=int,
+        default=0,
+        help="units of a per-pixel head added to the DiT's output (`CoordinateHead`; --generator dit on the "
+        "pixel autoencoder; default 0: none)",
     )
     p.add_argument("--samples", type=int, default=64, help="validation scenes (and as many training ones) judged")
     p.add_argument("--limit", type=int, default=None, help="at most this many training records")

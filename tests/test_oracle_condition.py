@@ -149,19 +149,39 @@ def plain_t2i_dir(tmp_path_factory):
     return str(out)
 
 
-@pytest.mark.slow  # ~60 s: the demo's DiT and a convolutional decoder compiled as renderers
-@pytest.mark.parametrize("generator", ["dit", "conv"])
-def test_renderer_bound_trains_renders_and_judges_along_its_curve(tmp_path, plain_t2i_dir, generator):
+def test_coordinate_head_pixels_land_where_the_pixel_autoencoder_decodes_them():
+    """`pixels_to_tokens` packs each token's pixels as the DiT's tokens of the pixel autoencoder's
+    latents hold them: a value per pixel that is its own place in the token decodes to a picture
+    whose every pixel holds its place in its 8 x 8 token."""
+    from benchmarks import renderer_bound
+    from qk_jax.models.mmdit.positions import unpatchify
+    from qk_jax.models.vae.pixel import PixelSpaceAutoencoder, PixelSpaceConfig
+
+    p, f, side = 2, 4, 8
+    rows, cols = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
+    place = np.stack([rows.ravel(), cols.ravel(), rows.ravel() * side + cols.ravel()], -1).astype(np.float32)
+    tokens = renderer_bound.pixels_to_tokens(jnp.broadcast_to(place, (1, 16, side * side, 3)), p, f)
+    picture = PixelSpaceAutoencoder(PixelSpaceConfig(factor=f)).decode(unpatchify(tokens, 8, 8, p))[0]
+    y, x = np.meshgrid(np.arange(32), np.arange(32), indexing="ij")
+    np.testing.assert_array_equal(picture[..., 0], y % side)
+    np.testing.assert_array_equal(picture[..., 1], x % side)
+    np.testing.assert_array_equal(picture[..., 2], (y % side) * side + x % side)
+
+
+@pytest.mark.slow  # ~90 s: the demo's DiT (with and without a coordinate head) and a convolutional decoder
+@pytest.mark.parametrize("generator,head", [("dit", "0"), ("dit", "8"), ("conv", "0")])
+def test_renderer_bound_trains_renders_and_judges_along_its_curve(tmp_path, plain_t2i_dir, generator, head):
     out = tmp_path / "out"
     stdout = run_script(
         tmp_path,
         600,
         "renderer_bound.py",
-        *("--data_dir", plain_t2i_dir, "--out", str(out), "--generator", generator),
+        *("--data_dir", plain_t2i_dir, "--out", str(out), "--generator", generator, "--coordinate_head", head),
         *("--steps", "3", "--warmup", "1", "--eval_at", "2", "--samples", "4", "--edge_weight", "2"),
     )
     result = json.loads((out / "results.json").read_text())
     assert result["generator"] == generator and result["parameters"] > 10**5 and result["edge_weight"] == 2.0
+    assert result["coordinate_head"] == int(head)
     assert [c["step"] for c in result["curve"]] == [2, 3]  # --eval_at and the last step
     for point in result["curve"]:
         assert point["samples_seen"] == point["step"] * 16 and np.isfinite(point["loss"])
