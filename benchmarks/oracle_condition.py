@@ -291,27 +291,12 @@ def run(args, vae: TrainedAutoencoder | None = None) -> dict:
     def noise_for(i, n):
         return jax.random.normal(jax.random.key(args.seed + 1 + i), (n, n_tokens, kcfg.generator.in_channels))
 
-    def pictures_of(make, n):
-        """uint8 pictures of make(i, records i..i+32 as a slice) over records 0..n, 32 at a time."""
-        pictures = []
-        for i in range(0, n, 32):
-            pictures.extend(to_uint8(np.asarray(make(i, slice(i, min(i + 32, n))))))
-        return pictures
-
-    def judged_with_psnr(recs, pictures, targets, grid):
-        # The scene condition fixes the picture, so the distance to it is the fidelity; under the
-        # prompt's facts a faithful sample may still differ from the drawn target (place, size).
-        save_grid(np.stack(pictures), os.path.join(args.out, grid))
-        out = judged(recs, pictures)
-        out["psnr"] = float(np.mean([score.psnr(a, b) for a, b in zip(pictures, to_uint8(targets))]))
-        return out
-
     def sample_and_judge(recs, fact_rows, targets, scale, grid):
         pictures = pictures_of(
             lambda i, s: sample(ema, jnp.asarray(fact_rows[s]), noise_for(i, len(fact_rows[s])), jnp.float32(scale)),
             len(recs),
         )
-        return judged_with_psnr(recs, pictures, targets, grid)
+        return judged_with_psnr(recs, pictures, targets, os.path.join(args.out, grid))
 
     def one_step_judged(t):
         pictures = pictures_of(
@@ -324,7 +309,7 @@ def run(args, vae: TrainedAutoencoder | None = None) -> dict:
             ),
             len(val_recs),
         )
-        return judged_with_psnr(val_recs, pictures, val_targets, f"one_step_t{t:g}.png")
+        return judged_with_psnr(val_recs, pictures, val_targets, os.path.join(args.out, f"one_step_t{t:g}.png"))
 
     result = {
         "samples": len(val_recs),
@@ -345,6 +330,25 @@ def run(args, vae: TrainedAutoencoder | None = None) -> dict:
             )
     result["one_step"] = {f"{t:g}": one_step_judged(t) for t in args.one_step_at}
     return result
+
+
+def pictures_of(make, n: int, batch: int = 32) -> list[np.ndarray]:
+    """uint8 pictures of make(i, slice(i, i + batch)) -> (b, H, W, 3) in [-1, 1] over records 0..n."""
+    pictures = []
+    for i in range(0, n, batch):
+        pictures.extend(to_uint8(np.asarray(make(i, slice(i, min(i + batch, n))))))
+    return pictures
+
+
+def judged_with_psnr(recs: list[dict], pictures: list[np.ndarray], targets: np.ndarray, grid_path: str) -> dict:
+    """`judged` plus "psnr", the pictures' mean PSNR to targets (N, H, W, 3) in [-1, 1]; the pictures
+    are also saved as a grid. Under the scene condition (or for a renderer) the targets are the one
+    right answer, so this is the fidelity; under the prompt's facts a faithful sample may still differ
+    from the drawn target (place, size)."""
+    save_grid(np.stack(pictures), grid_path)
+    out = judged(recs, pictures)
+    out["psnr"] = float(np.mean([score.psnr(a, b) for a, b in zip(pictures, to_uint8(targets))]))
+    return out
 
 
 def judged(recs: list[dict], pictures: list[np.ndarray]) -> dict:

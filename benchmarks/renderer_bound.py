@@ -38,16 +38,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import oracle_condition as oracle
-from benchmarks.conv_reference import to_uint8
 from benchmarks.latent_oracle import edge_mask
 from qk_jax import optim, sharding
 from qk_jax.config import load_config
 from qk_jax.data.model_inputs import image_ids
-from qk_jax.eval import score
 from qk_jax.model_config import build_kontext_config
 from qk_jax.models.kontext import QueryKontext
 from qk_jax.models.vae.pixel import PixelSpaceConfig
-from qk_jax.sample import save_grid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -216,11 +213,8 @@ def run(args) -> dict:
     render_jit = jax.jit(render)
 
     def evaluate(p, r, truth, rs, grid):
-        images = to_uint8(np.concatenate([render_jit(p, jnp.asarray(r[i : i + 32])) for i in range(0, len(r), 32)]))
-        save_grid(np.stack(images), os.path.join(args.out, grid))
-        out = oracle.judged(rs, images)
-        out["psnr"] = float(np.mean([score.psnr(a, b) for a, b in zip(images, to_uint8(truth))]))
-        return out
+        images = oracle.pictures_of(lambda _, s: render_jit(p, jnp.asarray(r[s])), len(r))
+        return oracle.judged_with_psnr(rs, images, truth, os.path.join(args.out, grid))
 
     data_rng = np.random.default_rng(args.seed)
     losses, curve, start, train_seconds = [], [], time.time(), 0.0
