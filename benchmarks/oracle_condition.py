@@ -3,6 +3,7 @@
     PYTHONPATH=. python benchmarks/oracle_condition.py --data_dir DATA --out DIR [--steps 1400]
         [--config configs/stage2.py:demo] [--override FIELD=VALUE ...] [--samples 64] [--guidance 1,4]
         [--judge_train] [--condition prompt|scene] [--one_step_at 1,0.8,0.6,0.4,0.2]
+        [--eval_at 1400,5600] [--max_seconds S]
 
 The demo's text-to-image samples do not follow their prompts (BENCHMARKS.md, "Learning"), and the
 prompt reaches the DiT through a VLM trained from scratch, K kontext queries and a connector. This
@@ -24,6 +25,8 @@ Every sample is also compared with its drawn target (PSNR: the fidelity under `-
 which fixes the picture), and `--one_step_at` judges the clean picture the DiT predicts in one step
 from each validation picture noised to t (`one_step` in `results.json`, `one_step_tT.png`): at which
 noise level the outline is drawn, and at t = 1 the renderer's question asked of the flow model.
+`--eval_at` judges all of it at several steps of one run (`curve`: the learning curve against the
+samples seen), and `--max_seconds` ends a run at a wall-clock budget, judged where it stopped.
 
 This condition says exactly what the prompt says and nothing else, in a form no encoder has to
 learn; if the DiT does not bind it within a budget, no VLM path will at that budget. It is a
@@ -243,18 +246,6 @@ def run(args, vae: TrainedAutoencoder | None = None) -> dict:
 
     step = train_step(loss_fn, opt, config.train.ema_decay)
 
-    data_rng = np.random.default_rng(args.seed)
-    losses, start = [], time.time()
-    for i in range(args.steps):
-        idx = data_rng.integers(0, len(targets), config.train.batch_size)
-        params, opt_state, ema, loss = step(
-            params, opt_state, ema, i, jnp.asarray(targets[idx]), jnp.asarray(facts[idx]), jax.random.fold_in(key, i)
-        )
-        losses.append(float(loss))
-        if (i + 1) % 100 == 0:
-            print(f"step {i + 1:5d}  loss {np.mean(losses[-100:]):.4f}  {(time.time() - start) / (i + 1):.3f} s/step")
-    step_seconds = (time.time() - start) / max(args.steps, 1)
-
     n_tokens = ids.shape[1]
     sigmas, timesteps = flow_solvers.flow_schedule(
         args.sample_steps,
@@ -291,17 +282,17 @@ def run(args, vae: TrainedAutoencoder | None = None) -> dict:
     def noise_for(i, n):
         return jax.random.normal(jax.random.key(args.seed + 1 + i), (n, n_tokens, kcfg.generator.in_channels))
 
-    def sample_and_judge(recs, fact_rows, targets, scale, grid):
+    def sample_and_judge(p, recs, fact_rows, targets, scale, grid):
         pictures = pictures_of(
-            lambda i, s: sample(ema, jnp.asarray(fact_rows[s]), noise_for(i, len(fact_rows[s])), jnp.float32(scale)),
+            lambda i, s: sample(p, jnp.asarray(fact_rows[s]), noise_for(i, len(fact_rows[s])), jnp.float32(scale)),
             len(recs),
         )
         return judged_with_psnr(recs, pictures, targets, os.path.join(args.out, grid))
 
-    def one_step_judged(t):
+    def one_step_judged(p, t):
         pictures = pictures_of(
             lambda i, s: predict_clean(
-                ema,
+                p,
                 jnp.asarray(val_targets[s]),
                 jnp.asarray(val_facts[s]),
                 noise_for(i, len(val_targets[s])),
@@ -311,24 +302,64 @@ def run(args, vae: TrainedAutoencoder | None = None) -> dict:
         )
         return judged_with_psnr(val_recs, pictures, val_targets, os.path.join(args.out, f"one_step_t{t:g}.png"))
 
+    def evaluate(p) -> dict:
+        """Samples (each guidance scale), training prompts (--judge_train) and one-step predictions
+        of the weights p, judged."""
+        out = {"guidance": {}}
+        n_train = len(val_recs)  # as many training prompts as validation ones, the first of the split
+        for scale in args.guidance:
+            out["guidance"][f"{scale:g}"] = sample_and_judge(
+                p, val_recs, val_facts, val_targets, scale, f"samples_guidance_{scale:g}.png"
+            )
+            if args.judge_train:
+                out.setdefault("train_prompts", {})[f"{scale:g}"] = sample_and_judge(
+                    p,
+                    recs[:n_train],
+                    facts[:n_train],
+                    targets[:n_train],
+                    scale,
+                    f"train_samples_guidance_{scale:g}.png",
+                )
+        out["one_step"] = {f"{t:g}": one_step_judged(p, t) for t in args.one_step_at}
+        return out
+
     result = {
         "samples": len(val_recs),
         "condition": args.condition,
         "steps": args.steps,
-        "final_loss": float(np.mean(losses[-200:])) if losses else None,
-        "step_seconds": round(step_seconds, 3),
-        "guidance": {},
+        "batch_size": config.train.batch_size,
+        "curve": [],
     }
-    n_train = len(val_recs)  # as many training prompts as validation ones, the first of the split
-    for scale in args.guidance:
-        result["guidance"][f"{scale:g}"] = sample_and_judge(
-            val_recs, val_facts, val_targets, scale, f"samples_guidance_{scale:g}.png"
+    data_rng = np.random.default_rng(args.seed)
+    losses, train_seconds = [], 0.0
+    for i in range(args.steps):
+        idx = data_rng.integers(0, len(targets), config.train.batch_size)
+        t0 = time.time()
+        params, opt_state, ema, loss = step(
+            params, opt_state, ema, i, jnp.asarray(targets[idx]), jnp.asarray(facts[idx]), jax.random.fold_in(key, i)
         )
-        if args.judge_train:
-            result.setdefault("train_prompts", {})[f"{scale:g}"] = sample_and_judge(
-                recs[:n_train], facts[:n_train], targets[:n_train], scale, f"train_samples_guidance_{scale:g}.png"
-            )
-    result["one_step"] = {f"{t:g}": one_step_judged(t) for t in args.one_step_at}
+        losses.append(float(loss))
+        train_seconds += time.time() - t0
+        if (i + 1) % 100 == 0:
+            print(f"step {i + 1:5d}  loss {np.mean(losses[-100:]):.4f}  {train_seconds / (i + 1):.3f} s/step")
+        out_of_time = args.max_seconds is not None and train_seconds >= args.max_seconds
+        if i + 1 in args.eval_at or i + 1 == args.steps or out_of_time:
+            point = {
+                "step": i + 1,
+                "samples_seen": (i + 1) * config.train.batch_size,
+                "loss": float(np.mean(losses[-200:])),
+                "train_seconds": round(train_seconds, 1),
+                **evaluate(ema),
+            }
+            result["curve"].append(point)
+            # the last point's evaluation is also the result's own (the final weights)
+            result.update({k: point[k] for k in ("guidance", "train_prompts", "one_step") if k in point})
+            result.update(steps_run=i + 1, final_loss=point["loss"], step_seconds=round(train_seconds / (i + 1), 4))
+            report_point(point)
+            with open(os.path.join(args.out, "results.json"), "w") as f:  # kept current: a cut run keeps its curve
+                json.dump(result, f, indent=1)
+        if out_of_time:
+            break
     return result
 
 
@@ -377,8 +408,22 @@ def parser(description: str = __doc__) -> argparse.ArgumentParser:
         help="the stage config whose DiT and recipe train (default: the demo's stage 2)",
     )
     p.add_argument("--override", action="append", default=[], help="FIELD=VALUE of that config (repeatable)")
-    p.add_argument("--steps", type=int, default=1400)
+    p.add_argument("--steps", type=int, default=1400, help="training steps (the learning rate's cosine runs over them)")
     p.add_argument("--warmup", type=int, default=70)
+    p.add_argument(
+        "--eval_at",
+        type=lambda v: {int(x) for x in v.split(",") if x},
+        default=set(),
+        help="steps at which the EMA weights are also sampled and judged, comma-separated (`curve` in "
+        "results.json; the last step always is)",
+    )
+    p.add_argument(
+        "--max_seconds",
+        type=float,
+        default=None,
+        help="stop training once its steps have taken this long (evaluation not counted), judge, and "
+        "report the step reached as `steps_run` (the schedule stays that of --steps)",
+    )
     p.add_argument("--samples", type=int, default=64, help="validation prompts sampled and judged")
     p.add_argument("--sample_steps", type=int, default=20)
     p.add_argument(
@@ -411,8 +456,19 @@ def parser(description: str = __doc__) -> argparse.ArgumentParser:
     return p
 
 
+def report_point(point: dict) -> None:
+    """One line per judged point of the curve."""
+    judged = ", ".join(
+        f"guidance {g} {r['judge']:.3f} (chance {r['chance']:.3f})" for g, r in point["guidance"].items()
+    )
+    print(f"  step {point['step']} ({point['samples_seen']} samples, loss {point['loss']:.4f}): {judged}")
+
+
 def report(result: dict) -> None:
-    print(f"\n{result['steps']} steps, final loss {result['final_loss']:.4f}, {result['step_seconds']} s/step")
+    print(
+        f"\n{result['steps_run']} of {result['steps']} steps, final loss {result['final_loss']:.4f}, "
+        f"{result['step_seconds']} s/step"
+    )
     for scale, r in result["guidance"].items():
         print(
             f"guidance {scale}: judge {r['judge']:.3f} against the next record's prompt (chance) "

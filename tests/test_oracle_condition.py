@@ -200,11 +200,18 @@ def test_script_conditions_on_the_drawn_scene(tmp_path, plain_t2i_dir):
         tmp_path,
         600,
         "oracle_condition.py",
-        *("--data_dir", plain_t2i_dir, "--out", str(out), "--steps", "2", "--warmup", "1"),
+        *("--data_dir", plain_t2i_dir, "--out", str(out), "--steps", "3", "--warmup", "1", "--eval_at", "2"),
         *("--samples", "2", "--guidance", "1", "--condition", "scene", "--one_step_at", "0,1"),
     )
     result = json.loads((out / "results.json").read_text())
     assert result["condition"] == "scene" and np.isfinite(result["final_loss"])
+    # judged at --eval_at and at the last step; the result's own evaluation is the last point's
+    assert [(c["step"], c["samples_seen"]) for c in result["curve"]] == [
+        (2, 2 * result["batch_size"]),
+        (3, 3 * result["batch_size"]),
+    ]
+    assert result["steps_run"] == 3 and result["guidance"] == result["curve"][-1]["guidance"]
+    assert result["one_step"] == result["curve"][-1]["one_step"]
     sampled = result["guidance"]["1"]
     assert 0.0 <= sampled["judge"] <= 1.0 and np.isfinite(sampled["psnr"]) and (out / "samples_guidance_1.png").exists()
     # One step from t = 0 returns the noised picture itself, the drawn target: judged as the truth is.
@@ -237,9 +244,13 @@ def test_script_trains_samples_and_judges(tmp_path, shapes_dir):
         "--guidance",
         "1,4",
         "--judge_train",
+        *("--max_seconds", "0"),
     )
     result = json.loads((out / "results.json").read_text())
-    assert result["samples"] == 4 and result["steps"] == 3 and np.isfinite(result["final_loss"])
+    # out of time after the first step: judged there, the schedule still that of 3 steps
+    assert result["samples"] == 4 and result["steps"] == 3 and result["steps_run"] == 1
+    assert [c["step"] for c in result["curve"]] == [1] and np.isfinite(result["final_loss"])
+    assert "1 of 3 steps" in stdout
     assert set(result["guidance"]) == set(result["train_prompts"]) == {"1", "4"}
     for scale, r in result["guidance"].items():
         assert 0.0 <= r["judge"] <= 1.0 and 0.0 <= r["chance"] <= 1.0
