@@ -177,7 +177,7 @@ def main() -> None:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--autoencoder_only", action="store_true", help="train and judge the autoencoder, no DiT")
     mode.add_argument("--autoencoder_from", default=None, help="a previous --out whose autoencoder to use")
-    args = p.parse_args()
+    args = oracle.parse_checked(p)
     os.makedirs(args.out, exist_ok=True)
 
     val_recs, val_images, _ = oracle.load_split(args.data_dir, "validation", args.samples)

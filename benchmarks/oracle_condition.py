@@ -26,7 +26,8 @@ which fixes the picture), and `--one_step_at` judges the clean picture the DiT p
 from each validation picture noised to t (`one_step` in `results.json`, `one_step_tT.png`): at which
 noise level the outline is drawn, and at t = 1 the renderer's question asked of the flow model.
 `--eval_at` judges all of it at several steps of one run (`curve`: the learning curve against the
-samples seen), and `--max_seconds` ends a run at a wall-clock budget, judged where it stopped.
+samples seen), and `--max_seconds` ends a run at a budget of training seconds, judged where it
+stopped.
 
 This condition says exactly what the prompt says and nothing else, in a form no encoder has to
 learn; if the DiT does not bind it within a budget, no VLM path will at that budget. It is a
@@ -332,6 +333,24 @@ def run(args, vae: TrainedAutoencoder | None = None) -> dict:
     }
     data_rng = np.random.default_rng(args.seed)
     losses, train_seconds = [], 0.0
+
+    def judge_point(n_steps: int) -> None:
+        """Judge the EMA weights after n_steps onto the curve; the result's own evaluation is the
+        last point's, and results.json is rewritten at each, so a run cut short keeps its curve."""
+        point = {
+            "step": n_steps,
+            "samples_seen": n_steps * config.train.batch_size,
+            "loss": float(np.mean(losses[-200:])),
+            "train_seconds": round(train_seconds, 1),
+            **evaluate(ema),
+        }
+        result["curve"].append(point)
+        result.update({k: point[k] for k in ("guidance", "train_prompts", "one_step") if k in point})
+        result.update(steps_run=n_steps, final_loss=point["loss"], step_seconds=round(train_seconds / n_steps, 4))
+        report_point(point)
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump(result, f, indent=1)
+
     for i in range(args.steps):
         idx = data_rng.integers(0, len(targets), config.train.batch_size)
         t0 = time.time()
@@ -344,20 +363,7 @@ def run(args, vae: TrainedAutoencoder | None = None) -> dict:
             print(f"step {i + 1:5d}  loss {np.mean(losses[-100:]):.4f}  {train_seconds / (i + 1):.3f} s/step")
         out_of_time = args.max_seconds is not None and train_seconds >= args.max_seconds
         if i + 1 in args.eval_at or i + 1 == args.steps or out_of_time:
-            point = {
-                "step": i + 1,
-                "samples_seen": (i + 1) * config.train.batch_size,
-                "loss": float(np.mean(losses[-200:])),
-                "train_seconds": round(train_seconds, 1),
-                **evaluate(ema),
-            }
-            result["curve"].append(point)
-            # the last point's evaluation is also the result's own (the final weights)
-            result.update({k: point[k] for k in ("guidance", "train_prompts", "one_step") if k in point})
-            result.update(steps_run=i + 1, final_loss=point["loss"], step_seconds=round(train_seconds / (i + 1), 4))
-            report_point(point)
-            with open(os.path.join(args.out, "results.json"), "w") as f:  # kept current: a cut run keeps its curve
-                json.dump(result, f, indent=1)
+            judge_point(i + 1)
         if out_of_time:
             break
     return result
@@ -456,6 +462,20 @@ def parser(description: str = __doc__) -> argparse.ArgumentParser:
     return p
 
 
+def parse_checked(p: argparse.ArgumentParser) -> argparse.Namespace:
+    """p's arguments, with the training budget checked: a bad one is refused by its flag's name
+    before any data is read or anything compiled."""
+    args = p.parse_args()
+    if args.steps < 1:
+        p.error(f"--steps must be at least 1, not {args.steps}")
+    beyond = sorted(s for s in args.eval_at if not 1 <= s <= args.steps)
+    if beyond:
+        p.error(f"--eval_at steps {beyond} lie outside 1..--steps ({args.steps})")
+    if args.max_seconds is not None and args.max_seconds < 0:
+        p.error(f"--max_seconds must be at least 0, not {args.max_seconds}")
+    return args
+
+
 def report_point(point: dict) -> None:
     """One line per judged point of the curve."""
     judged = ", ".join(
@@ -482,7 +502,7 @@ def report(result: dict) -> None:
 
 
 def main() -> None:
-    args = parser().parse_args()
+    args = parse_checked(parser())
     os.makedirs(args.out, exist_ok=True)
     result = run(args)
     report(result)

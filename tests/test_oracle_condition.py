@@ -193,6 +193,28 @@ def test_renderer_bound_trains_renders_and_judges_along_its_curve(tmp_path, plai
     assert f"{generator}: {result['parameters']} parameters" in stdout
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--steps", "0"], "--steps must be at least 1, not 0"),
+        (["--steps", "10", "--eval_at", "5,20,0"], "--eval_at steps [0, 20] lie outside 1..--steps (10)"),
+        (["--max_seconds", "-1"], "--max_seconds must be at least 0, not -1.0"),
+    ],
+)
+def test_a_bad_training_budget_is_refused_by_its_flag(monkeypatch, capsys, flags, message):
+    monkeypatch.setattr(sys, "argv", ["oracle_condition.py", "--data_dir", "D", "--out", "O", *flags])
+    with pytest.raises(SystemExit) as exit_info:
+        oc.parse_checked(oc.parser())
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_training_budget_within_the_steps_passes(monkeypatch):
+    argv = ["oracle_condition.py", "--data_dir", "D", "--out", "O", "--steps", "10", "--eval_at", "5,10"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--max_seconds", "0"])
+    args = oc.parse_checked(oc.parser())
+    assert args.steps == 10 and args.eval_at == {5, 10} and args.max_seconds == 0.0
+
+
 @pytest.mark.slow  # ~40 s: the demo's DiT compiled for training and for a 20-step sampler
 def test_script_conditions_on_the_drawn_scene(tmp_path, plain_t2i_dir):
     out = tmp_path / "out"
