@@ -332,11 +332,18 @@ def run(args, vae: TrainedAutoencoder | None = None) -> dict:
         "curve": [],
     }
     data_rng = np.random.default_rng(args.seed)
-    losses, train_seconds = [], 0.0
 
-    def judge_point(n_steps: int) -> None:
-        """Judge the EMA weights after n_steps onto the curve; the result's own evaluation is the
-        last point's, and results.json is rewritten at each, so a run cut short keeps its curve."""
+    def step_once(i):
+        nonlocal params, opt_state, ema
+        idx = data_rng.integers(0, len(targets), config.train.batch_size)
+        params, opt_state, ema, loss = step(
+            params, opt_state, ema, i, jnp.asarray(targets[idx]), jnp.asarray(facts[idx]), jax.random.fold_in(key, i)
+        )
+        return loss
+
+    for n_steps, losses, train_seconds in train_judged(step_once, args.steps, args.eval_at, args.max_seconds):
+        # the result's own evaluation is the last point's; results.json is rewritten at each point,
+        # so a run cut short keeps its curve
         point = {
             "step": n_steps,
             "samples_seen": n_steps * config.train.batch_size,
@@ -350,23 +357,26 @@ def run(args, vae: TrainedAutoencoder | None = None) -> dict:
         report_point(point)
         with open(os.path.join(args.out, "results.json"), "w") as f:
             json.dump(result, f, indent=1)
+    return result
 
-    for i in range(args.steps):
-        idx = data_rng.integers(0, len(targets), config.train.batch_size)
+
+def train_judged(step_once, steps: int, eval_at: set[int], max_seconds: float | None = None):
+    """Runs step_once(i) -> loss for i = 0..steps - 1, printing the mean loss and the time a step
+    takes every 100 steps, and yields (steps done, losses so far, seconds spent in the steps) to be
+    judged after each step in eval_at, after the last, and once the steps' time reaches max_seconds
+    (then stops)."""
+    losses, train_seconds = [], 0.0
+    for i in range(steps):
         t0 = time.time()
-        params, opt_state, ema, loss = step(
-            params, opt_state, ema, i, jnp.asarray(targets[idx]), jnp.asarray(facts[idx]), jax.random.fold_in(key, i)
-        )
-        losses.append(float(loss))
+        losses.append(float(step_once(i)))
         train_seconds += time.time() - t0
         if (i + 1) % 100 == 0:
             print(f"step {i + 1:5d}  loss {np.mean(losses[-100:]):.4f}  {train_seconds / (i + 1):.3f} s/step")
-        out_of_time = args.max_seconds is not None and train_seconds >= args.max_seconds
-        if i + 1 in args.eval_at or i + 1 == args.steps or out_of_time:
-            judge_point(i + 1)
+        out_of_time = max_seconds is not None and train_seconds >= max_seconds
+        if i + 1 in eval_at or i + 1 == steps or out_of_time:
+            yield i + 1, losses, train_seconds
         if out_of_time:
-            break
-    return result
+            return
 
 
 def pictures_of(make, n: int, batch: int = 32) -> list[np.ndarray]:

@@ -217,31 +217,31 @@ def run(args) -> dict:
         return oracle.judged_with_psnr(rs, images, truth, os.path.join(args.out, grid))
 
     data_rng = np.random.default_rng(args.seed)
-    losses, curve, start, train_seconds = [], [], time.time(), 0.0
-    for i in range(args.steps):
+
+    def step_once(i):
+        nonlocal params, opt_state, ema
         idx = data_rng.integers(0, len(targets), config.train.batch_size)
-        t0 = time.time()
         params, opt_state, ema, loss = step(
             params, opt_state, ema, i, jnp.asarray(rows[idx]), jnp.asarray(targets[idx])
         )
-        losses.append(float(loss))
-        train_seconds += time.time() - t0
-        if (i + 1) % 100 == 0:
-            print(f"step {i + 1:5d}  loss {np.mean(losses[-100:]):.4f}  {train_seconds / (i + 1):.3f} s/step")
-        if i + 1 in args.eval_at or i + 1 == args.steps:
-            point = {
-                "step": i + 1,
-                "samples_seen": (i + 1) * config.train.batch_size,
-                "loss": float(np.mean(losses[-100:])),
-                "validation": evaluate(ema, val_rows, val_targets, val_recs, "validation_renders.png"),
-                "train": evaluate(ema, rows[:n_eval], targets[:n_eval], recs[:n_eval], "train_renders.png"),
-            }
-            curve.append(point)
-            print(
-                f"  step {point['step']}: validation judge {point['validation']['judge']:.3f} "
-                f"(chance {point['validation']['chance']:.3f}) {point['validation']['psnr']:.1f} dB; "
-                f"train judge {point['train']['judge']:.3f} {point['train']['psnr']:.1f} dB"
-            )
+        return loss
+
+    curve, start, train_seconds = [], time.time(), 0.0
+    for n_steps, losses, seconds in oracle.train_judged(step_once, args.steps, args.eval_at):
+        train_seconds = seconds  # the step time reported is over all the steps, the last point's
+        point = {
+            "step": n_steps,
+            "samples_seen": n_steps * config.train.batch_size,
+            "loss": float(np.mean(losses[-100:])),
+            "validation": evaluate(ema, val_rows, val_targets, val_recs, "validation_renders.png"),
+            "train": evaluate(ema, rows[:n_eval], targets[:n_eval], recs[:n_eval], "train_renders.png"),
+        }
+        curve.append(point)
+        print(
+            f"  step {point['step']}: validation judge {point['validation']['judge']:.3f} "
+            f"(chance {point['validation']['chance']:.3f}) {point['validation']['psnr']:.1f} dB; "
+            f"train judge {point['train']['judge']:.3f} {point['train']['psnr']:.1f} dB"
+        )
     return {
         "generator": args.generator,
         "parameters": int(n_params),
