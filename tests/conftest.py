@@ -27,6 +27,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     import tempfile
 
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="qk_jax_xla_cache_")
+# One cache folder per pytest-xdist worker (`-n`): jax writes an entry in place, so a worker
+# could read another's half-written entry of the same program.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
+        os.environ["JAX_COMPILATION_CACHE_DIR"], os.environ["PYTEST_XDIST_WORKER"]
+    )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
@@ -50,3 +56,20 @@ def shapes_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("kontext_shapes")
     builders.build_shapes(str(out), num=48, num_eval=8, height=32)
     return str(out)
+
+
+def pytest_collection_modifyitems(items):
+    """Modules with slow tests first, the slowest kind first (every test slow, then some),
+    otherwise in collection order. Under pytest-xdist (`-n auto`, whole files per worker, in
+    this order: setup.cfg's `--dist loadfile --no-loadscope-reorder`) the long files start
+    first and the short ones fill in at the end, so the workers finish together."""
+
+    def module_rank(module: str) -> int:
+        slow = [item.get_closest_marker("slow") is not None for item in by_module[module]]
+        return 0 if all(slow) else 1 if any(slow) else 2
+
+    by_module: dict[str, list] = {}
+    for item in items:
+        by_module.setdefault(item.nodeid.split("::", 1)[0], []).append(item)
+    order = sorted(by_module, key=module_rank)  # stable: collection order within a rank
+    items[:] = [item for module in order for item in by_module[module]]
