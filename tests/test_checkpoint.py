@@ -297,3 +297,41 @@ def test_a_step_written_before_checksums_restores_unverified_with_a_warning(devi
     assert out["step"] == 2
     assert_tree_equal(out["params"], params2)
     assert any("step 2" in r.message and "no checksums" in r.message for r in caplog.records)
+
+
+def compiles_during(fn) -> int:
+    """How many XLA programs `fn()` compiles (jax's compile-time events)."""
+    events = []
+
+    def listen(event, duration, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            events.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        fn()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    return len(events)
+
+
+@pytest.mark.parametrize("min_slice_bytes,slices", [(ckpt_lib.REPLICA_PARALLEL_MIN_SLICE_BYTES, False), (0, True)])
+def test_small_replicated_arrays_are_saved_without_slice_programs(devices, tmp_path, min_slice_bytes, slices):
+    """Leaves replicated on 8 devices, of shapes no other test saves: below the threshold one copy
+    writes each whole (no program per leaf and copy; the checksums' one or two programs remain),
+    with 0 every copy writes a slice of each, cut by a program compiled per leaf and copy. Both
+    restore bit for bit."""
+    mesh = sharding.make_mesh((8, 1, 1))
+    replicated = NamedSharding(mesh, P())
+    width = 24 if slices else 20  # shapes of its own per case: nothing compiled is reused
+    tree = {f"w{i}": jax.device_put(jnp.full((40 + 8 * i, width), float(i)), replicated) for i in range(12)}
+    ck = ckpt_lib.Checkpointer(tmp_path, replica_parallel_min_slice_bytes=min_slice_bytes)
+
+    def save():
+        ck.save(1, params=tree)
+        ck.wait()
+
+    compiled = compiles_during(save)
+    assert (compiled >= 12 * 8) if slices else (compiled <= 2), compiled
+    out = ckpt_lib.Checkpointer(tmp_path).restore(params=abstract(tree, lambda a: replicated), json_items=())
+    assert_tree_equal(out["params"], tree)
