@@ -6,10 +6,11 @@ conftest (pytest imports it before any test module).
 
 import os
 
-# 8 simulated devices; LLVM optimisation off: the suite's programs are tiny, so halving XLA's
-# compile time matters far more than their run time (float semantics are unchanged).
+from cli_env import FAST_COMPILE_FLAGS  # imports no jax
+
+# 8 simulated devices; LLVM optimisation off (cli_env.FAST_COMPILE_FLAGS).
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+    os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count=8 {FAST_COMPILE_FLAGS}"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # libtpu (the `tpu` extra, used for ahead-of-time compilation) otherwise prints an
@@ -27,12 +28,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     import tempfile
 
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="qk_jax_xla_cache_")
-# One cache folder per pytest-xdist worker (`-n`): jax writes an entry in place, so a worker
-# could read another's half-written entry of the same program.
-if "PYTEST_XDIST_WORKER" in os.environ:
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
-        os.environ["JAX_COMPILATION_CACHE_DIR"], os.environ["PYTEST_XDIST_WORKER"]
-    )
+# Shared by the pytest-xdist workers (`-n`) too. A size limit makes jax take the cache's file
+# lock around every read and write (without one it writes an entry in place, unlocked, and a
+# process could read another's half-written entry of the same program).
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(16 * 2**30))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 

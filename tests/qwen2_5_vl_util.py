@@ -11,6 +11,7 @@ import os
 import numpy as np
 import torch
 
+from cli_env import FAST_COMPILE_FLAGS
 from qk_jax.convert.qwen2_5_vl import config_to_hf
 from qk_jax.models.qwen2_5_vl import Qwen25VLConfig, TextConfig, VisionConfig
 
@@ -104,5 +105,5 @@ def env_for_subprocess() -> dict[str, str]:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ)
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    env.pop("XLA_FLAGS", None)  # one CPU device is enough for the tool
+    env["XLA_FLAGS"] = FAST_COMPILE_FLAGS  # one CPU device is enough for the tool
     return env

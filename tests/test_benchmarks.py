@@ -11,15 +11,18 @@ import sys
 
 import pytest
 
+from cli_env import FAST_COMPILE_FLAGS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = {"name", "ours_s", "reference_s", "ratio", "flops", "ours_tflops", "extra"}
 
 
 def run_script(tmp_path, timeout: int, script: str, *args: str) -> str:
     """Runs `benchmarks/<script> args` as a user does (one CPU device, no compilation cache:
-    compile times are part of the output), checks it exits 0 and returns its stdout."""
+    compile times are part of the output; LLVM optimisation off, so its times are not a
+    user's), checks it exits 0 and returns its stdout."""
     env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = FAST_COMPILE_FLAGS
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     env["PYTHONPATH"] = ROOT
     proc = subprocess.run(

@@ -29,7 +29,7 @@ def converted(tmp_path_factory):
     cfg = other_config()  # tied head, 3 layers, merge 3: not the config the other tests use
     hf = save_random_checkpoint(cfg, str(root / "hf"), seed=3, max_shard_size="300KB")
     env = env_for_subprocess()
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    env["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
     proc = subprocess.run(
         [
             sys.executable,

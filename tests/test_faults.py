@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import kontext_util as ku
-from cli_env import log_message
+from cli_env import FAST_COMPILE_FLAGS, log_message
 from qk_jax import checkpoint as ckpt_lib
 from qk_jax import fault_points, surgery
 from qk_jax.data import builders, records
@@ -618,7 +618,7 @@ def two_processes(directory, mode, **extra):
                 QK_NUM_PROCESSES="2",
                 QK_PROCESS_ID=str(i),
                 JAX_PLATFORMS="cpu",
-                XLA_FLAGS="--xla_force_host_platform_device_count=4",
+                XLA_FLAGS=f"{FAST_COMPILE_FLAGS} --xla_force_host_platform_device_count=4",
                 **extra,
             ),
         )

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 import kontext_util as ku
-from cli_env import log_message
+from cli_env import FAST_COMPILE_FLAGS, log_message
 from qk_jax import checkpoint as ckpt_lib
 from qk_jax import model_config, sharding, surgery
 from qk_jax.data import records
@@ -114,7 +114,7 @@ def test_condition_diagnostics_run_on_a_trained_run(stage2, tmp_path):
     a user runs them on a stage-2 run: the attention shares, prediction changes, judge scores, noise
     share and probe accuracies they print."""
     env = dict(os.environ, PYTHONPATH=REPO)
-    env.pop("XLA_FLAGS", None)  # one CPU device, as a user runs them (batches of any size)
+    env["XLA_FLAGS"] = FAST_COMPILE_FLAGS  # one CPU device, as a user runs them (batches of any size)
 
     def run(script, *args):
         proc = subprocess.run(

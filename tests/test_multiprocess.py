@@ -6,13 +6,15 @@ import sys
 
 import pytest
 
+from cli_env import FAST_COMPILE_FLAGS
+
 pytestmark = pytest.mark.slow  # two processes start jax, train and checkpoint: minutes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_two_process_smoke_run(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = dict(os.environ, XLA_FLAGS=FAST_COMPILE_FLAGS)  # launch/local.py adds the device count
     run = subprocess.run(
         [
             sys.executable,
