@@ -28,10 +28,14 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     import tempfile
 
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="qk_jax_xla_cache_")
-# Shared by the pytest-xdist workers (`-n`) too. A size limit makes jax take the cache's file
-# lock around every read and write (without one it writes an entry in place, unlocked, and a
-# process could read another's half-written entry of the same program).
-os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(16 * 2**30))
+# One cache folder per pytest-xdist worker (`-n`): jax writes an entry in place, unlocked, so
+# a worker could read another's half-written entry of the same program. (A size limit would
+# make jax lock the cache, but then one entry left half-written by a killed process, as the
+# kill -9 tests leave, fails every later write.)
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
+        os.environ["JAX_COMPILATION_CACHE_DIR"], os.environ["PYTEST_XDIST_WORKER"]
+    )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 

@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -213,7 +214,10 @@ def test_a_failed_save_stops_the_run_with_the_previous_step_intact(
     def save_on_a_full_disk(self, step, **kw):
         if step == 6:
             file_size_limit(100_000)  # the params file of the tiny model is ~1 MB
-        return save(self, step, **kw)
+        started = save(self, step, **kw)
+        while step == 6 and self._manager.is_saving_in_progress():
+            time.sleep(0.01)  # the write has failed in the background before step 7 ends
+        return started
 
     monkeypatch.setattr(ckpt_lib.Checkpointer, "save", save_on_a_full_disk)
     with pytest.raises(ckpt_lib.CheckpointSaveError, match=r"saving checkpoint .*checkpoints/6 failed: .*too large"):
