@@ -58,7 +58,7 @@ from qk_jax.tree import path_str
 
 # Orbax saves a replicated array "replica-parallel": each of its R copies writes 1/R of it, cut
 # out by a slice program per array shape and copy, compiled at the first save of a process (on
-# 8 local devices, ~10 s for a tiny model's few hundred leaves). An array whose slices would be
+# 8 local devices, ~300 programs and 10 s for a stage's hundred leaves). An array whose slices would be
 # smaller than this is written whole by one copy, with no slicing: the small leaves (norms,
 # biases, LoRA factors) cost nothing to compile, and the large ones still spread their bytes
 # over the replicas.
