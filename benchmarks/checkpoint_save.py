@@ -43,27 +43,21 @@ def one_case(config_spec: str, min_slice_bytes: int) -> dict:
     from qk_jax.config import load_config
     from qk_jax.model_config import build_kontext_config
     from qk_jax.models.kontext import QueryKontext
+    from qk_jax.profiling import counting_compiles
 
     model = QueryKontext(build_kontext_config(load_config(config_spec)))
     abstract, _ = sharding.abstract_init(model.init, jax.random.key(0))
     replicated = NamedSharding(sharding.make_mesh((jax.device_count(), 1, 1)), P())
     params = jax.tree.map(lambda a: jax.device_put(np.zeros(a.shape, np.float32), replicated), abstract)
     leaves = jax.tree.leaves(params)
-    compiles = []
-
-    def listen(event, duration, **_):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(duration)
-
-    jax.monitoring.register_event_duration_secs_listener(listen)
     out = {"leaves": len(leaves), "mbytes": sum(x.nbytes for x in leaves) / 2**20, "devices": jax.device_count()}
     with tempfile.TemporaryDirectory() as directory:
         ck = checkpoint.Checkpointer(directory, replica_parallel_min_slice_bytes=min_slice_bytes)
         for name, step in (("first", 1), ("second", 2)):
-            compiles.clear()
             start = time.perf_counter()
-            ck.save(step, params=params)
-            ck.wait()
+            with counting_compiles() as compiles:
+                ck.save(step, params=params)
+                ck.wait()
             out[f"{name}_s"] = time.perf_counter() - start
             out[f"{name}_compiles"] = len(compiles)
     return out

@@ -41,7 +41,6 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
-from orbax.checkpoint._src.metadata import array_metadata_store  # the Store Orbax's default array handler uses
 
 from qk_jax import distributed, logs, paths
 from qk_jax.checkpoint_integrity import (
@@ -54,15 +53,8 @@ from qk_jax.checkpoint_integrity import (
     is_checkpoint_fault,
     tree_checksums,
 )
+from qk_jax.checkpoint_items import REPLICA_PARALLEL_MIN_SLICE_BYTES, restore_args_for, to_json, type_handlers
 from qk_jax.tree import path_str
-
-# Orbax saves a replicated array "replica-parallel": each of its R copies writes 1/R of it, cut
-# out by a slice program per array shape and copy, compiled at the first save of a process (on
-# 8 local devices, ~300 programs and 10 s for a stage's hundred leaves). An array whose slices would be
-# smaller than this is written whole by one copy, with no slicing: the small leaves (norms,
-# biases, LoRA factors) cost nothing to compile, and the large ones still spread their bytes
-# over the replicas.
-REPLICA_PARALLEL_MIN_SLICE_BYTES = 1 << 20
 
 ARRAY_ITEMS = ("params", "opt_state", "ema")
 JSON_ITEMS = ("data", "config", "meta", "checksums")
@@ -70,54 +62,11 @@ ITEMS = ARRAY_ITEMS + JSON_ITEMS
 CORRUPT_SUFFIX = ".corrupt"
 
 
-def _to_json(obj: Any) -> Any:
-    """Config dicts / ConfigDicts / numpy scalars -> plain JSON values."""
-    if hasattr(obj, "to_dict"):
-        obj = obj.to_dict()
-    if isinstance(obj, Mapping):
-        return {str(k): _to_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_to_json(v) for v in obj]
-    if isinstance(obj, (np.generic,)):
-        return obj.item()
-    if isinstance(obj, bytes):
-        return {"__bytes__": obj.decode("latin-1")}
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    return repr(obj)
-
-
-def _restore_args_for(target) -> Any:
-    """Restore args from an abstract target: each leaf restored with its sharding and dtype."""
-
-    def one(leaf):
-        sharding = getattr(leaf, "sharding", None)
-        if sharding is None:
-            return ocp.RestoreArgs(restore_type=np.ndarray, dtype=getattr(leaf, "dtype", None))
-        return ocp.ArrayRestoreArgs(sharding=sharding, global_shape=tuple(leaf.shape), dtype=leaf.dtype)
-
-    return jax.tree.map(one, target)
-
-
 def absolute_path(directory: str | os.PathLike) -> epath.Path:
     """A local path made absolute (Orbax refuses relative ones: `--workdir runs/demo`);
     URLs such as gs://bucket/run are kept as they are."""
     text = os.fspath(directory)
     return epath.Path(text if "://" in text else os.path.abspath(text))
-
-
-def _type_handlers(replica_parallel_min_slice_bytes: int) -> ocp.type_handlers.TypeHandlerRegistry:
-    """Orbax's standard type handlers, with the jax.Array one writing small arrays from one copy."""
-    array_handler = ocp.type_handlers.ArrayHandler(
-        min_slice_bytes_for_replica_parallel=replica_parallel_min_slice_bytes,
-        array_metadata_store=array_metadata_store.Store(),  # as Orbax's default handler
-    )
-    return ocp.type_handlers.create_type_handler_registry(
-        *[
-            (ty, array_handler if ty is jax.Array else ocp.type_handlers.get_type_handler(ty))
-            for ty in ocp.type_handlers.supported_types()
-        ]
-    )
 
 
 class Checkpointer:
@@ -153,7 +102,7 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             create=create,
         )
-        registry = _type_handlers(replica_parallel_min_slice_bytes)
+        registry = type_handlers(replica_parallel_min_slice_bytes)
         handlers = {name: ocp.PyTreeCheckpointHandler(type_handler_registry=registry) for name in ARRAY_ITEMS}
         handlers.update({name: ocp.JsonCheckpointHandler() for name in JSON_ITEMS})
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
@@ -183,10 +132,10 @@ class Checkpointer:
         arrays = {k: v for k, v in arrays.items() if v is not None}
         items = {name: ocp.args.PyTreeSave(tree) for name, tree in arrays.items()}
         if data is not None:
-            items["data"] = ocp.args.JsonSave(_to_json(data))
+            items["data"] = ocp.args.JsonSave(to_json(data))
         if config is not None:
-            items["config"] = ocp.args.JsonSave(_to_json(config))
-        items["meta"] = ocp.args.JsonSave(_to_json({"step": int(step), **dict(meta or {}), "checksummed": True}))
+            items["config"] = ocp.args.JsonSave(to_json(config))
+        items["meta"] = ocp.args.JsonSave(to_json({"step": int(step), **dict(meta or {}), "checksummed": True}))
         items["checksums"] = ocp.args.JsonSave({name: tree_checksums(tree) for name, tree in arrays.items()})
         try:
             started = self._manager.save(int(step), args=ocp.args.Composite(**items), force=force)
@@ -464,7 +413,7 @@ class Checkpointer:
             self._reader = ocp.PyTreeCheckpointHandler()
         return self._reader.restore(
             self.directory / str(step) / name,
-            args=ocp.args.PyTreeRestore(item=target, restore_args=_restore_args_for(target)),
+            args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args_for(target)),
         )
 
     def _verify_arrays(self, step: int, restored: dict, stored: dict, sums: dict | None) -> dict[str, Any]:
@@ -568,7 +517,7 @@ class Checkpointer:
         handler = ocp.PyTreeCheckpointHandler()
         tree = handler.restore(
             self.directory / str(step) / item,
-            args=ocp.args.PyTreeRestore(item=subtree, restore_args=_restore_args_for(subtree), partial_restore=True),
+            args=ocp.args.PyTreeRestore(item=subtree, restore_args=restore_args_for(subtree), partial_restore=True),
         )
         sums = self._stored_checksums(step, set(self.items_in(step)), read_json_item(self.directory, step, "meta"))
         if sums is not None:

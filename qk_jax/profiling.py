@@ -36,6 +36,23 @@ from qk_jax.config import ConfigError
 PARTS = ("compute", "data", "checkpoint")
 
 
+@contextlib.contextmanager
+def counting_compiles():
+    """Yields a list that collects the seconds of every XLA program compiled inside the block
+    (jax's backend-compile events): `len(...)` is how many were compiled."""
+    durations: list[float] = []
+
+    def listen(event: str, duration: float, **_) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            durations.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        yield durations
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+
+
 class StepTimes:
     """Seconds per part (`PARTS`) summed since the last `take()`."""
 

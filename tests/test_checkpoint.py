@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 from qk_jax import checkpoint as ckpt_lib
 from qk_jax import sharding
 from qk_jax.models.smoke_lm import SmokeLM
+from qk_jax.profiling import counting_compiles
 
 MODEL = SmokeLM(vocab_size=64, embed_dim=32, num_heads=4, mlp_dim=64, num_layers=2)
 
@@ -299,22 +300,6 @@ def test_a_step_written_before_checksums_restores_unverified_with_a_warning(devi
     assert any("step 2" in r.message and "no checksums" in r.message for r in caplog.records)
 
 
-def compiles_during(fn) -> int:
-    """How many XLA programs `fn()` compiles (jax's compile-time events)."""
-    events = []
-
-    def listen(event, duration, **_):
-        if event == "/jax/core/compile/backend_compile_duration":
-            events.append(duration)
-
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    try:
-        fn()
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listen)
-    return len(events)
-
-
 @pytest.mark.parametrize("min_slice_bytes,slices", [(ckpt_lib.REPLICA_PARALLEL_MIN_SLICE_BYTES, False), (0, True)])
 def test_small_replicated_arrays_are_saved_without_slice_programs(devices, tmp_path, min_slice_bytes, slices):
     """Leaves replicated on 8 devices, of shapes no other test saves: below the threshold one copy
@@ -327,11 +312,10 @@ def test_small_replicated_arrays_are_saved_without_slice_programs(devices, tmp_p
     tree = {f"w{i}": jax.device_put(jnp.full((40 + 8 * i, width), float(i)), replicated) for i in range(12)}
     ck = ckpt_lib.Checkpointer(tmp_path, replica_parallel_min_slice_bytes=min_slice_bytes)
 
-    def save():
+    with counting_compiles() as compiles:
         ck.save(1, params=tree)
         ck.wait()
-
-    compiled = compiles_during(save)
+    compiled = len(compiles)
     assert (compiled >= 12 * 8) if slices else (compiled <= 2), compiled
     out = ckpt_lib.Checkpointer(tmp_path).restore(params=abstract(tree, lambda a: replicated), json_items=())
     assert_tree_equal(out["params"], tree)

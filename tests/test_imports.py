@@ -29,6 +29,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "config",
         "checkpoint",
         "checkpoint_integrity",
+        "checkpoint_items",
         "train_step",
         "train_state",
         "profiling",

@@ -18,7 +18,7 @@ import time
 import numpy as np
 import pytest
 
-from cli_env import FAST_COMPILE_FLAGS, ROOT, user_env
+from cli_env import ROOT, user_env
 
 pytestmark = pytest.mark.slow  # three launches of real training (compiles dominate): minutes
 
@@ -41,7 +41,6 @@ def data_dir(tmp_path_factory):
 def launch(processes: int, devices: int, workdir: str, data_dir: str, cache: str, pause: str = "", on_line=None):
     """Runs `launch/local.py ... -- train`; returns (exit code, output)."""
     env = user_env(
-        XLA_FLAGS=FAST_COMPILE_FLAGS,
         JAX_COMPILATION_CACHE_DIR=cache,
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
     )
