@@ -8,7 +8,7 @@ import os
 
 from cli_env import FAST_COMPILE_FLAGS  # imports no jax
 
-# 8 simulated devices; LLVM optimisation off (cli_env.FAST_COMPILE_FLAGS).
+# 8 simulated devices; the fast-compile flags (cli_env.FAST_COMPILE_FLAGS).
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count=8 {FAST_COMPILE_FLAGS}"
 ).strip()

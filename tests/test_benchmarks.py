@@ -123,3 +123,26 @@ def test_condition_stream_benchmark_tiny(tmp_path):
     assert s0 == 64 + 4 > s1 > s2  # DiT condition tokens with K = 4 queries
     assert f0 > f1 > f2 > 0 and u2 > u1  # FLOPs executed; the useful share grows without padding
     assert min(sec0, sec1, sec2) > 0
+
+
+@pytest.mark.slow  # two processes, each compiling and running the tiny stage-2 train step
+def test_xla_cpu_flags_benchmark_tiny(tmp_path):
+    """`benchmarks/xla_cpu_flags.py` under XLA's defaults and the suite's own flags
+    (`FAST_COMPILE_FLAGS`): every phase is timed, and the suite's flags compute the loss the
+    defaults compute, but for rounding."""
+    from benchmarks.xla_cpu_flags import FLAG_SETS
+
+    assert FLAG_SETS["suite"] == FAST_COMPILE_FLAGS  # what the benchmark measures is what the suite sets
+    args = ("--config", "configs/stage2.py:tiny", "--steps", "2", "--flags", "defaults", "--flags", "suite")
+    stdout = run_script(tmp_path, 600, "xla_cpu_flags.py", *args)
+    rows = {}
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 9 and cells[1] in FLAG_SETS:
+            rows[cells[1]] = cells
+    assert set(rows) == {"defaults", "suite"}, stdout
+    assert rows["suite"][2] == FAST_COMPILE_FLAGS and rows["defaults"][2] == "(none)"
+    for cells in rows.values():
+        trace, lower, compile_, step = map(float, cells[4:8])
+        assert min(trace, lower, compile_, step) > 0, cells
+    assert float(rows["defaults"][8]) == 0.0 and float(rows["suite"][8]) < 1e-5
