@@ -24,10 +24,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # A persistent XLA compilation cache shared by the suite and its subprocesses: many tests
 # compile the same tiny programs (e.g. each `train()` call re-jits its step).
+# Made here, it is removed at the end of the session (`pytest_sessionfinish`); one the user
+# names is kept.
+CREATED_CACHE_DIR = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     import tempfile
 
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="qk_jax_xla_cache_")
+    CREATED_CACHE_DIR = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="qk_jax_xla_cache_")
 # One cache folder per pytest-xdist worker (`-n`): jax writes an entry in place, unlocked, so
 # a worker could read another's half-written entry of the same program. (A size limit would
 # make jax lock the cache, but then one entry left half-written by a killed process, as the
@@ -39,8 +42,8 @@ if "PYTEST_XDIST_WORKER" in os.environ:
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
-import jax
-import pytest
+import jax  # noqa: E402 - after the environment above (see the module docstring)
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -59,6 +62,15 @@ def shapes_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("kontext_shapes")
     builders.build_shapes(str(out), num=48, num_eval=8, height=32)
     return str(out)
+
+
+def pytest_sessionfinish(session):
+    """The compilation cache this process made goes (under pytest-xdist, the controller's:
+    the workers' caches are folders in it)."""
+    if CREATED_CACHE_DIR is not None:
+        import shutil
+
+        shutil.rmtree(CREATED_CACHE_DIR, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items):
