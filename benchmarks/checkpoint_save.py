@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 
@@ -66,22 +64,13 @@ def one_case(config_spec: str, min_slice_bytes: int) -> dict:
 def run(configs: list[str], devices: int) -> list[dict]:
     from qk_jax.checkpoint import REPLICA_PARALLEL_MIN_SLICE_BYTES
 
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=common.REPO)
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # every process compiles what it needs
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
     rows = []
     for spec in configs:
         for threshold in (0, REPLICA_PARALLEL_MIN_SLICE_BYTES):
-            proc = subprocess.run(
-                [sys.executable, os.path.abspath(__file__), "--one", spec, "--min_slice_bytes", str(threshold)],
-                env=env,
-                capture_output=True,
-                text=True,
-                cwd=common.REPO,
-            )
-            if proc.returncode != 0:
-                raise SystemExit(f"{spec} (min slice {threshold} B) failed:\n{proc.stderr[-3000:]}")
-            rows.append({"config": spec, "min_slice_bytes": threshold, **json.loads(proc.stdout.splitlines()[-1])})
+            args = ("--one", spec, "--min_slice_bytes", str(threshold))
+            case = common.case_in_fresh_process(__file__, args, flags, f"{spec} (min slice {threshold} B)")
+            rows.append({"config": spec, "min_slice_bytes": threshold, **case})
     print(
         common.table(
             f"First and second checkpoint save, parameters replicated over {devices} CPU devices",

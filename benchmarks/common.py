@@ -413,3 +413,20 @@ def write_json(path: str, records: Sequence[dict[str, Any]], machine: dict[str, 
         for r in records:
             f.write(json.dumps(r) + "\n")
         f.write(json.dumps({"machine": machine}) + "\n")
+
+
+def case_in_fresh_process(script: str, args: Sequence[str], xla_flags: str, what: str) -> dict[str, Any]:
+    """Runs `python SCRIPT ARGS` in a fresh CPU-only process with `XLA_FLAGS=xla_flags` (XLA
+    reads its flags once per process) and no persistent compilation cache (every process
+    compiles what it needs); returns the JSON object of its last stdout line. A failure
+    exits naming `what` with the end of the process's stderr."""
+    import subprocess
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, XLA_FLAGS=xla_flags)
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(script), *args], env=env, capture_output=True, text=True, cwd=REPO
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"{what} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.splitlines()[-1])

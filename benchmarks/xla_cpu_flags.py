@@ -23,8 +23,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 
@@ -104,21 +102,12 @@ def one_case(config_spec: str, steps: int) -> dict:
 
 
 def run(configs: list[str], steps: int, flag_sets: dict[str, str]) -> list[dict]:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=common.REPO)
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)
     rows = []
     for spec in configs:
         for name, flags in flag_sets.items():
-            proc = subprocess.run(
-                [sys.executable, os.path.abspath(__file__), "--one", spec, "--steps", str(steps)],
-                env=dict(env, XLA_FLAGS=flags),
-                capture_output=True,
-                text=True,
-                cwd=common.REPO,
-            )
-            if proc.returncode != 0:
-                raise SystemExit(f"{spec} with XLA_FLAGS={flags!r} failed:\n{proc.stderr[-3000:]}")
-            rows.append({"config": spec, "flags": name, "xla_flags": flags, **json.loads(proc.stdout.splitlines()[-1])})
+            args = ("--one", spec, "--steps", str(steps))
+            case = common.case_in_fresh_process(__file__, args, flags, f"{spec} with XLA_FLAGS={flags!r}")
+            rows.append({"config": spec, "flags": name, "xla_flags": flags, **case})
     first_loss = {r["config"]: r["losses"][0] for r in rows if r["flags"] == "defaults"}
     for r in rows:
         reference = first_loss.get(r["config"])
