@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -420,8 +421,6 @@ def case_in_fresh_process(script: str, args: Sequence[str], xla_flags: str, what
     reads its flags once per process) and no persistent compilation cache (every process
     compiles what it needs); returns the JSON object of its last stdout line. A failure
     exits naming `what` with the end of the process's stderr."""
-    import subprocess
-
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, XLA_FLAGS=xla_flags)
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     proc = subprocess.run(

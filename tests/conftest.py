@@ -33,8 +33,8 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     CREATED_CACHE_DIR = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="qk_jax_xla_cache_")
 # One cache folder per pytest-xdist worker (`-n`): jax writes an entry in place, unlocked, so
 # a worker could read another's half-written entry of the same program. (A size limit would
-# make jax lock the cache, but then one entry left half-written by a killed process, as the
-# kill -9 tests leave, fails every later write.)
+# make jax lock the cache, but then one entry left half-written by a process killed while
+# writing it fails every later write.)
 if "PYTEST_XDIST_WORKER" in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
         os.environ["JAX_COMPILATION_CACHE_DIR"], os.environ["PYTEST_XDIST_WORKER"]

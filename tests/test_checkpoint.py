@@ -268,18 +268,17 @@ def test_a_failed_background_save_surfaces_at_the_next_check(devices, tmp_path):
     old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, old_limit[1]))  # every larger file write fails: a full disk
-    try:
-        with dropping_entries_written():  # a program compiled under the limit is cached cut short
+    with dropping_entries_written():  # a program compiled under the limit is cached cut short
+        try:
             ck.save(2, params=jax.tree.map(lambda x: x + 1, big))
             deadline = time.time() + 60
             with pytest.raises(ckpt_lib.CheckpointSaveError, match=r"saving checkpoint .*/2 failed: .*File too large"):
                 while time.time() < deadline:
                     ck.check_save()
                     time.sleep(0.05)
+        finally:
             resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
-        signal.signal(signal.SIGXFSZ, old_handler)
+            signal.signal(signal.SIGXFSZ, old_handler)
     with pytest.raises(ckpt_lib.CheckpointSaveError):  # reported again, never swallowed
         ck.check_save()
     ck.close()  # releases the manager without a second report
