@@ -54,8 +54,9 @@ def judge_split(
     sampler: Sampler, recs: list[dict], steps: int, guidance: float | None, seed: int, from_t0: float | None = None
 ) -> dict:
     """{"score", "n", "checks": {check: share passing}, "other_prompt": score against the next
-    record's prompt} of one sample per record (records of one input count, as a split of one task
-    holds); from noise, or with `from_t0` from the records' targets noised to it (`completions`)."""
+    record's prompt, None for edits} of one sample per record (records of one input count, as a
+    split of one task holds); from noise, or with `from_t0` from the records' targets noised to it
+    (`completions`)."""
     if from_t0 is not None:
         images = completions(sampler, recs, from_t0, steps, seed)
     else:
@@ -63,8 +64,9 @@ def judge_split(
         for i in range(0, len(recs), BATCH):
             images.extend(sampler.generate(recs[i : i + BATCH], steps=steps, guidance=guidance, seed=seed + i))
     results = [score.score_sample(r, im) for r, im in zip(recs, images)]
-    neighbours = recs[1:] + recs[:1]
-    other = [score.score_sample(r, im)["score"] for r, im in zip(neighbours, images)]
+    # an edit is judged against its own source: no chance level
+    prompt_judged = recs[0]["task"] in score.PROMPT_JUDGED_TASKS and len(recs) > 1
+    other = [r["score"] for r in score.against_next_prompts(recs, images)] if prompt_judged else None
     checks = collections.defaultdict(list)
     for r in results:
         for name, passed in r["checks"].items():
@@ -73,7 +75,7 @@ def judge_split(
         "score": float(np.mean([r["score"] for r in results])),
         "n": len(results),
         "checks": {name: float(np.mean(v)) for name, v in checks.items()},
-        "other_prompt": float(np.mean(other)),
+        "other_prompt": float(np.mean(other)) if other is not None else None,
     }
 
 
@@ -126,7 +128,8 @@ def main() -> None:
         f"{args.checkpoint} step {sampler.step}: {args.task} / {args.split}, {out['n']} samples, "
         f"{args.steps} steps from {start}"
     )
-    print(f"against the next record's prompt (chance): judge {out['other_prompt']:.3f}")
+    if out["other_prompt"] is not None:
+        print(f"against the next record's prompt (chance): judge {out['other_prompt']:.3f}")
     print(f"judge {out['score']:.3f}; checks passed: {checks}")
 
 

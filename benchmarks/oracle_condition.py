@@ -403,7 +403,7 @@ def judged(recs: list[dict], pictures: list[np.ndarray]) -> dict:
     one picture per record; "pictures": what the detector finds whatever the prompt (objects per
     picture, stray palette pixels, clean share: `conv_reference.picture_stats`)."""
     own = [score.score_sample(r, im) for r, im in zip(recs, pictures)]
-    other = [score.score_sample(recs[(k + 1) % len(recs)], im) for k, im in enumerate(pictures)]
+    other = score.against_next_prompts(recs, pictures)
     checks = sorted({c for r in own for c in r["checks"]})
     return {
         "judge": float(np.mean([r["score"] for r in own])),

@@ -12,8 +12,8 @@ Phases (each prints its progress; a re-run resumes at the first unfinished phase
   evaluate  sample text-to-image, edit, customization and multi-subject prompts of the
             held-out `test` split and score them with the judge
 
-Outputs: `DIR/report.json` (scores per task and overall, wall seconds per phase, the
-configs), `DIR/report.md`, `DIR/grid.png` (inputs | generation | target, one row per
+Outputs: `DIR/report.json` (scores per task and overall, each beside its chance level,
+wall seconds per phase, the configs), `DIR/report.md`, `DIR/grid.png` (inputs | generation | target, one row per
 sample), TensorBoard logs under `DIR/stage*/tb`.
 
 No pretrained weights exist offline, so every part starts from random initialisation:
@@ -147,6 +147,7 @@ def run_demo(workdir: str, mode: str = "default", size: str = "demo", ablation: 
         "per_category": scores["per_category"],
         "checks": scores["checks"],
         "n_scored": scores["n"],
+        "chance_scores": scores["chance"],
         "wall_seconds": wall_seconds,
         "total_wall_seconds": round(sum(v for k, v in wall_seconds.items() if not k.startswith(ABLATION)), 1),
         "mode": mode,
@@ -162,6 +163,7 @@ def run_demo(workdir: str, mode: str = "default", size: str = "demo", ablation: 
     paths.write_text(paths.join(workdir, "report.json"), json.dumps(report, indent=1, default=str))
     write_markdown(report, paths.join(workdir, "report.md"))
     print(f"\nscores (held-out test split): {json.dumps(report['scores'])}")
+    print(f"chance (each sample against the next record's prompt): {json.dumps(report['chance_scores'])}")
     print(
         f"report: {paths.join(workdir, 'report.md')}; grid: {paths.join(workdir, 'grid.png')}; "
         f"total {report['total_wall_seconds']:.0f}s",
@@ -225,7 +227,9 @@ def evaluate(
     run: str, data_dir: str, workdir: str, s: dict, tasks=EVAL_TASKS, grid: str = "grid.png"
 ) -> dict[str, Any]:
     """Generates the held-out prompts of each task and scores them with the judge; for edits
-    also the PSNR outside the edited region against the source (`edit_preservation_psnr`)."""
+    also the PSNR outside the edited region against the source (`edit_preservation_psnr`); for
+    the tasks the judge reads from the prompt alone, the chance level: the same samples judged
+    against the next record's prompt (`score.against_next_prompts`)."""
     from qk_jax.data import builders
     from qk_jax.data import records as records_lib
     from qk_jax.eval import score as score_lib
@@ -235,6 +239,7 @@ def evaluate(
     per_task: dict[str, list[float]] = {}
     per_category: dict[str, list[float]] = {}
     per_check: dict[str, list[bool]] = {}  # "task/check" -> passed, for the judge's partial checks
+    chance: dict[str, float] = {}
     rows = []
     preservation: list[float] = []
     for task in tasks:
@@ -243,8 +248,10 @@ def evaluate(
         groups: dict[int, list[dict]] = {}
         for rec in recs:  # one sampling batch per input-image count
             groups.setdefault(records_lib.num_inputs(rec), []).append(rec)
+        sampled: list[tuple[dict, np.ndarray]] = []
         for group in groups.values():
             images = sampler.generate(group, steps=s["sample_steps"], seed=0)
+            sampled += zip(group, images)
             for rec, image in zip(group, images):
                 result = score_lib.score_sample(rec, image)
                 per_task.setdefault(task, []).append(float(result["score"]))
@@ -255,7 +262,12 @@ def evaluate(
                     preservation.append(result["details"]["psnr_outside"])
                 if sum(1 for r in rows if r[0] == task) < 4:
                     rows.append((task, rec, image, float(result["score"])))
-        logs.info(f"{task}: {np.mean(per_task[task]):.3f} over {len(per_task[task])} held-out samples")
+        line = f"{task}: {np.mean(per_task[task]):.3f} over {len(per_task[task])} held-out samples"
+        if task in score_lib.PROMPT_JUDGED_TASKS and len(sampled) > 1:
+            others = score_lib.against_next_prompts([r for r, _ in sampled], [im for _, im in sampled])
+            chance[task] = round(float(np.mean([r["score"] for r in others])), 4)
+            line += f" (against the next record's prompt, chance: {chance[task]:.3f})"
+        logs.info(line)
     write_grid(rows, paths.join(workdir, grid))
     scores = {t: round(float(np.mean(v)), 4) for t, v in per_task.items()}
     scores["overall"] = round(float(np.mean(list(scores.values()))), 4)
@@ -264,6 +276,7 @@ def evaluate(
         "per_category": {k: round(float(np.mean(v)), 4) for k, v in per_category.items()},
         "checks": {k: round(float(np.mean(v)), 4) for k, v in per_check.items()},
         "n": {t: len(v) for t, v in per_task.items()},
+        "chance": chance,
         "edit_preservation_psnr": round(float(np.mean(preservation)), 2) if preservation else None,
     }
 
@@ -300,11 +313,17 @@ def write_markdown(report: dict, path: str) -> None:
         "",
         "## Judge scores on the held-out test split",
         "",
-        "| task | score | samples |",
-        "|---|---|---|",
+        "Chance: the same samples judged against the next record's prompt, what the judge passes on "
+        "images not made for the prompt it reads; a score above it is what the samples owe to their "
+        "prompts. (An edit is judged against its own source, so it has none.)",
+        "",
+        "| task | score | chance | samples |",
+        "|---|---|---|---|",
     ]
+    chance = report.get("chance_scores") or {}
     for task, value in report["scores"].items():
-        lines.append(f"| {task} | {value:.3f} | {report['n_scored'].get(task, '')} |")
+        shown = f"{chance[task]:.3f}" if task in chance else "-"
+        lines.append(f"| {task} | {value:.3f} | {shown} | {report['n_scored'].get(task, '')} |")
     lines += ["", "## Per category", "", "| category | score |", "|---|---|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in sorted(report["per_category"].items())]
     lines += [

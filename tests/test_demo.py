@@ -34,6 +34,10 @@ def test_demo_smoke_writes_a_complete_report(tmp_path):
     report = json.load(open(os.path.join(workdir, "report.json")))
     assert set(report["scores"]) == {"t2i", "edit", "customization", "multi_subject", "overall"}
     assert all(0.0 <= v <= 1.0 for v in report["scores"].values())
+    # Beside each score its chance level (the samples against the next record's prompt); edits have none.
+    assert set(report["chance_scores"]) == {"t2i", "customization", "multi_subject"}
+    assert all(0.0 <= v <= 1.0 for v in report["chance_scores"].values())
+    assert "| task | score | chance | samples |" in open(os.path.join(workdir, "report.md")).read()
     # The judge's partial checks per task (t2i has at least "present" and "attributes").
     assert {"t2i/present", "t2i/attributes", "edit/preserved"} <= set(report["checks"])
     assert all(0.0 <= v <= 1.0 for v in report["checks"].values())

@@ -56,6 +56,25 @@ def test_own_renders_score_at_least_0_99(recs):
     assert min(report["per_task"].values()) >= 0.95
 
 
+def test_chance_level_judges_each_image_against_the_next_prompt(recs):
+    """The chance level: a set's own renders, perfect for their own prompts, pass the next
+    record's prompt only where the two prompts happen to agree; the pairing is the next record,
+    cyclically, and an edit (judged against its own source) has no chance level."""
+    for task in score.PROMPT_JUDGED_TASKS:
+        group = [r for r in recs if r["task"] == task]
+        targets = [records.decode_image(r["target"]) for r in group]
+        others = score.against_next_prompts(group, targets)
+        assert [o["id"] for o in others] == [r["id"] for r in group[1:] + group[:1]]
+        own = np.mean([score.score_sample(r, t)["score"] for r, t in zip(group, targets)])
+        chance = np.mean([o["score"] for o in others])
+        assert own == 1.0 and chance <= 0.25, (task, chance)
+    edits = [r for r in recs if r["task"] == "edit"]
+    with pytest.raises(ValueError, match="edit"):
+        score.against_next_prompts(edits, [records.decode_image(r["target"]) for r in edits])
+    with pytest.raises(ValueError, match="at least two"):
+        score.against_next_prompts(recs[:1], [records.decode_image(recs[0]["target"])])
+
+
 @pytest.mark.parametrize("kind", ["blank", "black", "noise"])
 def test_blank_and_noise_images_score_zero(recs, kind):
     def image_fn(r):

@@ -208,9 +208,14 @@ def _score_edit(record: dict, spec: dict, graph: dict, img: np.ndarray, dets, pa
     return checks, {"psnr_outside": round(p, 2) if math.isfinite(p) else "inf", "ssim_outside": round(s, 4)}
 
 
+def _normalized(record: dict) -> dict:
+    """A record with text fields as str (as read from a data set, they may be bytes)."""
+    return records.normalize(record) if not isinstance(record.get("prompt"), str) else record
+
+
 def score_sample(record: dict, image, params: ScoreParams = ScoreParams()) -> dict:
     """Scores one generated image (any RGB array) against a generated record (see module docstring)."""
-    record = records.normalize(record) if not isinstance(record.get("prompt"), str) else record
+    record = _normalized(record)
     if not record.get("scene"):
         raise ValueError(f"record {record.get('id')!r} has no scene graph: only Kontext-Shapes records can be scored")
     graph = json.loads(record["scene"])
@@ -244,6 +249,28 @@ def score_sample(record: dict, image, params: ScoreParams = ScoreParams()) -> di
     }
 
 
+# Tasks whose judge reads only the prompt (and the reference images): an image made for one
+# record can be judged against another. An edit is judged against its own source image, so
+# against another record's it fails by construction.
+PROMPT_JUDGED_TASKS = ("t2i", "customization", "multi_subject")
+
+
+def against_next_prompts(recs: Sequence[dict], images: Sequence, params: ScoreParams = ScoreParams()) -> list[dict]:
+    """Each image scored against the next record's prompt (cyclically), the chance level of
+    `score_sample`: what the judge passes on images that were not made for the prompt it reads
+    (a sample drawn at random fits some prompt now and then). The gap between a set's own score
+    and this is what its samples owe to their prompts. Records of one task in
+    `PROMPT_JUDGED_TASKS`; at least two."""
+    if len(recs) != len(images):
+        raise ValueError(f"{len(recs)} records against {len(images)} images")
+    if len(recs) < 2:
+        raise ValueError("the chance level needs at least two records, each judged against another's prompt")
+    tasks = {_normalized(r)["task"] for r in recs}
+    if not tasks <= set(PROMPT_JUDGED_TASKS):
+        raise ValueError(f"tasks {sorted(tasks - set(PROMPT_JUDGED_TASKS))} are judged against their own inputs")
+    return [score_sample(recs[(k + 1) % len(recs)], image, params) for k, image in enumerate(images)]
+
+
 def summarize(results: Sequence[dict], missing: int = 0) -> dict:
     """Mean scores overall, per task and per task/category."""
     per_task, per_cat = collections.defaultdict(list), collections.defaultdict(list)
@@ -275,7 +302,7 @@ def score_records(
 
         it = tqdm(recs, desc="scoring", unit="img")
     for rec in it:
-        rec = records.normalize(rec) if not isinstance(rec.get("prompt"), str) else rec
+        rec = _normalized(rec)
         img = image_fn(rec)
         if img is None:
             missing += 1
