@@ -48,7 +48,7 @@ SETTINGS = {
         score_per_task=2,
         steps=(3, 3, 3),
         sample_steps=2,
-        signal=dict(samples=2, noise_seeds=1, completion_steps=2, judge_samples=1),
+        signal=dict(samples=2, noise_seeds=1, completion_steps=2, judge_samples=2),
     ),
 }
 EVAL_TASKS = ("t2i", "edit", "customization", "multi_subject")
@@ -364,28 +364,65 @@ def write_markdown(report: dict, path: str) -> None:
     paths.write_text(path, "\n".join(lines))
 
 
+# The report's tables of the learning signal (`signal.flatten`'s keys, "measure/task@t"): the measure
+# whose keys give the rows, the first column's title, and each column's (measure, title, format).
+SIGNAL_TABLES = (
+    (
+        "gain",
+        "task @ t",
+        (
+            ("gain", "condition gain", "{:.1%}"),
+            ("content", "content gain", "{:.1%}"),
+            ("err", "error", "{:.4g}"),
+            ("err_uncond", "unconditional", "{:.4g}"),
+            ("err_swapped", "another's condition", "{:.4g}"),
+        ),
+    ),
+    (
+        "completion_score",
+        "completion, task @ t0",
+        (("completion_score", "judge", "{:.3f}"), ("completion_psnr", "PSNR to the target (dB)", "{:.2f}")),
+    ),
+    ("judge", "judge, task", (("judge", "score", "{:.3f}"), ("judge_chance", "chance", "{:.3f}"))),
+)
+
+
 def signal_markdown(signals: dict[str, dict | None]) -> list[str]:
-    """The learning signal of each stage's last measurement, as report tables (validation split)."""
+    """The learning signal of each stage's last measurement (`signal.flatten`'s keys), as report
+    tables: the errors and gains per task and timestep, the completions per task and t0, and the
+    judge's scores beside their chance level."""
     lines = [
         "",
         "## Learning signal at the end of each stage (validation records, EMA weights)",
         "",
-        "Condition gain = 1 - error with the condition / error with it masked out (clean-latent error at "
-        "timestep t); content gain = 1 - the same error / the error with another record's condition (does the "
-        "model read what the condition says); completions: the judge's score of validation images noised to t0 "
-        "and finished by the sampler; judge: full samples of validation prompts.",
+        "Clean-latent error at timestep t with the record's condition, with it masked out (unconditional) "
+        "and with another record's; condition gain = 1 - with / unconditional (does the model use a "
+        "condition), content gain = 1 - with / another's (does it read what the condition says). "
+        "Completions: validation images noised to t0 and finished by the sampler, judged and compared with "
+        "their targets. Judge: full samples of validation prompts, beside their chance level (the same "
+        "samples against the next record's prompt).",
         "",
     ]
     for stage, flat in signals.items():
         if not flat:
             continue
-        lines += [f"**{stage}** (step {flat.get('step')})", "", "| measurement | value |", "|---|---|"]
+        lines += [f"**{stage}** (step {flat.get('step')})", ""]
+        rows: dict[str, dict[str, float]] = {}  # "task@t" -> {measure: value}
+        order: dict[str, list[str]] = {}  # measure -> its "task@t" in the order measured
         for key, value in flat.items():
-            if key == "step":
+            if key != "step":
+                measure, _, where = key.partition("/")
+                rows.setdefault(where, {})[measure] = value
+                order.setdefault(measure, []).append(where)
+        for rows_of, first, columns in SIGNAL_TABLES:
+            if not order.get(rows_of):
                 continue
-            shown = f"{100 * value:.1f}%" if key.startswith(("gain/", "content/")) else f"{value:.4g}"
-            lines.append(f"| {key} | {shown} |")
-        lines.append("")
+            lines.append("| " + " | ".join([first] + [title for _, title, _ in columns]) + " |")
+            lines.append("|" + "---|" * (1 + len(columns)))
+            for where in order[rows_of]:
+                cells = [fmt.format(rows[where][m]) if m in rows[where] else "-" for m, _, fmt in columns]
+                lines.append("| " + " | ".join([where.replace("@", " @ ")] + cells) + " |")
+            lines.append("")
     return lines
 
 

@@ -53,6 +53,10 @@ def test_demo_smoke_writes_a_complete_report(tmp_path):
             assert 0 < signal[f"err/{task}@0.9"] and 0 < signal[f"err_uncond/{task}@0.9"]
             assert 0 <= signal[f"completion_score/{task}@0.8"] <= 1
     assert 0 <= report["learning_signal"]["stage3"]["judge/edit"] <= 1
+    assert 0 <= report["learning_signal"]["stage2"]["judge_chance/t2i"] <= 1
+    assert "judge_chance/edit" not in report["learning_signal"]["stage3"]  # an edit has no chance level
+    markdown = open(os.path.join(workdir, "report.md")).read()
+    assert "| t2i @ 0.9 | " in markdown and "| judge, task | score | chance |" in markdown
     # The stage-3 ablation: the same steps without the VAE path, edits scored both ways.
     assert report["ablation"]["steps"] == 3
     for arm in ("with_vae_path", "kontext_only"):

@@ -211,7 +211,7 @@ def test_learning_signal_of_a_trained_run(stage2, tmp_path):
 
     sampler = Sampler.from_checkpoint(stage2["run"])
     config = sampler.config
-    config.train.signal.update(samples=2, noise_seeds=1, completion_steps=2, judge_samples=1)
+    config.train.signal.update(samples=2, noise_seeds=1, completion_steps=2, judge_samples=2)
     config.sample.steps = 2
     signal = signal_lib.LearningSignal.from_config(config)
     assert set(signal.records) == {"t2i", "reconstruction"} and set(signal.judge_records) == {"t2i"}
@@ -241,7 +241,7 @@ def test_learning_signal_of_a_trained_run(stage2, tmp_path):
             assert 0 < e_s < 100 and flat[f"content/{task}@{t:g}"] == pytest.approx(1 - e / e_s, abs=1e-4)
         for t0 in signal_lib.COMPLETION_T0:
             assert 0 <= flat[f"completion_score/{task}@{t0:g}"] <= 1 and flat[f"completion_psnr/{task}@{t0:g}"] > 0
-    assert 0 <= flat["judge/t2i"] <= 1
+    assert 0 <= flat["judge/t2i"] <= 1 and 0 <= flat["judge_chance/t2i"] <= 1  # the chance level beside it
     logged = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert logged == [{"step": 2, "signal": flat}]
     assert os.listdir(tmp_path / "tb")

@@ -20,11 +20,14 @@ only when the condition is used (and stay flat when it is not):
   PSNR against the target. A model that has learnt to draw finishes the picture from
   high t0; one that only denoises does not.
 - **judge scores**: full samples (the config's sampler and guidance) of a few validation
-  prompts, scored by the judge (`qk_jax.eval.score`).
+  prompts, scored by the judge (`qk_jax.eval.score`), and beside them their chance level: the
+  same samples judged against the next record's prompt (`score.against_next_prompts`; not for
+  edits, which are judged against their own source). A score at its chance level owes nothing
+  to the prompt.
 
     signal = LearningSignal.from_config(config, processor)
     values = signal.measure(sampler)        # a `qk_jax.sample.Sampler` over the weights to test
-    flat = flatten(values)                  # {"gain/t2i@0.9": ..., "judge/t2i": ...}
+    flat = flatten(values)                  # {"gain/t2i@0.9": ..., "judge/t2i": ..., "judge_chance/t2i": ...}
 """
 
 from __future__ import annotations
@@ -145,9 +148,10 @@ class LearningSignal:
     # ------------------------------------------------------------------ measurements
 
     def measure(self, sampler) -> dict[str, Any]:
-        """{"gain": {task: {t: {"with", "without", "gain"}}}, "completion": {task: {t0: {"score",
-        "psnr"}}}, "judge": {task: score}} for the weights of `sampler` (a `qk_jax.sample.Sampler`)."""
-        out: dict[str, Any] = {"gain": {}, "completion": {}, "judge": {}}
+        """{"gain": {task: {t: {"with", "without", "swapped", "gain", "content"}}}, "completion": {task:
+        {t0: {"score", "psnr"}}}, "judge": {task: score}, "judge_chance": {task: score}} for the
+        weights of `sampler` (a `qk_jax.sample.Sampler`)."""
+        out: dict[str, Any] = {"gain": {}, "completion": {}, "judge": {}, "judge_chance": {}}
         for task, recs in self.records.items():
             batch = sampler.model_batch(recs)
             out["gain"][task] = self._gain(sampler, batch)
@@ -155,6 +159,9 @@ class LearningSignal:
         for task, recs in self.judge_records.items():
             images = sampler.generate(recs, seed=self.seed)
             out["judge"][task] = float(np.mean([score_lib.score_sample(r, im)["score"] for r, im in zip(recs, images)]))
+            if task in score_lib.PROMPT_JUDGED_TASKS and len(recs) > 1:
+                others = score_lib.against_next_prompts(recs, images)
+                out["judge_chance"][task] = float(np.mean([r["score"] for r in others]))
         return out
 
     def _fn(self, sampler, name: str):
@@ -263,7 +270,7 @@ def _noised_inputs(model, params, batch, key, t):
 def flatten(values: dict[str, Any]) -> dict[str, float]:
     """{"gain/t2i@0.9": g, "content/t2i@0.9": c, "err/t2i@0.9": e_with, "err_uncond/t2i@0.9": e_without,
     "err_swapped/t2i@0.9": e_swapped, "completion_score/t2i@0.8": s, "completion_psnr/t2i@0.8": p,
-    "judge/t2i": j}."""
+    "judge/t2i": j, "judge_chance/t2i": j_chance}."""
     flat = {}
     for task, per_t in values.get("gain", {}).items():
         for t, v in per_t.items():
@@ -278,11 +285,14 @@ def flatten(values: dict[str, Any]) -> dict[str, float]:
             flat[f"completion_psnr/{task}@{t}"] = v["psnr"]
     for task, v in values.get("judge", {}).items():
         flat[f"judge/{task}"] = v
+    for task, v in values.get("judge_chance", {}).items():
+        flat[f"judge_chance/{task}"] = v
     return flat
 
 
 def summary_line(values: dict[str, Any]) -> str:
-    """One log line: gains at the lowest and highest timestep, completion scores, judge scores."""
+    """One log line: gains and content gains per timestep, completion scores, judge scores with
+    their chance level."""
     parts = []
     for task, per_t in values.get("gain", {}).items():
         gains = " ".join(f"{t}:{100 * v['gain']:.1f}%" for t, v in per_t.items())
@@ -293,5 +303,12 @@ def summary_line(values: dict[str, Any]) -> str:
             f"complete[{task}] " + " ".join(f"{t}:{v['score']:.2f}/{v['psnr']:.1f}dB" for t, v in per_t.items())
         )
     if values.get("judge"):
-        parts.append("judge " + " ".join(f"{t}={v:.2f}" for t, v in values["judge"].items()))
+        chance = values.get("judge_chance", {})
+        parts.append(
+            "judge "
+            + " ".join(
+                f"{t}={v:.2f}" + (f" (chance {chance[t]:.2f})" if t in chance else "")
+                for t, v in values["judge"].items()
+            )
+        )
     return "  ".join(parts)
