@@ -13,8 +13,8 @@ Phases (each prints its progress; a re-run resumes at the first unfinished phase
             held-out `test` split and score them with the judge
 
 Outputs: `DIR/report.json` (scores per task and overall, each beside its chance level,
-wall seconds per phase, the configs), `DIR/report.md`, `DIR/grid.png` (inputs | generation | target, one row per
-sample), TensorBoard logs under `DIR/stage*/tb`.
+wall seconds per phase, the configs), `DIR/report.md`, `DIR/grid.png` (inputs | generation |
+target, one row per sample), TensorBoard logs under `DIR/stage*/tb`.
 
 No pretrained weights exist offline, so every part starts from random initialisation:
 the VLM is a small random Qwen2.5-VL (frozen, as in the paper; stage 1 adapts it through
