@@ -64,9 +64,6 @@ def judge_split(
         for i in range(0, len(recs), BATCH):
             images.extend(sampler.generate(recs[i : i + BATCH], steps=steps, guidance=guidance, seed=seed + i))
     results = [score.score_sample(r, im) for r, im in zip(recs, images)]
-    # an edit is judged against its own source: no chance level
-    prompt_judged = recs[0]["task"] in score.PROMPT_JUDGED_TASKS and len(recs) > 1
-    other = [r["score"] for r in score.against_next_prompts(recs, images)] if prompt_judged else None
     checks = collections.defaultdict(list)
     for r in results:
         for name, passed in r["checks"].items():
@@ -75,7 +72,7 @@ def judge_split(
         "score": float(np.mean([r["score"] for r in results])),
         "n": len(results),
         "checks": {name: float(np.mean(v)) for name, v in checks.items()},
-        "other_prompt": float(np.mean(other)) if other is not None else None,
+        "other_prompt": score.chance_level(recs, images),
     }
 
 

@@ -263,9 +263,8 @@ def evaluate(
                 if sum(1 for r in rows if r[0] == task) < 4:
                     rows.append((task, rec, image, float(result["score"])))
         line = f"{task}: {np.mean(per_task[task]):.3f} over {len(per_task[task])} held-out samples"
-        if task in score_lib.PROMPT_JUDGED_TASKS and len(sampled) > 1:
-            others = score_lib.against_next_prompts([r for r, _ in sampled], [im for _, im in sampled])
-            chance[task] = round(float(np.mean([r["score"] for r in others])), 4)
+        if (level := score_lib.chance_level([r for r, _ in sampled], [im for _, im in sampled])) is not None:
+            chance[task] = round(level, 4)
             line += f" (against the next record's prompt, chance: {chance[task]:.3f})"
         logs.info(line)
     write_grid(rows, paths.join(workdir, grid))

@@ -271,6 +271,14 @@ def against_next_prompts(recs: Sequence[dict], images: Sequence, params: ScorePa
     return [score_sample(recs[(k + 1) % len(recs)], image, params) for k, image in enumerate(images)]
 
 
+def chance_level(recs: Sequence[dict], images: Sequence, params: ScoreParams = ScoreParams()) -> float | None:
+    """The mean score of `against_next_prompts`, or None where a set has none (an edit task, or
+    fewer than two records)."""
+    if len(recs) < 2 or _normalized(recs[0])["task"] not in PROMPT_JUDGED_TASKS:
+        return None
+    return float(np.mean([r["score"] for r in against_next_prompts(recs, images, params)]))
+
+
 def summarize(results: Sequence[dict], missing: int = 0) -> dict:
     """Mean scores overall, per task and per task/category."""
     per_task, per_cat = collections.defaultdict(list), collections.defaultdict(list)

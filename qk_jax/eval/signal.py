@@ -159,9 +159,8 @@ class LearningSignal:
         for task, recs in self.judge_records.items():
             images = sampler.generate(recs, seed=self.seed)
             out["judge"][task] = float(np.mean([score_lib.score_sample(r, im)["score"] for r, im in zip(recs, images)]))
-            if task in score_lib.PROMPT_JUDGED_TASKS and len(recs) > 1:
-                others = score_lib.against_next_prompts(recs, images)
-                out["judge_chance"][task] = float(np.mean([r["score"] for r in others]))
+            if (chance := score_lib.chance_level(recs, images)) is not None:
+                out["judge_chance"][task] = chance
         return out
 
     def _fn(self, sampler, name: str):
