@@ -4,6 +4,7 @@
     qk-jax sample --checkpoint RUN --prompt "make the circle green" --source in.png --out edit.png
     qk-jax sample --checkpoint RUN --prompt "the subject on a checkered floor" --reference subj.png --out c.png
     qk-jax sample --checkpoint RUN --prompt "..." --prompt "..." --batch 4 --seed 1 --out grid.png
+    qk-jax sample --checkpoint RUN --prompt "a green star" --height 48 --width 96 --out wide.png
 
 The prompt and input images go through exactly the preprocessing of training
 (`data.pipeline.collate_records`). The VLM and the connector run once per prompt; the
@@ -15,6 +16,8 @@ branches in one batched call per step:
   InstructPix2Pix's three branches (text + images, images only, neither; "neither" zeroes
   the VAE latents of the inputs, as training drops them).
 Several prompts and `--batch` samples per prompt run as one batch; a seed fixes the noise.
+The output size is `Sampler.output_size`: the training bucket nearest the source's aspect
+ratio, or exactly `--height` x `--width` (whole DiT tokens).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from qk_jax import flow, flow_solvers, paths, run_params, sharding
 from qk_jax import guidance as guidance_lib
 from qk_jax.config import ConfigError
 from qk_jax.convert import diffusers_configs
+from qk_jax.data import buckets as data_buckets
 from qk_jax.data import pipeline as data_pipeline
 from qk_jax.data import records as records_lib
 from qk_jax.data import vlm_inputs
@@ -111,10 +115,10 @@ class Sampler:
         prompts: Sequence[str],
         source: str | None = None,
         references: Sequence[str] = (),
-        height: int | None = None,
-        width: int | None = None,
+        size: tuple[int, int] | None = None,
     ) -> list[dict]:
-        """Records (the data pipeline's format) for prompts sharing the same input images."""
+        """Records (the data pipeline's format) for prompts sharing the same input images; their
+        target is a blank of `size` (default `output_size()`: the training bucket)."""
         slots = int(self.config.data.image_slots)
         n_inputs = (1 if source else 0) + len(references)
         if n_inputs > slots:
@@ -124,12 +128,7 @@ class Sampler:
             )
         src = load_image(source) if source else None
         refs = [load_image(r) for r in references]
-        if height is None or width is None:
-            if src is not None:
-                height, width = src.shape[:2]
-            else:
-                side = int(round(math.sqrt(self.config.data.area)))
-                height, width = height or side, width or side
+        height, width = size or self.output_size(source_shape=src.shape[:2] if src is not None else None)
         out = []
         for i, prompt in enumerate(prompts):
             if not prompt or not prompt.strip():
@@ -148,6 +147,36 @@ class Sampler:
             )
         return out
 
+    def output_size(
+        self, height: int | None = None, width: int | None = None, source_shape: tuple[int, int] | None = None
+    ) -> tuple[int, int]:
+        """The (height, width) to draw at, from a chosen height and width and the edit source's shape.
+
+        Neither given: the training bucket (`data.area`, `data.ratios`) nearest the source's
+        aspect ratio, which is what an edit's target gets in training; square without a source.
+        One given: the other follows the source's aspect ratio (square without a source), rounded
+        to whole tokens. Both: exactly those. Raises ValueError naming the flag when a side is not
+        a positive multiple of the token's side (`downsample`: the autoencoder's downsampling
+        times the DiT's patch), the sizes the DiT can draw.
+        """
+        token = int(self.kcfg.downsample)
+        for flag, side in (("--height", height), ("--width", width)):
+            if side is not None and (side <= 0 or side % token):
+                raise ValueError(
+                    f"{flag} {side}: must be a positive multiple of {token}, the side of one token of this "
+                    "checkpoint's DiT (autoencoder downsampling x patch)"
+                )
+        if height is None and width is None:
+            d = self.config.data
+            table = data_buckets.bucket_table(d.area, d.multiple, d.ratios)
+            return table[data_buckets.choose_bucket(*(source_shape or (1, 1)), table)]
+        aspect = source_shape[0] / source_shape[1] if source_shape else 1.0
+        if height is None:
+            height = max(token, round(width * aspect / token) * token)
+        if width is None:
+            width = max(token, round(height / aspect / token) * token)
+        return int(height), int(width)
+
     # ------------------------------------------------------------------ generation
 
     def generate(
@@ -159,14 +188,18 @@ class Sampler:
         image_guidance: float | None = None,
         seed: int = 0,
         method: str | None = None,
+        size: tuple[int, int] | None = None,
     ) -> np.ndarray:
-        """(B, H, W, 3) uint8 images for `records` (one group: same size and input count)."""
+        """(B, H, W, 3) uint8 images for `records` (one group: same size and input count), drawn
+        at their training bucket, or at exactly `size` = (height, width) (`output_size`)."""
         s = self.config.sample
-        steps = int(steps or s.steps)
+        steps = int(s.steps if steps is None else steps)
+        if steps < 1:
+            raise ValueError(f"steps={steps}: sampling needs at least one step")
         guidance = float(s.guidance if guidance is None else guidance)
         image_guidance = float(s.image_guidance if image_guidance is None else image_guidance)
         method = method or s.method
-        placed = self.model_batch(records)
+        placed = self.model_batch(records, size)
         h, w = placed["target"].shape[1:3]
         with jax.set_mesh(self.mesh), sharding.activation_rules_context():
             cond, mask, _ = self._condition(self.params, placed)
@@ -201,9 +234,10 @@ class Sampler:
             )
         return self.decode_uint8(tokens, h, w)
 
-    def model_batch(self, records: Sequence[dict]) -> dict[str, Any]:
-        """`records` (one group) preprocessed exactly as in training and placed on the mesh."""
-        host = data_pipeline.collate_records(list(records), self.config.data, self.processor)
+    def model_batch(self, records: Sequence[dict], size: tuple[int, int] | None = None) -> dict[str, Any]:
+        """`records` (one group) preprocessed exactly as in training (at `size` instead of their
+        bucket when given, see `collate_records`) and placed on the mesh."""
+        host = data_pipeline.collate_records(list(records), self.config.data, self.processor, size)
         with jax.set_mesh(self.mesh), sharding.activation_rules_context():
             return place_batch(prepare_batch(self.kcfg, host), self.mesh)
 
@@ -337,14 +371,26 @@ def main(argv):
     f = flags.FLAGS
     if not f.prompt:
         raise ValueError("--prompt is required (repeat it for several prompts)")
+    if f.batch < 1:
+        raise ValueError(f"--batch {f.batch}: must be at least 1 sample per prompt")
+    if f.steps is not None and f.steps < 1:
+        raise ValueError(f"--steps {f.steps}: sampling needs at least one step")
     check_output(f.out)
     sampler = Sampler.from_checkpoint(f.checkpoint, use_ema=f.ema, step=f.step)
     if f.scheduler:
         sampler.config.sample.scheduler = f.scheduler
+    source_shape = load_image(f.source).shape[:2] if f.source else None
+    size = sampler.output_size(f.height, f.width, source_shape)
     prompts = [p for p in f.prompt for _ in range(f.batch)]
-    recs = sampler.records(prompts, f.source, f.reference or (), f.height, f.width)
+    recs = sampler.records(prompts, f.source, f.reference or (), size)
     images = sampler.generate(
-        recs, steps=f.steps, guidance=f.guidance, image_guidance=f.image_guidance, seed=f.seed, method=f.sampler
+        recs,
+        steps=f.steps,
+        guidance=f.guidance,
+        image_guidance=f.image_guidance,
+        seed=f.seed,
+        method=f.sampler,
+        size=size,
     )
     save_grid(images, f.out, columns=f.batch if len(f.prompt) > 1 else None)
     print(
@@ -368,8 +414,13 @@ def define_flags() -> None:
     flags.DEFINE_float("image_guidance", None, "Image guidance scale for edits (default: sample.image_guidance).")
     flags.DEFINE_integer("seed", 0, "Noise seed.")
     flags.DEFINE_integer("batch", 1, "Samples per prompt.")
-    flags.DEFINE_integer("height", None, "Output height (default: the source's, else the training area's side).")
-    flags.DEFINE_integer("width", None, "Output width.")
+    flags.DEFINE_integer(
+        "height",
+        None,
+        "Output height in pixels, a multiple of the DiT's token side (default: the training size "
+        "nearest the source's aspect ratio, square without a source; with --width only, that ratio).",
+    )
+    flags.DEFINE_integer("width", None, "Output width in pixels (as --height).")
     flags.DEFINE_string("sampler", None, "euler | heun (default: sample.method).")
     flags.DEFINE_string(
         "scheduler",

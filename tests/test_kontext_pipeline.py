@@ -20,7 +20,7 @@ import kontext_util as ku
 from cli_env import FAST_COMPILE_FLAGS, log_message
 from qk_jax import checkpoint as ckpt_lib
 from qk_jax import model_config, sharding, surgery
-from qk_jax.data import records
+from qk_jax.data import buckets, records
 from qk_jax.models.kontext import QueryKontext
 from qk_jax.sample import Sampler
 from qk_jax.train import train
@@ -417,6 +417,25 @@ def test_sampling_is_deterministic_per_seed(sampler, tmp_path):
     assert multi.shape == (1, 32, 32, 3)
 
 
+def test_sampling_draws_at_the_chosen_size(sampler):
+    token = sampler.kcfg.downsample  # the side of one DiT token in pixels
+    assert sampler.output_size() == (32, 32)  # the training bucket of data.area, square
+    # Without a chosen size an edit gets the training bucket nearest its source's aspect ratio.
+    wide = sampler.output_size(source_shape=(40, 81))
+    assert wide[0] < wide[1] and wide in buckets.bucket_table(32 * 32, sampler.config.data.multiple)
+    assert sampler.output_size(height=token, width=3 * token) == (token, 3 * token)  # exactly as asked
+    assert sampler.output_size(height=2 * token, source_shape=(40, 81)) == (2 * token, 4 * token)  # the source's ratio
+    assert sampler.output_size(width=2 * token) == (2 * token, 2 * token)
+    images = sampler.generate(sampler.records(["a red circle"]), steps=1, size=(token, 3 * token))
+    assert images.shape == (1, token, 3 * token, 3)
+    with pytest.raises(ValueError, match=f"--width {token + 1}: must be a positive multiple of {token}"):
+        sampler.output_size(height=token, width=token + 1)
+    with pytest.raises(ValueError, match="--height 0"):
+        sampler.output_size(height=0)
+    with pytest.raises(ValueError, match="steps=0"):
+        sampler.generate(sampler.records(["a red circle"]), steps=0)
+
+
 def test_bad_sampling_inputs_give_clear_errors(sampler, tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.png"):
         sampler.records(["edit it"], source=str(tmp_path / "missing.png"))
@@ -445,10 +464,19 @@ def test_sample_cli_writes_a_grid(stage3, tmp_path):
         "2",
         "--steps",
         "2",
+        "--height",
+        "16",
+        "--width",
+        "48",
         "--out",
         out,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    assert Image.open(out).size == (64, 64)  # 2 prompts x 2 samples of 32x32
+    assert Image.open(out).size == (96, 32)  # 2 prompts x 2 samples of 16x48, the size asked for
     run = cli("sample", "--checkpoint", stage3["run"], "--prompt", "", "--out", out)
     assert run.returncode != 0 and "empty" in run.stderr
+    # A size the DiT cannot draw, or no sampling step, stops with the flag named.
+    run = cli("sample", "--checkpoint", stage3["run"], "--prompt", "a red circle", "--width", "17", "--out", out)
+    assert run.returncode != 0 and "--width 17: must be a positive multiple of" in run.stderr, run.stderr[-2000:]
+    run = cli("sample", "--checkpoint", stage3["run"], "--prompt", "a red circle", "--steps", "0", "--out", out)
+    assert run.returncode != 0 and "--steps 0" in run.stderr, run.stderr[-2000:]

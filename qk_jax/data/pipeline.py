@@ -534,14 +534,27 @@ def make_dataset(
     return batched
 
 
-def collate_records(recs: list[dict], config: ml_collections.ConfigDict, processor) -> dict[str, np.ndarray]:
+def collate_records(
+    recs: list[dict], config: ml_collections.ConfigDict, processor, size: tuple[int, int] | None = None
+) -> dict[str, np.ndarray]:
     """The batch the pipeline would make of `recs` (one group: same bucket and input count),
-    without grain: sampling and evaluation preprocess exactly as training does."""
+    without grain: sampling and evaluation preprocess exactly as training does.
+
+    `size` = (height, width) puts every target (and input image) at exactly that size instead of
+    its training bucket, the input images' VLM size following its aspect ratio as a bucket's
+    does: sampling at a size the user chose."""
     if not recs:
         raise ValueError("collate_records: no records")
     table, vlm_table = buckets.paired_tables(
         config.area, config.multiple, config.vlm_area, config.vlm_multiple, config.ratios
     )
+    if size is not None:
+        size = (int(size[0]), int(size[1]))
+        if size in table:  # a training bucket: exactly training's VLM size too
+            vlm_size = vlm_table[table.index(size)]
+        else:
+            vlm_size = buckets.bucket_size(f"{size[0]}:{size[1]}", config.vlm_area, config.vlm_multiple)
+        table, vlm_table = [size], [vlm_size]
     geo = vlm_inputs.vision_geometry(processor)
     samples = [Prepare(table, vlm_table, config.image_slots).map(r) for r in recs]
     keys = sorted({s["key"] for s in samples})
