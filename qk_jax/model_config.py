@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from qk_jax import flow, paths
-from qk_jax.config import ConfigError, check_divisible, require
+from qk_jax.config import ConfigError, check_divisible, get_field, has_field, require
 from qk_jax.models import blur as blur_lib
 from qk_jax.models.connector import ConnectorConfig
 from qk_jax.models.kontext import CondDropout, KontextConfig, LoraConfig
@@ -139,9 +139,69 @@ def divisibility_table(kcfg: KontextConfig) -> tuple[dict[str, tuple[str, ...]],
 
 NONFINITE_MODES = ("stop", "skip_step")  # config field train.nonfinite: what a non-finite step does
 
+# Numeric fields and the interval each must lie in ("[" / "]" include the bound, "(" / ")"
+# exclude it). A value outside would not fail at start but mid-run (log_every=0 divides by zero
+# at the first log line) or train something other than asked (a negative learning rate ascends,
+# an EMA decay of 1 never moves).
+RANGES = {
+    "train.steps": "[1, inf)",
+    "train.batch_size": "[1, inf)",
+    "train.grad_accum": "[1, inf)",
+    "train.learning_rate": "(0, inf)",
+    "train.warmup_steps": "[0, inf)",
+    "train.end_lr_ratio": "[0, 1]",
+    "train.b1": "[0, 1)",
+    "train.b2": "[0, 1)",
+    "train.eps": "(0, inf)",
+    "train.weight_decay": "[0, inf)",
+    "train.grad_clip_norm": "[0, inf)",
+    "train.ema_decay": "[0, 1)",
+    "train.log_every": "[1, inf)",
+    "train.checkpoint_every": "[1, inf)",
+    "train.keep_checkpoints": "[1, inf)",
+    "train.keep_period": "[0, inf)",
+    "train.sample_every": "[0, inf)",
+    "train.sample_images": "[0, inf)",
+    "train.signal.every": "[0, inf)",
+    "train.signal.samples": "[0, inf)",
+    "train.signal.noise_seeds": "[1, inf)",
+    "train.signal.completion_steps": "[1, inf)",
+    "train.signal.judge_samples": "[0, inf)",
+    "model.dropout.uncond": "[0, 1]",
+    "model.dropout.no_text": "[0, 1]",
+    "model.dropout.no_images": "[0, 1]",
+    "model.dropout.text": "[0, 1]",
+    "model.dropout.kontext": "[0, 1]",
+    "sample.steps": "[1, inf)",
+}
+
+
+def in_interval(value: float, interval: str) -> bool:
+    """Whether `value` lies in `interval`, written "[low, high)" etc. (inf: unbounded)."""
+    low, high = (float(x) for x in interval[1:-1].split(","))
+    above = value >= low if interval[0] == "[" else value > low
+    below = value <= high if interval[-1] == "]" else value < high
+    return above and below  # NaN fails both
+
+
+def check_ranges(config, ranges: Mapping[str, str] = RANGES) -> None:
+    """ConfigError naming the first field of `ranges` present in `config` whose value is not a
+    number within its interval."""
+    for field, interval in ranges.items():
+        if not has_field(config, field):
+            continue
+        value = get_field(config, field)
+        try:
+            ok = not isinstance(value, bool) and in_interval(float(value), interval)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ConfigError(f"config field {field}={value!r} must be a number in {interval}")
+
 
 def validate(config, num_devices: int, kcfg: KontextConfig | None = None) -> KontextConfig:
     """All start-up checks; returns the model config."""
+    check_ranges(config)
     kcfg = kcfg or build_kontext_config(config)
     check_divisible(config, num_devices, *divisibility_table(kcfg))
     if config.train.batch_size % max(int(config.train.grad_accum), 1):

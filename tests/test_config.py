@@ -124,3 +124,30 @@ def test_cli_help_lists_tools_and_smoke_runs_with_overrides(tmp_path):
         timeout=300,
     )
     assert bad.returncode != 0 and "model.num_heads" in bad.stderr
+
+
+def test_every_stage_config_is_in_range_and_a_value_out_of_range_names_its_field():
+    from configs import base
+    from qk_jax import model_config
+
+    for stage in (1, 2, 3):
+        for size in base.SIZES:
+            model_config.check_ranges(base.stage_config(stage, size))
+    config = base.stage_config(2, "tiny")
+    model_config.validate(config, 8)
+    for field, value, interval in (
+        ("train.steps", 0, r"\[1, inf\)"),
+        ("train.learning_rate", -1e-3, r"\(0, inf\)"),
+        ("train.learning_rate", float("nan"), r"\(0, inf\)"),
+        ("train.warmup_steps", -5, r"\[0, inf\)"),
+        ("train.log_every", 0, r"\[1, inf\)"),  # would divide by zero at the first log line
+        ("train.ema_decay", 1.0, r"\[0, 1\)"),
+        ("train.b2", 1.5, r"\[0, 1\)"),
+        ("model.dropout.no_text", -0.1, r"\[0, 1\]"),
+        ("sample.steps", 0, r"\[1, inf\)"),
+        ("train.checkpoint_every", None, r"\[1, inf\)"),
+    ):
+        bad = base.stage_config(2, "tiny")
+        config_lib.set_field(bad, field, value)
+        with pytest.raises(config_lib.ConfigError, match=f"config field {field}=.* must be a number in {interval}"):
+            model_config.validate(bad, 8)
