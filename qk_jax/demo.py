@@ -105,12 +105,16 @@ def run_demo(workdir: str, mode: str = "default", size: str = "demo", ablation: 
     s = SETTINGS[mode]
     if paths.is_url(workdir):  # the data builders write local folders
         raise ValueError(f"--workdir {workdir}: the demo builds its data set in the workdir, give a local folder")
-    paths.makedirs(workdir)
-    phases = Phases(workdir)
     data_dir = paths.join(workdir, "data")
     runs = {i: paths.join(workdir, f"stage{i}") for i in (1, 2, 3)}
     ckpts = {i: paths.join(workdir, f"surgery_{i - 1}to{i}") for i in (2, 3)}
-    configs = {}
+    # Every stage's config before anything is written: a bad --size stops now, not after the data.
+    configs = {
+        stage: stage_config(stage, size, workdir, s["steps"][stage - 1], ckpts.get(stage, ""), s.get("signal"))
+        for stage in (1, 2, 3)
+    }
+    paths.makedirs(workdir)
+    phases = Phases(workdir)
 
     phases.run(
         "data",
@@ -127,9 +131,6 @@ def run_demo(workdir: str, mode: str = "default", size: str = "demo", ablation: 
         ),
     )
     for stage in (1, 2, 3):
-        configs[stage] = stage_config(
-            stage, size, workdir, s["steps"][stage - 1], ckpts.get(stage, ""), s.get("signal")
-        )
         if stage > 1:
             phases.run(
                 f"surgery{stage - 1}{stage}",

@@ -2,6 +2,8 @@
 and timestep, a column per measure), the judge beside its chance level, "-" where a measure was
 not taken; the scores table with its chance column."""
 
+import pytest
+
 from qk_jax import demo
 
 
@@ -62,3 +64,10 @@ def test_scores_table_shows_each_task_beside_its_chance_level(tmp_path):
     demo.write_markdown(report, str(path))
     scores = _table(path.read_text().splitlines(), "| task | score | chance | samples |")
     assert scores == {"t2i": ["0.250", "0.062", "16"], "edit": ["0.000", "-", "16"], "overall": ["0.125", "-", ""]}
+
+
+def test_an_unknown_size_stops_before_anything_is_written(tmp_path):
+    workdir = tmp_path / "demo"
+    with pytest.raises(ValueError, match="unknown size 'huge'"):
+        demo.run_demo(str(workdir), size="huge")
+    assert not workdir.exists()  # no data phase ran, no folder was made
