@@ -267,12 +267,13 @@ class Checkpointer:
 
         `targets_for(step, json)` returns the abstract array targets ({'params': ...}) given
         the step's JSON items (e.g. targets built from the step's own config); a step that
-        lacks a `required` JSON item is incomplete. A step that is
-        incomplete or corrupt is named in one warning line and skipped; with `quarantine`
-        (the run that owns the directory) it is also moved aside to `<step>.corrupt`.
+        lacks a `required` JSON item is incomplete. A step that is incomplete or corrupt is
+        named in one warning line and skipped; with `quarantine` (the run that owns the
+        directory) it is also moved aside to `<step>.corrupt`.
         Raises CorruptCheckpointError when the named `step` is corrupt, CheckpointError when
-        no step is good, when a tree does not fit its target, or when reading failed for a
-        reason outside the checkpoint (e.g. out of memory), naming the step.
+        it was never saved (naming the steps there are), when no step is good, when a tree
+        does not fit its target, or when reading failed for a reason outside the checkpoint
+        (e.g. out of memory), naming the step.
         """
         # Every process walks the same candidates and takes the same decision at each one: the
         # outcome of each read is agreed across processes (`_agree`) before anything collective
@@ -283,6 +284,8 @@ class Checkpointer:
         )
         if not candidates:
             raise CheckpointError(f"no checkpoint steps in {self.directory}")
+        if step is not None and not (self.directory / str(int(step))).exists():
+            raise CheckpointError(f"no checkpoint step {step} in {self.directory}; its steps: {self.steps()}")
         json_items, required = tuple(json_items), tuple(required)
         bad = []
         for s in candidates:

@@ -151,6 +151,11 @@ def test_empty_directory_is_a_clear_error(tmp_path):
         ckpt_lib.Checkpointer(tmp_path / "empty").restore(params={"w": jax.ShapeDtypeStruct((1,), jnp.float32)})
 
 
+def test_a_step_never_saved_is_named_with_the_steps_there_are(saved):
+    with pytest.raises(ckpt_lib.CheckpointError, match=r"no checkpoint step 7 in .*; its steps: \[1, 2\]"):
+        ckpt_lib.Checkpointer(saved[0], create=False).restore(7, json_items=("config",))
+
+
 def _copy_of(saved, tmp_path):
     import shutil
 
