@@ -137,6 +137,38 @@ def divisibility_table(kcfg: KontextConfig) -> tuple[dict[str, tuple[str, ...]],
     return {"train.batch_size": ("data", "fsdp"), **{name: ("tensor",) for name in derived}}, derived
 
 
+# Fields that are run-time choices, not architecture: ignored when comparing configs. The
+# special-token ids come from the run's tokenizer (`Qwen25VLConfig.with_special_tokens`).
+RUNTIME_FIELDS = (
+    "dtype",
+    "param_dtype",
+    "remat",
+    "attention_impl",
+    "image_token_id",
+    "video_token_id",
+    "vision_start_token_id",
+    "vision_end_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+)
+
+
+def architecture_differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """ "field: checkpoint A vs config B" for each field where the (nested) config dataclasses
+    `a` (a checkpoint's) and `b` (the run's) differ, `RUNTIME_FIELDS` left out."""
+    out = []
+    for f in dataclasses.fields(a):
+        if f.name in RUNTIME_FIELDS:
+            continue
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if dataclasses.is_dataclass(x) and dataclasses.is_dataclass(y):
+            out += architecture_differences(x, y, f"{prefix}{f.name}.")
+        elif x != y:
+            out.append(f"{prefix}{f.name}: checkpoint {x!r} vs config {y!r}")
+    return out
+
+
 NONFINITE_MODES = ("stop", "skip_step")  # config field train.nonfinite: what a non-finite step does
 
 # Numeric fields and the interval each must lie in ("[" / "]" include the bound, "(" / ")"

@@ -12,46 +12,17 @@ fields), and every tensor must have the shape the model expects (an error names 
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
 
+from qk_jax import model_config
 from qk_jax.config import ConfigError
 from qk_jax.convert import sources as weight_sources
 from qk_jax.models.vae.pixel import PixelSpaceConfig
 from qk_jax.tree import flatten_tree
-
-# Fields that are run-time choices, not architecture: ignored when comparing configs. The
-# special-token ids come from the run's tokenizer (`Qwen25VLConfig.with_special_tokens`).
-RUNTIME_FIELDS = (
-    "dtype",
-    "param_dtype",
-    "remat",
-    "attention_impl",
-    "image_token_id",
-    "video_token_id",
-    "vision_start_token_id",
-    "vision_end_token_id",
-    "bos_token_id",
-    "eos_token_id",
-    "pad_token_id",
-)
-
-
-def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
-    out = []
-    for f in dataclasses.fields(a):
-        if f.name in RUNTIME_FIELDS:
-            continue
-        x, y = getattr(a, f.name), getattr(b, f.name)
-        if dataclasses.is_dataclass(x) and dataclasses.is_dataclass(y):
-            out += _differences(x, y, f"{prefix}{f.name}.")
-        elif x != y:
-            out.append(f"{prefix}{f.name}: checkpoint {x!r} vs config {y!r}")
-    return out
 
 
 def sources(config, kcfg) -> list[tuple[str, str, str, str]]:
@@ -89,7 +60,7 @@ def load_pretrained(params: Mapping[str, Any], config, kcfg, shardings: Mapping[
             found = weight_sources.read_config(name, folder)
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"config field {field}={folder}: {e}") from None
-        diffs = _differences(found, expected_config(kcfg, key))
+        diffs = model_config.architecture_differences(found, expected_config(kcfg, key))
         if diffs:
             raise ConfigError(
                 f"config field {field}={folder}: the checkpoint's architecture differs from the stage "

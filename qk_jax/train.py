@@ -52,7 +52,7 @@ from qk_jax import (
     train_metrics,
     train_state,
 )
-from qk_jax.config import ConfigError
+from qk_jax.config import ConfigError, saved_run_config
 from qk_jax.data import pipeline as data_pipeline
 from qk_jax.data import vlm_inputs
 from qk_jax.data.model_inputs import place_batch, prepare_batch
@@ -213,6 +213,8 @@ def build_state(model: QueryKontext, config, mesh, tx, checkpointer, abstract=No
     if checkpointer.latest_step() is not None:
         try:
             return _restore_run(checkpointer, abstract, config.train.trainable)
+        except ckpt_lib.CheckpointMismatchError as e:
+            raise ckpt_lib.CheckpointMismatchError(f"{e}; {_changed_model(checkpointer, kcfg)}") from None
         except ckpt_lib.NoGoodCheckpointError as e:  # every step was moved aside (each named in a warning)
             logs.warning(f"{e}; all were moved aside, starting this run from the beginning")
     if config.train.init_from:
@@ -232,6 +234,19 @@ def build_state(model: QueryKontext, config, mesh, tx, checkpointer, abstract=No
             logs.info(f"{key}: pretrained weights from {folder}")
     shardings = train_state.state_shardings(abstract)
     return train_state.init_state(params, config.train.trainable, tx, abstract["ema"] is not None, shardings), None, 0
+
+
+def _changed_model(checkpointer, kcfg) -> str:
+    """What the config changes in the model of the run it would resume (the newest step's
+    config item), for a resume whose checkpoint does not fit."""
+    step = checkpointer.latest_step()
+    saved = ckpt_lib.read_json_item(checkpointer.directory, step, "config")
+    diffs = model_config.architecture_differences(model_config.build_kontext_config(saved_run_config(saved)), kcfg)
+    changed = "; ".join(diffs[:6]) + ("; ..." if len(diffs) > 6 else "") if diffs else "no model field differs"
+    return (
+        f"the run in this workdir (step {step}) was trained with another model ({changed}): resume it with "
+        "the config it was started with, or train in a new workdir"
+    )
 
 
 def _restore_run(checkpointer, abstract, trainable_prefixes) -> tuple[dict[str, Any], Any, int]:

@@ -134,6 +134,14 @@ def test_every_step_corrupt_starts_over_and_finishes(reference, shapes_dir, tmp_
     assert_same_params(stored_params(workdir, 4), stored_params(reference, 4))
 
 
+def test_resuming_with_another_model_names_what_changed_and_keeps_the_steps(reference, shapes_dir, tmp_path):
+    workdir = copy_run(reference, tmp_path)
+    changed = r"trained with another model \(connector.hidden_dim: checkpoint \d+ vs config 64\)"
+    with pytest.raises(ckpt_lib.CheckpointMismatchError, match=changed):
+        train(config(shapes_dir, "train.steps=6", "model.connector.hidden_dim=64"), workdir)
+    assert steps_of(workdir) == [2, 4]  # nothing moved aside: the steps are good, the config is not theirs
+
+
 def test_sample_and_surgery_use_the_newest_good_step(reference, tmp_path, caplog):
     workdir = copy_run(reference, tmp_path)
     truncate_data_files(os.path.join(workdir, "checkpoints", "4"))
