@@ -448,6 +448,9 @@ def test_bad_sampling_inputs_give_clear_errors(sampler, tmp_path):
         sampler.records(["too many"], source=img, references=[img, img, img])
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         sampler.records(["fine", "  "])
+    too_long = " ".join(["a red circle left of a blue square"] * 40)
+    with pytest.raises(ValueError, match=r"record sample-1: \d+ prompt tokens .* exceed data.max_text_len=\d+"):
+        sampler.generate(sampler.records(["fine", too_long]), steps=1)
 
 
 def test_sample_cli_writes_a_grid(stage3, tmp_path):

@@ -374,7 +374,14 @@ class Collate(grain.transforms.Map):
             [len(samples[0]["cond"])] * rows,
             [self.vlm_table[samples[0]["bucket"]]] * rows,
         )
-        return grouping.text_length(int(counts.max()), self.text_lengths)
+        longest = int(np.argmax(counts))
+        if counts[longest] > self.text_lengths[-1]:  # sampling's records, which no header pass has read
+            raise ValueError(
+                f"record {samples[longest]['id']}: {counts[longest]} prompt tokens (image tokens count too) "
+                f"exceed data.max_text_len={self.text_lengths[-1]}, the most this model was trained with; "
+                "shorten the prompt"
+            )
+        return grouping.text_length(int(counts[longest]), self.text_lengths)
 
     def _prompt_start(self, ids: np.ndarray, mask: np.ndarray, samples: list[dict]) -> np.ndarray:
         """(B,) the index of each row's first token after the shared template prefix."""
