@@ -155,8 +155,8 @@ RUNTIME_FIELDS = (
 
 
 def architecture_differences(a: Any, b: Any, prefix: str = "") -> list[str]:
-    """ "field: checkpoint A vs config B" for each field where the (nested) config dataclasses
-    `a` (a checkpoint's) and `b` (the run's) differ, `RUNTIME_FIELDS` left out."""
+    """Where the (nested) config dataclasses `a` (a checkpoint's) and `b` (the run's) differ,
+    one "field: checkpoint A vs config B" per field, `RUNTIME_FIELDS` left out."""
     out = []
     for f in dataclasses.fields(a):
         if f.name in RUNTIME_FIELDS:

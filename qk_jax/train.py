@@ -214,7 +214,7 @@ def build_state(model: QueryKontext, config, mesh, tx, checkpointer, abstract=No
         try:
             return _restore_run(checkpointer, abstract, config.train.trainable)
         except ckpt_lib.CheckpointMismatchError as e:
-            raise ckpt_lib.CheckpointMismatchError(f"{e}; {_changed_model(checkpointer, kcfg)}") from None
+            raise ckpt_lib.CheckpointMismatchError(f"{e}{_changed_model(checkpointer, kcfg)}") from None
         except ckpt_lib.NoGoodCheckpointError as e:  # every step was moved aside (each named in a warning)
             logs.warning(f"{e}; all were moved aside, starting this run from the beginning")
     if config.train.init_from:
@@ -237,15 +237,21 @@ def build_state(model: QueryKontext, config, mesh, tx, checkpointer, abstract=No
 
 
 def _changed_model(checkpointer, kcfg) -> str:
-    """What the config changes in the model of the run it would resume (the newest step's
-    config item), for a resume whose checkpoint does not fit."""
+    """The tail of the error of a resume whose checkpoint does not fit: the model fields the
+    config changes against the newest step's config item; "" when that item cannot tell (the
+    mismatch error stands on its own)."""
     step = checkpointer.latest_step()
-    saved = ckpt_lib.read_json_item(checkpointer.directory, step, "config")
-    diffs = model_config.architecture_differences(model_config.build_kontext_config(saved_run_config(saved)), kcfg)
+    try:
+        saved = model_config.build_kontext_config(
+            saved_run_config(ckpt_lib.read_json_item(checkpointer.directory, step, "config"))
+        )
+    except Exception:  # noqa: BLE001 - an old or damaged config item only loses the hint
+        return ""
+    diffs = model_config.architecture_differences(saved, kcfg)
     changed = "; ".join(diffs[:6]) + ("; ..." if len(diffs) > 6 else "") if diffs else "no model field differs"
     return (
-        f"the run in this workdir (step {step}) was trained with another model ({changed}): resume it with "
-        "the config it was started with, or train in a new workdir"
+        f"; the run in this workdir (step {step}) was trained with another model ({changed}): resume it "
+        "with the config it was started with, or train in a new workdir"
     )
 
 
