@@ -144,6 +144,11 @@ def test_score_folder_and_cli(tmp_path):
         Image.open(__import__("io").BytesIO(r["target"])).save(tmp_path / f"{r['id']}.png")
     rep = score.score_folder(recs, str(tmp_path))
     assert rep["n"] == 3 and rep["missing"] == 1 and abs(rep["overall"] - 2 / 3) < 1e-3
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / f"{recs[0]['id']}.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=f"generation .*{recs[0]['id']}.png cannot be decoded"):
+        score.score_folder(recs, str(broken))
     env = dict(os.environ, PYTHONPATH=REPO)
     paths = [str(tmp_path / f"{r['id']}.png") for r in recs[:2]]
     out = subprocess.run(

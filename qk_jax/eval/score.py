@@ -331,14 +331,18 @@ def score_records(
 
 
 def folder_images(folder: str) -> Callable[[dict], np.ndarray | None]:
-    """Looks up `<folder>/<id>.png` (or .jpg / .jpeg / .webp) for a record."""
+    """Looks up `<folder>/<id>.png` (or .jpg / .jpeg / .webp) for a record; a file that does not
+    decode raises ValueError naming it."""
     base = epath.Path(folder)
 
     def image_fn(rec: dict):
         for ext in (".png", ".jpg", ".jpeg", ".webp"):
             p = base / f"{rec['id']}{ext}"
             if p.exists():
-                return records.decode_image(p.read_bytes())
+                try:
+                    return records.decode_image(p.read_bytes())
+                except Exception as e:  # noqa: BLE001 - PIL raises several types
+                    raise ValueError(f"generation {p} cannot be decoded: {e}") from None
         return None
 
     return image_fn
