@@ -115,10 +115,11 @@ class Sampler:
         prompts: Sequence[str],
         source: str | None = None,
         references: Sequence[str] = (),
-        size: tuple[int, int] | None = None,
+        height: int | None = None,
+        width: int | None = None,
     ) -> list[dict]:
         """Records (the data pipeline's format) for prompts sharing the same input images; their
-        target is a blank of `size` (default `output_size()`: the training bucket)."""
+        target is a blank of `output_size(height, width, the source's shape)`."""
         slots = int(self.config.data.image_slots)
         n_inputs = (1 if source else 0) + len(references)
         if n_inputs > slots:
@@ -128,7 +129,7 @@ class Sampler:
             )
         src = load_image(source) if source else None
         refs = [load_image(r) for r in references]
-        height, width = size or self.output_size(source_shape=src.shape[:2] if src is not None else None)
+        height, width = self.output_size(height, width, src.shape[:2] if src is not None else None)
         out = []
         for i, prompt in enumerate(prompts):
             if not prompt or not prompt.strip():
@@ -379,10 +380,9 @@ def main(argv):
     sampler = Sampler.from_checkpoint(f.checkpoint, use_ema=f.ema, step=f.step)
     if f.scheduler:
         sampler.config.sample.scheduler = f.scheduler
-    source_shape = load_image(f.source).shape[:2] if f.source else None
-    size = sampler.output_size(f.height, f.width, source_shape)
     prompts = [p for p in f.prompt for _ in range(f.batch)]
-    recs = sampler.records(prompts, f.source, f.reference or (), size)
+    recs = sampler.records(prompts, f.source, f.reference or (), f.height, f.width)
+    size = records_lib.image_size(recs[0]["target"])  # output_size's choice: drawn at exactly that
     images = sampler.generate(
         recs,
         steps=f.steps,
