@@ -94,19 +94,71 @@ def size_overrides(args: list[str]) -> tuple[list[str], list[str]]:
     return rest, overrides
 
 
+def config_flag(args: list[str]) -> tuple[int, str, str] | None:
+    """(index in `args`, prefix, value) of the `--config` value: `--config X` gives the index of X
+    and prefix "", `--config=X` its own index and prefix "--config="; None without one."""
+    for i, arg in enumerate(args):
+        if arg == "--config" and i + 1 < len(args):
+            return i + 1, "", args[i + 1]
+        if arg.startswith("--config="):
+            return i, "--config=", arg[len("--config=") :]
+    return None
+
+
+def resolve_config_file(args: list[str]) -> list[str]:
+    """`args` with the file of `--config FILE[:ARG]` found as `config.load_config` finds it (as
+    given, else under the repository root); ConfigError naming the flag when it is nowhere.
+    (ml_collections would defer a missing file to the first read of the config, and then name
+    neither the flag nor the file.)"""
+    from qk_jax.config import ConfigError, resolve_config_path
+
+    found = config_flag(args)
+    if found is None:
+        return list(args)
+    index, prefix, spec = found
+    file, sep, arg = spec.partition(":")
+    try:
+        resolved = resolve_config_path(file) + sep + arg
+    except ConfigError as e:
+        raise ConfigError(f"--config {spec}: {e}") from None
+    return [*args[:index], prefix + resolved, *args[index + 1 :]]
+
+
+def config_file_message(error: Exception, spec: str | None) -> str | None:
+    """'--config configs/stage1.py:huge: ValueError: unknown size ...' from the error absl raises
+    when the `get_config` of the config file fails (ml_collections puts the whole traceback in
+    it); None for any other flag error."""
+    text = str(error)
+    if spec is None or not re.match(r"flag --config=\S+: Error whilst parsing config file", text):
+        return None
+    last = [line.strip() for line in text.splitlines() if line.strip()][-1]
+    return f"--config {spec}: {last}"
+
+
 def parse_flags(args: list[str]) -> list[str]:
-    """absl's flag parsing, with a mistyped `--config.<field>` reported as a ConfigError, and the
+    """absl's flag parsing, with a mistyped `--config.<field>`, a config file that is not there
+    and one whose `get_config` fails each reported in one line as a ConfigError, and the
     `size_overrides` applied to the parsed `--config`."""
     from absl import app, flags
 
     from qk_jax.config import ConfigError, apply_overrides
 
     args, overrides = size_overrides(args)
+    found = config_flag(args) if "config" in flags.FLAGS else None
+    spec = found[2] if found else None
+    if found:
+        args = resolve_config_file(args)
     argv, sys.argv = sys.argv, list(args)  # ml_collections reads its `--config.*` flags from sys.argv
     try:
-        rest = app.parse_flags_with_usage(args)
+        rest = flags.FLAGS(args)
     except AttributeError as e:
         raise ConfigError(config_override_message(e, args)) from None
+    except flags.Error as e:
+        message = config_file_message(e, spec)
+        if message is None:
+            rest = app.parse_flags_with_usage(args)  # fails the same way: absl's own report and exit
+        else:
+            raise ConfigError(message) from None
     finally:
         sys.argv = argv
     if overrides:
@@ -117,10 +169,13 @@ def parse_flags(args: list[str]) -> list[str]:
 
 
 class OneLineLogs(py_logging.Filter):
-    """Log records without tracebacks, cut to their first line (background threads of Orbax
-    log each failure with several tracebacks)."""
+    """Library log records without tracebacks, cut to their first line (background threads of
+    Orbax log each failure with several tracebacks). The tools' own records (`qk_jax.logs`) stay
+    whole: some are tables (`qk-jax smoke`'s parameter shardings)."""
 
     def filter(self, record: py_logging.LogRecord) -> bool:
+        if logs.is_ours(record):
+            return True
         message = record.getMessage()
         record.msg, record.args = (message.splitlines()[0] if message else message), None
         record.exc_info = record.exc_text = record.stack_info = None

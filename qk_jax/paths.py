@@ -19,6 +19,7 @@ import atexit
 import os
 import shutil
 import tempfile
+import uuid
 
 from etils import epath
 
@@ -69,6 +70,32 @@ def listdir(p: str | os.PathLike) -> list[str]:
 
 def makedirs(p: str | os.PathLike) -> None:
     path(p).mkdir(parents=True, exist_ok=True)
+
+
+def prove_writable(folder: str | os.PathLike) -> None:
+    """Creates `folder` and writes and removes a probe file in it, so that a read-only, full or
+    forbidden location fails before any work; raises the OSError of the step that failed. (On an
+    object store a folder is only a name: only a write proves it.)"""
+    makedirs(folder)
+    probe = join(folder, f".write_test_{uuid.uuid4().hex}")
+    write_text(probe, "ok")
+    remove(probe)
+
+
+class WorkdirError(OSError):
+    """A workdir that cannot be created or written (the message names it)."""
+
+
+def check_workdir(workdir: str | os.PathLike) -> None:
+    """Creates the workdir and proves it writable, or raises WorkdirError naming it."""
+    try:
+        makedirs(workdir)
+    except OSError as e:
+        raise WorkdirError(f"workdir {workdir} cannot be created: {e.strerror or e}") from None
+    try:
+        prove_writable(workdir)
+    except OSError as e:
+        raise WorkdirError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
 
 
 def read_text(p: str | os.PathLike) -> str:

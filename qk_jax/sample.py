@@ -357,10 +357,7 @@ def check_output(path: str) -> None:
     OutputError naming it (a read-only or full location fails now, not after the work)."""
     folder = paths.dirname(path if paths.is_url(path) else os.path.abspath(path))
     try:
-        paths.makedirs(folder)
-        probe = paths.join(folder, f".write_test_{os.getpid()}")
-        paths.write_text(probe, "ok")
-        paths.remove(probe)
+        paths.prove_writable(folder)
     except OSError as e:
         raise OutputError(f"--out {path} cannot be written: {e.strerror or e}") from None
 

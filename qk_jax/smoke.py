@@ -19,7 +19,7 @@ from ml_collections import config_flags
 
 from qk_jax import checkpoint as ckpt_lib
 from qk_jax import config as config_lib
-from qk_jax import distributed, logs, sharding
+from qk_jax import distributed, logs, paths, sharding
 from qk_jax.models.smoke_lm import SmokeLM
 
 
@@ -57,6 +57,19 @@ def make_train_step(model: SmokeLM, tx: optax.GradientTransformation):
     return step
 
 
+def check_workdir(workdir: str) -> None:
+    """Refuses a workdir that holds anything (an earlier smoke run's checkpoint would make the
+    save fail after the training), then creates it and proves it writable, before any work:
+    WorkdirError naming it."""
+    if paths.exists(workdir) and (not paths.isdir(workdir) or paths.listdir(workdir)):
+        what = f"is not empty (it holds {paths.listdir(workdir)[:3]})" if paths.isdir(workdir) else "is a file"
+        raise paths.WorkdirError(
+            f"workdir {workdir} {what}: the smoke check writes a new checkpoint; give it a new or empty folder"
+        )
+    distributed.barrier("smoke_workdir_checked")  # every process has looked before any writes
+    paths.check_workdir(workdir)
+
+
 def run(config, workdir: str) -> dict:
     """Runs the smoke job; returns a summary dict (also printed).
 
@@ -66,6 +79,7 @@ def run(config, workdir: str) -> dict:
     distributed.maybe_initialize()
     n_dev = jax.device_count()
     config_lib.check_divisible(config, n_dev, DIVISIBLE)
+    check_workdir(workdir)
     mesh = sharding.make_mesh(config.mesh)
     logs.info(
         f"devices: {n_dev} x {jax.devices()[0].platform} in {jax.process_count()} process(es); mesh {dict(mesh.shape)}"
@@ -126,6 +140,8 @@ def main(argv):
     del argv
     if flags.FLAGS.workdir is None:
         raise app.UsageError("--workdir is required")
+    if flags.FLAGS.config is None:
+        raise app.UsageError("--config is required, e.g. --config configs/smoke.py:tiny")
     run(flags.FLAGS.config, flags.FLAGS.workdir)
 
 

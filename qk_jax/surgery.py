@@ -301,9 +301,7 @@ def prepare_destination(dst: str) -> str:
             if paths.exists(staging):
                 logs.warning(f"removing {staging}, the unfinished output of an interrupted surgery")
                 paths.rmtree(staging)
-            paths.makedirs(staging)  # proves the destination writable before any work
-            probe = paths.join(staging, ".write_test")
-            paths.write_text(probe, "ok")  # an object store has no folders: only a write proves it
+            paths.prove_writable(staging)  # before any work
             paths.rmtree(staging)
         except OSError as e:
             raise SurgeryError(f"destination {dst} cannot be written: {e.strerror or e}") from None

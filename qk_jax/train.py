@@ -136,25 +136,6 @@ def processor_source(config) -> tuple[str, str] | None:
     return None
 
 
-class WorkdirError(OSError):
-    """A workdir that cannot be created or written (the message names it)."""
-
-
-def check_workdir(workdir: str) -> None:
-    """Creates the workdir (a local path or a URL, `paths`) and proves it writable, or raises
-    WorkdirError naming it."""
-    try:
-        paths.makedirs(workdir)
-    except OSError as e:
-        raise WorkdirError(f"workdir {workdir} cannot be created: {e.strerror or e}") from None
-    probe = paths.join(workdir, f".write_test_{os.getpid()}_{jax.process_index()}")
-    try:
-        paths.write_text(probe, "ok")
-        paths.remove(probe)
-    except OSError as e:
-        raise WorkdirError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
-
-
 def ensure_processor(config, workdir: str) -> str:
     """The run's processor folder inside the workdir: the tokenizer / processor files (never
     weights) copied from `processor_source`, or the offline tokenizer built there (tests, the
@@ -288,7 +269,7 @@ def train(config, workdir: str) -> dict[str, Any]:
     """Runs (or resumes) one stage; returns a summary (losses, throughput)."""
     distributed.maybe_initialize()
     stop = Stop().install()  # before anything slow: a pre-emption during start-up still checkpoints
-    check_workdir(workdir)
+    paths.check_workdir(workdir)
     processor_dir = ensure_processor(config, workdir)
     special = model_config.read_special_token_ids(processor_dir)
     kcfg = model_config.validate(config, jax.device_count(), model_config.build_kontext_config(config, special))

@@ -1,5 +1,6 @@
 """Config loading, command-line overrides, and validation errors that name the field."""
 
+import os
 import subprocess
 import sys
 
@@ -78,52 +79,52 @@ def test_missing_required_field_names_it():
         config_lib.require(config, ["train.seed"])
 
 
+def smoke(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "qk_jax.cli", "smoke", *args], capture_output=True, text=True, timeout=300, cwd=cwd
+    )
+
+
+def last_line(run) -> str:
+    return [line for line in run.stderr.splitlines() if line.strip()][-1]
+
+
 @pytest.mark.slow  # a smoke training run in a subprocess
 def test_cli_help_lists_tools_and_smoke_runs_with_overrides(tmp_path):
     out = subprocess.run([sys.executable, "-m", "qk_jax.cli", "--help"], capture_output=True, text=True, check=True)
     assert "smoke" in out.stdout
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "qk_jax.cli",
-            "smoke",
-            "--config",
-            "configs/smoke.py:tiny",
-            "--workdir",
-            str(tmp_path / "w"),
-            "--config.train.steps=12",
-            "--config.mesh.fsdp=2",
-            "--config.mesh.tensor=2",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    workdir = str(tmp_path / "w")
+    overrides = ["--config.train.steps=12", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
+    # From another folder: a config path relative to the repository is found there, as load_config finds it.
+    run = smoke("--config", "configs/smoke.py:tiny", "--workdir", workdir, *overrides, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     summary = [line for line in run.stdout.splitlines() if line.startswith("summary:")][-1]
     assert "restore_bit_exact=True" in summary and "'fsdp': 2" in summary
     first = float(summary.split("first_loss=")[1].split(",")[0])
     last = float(summary.split("last_loss=")[1].split(",")[0])
     assert last < first
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "qk_jax.cli",
-            "smoke",
-            "--config",
-            "configs/smoke.py:tiny",
-            "--workdir",
-            str(tmp_path / "b"),
-            "--config.mesh.tensor=8",
-            "--config.mesh.data=1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    # The parameter shardings are printed whole (a multi-line record of our own is not cut to one line).
+    assert "blocks/qkv/kernel" in run.stderr and "embed " in run.stderr, run.stderr[-3000:]
+
+    again = smoke("--config", "configs/smoke.py:tiny", "--workdir", workdir, *overrides)
+    assert again.returncode == 1 and "loss" not in again.stderr, again.stderr[-3000:]
+    assert last_line(again).startswith(
+        f"qk-jax smoke: error: WorkdirError: workdir {workdir} is not empty (it holds ['12'])"
+    ), last_line(again)
+    bad = smoke("--config", "configs/smoke.py:tiny", "--workdir", str(tmp_path / "b"), "--config.mesh.tensor=8")
     assert bad.returncode != 0 and "model.num_heads" in bad.stderr
+    for spec, message in (
+        ("configs/smoke.py:huge", "ValueError: unknown size 'huge'; choose one of ['small', 'tiny']"),
+        ("configs/smok.py:tiny", "config file 'configs/smok.py' does not exist"),
+    ):
+        run = smoke("--config", spec, "--workdir", str(tmp_path / "c"))
+        assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
+        assert last_line(run).startswith(f"qk-jax smoke: error: ConfigError: --config {spec}: {message}"), last_line(
+            run
+        )
+    run = smoke("--workdir", str(tmp_path / "c"))
+    assert run.returncode == 1 and "--config is required" in last_line(run), run.stderr[-3000:]
+    assert not os.path.exists(tmp_path / "b") and not os.path.exists(tmp_path / "c")
 
 
 def test_every_stage_config_is_in_range_and_a_value_out_of_range_names_its_field():
