@@ -104,6 +104,7 @@ class StepProfiler:
     def __init__(self, steps: tuple[int, int] | None, dst: str):
         self.steps, self.dst = steps, dst
         self.local: str | None = None  # the folder jax.profiler writes while tracing
+        self.last: int | None = None  # the last step index dispatched inside the trace
         self._tmp = None
 
     @classmethod
@@ -126,11 +127,15 @@ class StepProfiler:
             paths.makedirs(self.dst)
             self.local = self.dst
         jax.profiler.start_trace(self.local)
+        self.first, self.last = step, None
 
     def after(self, step: int, outputs) -> None:
         """After dispatching step index `step`: stops at the range's last step, once `outputs`
         (the step's results) are ready, so the trace holds the device work."""
-        if self.local is not None and step + 1 >= self.steps[1]:
+        if self.local is None:
+            return
+        self.last = step
+        if step + 1 >= self.steps[1]:
             jax.block_until_ready(outputs)
             self.close()
 
@@ -143,5 +148,7 @@ class StepProfiler:
             paths.upload_folder(self.local, self.dst)
             self._tmp.cleanup()
             self._tmp = None
-        logs.info(f"profile of steps {self.steps[0] + 1}..{self.steps[1]} written to {self.dst}")
+        # The range as traced: a run that ends (or resumes) inside it traces fewer steps.
+        first, last = self.first + 1, (self.last if self.last is not None else self.first) + 1
+        logs.info(f"profile of steps {first}..{last} written to {self.dst}")
         self.local = None

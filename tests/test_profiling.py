@@ -3,8 +3,10 @@ compute / data / checkpoint, and MFU over useful FLOPs only (no padding)."""
 
 import glob
 import json
+import logging
 import os
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -75,6 +77,21 @@ def test_profile_steps_field():
     for bad in ("5", "5:3", "a:b", "-1:2"):
         with pytest.raises(ConfigError, match="train.profile_steps"):
             profiling.parse_steps(bad)
+
+
+def test_a_run_that_ends_inside_the_range_names_the_steps_it_traced(tmp_path, caplog):
+    profiler = profiling.StepProfiler(profiling.parse_steps("1:300"), str(tmp_path / "profile"))
+    x = jnp.ones(4)
+    with caplog.at_level(logging.INFO):
+        for step in range(3):  # the run's 3 steps: indices 1 and 2 are traced
+            profiler.before(step)
+            x = x * 2
+            profiler.after(step, x)
+        profiler.close()  # the loop ended before the range did
+    assert [r.getMessage() for r in caplog.records if "profile of" in r.getMessage()] == [
+        f"profile of steps 2..3 written to {tmp_path / 'profile'}"
+    ]
+    assert glob.glob(str(tmp_path / "profile" / "**" / "*.xplane.pb"), recursive=True)
 
 
 @pytest.mark.slow  # a tiny stage-1 run of 3 steps: minutes on 2 shared CPU cores
