@@ -9,7 +9,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from qk_jax import flow, paths
+from qk_jax import flow, optim, paths
 from qk_jax.config import ConfigError, check_divisible, get_field, has_field, require
 from qk_jax.models import blur as blur_lib
 from qk_jax.models.connector import ConnectorConfig
@@ -234,6 +234,7 @@ def check_ranges(config, ranges: Mapping[str, str] = RANGES) -> None:
 def validate(config, num_devices: int, kcfg: KontextConfig | None = None) -> KontextConfig:
     """All start-up checks; returns the model config."""
     check_ranges(config)
+    optim.check_warmup(config.train)
     kcfg = kcfg or build_kontext_config(config)
     check_divisible(config, num_devices, *divisibility_table(kcfg))
     if config.train.batch_size % max(int(config.train.grad_accum), 1):

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from qk_jax.config import ConfigError
 from qk_jax.tree import flatten_tree, path_str, unflatten_tree
 
 
@@ -50,10 +51,21 @@ def combine(*trees: Mapping[str, Any]) -> dict:
     return unflatten_tree(flat)
 
 
+def check_warmup(cfg) -> None:
+    """ConfigError naming both fields unless the warm-up (`cfg` = the `train` config) leaves at
+    least one step of decay (optax would fail with 'requires positive decay_steps')."""
+    warmup, total = int(cfg.warmup_steps), int(cfg.steps)
+    if warmup and warmup >= total:
+        raise ConfigError(
+            f"config field train.warmup_steps={warmup} must be below train.steps={total}: the learning rate "
+            f"warms up over the first warmup_steps and decays over the rest (e.g. train.warmup_steps={total // 20})"
+        )
+
+
 def learning_rate_schedule(cfg) -> optax.Schedule:
     """Linear warmup to `cfg.learning_rate`, then cosine decay to `cfg.end_lr_ratio` of it."""
-    total = max(int(cfg.steps), 1)
-    warmup = min(int(cfg.warmup_steps), total)
+    check_warmup(cfg)
+    total, warmup = int(cfg.steps), int(cfg.warmup_steps)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0 if warmup else cfg.learning_rate,
         peak_value=cfg.learning_rate,

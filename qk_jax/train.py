@@ -195,7 +195,8 @@ def build_state(model: QueryKontext, config, mesh, tx, checkpointer, abstract=No
         try:
             return _restore_run(checkpointer, abstract, config.train.trainable)
         except ckpt_lib.CheckpointMismatchError as e:
-            raise ckpt_lib.CheckpointMismatchError(f"{e}{_changed_model(checkpointer, kcfg)}") from None
+            hint = _mismatch_hint(checkpointer.directory, checkpointer.latest_step(), config, kcfg, resuming=True)
+            raise ckpt_lib.CheckpointMismatchError(f"{e}{hint}") from None
         except ckpt_lib.NoGoodCheckpointError as e:  # every step was moved aside (each named in a warning)
             logs.warning(f"{e}; all were moved aside, starting this run from the beginning")
     if config.train.init_from:
@@ -203,7 +204,12 @@ def build_state(model: QueryKontext, config, mesh, tx, checkpointer, abstract=No
         root, _ = ckpt_lib.resolve_run(path)  # a run workdir or a checkpoint root
         if not from_training_run(path, root):  # the output of qk-jax surgery: only a finished one
             surgery.require_complete(path)
-        restored = ckpt_lib.Checkpointer(root, create=False).restore(params=target, json_items=())
+        source = ckpt_lib.Checkpointer(root, create=False)
+        try:
+            restored = source.restore(params=target, json_items=())
+        except ckpt_lib.CheckpointMismatchError as e:
+            hint = _mismatch_hint(root, source.latest_step(), config, kcfg, resuming=False)
+            raise ckpt_lib.CheckpointMismatchError(f"{e}{hint}") from None
         params = restored["params"]
         logs.info(f"initialised from {root} step {restored['step']}")
     else:
@@ -217,23 +223,34 @@ def build_state(model: QueryKontext, config, mesh, tx, checkpointer, abstract=No
     return train_state.init_state(params, config.train.trainable, tx, abstract["ema"] is not None, shardings), None, 0
 
 
-def _changed_model(checkpointer, kcfg) -> str:
-    """The tail of the error of a resume whose checkpoint does not fit: the model fields the
-    config changes against the newest step's config item; "" when that item cannot tell (the
-    mismatch error stands on its own)."""
-    step = checkpointer.latest_step()
+def _mismatch_hint(directory: str, step: int, config, kcfg, resuming: bool) -> str:
+    """The tail of the error of a checkpoint that does not fit the config's model: what the
+    checkpoint's own config item says it holds against the config (another stage, or the model
+    fields that differ); "" when that item cannot tell (the mismatch error stands on its own).
+
+    `resuming`: the checkpoint is this workdir's own (a resume), else `train.init_from`'s."""
     try:
-        saved = model_config.build_kontext_config(
-            saved_run_config(ckpt_lib.read_json_item(checkpointer.directory, step, "config"))
-        )
+        saved_config = saved_run_config(ckpt_lib.read_json_item(directory, step, "config"))
+        saved = model_config.build_kontext_config(saved_config)
     except Exception:  # noqa: BLE001 - an old or damaged config item only loses the hint
         return ""
     diffs = model_config.architecture_differences(saved, kcfg)
     changed = "; ".join(diffs[:6]) + ("; ..." if len(diffs) > 6 else "") if diffs else "no model field differs"
-    return (
-        f"; the run in this workdir (step {step}) was trained with another model ({changed}): resume it "
-        "with the config it was started with, or train in a new workdir"
-    )
+    if resuming:
+        return (
+            f"; the run in this workdir (step {step}) was trained with another model ({changed}): resume it "
+            "with the config it was started with, or train in a new workdir"
+        )
+    source_stage, stage = saved_config.get("stage"), config.get("stage")
+    if source_stage and stage and source_stage != stage:
+        start = (
+            f"stage {stage} starts from the output of `qk-jax surgery --from {stage - 1} --to {stage}` of a "
+            f"stage-{stage - 1} run"
+            if stage > 1
+            else "stage 1 starts from pretrained weights (model.*.checkpoint), not from a later stage"
+        )
+        return f"; train.init_from holds a stage-{source_stage} model and this config trains stage {stage}: {start}"
+    return f"; train.init_from holds another model ({changed}): initialise from a checkpoint of this config's model"
 
 
 def _restore_run(checkpointer, abstract, trainable_prefixes) -> tuple[dict[str, Any], Any, int]:

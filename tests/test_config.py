@@ -152,3 +152,11 @@ def test_every_stage_config_is_in_range_and_a_value_out_of_range_names_its_field
         config_lib.set_field(bad, field, value)
         with pytest.raises(config_lib.ConfigError, match=f"config field {field}=.* must be a number in {interval}"):
             model_config.validate(bad, 8)
+    # A warm-up as long as the run leaves the cosine no step to decay over (optax: 'requires
+    # positive decay_steps'), as `--config.train.steps=2` of the demo's stage 2 would.
+    short = base.stage_config(2, "demo")
+    config_lib.set_field(short, "train.steps", 2)
+    with pytest.raises(config_lib.ConfigError, match=r"train.warmup_steps=\d+ must be below train.steps=2"):
+        model_config.validate(short, 8)
+    config_lib.set_field(short, "train.warmup_steps", 1)
+    model_config.validate(short, 8)

@@ -142,6 +142,21 @@ def test_resuming_with_another_model_names_what_changed_and_keeps_the_steps(refe
     assert steps_of(workdir) == [2, 4]  # nothing moved aside: the steps are good, the config is not theirs
 
 
+def test_init_from_a_checkpoint_of_another_stage_or_model_says_what_it_holds(reference, shapes_dir, tmp_path):
+    # A stage-2 run started from the stage-1 run itself, not from the surgery's output.
+    stage2 = ku.stage_config(2, shapes_dir, "train.steps=2", "train.warmup_steps=0", f"train.init_from={reference}")
+    with pytest.raises(ckpt_lib.CheckpointMismatchError, match=r"is not in checkpoint step 4 of .*") as error:
+        train(stage2, str(tmp_path / "stage2"))
+    assert str(error.value).endswith(
+        "; train.init_from holds a stage-1 model and this config trains stage 2: stage 2 starts from the output "
+        "of `qk-jax surgery --from 1 --to 2` of a stage-1 run"
+    ), error.value
+    other = config(shapes_dir, "train.steps=2", f"train.init_from={reference}", "model.connector.hidden_dim=64")
+    with pytest.raises(ckpt_lib.CheckpointMismatchError, match=r"holds another model \(connector.hidden_dim: "):
+        train(other, str(tmp_path / "other"))
+    assert steps_of(reference) == [2, 4]
+
+
 def test_sample_and_surgery_use_the_newest_good_step(reference, tmp_path, caplog):
     workdir = copy_run(reference, tmp_path)
     truncate_data_files(os.path.join(workdir, "checkpoints", "4"))
