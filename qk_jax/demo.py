@@ -59,12 +59,32 @@ IMAGE_SIZE = 64
 PLAIN_BACKGROUND = 1.0
 
 
-class Phases:
-    """Times each phase, logs banners, remembers what finished (DIR/phases.json)."""
+class DemoWorkdirError(ValueError):
+    """A demo workdir whose finished phases ran with other settings (the message names both)."""
 
-    def __init__(self, workdir: str):
+
+class Phases:
+    """Times each phase, logs banners, remembers what finished and with which settings
+    (DIR/phases.json: {"run": {"mode", "size"}, "phases": {name: seconds}}).
+
+    A re-run with the same settings skips the finished phases; one with other settings (the
+    default demo's workdir rerun with `--full`) would take their models for its own, so it is
+    refused before anything is written."""
+
+    def __init__(self, workdir: str, run: dict[str, str]):
         self.path = paths.join(workdir, "phases.json")
-        self.done: dict[str, float] = json.loads(paths.read_text(self.path)) if paths.exists(self.path) else {}
+        stored = json.loads(paths.read_text(self.path)) if paths.exists(self.path) else {}
+        if stored and "phases" not in stored:  # written before the settings were recorded
+            stored = {"run": None, "phases": stored}
+        self.run_settings, self.done = run, dict(stored.get("phases", {}))
+        earlier = stored.get("run")
+        if self.done and earlier is None:
+            logs.warning(f"{self.path} does not say which --mode / --size its phases ran with; taking them as {run}")
+        elif self.done and earlier != run:
+            raise DemoWorkdirError(
+                f"--workdir {workdir} holds a demo run of {_flags(earlier)} (finished: {', '.join(self.done)}), "
+                f"not of {_flags(run)}: give this run another --workdir, or remove that one"
+            )
         self.t0 = time.perf_counter()
 
     def run(self, name: str, fn, *, always: bool = False):
@@ -75,9 +95,14 @@ class Phases:
         start = time.perf_counter()
         out = fn()
         self.done[name] = time.perf_counter() - start
-        paths.write_text(self.path, json.dumps(self.done, indent=1))
+        paths.write_text(self.path, json.dumps({"run": self.run_settings, "phases": self.done}, indent=1))
         logs.info(f"== {name}: {self.done[name]:.0f}s")
         return out
+
+
+def _flags(run: dict[str, str]) -> str:
+    """'--mode full --size demo': the settings of a demo run as its flags."""
+    return " ".join(f"--{k} {v}" for k, v in sorted(run.items()))
 
 
 def stage_config(stage: int, size: str, workdir: str, steps: int, init_from: str = "", signal: dict | None = None):
@@ -113,8 +138,8 @@ def run_demo(workdir: str, mode: str = "default", size: str = "demo", ablation: 
         stage: stage_config(stage, size, workdir, s["steps"][stage - 1], ckpts.get(stage, ""), s.get("signal"))
         for stage in (1, 2, 3)
     }
+    phases = Phases(workdir, {"mode": mode, "size": size})  # refuses a workdir of other settings
     paths.makedirs(workdir)
-    phases = Phases(workdir)
 
     phases.run(
         "data",

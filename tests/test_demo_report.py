@@ -1,6 +1,10 @@
 """The demo report's markdown: the learning signal's flat keys laid out as tables (a row per task
 and timestep, a column per measure), the judge beside its chance level, "-" where a measure was
-not taken; the scores table with its chance column."""
+not taken; the scores table with its chance column; a workdir of other settings refused."""
+
+import json
+import logging
+import os
 
 import pytest
 
@@ -71,3 +75,29 @@ def test_an_unknown_size_stops_before_anything_is_written(tmp_path):
     with pytest.raises(ValueError, match="unknown size 'huge'"):
         demo.run_demo(str(workdir), size="huge")
     assert not workdir.exists()  # no data phase ran, no folder was made
+
+
+def test_a_workdir_of_other_settings_is_refused_before_anything_is_written(tmp_path, caplog):
+    # The default demo's workdir rerun with --full would skip every phase and report the
+    # default's models as the full run's.
+    workdir = tmp_path / "demo"
+    workdir.mkdir()
+    phases = workdir / "phases.json"
+    earlier = {"run": {"mode": "default", "size": "demo"}, "phases": {"data": 19.0, "stage1": 68.0}}
+    phases.write_text(json.dumps(earlier))
+    with pytest.raises(demo.DemoWorkdirError) as error:
+        demo.run_demo(str(workdir), mode="full")
+    assert str(error.value) == (
+        f"--workdir {workdir} holds a demo run of --mode default --size demo (finished: data, stage1), "
+        "not of --mode full --size demo: give this run another --workdir, or remove that one"
+    )
+    assert sorted(os.listdir(workdir)) == ["phases.json"]  # no phase ran
+    # Same settings: the finished phases are taken (the resume itself: tests/test_demo.py).
+    resumed = demo.Phases(str(workdir), {"mode": "default", "size": "demo"})
+    assert resumed.run("data", lambda: pytest.fail("ran again")) is None
+    # A phases.json written before the settings were recorded is taken, with a warning.
+    phases.write_text(json.dumps({"data": 19.0}))
+    with caplog.at_level(logging.WARNING):
+        legacy = demo.Phases(str(workdir), {"mode": "full", "size": "demo"})
+    assert legacy.done == {"data": 19.0}
+    assert any("does not say which --mode / --size" in r.getMessage() for r in caplog.records)
