@@ -47,6 +47,12 @@ def dirname(p: str | os.PathLike) -> str:
     return os.fspath(path(normalize(p)).parent)
 
 
+def parent_folder(p: str | os.PathLike) -> str:
+    """The folder that the file `p` lands in (a relative local path taken from the working
+    directory, so that `out.png` gives the working directory, not '')."""
+    return dirname(p if is_url(p) else os.path.abspath(os.fspath(p)))
+
+
 def basename(p: str | os.PathLike) -> str:
     return path(normalize(p)).name
 

@@ -355,7 +355,7 @@ class OutputError(OSError):
 def check_output(path: str) -> None:
     """Creates the folder of `path` and proves it writable before any sampling, or raises
     OutputError naming it (a read-only or full location fails now, not after the work)."""
-    folder = paths.dirname(path if paths.is_url(path) else os.path.abspath(path))
+    folder = paths.parent_folder(path)
     try:
         paths.prove_writable(folder)
     except OSError as e:

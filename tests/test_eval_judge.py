@@ -167,3 +167,28 @@ def test_score_folder_and_cli(tmp_path):
         assert len(objs) == len(_objects(r))
         assert {"shape", "colour", "centre", "size", "area_frac"} <= set(objs[0])
         assert all(0 <= c <= 1 for c in objs[0]["centre"]) and objs[0]["size"] in vocab.SIZE_NAMES
+
+
+def test_score_cli_writes_its_report_and_refuses_bad_flags_before_scoring(shapes_dir, tmp_path):
+    def eval_score(*flags):
+        return subprocess.run(
+            [sys.executable, "-m", "qk_jax.cli", "eval", "score", "--data_dir", shapes_dir, *flags],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=300,
+        )
+
+    out = tmp_path / "reports" / "targets.json"  # its folder is made
+    run = eval_score("--self_check", "target", "--tasks", "t2i,edit", "--limit", "2", "--out", str(out))
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["n"] == 4 and report["overall"] == 1.0 and set(report["per_task"]) == {"t2i", "edit"}
+    assert run.stdout.strip().splitlines()[-1] == "overall 1.000 on 4 records (0 images missing)"
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    run = eval_score("--self_check", "target", "--out", str(blocker / "r.json"))
+    assert run.returncode == 2 and "overall" not in run.stdout, run.stdout
+    assert run.stderr.strip().splitlines()[-1].startswith(f"qk-jax eval: --out {blocker / 'r.json'} cannot be written")
+    run = eval_score("--self_check", "target", "--limit", "0")
+    assert run.returncode != 0 and "flag --limit=0: 0 is not a positive integer" in run.stderr, run.stderr

@@ -21,6 +21,7 @@ import zlib
 import numpy as np
 from absl import flags
 
+from qk_jax import paths
 from qk_jax.data import vocab
 
 COMMANDS = ("detect", "score")
@@ -37,7 +38,7 @@ _SELF_CHECK = flags.DEFINE_string(
     "('target'), a degradation of them (blur, noise, jpeg, quantise, colour_shift, "
     "combined), or 'blank' / 'noise_image'.",
 )
-_LIMIT = flags.DEFINE_integer("limit", None, "score: at most this many records per task.")
+_LIMIT = flags.DEFINE_integer("limit", None, "score: at most this many records per task.", lower_bound=1)
 _OUT = flags.DEFINE_string("out", None, "score: write the full JSON report here.")
 
 
@@ -97,6 +98,11 @@ def score() -> None:
     if bool(_IMAGES.value) == bool(_SELF_CHECK.value):
         _fail("score needs exactly one of --images FOLDER or --self_check KIND")
     image_fn = _self_check_fn(_SELF_CHECK.value) if _SELF_CHECK.value else score_lib.folder_images(_IMAGES.value)
+    if _OUT.value:  # a report that cannot be written fails now, not after the scoring
+        try:
+            paths.prove_writable(paths.parent_folder(_OUT.value))
+        except OSError as e:
+            _fail(f"--out {_OUT.value} cannot be written: {e.strerror or e}")
     recs = []
     for task in _TASKS.value:
         if task not in vocab.TASKS:
@@ -115,8 +121,7 @@ def score() -> None:
     for key, value in report["per_task"].items():
         print(f"{key.ljust(width + 2)} {value:.3f}")
     if _OUT.value:
-        with open(_OUT.value, "w") as f:
-            json.dump(report, f, indent=1)
+        paths.write_text(_OUT.value, json.dumps(report, indent=1))
     print(f"overall {report['overall']:.3f} on {report['n']} records ({report['missing']} images missing)")
 
 
