@@ -142,6 +142,39 @@ def test_bad_inputs_name_the_folder_or_file(converted, tmp_path, devices):
     assert proc.returncode != 0 and f"qk-jax convert: --from-hf folder {missing} does not exist" in proc.stderr
 
 
+def test_an_export_replaces_only_an_earlier_export(converted, tmp_path, devices):
+    """An export replaces its folder whole: a folder holding anything no export writes (a folder
+    of models, a downloaded model's README) is refused before any reading, and kept as it was;
+    an earlier export is replaced. A --to-orbax step that exists is refused before the reading."""
+    root = converted["root"]
+    models = tmp_path / "models"
+    (models / "mine").mkdir(parents=True)
+    (models / "mine" / "weights.bin").write_bytes(b"keep me")
+    with pytest.raises(safetensors_io.DestinationError, match=r"--to-hf .*models already holds \['mine/'\]"):
+        cli.check_outputs(to_hf=str(models))
+    proc = subprocess.run(
+        [sys.executable, "-m", "qk_jax.cli", "convert", "--from-orbax", str(root / "orbax"), "--to-hf", str(models)],
+        env=env_for_subprocess(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0 and f"qk-jax convert: --to-hf {models} already holds ['mine/']" in proc.stderr
+    assert "restoring" not in proc.stderr and (models / "mine" / "weights.bin").read_bytes() == b"keep me"
+    export = tmp_path / "export"
+    cli.orbax_to_hf(str(root / "orbax"), str(export), log=lambda *_: None)
+    first = sorted(os.listdir(export))
+    cli.orbax_to_hf(str(root / "orbax"), str(export), log=lambda *_: None)  # an earlier export: replaced
+    assert sorted(os.listdir(export)) == first
+    (export / "README.md").write_text("a model card")
+    with pytest.raises(safetensors_io.DestinationError, match=r"holds \['README.md'\]"):
+        cli.orbax_to_hf(str(root / "orbax"), str(export), log=lambda *_: None)
+    assert (export / "README.md").read_text() == "a model card"
+    with pytest.raises(cli.ConvertError, match=r"--to-orbax .* already holds step 3"):
+        cli.check_outputs(to_orbax=str(root / "orbax"), step=3)
+    cli.check_outputs(to_orbax=str(root / "orbax"), step=4)
+
+
 def test_mesh_flag_parsing():
     assert sharding.parse_mesh("fsdp=-1,tensor=2") == {"data": 1, "fsdp": -1, "tensor": 2}
     with pytest.raises(ValueError, match="pipeline"):

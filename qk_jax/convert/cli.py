@@ -53,7 +53,9 @@ _SUBTREE = flags.DEFINE_enum(
     "With --from-run: the sub-model to export (the generator is the stage-1 head or the DiT).",
 )
 _EMA = flags.DEFINE_bool("ema", True, "With --from-run: export the EMA weights where the run keeps them.")
-_TO_HF = flags.DEFINE_string("to_hf", None, "HF folder to write (replaced atomically if it exists).")
+_TO_HF = flags.DEFINE_string(
+    "to_hf", None, "HF folder to write (replaced atomically if it is empty or an earlier export; refused otherwise)."
+)
 _DTYPE = flags.DEFINE_enum(
     "dtype",
     None,
@@ -78,6 +80,31 @@ def _dtype(name: str | None) -> Any:
     import jax.numpy as jnp
 
     return {"float32": np.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def check_outputs(to_hf: str | None = None, to_orbax: str | None = None, step: int = 0) -> None:
+    """The checks of the outputs that read no input, run first so that a refusal costs nothing
+    (reading a 20B model takes minutes): a `--to-hf` folder that is not a model folder
+    (`safetensors_io.check_destination`: an export replaces its folder whole) or cannot be
+    written; a `--to-orbax` checkpoint that already holds `step`. Raises ConvertError /
+    DestinationError naming the flag."""
+    from qk_jax import checkpoint as ckpt_lib
+    from qk_jax import paths
+    from qk_jax.convert.safetensors_io import check_destination
+
+    if to_hf:
+        check_destination(to_hf)
+        try:
+            paths.prove_writable(paths.parent_folder(to_hf))
+        except OSError as e:
+            raise ConvertError(f"--to-hf {to_hf} cannot be written: {e.strerror or e}") from None
+    if to_orbax:
+        if os.path.isdir(to_orbax) and step in ckpt_lib.Checkpointer(to_orbax, create=False).steps():
+            raise ConvertError(f"--to-orbax {to_orbax} already holds step {step}: give a new folder or another --step")
+        try:
+            paths.prove_writable(to_orbax)
+        except OSError as e:
+            raise ConvertError(f"--to-orbax {to_orbax} cannot be written: {e.strerror or e}") from None
 
 
 def hf_to_orbax(
@@ -208,6 +235,7 @@ def main(argv: Sequence[str]) -> None:
         ):
             raise SystemExit("qk-jax convert: --from-run RUN --subtree vlm|generator|vae --to-hf DIR go together")
         try:
+            check_outputs(to_hf=_TO_HF.value)
             run_to_hf(
                 _FROM_RUN.value,
                 _SUBTREE.value,
@@ -217,7 +245,7 @@ def main(argv: Sequence[str]) -> None:
                 dtype=_dtype(_DTYPE.value),
                 mesh_cfg=sharding.parse_mesh(_MESH.value) if _MESH.present else None,
             )
-        except (FileNotFoundError, CheckpointError, ExportError, ValueError) as e:
+        except (FileNotFoundError, CheckpointError, ExportError, ConvertError, ValueError) as e:
             raise SystemExit(f"qk-jax convert: {e}") from None
         return
     to_orbax = bool(_FROM_HF.value or _TO_ORBAX.value)
@@ -232,6 +260,7 @@ def main(argv: Sequence[str]) -> None:
         if to_orbax:
             if not (_FROM_HF.value and _TO_ORBAX.value):
                 raise SystemExit("qk-jax convert: --from-hf and --to-orbax go together")
+            check_outputs(to_orbax=_TO_ORBAX.value, step=0 if _STEP.value is None else _STEP.value)
             hf_to_orbax(
                 _MODEL.value,
                 _FROM_HF.value,
@@ -243,6 +272,7 @@ def main(argv: Sequence[str]) -> None:
         else:
             if not (_FROM_ORBAX.value and _TO_HF.value):
                 raise SystemExit("qk-jax convert: --from-orbax and --to-hf go together")
+            check_outputs(to_hf=_TO_HF.value)
             model = _MODEL.value if _MODEL.present else None
             orbax_to_hf(
                 _FROM_ORBAX.value,

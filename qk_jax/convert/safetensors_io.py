@@ -29,6 +29,37 @@ from qk_jax.tree import unflatten_tree
 WEIGHT_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors")
 
 
+class DestinationError(ValueError):
+    """An output folder that holds something other than a model folder (the message names it)."""
+
+
+def check_destination(folder: str | os.PathLike, flag: str = "--to-hf") -> None:
+    """Refuses an existing output folder that is not an earlier export: an export replaces its
+    folder whole, so anything in it that no export writes (a subfolder, as a pipeline folder or
+    a folder of models has; a README, `.gitattributes` or `generation_config.json` of a
+    downloaded model) would be lost. An empty folder, or one holding only what an export writes
+    (`config.json`, safetensors and their index, the processor files), may be replaced."""
+    from qk_jax.data.vlm_inputs import PROCESSOR_FILES
+
+    folder = os.fspath(folder)
+    if not os.path.exists(folder):
+        return
+    if not os.path.isdir(folder):
+        raise DestinationError(f"{flag} {folder} is a file")
+    exported = {"config.json", *PROCESSOR_FILES}
+    foreign = [
+        e + ("/" if os.path.isdir(os.path.join(folder, e)) else "")
+        for e in sorted(os.listdir(folder))
+        if os.path.isdir(os.path.join(folder, e))
+        or not (e in exported or e.endswith((".safetensors", ".safetensors.index.json")))
+    ]
+    if foreign:
+        raise DestinationError(
+            f"{flag} {folder} already holds {foreign[:5]}{' ...' if len(foreign) > 5 else ''}, which no export "
+            "writes: an export replaces its folder whole, so give it a new folder, or the folder of an earlier export"
+        )
+
+
 def safetensors_files(folder: str | os.PathLike) -> list[epath.Path]:
     """The safetensors files of a checkpoint folder, in index order.
 
@@ -196,11 +227,13 @@ def write_sharded(
     """Writes tensors as safetensors shards (+ index when more than one) into `folder`.
 
     The folder is written under a temporary name next to it and renamed at the end;
-    an existing folder is replaced only after the new one is complete. `extra_files`
+    an existing folder is replaced only after the new one is complete, and only when it is
+    empty or a model folder (`check_destination`). `extra_files`
     (name -> text, e.g. config.json) are written alongside.
     Returns the list of shard file names.
     """
     folder = os.fspath(folder)
+    check_destination(folder, flag="output folder")
     parent = os.path.dirname(os.path.abspath(folder))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".tmp-", dir=parent)
