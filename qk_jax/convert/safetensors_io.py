@@ -283,8 +283,7 @@ def write_sharded(
             with open(os.path.join(tmp, name), "w") as f:
                 f.write(text)
         if os.path.exists(folder):
-            backup = folder + ".old"
-            shutil.rmtree(backup, ignore_errors=True)
+            backup = tmp + ".replaced"  # unique, as `tmp` is: no folder of the user's is in the way
             os.rename(folder, backup)
             os.rename(tmp, folder)
             shutil.rmtree(backup, ignore_errors=True)
