@@ -47,7 +47,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from qk_jax import aot_report, flops, logs, model_config, optim, sharding, train_state
+from qk_jax import aot_report, flops, logs, model_config, optim, paths, sharding, train_state
 from qk_jax.config import ConfigError
 from qk_jax.data import buckets
 from qk_jax.data.model_inputs import prepare_batch
@@ -474,6 +474,8 @@ def main(argv):
     f = flags.FLAGS
     if f.config is None:
         raise app.UsageError("--config is required, e.g. --config configs/stage2.py:paper")
+    if f.json:  # before the compiles, which take minutes at the paper's size
+        paths.check_output_file(f.json, "--json")
     report = run(
         f.config,
         f.topology,
@@ -485,9 +487,7 @@ def main(argv):
         f.headroom,
     )
     if f.json:
-        os.makedirs(os.path.dirname(os.path.abspath(f.json)), exist_ok=True)
-        with open(f.json, "w") as out:
-            json.dump(report, out, indent=1)
+        paths.write_text(f.json, json.dumps(report, indent=1))
     print(aot_report.format_report(report), flush=True)
     return 0 if report["fits"] else 1
 

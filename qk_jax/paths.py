@@ -104,6 +104,20 @@ def check_workdir(workdir: str | os.PathLike) -> None:
         raise WorkdirError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
 
 
+class OutputError(OSError):
+    """An output file that cannot be written (the message names its flag, path and the cause)."""
+
+
+def check_output_file(p: str | os.PathLike, flag: str = "--out") -> None:
+    """Creates the folder of the output file `p` and proves it writable before the work that
+    produces the file, or raises OutputError naming `flag` (a read-only or full location, or a
+    file where a folder should be, fails now rather than after the work)."""
+    try:
+        prove_writable(parent_folder(p))
+    except OSError as e:
+        raise OutputError(f"{flag} {p} cannot be written: {e.strerror or e}") from None
+
+
 def read_text(p: str | os.PathLike) -> str:
     return path(p).read_text()
 

@@ -348,20 +348,6 @@ def save_grid(images: np.ndarray, path: str, columns: int | None = None) -> np.n
 # ----------------------------------------------------------------------------- CLI
 
 
-class OutputError(OSError):
-    """An --out path that cannot be written (the message names it and the cause)."""
-
-
-def check_output(path: str) -> None:
-    """Creates the folder of `path` and proves it writable before any sampling, or raises
-    OutputError naming it (a read-only or full location fails now, not after the work)."""
-    folder = paths.parent_folder(path)
-    try:
-        paths.prove_writable(folder)
-    except OSError as e:
-        raise OutputError(f"--out {path} cannot be written: {e.strerror or e}") from None
-
-
 def main(argv):
     from absl import flags
 
@@ -373,7 +359,7 @@ def main(argv):
         raise ValueError(f"--batch {f.batch}: must be at least 1 sample per prompt")
     if f.steps is not None and f.steps < 1:
         raise ValueError(f"--steps {f.steps}: sampling needs at least one step")
-    check_output(f.out)
+    paths.check_output_file(f.out)
     sampler = Sampler.from_checkpoint(f.checkpoint, use_ema=f.ema, step=f.step)
     if f.scheduler:
         sampler.config.sample.scheduler = f.scheduler

@@ -165,6 +165,21 @@ def test_cli_sample_program_writes_json_and_verdict(tmp_path):
     assert list(report["programs"]) == ["sample"] and report["verdict"] == lines[-1]
     # Stage 3: input images join the image stream and sampling runs dual guidance (3 branches).
     assert report["programs"]["sample"]["branches"] == 3
+    # A --json that cannot be written stops before the compiles (it failed after them).
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    proc = subprocess.run(
+        [sys.executable, "-m", "qk_jax.cli", "aot", "--config", "configs/stage3.py:tiny", "--topology", TOPOLOGY]
+        + ["--json", str(blocker / "aot.json")],
+        cwd=ROOT,
+        env=user_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1 and last.startswith(f"qk-jax aot: error: OutputError: --json {blocker / 'aot.json'}")
+    assert "compile" not in proc.stdout, proc.stdout
 
 
 def test_two_slice_topology_mesh_and_compile():

@@ -9,7 +9,7 @@ import pytest
 import gcs_fake
 import kontext_util as ku
 from qk_jax import paths, surgery
-from qk_jax.sample import Sampler, check_output, save_grid
+from qk_jax.sample import Sampler, save_grid
 from qk_jax.train import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,7 +77,7 @@ def test_train_resume_surgery_and_sample_on_a_gs_workdir(bucket, shapes_dir):
     assert surgery.require_complete("gs://bkt/ckpt2")["transition"] == "1->2"
 
     out = "gs://bkt/samples/one.png"
-    check_output(out)
+    paths.check_output_file(out)
     sampler = Sampler.from_checkpoint(run)
     assert sampler.step == 3
     grid = save_grid(sampler.generate(sampler.records(["a red circle"]), steps=2, seed=0), out)

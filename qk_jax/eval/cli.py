@@ -100,9 +100,9 @@ def score() -> None:
     image_fn = _self_check_fn(_SELF_CHECK.value) if _SELF_CHECK.value else score_lib.folder_images(_IMAGES.value)
     if _OUT.value:  # a report that cannot be written fails now, not after the scoring
         try:
-            paths.prove_writable(paths.parent_folder(_OUT.value))
-        except OSError as e:
-            _fail(f"--out {_OUT.value} cannot be written: {e.strerror or e}")
+            paths.check_output_file(_OUT.value)
+        except paths.OutputError as e:
+            _fail(str(e))
     recs = []
     for task in _TASKS.value:
         if task not in vocab.TASKS:
