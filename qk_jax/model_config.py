@@ -234,7 +234,10 @@ def check_ranges(config, ranges: Mapping[str, str] = RANGES) -> None:
 def validate(config, num_devices: int, kcfg: KontextConfig | None = None) -> KontextConfig:
     """All start-up checks; returns the model config."""
     check_ranges(config)
-    optim.check_warmup(config.train)
+    try:
+        optim.check_warmup(config.train)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     kcfg = kcfg or build_kontext_config(config)
     check_divisible(config, num_devices, *divisibility_table(kcfg))
     if config.train.batch_size % max(int(config.train.grad_accum), 1):

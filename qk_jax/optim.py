@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from qk_jax.config import ConfigError
 from qk_jax.tree import flatten_tree, path_str, unflatten_tree
 
 
@@ -52,11 +51,12 @@ def combine(*trees: Mapping[str, Any]) -> dict:
 
 
 def check_warmup(cfg) -> None:
-    """ConfigError naming both fields unless the warm-up (`cfg` = the `train` config) leaves at
-    least one step of decay (optax would fail with 'requires positive decay_steps')."""
+    """ValueError naming both fields unless the warm-up (`cfg` = the `train` config) leaves at
+    least one step of decay (optax would fail with 'requires positive decay_steps');
+    `model_config.validate` reports it as a ConfigError at start."""
     warmup, total = int(cfg.warmup_steps), int(cfg.steps)
     if warmup and warmup >= total:
-        raise ConfigError(
+        raise ValueError(
             f"config field train.warmup_steps={warmup} must be below train.steps={total}: the learning rate "
             f"warms up over the first warmup_steps and decays over the rest (e.g. train.warmup_steps={total // 20})"
         )
