@@ -205,6 +205,8 @@ RANGES = {
     "model.dropout.text": "[0, 1]",
     "model.dropout.kontext": "[0, 1]",
     "sample.steps": "[1, inf)",
+    "sample.guidance": "(-inf, inf)",  # any finite scale (1: no guidance)
+    "sample.image_guidance": "(-inf, inf)",
 }
 
 

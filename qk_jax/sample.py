@@ -359,6 +359,11 @@ def main(argv):
         raise ValueError(f"--batch {f.batch}: must be at least 1 sample per prompt")
     if f.steps is not None and f.steps < 1:
         raise ValueError(f"--steps {f.steps}: sampling needs at least one step")
+    for name in ("guidance", "image_guidance"):
+        if getattr(f, name) is not None and not math.isfinite(getattr(f, name)):
+            raise ValueError(f"--{name} {getattr(f, name)}: must be a finite number")
+    if f.scheduler:  # a bad scheduler file stops before the checkpoint is read
+        diffusers_configs.read_schedule(f.scheduler)
     paths.check_output_file(f.out)
     sampler = Sampler.from_checkpoint(f.checkpoint, use_ema=f.ema, step=f.step)
     if f.scheduler:

@@ -483,3 +483,5 @@ def test_sample_cli_writes_a_grid(stage3, tmp_path):
     assert run.returncode != 0 and "--width 17: must be a positive multiple of" in run.stderr, run.stderr[-2000:]
     run = cli("sample", "--checkpoint", stage3["run"], "--prompt", "a red circle", "--steps", "0", "--out", out)
     assert run.returncode != 0 and "--steps 0" in run.stderr, run.stderr[-2000:]
+    run = cli("sample", "--checkpoint", stage3["run"], "--prompt", "a red circle", "--guidance", "nan", "--out", out)
+    assert run.returncode != 0 and "--guidance nan: must be a finite number" in run.stderr, run.stderr[-2000:]

@@ -99,3 +99,14 @@ def test_scheduler_options_are_read_as_diffusers_reads_them(caplog):
         from_diffusers(flow_solvers.FlowMatchSchedule, {**raw, "stochastic_sampling": True})
     with pytest.raises(ValueError, match="time_shift_type"):
         from_diffusers(flow_solvers.FlowMatchSchedule, {**raw, "time_shift_type": "cosine"})
+    # Values the schedule cannot use are named with their key, not met inside the sampler's arithmetic.
+    for key, value, message in (
+        ("shift", "abc", r"shift='abc': must be a finite number"),
+        ("shift", 0.0, r"shift=0.0: need num_train_timesteps >= 1 and shift > 0"),
+        ("base_shift", float("nan"), r"base_shift=nan: must be a finite number"),
+        ("use_dynamic_shifting", "yes", r"use_dynamic_shifting='yes': must be true or false"),
+        ("max_image_seq_len", 256, r"base_image_seq_len and max_image_seq_len are both 256"),
+        ("shift_terminal", 1.0, r"shift_terminal=1.0: must lie in \[0, 1\)"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            from_diffusers(flow_solvers.FlowMatchSchedule, {**raw, key: value})

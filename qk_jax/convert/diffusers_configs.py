@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -339,8 +340,39 @@ def schedule_from_diffusers(cfg: Mapping[str, Any]) -> FlowMatchSchedule:
         )
     if get["time_shift_type"] not in ("exponential", "linear"):
         raise ValueError(f"scheduler config time_shift_type={get['time_shift_type']!r}: use 'exponential' or 'linear'")
+    _check_schedule_values(get)
     names = {f.name for f in dataclasses.fields(FlowMatchSchedule)}
     return FlowMatchSchedule(**{k: v for k, v in get.items() if k in names})
+
+
+def _check_schedule_values(get: Mapping[str, Any]) -> None:
+    """ValueError naming the key of a value the schedule cannot use (a string, a NaN, a shift of
+    0): it would fail inside the sampler's arithmetic, or draw NaNs, without naming the file."""
+
+    def number(key: str) -> float:
+        value = get[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"scheduler config {key}={value!r}: must be a finite number")
+        return float(value)
+
+    if number("num_train_timesteps") < 1 or number("shift") <= 0:
+        raise ValueError(
+            f"scheduler config num_train_timesteps={get['num_train_timesteps']!r}, shift={get['shift']!r}: "
+            "need num_train_timesteps >= 1 and shift > 0"
+        )
+    if not isinstance(get["use_dynamic_shifting"], bool):
+        dynamic = get["use_dynamic_shifting"]
+        raise ValueError(f"scheduler config use_dynamic_shifting={dynamic!r}: must be true or false")
+    if get["use_dynamic_shifting"]:
+        for key in ("base_shift", "max_shift"):
+            number(key)
+        if number("base_image_seq_len") == number("max_image_seq_len"):
+            raise ValueError(
+                f"scheduler config base_image_seq_len and max_image_seq_len are both {get['max_image_seq_len']!r}: "
+                "the dynamic shift interpolates between them"
+            )
+    if get["shift_terminal"] is not None and not 0 <= number("shift_terminal") < 1:
+        raise ValueError(f"scheduler config shift_terminal={get['shift_terminal']!r}: must lie in [0, 1)")
 
 
 def schedule_to_diffusers(schedule: FlowMatchSchedule) -> dict[str, Any]:
