@@ -12,6 +12,7 @@ import importlib
 import logging as py_logging
 import os
 import re
+import signal
 import sys
 import threading
 import warnings
@@ -247,6 +248,12 @@ def main(argv: list[str] | None = None) -> None:
     sys.argv = [prog] + rest
     try:
         app.run(tool_main, argv=sys.argv, flags_parser=parse_flags)
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which saves and exits by itself)
+        if debug:
+            raise
+        py_logging.disable(py_logging.CRITICAL)
+        print(f"{prog}: interrupted", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signal.SIGINT) from None
     except Exception as e:  # every failure ends in one line unless --debug
         if debug:
             raise

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import io
 import json
+import signal
+import sys
 import time
 from typing import Any
 
@@ -57,6 +59,28 @@ IMAGE_SIZE = 64
 # Untextured backgrounds only (the dataset default draws 60% stripes / checker / noise /
 # gradients): minutes of CPU training go to shapes, colours and layout, not to textures.
 PLAIN_BACKGROUND = 1.0
+
+
+class DemoStopped(Exception):
+    """A stage ended early by SIGINT / SIGTERM after saving its step: the demo stops there, the
+    stage not marked finished, so the same command resumes it."""
+
+    def __init__(self, stage: str, summary: dict[str, Any]):
+        self.signal = summary.get("stop_signal") or signal.SIGINT
+        super().__init__(
+            f"{stage} stopped by signal {int(self.signal)} after saving step {summary['end_step']}; "
+            "the same command resumes it"
+        )
+
+
+def train_stage(name: str, config, workdir: str) -> dict[str, Any]:
+    """`train.train` as a demo phase: a stage a signal stopped raises DemoStopped."""
+    from qk_jax.train import train
+
+    summary = train(config, workdir)
+    if summary.get("stopped_by_signal"):
+        raise DemoStopped(name, summary)
+    return summary
 
 
 class DemoWorkdirError(ValueError):
@@ -125,7 +149,6 @@ def run_demo(workdir: str, mode: str = "default", size: str = "demo", ablation: 
     (kontext tokens only, the same steps) and both runs' edits are scored (`report["ablation"]`)."""
     from qk_jax import surgery
     from qk_jax.data import builders
-    from qk_jax.train import train
 
     s = SETTINGS[mode]
     if paths.is_url(workdir):  # the data builders write local folders
@@ -161,7 +184,7 @@ def run_demo(workdir: str, mode: str = "default", size: str = "demo", ablation: 
                 f"surgery{stage - 1}{stage}",
                 lambda st=stage: logs.info(surgery.summary(surgery.run(st - 1, st, runs[st - 1], ckpts[st]))),
             )
-        phases.run(f"stage{stage}", lambda st=stage: train(configs[st], runs[st]))
+        phases.run(f"stage{stage}", lambda st=stage: train_stage(f"stage {st}", configs[st], runs[st]))
     scores = phases.run("evaluate", lambda: evaluate(runs[3], data_dir, workdir, s), always=True)
     ablation_report = None
     if ablation:
@@ -203,13 +226,12 @@ def run_ablation(
 ) -> dict[str, Any]:
     """The paper's ablation at toy scale: stage 3 with kontext tokens only (no VAE latents of the
     source / references in the DiT's image stream), same steps and data, against the main run."""
-    from qk_jax.train import train
 
     run = paths.join(workdir, ABLATION, "stage3")
     config = stage_config(3, size, workdir, s["steps"][2], surgery_ckpt, s.get("signal"))
     with config.unlocked():
         config.model.low_level = False
-    phases.run(f"{ABLATION}_stage3", lambda: train(config, run))
+    phases.run(f"{ABLATION}_stage3", lambda: train_stage("the ablation's stage 3", config, run))
     data_dir = paths.join(workdir, "data")
     other = phases.run(
         f"{ABLATION}_evaluate",
@@ -472,7 +494,11 @@ def main(argv):
     del argv
     f = flags.FLAGS
     mode = f.mode or ("full" if f.full else "default")
-    run_demo(f.workdir, mode, f.size, ablation=f.ablation)
+    try:
+        run_demo(f.workdir, mode, f.size, ablation=f.ablation)
+    except DemoStopped as e:
+        print(f"qk-jax demo: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + int(e.signal)) from None  # the shell's convention for a signal
 
 
 if __name__ == "__main__":

@@ -78,6 +78,7 @@ class Stop:
         self.requested = False
         self.signal = None
         self.shared = False
+        self.previous: dict[int, Any] = {}  # the handlers `install` replaced
 
     def install(self):
         self.shared = distributed.is_initialized()
@@ -89,12 +90,18 @@ class Stop:
             self.signal = signum
             os.kill(os.getpid(), signal.SIGTERM)
 
-        if self.shared:
-            signal.signal(signal.SIGINT, forward)
-        else:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, handler)
+        ours = {signal.SIGINT: forward} if self.shared else {signal.SIGTERM: handler, signal.SIGINT: handler}
+        for sig, fn in ours.items():
+            self.previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, fn)
         return self
+
+    def uninstall(self) -> None:
+        """The handlers `install` replaced, back."""
+        for sig, previous in self.previous.items():
+            if previous is not None:  # None: installed from outside Python, not restorable
+                signal.signal(sig, previous)
+        self.previous = {}
 
     def after(self, step: int) -> bool:
         """Whether to checkpoint `step` and exit (the same answer on every process)."""
@@ -283,9 +290,18 @@ def state_for_checkpoint(state) -> dict[str, Any]:
 
 
 def train(config, workdir: str) -> dict[str, Any]:
-    """Runs (or resumes) one stage; returns a summary (losses, throughput)."""
+    """Runs (or resumes) one stage; returns a summary (losses, throughput; `stopped_by_signal`
+    when a SIGTERM / SIGINT ended it early, after saving its step). The signal handlers are the
+    caller's again when it returns (the demo trains three stages in one process)."""
     distributed.maybe_initialize()
     stop = Stop().install()  # before anything slow: a pre-emption during start-up still checkpoints
+    try:
+        return _train(config, workdir, stop)
+    finally:
+        stop.uninstall()
+
+
+def _train(config, workdir: str, stop: Stop) -> dict[str, Any]:
     paths.check_workdir(workdir)
     processor_dir = ensure_processor(config, workdir)
     special = model_config.read_special_token_ids(processor_dir)
@@ -435,6 +451,7 @@ def train(config, workdir: str) -> dict[str, Any]:
         "end_step": step + 1 if config.train.steps > start else start,
         "losses": losses,
         "stopped_by_signal": stop.requested,
+        "stop_signal": int(stop.signal) if stop.requested and stop.signal is not None else None,
         "workdir": workdir,
     }
 

@@ -101,3 +101,36 @@ def test_a_workdir_of_other_settings_is_refused_before_anything_is_written(tmp_p
         legacy = demo.Phases(str(workdir), {"mode": "full", "size": "demo"})
     assert legacy.done == {"data": 19.0}
     assert any("does not say which --mode / --size" in r.getMessage() for r in caplog.records)
+
+
+def test_a_stage_stopped_by_a_signal_stops_the_demo_unfinished(tmp_path, monkeypatch):
+    # Ctrl-C in a stage: the trainer saves its step and returns; the demo used to mark the stage
+    # finished and go on to the surgery of a half-trained stage.
+    import signal
+
+    from qk_jax import train as train_lib
+
+    stopped = {"stopped_by_signal": True, "stop_signal": int(signal.SIGINT), "end_step": 7}
+    monkeypatch.setattr(train_lib, "train", lambda config, workdir: stopped)
+    phases = demo.Phases(str(tmp_path), {"mode": "default", "size": "demo"})
+    with pytest.raises(demo.DemoStopped, match=r"^stage 2 stopped by signal 2 after saving step 7; the same command"):
+        phases.run("stage2", lambda: demo.train_stage("stage 2", None, str(tmp_path / "stage2")))
+    assert "stage2" not in phases.done
+    finished = {"stopped_by_signal": False, "end_step": 9}
+    monkeypatch.setattr(train_lib, "train", lambda config, workdir: finished)
+    assert phases.run("stage2", lambda: demo.train_stage("stage 2", None, str(tmp_path / "stage2"))) == finished
+    assert "stage2" in phases.done
+
+
+def test_the_trainers_signal_handlers_are_the_callers_again_after_it():
+    import signal
+
+    from qk_jax.train import Stop
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    stop = Stop().install()
+    assert all(signal.getsignal(sig) is not before[sig] for sig in before)
+    os.kill(os.getpid(), signal.SIGINT)  # a Ctrl-C while training: a flag, not a KeyboardInterrupt
+    assert stop.requested and stop.signal == signal.SIGINT
+    stop.uninstall()
+    assert {sig: signal.getsignal(sig) for sig in before} == before
