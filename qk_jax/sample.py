@@ -329,9 +329,25 @@ def sample_loop(
     return loop
 
 
+# Output file extension -> how the image is written (no extension: PNG). WebP is lossless so
+# that a written sample scores as drawn.
+IMAGE_FORMATS = {".png": ("PNG", {}), ".jpg": ("JPEG", {"quality": 95}), ".jpeg": ("JPEG", {"quality": 95})}
+IMAGE_FORMATS[".webp"] = ("WEBP", {"lossless": True})
+
+
+def image_format(path: str, flag: str = "--out") -> tuple[str, dict[str, Any]]:
+    """(PIL format, save options) of an output path by its extension; ValueError naming `flag`
+    for an extension no format here writes (a PNG named .gif would mislead whatever opens it)."""
+    ext = os.path.splitext(paths.basename(path))[1].lower()
+    if ext and ext not in IMAGE_FORMATS:
+        raise ValueError(f"{flag} {path}: cannot write {ext} images; name it .png, .jpg, .jpeg or .webp")
+    return IMAGE_FORMATS.get(ext, IMAGE_FORMATS[".png"])
+
+
 def save_grid(images: np.ndarray, path: str, columns: int | None = None) -> np.ndarray:
-    """Writes one image, or a grid of several (row-major), as PNG (a local path or a URL,
-    `paths`); returns the grid (H, W, 3) uint8."""
+    """Writes one image, or a grid of several (row-major), in the format of the path's extension
+    (`image_format`: PNG without one; a local path or a URL, `paths`); returns the grid
+    (H, W, 3) uint8."""
     n, h, w, _ = images.shape
     cols = columns or min(n, 8)
     rows = math.ceil(n / cols)
@@ -339,9 +355,10 @@ def save_grid(images: np.ndarray, path: str, columns: int | None = None) -> np.n
     for i, im in enumerate(images):
         r, c = divmod(i, cols)
         grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = im
-    png = io.BytesIO()
-    Image.fromarray(grid).save(png, format="PNG")
-    paths.write_bytes(path, png.getvalue())
+    fmt, options = image_format(path)
+    encoded = io.BytesIO()
+    Image.fromarray(grid).save(encoded, format=fmt, **options)
+    paths.write_bytes(path, encoded.getvalue())
     return grid
 
 
@@ -364,6 +381,7 @@ def main(argv):
             raise ValueError(f"--{name} {getattr(f, name)}: must be a finite number")
     if f.scheduler:  # a bad scheduler file stops before the checkpoint is read
         diffusers_configs.read_schedule(f.scheduler)
+    image_format(f.out)
     paths.check_output_file(f.out)
     sampler = Sampler.from_checkpoint(f.checkpoint, use_ema=f.ema, step=f.step)
     if f.scheduler:
@@ -396,7 +414,9 @@ def define_flags() -> None:
     flags.DEFINE_multi_string("prompt", [], "Prompt; repeat for several prompts.")
     flags.DEFINE_string("source", None, "Image to edit (instruction editing).")
     flags.DEFINE_multi_string("reference", [], "Reference subject image; repeat for several subjects.")
-    flags.DEFINE_string("out", "sample.png", "Output PNG (a grid when several images).")
+    flags.DEFINE_string(
+        "out", "sample.png", "Output image, .png (or no extension), .jpg or .webp (a grid when several images)."
+    )
     flags.DEFINE_integer("steps", None, "Sampling steps (default: the config's sample.steps).")
     flags.DEFINE_float("guidance", None, "Text guidance scale (default: sample.guidance).")
     flags.DEFINE_float("image_guidance", None, "Image guidance scale for edits (default: sample.image_guidance).")

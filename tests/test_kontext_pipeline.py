@@ -453,6 +453,21 @@ def test_bad_sampling_inputs_give_clear_errors(sampler, tmp_path):
         sampler.generate(sampler.records(["fine", too_long]), steps=1)
 
 
+def test_samples_are_written_in_the_format_their_name_asks_for(tmp_path):
+    from qk_jax.sample import save_grid
+
+    images = np.random.default_rng(0).integers(0, 256, (2, 16, 24, 3), dtype=np.uint8)
+    for name, fmt in (("a.png", "PNG"), ("a.JPG", "JPEG"), ("a.jpeg", "JPEG"), ("a.webp", "WEBP"), ("a", "PNG")):
+        grid = save_grid(images, str(tmp_path / name))
+        with Image.open(tmp_path / name) as im:
+            assert im.format == fmt and im.size == (48, 16), name
+            if fmt != "JPEG":  # lossless: the pixels as drawn
+                np.testing.assert_array_equal(np.asarray(im.convert("RGB")), grid)
+    with pytest.raises(ValueError, match=r"--out .*a.gif: cannot write .gif images"):
+        save_grid(images, str(tmp_path / "a.gif"))
+    assert not (tmp_path / "a.gif").exists()
+
+
 def test_sample_cli_writes_a_grid(stage3, tmp_path):
     out = str(tmp_path / "grid.png")
     run = cli(
