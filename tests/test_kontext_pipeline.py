@@ -247,6 +247,35 @@ def test_learning_signal_of_a_trained_run(stage2, tmp_path):
     assert os.listdir(tmp_path / "tb")
 
 
+def test_learning_signal_on_imported_real_data(stage2, tmp_path):
+    """Imported text-to-image data without scene graphs and no reconstruction task: the signal
+    measures what it can (the gains, the completions' PSNR) instead of none of it."""
+    from qk_jax.data import importer
+    from qk_jax.eval import signal as signal_lib
+    from qk_jax.sample import Sampler
+
+    rng = np.random.default_rng(0)
+    lines = []
+    for i, split in enumerate(["train"] * 4 + ["validation"] * 3):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        lines.append(json.dumps({"task": "t2i", "prompt": f"photo {i}", "target": f"{i}.png", "split": split}))
+    (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
+    importer.import_manifest(str(tmp_path / "m.jsonl"), str(tmp_path / "data"), name="mine")
+    sampler = Sampler.from_checkpoint(stage2["run"])
+    config = sampler.config
+    config.data.update(data_dir=str(tmp_path / "data"), dataset="mine")
+    config.train.signal.update(samples=2, noise_seeds=1, completion_steps=2, judge_samples=2)
+    signal = signal_lib.LearningSignal.from_config(config)
+    assert set(signal.records) == {"t2i"} and signal.judge_records == {}  # no scene graphs: nothing to judge
+    values = signal.measure(sampler)
+    flat = signal_lib.flatten(values)
+    assert set(flat) >= {f"gain/t2i@{t:g}" for t in signal_lib.GAIN_TIMESTEPS}
+    assert {k for k in flat if k.startswith("completion")} == {
+        f"completion_psnr/t2i@{t0:g}" for t0 in signal_lib.COMPLETION_T0
+    }
+    assert "complete[t2i] 0.5:" in signal_lib.summary_line(values)
+
+
 def _restore(path, kcfg):
     root, _ = surgery.resolve_run(path)
     model = QueryKontext(kcfg)

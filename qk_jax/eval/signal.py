@@ -16,14 +16,18 @@ only when the condition is used (and stay flat when it is not):
   what the condition says; only the content gain measures the latter. `content = 1 -
   err_with / err_swapped`.
 - **completions**: validation targets noised to t0 (0.5 and 0.8) and denoised by the
-  plain Euler sampler (no guidance): the judge's score of the finished picture and its
-  PSNR against the target. A model that has learnt to draw finishes the picture from
-  high t0; one that only denoises does not.
-- **judge scores**: full samples (the config's sampler and guidance) of a few validation
-  prompts, scored by the judge (`qk_jax.eval.score`), and beside them their chance level: the
-  same samples judged against the next record's prompt (`score.against_next_prompts`; not for
-  edits, which are judged against their own source). A score at its chance level owes nothing
-  to the prompt.
+  plain Euler sampler (no guidance): the judge's score of the finished picture (where the
+  records carry a scene graph) and its PSNR against the target. A model that has learnt to
+  draw finishes the picture from high t0; one that only denoises does not.
+- **judge scores** (Kontext-Shapes records only): full samples (the config's sampler and
+  guidance) of a few validation prompts, scored by the judge (`qk_jax.eval.score`), and
+  beside them their chance level: the same samples judged against the next record's prompt
+  (`score.against_next_prompts`; not for edits, which are judged against their own source).
+  A score at its chance level owes nothing to the prompt.
+
+The tasks measured are those of the stage (`STAGE_TASKS`) that the data folder has a
+validation split of; imported real data without scene graphs gets the gains and the
+completions' PSNR.
 
     signal = LearningSignal.from_config(config, processor)
     values = signal.measure(sampler)        # a `qk_jax.sample.Sampler` over the weights to test
@@ -41,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qk_jax import flow_solvers, sharding
+from qk_jax import flow_solvers, logs, sharding
 from qk_jax.data import buckets, builders
 from qk_jax.data import records as records_lib
 from qk_jax.eval import score as score_lib
@@ -79,6 +83,12 @@ def fixing_degree(task: str, rec: dict) -> int:
         return 0
     placed = all(o.get("cell") for o in objs) or bool(spec.get("relations"))
     return 2 if placed else 1
+
+
+def has_scene(rec: dict) -> bool:
+    """Whether the judge can score a record: Kontext-Shapes records carry their scene graph,
+    imported real data need not."""
+    return bool(rec.get("scene"))
 
 
 def content_fixing(task: str, rec: dict) -> bool:
@@ -131,18 +141,22 @@ class LearningSignal:
             completion_steps=int(s.completion_steps),
             judge_samples=int(s.judge_samples),
         )
-        tasks = STAGE_TASKS[int(stage or config.stage)]
         data_dir, dataset = config.data.data_dir, config.data.dataset
-        recs = {t: validation_records(data_dir, dataset, t, cfg.samples) for t in tasks}
-        judged = (
-            {
-                t: validation_records(data_dir, dataset, t, cfg.judge_samples, fixing=False)
-                for t in tasks
-                if t != "reconstruction"
-            }
-            if cfg.judge_samples
-            else {}
-        )
+        recs, missing = {}, []
+        for task in STAGE_TASKS[int(stage or config.stage)]:  # those the data has a validation split of
+            try:
+                recs[task] = validation_records(data_dir, dataset, task, cfg.samples)
+            except (builders.NotBuiltError, ValueError) as e:
+                missing.append(e)
+        if not recs:
+            raise missing[0]
+        if missing:
+            logs.info(f"learning signal on {', '.join(recs)} only: " + "; ".join(str(e) for e in missing))
+        judged = {}
+        for task in recs if cfg.judge_samples else ():
+            chosen = validation_records(data_dir, dataset, task, cfg.judge_samples, fixing=False)
+            if task != "reconstruction" and all(has_scene(r) for r in chosen):  # the judge reads scene graphs
+                judged[task] = chosen
         return cls(recs, judged, cfg, seed=int(config.train.seed))
 
     # ------------------------------------------------------------------ measurements
@@ -223,12 +237,14 @@ class LearningSignal:
                 images = completed_pictures(
                     sampler, self._fn(sampler, "complete"), batch, recs, t0, self.cfg.completion_steps, self.seed
                 )
-                scores, psnrs = [], []
-                for rec, im in zip(recs, images):
-                    target = records_lib.decode_image(rec["target"])
-                    psnrs.append(min(score_lib.psnr(im, target), PSNR_CAP))
-                    scores.append(float(score_lib.score_sample(rec, im)["score"]))
-                out[f"{t0:g}"] = {"score": float(np.mean(scores)), "psnr": float(np.mean(psnrs))}
+                psnrs = [
+                    min(score_lib.psnr(im, records_lib.decode_image(r["target"])), PSNR_CAP)
+                    for r, im in zip(recs, images)
+                ]
+                out[f"{t0:g}"] = {"psnr": float(np.mean(psnrs))}
+                if all(has_scene(r) for r in recs):  # judged only where the judge can read the record
+                    scores = [float(score_lib.score_sample(r, im)["score"]) for r, im in zip(recs, images)]
+                    out[f"{t0:g}"]["score"] = float(np.mean(scores))
         return out
 
     _complete_impl = staticmethod(complete_from_targets)
@@ -280,7 +296,8 @@ def flatten(values: dict[str, Any]) -> dict[str, float]:
             flat[f"err_swapped/{task}@{t}"] = v["swapped"]
     for task, per_t in values.get("completion", {}).items():
         for t, v in per_t.items():
-            flat[f"completion_score/{task}@{t}"] = v["score"]
+            if "score" in v:
+                flat[f"completion_score/{task}@{t}"] = v["score"]
             flat[f"completion_psnr/{task}@{t}"] = v["psnr"]
     for task, v in values.get("judge", {}).items():
         flat[f"judge/{task}"] = v
@@ -299,7 +316,11 @@ def summary_line(values: dict[str, Any]) -> str:
         parts.append(f"gain[{task}] {gains}  content[{task}] {content}")
     for task, per_t in values.get("completion", {}).items():
         parts.append(
-            f"complete[{task}] " + " ".join(f"{t}:{v['score']:.2f}/{v['psnr']:.1f}dB" for t, v in per_t.items())
+            f"complete[{task}] "
+            + " ".join(
+                f"{t}:" + (f"{v['score']:.2f}/" if "score" in v else "") + f"{v['psnr']:.1f}dB"
+                for t, v in per_t.items()
+            )
         )
     if values.get("judge"):
         chance = values.get("judge_chance", {})
