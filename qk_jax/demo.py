@@ -99,7 +99,7 @@ class Phases:
         self.path = paths.join(workdir, "phases.json")
         stored = json.loads(paths.read_text(self.path)) if paths.exists(self.path) else {}
         if stored and "phases" not in stored:  # written before the settings were recorded
-            stored = {"run": None, "phases": stored}
+            stored = {"run": _settings_of_report(workdir), "phases": stored}
         self.run_settings, self.done = run, dict(stored.get("phases", {}))
         earlier = stored.get("run")
         if self.done and earlier is None:
@@ -122,6 +122,17 @@ class Phases:
         paths.write_text(self.path, json.dumps({"run": self.run_settings, "phases": self.done}, indent=1))
         logs.info(f"== {name}: {self.done[name]:.0f}s")
         return out
+
+
+def _settings_of_report(workdir: str) -> dict[str, str] | None:
+    """{"mode", "size"} of the report an earlier demo run wrote into `workdir`, None without one
+    (a phases.json of before the settings were recorded: its run's report still says them)."""
+    path = paths.join(workdir, "report.json")
+    try:
+        report = json.loads(paths.read_text(path))
+        return {"mode": report["mode"], "size": report["configs"]["stage1"]["size"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _flags(run: dict[str, str]) -> str:

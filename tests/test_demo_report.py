@@ -95,11 +95,17 @@ def test_a_workdir_of_other_settings_is_refused_before_anything_is_written(tmp_p
     # Same settings: the finished phases are taken (the resume itself: tests/test_demo.py).
     resumed = demo.Phases(str(workdir), {"mode": "default", "size": "demo"})
     assert resumed.run("data", lambda: pytest.fail("ran again")) is None
-    # A phases.json written before the settings were recorded is taken, with a warning.
-    phases.write_text(json.dumps({"data": 19.0}))
+    # A phases.json written before the settings were recorded: its run's report.json says them.
+    phases.write_text(json.dumps({"data": 19.0, "stage1": 68.0}))
+    (workdir / "report.json").write_text(json.dumps({"mode": "default", "configs": {"stage1": {"size": "demo"}}}))
+    with pytest.raises(demo.DemoWorkdirError, match="holds a demo run of --mode default --size demo"):
+        demo.Phases(str(workdir), {"mode": "full", "size": "demo"})
+    assert demo.Phases(str(workdir), {"mode": "default", "size": "demo"}).done == {"data": 19.0, "stage1": 68.0}
+    # ... and without a report (a run stopped before it), the phases are taken with a warning.
+    (workdir / "report.json").unlink()
     with caplog.at_level(logging.WARNING):
         legacy = demo.Phases(str(workdir), {"mode": "full", "size": "demo"})
-    assert legacy.done == {"data": 19.0}
+    assert legacy.done == {"data": 19.0, "stage1": 68.0}
     assert any("does not say which --mode / --size" in r.getMessage() for r in caplog.records)
 
 
