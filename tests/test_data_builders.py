@@ -215,3 +215,13 @@ def test_cli_shapes_and_import(tmp_path):
     empty.write_text("")
     r = _cli("data", "import", "--manifest", str(empty), "--out", str(tmp_path / "imp2"))
     assert r.returncode == 2 and "is empty" in r.stderr
+    # Flags that cannot make a dataset stop before anything is written, naming the flag.
+    out = str(tmp_path / "bad")
+    for flags, message in (
+        (["--tasks", ""], "--tasks is empty"),
+        (["--seed", "-5"], "flag --seed=-5: -5 is not a non-negative integer"),
+        (["--num", "0"], "--num must be >= 1"),
+    ):
+        r = _cli("data", "shapes", "--out", out, "--num", "4", *flags)
+        assert r.returncode != 0 and message in r.stderr, (flags, r.stderr[-2000:])
+    assert not os.path.exists(out)

@@ -27,13 +27,17 @@ COMMANDS = ("shapes", "import", "inspect")
 
 _OUT = flags.DEFINE_string("out", None, "shapes/import: output data directory (local path or gs://...).")
 _NUM = flags.DEFINE_integer("num", 1000, "shapes: train records per task; inspect: records to show per task.")
-_NUM_EVAL = flags.DEFINE_integer("num_eval", None, "shapes: validation and test records per task (default num/10).")
+_NUM_EVAL = flags.DEFINE_integer(
+    "num_eval", None, "shapes: validation and test records per task (default num/10).", lower_bound=0
+)
 _SIZE = flags.DEFINE_integer("size", 64, "shapes: image side for square images.")
 _HEIGHT = flags.DEFINE_integer("height", None, "shapes: image height (non-square; overrides --size).")
 _WIDTH = flags.DEFINE_integer("width", None, "shapes: image width (non-square; overrides --size).")
-_SEED = flags.DEFINE_integer("seed", 0, "shapes: dataset seed (every record is seeded by seed, split, task, index).")
+_SEED = flags.DEFINE_integer(
+    "seed", 0, "shapes: dataset seed (every record is seeded by seed, split, task, index).", lower_bound=0
+)
 _TASKS = flags.DEFINE_list("tasks", list(vocab.TASKS), f"shapes: tasks to generate, from {list(vocab.TASKS)}.")
-_WORKERS = flags.DEFINE_integer("workers", 1, "shapes: generator processes.")
+_WORKERS = flags.DEFINE_integer("workers", 1, "shapes: generator processes.", lower_bound=0)
 _PLAIN = flags.DEFINE_float(
     "plain_background",
     vocab.PLAIN_BACKGROUND,
@@ -43,7 +47,7 @@ _MANIFEST = flags.DEFINE_string("manifest", None, "import: JSONL manifest, one r
 _NAME = flags.DEFINE_string(
     "name", None, "import: dataset name (default 'imported'); inspect: dataset name (default 'kontext_shapes')."
 )
-_THREADS = flags.DEFINE_integer("threads", 8, "import: threads reading and validating images.")
+_THREADS = flags.DEFINE_integer("threads", 8, "import: threads reading and validating images.", lower_bound=1)
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "inspect: data directory.")
 _SPLIT = flags.DEFINE_string("split", "train", "inspect: split.")
 
@@ -58,6 +62,8 @@ def shapes() -> None:
 
     if not _OUT.value:
         _fail("shapes needs --out DIR")
+    if not _TASKS.value:
+        _fail(f"--tasks is empty; choose from {list(vocab.TASKS)}")
     unknown = [t for t in _TASKS.value if t not in vocab.TASKS]
     if unknown:
         _fail(f"unknown --tasks {unknown}; choose from {list(vocab.TASKS)}")
