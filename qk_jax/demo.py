@@ -237,7 +237,6 @@ def run_ablation(
 ) -> dict[str, Any]:
     """The paper's ablation at toy scale: stage 3 with kontext tokens only (no VAE latents of the
     source / references in the DiT's image stream), same steps and data, against the main run."""
-
     run = paths.join(workdir, ABLATION, "stage3")
     config = stage_config(3, size, workdir, s["steps"][2], surgery_ckpt, s.get("signal"))
     with config.unlocked():
