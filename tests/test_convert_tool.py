@@ -173,6 +173,8 @@ def test_an_export_replaces_only_an_earlier_export(converted, tmp_path, devices)
     with pytest.raises(cli.ConvertError, match=r"--to-orbax .* already holds step 3"):
         cli.check_outputs(to_orbax=str(root / "orbax"), step=3)
     cli.check_outputs(to_orbax=str(root / "orbax"), step=4)
+    with pytest.raises(cli.ConvertError, match="--to-hf gs://bucket/export: give a local folder"):
+        cli.check_outputs(to_hf="gs://bucket/export")  # it would make a local folder named gs:
 
 
 def test_mesh_flag_parsing():

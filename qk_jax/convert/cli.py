@@ -93,6 +93,8 @@ def check_outputs(to_hf: str | None = None, to_orbax: str | None = None, step: i
     from qk_jax.convert.safetensors_io import check_destination
 
     if to_hf:
+        if paths.is_url(to_hf):  # the safetensors writer renames local folders into place
+            raise ConvertError(f"--to-hf {to_hf}: give a local folder (then copy it, e.g. gsutil -m cp -r)")
         check_destination(to_hf)
         try:
             paths.prove_writable(paths.parent_folder(to_hf))
