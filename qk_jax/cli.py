@@ -106,16 +106,13 @@ def config_flag(args: list[str]) -> tuple[int, str, str] | None:
     return None
 
 
-def resolve_config_file(args: list[str]) -> list[str]:
-    """`args` with the file of `--config FILE[:ARG]` found as `config.load_config` finds it (as
-    given, else under the repository root); ConfigError naming the flag when it is nowhere.
-    (ml_collections would defer a missing file to the first read of the config, and then name
-    neither the flag nor the file.)"""
+def resolve_config_file(args: list[str], found: tuple[int, str, str]) -> list[str]:
+    """`args` with the file of `--config FILE[:ARG]` (`found`: its `config_flag`) found as
+    `config.load_config` finds it (as given, else under the repository root); ConfigError naming
+    the flag when it is nowhere. (ml_collections would defer a missing file to the first read of
+    the config, and then name neither the flag nor the file.)"""
     from qk_jax.config import ConfigError, resolve_config_path
 
-    found = config_flag(args)
-    if found is None:
-        return list(args)
     index, prefix, spec = found
     file, sep, arg = spec.partition(":")
     try:
@@ -148,7 +145,7 @@ def parse_flags(args: list[str]) -> list[str]:
     found = config_flag(args) if "config" in flags.FLAGS else None
     spec = found[2] if found else None
     if found:
-        args = resolve_config_file(args)
+        args = resolve_config_file(args, found)
     argv, sys.argv = sys.argv, list(args)  # ml_collections reads its `--config.*` flags from sys.argv
     try:
         rest = flags.FLAGS(args)

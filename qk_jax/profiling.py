@@ -104,6 +104,7 @@ class StepProfiler:
     def __init__(self, steps: tuple[int, int] | None, dst: str):
         self.steps, self.dst = steps, dst
         self.local: str | None = None  # the folder jax.profiler writes while tracing
+        self.first = 0  # the step index the trace started at
         self.last: int | None = None  # the last step index dispatched inside the trace
         self._tmp = None
 

@@ -376,9 +376,9 @@ def main(argv):
         raise ValueError(f"--batch {f.batch}: must be at least 1 sample per prompt")
     if f.steps is not None and f.steps < 1:
         raise ValueError(f"--steps {f.steps}: sampling needs at least one step")
-    for name in ("guidance", "image_guidance"):
-        if getattr(f, name) is not None and not math.isfinite(getattr(f, name)):
-            raise ValueError(f"--{name} {getattr(f, name)}: must be a finite number")
+    for name, scale in (("guidance", f.guidance), ("image_guidance", f.image_guidance)):
+        if scale is not None and not math.isfinite(scale):
+            raise ValueError(f"--{name} {scale}: must be a finite number")
     if f.scheduler:  # a bad scheduler file stops before the checkpoint is read
         diffusers_configs.read_schedule(f.scheduler)
     image_format(f.out)

@@ -87,7 +87,7 @@ def check_outputs(to_hf: str | None = None, to_orbax: str | None = None, step: i
     (reading a 20B model takes minutes): a `--to-hf` folder that is not a model folder
     (`safetensors_io.check_destination`: an export replaces its folder whole) or cannot be
     written; a `--to-orbax` checkpoint that already holds `step`. Raises ConvertError /
-    DestinationError naming the flag."""
+    DestinationError / OutputError naming the flag."""
     from qk_jax import checkpoint as ckpt_lib
     from qk_jax import paths
     from qk_jax.convert.safetensors_io import check_destination
@@ -96,10 +96,7 @@ def check_outputs(to_hf: str | None = None, to_orbax: str | None = None, step: i
         if paths.is_url(to_hf):  # the safetensors writer renames local folders into place
             raise ConvertError(f"--to-hf {to_hf}: give a local folder (then copy it, e.g. gsutil -m cp -r)")
         check_destination(to_hf)
-        try:
-            paths.prove_writable(paths.parent_folder(to_hf))
-        except OSError as e:
-            raise ConvertError(f"--to-hf {to_hf} cannot be written: {e.strerror or e}") from None
+        paths.check_output_file(to_hf, "--to-hf")
     if to_orbax:
         if os.path.isdir(to_orbax) and step in ckpt_lib.Checkpointer(to_orbax, create=False).steps():
             raise ConvertError(f"--to-orbax {to_orbax} already holds step {step}: give a new folder or another --step")
@@ -227,6 +224,7 @@ def main(argv: Sequence[str]) -> None:
     from qk_jax.checkpoint import CheckpointError
     from qk_jax.convert.from_run import ExportError, run_to_hf
     from qk_jax.convert.safetensors_io import CorruptCheckpointError
+    from qk_jax.paths import OutputError
 
     if _FROM_RUN.value or _SUBTREE.value:
         if (
@@ -247,7 +245,7 @@ def main(argv: Sequence[str]) -> None:
                 dtype=_dtype(_DTYPE.value),
                 mesh_cfg=sharding.parse_mesh(_MESH.value) if _MESH.present else None,
             )
-        except (FileNotFoundError, CheckpointError, ExportError, ConvertError, ValueError) as e:
+        except (FileNotFoundError, OutputError, CheckpointError, ExportError, ConvertError, ValueError) as e:
             raise SystemExit(f"qk-jax convert: {e}") from None
         return
     to_orbax = bool(_FROM_HF.value or _TO_ORBAX.value)
@@ -284,7 +282,7 @@ def main(argv: Sequence[str]) -> None:
                 dtype=_dtype(_DTYPE.value),
                 step=_STEP.value,
             )
-    except (FileNotFoundError, CorruptCheckpointError, CheckpointError, ConvertError, ValueError) as e:
+    except (FileNotFoundError, OutputError, CorruptCheckpointError, CheckpointError, ConvertError, ValueError) as e:
         raise SystemExit(f"qk-jax convert: {e}") from None
 
 

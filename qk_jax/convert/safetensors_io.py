@@ -47,12 +47,8 @@ def check_destination(folder: str | os.PathLike, flag: str = "--to-hf") -> None:
     if not os.path.isdir(folder):
         raise DestinationError(f"{flag} {folder} is a file")
     exported = {"config.json", *PROCESSOR_FILES}
-    foreign = [
-        e + ("/" if os.path.isdir(os.path.join(folder, e)) else "")
-        for e in sorted(os.listdir(folder))
-        if os.path.isdir(os.path.join(folder, e))
-        or not (e in exported or e.endswith((".safetensors", ".safetensors.index.json")))
-    ]
+    entries = [e + "/" if os.path.isdir(os.path.join(folder, e)) else e for e in sorted(os.listdir(folder))]
+    foreign = [e for e in entries if not (e in exported or e.endswith((".safetensors", ".safetensors.index.json")))]
     if foreign:
         raise DestinationError(
             f"{flag} {folder} already holds {foreign[:5]}{' ...' if len(foreign) > 5 else ''}, which no export "
